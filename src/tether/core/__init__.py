@@ -1,0 +1,1 @@
+"""Pure domain logic: no grpc, no generated code, no I/O."""

@@ -1,0 +1,91 @@
+"""The task state machine: the single source of truth for transitions.
+
+Every store applies a transition as one conditional write on (state, fencing
+token); this module only says which (state, event) pairs are allowed and where
+they lead. Anything not in the table is refused.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from tether.core.errors import InvalidTransition
+
+
+class State(enum.IntEnum):
+    """Task states; values match `tether.v1.TaskState`."""
+
+    QUEUED = 1
+    LEASED = 2
+    RUNNING = 3
+    SUCCEEDED = 4
+    FAILED = 5
+    EXPIRED = 6
+    CANCELED = 7
+
+    @property
+    def terminal(self) -> bool:
+        """True for states no event leaves."""
+        return self in TERMINAL
+
+
+class Event(enum.IntEnum):
+    """State-machine inputs; values match `tether.v1.TaskEvent`."""
+
+    LEASE = 1
+    START = 2
+    SUCCEED = 3
+    FAIL = 4
+    RELEASE = 5
+    LAPSE = 6
+    CANCEL = 7
+
+
+TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.EXPIRED, State.CANCELED})
+
+# LAPSE leads to QUEUED while attempts remain, else EXPIRED (see `next_state`).
+TRANSITIONS: dict[tuple[State, Event], State] = {
+    (State.QUEUED, Event.LEASE): State.LEASED,
+    (State.QUEUED, Event.CANCEL): State.CANCELED,
+    (State.LEASED, Event.START): State.RUNNING,
+    (State.LEASED, Event.FAIL): State.FAILED,
+    (State.LEASED, Event.RELEASE): State.QUEUED,
+    (State.LEASED, Event.LAPSE): State.QUEUED,
+    (State.LEASED, Event.CANCEL): State.CANCELED,
+    (State.RUNNING, Event.SUCCEED): State.SUCCEEDED,
+    (State.RUNNING, Event.FAIL): State.FAILED,
+    (State.RUNNING, Event.RELEASE): State.QUEUED,
+    (State.RUNNING, Event.LAPSE): State.QUEUED,
+    (State.RUNNING, Event.CANCEL): State.CANCELED,
+}
+
+# Events a lease holder may send through TransitionTask; the rest belong to
+# AcquireLease (LEASE), the sweeper (LAPSE) and operators (CANCEL).
+HOLDER_EVENTS = frozenset({Event.START, Event.SUCCEED, Event.FAIL, Event.RELEASE})
+
+# States in which a lease is live (and a fencing token must match).
+LEASED_STATES = frozenset({State.LEASED, State.RUNNING})
+
+
+def next_state(
+    state: State, event: Event, *, attempt: int = 0, max_attempts: int = 1
+) -> State:
+    """Returns where `event` takes a task in `state`.
+
+    Raises:
+        InvalidTransition: the pair is not in the table.
+    """
+    target = TRANSITIONS.get((state, event))
+    if target is None:
+        raise InvalidTransition(
+            f"cannot {event.name.lower()} a task that is {state.name.lower()}",
+            metadata={"state": state.name, "event": event.name},
+        )
+    if event is Event.LAPSE and attempt >= max_attempts:
+        return State.EXPIRED
+    return target
+
+
+def sources(event: Event) -> frozenset[State]:
+    """States from which `event` is allowed; stores use it in conditional writes."""
+    return frozenset(s for (s, e) in TRANSITIONS if e is event)

@@ -1,0 +1,1 @@
+"""gRPC plumbing shared by both servers and the clients."""

@@ -1,0 +1,175 @@
+"""The one map between `TetherError` classes and gRPC statuses.
+
+Servers turn errors into a `google.rpc.Status` with an `ErrorInfo` (domain
+"tether.dev", the error's reason) and, for bad fields, a `BadRequest` naming
+the field. Clients turn such statuses back into the same classes.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from tether.core import errors as E
+
+DOMAIN = "tether.dev"
+log = logging.getLogger("tether.grpc")
+
+STATUS_OF: dict[type[E.TetherError], grpc.StatusCode] = {
+    E.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    E.IdempotencyConflict: grpc.StatusCode.INVALID_ARGUMENT,
+    E.ConfigError: grpc.StatusCode.INVALID_ARGUMENT,
+    E.NotFound: grpc.StatusCode.NOT_FOUND,
+    E.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    E.InvalidTransition: grpc.StatusCode.FAILED_PRECONDITION,
+    E.StaleFencingToken: grpc.StatusCode.FAILED_PRECONDITION,
+    E.LeaseExpired: grpc.StatusCode.FAILED_PRECONDITION,
+    E.LeaseLost: grpc.StatusCode.FAILED_PRECONDITION,
+    E.PolicyDenied: grpc.StatusCode.PERMISSION_DENIED,
+    E.NotOwner: grpc.StatusCode.PERMISSION_DENIED,
+    E.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    E.BudgetExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    E.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    E.OutcomeUnknown: grpc.StatusCode.ABORTED,
+    E.ToolTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
+    E.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    E.VerificationError: grpc.StatusCode.INVALID_ARGUMENT,
+    E.StorageError: grpc.StatusCode.INTERNAL,
+    E.TetherError: grpc.StatusCode.INTERNAL,
+}
+
+_BY_REASON: dict[str, type[E.TetherError]] = {cls.reason: cls for cls in STATUS_OF}
+
+
+def code_for(err: E.TetherError) -> grpc.StatusCode:
+    """The status code of an error (by the nearest class in the map)."""
+    for cls in type(err).__mro__:
+        if cls in STATUS_OF:
+            return STATUS_OF[cls]  # type: ignore[index]
+    return grpc.StatusCode.INTERNAL
+
+
+def to_status(err: E.TetherError) -> grpc.Status:
+    """Builds the rich status for an error."""
+    code = code_for(err)
+    details: list[any_pb2.Any] = []
+    info = error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN, metadata=err.metadata)
+    packed = any_pb2.Any()
+    packed.Pack(info)
+    details.append(packed)
+    if isinstance(err, E.InvalidArgument):
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=err.field, description=err.description
+                )
+            ]
+        )
+        packed = any_pb2.Any()
+        packed.Pack(bad)
+        details.append(packed)
+    status = status_pb2.Status(code=code.value[0], message=err.message, details=details)
+    return rpc_status.to_status(status)
+
+
+def from_rpc_error(err: grpc.RpcError) -> E.TetherError:
+    """Turns a failed call back into the matching `TetherError`."""
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    message = err.details() if hasattr(err, "details") else str(err)
+    reason = ""
+    metadata: dict[str, str] = {}
+    field = ""
+    try:
+        status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    except (ValueError, AttributeError):
+        status = None
+    if status is not None:
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reason, metadata = info.reason, dict(info.metadata)
+            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                if bad.field_violations:
+                    field = bad.field_violations[0].field
+    cls = _BY_REASON.get(reason)
+    if cls is E.InvalidArgument or (cls is None and code == grpc.StatusCode.INVALID_ARGUMENT):
+        text = message or ""
+        prefix = f"{field}: "
+        desc = text[len(prefix) :] if field and text.startswith(prefix) else text
+        return E.InvalidArgument(field or "request", desc)
+    if cls is None:
+        cls = {
+            grpc.StatusCode.UNAVAILABLE: E.Unavailable,
+            grpc.StatusCode.DEADLINE_EXCEEDED: E.Unavailable,
+            grpc.StatusCode.NOT_FOUND: E.NotFound,
+            grpc.StatusCode.PERMISSION_DENIED: E.PolicyDenied,
+            grpc.StatusCode.UNAUTHENTICATED: E.Unauthenticated,
+            grpc.StatusCode.RESOURCE_EXHAUSTED: E.ResourceExhausted,
+            grpc.StatusCode.FAILED_PRECONDITION: E.InvalidTransition,
+            grpc.StatusCode.ABORTED: E.OutcomeUnknown,
+        }.get(code, E.TetherError)
+    out = cls.__new__(cls)
+    E.TetherError.__init__(out, message or code.name, metadata=metadata)
+    return out
+
+
+def _code_value(code: grpc.StatusCode) -> int:
+    return int(code.value[0])
+
+
+assert _code_value(grpc.StatusCode.INVALID_ARGUMENT) == code_pb2.INVALID_ARGUMENT
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+async def abort(context: grpc.aio.ServicerContext[Any, Any], err: E.TetherError) -> None:
+    """Aborts the RPC with the error's rich status."""
+    await context.abort_with_status(to_status(err))
+
+
+def handle_errors(fn: F) -> F:
+    """Wraps a servicer method so `TetherError` becomes its gRPC status.
+
+    Unexpected exceptions become INTERNAL with a generic message (the details go
+    to the log, not to the client, so nothing sensitive leaks).
+    """
+    if inspect.isasyncgenfunction(fn):
+
+        @functools.wraps(fn)
+        async def stream_wrapper(self: Any, request: Any, context: Any) -> AsyncIterator[Any]:
+            try:
+                async for item in fn(self, request, context):
+                    yield item
+            except E.TetherError as err:
+                await abort(context, err)
+            except Exception:
+                log.exception("unexpected error in %s", fn.__name__)
+                await abort(context, E.TetherError("internal error; see the server log"))
+
+        return stream_wrapper  # type: ignore[return-value]
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Any, context: Any) -> Any:
+        try:
+            return await fn(self, request, context)
+        except E.TetherError as err:
+            await abort(context, err)
+        except Exception:
+            log.exception("unexpected error in %s", fn.__name__)
+            await abort(context, E.TetherError("internal error; see the server log"))
+
+    return wrapper  # type: ignore[return-value]
+
+
+AsyncFn = Callable[..., Awaitable[Any]]
