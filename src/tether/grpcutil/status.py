@@ -53,7 +53,7 @@ def code_for(err: E.TetherError) -> grpc.StatusCode:
     """The status code of an error (by the nearest class in the map)."""
     for cls in type(err).__mro__:
         if cls in STATUS_OF:
-            return STATUS_OF[cls]  # type: ignore[index]
+            return STATUS_OF[cls]
     return grpc.StatusCode.INTERNAL
 
 

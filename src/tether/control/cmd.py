@@ -1,0 +1,212 @@
+"""CLI: `tether control`, `tether keys init`, and the operator commands.
+
+Operator commands read the operator token (when the control plane requires
+one) from the TETHER_OPERATOR_TOKEN environment variable or --operator-token-file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from tether.core.errors import ConfigError, InvalidArgument
+from tether.core.states import State
+from tether.crypto.signing import SigningKey, VerifyKey
+from tether.v1 import control_pb2 as pb
+
+log = logging.getLogger("tether.control.cmd")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Adds control, keys, submit, tasks and task subcommands."""
+    p = sub.add_parser("control", help="run the control plane")
+    p.add_argument("--db", required=True, help="SQLite database file")
+    p.add_argument("--listen", default="127.0.0.1:7400", help="host:port (port 0 ok) or unix:/path")
+    p.add_argument("--key", required=True, help="control-plane Ed25519 private key (PEM, 0600)")
+    p.add_argument("--enrollment-token-file", help="node enrolment tokens, one per line")
+    p.add_argument(
+        "--allow-node-key",
+        action="append",
+        default=[],
+        metavar="PUBKEY_PEM_FILE",
+        help="a node public key that may register without a token (repeatable)",
+    )
+    p.add_argument(
+        "--operator-token-file",
+        help="operator tokens, one per line; when given, operator RPCs require one "
+        "(metadata x-tether-operator-token); when absent, operator RPCs are open",
+    )
+    p.add_argument("--sweep-interval-ms", type=int, default=1000, help="lapsed-lease sweep period")
+    p.add_argument("--ready-file", help="write the bound address here once serving")
+    p.set_defaults(func=_cmd_control)
+
+    k = sub.add_parser("keys", help="manage keys")
+    ksub = k.add_subparsers(dest="keys_command", metavar="SUBCOMMAND", required=True)
+    ki = ksub.add_parser("init", help="write a new Ed25519 key pair")
+    ki.add_argument("--dir", required=True, help="directory for NAME.key and NAME.pub")
+    ki.add_argument("--name", default="control", help="file name stem (default control)")
+    ki.set_defaults(func=_cmd_keys_init)
+
+    def operator(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--control", required=True, help="control plane address")
+        parser.add_argument("--operator-token-file", help="file holding the operator token")
+
+    s = sub.add_parser("submit", help="submit a task")
+    operator(s)
+    s.add_argument("--queue", required=True)
+    s.add_argument("--payload", required=True, help="JSON payload")
+    s.add_argument("--key", default="", help="idempotency key")
+    s.add_argument("--max-attempts", type=int, default=0)
+    s.set_defaults(func=_cmd_submit)
+
+    t = sub.add_parser("tasks", help="list tasks")
+    operator(t)
+    t.add_argument("--queue", default="")
+    t.add_argument("--state", default="", help="queued, leased, running, succeeded, ...")
+    t.set_defaults(func=_cmd_tasks)
+
+    ts = sub.add_parser("task", help="inspect one task")
+    tsub = ts.add_subparsers(dest="task_command", metavar="SUBCOMMAND", required=True)
+    show = tsub.add_parser("show", help="state, attempts and lease history")
+    show.add_argument("task_id")
+    operator(show)
+    show.set_defaults(func=_cmd_task_show)
+
+
+def _cmd_keys_init(args: argparse.Namespace) -> int:
+    d = Path(args.dir)
+    priv, pub = d / f"{args.name}.key", d / f"{args.name}.pub"
+    for path in (priv, pub):
+        if path.exists():
+            raise ConfigError(f"{path} exists; refusing to overwrite a key")
+    key = SigningKey.generate()
+    key.save(priv, pub)
+    print(f"wrote {priv} (mode 0600) and {pub}; keyid {key.keyid}")
+    return 0
+
+
+def _cmd_control(args: argparse.Namespace) -> int:
+    from tether.control.server import serve_forever, start_server
+    from tether.control.service import Auth, read_token_file
+
+    key = SigningKey.load(Path(args.key))
+    auth = Auth.from_tokens(
+        enrollment_tokens=read_token_file(args.enrollment_token_file)
+        if args.enrollment_token_file
+        else (),
+        allowed_node_keys=[VerifyKey.load(Path(f)).raw for f in args.allow_node_key],
+        operator_tokens=read_token_file(args.operator_token_file)
+        if args.operator_token_file
+        else (),
+    )
+    if args.sweep_interval_ms <= 0:
+        raise ConfigError("--sweep-interval-ms must be positive")
+
+    async def run() -> None:
+        running = await start_server(
+            db=args.db,
+            listen=args.listen,
+            key=key,
+            auth=auth,
+            sweep_interval_ms=args.sweep_interval_ms,
+        )
+        await serve_forever(running, Path(args.ready_file) if args.ready_file else None)
+
+    asyncio.run(run())
+    return 0
+
+
+def _operator_token(args: argparse.Namespace) -> str:
+    if getattr(args, "operator_token_file", None):
+        from tether.control.service import read_token_file
+
+        return read_token_file(args.operator_token_file)[0]
+    return os.environ.get("TETHER_OPERATOR_TOKEN", "")
+
+
+def _run_client(args: argparse.Namespace, fn: Any) -> int:
+    from tether.control.client import ControlClient
+    from tether.control.server import grpc_target
+
+    async def go() -> int:
+        async with ControlClient(
+            grpc_target(args.control), operator_token=_operator_token(args)
+        ) as client:
+            return int(await fn(client))
+
+    return asyncio.run(go())
+
+
+def _task_line(t: pb.Task) -> str:
+    state = State(t.state).name.lower() if t.state else "?"
+    return (
+        f"{t.task_id}  {t.queue:<16} {state:<10} attempt {t.attempt}/{t.max_attempts}"
+        f"  token {t.fencing_token}"
+    )
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    try:
+        json.loads(args.payload)
+    except ValueError as err:
+        raise InvalidArgument("--payload", f"not JSON: {err}") from err
+
+    async def fn(client: Any) -> int:
+        resp = await client.submit(
+            args.queue,
+            args.payload.encode(),
+            idempotency_key=args.key,
+            max_attempts=args.max_attempts,
+        )
+        print(resp.task.task_id + ("" if resp.created else "  (existing task, same key)"))
+        return 0
+
+    return _run_client(args, fn)
+
+
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    state = 0
+    if args.state:
+        try:
+            state = int(State[args.state.upper()])
+        except KeyError:
+            raise ConfigError(f"unknown state {args.state!r}") from None
+
+    async def fn(client: Any) -> int:
+        tasks = await client.list_all_tasks(queue=args.queue, state=state)
+        for t in tasks:
+            print(_task_line(t))
+        print(f"{len(tasks)} task(s)", file=sys.stderr)
+        return 0
+
+    return _run_client(args, fn)
+
+
+def _cmd_task_show(args: argparse.Namespace) -> int:
+    from tether.crypto.envelopes import from_proto
+    from tether.crypto.leases import decode_lease
+
+    async def fn(client: Any) -> int:
+        resp = await client.get_task(args.task_id)
+        t = resp.task
+        print(_task_line(t))
+        if t.error:
+            print(f"error: {t.error}")
+        if t.result:
+            print(f"result: {t.result.decode(errors='replace')}")
+        print(f"leases ({len(resp.leases)}):")
+        for rec in resp.leases:
+            lease = decode_lease(from_proto(rec.lease).payload)
+            print(
+                f"  token {lease.fencing_token} attempt {lease.attempt} node {lease.node_id}"
+                f" agent {lease.agent_id} expires {lease.expires_unix_ms}  {rec.outcome}"
+            )
+        return 0
+
+    return _run_client(args, fn)

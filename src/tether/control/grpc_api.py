@@ -1,0 +1,372 @@
+"""ControlService servicer: protobuf <-> core, field validation, authentication.
+
+Every request field is checked here, at the edge, so a bad one is refused with
+INVALID_ARGUMENT naming it before any use case runs. Node RPCs need the
+"x-tether-node-token" metadata of the node named in the request; operator RPCs
+need "x-tether-operator-token" only when the control plane was started with
+--operator-token-file.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from tether.control.service import ControlService
+from tether.core.errors import ConfigError, InvalidArgument, TetherError
+from tether.core.leases import MAX_TTL_MS, MIN_TTL_MS
+from tether.core.states import HOLDER_EVENTS, Event, State
+from tether.crypto.envelopes import json_to_proto, to_proto
+from tether.grpcutil.status import handle_errors
+from tether.store.base import TaskRecord
+from tether.v1 import control_pb2 as pb
+from tether.v1 import control_pb2_grpc as pb_grpc
+
+NODE_TOKEN_HEADER = "x-tether-node-token"
+OPERATOR_TOKEN_HEADER = "x-tether-operator-token"
+
+MAX_PAYLOAD_BYTES = 1 << 20
+MAX_TEXT_CHARS = 4096
+MAX_KEY_CHARS = 256
+MAX_ATTEMPTS_LIMIT = 100
+MAX_WAIT_MS = 60_000
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 100
+
+_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+_KEY_RE = re.compile(r"[A-Za-z0-9._:-]{1,256}")
+
+
+class NotImplementedYet(TetherError):
+    """The RPC belongs to a part of the control plane that is not wired in yet."""
+
+    reason = "NOT_IMPLEMENTED"
+
+
+# -- validation -------------------------------------------------------------------------
+
+
+def check_id(field: str, value: str) -> str:
+    """A required id matching [A-Za-z0-9._-]{1,128}."""
+    if not value:
+        raise InvalidArgument(field, "is required")
+    if not _ID_RE.fullmatch(value):
+        raise InvalidArgument(field, "must match [A-Za-z0-9._-]{1,128}")
+    return value
+
+
+def check_optional_id(field: str, value: str) -> str:
+    """An optional id: empty or [A-Za-z0-9._-]{1,128}."""
+    return check_id(field, value) if value else ""
+
+
+def check_range(field: str, value: int, lo: int, hi: int, *, zero_ok: bool = True) -> int:
+    """An integer in [lo, hi], or 0 when `zero_ok` (meaning "the default")."""
+    if value == 0 and zero_ok:
+        return 0
+    if not lo <= value <= hi:
+        extra = " (or 0 for the default)" if zero_ok else ""
+        raise InvalidArgument(field, f"must be between {lo} and {hi}{extra}, got {value}")
+    return value
+
+
+def check_bytes(field: str, value: bytes, limit: int = MAX_PAYLOAD_BYTES) -> bytes:
+    """At most `limit` bytes."""
+    if len(value) > limit:
+        raise InvalidArgument(field, f"is {len(value)} bytes; the limit is {limit}")
+    return bytes(value)
+
+
+def check_text(field: str, value: str, limit: int = MAX_TEXT_CHARS) -> str:
+    """At most `limit` characters."""
+    if len(value) > limit:
+        raise InvalidArgument(field, f"is {len(value)} characters; the limit is {limit}")
+    return value
+
+
+def check_token(field: str, value: int) -> int:
+    """A fencing token (> 0)."""
+    if value <= 0:
+        raise InvalidArgument(field, "must be a positive fencing token")
+    return value
+
+
+def check_state(field: str, value: int, *, unspecified_ok: bool) -> State | None:
+    """A TaskState value; UNSPECIFIED (0) only where it means "any"."""
+    if value == 0 and unspecified_ok:
+        return None
+    try:
+        return State(value)
+    except ValueError:
+        raise InvalidArgument(field, f"unknown or unspecified TaskState {value}") from None
+
+
+def check_holder_event(field: str, value: int) -> Event:
+    """A TaskEvent a lease holder may send."""
+    try:
+        event = Event(value)
+    except ValueError:
+        raise InvalidArgument(field, f"unknown or unspecified TaskEvent {value}") from None
+    if event not in HOLDER_EVENTS:
+        raise InvalidArgument(
+            field,
+            f"{event.name} is not a holder event; send START, SUCCEED, FAIL or RELEASE",
+        )
+    return event
+
+
+def _metadata(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str:
+    for k, v in context.invocation_metadata() or ():
+        if k == key:
+            return v if isinstance(v, str) else v.decode()
+    return ""
+
+
+# -- conversion -------------------------------------------------------------------------
+
+
+def task_to_proto(t: TaskRecord) -> pb.Task:
+    """The wire form of a stored task."""
+    return pb.Task(
+        task_id=t.task_id,
+        queue=t.queue,
+        state=int(t.state),  # type: ignore[arg-type]
+        payload=t.payload,
+        attempt=t.attempt,
+        max_attempts=t.max_attempts,
+        fencing_token=t.fencing_token,
+        node_id=t.node_id,
+        agent_id=t.agent_id,
+        lease_expires_unix_ms=t.lease_expires_unix_ms,
+        lease_ttl_ms=t.lease_ttl_ms,
+        result=t.result,
+        error=t.error,
+        created_unix_ms=t.created_unix_ms,
+        updated_unix_ms=t.updated_unix_ms,
+        not_before_unix_ms=t.not_before_unix_ms,
+        idempotency_key=t.idempotency_key,
+        budget_limit_micros=t.budget_limit_micros,
+        budget_spent_micros=t.budget_spent_micros,
+    )
+
+
+class ControlServicer(pb_grpc.ControlServiceServicer):
+    """The gRPC face of `ControlService`."""
+
+    def __init__(self, service: ControlService) -> None:
+        self.service = service
+
+    async def _node(self, context: grpc.aio.ServicerContext[Any, Any], node_id: str) -> None:
+        await self.service.authenticate_node(node_id, _metadata(context, NODE_TOKEN_HEADER))
+
+    def _operator(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        self.service.authenticate_operator(_metadata(context, OPERATOR_TOKEN_HEADER))
+
+    @handle_errors
+    async def RegisterNode(
+        self, request: pb.RegisterNodeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RegisterNodeResponse:
+        node_id = check_id("node_id", request.node_id)
+        if len(request.public_key) != 32:
+            raise InvalidArgument(
+                "public_key", f"must be a raw 32-byte Ed25519 key, got {len(request.public_key)}"
+            )
+        token = check_text("enrollment_token", request.enrollment_token, 1024)
+        env, node_token = await self.service.register_node(
+            node_id=node_id, public_key=bytes(request.public_key), enrollment_token=token
+        )
+        return pb.RegisterNodeResponse(
+            certificate=to_proto(env),
+            node_token=node_token,
+            control_public_key=self.service.key.public.raw,
+        )
+
+    @handle_errors
+    async def SubmitTask(
+        self, request: pb.SubmitTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.SubmitTaskResponse:
+        queue = check_id("queue", request.queue)
+        payload = check_bytes("payload", request.payload)
+        key = request.idempotency_key
+        if key and not _KEY_RE.fullmatch(key):
+            raise InvalidArgument("idempotency_key", "must match [A-Za-z0-9._:-]{1,256}")
+        attempts = check_range("max_attempts", request.max_attempts, 1, MAX_ATTEMPTS_LIMIT)
+        ttl = check_range("lease_ttl_ms", request.lease_ttl_ms, MIN_TTL_MS, MAX_TTL_MS)
+        if request.budget_limit_micros < 0:
+            raise InvalidArgument("budget_limit_micros", "must not be negative")
+        self._operator(context)
+        task, created = await self.service.submit(
+            queue=queue,
+            payload=payload,
+            idempotency_key=key,
+            max_attempts=attempts,
+            lease_ttl_ms=ttl,
+            budget_limit_micros=request.budget_limit_micros,
+        )
+        return pb.SubmitTaskResponse(task=task_to_proto(task), created=created)
+
+    @handle_errors
+    async def GetTask(
+        self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetTaskResponse:
+        task_id = check_id("task_id", request.task_id)
+        self._operator(context)
+        task, history = await self.service.get(task_id)
+        return pb.GetTaskResponse(
+            task=task_to_proto(task),
+            leases=[
+                pb.LeaseRecord(lease=json_to_proto(h.envelope), outcome=h.outcome) for h in history
+            ],
+        )
+
+    @handle_errors
+    async def ListTasks(
+        self, request: pb.ListTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListTasksResponse:
+        queue = check_optional_id("queue", request.queue)
+        state = check_state("state", request.state, unspecified_ok=True)
+        size = check_range("page_size", request.page_size, 1, MAX_PAGE_SIZE) or DEFAULT_PAGE_SIZE
+        token = check_text("page_token", request.page_token, 512)
+        self._operator(context)
+        tasks, next_token = await self.service.list_tasks(
+            queue=queue, state=state, page_size=size, page_token=token
+        )
+        return pb.ListTasksResponse(
+            tasks=[task_to_proto(t) for t in tasks], next_page_token=next_token
+        )
+
+    @handle_errors
+    async def CancelTask(
+        self, request: pb.CancelTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CancelTaskResponse:
+        task_id = check_id("task_id", request.task_id)
+        reason = check_text("reason", request.reason)
+        self._operator(context)
+        task = await self.service.cancel(task_id, reason or "canceled by operator")
+        return pb.CancelTaskResponse(task=task_to_proto(task))
+
+    @handle_errors
+    async def AcquireLease(
+        self, request: pb.AcquireLeaseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.AcquireLeaseResponse:
+        queue = check_id("queue", request.queue)
+        node_id = check_id("node_id", request.node_id)
+        agent_id = check_id("agent_id", request.agent_id)
+        wait_ms = check_range("wait_ms", request.wait_ms, 0, MAX_WAIT_MS)
+        await self._node(context, node_id)
+        got = await self.service.acquire(
+            queue=queue, node_id=node_id, agent_id=agent_id, wait_ms=wait_ms
+        )
+        if got is None:
+            return pb.AcquireLeaseResponse()
+        task, env = got
+        return pb.AcquireLeaseResponse(task=task_to_proto(task), lease=to_proto(env))
+
+    @handle_errors
+    async def RenewLease(
+        self, request: pb.RenewLeaseRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RenewLeaseResponse:
+        task_id = check_id("task_id", request.task_id)
+        token = check_token("fencing_token", request.fencing_token)
+        node_id = check_id("node_id", request.node_id)
+        await self._node(context, node_id)
+        _, env = await self.service.renew(task_id=task_id, fencing_token=token, node_id=node_id)
+        return pb.RenewLeaseResponse(lease=to_proto(env))
+
+    @handle_errors
+    async def TransitionTask(
+        self, request: pb.TransitionTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.TransitionTaskResponse:
+        task_id = check_id("task_id", request.task_id)
+        token = check_token("fencing_token", request.fencing_token)
+        event = check_holder_event("event", request.event)
+        result = check_bytes("result", request.result)
+        error = check_text("error", request.error)
+        node_id = check_id("node_id", request.node_id)
+        await self._node(context, node_id)
+        task = await self.service.transition(
+            task_id=task_id,
+            fencing_token=token,
+            node_id=node_id,
+            event=event,
+            result=result,
+            error=error,
+        )
+        return pb.TransitionTaskResponse(task=task_to_proto(task))
+
+    # -- RPCs owned by other parts (ledger, vault, budgets, tool calls, policy) ---------
+    # The ledger engineer replaces StreamReceipts/GetCheckpoint/GetInclusionProof/
+    # GetConsistencyProof/ExportBundle (e.g. by subclassing or delegating to
+    # tether.control.ledger); each must stay decorated with @handle_errors.
+
+    @handle_errors
+    async def IssueCredential(self, request: Any, context: Any) -> Any:
+        raise NotImplementedYet("IssueCredential is not implemented yet")
+
+    @handle_errors
+    async def ReserveBudget(self, request: Any, context: Any) -> Any:
+        raise NotImplementedYet("ReserveBudget is not implemented yet")
+
+    @handle_errors
+    async def SettleBudget(self, request: Any, context: Any) -> Any:
+        raise NotImplementedYet("SettleBudget is not implemented yet")
+
+    @handle_errors
+    async def RecordToolCall(self, request: Any, context: Any) -> Any:
+        raise NotImplementedYet("RecordToolCall is not implemented yet")
+
+    @handle_errors
+    async def LookupToolCall(self, request: Any, context: Any) -> Any:
+        raise NotImplementedYet("LookupToolCall is not implemented yet")
+
+    @handle_errors
+    async def StreamReceipts(
+        self, request_iterator: Any, context: Any
+    ) -> AsyncIterator[pb.StreamReceiptsResponse]:
+        raise NotImplementedYet("StreamReceipts is not implemented yet")
+        yield pb.StreamReceiptsResponse()  # pragma: no cover - makes this a stream method
+
+    @handle_errors
+    async def GetCheckpoint(self, request: Any, context: Any) -> Any:
+        raise NotImplementedYet("GetCheckpoint is not implemented yet")
+
+    @handle_errors
+    async def GetInclusionProof(self, request: Any, context: Any) -> Any:
+        raise NotImplementedYet("GetInclusionProof is not implemented yet")
+
+    @handle_errors
+    async def GetConsistencyProof(self, request: Any, context: Any) -> Any:
+        raise NotImplementedYet("GetConsistencyProof is not implemented yet")
+
+    @handle_errors
+    async def ExportBundle(self, request: Any, context: Any) -> Any:
+        raise NotImplementedYet("ExportBundle is not implemented yet")
+
+    @handle_errors
+    async def PutPolicy(
+        self, request: pb.PutPolicyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.PutPolicyResponse:
+        document = check_text("document", request.document, MAX_PAYLOAD_BYTES)
+        if not document.strip():
+            raise InvalidArgument("document", "is required")
+        self._operator(context)
+        try:
+            rec = await self.service.put_policy(document)
+        except ConfigError as err:
+            raise InvalidArgument("document", err.message) from err
+        return pb.PutPolicyResponse(version=rec.version, digest=rec.digest)
+
+    @handle_errors
+    async def GetPolicy(
+        self, request: pb.GetPolicyRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetPolicyResponse:
+        self._operator(context)
+        rec = await self.service.get_policy(request.version)
+        return pb.GetPolicyResponse(document=rec.document, version=rec.version, digest=rec.digest)
+
+    @handle_errors
+    async def PutSecret(self, request: Any, context: Any) -> Any:
+        raise NotImplementedYet("PutSecret is not implemented yet (needs the vault)")

@@ -1,0 +1,135 @@
+"""The control-plane gRPC server: ControlService, health and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tether.control.grpc_api import ControlServicer
+from tether.control.service import Auth, ControlConfig, ControlService
+from tether.control.sweeper import DEFAULT_SWEEP_INTERVAL_MS, Sweeper
+from tether.core.clock import Clock
+from tether.core.errors import ConfigError
+from tether.crypto.signing import SigningKey
+from tether.store.base import Store
+from tether.store.sqlite import SqliteStore
+from tether.v1 import control_pb2 as pb
+from tether.v1 import control_pb2_grpc as pb_grpc
+
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ControlService"].full_name
+
+log = logging.getLogger("tether.control.server")
+
+
+def grpc_target(listen: str) -> str:
+    """The grpc bind/dial target of "host:port" or "unix:/path"."""
+    if listen.startswith("unix:"):
+        path = listen[len("unix:") :]
+        if not path:
+            raise ConfigError("unix listen address needs a path: unix:/path/to.sock")
+        return f"unix:{path}"
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ConfigError(f"listen address {listen!r} is not host:port or unix:/path")
+    return listen
+
+
+@dataclass
+class RunningControl:
+    """A started control plane; `address` is what clients dial."""
+
+    address: str
+    server: grpc.aio.Server
+    service: ControlService
+    store: Store
+    sweeper: Sweeper | None
+    health: health.aio.HealthServicer
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        """Stops serving (letting calls finish for `grace_s`), then closes the store."""
+        await self.health.enter_graceful_shutdown()
+        if self.sweeper is not None:
+            await self.sweeper.stop()
+        await self.server.stop(grace_s)
+        await self.store.close()
+
+
+async def start_server(
+    *,
+    db: Path | str,
+    listen: str,
+    key: SigningKey,
+    clock: Clock | None = None,
+    auth: Auth | None = None,
+    config: ControlConfig | None = None,
+    sweep_interval_ms: int | None = DEFAULT_SWEEP_INTERVAL_MS,
+    store: Store | None = None,
+) -> RunningControl:
+    """Opens the store and starts serving on `listen` ("host:port", port 0 ok, or "unix:/path").
+
+    `sweep_interval_ms=None` disables the background sweeper (tests call
+    `service.sweep()` themselves).
+
+    Raises:
+        ConfigError: bad listen address or the port cannot be bound.
+    """
+    target = grpc_target(listen)
+    store = store or SqliteStore(db)
+    await store.open()
+    service = ControlService(store, key, clock, config=config, auth=auth)
+    await service.start()
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(options=options)
+    pb_grpc.add_ControlServiceServicer_to_server(ControlServicer(service), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    try:
+        port = server.add_insecure_port(target)
+    except RuntimeError as err:
+        await store.close()
+        raise ConfigError(f"cannot listen on {listen}: {err}") from err
+    address = target if target.startswith("unix:") else f"{target.rpartition(':')[0]}:{port}"
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    sweeper = None
+    if sweep_interval_ms is not None:
+        sweeper = Sweeper(service, sweep_interval_ms)
+        sweeper.start()
+    log.info("control plane serving on %s", address)
+    return RunningControl(address, server, service, store, sweeper, health_servicer)
+
+
+async def serve_forever(running: RunningControl, ready_file: Path | None = None) -> None:
+    """Serves until SIGTERM or SIGINT, then stops gracefully."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready_file is not None:
+        tmp = ready_file.with_name(ready_file.name + ".tmp")
+        tmp.write_text(running.address + "\n")
+        tmp.replace(ready_file)  # atomic: readers never see a partial address
+    try:
+        await stop.wait()
+        log.info("control plane stopping")
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await running.stop()

@@ -1,0 +1,481 @@
+"""Control-plane use cases over a `Store`, a signing key and a clock.
+
+No gRPC here: grpc_api.py converts messages and calls these methods. Requests
+reaching this module are already validated field by field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tether.core.clock import Clock, SystemClock
+from tether.core.errors import (
+    ConfigError,
+    InvalidArgument,
+    NotFound,
+    NotOwner,
+    Unauthenticated,
+)
+from tether.core.leases import DEFAULT_TTL_MS, Lease
+from tether.core.policy import Policy, parse_policy
+from tether.core.states import Event, State
+from tether.crypto.certs import DEFAULT_CERT_VALIDITY_MS, issue_cert
+from tether.crypto.leases import sign_lease
+from tether.crypto.signing import Envelope, SigningKey
+from tether.store.base import (
+    DEFAULT_MAX_ATTEMPTS,
+    LapseOutcome,
+    LeaseHistoryEntry,
+    NewTask,
+    NodeRecord,
+    PolicyRecord,
+    Store,
+    TaskRecord,
+)
+from tether.store.sqlite import token_sha256
+
+log = logging.getLogger("tether.control")
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    """Tunables of the control plane (secrets are never held here, only in `Auth`)."""
+
+    default_max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    """Attempts a task gets when the submitter does not say."""
+    default_lease_ttl_ms: int = DEFAULT_TTL_MS
+    """Lease TTL when neither the submitter nor the policy says."""
+    backoff_base_ms: int = 1_000
+    """First requeue delay after a lapsed lease; doubles per attempt."""
+    backoff_cap_ms: int = 60_000
+    """Longest requeue delay."""
+    long_poll_recheck_ms: int = 250
+    """How often a waiting AcquireLease re-checks for tasks whose backoff ended."""
+    cert_validity_ms: int = DEFAULT_CERT_VALIDITY_MS
+    """Validity of node certificates."""
+
+
+@dataclass(frozen=True)
+class Auth:
+    """Who may register nodes and call operator RPCs.
+
+    `enrollment_tokens` and `operator_tokens` hold SHA-256 digests only, so the
+    raw tokens live nowhere but in their files. Empty `operator_tokens` means
+    operator RPCs are open (the documented default for a local control plane).
+    """
+
+    enrollment_token_digests: frozenset[str] = frozenset()
+    allowed_node_keys: frozenset[bytes] = frozenset()
+    operator_token_digests: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_tokens(
+        cls,
+        *,
+        enrollment_tokens: Iterable[str] = (),
+        allowed_node_keys: Iterable[bytes] = (),
+        operator_tokens: Iterable[str] = (),
+    ) -> Auth:
+        return cls(
+            frozenset(token_sha256(t) for t in enrollment_tokens if t),
+            frozenset(allowed_node_keys),
+            frozenset(token_sha256(t) for t in operator_tokens if t),
+        )
+
+
+def read_token_file(path: str) -> list[str]:
+    """Tokens from a file, one per line (blank lines and # comments skipped).
+
+    Raises:
+        ConfigError: unreadable or empty.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [ln.strip() for ln in f]
+    except OSError as err:
+        raise ConfigError(f"cannot read token file {path}: {err.strerror}") from err
+    tokens = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not tokens:
+        raise ConfigError(f"token file {path} holds no token")
+    return tokens
+
+
+def _digest_in(token: str, digests: frozenset[str]) -> bool:
+    d = token_sha256(token)
+    return any(hmac.compare_digest(d, x) for x in digests)
+
+
+@dataclass
+class _Waiters:
+    """Wakes long-polling AcquireLease calls when work may be ready."""
+
+    cond: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def notify(self) -> None:
+        async with self.cond:
+            self.cond.notify_all()
+
+    async def wait(self, timeout_s: float) -> None:
+        async with self.cond:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.cond.wait(), timeout_s)
+
+
+@dataclass(frozen=True)
+class PolicyView:
+    """What a lease needs from the policy in force for one queue."""
+
+    digest: str = ""
+    tools: tuple[str, ...] = ()
+    lease_ttl_ms: int = 0
+    max_attempts: int = 0
+
+
+class ControlService:
+    """Tasks, leases and node enrolment."""
+
+    def __init__(
+        self,
+        store: Store,
+        key: SigningKey,
+        clock: Clock | None = None,
+        *,
+        config: ControlConfig | None = None,
+        auth: Auth | None = None,
+    ) -> None:
+        self.store = store
+        self.key = key
+        self.clock: Clock = clock or SystemClock()
+        self.config = config or ControlConfig()
+        self.auth = auth or Auth()
+        self._waiters = _Waiters()
+        self._node_tokens: dict[str, str] = {}  # token sha256 -> node id
+        self._policy: Policy | None = None
+
+    async def start(self) -> None:
+        """Loads the policy in force (if any); call once the store is open."""
+        rec = await self.store.get_policy(0)
+        if rec is not None:
+            self._set_policy(rec.document, rec.digest)
+
+    # -- policy ---------------------------------------------------------------------
+
+    def _set_policy(self, document: str, digest: str) -> None:
+        self._policy = parse_policy(document)
+
+    async def put_policy(self, document: str) -> PolicyRecord:
+        """Stores a new policy version and puts it in force for new leases.
+
+        Raises:
+            ConfigError: the policy module refuses the document.
+        """
+        policy = parse_policy(document)  # raises ConfigError on a bad document
+        rec = await self.store.put_policy(document, policy.digest, self.clock.now_ms())
+        self._policy = policy
+        log.info("policy stored: version %d digest %s", rec.version, policy.digest)
+        return rec
+
+    async def get_policy(self, version: int = 0) -> PolicyRecord:
+        """A stored policy version (0: the one in force).
+
+        Raises:
+            NotFound: no such version (or no policy at all).
+        """
+        rec = await self.store.get_policy(version)
+        if rec is None:
+            raise NotFound("no policy stored" if not version else f"no policy version {version}")
+        return rec
+
+    def policy_for(self, queue: str) -> PolicyView:
+        """Tools, TTL and attempts the policy in force gives `queue`."""
+        if self._policy is None:
+            return PolicyView()
+        spec = self._policy.queues.get(queue)
+        if spec is None:
+            return PolicyView(digest=self._policy.digest)
+        return PolicyView(
+            digest=self._policy.digest,
+            tools=spec.tools,
+            lease_ttl_ms=spec.lease_ttl_ms,
+            max_attempts=spec.max_attempts,
+        )
+
+    # -- tasks ----------------------------------------------------------------------
+
+    async def submit(
+        self,
+        *,
+        queue: str,
+        payload: bytes,
+        idempotency_key: str = "",
+        max_attempts: int = 0,
+        lease_ttl_ms: int = 0,
+        budget_limit_micros: int = 0,
+    ) -> tuple[TaskRecord, bool]:
+        """Queues a task; a repeat with the same idempotency key returns the first."""
+        pol = self.policy_for(queue)
+        task = NewTask(
+            queue=queue,
+            payload=payload,
+            idempotency_key=idempotency_key,
+            max_attempts=max_attempts or pol.max_attempts or self.config.default_max_attempts,
+            lease_ttl_ms=lease_ttl_ms or pol.lease_ttl_ms or self.config.default_lease_ttl_ms,
+            budget_limit_micros=budget_limit_micros,
+        )
+        now = self.clock.now_ms()
+        record, created = await self.store.submit_task(task, new_id("t", now), now)
+        if created:
+            await self._waiters.notify()
+            log.info("task submitted", extra={"task_id": record.task_id, "queue": queue})
+        return record, created
+
+    async def get(self, task_id: str) -> tuple[TaskRecord, list[LeaseHistoryEntry]]:
+        """A task and its lease history."""
+        task = await self.store.get_task(task_id)
+        return task, await self.store.lease_history(task_id)
+
+    async def list_tasks(
+        self, *, queue: str, state: State | None, page_size: int, page_token: str
+    ) -> tuple[list[TaskRecord], str]:
+        """One page of tasks and the token of the next page ("" on the last)."""
+        after = decode_page_token(page_token, queue, state)
+        tasks = await self.store.list_tasks(
+            queue=queue, state=state, after_seq=after, limit=page_size + 1
+        )
+        if len(tasks) <= page_size:
+            return tasks, ""
+        tasks = tasks[:page_size]
+        return tasks, encode_page_token(tasks[-1].seq, queue, state)
+
+    async def cancel(self, task_id: str, reason: str) -> TaskRecord:
+        """Cancels a task that has not finished; its lease (if any) dies with it."""
+        task = await self.store.cancel_task(task_id, reason, self.clock.now_ms())
+        log.info("task canceled", extra={"task_id": task_id})
+        return task
+
+    # -- leases ---------------------------------------------------------------------
+
+    def _signer(self, now: int, out: list[Envelope]) -> Any:
+        def sign(task: TaskRecord) -> bytes:
+            pol = self.policy_for(task.queue)
+            env = sign_lease(
+                Lease(
+                    lease_id=task.lease_id,
+                    task_id=task.task_id,
+                    attempt=task.attempt,
+                    node_id=task.node_id,
+                    agent_id=task.agent_id,
+                    fencing_token=task.fencing_token,
+                    issued_unix_ms=now,
+                    expires_unix_ms=task.lease_expires_unix_ms,
+                    policy_digest=pol.digest,
+                    queue=task.queue,
+                    tools=pol.tools,
+                ),
+                self.key,
+            )
+            out.append(env)
+            return env.to_json_bytes()
+
+        return sign
+
+    async def acquire(
+        self, *, queue: str, node_id: str, agent_id: str, wait_ms: int = 0
+    ) -> tuple[TaskRecord, Envelope] | None:
+        """Leases the oldest ready task of `queue`, waiting up to `wait_ms` for one."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait_ms / 1000
+        while True:
+            now = self.clock.now_ms()
+            signed: list[Envelope] = []
+            got = await self.store.acquire_lease(
+                queue=queue,
+                node_id=node_id,
+                agent_id=agent_id,
+                lease_id=new_id("l", now),
+                now_ms=now,
+                sign=self._signer(now, signed),
+            )
+            if got is not None:
+                task = got[0]
+                log.info(
+                    "lease granted",
+                    extra={
+                        "task_id": task.task_id,
+                        "node_id": node_id,
+                        "fencing_token": task.fencing_token,
+                    },
+                )
+                return task, signed[0]
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return None
+            await self._waiters.wait(min(remaining, self.config.long_poll_recheck_ms / 1000))
+
+    async def renew(
+        self, *, task_id: str, fencing_token: int, node_id: str
+    ) -> tuple[TaskRecord, Envelope]:
+        """Extends a live lease by the task's TTL; same token, new expiry."""
+        now = self.clock.now_ms()
+        signed: list[Envelope] = []
+        task, _ = await self.store.renew_lease(
+            task_id=task_id,
+            fencing_token=fencing_token,
+            node_id=node_id,
+            now_ms=now,
+            sign=self._signer(now, signed),
+        )
+        return task, signed[0]
+
+    async def transition(
+        self,
+        *,
+        task_id: str,
+        fencing_token: int,
+        node_id: str,
+        event: Event,
+        result: bytes = b"",
+        error: str = "",
+    ) -> TaskRecord:
+        """Applies a holder event (START/SUCCEED/FAIL/RELEASE) under the caller's token."""
+        task = await self.store.transition(
+            task_id=task_id,
+            event=event,
+            fencing_token=fencing_token,
+            node_id=node_id,
+            now_ms=self.clock.now_ms(),
+            result=result,
+            error=error,
+        )
+        if task.state is State.QUEUED:
+            await self._waiters.notify()
+        return task
+
+    async def sweep(self) -> list[LapseOutcome]:
+        """Ends lapsed leases now: back to queued with backoff, or expired."""
+        out = await self.store.sweep_lapsed(
+            now_ms=self.clock.now_ms(),
+            backoff_base_ms=self.config.backoff_base_ms,
+            backoff_cap_ms=self.config.backoff_cap_ms,
+        )
+        for o in out:
+            log.info(
+                "lease lapsed",
+                extra={"task_id": o.task_id, "fencing_token": o.fencing_token},
+            )
+        if any(o.state is State.QUEUED for o in out):
+            await self._waiters.notify()
+        return out
+
+    # -- nodes and auth ---------------------------------------------------------------
+
+    async def register_node(
+        self, *, node_id: str, public_key: bytes, enrollment_token: str
+    ) -> tuple[Envelope, str]:
+        """Enrols a node presenting a valid enrolment token or an allow-listed key.
+
+        Returns the signed NodeCertificate and a fresh node token (only its
+        SHA-256 is stored; a re-registration replaces the old token).
+
+        Raises:
+            Unauthenticated: neither a valid token nor an allow-listed key.
+        """
+        ok = public_key in self.auth.allowed_node_keys or (
+            bool(enrollment_token)
+            and _digest_in(enrollment_token, self.auth.enrollment_token_digests)
+        )
+        if not ok:
+            raise Unauthenticated(
+                f"node {node_id!r} presented no valid enrolment token and its key is not "
+                "allow-listed"
+            )
+        now = self.clock.now_ms()
+        _, env = issue_cert(self.key, node_id, public_key, now, self.config.cert_validity_ms)
+        token = secrets.token_urlsafe(32)
+        digest = token_sha256(token)
+        old = await self.store.get_node(node_id)
+        await self.store.put_node(NodeRecord(node_id, public_key, env.to_json_bytes(), digest, now))
+        if old is not None:
+            self._node_tokens.pop(old.token_sha256, None)
+        self._node_tokens[digest] = node_id
+        log.info("node registered", extra={"node_id": node_id})
+        return env, token
+
+    async def authenticate_node(self, node_id: str, token: str) -> None:
+        """Checks that `token` is the node token of `node_id`.
+
+        Raises:
+            Unauthenticated: no token, or one no node holds.
+            NotOwner: the token belongs to another node (PERMISSION_DENIED).
+        """
+        if not token:
+            raise Unauthenticated("missing node token (metadata x-tether-node-token)")
+        digest = token_sha256(token)
+        owner = self._node_tokens.get(digest)
+        if owner is None:
+            node = await self.store.get_node(node_id)
+            if node is not None and hmac.compare_digest(node.token_sha256, digest):
+                self._node_tokens[digest] = node_id
+                return
+            raise Unauthenticated("unknown node token; register the node again")
+        if owner != node_id:
+            raise NotOwner(f"the node token presented does not belong to node {node_id!r}")
+
+    def authenticate_operator(self, token: str) -> None:
+        """Checks the operator token when the control plane was given any.
+
+        Raises:
+            Unauthenticated: tokens are configured and `token` is not one of them.
+        """
+        if not self.auth.operator_token_digests:
+            return
+        if not token or not _digest_in(token, self.auth.operator_token_digests):
+            raise Unauthenticated(
+                "missing or unknown operator token (metadata x-tether-operator-token)"
+            )
+
+
+def new_id(prefix: str, now_ms: int) -> str:
+    """A time-ordered random id, e.g. t_018c2f3a1b2c_9f86d081884c7d65."""
+    return f"{prefix}_{now_ms:012x}_{secrets.token_hex(8)}"
+
+
+def _page_filter(queue: str, state: State | None) -> str:
+    return hashlib.sha256(f"{queue}\0{int(state or 0)}".encode()).hexdigest()[:16]
+
+
+def encode_page_token(seq: int, queue: str, state: State | None) -> str:
+    """An opaque cursor bound to the filters it was made for."""
+    doc = json.dumps({"a": seq, "f": _page_filter(queue, state)}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(doc.encode()).decode().rstrip("=")
+
+
+def decode_page_token(token: str, queue: str, state: State | None) -> int:
+    """The cursor in `token` (0 for none).
+
+    Raises:
+        InvalidArgument: malformed, or made for other filters (field page_token).
+    """
+    if not token:
+        return 0
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        doc = json.loads(raw)
+        seq, filt = doc["a"], doc["f"]
+        if not isinstance(seq, int) or seq < 0 or not isinstance(filt, str):
+            raise ValueError("bad fields")
+    except (ValueError, KeyError, TypeError) as err:
+        raise InvalidArgument("page_token", "not a token this server issued") from err
+    if filt != _page_filter(queue, state):
+        raise InvalidArgument("page_token", "was issued for other queue/state filters")
+    return seq

@@ -1,0 +1,818 @@
+"""The policy document: who may claim what, which tools exist and what they may touch.
+
+A policy is TOML (see docs/policy.md). It is parsed once into frozen
+dataclasses and rejected by default: unknown keys, wrong types, references to
+undefined tools/credentials/queues, a credential used by a tool it does not
+grant, or an empty document are `ConfigError`s naming the key path and the line.
+`Policy.digest` is the hex SHA-256 of the document's exact UTF-8 bytes, so a
+lease or receipt can name the policy it ran under.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+from tether.core.errors import ConfigError, PolicyDenied
+
+POLICY_VERSION = 1
+ADAPTERS = ("http", "exec", "python")
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+MEMORY_SCOPES = ("task", "agent")
+FILESYSTEM_SCOPES = ("workspace", "none")
+
+DEFAULT_TIMEOUT_MS = 30_000
+DEFAULT_LEASE_TTL_MS = 30_000
+MIN_LEASE_TTL_MS = 1_000
+MAX_LEASE_TTL_MS = 3_600_000
+DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_MAX_ARTIFACT_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_RESPONSE_BYTES = 1024 * 1024
+DEFAULT_MAX_OUTPUT_BYTES = 1024 * 1024
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+PLACEHOLDER_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_PLACEHOLDER_RE = PLACEHOLDER_RE
+_ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_HEADER_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~\-]+$")
+_HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+)(:([0-9]{1,5}))?$")
+_ENTRYPOINT_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+
+
+# --------------------------------------------------------------------------- specs
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """An agent identity and the queues it may claim tasks from."""
+
+    name: str
+    queues: tuple[str, ...]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class CredentialSpec:
+    """A vault entry's grant: the tools allowed to use it. Its value is never in policy."""
+
+    name: str
+    tools: tuple[str, ...]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class HttpSpec:
+    """An HTTP tool: the base URL is fixed here, the agent supplies only the rest."""
+
+    base_url: str
+    allowed_methods: tuple[str, ...] = ("GET",)
+    auth_header: str = "Authorization"
+    auth_template: str = "Bearer {secret}"
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    follow_redirects: bool = False
+
+    @property
+    def host(self) -> str:
+        """Lower-case host name of the base URL."""
+        return (urlsplit(self.base_url).hostname or "").lower()
+
+    @property
+    def port(self) -> int:
+        """Port of the base URL (scheme default when absent)."""
+        parts = urlsplit(self.base_url)
+        return parts.port or (443 if parts.scheme == "https" else 80)
+
+
+@dataclass(frozen=True)
+class ExecSpec:
+    """An exec tool: an argv template whose `{param}` elements the agent fills."""
+
+    argv: tuple[str, ...]
+    params: tuple[str, ...] = ()
+    path_params: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    secret_env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    read_paths: tuple[str, ...] = ()
+    cpu_seconds: int = 10
+    memory_mb: int = 512
+    file_size_mb: int = 16
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+
+
+@dataclass(frozen=True)
+class PythonSpec:
+    """An in-process tool: a `module:function` callable taking (ctx, args)."""
+
+    entrypoint: str
+    config: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
+class ToolSpec:
+    """A tool declared by policy, with exactly one adapter section."""
+
+    name: str
+    adapter: Literal["http", "exec", "python"]
+    cost_micros: int = 0
+    idempotent: bool = False
+    timeout_ms: int = DEFAULT_TIMEOUT_MS
+    credential: str | None = None
+    description: str = ""
+    http: HttpSpec | None = None
+    exec: ExecSpec | None = None
+    python: PythonSpec | None = None
+
+    @property
+    def credentials(self) -> tuple[str, ...]:
+        """Every credential the tool may see (`credential` plus exec `secret_env`), sorted."""
+        names: set[str] = set()
+        if self.credential is not None:
+            names.add(self.credential)
+        if self.exec is not None:
+            names.update(self.exec.secret_env.values())
+        return tuple(sorted(names))
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    """A task type: the tools, hosts, scopes and limits its tasks run under."""
+
+    name: str
+    tools: tuple[str, ...] = ()
+    network_allowlist: tuple[str, ...] = ()
+    filesystem_scope: Literal["workspace", "none"] = "workspace"
+    memory_scope: Literal["task", "agent"] = "task"
+    budget_micros: int = 0
+    lease_ttl_ms: int = DEFAULT_LEASE_TTL_MS
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES
+    description: str = ""
+
+
+@dataclass(frozen=True, eq=False)
+class Policy:
+    """A parsed, validated policy document."""
+
+    version: int
+    agents: Mapping[str, AgentSpec]
+    credentials: Mapping[str, CredentialSpec]
+    tools: Mapping[str, ToolSpec]
+    queues: Mapping[str, QueueSpec]
+    text: str
+    digest: str
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Policy) and other.digest == self.digest
+
+    def __hash__(self) -> int:
+        return hash(self.digest)
+
+    def queue(self, name: str) -> QueueSpec:
+        """Returns the queue; raises PolicyDenied when the policy does not define it."""
+        spec = self.queues.get(name)
+        if spec is None:
+            raise PolicyDenied(
+                f"queue {name!r} is not defined by the policy", metadata={"queue": name}
+            )
+        return spec
+
+    def tool(self, name: str) -> ToolSpec:
+        """Returns the tool; raises PolicyDenied naming it when the policy does not define it."""
+        spec = self.tools.get(name)
+        if spec is None:
+            raise PolicyDenied(
+                f"tool {name!r} is not defined by the policy", metadata={"tool": name}
+            )
+        return spec
+
+    def tools_for_queue(self, queue: str) -> tuple[str, ...]:
+        """Names of the tools granted to tasks of `queue` (empty when the queue is unknown)."""
+        spec = self.queues.get(queue)
+        return spec.tools if spec is not None else ()
+
+    def granted_tool(self, queue: str, tool: str) -> ToolSpec:
+        """Returns the tool if `queue` grants it; raises PolicyDenied naming the tool otherwise."""
+        if tool not in self.tools_for_queue(queue):
+            raise PolicyDenied(
+                f"tool {tool!r} is not granted to queue {queue!r}",
+                metadata={"tool": tool, "queue": queue},
+            )
+        return self.tool(tool)
+
+    def may_claim(self, agent: str, queue: str) -> bool:
+        """True when the policy lets `agent` claim tasks from `queue`."""
+        spec = self.agents.get(agent)
+        return spec is not None and queue in spec.queues and queue in self.queues
+
+    def credential_allowed(self, credential: str, tool: str) -> bool:
+        """True when `credential` is defined and lists `tool`, and `tool` declares it."""
+        cred = self.credentials.get(credential)
+        spec = self.tools.get(tool)
+        return (
+            cred is not None
+            and spec is not None
+            and tool in cred.tools
+            and credential in spec.credentials
+        )
+
+    def credentials_for_queue(self, queue: str) -> tuple[str, ...]:
+        """Credentials any tool of `queue` may see, sorted (what a lease may be issued)."""
+        names: set[str] = set()
+        for tool in self.tools_for_queue(queue):
+            names.update(self.tools[tool].credentials)
+        return tuple(sorted(names))
+
+
+# --------------------------------------------------------------------------- lines
+
+
+def _split_key(raw: str) -> list[str]:
+    """Splits a TOML dotted key (bare or quoted parts) into its parts."""
+    parts: list[str] = []
+    i, n = 0, len(raw)
+    while i < n:
+        while i < n and raw[i] in " \t":
+            i += 1
+        if i < n and raw[i] in "\"'":
+            quote = raw[i]
+            j = raw.find(quote, i + 1)
+            if j < 0:
+                return parts
+            parts.append(raw[i + 1 : j])
+            i = j + 1
+        else:
+            j = i
+            while j < n and raw[j] not in ". \t":
+                j += 1
+            parts.append(raw[i:j])
+            i = j
+        while i < n and raw[i] in " \t":
+            i += 1
+        if i < n and raw[i] == ".":
+            i += 1
+    return parts
+
+
+_KEY_LINE_RE = re.compile(
+    r"""^\s*((?:[A-Za-z0-9_\-]+|"[^"\n]*"|'[^'\n]*')(?:\s*\.\s*(?:[A-Za-z0-9_\-]+|"[^"\n]*"|'[^'\n]*'))*)\s*="""
+)
+_HEADER_LINE_RE = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+
+
+class _Lines:
+    """Maps key paths to the first line that mentions them (TOML parsers give no lines).
+
+    Best effort but deterministic: table headers and `key =` lines are scanned,
+    skipping multi-line strings; a path is located by its longest known prefix.
+    """
+
+    def __init__(self, text: str) -> None:
+        self._first: dict[tuple[str, ...], int] = {}
+        table: tuple[str, ...] = ()
+        in_ml: str | None = None
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if in_ml is not None:
+                if line.count(in_ml) % 2 == 1:
+                    in_ml = None
+                continue
+            header = _HEADER_LINE_RE.match(line)
+            if header and not line.lstrip().startswith("[="):
+                table = tuple(_split_key(header.group(1)))
+                self._note(table, lineno)
+                continue
+            key = _KEY_LINE_RE.match(line)
+            if key:
+                self._note(table + tuple(_split_key(key.group(1))), lineno)
+                rest = line[key.end() :]
+                for quote in ('"""', "'''"):
+                    if rest.count(quote) % 2 == 1:
+                        in_ml = quote
+                        break
+
+    def _note(self, path: tuple[str, ...], lineno: int) -> None:
+        for i in range(1, len(path) + 1):
+            self._first.setdefault(path[:i], lineno)
+
+    def line_of(self, path: tuple[str, ...]) -> int:
+        """The line of the longest prefix of `path` seen in the document, or 1."""
+        for i in range(len(path), 0, -1):
+            found = self._first.get(path[:i])
+            if found is not None:
+                return found
+        return 1
+
+
+def _fmt(path: tuple[str, ...]) -> str:
+    return ".".join(p if _NAME_RE.match(p) or p == "" else repr(p) for p in path) or "<root>"
+
+
+class _Checker:
+    """Typed accessors that raise ConfigError naming the key path and its line."""
+
+    def __init__(self, lines: _Lines) -> None:
+        self.lines = lines
+
+    def fail(self, path: tuple[str, ...], problem: str) -> ConfigError:
+        key = _fmt(path)
+        line = self.lines.line_of(path)
+        return ConfigError(
+            f"policy: {key} (line {line}): {problem}", metadata={"key": key, "line": str(line)}
+        )
+
+    def table(self, value: Any, path: tuple[str, ...]) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(path, f"must be a table, got {_kind(value)}")
+        return value
+
+    def keys(self, tbl: Mapping[str, Any], path: tuple[str, ...], allowed: tuple[str, ...]) -> None:
+        for key in tbl:
+            if key not in allowed:
+                raise self.fail(
+                    (*path, key), f"unknown key (allowed here: {', '.join(sorted(allowed))})"
+                )
+
+    def name(self, name: str, path: tuple[str, ...]) -> str:
+        if not _NAME_RE.match(name):
+            raise self.fail(path, "names use letters, digits, '_', '-', '.' (at most 128)")
+        return name
+
+    def string(self, value: Any, path: tuple[str, ...]) -> str:
+        if not isinstance(value, str):
+            raise self.fail(path, f"must be a string, got {_kind(value)}")
+        return value
+
+    def boolean(self, value: Any, path: tuple[str, ...]) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(path, f"must be a boolean, got {_kind(value)}")
+        return value
+
+    def integer(
+        self, value: Any, path: tuple[str, ...], *, lo: int = 0, hi: int = 2**63 - 1
+    ) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(path, f"must be an integer, got {_kind(value)}")
+        if not lo <= value <= hi:
+            raise self.fail(path, f"must be between {lo} and {hi}, got {value}")
+        return value
+
+    def strings(self, value: Any, path: tuple[str, ...], *, unique: bool = True) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            raise self.fail(path, f"must be an array of strings, got {_kind(value)}")
+        out: list[str] = []
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise self.fail(path, f"item {i} must be a string, got {_kind(item)}")
+            if unique and item in out:
+                raise self.fail(path, f"item {i} ({item!r}) is repeated")
+            out.append(item)
+        return tuple(out)
+
+    def string_map(self, value: Any, path: tuple[str, ...]) -> dict[str, str]:
+        tbl = self.table(value, path)
+        for key, item in tbl.items():
+            self.string(item, (*path, key))
+        return dict(tbl)
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return type(value).__name__
+
+
+T = TypeVar("T")
+
+
+def _opt(tbl: Mapping[str, Any], key: str, default: T, conv: Any, path: tuple[str, ...]) -> T:
+    if key not in tbl:
+        return default
+    result: T = conv(tbl[key], (*path, key))
+    return result
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Reads and parses a policy file.
+
+    Raises:
+        ConfigError: the file cannot be read or the document is invalid.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"policy: cannot read {path}: {err}") from err
+    return parse_policy(text)
+
+
+def parse_policy(text: str) -> Policy:
+    """Parses and validates a policy document.
+
+    Raises:
+        ConfigError: the document is not TOML or breaks the schema; the message
+            names the key path and its line.
+    """
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"policy: not valid TOML: {err}", metadata={"key": "<root>"}) from err
+    c = _Checker(_Lines(text))
+    if not doc:
+        raise c.fail((), "the policy is empty (reject by default: declare version and queues)")
+    c.keys(doc, (), ("version", "agents", "credentials", "tools", "queues"))
+    if "version" not in doc:
+        raise c.fail(("version",), f"missing (use version = {POLICY_VERSION})")
+    version = c.integer(doc["version"], ("version",))
+    if version != POLICY_VERSION:
+        raise c.fail(("version",), f"unsupported version {version} (this build reads 1)")
+
+    tools = {
+        name: _parse_tool(c, name, raw)
+        for name, raw in c.table(doc.get("tools", {}), ("tools",)).items()
+    }
+    credentials = {
+        name: _parse_credential(c, name, raw)
+        for name, raw in c.table(doc.get("credentials", {}), ("credentials",)).items()
+    }
+    queues = {
+        name: _parse_queue(c, name, raw)
+        for name, raw in c.table(doc.get("queues", {}), ("queues",)).items()
+    }
+    agents = {
+        name: _parse_agent(c, name, raw)
+        for name, raw in c.table(doc.get("agents", {}), ("agents",)).items()
+    }
+    if not queues:
+        raise c.fail(("queues",), "no queues defined: a policy must grant at least one queue")
+
+    # Cross references: reject anything that names what is not defined.
+    for cred in credentials.values():
+        for i, tool in enumerate(cred.tools):
+            if tool not in tools:
+                raise c.fail(
+                    ("credentials", cred.name, "tools"), f"item {i}: undefined tool {tool!r}"
+                )
+    for tool_spec in tools.values():
+        if tool_spec.credential is not None:
+            _check_grant(c, credentials, tool_spec.name, tool_spec.credential, ("credential",))
+        if tool_spec.exec is not None:
+            for env_name, cred_name in tool_spec.exec.secret_env.items():
+                _check_grant(
+                    c, credentials, tool_spec.name, cred_name, ("exec", "secret_env", env_name)
+                )
+    for queue in queues.values():
+        for i, tool in enumerate(queue.tools):
+            if tool not in tools:
+                raise c.fail(("queues", queue.name, "tools"), f"item {i}: undefined tool {tool!r}")
+    for agent in agents.values():
+        for i, queue_name in enumerate(agent.queues):
+            if queue_name not in queues:
+                raise c.fail(
+                    ("agents", agent.name, "queues"), f"item {i}: undefined queue {queue_name!r}"
+                )
+
+    return Policy(
+        version=version,
+        agents=MappingProxyType(agents),
+        credentials=MappingProxyType(credentials),
+        tools=MappingProxyType(tools),
+        queues=MappingProxyType(queues),
+        text=text,
+        digest=policy_digest(text),
+    )
+
+
+def policy_digest(text: str) -> str:
+    """Hex SHA-256 of the document's UTF-8 bytes."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _check_grant(
+    c: _Checker,
+    credentials: Mapping[str, CredentialSpec],
+    tool: str,
+    cred: str,
+    rel: tuple[str, ...],
+) -> None:
+    path = ("tools", tool, *rel)
+    spec = credentials.get(cred)
+    if spec is None:
+        raise c.fail(path, f"undefined credential {cred!r}")
+    if tool not in spec.tools:
+        raise c.fail(
+            path,
+            f"credential {cred!r} does not list tool {tool!r} in credentials.{cred}.tools",
+        )
+
+
+def _parse_agent(c: _Checker, name: str, raw: Any) -> AgentSpec:
+    path = ("agents", c.name(name, ("agents", name)))
+    tbl = c.table(raw, path)
+    c.keys(tbl, path, ("queues", "description"))
+    if "queues" not in tbl:
+        raise c.fail((*path, "queues"), "missing (the queues this agent may claim from)")
+    return AgentSpec(
+        name=name,
+        queues=c.strings(tbl["queues"], (*path, "queues")),
+        description=_opt(tbl, "description", "", c.string, path),
+    )
+
+
+def _parse_credential(c: _Checker, name: str, raw: Any) -> CredentialSpec:
+    path = ("credentials", c.name(name, ("credentials", name)))
+    tbl = c.table(raw, path)
+    c.keys(tbl, path, ("tools", "description"))
+    if "tools" not in tbl:
+        raise c.fail((*path, "tools"), "missing (the tools allowed to use this credential)")
+    return CredentialSpec(
+        name=name,
+        tools=c.strings(tbl["tools"], (*path, "tools")),
+        description=_opt(tbl, "description", "", c.string, path),
+    )
+
+
+def _parse_queue(c: _Checker, name: str, raw: Any) -> QueueSpec:
+    path = ("queues", c.name(name, ("queues", name)))
+    tbl = c.table(raw, path)
+    c.keys(
+        tbl,
+        path,
+        (
+            "tools",
+            "network_allowlist",
+            "filesystem_scope",
+            "memory_scope",
+            "budget_micros",
+            "lease_ttl_ms",
+            "max_attempts",
+            "max_artifact_bytes",
+            "description",
+        ),
+    )
+    hosts: tuple[str, ...] = _opt(tbl, "network_allowlist", (), c.strings, path)
+    for i, host in enumerate(hosts):
+        match = _HOST_RE.match(host)
+        if not match or (match.group(3) and not 0 < int(match.group(3)) < 65536):
+            raise c.fail(
+                (*path, "network_allowlist"), f"item {i} ({host!r}) is not 'host' or 'host:port'"
+            )
+    fs = _opt(tbl, "filesystem_scope", "workspace", c.string, path)
+    if fs not in FILESYSTEM_SCOPES:
+        raise c.fail((*path, "filesystem_scope"), f"must be one of {', '.join(FILESYSTEM_SCOPES)}")
+    mem = _opt(tbl, "memory_scope", "task", c.string, path)
+    if mem not in MEMORY_SCOPES:
+        raise c.fail((*path, "memory_scope"), f"must be one of {', '.join(MEMORY_SCOPES)}")
+    return QueueSpec(
+        name=name,
+        tools=_opt(tbl, "tools", (), c.strings, path),
+        network_allowlist=tuple(h.lower() for h in hosts),
+        filesystem_scope=fs,  # type: ignore[arg-type]  # checked against FILESYSTEM_SCOPES
+        memory_scope=mem,  # type: ignore[arg-type]  # checked against MEMORY_SCOPES
+        budget_micros=_opt(tbl, "budget_micros", 0, c.integer, path),
+        lease_ttl_ms=_opt(
+            tbl,
+            "lease_ttl_ms",
+            DEFAULT_LEASE_TTL_MS,
+            lambda v, p: c.integer(v, p, lo=MIN_LEASE_TTL_MS, hi=MAX_LEASE_TTL_MS),
+            path,
+        ),
+        max_attempts=_opt(
+            tbl, "max_attempts", DEFAULT_MAX_ATTEMPTS, lambda v, p: c.integer(v, p, lo=1), path
+        ),
+        max_artifact_bytes=_opt(
+            tbl, "max_artifact_bytes", DEFAULT_MAX_ARTIFACT_BYTES, c.integer, path
+        ),
+        description=_opt(tbl, "description", "", c.string, path),
+    )
+
+
+def _parse_tool(c: _Checker, name: str, raw: Any) -> ToolSpec:
+    path = ("tools", c.name(name, ("tools", name)))
+    tbl = c.table(raw, path)
+    c.keys(
+        tbl,
+        path,
+        (
+            "adapter",
+            "cost_micros",
+            "idempotent",
+            "timeout_ms",
+            "credential",
+            "description",
+            *ADAPTERS,
+        ),
+    )
+    if "adapter" not in tbl:
+        raise c.fail((*path, "adapter"), f"missing (one of {', '.join(ADAPTERS)})")
+    adapter = c.string(tbl["adapter"], (*path, "adapter"))
+    if adapter not in ADAPTERS:
+        raise c.fail(
+            (*path, "adapter"), f"unknown adapter {adapter!r} (one of {', '.join(ADAPTERS)})"
+        )
+    for other in ADAPTERS:
+        if other != adapter and other in tbl:
+            raise c.fail((*path, other), f"section does not apply to adapter {adapter!r}")
+    if adapter not in tbl:
+        raise c.fail((*path, adapter), f"missing [{_fmt(path)}.{adapter}] section")
+    credential = _opt(tbl, "credential", None, c.string, path)
+    if credential is not None and adapter == "exec":
+        raise c.fail(
+            (*path, "credential"),
+            'exec tools receive credentials through exec.secret_env = {ENV = "credential"}',
+        )
+    http = exec_ = python = None
+    sub = (*path, adapter)
+    if adapter == "http":
+        http = _parse_http(c, c.table(tbl["http"], sub), sub)
+    elif adapter == "exec":
+        exec_ = _parse_exec(c, c.table(tbl["exec"], sub), sub)
+    else:
+        python = _parse_python(c, c.table(tbl["python"], sub), sub)
+    return ToolSpec(
+        name=name,
+        adapter=adapter,  # type: ignore[arg-type]  # checked against ADAPTERS
+        cost_micros=_opt(tbl, "cost_micros", 0, c.integer, path),
+        idempotent=_opt(tbl, "idempotent", False, c.boolean, path),
+        timeout_ms=_opt(
+            tbl,
+            "timeout_ms",
+            DEFAULT_TIMEOUT_MS,
+            lambda v, p: c.integer(v, p, lo=1, hi=MAX_LEASE_TTL_MS),
+            path,
+        ),
+        credential=credential,
+        description=_opt(tbl, "description", "", c.string, path),
+        http=http,
+        exec=exec_,
+        python=python,
+    )
+
+
+def _parse_http(c: _Checker, tbl: dict[str, Any], path: tuple[str, ...]) -> HttpSpec:
+    c.keys(
+        tbl,
+        path,
+        (
+            "base_url",
+            "allowed_methods",
+            "auth_header",
+            "auth_template",
+            "max_response_bytes",
+            "follow_redirects",
+        ),
+    )
+    if "base_url" not in tbl:
+        raise c.fail((*path, "base_url"), "missing (the fixed http(s) URL the tool calls)")
+    base_url = c.string(tbl["base_url"], (*path, "base_url"))
+    parts = urlsplit(base_url)
+    try:
+        port_ok = parts.port is None or 0 < parts.port < 65536
+    except ValueError:
+        port_ok = False
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise c.fail((*path, "base_url"), "must be an absolute http:// or https:// URL with a host")
+    if parts.username is not None or parts.password is not None:
+        raise c.fail((*path, "base_url"), "must not carry credentials (use a [credentials] entry)")
+    if parts.query or parts.fragment:
+        raise c.fail((*path, "base_url"), "must not have a query or fragment")
+    methods = _opt(tbl, "allowed_methods", ("GET",), c.strings, path)
+    for i, method in enumerate(methods):
+        if method not in HTTP_METHODS:
+            raise c.fail(
+                (*path, "allowed_methods"),
+                f"item {i} ({method!r}) is not one of {', '.join(HTTP_METHODS)}",
+            )
+    if not methods:
+        raise c.fail((*path, "allowed_methods"), "must name at least one method")
+    auth_header = _opt(tbl, "auth_header", "Authorization", c.string, path)
+    if not _HEADER_RE.match(auth_header):
+        raise c.fail((*path, "auth_header"), "is not a valid HTTP header name")
+    template = _opt(tbl, "auth_template", "Bearer {secret}", c.string, path)
+    if _PLACEHOLDER_RE.findall(template) != ["secret"] or "\n" in template or "\r" in template:
+        raise c.fail(
+            (*path, "auth_template"), "must contain {secret} exactly once and no other placeholder"
+        )
+    return HttpSpec(
+        base_url=base_url,
+        allowed_methods=methods,
+        auth_header=auth_header,
+        auth_template=template,
+        max_response_bytes=_opt(
+            tbl,
+            "max_response_bytes",
+            DEFAULT_MAX_RESPONSE_BYTES,
+            lambda v, p: c.integer(v, p, lo=1),
+            path,
+        ),
+        follow_redirects=_opt(tbl, "follow_redirects", False, c.boolean, path),
+    )
+
+
+def _parse_exec(c: _Checker, tbl: dict[str, Any], path: tuple[str, ...]) -> ExecSpec:
+    c.keys(
+        tbl,
+        path,
+        (
+            "argv",
+            "params",
+            "path_params",
+            "env",
+            "secret_env",
+            "read_paths",
+            "cpu_seconds",
+            "memory_mb",
+            "file_size_mb",
+            "max_output_bytes",
+        ),
+    )
+    if "argv" not in tbl:
+        raise c.fail((*path, "argv"), 'missing (e.g. argv = ["python3", "-c", "{code}"])')
+    argv = c.strings(tbl["argv"], (*path, "argv"), unique=False)
+    if not argv:
+        raise c.fail((*path, "argv"), "must not be empty")
+    params: tuple[str, ...] = _opt(tbl, "params", (), c.strings, path)
+    for i, param in enumerate(params):
+        if not _ENV_RE.match(param):
+            raise c.fail((*path, "params"), f"item {i} ({param!r}) is not an identifier")
+    for i, element in enumerate(argv):
+        found = _PLACEHOLDER_RE.findall(element)
+        if not found:
+            continue
+        if i == 0:
+            raise c.fail((*path, "argv"), "item 0 (the program) cannot be a placeholder")
+        if _PLACEHOLDER_RE.fullmatch(element) is None:
+            raise c.fail(
+                (*path, "argv"), f"item {i} ({element!r}): a placeholder must be a whole element"
+            )
+        if found[0] not in params:
+            raise c.fail((*path, "argv"), f"item {i}: {{{found[0]}}} is not declared in params")
+    path_params: tuple[str, ...] = _opt(tbl, "path_params", (), c.strings, path)
+    for i, param in enumerate(path_params):
+        if param not in params:
+            raise c.fail((*path, "path_params"), f"item {i} ({param!r}) is not declared in params")
+    env: dict[str, str] = _opt(tbl, "env", {}, c.string_map, path)
+    secret_env: dict[str, str] = _opt(tbl, "secret_env", {}, c.string_map, path)
+    for key in (*env, *secret_env):
+        sub = "env" if key in env else "secret_env"
+        if not _ENV_RE.match(key):
+            raise c.fail((*path, sub, key), "is not a valid environment variable name")
+    for key in secret_env:
+        if key in env:
+            raise c.fail((*path, "secret_env", key), "is also set in env")
+    read_paths: tuple[str, ...] = _opt(tbl, "read_paths", (), c.strings, path)
+    for i, item in enumerate(read_paths):
+        if not item.startswith("/"):
+            raise c.fail((*path, "read_paths"), f"item {i} ({item!r}) must be an absolute path")
+    return ExecSpec(
+        argv=argv,
+        read_paths=read_paths,
+        params=params,
+        path_params=path_params,
+        env=MappingProxyType(env),
+        secret_env=MappingProxyType(secret_env),
+        cpu_seconds=_opt(
+            tbl, "cpu_seconds", 10, lambda v, p: c.integer(v, p, lo=1, hi=86_400), path
+        ),
+        memory_mb=_opt(
+            tbl, "memory_mb", 512, lambda v, p: c.integer(v, p, lo=16, hi=1 << 20), path
+        ),
+        file_size_mb=_opt(
+            tbl, "file_size_mb", 16, lambda v, p: c.integer(v, p, lo=0, hi=1 << 20), path
+        ),
+        max_output_bytes=_opt(
+            tbl,
+            "max_output_bytes",
+            DEFAULT_MAX_OUTPUT_BYTES,
+            lambda v, p: c.integer(v, p, lo=1),
+            path,
+        ),
+    )
+
+
+def _parse_python(c: _Checker, tbl: dict[str, Any], path: tuple[str, ...]) -> PythonSpec:
+    c.keys(tbl, path, ("entrypoint", "config"))
+    if "entrypoint" not in tbl:
+        raise c.fail((*path, "entrypoint"), 'missing (e.g. entrypoint = "package.module:function")')
+    entrypoint = c.string(tbl["entrypoint"], (*path, "entrypoint"))
+    if not _ENTRYPOINT_RE.match(entrypoint):
+        raise c.fail((*path, "entrypoint"), "must be 'module:function'")
+    config = c.table(tbl.get("config", {}), (*path, "config"))
+    return PythonSpec(entrypoint=entrypoint, config=MappingProxyType(dict(config)))

@@ -1,0 +1,1 @@
+"""`tether demo`: the whole promise, end to end, in one command."""

@@ -1,0 +1,658 @@
+"""SQLite store: one aiosqlite connection, WAL, numbered migrations.
+
+Each transaction runs as ONE function on aiosqlite's worker thread, so it is a
+single round trip, never interleaves with another coroutine's statements, and
+needs no asyncio lock (the worker runs one function at a time). WAL with
+synchronous=NORMAL keeps every committed write across a process kill (SIGKILL);
+only an OS crash or power loss may drop the last commits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiosqlite
+
+from tether.core.errors import (
+    IdempotencyConflict,
+    InvalidTransition,
+    LeaseExpired,
+    NotFound,
+    NotOwner,
+    StaleFencingToken,
+    StorageError,
+    TetherError,
+)
+from tether.core.states import LEASED_STATES, TERMINAL, Event, State, next_state, sources
+from tether.store.base import (
+    LapseOutcome,
+    LeaseHistoryEntry,
+    LeaseSigner,
+    NewTask,
+    NodeRecord,
+    PolicyRecord,
+    SealedSecret,
+    TaskRecord,
+)
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations" / "sqlite"
+
+T = TypeVar("T")
+
+TASK_COLS = (
+    "task_id, queue, state, payload, attempt, max_attempts, fencing_token, node_id, agent_id,"
+    " lease_id, lease_expires_unix_ms, lease_ttl_ms, result, error, created_unix_ms,"
+    " updated_unix_ms, not_before_unix_ms, idempotency_key, budget_limit_micros,"
+    " budget_spent_micros, seq"
+)
+
+
+def _in(states: frozenset[State]) -> str:
+    """SQL list of state values, e.g. "(2,3)"; built from the transition table."""
+    return "(" + ",".join(str(int(s)) for s in sorted(states)) + ")"
+
+
+def _target(event: Event) -> State:
+    """The one state `event` leads to from every source (LAPSE excepted)."""
+    targets = {next_state(s, event) for s in sources(event)}
+    if len(targets) != 1:  # pragma: no cover - guards a future table change
+        raise AssertionError(f"{event.name} has several targets; handle it explicitly")
+    return targets.pop()
+
+
+def _row_to_task(row: sqlite3.Row | tuple[Any, ...]) -> TaskRecord:
+    return TaskRecord(
+        task_id=row[0],
+        queue=row[1],
+        state=State(row[2]),
+        payload=bytes(row[3]),
+        attempt=row[4],
+        max_attempts=row[5],
+        fencing_token=row[6],
+        node_id=row[7],
+        agent_id=row[8],
+        lease_id=row[9],
+        lease_expires_unix_ms=row[10],
+        lease_ttl_ms=row[11],
+        result=bytes(row[12]),
+        error=row[13],
+        created_unix_ms=row[14],
+        updated_unix_ms=row[15],
+        not_before_unix_ms=row[16],
+        idempotency_key=row[17],
+        budget_limit_micros=row[18],
+        budget_spent_micros=row[19],
+        seq=row[20],
+    )
+
+
+_LEASED = _target(Event.LEASE)
+
+_SQL_ACQUIRE = f"""
+UPDATE tasks SET state = {int(_LEASED)}, attempt = attempt + 1, fencing_token = fencing_token + 1,
+    node_id = ?1, agent_id = ?2, lease_id = ?3, lease_expires_unix_ms = ?4 + lease_ttl_ms,
+    updated_unix_ms = ?4
+WHERE seq = (
+    SELECT seq FROM tasks
+    WHERE queue = ?5 AND state IN {_in(sources(Event.LEASE))} AND not_before_unix_ms <= ?4
+    ORDER BY not_before_unix_ms, created_unix_ms LIMIT 1)
+  AND state IN {_in(sources(Event.LEASE))}
+RETURNING {TASK_COLS}
+"""
+
+_SQL_RENEW = f"""
+UPDATE tasks SET lease_expires_unix_ms = ?1 + lease_ttl_ms, updated_unix_ms = ?1
+WHERE task_id = ?2 AND state IN {_in(LEASED_STATES)} AND fencing_token = ?3 AND node_id = ?4
+  AND lease_expires_unix_ms > ?1
+RETURNING {TASK_COLS}
+"""
+
+_SQL_HISTORY_INSERT = """
+INSERT INTO lease_history (task_id, lease_id, fencing_token, kind, envelope, outcome,
+    created_unix_ms) VALUES (?, ?, ?, ?, ?, 'active', ?)
+"""
+
+_SQL_HISTORY_CLOSE = """
+UPDATE lease_history SET outcome = ?1 WHERE task_id = ?2 AND fencing_token = ?3
+  AND outcome = 'active'
+"""
+
+
+def _transition_sql(event: Event) -> tuple[str, str | None]:
+    """The conditional UPDATE for a holder event and the lease outcome it records."""
+    target = _target(event)
+    src = _in(sources(event))
+    where = (
+        f"WHERE task_id = :task_id AND state IN {src} AND fencing_token = :token"
+        " AND node_id = :node_id AND lease_expires_unix_ms > :now"
+    )
+    if target in LEASED_STATES:
+        sets, outcome = "", None
+    elif target is State.QUEUED:
+        sets = (
+            ", node_id = '', agent_id = '', lease_id = '', lease_expires_unix_ms = 0,"
+            " not_before_unix_ms = :now, error = :error"
+        )
+        outcome = "released"
+    else:
+        sets = ", lease_expires_unix_ms = 0, result = :result, error = :error"
+        outcome = "finished"
+    sql = (
+        f"UPDATE tasks SET state = {int(target)}, updated_unix_ms = :now{sets} {where}"
+        f" RETURNING {TASK_COLS}"
+    )
+    return sql, outcome
+
+
+_SQL_TRANSITION = {
+    e: _transition_sql(e) for e in (Event.START, Event.SUCCEED, Event.FAIL, Event.RELEASE)
+}
+
+_CANCELED = _target(Event.CANCEL)
+_SQL_CANCEL = f"""
+UPDATE tasks SET state = {int(_CANCELED)}, error = ?1, updated_unix_ms = ?2,
+    lease_expires_unix_ms = 0
+WHERE task_id = ?3 AND state IN {_in(sources(Event.CANCEL))}
+RETURNING {TASK_COLS}
+"""
+
+_SQL_LAPSED = f"""
+SELECT task_id, state, attempt, max_attempts, fencing_token FROM tasks
+WHERE state IN {_in(sources(Event.LAPSE))} AND lease_expires_unix_ms <= ?1
+ORDER BY lease_expires_unix_ms LIMIT ?2
+"""
+
+_SQL_LAPSE = f"""
+UPDATE tasks SET state = ?1, not_before_unix_ms = ?2, node_id = '', agent_id = '',
+    lease_id = '', lease_expires_unix_ms = 0, updated_unix_ms = ?3, error = 'lease lapsed'
+WHERE task_id = ?4 AND state IN {_in(sources(Event.LAPSE))} AND fencing_token = ?5
+  AND lease_expires_unix_ms <= ?3
+"""
+
+
+def backoff_ms(attempt: int, base_ms: int, cap_ms: int) -> int:
+    """Delay before a lapsed attempt's task may be leased again: min(base*2**(attempt-1), cap)."""
+    return int(min(base_ms * (2 ** max(min(attempt - 1, 62), 0)), cap_ms))
+
+
+class SqliteStore:
+    """The embedded default `Store`, for one control-plane process."""
+
+    def __init__(self, path: Path | str, *, synchronous: str = "NORMAL") -> None:
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError("synchronous must be NORMAL or FULL")
+        self.path = Path(path)
+        self._synchronous = synchronous
+        self._db: aiosqlite.Connection | None = None
+
+    # -- plumbing -----------------------------------------------------------------
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = await aiosqlite.connect(self.path, isolation_level=None)
+            await self._run(self._setup)
+        except sqlite3.Error as err:
+            raise StorageError(f"cannot open database {self.path}: {err}") from err
+
+    async def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            await db.close()
+
+    async def _run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Runs `fn(conn)` on the connection's worker thread (one round trip)."""
+        if self._db is None:
+            raise StorageError("store is not open")
+        db = self._db
+        try:
+            # aiosqlite's queue of functions for its worker thread; running a whole
+            # transaction there keeps it atomic and fast (see the module docstring).
+            return await db._execute(fn, db._conn)  # type: ignore[no-any-return,no-untyped-call]
+        except TetherError:
+            raise
+        except sqlite3.Error as err:
+            raise StorageError(f"database error: {err}") from err
+
+    async def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Runs `fn(conn)` inside BEGIN IMMEDIATE ... COMMIT (rolled back on error)."""
+
+        def body(conn: sqlite3.Connection) -> T:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                out = fn(conn)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+            return out
+
+        return await self._run(body)
+
+    async def transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Runs `fn(conn)` (plain sqlite3, on the store's thread) as one IMMEDIATE transaction.
+
+        For other control-plane parts (ledger, vault, budgets) that keep their
+        tables in this database: one round trip, atomic, never interleaved.
+        """
+        return await self._tx(fn)
+
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Runs `fn(conn)` on the store's thread without opening a transaction."""
+        return await self._run(fn)
+
+    def _setup(self, conn: sqlite3.Connection) -> None:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self._synchronous}")
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute("PRAGMA foreign_keys=ON")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_unix_ms INTEGER NOT NULL)"
+        )
+        done = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
+        for version, name, path in migration_files():
+            if version in done:
+                continue
+            sql = path.read_text()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for statement in _split_sql(sql):
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO schema_migrations VALUES (?, ?, ?)",
+                    (version, name, time.time_ns() // 1_000_000),
+                )
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    async def applied_migrations(self) -> list[int]:
+        """Versions recorded in schema_migrations, ascending."""
+        rows = await self._run(
+            lambda c: c.execute("SELECT version FROM schema_migrations ORDER BY version").fetchall()
+        )
+        return [r[0] for r in rows]
+
+    # -- tasks --------------------------------------------------------------------
+
+    async def submit_task(
+        self, task: NewTask, task_id: str, now_ms: int
+    ) -> tuple[TaskRecord, bool]:
+        def fn(conn: sqlite3.Connection) -> tuple[TaskRecord, bool]:
+            if task.idempotency_key:
+                row = conn.execute(
+                    f"SELECT {TASK_COLS} FROM tasks WHERE idempotency_key = ?",
+                    (task.idempotency_key,),
+                ).fetchone()
+                if row is not None:
+                    existing = _row_to_task(row)
+                    if existing.queue != task.queue or existing.payload != task.payload:
+                        raise IdempotencyConflict(
+                            f"idempotency key {task.idempotency_key!r} already names task "
+                            f"{existing.task_id} with another queue or payload",
+                            metadata={"task_id": existing.task_id},
+                        )
+                    return existing, False
+            row = conn.execute(
+                "INSERT INTO tasks (task_id, queue, state, payload, max_attempts, lease_ttl_ms,"
+                " created_unix_ms, updated_unix_ms, not_before_unix_ms, idempotency_key,"
+                " budget_limit_micros) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                f" RETURNING {TASK_COLS}",
+                (
+                    task_id,
+                    task.queue,
+                    int(State.QUEUED),
+                    task.payload,
+                    task.max_attempts,
+                    task.lease_ttl_ms,
+                    now_ms,
+                    now_ms,
+                    now_ms,
+                    task.idempotency_key,
+                    task.budget_limit_micros,
+                ),
+            ).fetchone()
+            return _row_to_task(row), True
+
+        return await self._tx(fn)
+
+    async def get_task(self, task_id: str) -> TaskRecord:
+        row = await self._run(
+            lambda c: c.execute(
+                f"SELECT {TASK_COLS} FROM tasks WHERE task_id = ?", (task_id,)
+            ).fetchone()
+        )
+        if row is None:
+            raise NotFound(f"no task {task_id!r}", metadata={"task_id": task_id})
+        return _row_to_task(row)
+
+    async def list_tasks(
+        self, *, queue: str, state: State | None, after_seq: int, limit: int
+    ) -> list[TaskRecord]:
+        clauses, params = ["seq > ?"], [after_seq]
+        if queue:
+            clauses.append("queue = ?")
+            params.append(queue)  # type: ignore[arg-type]
+        if state is not None:
+            clauses.append("state = ?")
+            params.append(int(state))
+        sql = f"SELECT {TASK_COLS} FROM tasks WHERE {' AND '.join(clauses)} ORDER BY seq LIMIT ?"
+        params.append(limit)
+        rows = await self._run(lambda c: c.execute(sql, params).fetchall())
+        return [_row_to_task(r) for r in rows]
+
+    async def lease_history(self, task_id: str) -> list[LeaseHistoryEntry]:
+        rows = await self._run(
+            lambda c: c.execute(
+                "SELECT task_id, lease_id, fencing_token, kind, envelope, outcome,"
+                " created_unix_ms FROM lease_history WHERE task_id = ? ORDER BY id",
+                (task_id,),
+            ).fetchall()
+        )
+        return [LeaseHistoryEntry(r[0], r[1], r[2], r[3], bytes(r[4]), r[5], r[6]) for r in rows]
+
+    async def acquire_lease(
+        self,
+        *,
+        queue: str,
+        node_id: str,
+        agent_id: str,
+        lease_id: str,
+        now_ms: int,
+        sign: LeaseSigner,
+    ) -> tuple[TaskRecord, bytes] | None:
+        def fn(conn: sqlite3.Connection) -> tuple[TaskRecord, bytes] | None:
+            row = conn.execute(
+                _SQL_ACQUIRE, (node_id, agent_id, lease_id, now_ms, queue)
+            ).fetchone()
+            if row is None:
+                return None
+            task = _row_to_task(row)
+            envelope = sign(task)
+            conn.execute(
+                _SQL_HISTORY_INSERT,
+                (task.task_id, lease_id, task.fencing_token, "grant", envelope, now_ms),
+            )
+            return task, envelope
+
+        return await self._tx(fn)
+
+    async def renew_lease(
+        self, *, task_id: str, fencing_token: int, node_id: str, now_ms: int, sign: LeaseSigner
+    ) -> tuple[TaskRecord, bytes]:
+        def fn(conn: sqlite3.Connection) -> tuple[TaskRecord, bytes]:
+            row = conn.execute(_SQL_RENEW, (now_ms, task_id, fencing_token, node_id)).fetchone()
+            if row is None:
+                raise _diagnose(conn, task_id, fencing_token, node_id, now_ms, None)
+            task = _row_to_task(row)
+            envelope = sign(task)
+            conn.execute(
+                _SQL_HISTORY_INSERT,
+                (task.task_id, task.lease_id, task.fencing_token, "renew", envelope, now_ms),
+            )
+            return task, envelope
+
+        return await self._tx(fn)
+
+    async def transition(
+        self,
+        *,
+        task_id: str,
+        event: Event,
+        fencing_token: int,
+        node_id: str,
+        now_ms: int,
+        result: bytes = b"",
+        error: str = "",
+    ) -> TaskRecord:
+        entry = _SQL_TRANSITION.get(event)
+        if entry is None:
+            raise InvalidTransition(
+                f"{event.name.lower()} is not an event a lease holder may send",
+                metadata={"event": event.name},
+            )
+        sql, outcome = entry
+
+        def fn(conn: sqlite3.Connection) -> TaskRecord:
+            params = {
+                "now": now_ms,
+                "task_id": task_id,
+                "token": fencing_token,
+                "node_id": node_id,
+                "result": result,
+                "error": error,
+            }
+            row = conn.execute(sql, params).fetchone()
+            if row is None:
+                raise _diagnose(conn, task_id, fencing_token, node_id, now_ms, event)
+            if outcome is not None:
+                conn.execute(_SQL_HISTORY_CLOSE, (outcome, task_id, fencing_token))
+            return _row_to_task(row)
+
+        return await self._tx(fn)
+
+    async def cancel_task(self, task_id: str, reason: str, now_ms: int) -> TaskRecord:
+        def fn(conn: sqlite3.Connection) -> TaskRecord:
+            row = conn.execute(_SQL_CANCEL, (reason, now_ms, task_id)).fetchone()
+            if row is None:
+                current = conn.execute(
+                    "SELECT state FROM tasks WHERE task_id = ?", (task_id,)
+                ).fetchone()
+                if current is None:
+                    raise NotFound(f"no task {task_id!r}", metadata={"task_id": task_id})
+                next_state(State(current[0]), Event.CANCEL)  # raises InvalidTransition
+                raise StorageError("cancel lost a race it cannot lose")  # pragma: no cover
+            task = _row_to_task(row)
+            conn.execute(_SQL_HISTORY_CLOSE, ("canceled", task_id, task.fencing_token))
+            return task
+
+        return await self._tx(fn)
+
+    async def sweep_lapsed(
+        self, *, now_ms: int, backoff_base_ms: int, backoff_cap_ms: int, limit: int = 1000
+    ) -> list[LapseOutcome]:
+        def fn(conn: sqlite3.Connection) -> list[LapseOutcome]:
+            out: list[LapseOutcome] = []
+            for task_id, state, attempt, max_attempts, token in conn.execute(
+                _SQL_LAPSED, (now_ms, limit)
+            ).fetchall():
+                target = next_state(
+                    State(state), Event.LAPSE, attempt=attempt, max_attempts=max_attempts
+                )
+                not_before = (
+                    now_ms + backoff_ms(attempt, backoff_base_ms, backoff_cap_ms)
+                    if target is State.QUEUED
+                    else now_ms
+                )
+                cur = conn.execute(_SQL_LAPSE, (int(target), not_before, now_ms, task_id, token))
+                if cur.rowcount == 1:
+                    conn.execute(_SQL_HISTORY_CLOSE, ("lapsed", task_id, token))
+                    out.append(LapseOutcome(task_id, token, target, not_before))
+            return out
+
+        return await self._tx(fn)
+
+    async def next_lease_expiry(self) -> int | None:
+        row = await self._run(
+            lambda c: c.execute(
+                "SELECT min(lease_expires_unix_ms) FROM tasks WHERE state IN "
+                f"{_in(sources(Event.LAPSE))}"
+            ).fetchone()
+        )
+        return None if row is None or row[0] is None else int(row[0])
+
+    # -- nodes, policies, secrets ----------------------------------------------------
+
+    async def put_node(self, node: NodeRecord) -> None:
+        await self._tx(
+            lambda c: c.execute(
+                "INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?)",
+                (
+                    node.node_id,
+                    node.public_key,
+                    node.certificate,
+                    node.token_sha256,
+                    node.registered_unix_ms,
+                ),
+            )
+        )
+
+    async def get_node(self, node_id: str) -> NodeRecord | None:
+        row = await self._run(
+            lambda c: c.execute(
+                "SELECT node_id, public_key, certificate, token_sha256, registered_unix_ms"
+                " FROM nodes WHERE node_id = ?",
+                (node_id,),
+            ).fetchone()
+        )
+        if row is None:
+            return None
+        return NodeRecord(row[0], bytes(row[1]), bytes(row[2]), row[3], row[4])
+
+    async def put_policy(self, document: str, digest: str, now_ms: int) -> PolicyRecord:
+        def fn(conn: sqlite3.Connection) -> PolicyRecord:
+            row = conn.execute(
+                "INSERT INTO policies (version, document, digest, created_unix_ms)"
+                " SELECT coalesce(max(version), 0) + 1, ?, ?, ? FROM policies RETURNING version",
+                (document, digest, now_ms),
+            ).fetchone()
+            return PolicyRecord(row[0], document, digest, now_ms)
+
+        return await self._tx(fn)
+
+    async def get_policy(self, version: int = 0) -> PolicyRecord | None:
+        params: tuple[int, ...] = (version,) if version else ()
+        if version:
+            sql = "SELECT * FROM policies WHERE version = ?"
+        else:
+            sql = "SELECT * FROM policies ORDER BY version DESC LIMIT 1"
+        row = await self._run(lambda c: c.execute(sql, params).fetchone())
+        return None if row is None else PolicyRecord(row[0], row[1], row[2], row[3])
+
+    async def put_secret(self, secret: SealedSecret) -> int:
+        def fn(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "INSERT INTO secrets (name, version, kek_id, wrapped_dek, nonce, ciphertext,"
+                " created_unix_ms) SELECT ?1, coalesce(max(version), 0) + 1, ?2, ?3, ?4, ?5, ?6"
+                " FROM secrets WHERE name = ?1 RETURNING version",
+                (
+                    secret.name,
+                    secret.kek_id,
+                    secret.wrapped_dek,
+                    secret.nonce,
+                    secret.ciphertext,
+                    secret.created_unix_ms,
+                ),
+            ).fetchone()
+            return int(row[0])
+
+        return await self._tx(fn)
+
+    async def get_secret(self, name: str, version: int = 0) -> SealedSecret | None:
+        cols = "name, version, kek_id, wrapped_dek, nonce, ciphertext, created_unix_ms"
+        if version:
+            sql = f"SELECT {cols} FROM secrets WHERE name = ? AND version = ?"
+            params: tuple[Any, ...] = (name, version)
+        else:
+            sql = f"SELECT {cols} FROM secrets WHERE name = ? ORDER BY version DESC LIMIT 1"
+            params = (name,)
+        row = await self._run(lambda c: c.execute(sql, params).fetchone())
+        if row is None:
+            return None
+        return SealedSecret(
+            row[0], row[1], row[2], bytes(row[3]), bytes(row[4]), bytes(row[5]), row[6]
+        )
+
+
+def _diagnose(
+    conn: sqlite3.Connection,
+    task_id: str,
+    fencing_token: int,
+    node_id: str,
+    now_ms: int,
+    event: Event | None,
+) -> TetherError:
+    """Explains why a conditional write on a leased task matched no row."""
+    row = conn.execute(f"SELECT {TASK_COLS} FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+    if row is None:
+        return NotFound(f"no task {task_id!r}", metadata={"task_id": task_id})
+    task = _row_to_task(row)
+    meta = {"task_id": task_id, "current_fencing_token": str(task.fencing_token)}
+    if fencing_token != task.fencing_token:
+        return StaleFencingToken(
+            f"fencing token {fencing_token} is stale for task {task_id}; "
+            f"the current token is {task.fencing_token}",
+            metadata=meta,
+        )
+    if task.state in LEASED_STATES:
+        if task.node_id != node_id:
+            return NotOwner(
+                f"task {task_id} is leased to node {task.node_id!r}, not {node_id!r}",
+                metadata=meta,
+            )
+        if task.lease_expires_unix_ms <= now_ms:
+            return LeaseExpired(
+                f"the lease on task {task_id} (token {fencing_token}) lapsed at "
+                f"{task.lease_expires_unix_ms}",
+                metadata=meta,
+            )
+    lapsed = conn.execute(
+        "SELECT 1 FROM lease_history WHERE task_id = ? AND fencing_token = ?"
+        " AND outcome = 'lapsed'",
+        (task_id, fencing_token),
+    ).fetchone()
+    if lapsed is not None and task.state not in LEASED_STATES:
+        return LeaseExpired(
+            f"the lease on task {task_id} (token {fencing_token}) lapsed; the task is "
+            f"{task.state.name.lower()}",
+            metadata=meta,
+        )
+    if event is None:
+        what = "terminal" if task.state in TERMINAL else task.state.name.lower()
+        return InvalidTransition(
+            f"cannot renew a lease on task {task_id}: it is {what}",
+            metadata={**meta, "state": task.state.name},
+        )
+    try:
+        next_state(task.state, event)
+    except InvalidTransition as err:
+        err.metadata.update(meta)
+        return err
+    return StorageError(f"transition of task {task_id} matched no row")  # pragma: no cover
+
+
+def migration_files() -> list[tuple[int, str, Path]]:
+    """(version, name, path) of every NNNN_name.sql migration, in order."""
+    out = []
+    for path in sorted(MIGRATIONS_DIR.glob("[0-9][0-9][0-9][0-9]_*.sql")):
+        version = int(path.name[:4])
+        out.append((version, path.stem[5:], path))
+    return out
+
+
+def _split_sql(script: str) -> list[str]:
+    """Splits a migration into statements (sqlite3.complete_statement aware)."""
+    statements, buf = [], ""
+    for line in script.splitlines(keepends=True):
+        buf += line
+        if sqlite3.complete_statement(buf):
+            if buf.strip():
+                statements.append(buf.strip())
+            buf = ""
+    if buf.strip() and not all(
+        ln.strip().startswith("--") or not ln.strip() for ln in buf.splitlines()
+    ):
+        statements.append(buf.strip())
+    return statements
+
+
+def token_sha256(token: str) -> str:
+    """Hex SHA-256 of a bearer token, the only form in which the store keeps it."""
+    return hashlib.sha256(token.encode()).hexdigest()

@@ -1,0 +1,399 @@
+"""The control plane over real gRPC servers and real SQLite files."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+
+from tether.control.client import ControlClient
+from tether.control.service import Auth, ControlConfig
+from tether.core.clock import FakeClock
+from tether.core.errors import (
+    InvalidArgument,
+    InvalidTransition,
+    LeaseExpired,
+    NotOwner,
+    StaleFencingToken,
+    Unauthenticated,
+)
+from tether.core.states import Event, State
+from tether.crypto.envelopes import from_proto
+from tether.crypto.leases import verify_lease
+from tether.crypto.signing import SigningKey
+from tether.testing import ControlHandle, start_control
+from tether.v1 import control_pb2 as pb
+from tether.v1 import control_pb2_grpc as pb_grpc
+
+
+@pytest.fixture
+async def cp(tmp_path: Path) -> Any:
+    async with start_control(tmp_path, clock=FakeClock()) as handle:
+        yield handle
+
+
+@pytest.fixture
+async def node(cp: ControlHandle) -> Any:
+    client = await cp.node_client("node-1")
+    yield client
+    await client.close()
+
+
+async def test_fifty_clients_lease_five_hundred_tasks_exactly_once(cp: ControlHandle) -> None:
+    """50 concurrent AcquireLease clients lease each of 500 tasks exactly once; none is lost."""
+    submitted = []
+    for start in range(0, 500, 100):
+        resps = await asyncio.gather(
+            *(cp.client.submit("work", f"{i}".encode()) for i in range(start, start + 100))
+        )
+        submitted += [r.task.task_id for r in resps]
+    clients = [await cp.node_client(f"node-{i}") for i in range(50)]
+
+    async def drain(i: int, client: ControlClient) -> list[str]:
+        got = []
+        while True:
+            resp = await client.acquire_lease("work", f"node-{i}", "agent")
+            if not resp.HasField("task"):
+                return got
+            got.append(resp.task.task_id)
+
+    try:
+        results = await asyncio.gather(*(drain(i, c) for i, c in enumerate(clients)))
+    finally:
+        for c in clients:
+            await c.close()
+    leased = [t for r in results for t in r]
+    assert len(leased) == 500
+    assert sorted(leased) == sorted(submitted)
+    tasks = await cp.client.list_all_tasks(queue="work")
+    assert {(t.state, t.fencing_token, t.attempt) for t in tasks} == {(State.LEASED, 1, 1)}
+
+
+async def test_lease_is_signed_by_the_control_key(cp: ControlHandle, node: ControlClient) -> None:
+    """The lease envelope verifies with the control key and matches the task."""
+    await cp.client.submit("q", b"{}")
+    resp = await node.acquire_lease("q", "node-1", "agent-a")
+    lease = verify_lease(from_proto(resp.lease), {cp.key.keyid: cp.key.public})
+    assert (lease.task_id, lease.fencing_token, lease.node_id, lease.agent_id) == (
+        resp.task.task_id,
+        1,
+        "node-1",
+        "agent-a",
+    )
+    assert lease.expires_unix_ms - lease.issued_unix_ms == 30_000
+
+
+async def test_stale_token_refused_on_renew_and_transition(
+    cp: ControlHandle, node: ControlClient
+) -> None:
+    """Renew and transition with an old fencing token fail, naming the current token."""
+    clock = cp.service.clock
+    assert isinstance(clock, FakeClock)
+    task_id = (await cp.client.submit("q", b"{}", max_attempts=3)).task.task_id
+    await node.acquire_lease("q", "node-1", "a")
+    clock.advance(30_000)
+    await cp.service.sweep()
+    clock.advance(60_000)  # past the backoff
+    second = await node.acquire_lease("q", "node-1", "a")
+    assert second.task.fencing_token == 2
+    with pytest.raises(StaleFencingToken, match="current token is 2"):
+        await node.renew_lease(task_id, 1, "node-1")
+    with pytest.raises(StaleFencingToken, match="current token is 2") as info:
+        await node.transition(task_id, 1, Event.START, "node-1")
+    assert info.value.metadata["current_fencing_token"] == "2"
+    renewed = await node.renew_lease(task_id, 2, "node-1")
+    assert verify_lease(from_proto(renewed.lease), {cp.key.keyid: cp.key.public}).fencing_token == 2
+
+
+async def test_raw_status_of_stale_token_is_failed_precondition(
+    cp: ControlHandle, node: ControlClient
+) -> None:
+    """On the wire a stale token is FAILED_PRECONDITION with reason STALE_FENCING_TOKEN."""
+    task_id = (await cp.client.submit("q", b"{}")).task.task_id
+    await node.acquire_lease("q", "node-1", "a")
+    async with grpc.aio.insecure_channel(cp.address) as ch:
+        stub = pb_grpc.ControlServiceStub(ch)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.TransitionTask(
+                pb.TransitionTaskRequest(
+                    task_id=task_id, fencing_token=9, event=pb.TASK_EVENT_START, node_id="node-1"
+                ),
+                metadata=(("x-tether-node-token", node.node_token),),
+            )
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "current token is 1" in (info.value.details() or "")
+
+
+async def test_lapsed_lease_requeues_with_higher_token_then_expires(
+    cp: ControlHandle, node: ControlClient
+) -> None:
+    """A lapsed lease requeues with backoff and a higher token; at max_attempts it expires."""
+    clock = cp.service.clock
+    assert isinstance(clock, FakeClock)
+    task_id = (await cp.client.submit("q", b"{}", max_attempts=2, lease_ttl_ms=1000)).task.task_id
+    first = await node.acquire_lease("q", "node-1", "a")
+    clock.advance(1000)
+    with pytest.raises(LeaseExpired):
+        await node.renew_lease(task_id, 1, "node-1")
+    [lapse] = await cp.service.sweep()
+    assert lapse.state is State.QUEUED
+    assert lapse.not_before_unix_ms == clock.now_ms() + ControlConfig().backoff_base_ms
+    assert not (await node.acquire_lease("q", "node-1", "a")).HasField("task")  # backoff
+    clock.advance(ControlConfig().backoff_base_ms)
+    second = await node.acquire_lease("q", "node-1", "a")
+    assert second.task.fencing_token > first.task.fencing_token
+    assert second.task.attempt == 2
+    clock.advance(1000)
+    [lapse] = await cp.service.sweep()
+    assert lapse.state is State.EXPIRED
+    got = await cp.client.get_task(task_id)
+    assert got.task.state == State.EXPIRED
+    assert [r.outcome for r in got.leases] == ["lapsed", "lapsed"]
+
+
+async def test_lease_holder_runs_task_to_success(cp: ControlHandle, node: ControlClient) -> None:
+    """START then SUCCEED under the current token finishes the task with its result."""
+    task_id = (await cp.client.submit("q", b"{}")).task.task_id
+    resp = await node.acquire_lease("q", "node-1", "a")
+    token = resp.task.fencing_token
+    await node.renew_lease(task_id, token, "node-1")
+    assert (await node.transition(task_id, token, Event.START, "node-1")).state == State.RUNNING
+    done = await node.transition(task_id, token, Event.SUCCEED, "node-1", result=b"ok")
+    assert (done.state, done.result) == (State.SUCCEEDED, b"ok")
+    history = (await cp.client.get_task(task_id)).leases
+    assert [r.outcome for r in history] == ["finished", "finished"]
+    with pytest.raises(InvalidTransition):
+        await node.transition(task_id, token, Event.FAIL, "node-1")
+
+
+async def test_other_node_cannot_touch_a_lease(cp: ControlHandle, node: ControlClient) -> None:
+    """A second node cannot renew or use a token it does not hold, nor speak as another node."""
+    task_id = (await cp.client.submit("q", b"{}")).task.task_id
+    await node.acquire_lease("q", "node-1", "a")
+    other = await cp.node_client("node-2")
+    try:
+        with pytest.raises(NotOwner):
+            await other.renew_lease(task_id, 1, "node-2")
+        with pytest.raises(NotOwner):  # node-2's token presented for node-1
+            await other.renew_lease(task_id, 1, "node-1")
+    finally:
+        await other.close()
+
+
+async def test_idempotent_submit_and_cancel(cp: ControlHandle) -> None:
+    """A repeated idempotency key returns the same task; cancel ends it; a second cancel fails."""
+    a = await cp.client.submit("q", b"{}", idempotency_key="job-1")
+    b = await cp.client.submit("q", b"{}", idempotency_key="job-1")
+    assert a.created
+    assert not b.created
+    assert a.task.task_id == b.task.task_id
+    assert (await cp.client.cancel(a.task.task_id, "no longer needed")).state == State.CANCELED
+    with pytest.raises(InvalidTransition):
+        await cp.client.cancel(a.task.task_id)
+
+
+async def test_list_tasks_pages_and_filters(cp: ControlHandle, node: ControlClient) -> None:
+    """ListTasks pages through tasks in creation order and filters by queue and state."""
+    ids = [(await cp.client.submit("pq", b"{}")).task.task_id for _ in range(7)]
+    await cp.client.submit("other", b"{}")
+    seen, token = [], ""
+    while True:
+        page = await cp.client.list_tasks(queue="pq", page_size=3, page_token=token)
+        assert len(page.tasks) <= 3
+        seen += [t.task_id for t in page.tasks]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == ids
+    await node.acquire_lease("pq", "node-1", "a")
+    leased = await cp.client.list_tasks(queue="pq", state=State.LEASED)
+    assert [t.task_id for t in leased.tasks] == ids[:1]
+    pq_token = (await cp.client.list_tasks(queue="pq", page_size=3)).next_page_token
+    with pytest.raises(InvalidArgument, match="other queue/state filters") as info:
+        await cp.client.list_tasks(queue="other", page_size=3, page_token=pq_token)
+    assert info.value.field == "page_token"
+
+
+async def test_long_poll_wakes_on_submit(cp: ControlHandle, node: ControlClient) -> None:
+    """A waiting AcquireLease returns the task submitted while it waits."""
+    waiter = asyncio.create_task(node.acquire_lease("lp", "node-1", "a", wait_ms=10_000))
+    await asyncio.sleep(0.1)
+    task_id = (await cp.client.submit("lp", b"{}")).task.task_id
+    resp = await asyncio.wait_for(waiter, 10)
+    assert resp.task.task_id == task_id
+
+
+async def test_unknown_node_is_refused(cp: ControlHandle) -> None:
+    """RegisterNode without a valid token or allow-listed key is UNAUTHENTICATED; so are node
+    calls without a node token."""
+    client = ControlClient(cp.address)
+    try:
+        with pytest.raises(Unauthenticated):
+            await client.register_node("intruder", SigningKey.generate().public.raw, "wrong")
+        with pytest.raises(Unauthenticated):
+            await client.acquire_lease("q", "intruder", "a")
+        client.node_token = "made-up"
+        with pytest.raises(Unauthenticated):
+            await client.acquire_lease("q", "intruder", "a")
+    finally:
+        await client.close()
+    async with grpc.aio.insecure_channel(cp.address) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await pb_grpc.ControlServiceStub(ch).RegisterNode(
+                pb.RegisterNodeRequest(node_id="x", public_key=b"k" * 32)
+            )
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+BAD_REQUESTS: list[tuple[str, Any, str]] = [
+    ("SubmitTask", pb.SubmitTaskRequest(queue="", payload=b"{}"), "queue"),
+    ("SubmitTask", pb.SubmitTaskRequest(queue="bad queue!", payload=b"{}"), "queue"),
+    ("SubmitTask", pb.SubmitTaskRequest(queue="q", payload=b"x" * (1 << 20 + 1)), "payload"),
+    ("SubmitTask", pb.SubmitTaskRequest(queue="q", lease_ttl_ms=5), "lease_ttl_ms"),
+    ("SubmitTask", pb.SubmitTaskRequest(queue="q", max_attempts=1000), "max_attempts"),
+    ("SubmitTask", pb.SubmitTaskRequest(queue="q", idempotency_key="a b"), "idempotency_key"),
+    ("SubmitTask", pb.SubmitTaskRequest(queue="q", budget_limit_micros=-1), "budget_limit_micros"),
+    ("GetTask", pb.GetTaskRequest(task_id=""), "task_id"),
+    ("GetTask", pb.GetTaskRequest(task_id="x" * 129), "task_id"),
+    ("ListTasks", pb.ListTasksRequest(state=99), "state"),  # type: ignore[arg-type]
+    ("ListTasks", pb.ListTasksRequest(page_size=5000), "page_size"),
+    ("ListTasks", pb.ListTasksRequest(page_token="%%%"), "page_token"),
+    ("CancelTask", pb.CancelTaskRequest(task_id="a/b"), "task_id"),
+    ("AcquireLease", pb.AcquireLeaseRequest(queue="q", node_id="n", agent_id=""), "agent_id"),
+    (
+        "AcquireLease",
+        pb.AcquireLeaseRequest(queue="q", node_id="n", agent_id="a", wait_ms=600_000),
+        "wait_ms",
+    ),
+    (
+        "RenewLease",
+        pb.RenewLeaseRequest(task_id="t", fencing_token=0, node_id="n"),
+        "fencing_token",
+    ),
+    (
+        "TransitionTask",
+        pb.TransitionTaskRequest(task_id="t", fencing_token=1, node_id="n"),
+        "event",
+    ),
+    (
+        "TransitionTask",
+        pb.TransitionTaskRequest(
+            task_id="t", fencing_token=1, node_id="n", event=pb.TASK_EVENT_LAPSE
+        ),
+        "event",
+    ),
+    (
+        "TransitionTask",
+        pb.TransitionTaskRequest(task_id="t", fencing_token=1, node_id="n", event=42),  # type: ignore[arg-type]
+        "event",
+    ),
+    ("RegisterNode", pb.RegisterNodeRequest(node_id="n", public_key=b"short"), "public_key"),
+]
+
+
+async def test_bad_requests_name_the_field_and_server_stays_healthy(cp: ControlHandle) -> None:
+    """Every malformed request gets INVALID_ARGUMENT with a BadRequest naming the field."""
+    async with grpc.aio.insecure_channel(cp.address) as ch:
+        stub = pb_grpc.ControlServiceStub(ch)
+        for method, request, field in BAD_REQUESTS:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await getattr(stub, method)(request)
+            err = info.value
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, field, err)
+            status = rpc_status.from_call(err)  # type: ignore[arg-type]
+            assert status is not None
+            fields = []
+            for detail in status.details:
+                if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                    bad = error_details_pb2.BadRequest()
+                    detail.Unpack(bad)
+                    fields += [v.field for v in bad.field_violations]
+            assert fields == [field], (method, err.details())
+            assert field in (err.details() or "")
+    assert await cp.client.health() == 1
+    assert await cp.client.health("tether.v1.ControlService") == 1
+    assert (await cp.client.submit("still-ok", b"{}")).created
+
+
+async def test_health_and_reflection_are_served(tmp_path: Path) -> None:
+    """Over a Unix socket too, the server reports SERVING and lists its services by reflection."""
+    async with start_control(tmp_path, unix_socket=True) as cp:
+        assert cp.address.startswith("unix:")
+        assert await cp.client.health() == 1
+        async with grpc.aio.insecure_channel(cp.address) as ch:
+            stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+            names: list[str] = []
+            async for resp in stub.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            ):
+                names += [s.name for s in resp.list_services_response.service]
+    assert {
+        "tether.v1.ControlService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    } <= set(names)
+
+
+async def test_operator_token_and_allow_listed_node_key(tmp_path: Path) -> None:
+    """With operator tokens configured, operator RPCs need one; an allow-listed key enrols
+    without an enrolment token."""
+    node_key = SigningKey.generate()
+    auth = Auth.from_tokens(operator_tokens=["op-secret"], allowed_node_keys=[node_key.public.raw])
+    async with start_control(tmp_path, auth=auth) as cp:
+        with pytest.raises(Unauthenticated):
+            await cp.client.submit("q", b"{}")
+        async with ControlClient(cp.address, operator_token="op-secret") as op:
+            assert (await op.submit("q", b"{}")).created
+        async with ControlClient(cp.address) as n:
+            await n.register_node("node-a", node_key.public.raw)
+            assert (await n.acquire_lease("q", "node-a", "agent")).HasField("task")
+            with pytest.raises(Unauthenticated):
+                await n.register_node("node-b", SigningKey.generate().public.raw)
+
+
+POLICY = """\
+version = 1
+
+[agents.alice]
+queues = ["default"]
+
+[tools.echo]
+adapter = "python"
+[tools.echo.python]
+entrypoint = "tether.sidecar.tools.builtin:echo"
+
+[queues.default]
+tools = ["echo"]
+lease_ttl_ms = 10000
+max_attempts = 2
+"""
+
+
+async def test_lease_carries_policy_tools_digest_and_limits(tmp_path: Path) -> None:
+    """After PutPolicy, a lease names the policy digest and the queue's tools, and new tasks
+    take the queue's TTL and attempts; the policy stays in force after a restart."""
+    async with start_control(tmp_path) as cp:
+        put = await cp.client.put_policy(POLICY)
+        assert put.version == 1
+        with pytest.raises(InvalidArgument, match="nonsense") as info:
+            await cp.client.put_policy("version = 1\n[nonsense]\n")
+        assert info.value.field == "document"
+        key = cp.key
+    async with start_control(tmp_path, key=key) as cp:
+        assert (await cp.client.get_policy()).digest == put.digest
+        task = (await cp.client.submit("default", b"{}")).task
+        assert (task.lease_ttl_ms, task.max_attempts) == (10_000, 2)
+        node = await cp.node_client()
+        try:
+            resp = await node.acquire_lease("default", "node-1", "alice")
+        finally:
+            await node.close()
+        lease = verify_lease(from_proto(resp.lease), {key.keyid: key.public})
+        assert lease.tools == ("echo",)
+        assert lease.policy_digest == put.digest
