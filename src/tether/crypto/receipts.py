@@ -1,0 +1,295 @@
+"""The one encoding of a signed receipt: in-toto Statement v1 in a DSSE envelope.
+
+receipt (core dataclass) -> Statement JSON bytes -> DSSE envelope signed by the
+node key -> compact DSSE JSON bytes. Those exact bytes are spooled, streamed,
+stored as the Merkle leaf and exported; nobody re-encodes them. See
+docs/receipts.md for the format, precise enough for a verifier in any language.
+
+Parsing is strict and rejects by default: an unknown version, kind, field or
+enum value, a statement whose subject does not match its predicate, or an
+inconsistent seq/prev pair is an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+from google.protobuf import json_format
+
+from tether.core.errors import VerificationError
+from tether.core.receipts import RECEIPT_VERSION, Receipt, ReceiptKind
+from tether.crypto.signing import INTOTO_PAYLOAD_TYPE, Envelope, SigningKey, VerifyKey, pae
+from tether.v1 import receipt_pb2
+
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+PREDICATE_TYPE = "https://tether.dev/receipt/v1"
+TASK_SUBJECT_PREFIX = "task:"
+TERMINAL_STATES = frozenset({4, 5, 6, 7})  # TaskState SUCCEEDED, FAILED, EXPIRED, CANCELED
+
+_HEX = frozenset("0123456789abcdef")
+_U32 = (1 << 32) - 1
+_U64 = (1 << 64) - 1
+_I64 = 1 << 63
+
+
+def envelope_digest(envelope_bytes: bytes) -> str:
+    """Hex SHA-256 of exact envelope bytes: what the next receipt's `prev` holds."""
+    return hashlib.sha256(envelope_bytes).hexdigest()
+
+
+def is_hex_digest(s: str) -> bool:
+    """True for a lowercase hex SHA-256 (64 characters)."""
+    return len(s) == 64 and _HEX.issuperset(s)
+
+
+def subject_for(r: Receipt) -> dict[str, Any]:
+    """The statement subject: the artifact for artifacts, else the task.
+
+    A task subject is named "task:<task_id>" with the SHA-256 of the UTF-8 task
+    id as its digest, so in-toto tools that require a digest get a stable one.
+    """
+    if r.kind == ReceiptKind.ARTIFACT:
+        return {"name": r.artifact_name, "digest": {"sha256": r.artifact_sha256}}
+    digest = hashlib.sha256(r.task_id.encode()).hexdigest()
+    return {"name": TASK_SUBJECT_PREFIX + r.task_id, "digest": {"sha256": digest}}
+
+
+def to_proto(r: Receipt) -> receipt_pb2.Receipt:
+    """The `tether.v1.Receipt` message for a receipt."""
+    fields = dataclasses.asdict(r)
+    fields["kind"] = int(r.kind)
+    fields["final_state"] = int(r.final_state)
+    return receipt_pb2.Receipt(**fields)
+
+
+def statement_bytes(r: Receipt) -> bytes:
+    """The in-toto Statement v1 JSON bytes (compact) for a receipt."""
+    validate(r)
+    predicate = json_format.MessageToDict(to_proto(r))
+    doc = {
+        "_type": STATEMENT_TYPE,
+        "subject": [subject_for(r)],
+        "predicateType": PREDICATE_TYPE,
+        "predicate": predicate,
+    }
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def sign_receipt(r: Receipt, key: SigningKey) -> bytes:
+    """Signs a receipt (seq and prev already set) and returns the envelope bytes."""
+    return key.sign_envelope(INTOTO_PAYLOAD_TYPE, statement_bytes(r)).to_json_bytes()
+
+
+# --- strict proto3-JSON predicate parsing (fast: no protobuf objects) ---------
+
+
+_KINDS = {v.name: v.number for v in receipt_pb2.DESCRIPTOR.enum_types_by_name["ReceiptKind"].values}
+_STATES = {v.name: v.number for v in receipt_pb2.DESCRIPTOR.enum_types_by_name["TaskState"].values}
+
+# proto3 JSON parsers accept the lowerCamelCase name and the proto field name.
+_JSON_NAMES: dict[str, str] = {}
+for _f in receipt_pb2.Receipt.DESCRIPTOR.fields:
+    _JSON_NAMES[_f.json_name] = _f.name
+    _JSON_NAMES[_f.name] = _f.name
+assert set(_JSON_NAMES.values()) == {f.name for f in dataclasses.fields(Receipt)}, (
+    "receipt.proto and tether.core.receipts.Receipt must have the same fields"
+)
+
+
+_STR, _U32T, _U64T, _I64T, _KIND, _STATE = range(6)
+_TYPES: dict[str, int] = {
+    "version": _U32T, "kind": _KIND, "seq": _U64T, "attempt": _U32T, "fencing_token": _U64T,
+    "lease_issued_unix_ms": _I64T, "lease_expires_unix_ms": _I64T, "time_unix_ms": _I64T,
+    "duration_ms": _U32T, "cost_micros": _I64T, "final_state": _STATE, "artifact_size": _U64T,
+}  # every other field is a string
+_TYPES_ALL = tuple(f.name for f in dataclasses.fields(Receipt))
+_SPEC: dict[str, tuple[str, int]] = {
+    k: (name, _TYPES.get(name, _STR)) for k, name in _JSON_NAMES.items()
+}
+_RANGES = {_U32T: (0, _U32), _U64T: (0, _U64), _I64T: (-_I64, _I64 - 1)}
+_ALL_DEFAULTS: dict[str, Any] = {
+    name: ("" if t == _STR else 0) for name, t in ((n, _TYPES.get(n, _STR)) for n in _TYPES_ALL)
+}
+
+
+def receipt_from_predicate(predicate: Any) -> Receipt:
+    """Builds a Receipt from a proto3 JSON predicate object, strictly.
+
+    Raises:
+        VerificationError: unknown field, wrong type, or an invalid receipt.
+    """
+    if type(predicate) is not dict:
+        raise VerificationError("receipt predicate is not an object")
+    fields: dict[str, Any] = dict(_ALL_DEFAULTS)
+    given: set[str] = set()
+    for k, v in predicate.items():
+        spec = _SPEC.get(k)
+        if spec is None:
+            raise VerificationError(f"unknown receipt field {k!r}")
+        name, t = spec
+        if name in given:
+            raise VerificationError(f"receipt field {name!r} given twice")
+        given.add(name)
+        if v is None:
+            continue  # proto3 JSON: null means the default value
+        tv = type(v)
+        if t == _STR:
+            if tv is not str:
+                raise VerificationError(f"receipt field {name!r}: not a string")
+        elif t in _RANGES:
+            if tv is str:
+                digits = v[1:] if t == _I64T and v[:1] == "-" else v
+                if not (digits.isascii() and digits.isdigit()):
+                    raise VerificationError(f"receipt field {name!r}: not an integer")
+                v = int(v)
+            elif tv is not int:
+                raise VerificationError(f"receipt field {name!r}: not an integer")
+            lo, hi = _RANGES[t]
+            if not lo <= v <= hi:
+                raise VerificationError(f"receipt field {name!r}: out of range")
+        else:
+            names = _KINDS if t == _KIND else _STATES
+            if tv is str and v in names:
+                v = names[v]
+            elif not (tv is int and v in names.values()):
+                raise VerificationError(f"receipt field {name!r}: unknown enum value {v!r}")
+        fields[name] = v
+    if fields.get("version", 0) != RECEIPT_VERSION:
+        raise VerificationError(f"unsupported receipt version {fields.get('version', 0)}")
+    kind = fields["kind"]
+    if kind == 0:
+        raise VerificationError("receipt kind is unspecified")
+    fields["kind"] = ReceiptKind(kind)
+    # Every field is set and typed above; filling __dict__ skips the frozen
+    # dataclass's per-field object.__setattr__, a third of the parse time.
+    r = object.__new__(Receipt)
+    r.__dict__.update(fields)
+    validate(r)
+    return r
+
+
+def validate(r: Receipt) -> None:
+    """Checks a receipt's own invariants (the chain's are the verifier's).
+
+    Raises:
+        VerificationError: the receipt cannot be valid.
+    """
+    if r.version != RECEIPT_VERSION:
+        raise VerificationError(f"unsupported receipt version {r.version}")
+    if not isinstance(r.kind, ReceiptKind):
+        raise VerificationError(f"unknown receipt kind {r.kind!r}")
+    if not r.node_id or not r.task_id:
+        raise VerificationError("receipt needs node_id and task_id")
+    if r.seq < 1:
+        raise VerificationError("receipt seq must start at 1")
+    if (r.seq == 1) != (r.prev == ""):
+        raise VerificationError("prev must be empty exactly when seq is 1")
+    if r.prev and not is_hex_digest(r.prev):
+        raise VerificationError("prev is not a hex sha256")
+    for name in ("policy_digest", "arguments_sha256", "result_sha256", "artifact_sha256"):
+        value = getattr(r, name)
+        if value and not is_hex_digest(value):
+            raise VerificationError(f"{name} is not a hex sha256")
+    if r.kind == ReceiptKind.TASK_FINISHED:
+        if r.final_state not in TERMINAL_STATES:
+            raise VerificationError("task_finished needs a terminal final_state")
+    elif r.final_state != 0:
+        raise VerificationError("final_state is only for task_finished")
+    if r.kind == ReceiptKind.ARTIFACT and not (r.artifact_name and r.artifact_sha256):
+        raise VerificationError("artifact receipt needs artifact_name and artifact_sha256")
+
+
+def parse_statement(payload: bytes) -> Receipt:
+    """Parses and checks an in-toto Statement carrying a Tether receipt.
+
+    Raises:
+        VerificationError: not a Tether receipt statement, or invalid.
+    """
+    try:
+        doc = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise VerificationError(f"statement is not JSON: {err}") from err
+    if not isinstance(doc, dict) or set(doc) != {
+        "_type",
+        "subject",
+        "predicateType",
+        "predicate",
+    }:
+        raise VerificationError(
+            "statement must hold exactly _type, subject, predicateType, predicate"
+        )
+    if doc["_type"] != STATEMENT_TYPE:
+        raise VerificationError(f"statement _type {doc['_type']!r} is not in-toto Statement v1")
+    if doc["predicateType"] != PREDICATE_TYPE:
+        raise VerificationError(f"predicateType {doc['predicateType']!r} is not a Tether receipt")
+    r = receipt_from_predicate(doc["predicate"])
+    if doc["subject"] != [subject_for(r)]:
+        raise VerificationError("statement subject does not match the receipt")
+    return r
+
+
+def parse_receipt(envelope_bytes: bytes) -> tuple[Envelope, Receipt]:
+    """Parses envelope bytes into (envelope, receipt) without checking the signature.
+
+    Also requires the bytes to be the canonical compact DSSE JSON form, so one
+    receipt has one byte encoding (its Merkle leaf and chain digest).
+
+    Raises:
+        VerificationError: malformed envelope or statement, or not canonical.
+    """
+    env = Envelope.from_json_bytes(envelope_bytes)
+    if env.payload_type != INTOTO_PAYLOAD_TYPE:
+        raise VerificationError(f"payload type {env.payload_type!r} is not in-toto")
+    if env.to_json_bytes() != envelope_bytes:
+        raise VerificationError("envelope is not in canonical compact DSSE JSON form")
+    return env, parse_statement(env.payload)
+
+
+def verify_receipt(envelope_bytes: bytes, key: VerifyKey) -> Receipt:
+    """Parses a receipt envelope and checks it was signed by `key`.
+
+    Raises:
+        VerificationError: malformed, or no valid signature by `key`.
+    """
+    env, r = parse_receipt(envelope_bytes)
+    message = pae(env.payload_type, env.payload)
+    if not any(kid == key.keyid and key.verify(sig, message) for kid, sig in env.signatures):
+        raise VerificationError(f"receipt {r.node_id}/{r.seq} is not signed by node key")
+    return r
+
+
+class ReceiptChain:
+    """Assigns per-node `seq` (from 1) and `prev` (digest of the last envelope) and signs.
+
+    Restore it after a restart with the last stored seq and envelope digest.
+    """
+
+    def __init__(
+        self, node_id: str, key: SigningKey, last_seq: int = 0, last_digest: str = ""
+    ) -> None:
+        if (last_seq == 0) != (last_digest == ""):
+            raise ValueError("last_digest must be empty exactly when last_seq is 0")
+        self.node_id = node_id
+        self._key = key
+        self.last_seq = last_seq
+        self.last_digest = last_digest
+
+    def sign(self, receipt: Receipt) -> bytes:
+        """Chains and signs `receipt`; returns the envelope bytes.
+
+        Raises:
+            ValueError: the receipt names another node.
+            VerificationError: the receipt is invalid.
+        """
+        if receipt.node_id and receipt.node_id != self.node_id:
+            raise ValueError(f"receipt names node {receipt.node_id!r}, chain is {self.node_id!r}")
+        chained = dataclasses.replace(
+            receipt, node_id=self.node_id, seq=self.last_seq + 1, prev=self.last_digest
+        )
+        data = sign_receipt(chained, self._key)
+        self.last_seq += 1
+        self.last_digest = envelope_digest(data)
+        return data

@@ -1,0 +1,107 @@
+"""`tether sidecar`: run a node's sidecar until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from tether.sidecar import config as sidecar_config
+
+
+def register(subparsers: Any) -> None:
+    """Adds the `sidecar` subcommand."""
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "sidecar",
+        help="serve the agent Broker API for this node",
+        description="Serve BrokerService on a Unix socket, talking to the control plane "
+        "as a registered node. Arguments override TETHER_* env, which overrides --config.",
+    )
+    p.add_argument("--control", help="control plane address (host:port or unix:/path)")
+    p.add_argument("--socket", help="shared Broker socket path (default ./tether.sock)")
+    p.add_argument("--node-id", dest="node_id", help="this node's id")
+    p.add_argument("--key", help="node Ed25519 private key (PEM, mode 0600)")
+    p.add_argument("--config", type=Path, help="TOML config file")
+    p.add_argument("--state-dir", dest="state_dir", help="local state directory")
+    p.add_argument(
+        "--enrollment-token-file",
+        dest="enrollment_token_file",
+        help="file holding the enrolment token",
+    )
+    p.add_argument(
+        "--control-pub", dest="control_pub", help="pinned control-plane public key (PEM)"
+    )
+    p.add_argument(
+        "--agent",
+        action="append",
+        default=[],
+        metavar="NAME=TOKEN_FILE",
+        help="an agent authenticated by the token in TOKEN_FILE (repeatable)",
+    )
+    p.add_argument(
+        "--agent-socket",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="an agent bound to its own socket PATH (repeatable)",
+    )
+    p.add_argument("--listen-tcp", dest="listen_tcp", help="also serve on this TCP address")
+    p.add_argument("--ready-file", dest="ready_file", help="written once serving")
+    p.add_argument("--policy", dest="policy_file", help="local copy of the policy (TOML)")
+    p.add_argument("--grace-period-ms", dest="grace_period_ms", type=int)
+    p.add_argument(
+        "--agent-liveness-ms",
+        dest="agent_liveness_ms",
+        type=int,
+        help="an agent is alive this long after its last call (default: lease TTL)",
+    )
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> sidecar_config.SidecarConfig:
+    """Builds the config from parsed arguments, the environment and --config."""
+    keys = (
+        "control",
+        "socket",
+        "node_id",
+        "key",
+        "state_dir",
+        "enrollment_token_file",
+        "control_pub",
+        "listen_tcp",
+        "ready_file",
+        "grace_period_ms",
+        "agent_liveness_ms",
+        "policy_file",
+    )
+    values: dict[str, Any] = {k: getattr(args, k, None) for k in keys}
+    values["agent_tokens"] = sidecar_config.parse_agent_pairs("--agent", args.agent)
+    values["agent_sockets"] = sidecar_config.parse_agent_pairs("--agent-socket", args.agent_socket)
+    return sidecar_config.load(values, os.environ, args.config)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the sidecar; returns 0 after a graceful stop."""
+    cfg = config_from_args(args)
+    return asyncio.run(_serve(cfg))
+
+
+async def _serve(cfg: sidecar_config.SidecarConfig) -> int:
+    from tether.sidecar.server import Sidecar
+
+    sidecar = Sidecar(cfg)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await sidecar.start()
+    except BaseException:
+        await sidecar.stop(0)
+        raise
+    await stop.wait()
+    await sidecar.stop()
+    return 0

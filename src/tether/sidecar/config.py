@@ -1,0 +1,269 @@
+"""Sidecar configuration: one frozen dataclass, one `load()`.
+
+Precedence is argument > `TETHER_*` environment > TOML file > defaults, and
+every value is validated on load (a `ConfigError` names the offending key).
+The config holds *paths* to secrets (node key, enrolment token, agent tokens),
+never the secrets themselves.
+
+TOML file form (every key optional; arguments and env override it)::
+
+    control = "127.0.0.1:7233"
+    control_pub = "control.pub"          # pinned control-plane public key (PEM)
+    node_id = "node-1"
+    key = "node.key"                     # Ed25519 PEM, mode 0600
+    enrollment_token_file = "enroll.token"
+    state_dir = "state"
+    socket = "tether.sock"
+    listen_tcp = "127.0.0.1:7300"
+    grace_period_ms = 10000
+    agent_liveness_ms = 0                # 0: the lease TTL
+    renew_divisor = 3
+    [agents.alice]
+    token_file = "alice.token"
+    socket = "alice.sock"
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tether.core.errors import ConfigError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+DEFAULT_MAX_ARTIFACT_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """How one agent is known to the sidecar."""
+
+    name: str
+    """Agent name; becomes the lease's agent id."""
+    token_file: Path | None = None
+    """File holding the agent's token (sent as "x-tether-agent-token" on the shared socket)."""
+    socket_path: Path | None = None
+    """The agent's own socket; whoever can connect to it *is* this agent."""
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    """Everything `tether sidecar` needs to run."""
+
+    control_address: str
+    """Control plane address: "host:port" or "unix:/path"."""
+    node_id: str
+    """This node's id, [A-Za-z0-9._-]{1,128}."""
+    node_key_path: Path
+    """Ed25519 private key of the node (PEM, mode 0600); signs receipts."""
+    control_public_key_path: Path | None = None
+    """Pinned control-plane public key (PEM); absent: trust RegisterNode's key (warned)."""
+    enrollment_token_file: Path | None = None
+    """File with the operator-issued enrolment token; absent when the key is allow-listed."""
+    state_dir: Path = Path("tether-state")
+    """Local state: memory db, artifacts, workspaces, receipt spool."""
+    socket_path: Path = Path("tether.sock")
+    """Shared Broker socket; agents on it authenticate with their token."""
+    listen_tcp: str | None = None
+    """Optional TCP address for the Broker (token auth), for containers that need it."""
+    agents: tuple[AgentSpec, ...] = ()
+    """Known agents."""
+    grace_period_ms: int = 10_000
+    """On SIGTERM, how long running calls may take to finish."""
+    agent_liveness_ms: int = 0
+    """An agent counts as alive this long after its last Broker call; 0 means the lease TTL."""
+    renew_divisor: int = 3
+    """The sidecar renews a lease every TTL / renew_divisor while its agent is alive."""
+    uplink_retry_budget_ms: int = 3_000
+    """How long one control-plane call may retry (backoff + jitter) before UNAVAILABLE."""
+    uplink_timeout_ms: int = 5_000
+    """Deadline of one control-plane attempt (plus any claim wait)."""
+    max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES
+    """Artifact size limit when the policy sets none."""
+    default_queue: str = ""
+    """Queue used when ClaimTask names none; empty: a queue is required."""
+    ready_file: Path | None = None
+    """Written (with the sidecar's pid) once every socket is serving."""
+    policy_file: Path | None = None
+    """Local copy of the policy (TOML); used when its digest matches a lease's."""
+
+    def agent(self, name: str) -> AgentSpec | None:
+        """Returns the agent called `name`, if known."""
+        return next((a for a in self.agents if a.name == name), None)
+
+
+# key -> (env var, kind)
+_SCALARS: dict[str, tuple[str, str]] = {
+    "control": ("TETHER_CONTROL", "str"),
+    "control_pub": ("TETHER_CONTROL_PUB", "path"),
+    "node_id": ("TETHER_NODE_ID", "str"),
+    "key": ("TETHER_NODE_KEY", "path"),
+    "enrollment_token_file": ("TETHER_ENROLLMENT_TOKEN_FILE", "path"),
+    "state_dir": ("TETHER_STATE_DIR", "path"),
+    "socket": ("TETHER_SOCKET", "path"),
+    "listen_tcp": ("TETHER_LISTEN_TCP", "str"),
+    "grace_period_ms": ("TETHER_GRACE_PERIOD_MS", "int"),
+    "agent_liveness_ms": ("TETHER_AGENT_LIVENESS_MS", "int"),
+    "renew_divisor": ("TETHER_RENEW_DIVISOR", "int"),
+    "uplink_retry_budget_ms": ("TETHER_UPLINK_RETRY_BUDGET_MS", "int"),
+    "uplink_timeout_ms": ("TETHER_UPLINK_TIMEOUT_MS", "int"),
+    "max_artifact_bytes": ("TETHER_MAX_ARTIFACT_BYTES", "int"),
+    "default_queue": ("TETHER_DEFAULT_QUEUE", "str"),
+    "ready_file": ("TETHER_READY_FILE", "path"),
+    "policy_file": ("TETHER_POLICY_FILE", "path"),
+}
+_FIELD_OF = {
+    "control": "control_address",
+    "control_pub": "control_public_key_path",
+    "key": "node_key_path",
+    "socket": "socket_path",
+}
+_RANGES = {
+    "grace_period_ms": (0, 600_000),
+    "agent_liveness_ms": (0, 3_600_000),
+    "renew_divisor": (2, 100),
+    "uplink_retry_budget_ms": (0, 600_000),
+    "uplink_timeout_ms": (100, 600_000),
+    "max_artifact_bytes": (1, 1 << 40),
+}
+
+
+def _coerce(key: str, kind: str, value: Any, base: Path) -> Any:
+    if value is None:
+        return None
+    if kind == "int":
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            number = int(value)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from err
+        low, high = _RANGES[key]
+        if not low <= number <= high:
+            raise ConfigError(f"{key}: {number} is outside {low}..{high}")
+        return number
+    if not isinstance(value, str | Path):
+        raise ConfigError(f"{key}: expected a string, got {type(value).__name__}")
+    text = str(value)
+    if kind == "path":
+        if not text:
+            return None
+        path = Path(text).expanduser()
+        return path if path.is_absolute() else base / path
+    return text
+
+
+def parse_agent_pairs(key: str, items: Any) -> dict[str, str]:
+    """Parses "NAME=VALUE" items (a list, or a comma-separated string from env)."""
+    if isinstance(items, str):
+        items = [s for s in items.split(",") if s.strip()]
+    out: dict[str, str] = {}
+    for item in items or ():
+        name, sep, value = str(item).partition("=")
+        if not sep or not name.strip() or not value.strip():
+            raise ConfigError(f"{key}: expected NAME=PATH, got {item!r}")
+        out[name.strip()] = value.strip()
+    return out
+
+
+def load(
+    args: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+    file: Path | None = None,
+) -> SidecarConfig:
+    """Builds a validated config from arguments, environment and a TOML file.
+
+    Args:
+        args: values from the command line, by TOML key (`control`, `socket`,
+            ...); `agent_tokens` and `agent_sockets` map agent names to paths.
+            None values count as absent.
+        env: the environment (only `TETHER_*` keys are read).
+        file: optional TOML file; relative paths in it are relative to it.
+
+    Raises:
+        ConfigError: a value is missing, malformed or out of range (names the key).
+    """
+    args = {k: v for k, v in (args or {}).items() if v is not None}
+    env = env or {}
+    doc: dict[str, Any] = {}
+    file_base = Path.cwd()
+    if file is not None:
+        try:
+            doc = tomllib.loads(file.read_text())
+        except OSError as err:
+            raise ConfigError(f"config: cannot read {file}: {err.strerror}") from err
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config: {file} is not valid TOML: {err}") from err
+        file_base = file.resolve().parent
+    unknown = set(doc) - set(_SCALARS) - {"agents"}
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown key in {file}")
+
+    values: dict[str, Any] = {}
+    for key, (var, kind) in _SCALARS.items():
+        if key in args:
+            values[key] = _coerce(key, kind, args[key], Path.cwd())
+        elif var in env:
+            values[key] = _coerce(key, kind, env[var], Path.cwd())
+        elif key in doc:
+            values[key] = _coerce(key, kind, doc[key], file_base)
+
+    agents = _load_agents(args, env, doc, file_base)
+    for key in ("control", "node_id", "key"):
+        if not values.get(key):
+            var = _SCALARS[key][0]
+            raise ConfigError(f"{key}: required (argument, {var} or the config file)")
+    if not NAME_RE.match(values["node_id"]):
+        raise ConfigError(f"node_id: {values['node_id']!r} must match [A-Za-z0-9._-]{{1,128}}")
+    if values.get("default_queue") and not NAME_RE.match(values["default_queue"]):
+        raise ConfigError("default_queue: must match [A-Za-z0-9._-]{1,128}")
+    if not agents:
+        raise ConfigError("agents: at least one agent is required (--agent NAME=TOKEN_FILE)")
+    kwargs = {_FIELD_OF.get(k, k): v for k, v in values.items() if v is not None}
+    return SidecarConfig(agents=agents, **kwargs)
+
+
+def _load_agents(
+    args: Mapping[str, Any], env: Mapping[str, str], doc: Mapping[str, Any], file_base: Path
+) -> tuple[AgentSpec, ...]:
+    """Merges agent specs field by field with the same precedence as scalars."""
+    merged: dict[str, dict[str, Path | None]] = {}
+
+    def put(name: str, attr: str, raw: str, base: Path, key: str) -> None:
+        if not NAME_RE.match(name):
+            raise ConfigError(f"{key}: agent name {name!r} must match [A-Za-z0-9._-]{{1,128}}")
+        merged.setdefault(name, {})[attr] = _coerce(key, "path", raw, base)
+
+    table = doc.get("agents", {})
+    if not isinstance(table, dict):
+        raise ConfigError("agents: expected a table of [agents.NAME]")
+    for name, spec in table.items():
+        if not isinstance(spec, dict) or set(spec) - {"token_file", "socket"}:
+            raise ConfigError(f"agents.{name}: expected token_file and/or socket")
+        for attr, tkey in (("token_file", "token_file"), ("socket_path", "socket")):
+            if tkey in spec:
+                put(name, attr, spec[tkey], file_base, f"agents.{name}.{tkey}")
+    for attr, env_key, arg_key in (
+        ("token_file", "TETHER_AGENTS", "agent_tokens"),
+        ("socket_path", "TETHER_AGENT_SOCKETS", "agent_sockets"),
+    ):
+        for name, raw in parse_agent_pairs(env_key, env.get(env_key, "")).items():
+            put(name, attr, raw, Path.cwd(), env_key)
+        pairs = args.get(arg_key) or {}
+        if not isinstance(pairs, Mapping):
+            pairs = parse_agent_pairs(arg_key, pairs)
+        for name, raw in pairs.items():
+            put(name, attr, str(raw), Path.cwd(), arg_key)
+    out = []
+    for name, spec in sorted(merged.items()):
+        agent = AgentSpec(
+            name=name, token_file=spec.get("token_file"), socket_path=spec.get("socket_path")
+        )
+        if agent.token_file is None and agent.socket_path is None:
+            raise ConfigError(f"agents.{name}: needs a token_file or a socket")
+        out.append(agent)
+    return tuple(out)

@@ -1,0 +1,369 @@
+"""BrokerService: the agent-facing API (protobuf stops here).
+
+Every call first learns its agent (the socket's bound agent, or the agent
+token in metadata), then finds the task's lease with ownership and fencing
+checks (`LeaseTable.for_agent`), and only then acts. A task leased to agent A
+is PERMISSION_DENIED for agent B on every RPC; a lost lease is
+FAILED_PRECONDITION "lease lost"; an unreachable control plane is UNAVAILABLE
+with a `retry_after_ms` hint (see `tether.sidecar.uplink`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from tether.core import errors as E
+from tether.core.clock import Clock
+from tether.core.receipts import ReceiptKind
+from tether.core.states import Event, State
+from tether.crypto.envelopes import from_proto
+from tether.grpcutil.status import handle_errors
+from tether.sidecar.config import NAME_RE
+from tether.sidecar.identity import AgentRegistry
+from tether.sidecar.leases import HeldLease, LeaseTable
+from tether.sidecar.mediation import Mediator
+from tether.sidecar.memory import MAX_KEY_CHARS, MAX_VALUE_BYTES, MemoryStore, Scope
+from tether.sidecar.receipts import ReceiptSink, sha256_hex
+from tether.sidecar.uplink import Uplink
+from tether.v1 import broker_pb2 as bpb
+from tether.v1 import broker_pb2_grpc as bpb_grpc
+from tether.v1 import control_pb2 as pb
+
+log = logging.getLogger("tether.sidecar.broker")
+
+MAX_WAIT_MS = 60_000
+MAX_RESULT_BYTES = 1024 * 1024
+MAX_CHUNK_BYTES = 1024 * 1024
+ARTIFACT_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+_LOST = (E.StaleFencingToken, E.LeaseExpired, E.NotOwner, E.NotFound)
+
+
+@dataclass
+class BrokerDeps:
+    """What the Broker needs; shared by every socket's servicer."""
+
+    node_id: str
+    uplink: Uplink
+    leases: LeaseTable
+    registry: AgentRegistry
+    memory: MemoryStore
+    sink: ReceiptSink
+    mediator: Mediator
+    clock: Clock
+    artifacts_dir: Path
+    max_artifact_bytes: int
+    default_queue: str = ""
+    accepting_claims: bool = True
+
+
+def task_view(held: HeldLease) -> bpb.TaskView:
+    """All an agent learns about its task: never a credential."""
+    return bpb.TaskView(
+        task_id=held.task_id,
+        queue=held.queue,
+        payload=held.payload,
+        attempt=held.lease.attempt,
+        fencing_token=held.lease.fencing_token,
+        lease_expires_unix_ms=held.lease.expires_unix_ms,
+        tools=list(held.lease.tools),
+        state=int(held.state),  # type: ignore[arg-type]
+    )
+
+
+def _check_id(field: str, value: str) -> str:
+    if not NAME_RE.match(value):
+        raise E.InvalidArgument(field, "must match [A-Za-z0-9._-]{1,128}")
+    return value
+
+
+class BrokerServicer(bpb_grpc.BrokerServiceServicer):
+    """One per served socket; `bound_agent` is set for an agent's own socket."""
+
+    def __init__(self, deps: BrokerDeps, bound_agent: str | None = None) -> None:
+        self.d = deps
+        self.bound_agent = bound_agent
+
+    def _agent(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        if self.bound_agent is not None:
+            return self.bound_agent
+        return self.d.registry.authenticate(context.invocation_metadata())
+
+    async def _held(
+        self, context: grpc.aio.ServicerContext[Any, Any], task_id: str
+    ) -> tuple[str, HeldLease]:
+        agent = self._agent(context)
+        held = await self.d.leases.for_agent(agent, _check_id("task_id", task_id))
+        return agent, held
+
+    async def _transition(
+        self, held: HeldLease, event: Event, *, result: bytes = b"", error: str = ""
+    ) -> State:
+        """Applies `event` under the held lease; a refusal that means loss fences it.
+
+        A retry after a connection drop may find the event already applied by
+        the first attempt; the same fencing token and the target state prove it.
+        """
+        target = {
+            Event.START: State.RUNNING,
+            Event.SUCCEED: State.SUCCEEDED,
+            Event.FAIL: State.FAILED,
+            Event.RELEASE: State.QUEUED,
+        }[event]
+        request = pb.TransitionTaskRequest(
+            task_id=held.task_id,
+            fencing_token=held.lease.fencing_token,
+            event=int(event),  # type: ignore[arg-type]
+            result=result,
+            error=error,
+            node_id=self.d.node_id,
+        )
+        try:
+            response: pb.TransitionTaskResponse = await self.d.uplink.call(
+                "TransitionTask", request, safe_to_repeat=False
+            )
+        except E.InvalidTransition as err:
+            same_token = err.metadata.get("current_fencing_token") == str(held.lease.fencing_token)
+            if same_token and err.metadata.get("state") == target.name:
+                return target
+            raise
+        except _LOST as err:
+            await self.d.leases.mark_lost(
+                held, f"control plane refused {event.name}: {err.message}"
+            )
+            raise E.LeaseLost(f"lease lost on task {held.task_id!r}: {err.message}") from err
+        return State(response.task.state)
+
+    @handle_errors
+    async def ClaimTask(
+        self, request: bpb.ClaimTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bpb.ClaimTaskResponse:
+        agent = self._agent(context)
+        queue = request.queue or self.d.default_queue
+        _check_id("queue", queue)
+        if request.wait_ms > MAX_WAIT_MS:
+            raise E.InvalidArgument("wait_ms", f"must be at most {MAX_WAIT_MS}")
+        if not self.d.accepting_claims:
+            raise E.Unavailable(
+                "sidecar is shutting down; retry on another node in 1000 ms",
+                metadata={"retry_after_ms": "1000"},
+            )
+        response: pb.AcquireLeaseResponse = await self.d.uplink.call(
+            "AcquireLease",
+            pb.AcquireLeaseRequest(
+                queue=queue, node_id=self.d.node_id, agent_id=agent, wait_ms=request.wait_ms
+            ),
+            safe_to_repeat=False,
+            extra_timeout_ms=request.wait_ms,
+        )
+        if not response.HasField("task"):
+            return bpb.ClaimTaskResponse()
+        try:
+            held = await self.d.leases.add(response.task, from_proto(response.lease), agent)
+        except E.VerificationError as err:
+            log.error(
+                "refusing a lease that failed verification: %s",
+                err.message,
+                extra={"task_id": response.task.task_id},
+            )
+            raise E.TetherError(
+                "the control plane sent a lease that failed verification; see the sidecar log"
+            ) from err
+        return bpb.ClaimTaskResponse(task=task_view(held))
+
+    @handle_errors
+    async def StartTask(
+        self, request: bpb.StartTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bpb.StartTaskResponse:
+        _, held = await self._held(context, request.task_id)
+        async with held.lock:
+            await self._start_locked(held)
+        return bpb.StartTaskResponse(task=task_view(held))
+
+    async def _start_locked(self, held: HeldLease) -> None:
+        if held.state is State.RUNNING:
+            return
+        held.state = await self._transition(held, Event.START)
+        await self.d.sink.emit(held.receipt(ReceiptKind.TASK_STARTED, self.d.clock.now_ms()))
+
+    @handle_errors
+    async def Heartbeat(
+        self, request: bpb.HeartbeatRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bpb.HeartbeatResponse:
+        _, held = await self._held(context, request.task_id)
+        if self.d.leases.renew_due(held):
+            # Unreachable control plane: the lease stays held until its expiry,
+            # the keeper keeps trying; the agent sees the unchanged expiry.
+            with contextlib.suppress(E.Unavailable):
+                await self.d.leases.renew(held, retry_budget_ms=0)
+        return bpb.HeartbeatResponse(lease_expires_unix_ms=held.lease.expires_unix_ms)
+
+    @handle_errors
+    async def CallTool(
+        self, request: bpb.CallToolRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bpb.CallToolResponse:
+        if not request.tool or len(request.tool) > 128:
+            raise E.InvalidArgument("tool", "must be 1..128 characters")
+        if len(request.idempotency_key) > 256:
+            raise E.InvalidArgument("idempotency_key", "must be at most 256 characters")
+        agent, held = await self._held(context, request.task_id)
+        outcome = await self.d.mediator.call_tool(
+            agent, held, request.tool, request.arguments_json, request.idempotency_key
+        )
+        return bpb.CallToolResponse(
+            result_json=outcome.result_json,
+            replayed=outcome.replayed,
+            cost_micros=outcome.cost_micros,
+            status=outcome.status,
+            budget_remaining_micros=outcome.budget_remaining_micros,
+        )
+
+    @staticmethod
+    def _memory_args(scope: int, key: str) -> Scope:
+        if scope not in (Scope.TASK, Scope.AGENT):
+            raise E.InvalidArgument("scope", "must be MEMORY_SCOPE_TASK or MEMORY_SCOPE_AGENT")
+        if not 1 <= len(key) <= MAX_KEY_CHARS:
+            raise E.InvalidArgument("key", f"must be 1..{MAX_KEY_CHARS} characters")
+        return Scope(scope)
+
+    @handle_errors
+    async def Remember(
+        self, request: bpb.RememberRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bpb.RememberResponse:
+        scope = self._memory_args(request.scope, request.key)
+        if len(request.value) > MAX_VALUE_BYTES:
+            raise E.InvalidArgument("value", "larger than 1 MiB")
+        agent, held = await self._held(context, request.task_id)
+        owner = held.task_id if scope is Scope.TASK else agent
+        now = self.d.clock.now_ms()
+        digest = await self.d.memory.put(scope, owner, request.key, request.value, now)
+        await self.d.sink.emit(
+            held.receipt(
+                ReceiptKind.MEMORY_WRITE,
+                now,
+                memory_key=f"{scope.name.lower()}:{request.key}",
+                result_sha256=digest,
+            )
+        )
+        return bpb.RememberResponse(sha256=digest)
+
+    @handle_errors
+    async def Recall(
+        self, request: bpb.RecallRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bpb.RecallResponse:
+        scope = self._memory_args(request.scope, request.key)
+        agent, held = await self._held(context, request.task_id)
+        owner = held.task_id if scope is Scope.TASK else agent
+        value = await self.d.memory.get(scope, owner, request.key)
+        if value is None:
+            return bpb.RecallResponse(found=False)
+        return bpb.RecallResponse(found=True, value=value)
+
+    @handle_errors
+    async def CompleteTask(
+        self, request: bpb.CompleteTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> bpb.CompleteTaskResponse:
+        if request.outcome not in (bpb.TASK_OUTCOME_SUCCEEDED, bpb.TASK_OUTCOME_FAILED):
+            raise E.InvalidArgument("outcome", "must be TASK_OUTCOME_SUCCEEDED or _FAILED")
+        if len(request.result) > MAX_RESULT_BYTES:
+            raise E.InvalidArgument("result", "larger than 1 MiB")
+        if len(request.error) > 4096:
+            raise E.InvalidArgument("error", "longer than 4096 characters")
+        _, held = await self._held(context, request.task_id)
+        succeeded = request.outcome == bpb.TASK_OUTCOME_SUCCEEDED
+        async with held.lock:
+            if held.finished:
+                raise E.InvalidTransition(f"task {held.task_id!r} is already finished")
+            if succeeded:
+                await self._start_locked(held)  # succeed needs running; start implicitly
+            state = await self._transition(
+                held,
+                Event.SUCCEED if succeeded else Event.FAIL,
+                result=request.result,
+                error=request.error,
+            )
+            held.state = state
+            await self.d.leases.finish(held)
+        await self.d.sink.emit(
+            held.receipt(
+                ReceiptKind.TASK_FINISHED,
+                self.d.clock.now_ms(),
+                final_state=int(state),
+                result_sha256=sha256_hex(request.result),
+                status="ok" if succeeded else "error",
+                reason=request.error[:512],
+            )
+        )
+        log.info(
+            "task finished: %s",
+            state.name.lower(),
+            extra={"task_id": held.task_id, "agent_id": held.agent},
+        )
+        return bpb.CompleteTaskResponse(
+            state=int(state),  # type: ignore[arg-type]
+            receipts_pending=await self.d.sink.pending() > 0,
+        )
+
+    @handle_errors
+    async def PutArtifact(
+        self,
+        request_iterator: AsyncIterator[bpb.PutArtifactRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> bpb.PutArtifactResponse:
+        first = None
+        async for message in request_iterator:
+            first = message
+            break
+        if first is None or first.WhichOneof("part") != "header":
+            raise E.InvalidArgument("header", "the first message must carry the header")
+        header = first.header
+        if not ARTIFACT_NAME_RE.match(header.name) or header.name in (".", ".."):
+            raise E.InvalidArgument("name", "must match [A-Za-z0-9._-]{1,200}")
+        _, held = await self._held(context, header.task_id)
+        folder = self.d.artifacts_dir / held.task_id
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{header.name}.{secrets.token_hex(6)}.part"
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with tmp.open("wb") as out:
+                async for message in request_iterator:
+                    if message.WhichOneof("part") != "chunk":
+                        raise E.InvalidArgument("chunk", "only the first message has a header")
+                    if len(message.chunk) > MAX_CHUNK_BYTES:
+                        raise E.InvalidArgument("chunk", "larger than 1 MiB")
+                    size += len(message.chunk)
+                    if size > self.d.max_artifact_bytes:
+                        raise E.ResourceExhausted(
+                            f"artifact larger than the limit of {self.d.max_artifact_bytes} bytes"
+                        )
+                    digest.update(message.chunk)
+                    out.write(message.chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            # Fencing at the point of action: the artifact lands only under a live lease.
+            await self.d.leases.for_agent(held.agent, held.task_id)
+            os.replace(tmp, folder / header.name)
+        finally:
+            tmp.unlink(missing_ok=True)
+        hexdigest = digest.hexdigest()
+        await self.d.sink.emit(
+            held.receipt(
+                ReceiptKind.ARTIFACT,
+                self.d.clock.now_ms(),
+                artifact_name=header.name,
+                artifact_size=size,
+                artifact_sha256=hexdigest,
+            )
+        )
+        return bpb.PutArtifactResponse(sha256=hexdigest, size=size)

@@ -1,0 +1,334 @@
+"""Leases the sidecar holds for its agents, and the keeper that renews them.
+
+Rules:
+
+* A lease is trusted only after its envelope verifies against the control
+  plane's key and names this node, the claiming agent and the task's current
+  fencing token.
+* Expiry is the one the control plane signed, checked against local time at
+  every call; at or past it the task is fenced locally.
+* The keeper renews a lease every TTL / `renew_divisor` while its agent is
+  alive (made a Broker call within the liveness window, default one TTL). Once
+  the agent goes silent the keeper stops renewing and the lease lapses.
+* Lease loss is loud: a refused renewal or a lapse fences the task at once
+  (every later call gets FAILED_PRECONDITION "lease lost ..."), emits a
+  LEASE_LOST receipt and logs it.
+* While the control plane is unreachable, calls under a held lease keep
+  working until its expiry (never past it); the keeper keeps trying to renew.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from tether.core import errors as E
+from tether.core.clock import Clock
+from tether.core.leases import Lease
+from tether.core.receipts import Receipt, ReceiptKind
+from tether.core.states import State
+from tether.crypto.envelopes import from_proto
+from tether.crypto.signing import Envelope
+from tether.sidecar.receipts import ReceiptSink
+from tether.sidecar.uplink import Uplink
+from tether.v1 import control_pb2 as pb
+
+log = logging.getLogger("tether.sidecar.leases")
+
+LeaseVerifier = Callable[[Envelope], Lease]
+FORGET_MS = 10 * 60_000  # finished/lost leases answer "finished"/"lease lost" this long
+
+# Refusals after which a lease is gone for good (anything else is retried until expiry).
+_FATAL = (
+    E.StaleFencingToken,
+    E.LeaseExpired,
+    E.NotOwner,
+    E.NotFound,
+    E.InvalidTransition,
+    E.LeaseLost,
+)
+
+
+@dataclass
+class HeldLease:
+    """One task leased through this sidecar, as the sidecar knows it."""
+
+    lease: Lease
+    envelope: Envelope
+    agent: str
+    queue: str
+    payload: bytes
+    state: State
+    renewed_local_ms: int
+    last_agent_call_ms: int
+    lost_reason: str = ""
+    finished: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    keeper: asyncio.Task[None] | None = None
+
+    @property
+    def task_id(self) -> str:
+        return self.lease.task_id
+
+    @property
+    def ttl_ms(self) -> int:
+        return self.lease.expires_unix_ms - self.lease.issued_unix_ms
+
+    def receipt(self, kind: ReceiptKind, now_ms: int, **facts: Any) -> Receipt:
+        """A receipt with every lease fact filled in."""
+        lease = self.lease
+        return Receipt(
+            kind=kind,
+            node_id=lease.node_id,
+            task_id=lease.task_id,
+            attempt=lease.attempt,
+            fencing_token=lease.fencing_token,
+            agent_id=self.agent,
+            lease_id=lease.lease_id,
+            lease_issued_unix_ms=lease.issued_unix_ms,
+            lease_expires_unix_ms=lease.expires_unix_ms,
+            time_unix_ms=now_ms,
+            policy_digest=lease.policy_digest,
+            **facts,
+        )
+
+
+class LeaseTable:
+    """The sidecar's leases: lookup with ownership checks, renewal, fencing."""
+
+    def __init__(
+        self,
+        *,
+        uplink: Uplink,
+        verify: LeaseVerifier,
+        sink: ReceiptSink,
+        clock: Clock,
+        node_id: str,
+        agent_liveness_ms: int = 0,
+        renew_divisor: int = 3,
+    ) -> None:
+        self._uplink = uplink
+        self._verify = verify
+        self._sink = sink
+        self._clock = clock
+        self._node_id = node_id
+        self._liveness_ms = agent_liveness_ms
+        self._divisor = renew_divisor
+        self._held: dict[str, HeldLease] = {}
+
+    def __iter__(self) -> Iterator[HeldLease]:
+        return iter(list(self._held.values()))
+
+    def active(self) -> list[HeldLease]:
+        """Leases neither finished nor lost."""
+        return [h for h in self._held.values() if not h.finished and not h.lost_reason]
+
+    def trust(self, envelope: Envelope, *, task_id: str, agent: str, fencing_token: int) -> Lease:
+        """Verifies a lease envelope and that it is the one we asked for.
+
+        Raises:
+            VerificationError: bad signature, or the lease names another task,
+                node, agent or fencing token.
+        """
+        lease = self._verify(envelope)
+        for what, got, want in (
+            ("task", lease.task_id, task_id),
+            ("node", lease.node_id, self._node_id),
+            ("agent", lease.agent_id, agent),
+            ("fencing token", lease.fencing_token, fencing_token),
+        ):
+            if got != want:
+                raise E.VerificationError(f"lease names {what} {got!r}, expected {want!r}")
+        return lease
+
+    async def add(self, task: pb.Task, envelope: Envelope, agent: str) -> HeldLease:
+        """Starts holding a freshly acquired lease and keeping it alive."""
+        lease = self.trust(
+            envelope, task_id=task.task_id, agent=agent, fencing_token=task.fencing_token
+        )
+        now = self._clock.now_ms()
+        held = HeldLease(
+            lease=lease,
+            envelope=envelope,
+            agent=agent,
+            queue=task.queue or lease.queue,
+            payload=bytes(task.payload),
+            state=State.LEASED,
+            renewed_local_ms=now,
+            last_agent_call_ms=now,
+        )
+        old = self._held.get(task.task_id)
+        if old is not None:
+            await self.forget(old)
+        self._prune(now)
+        self._held[task.task_id] = held
+        await self._sink.emit(held.receipt(ReceiptKind.LEASE_GRANTED, now))
+        held.keeper = asyncio.create_task(self._keep(held), name=f"keep-{task.task_id}")
+        log.info(
+            "lease granted",
+            extra={
+                "task_id": task.task_id,
+                "agent_id": agent,
+                "fencing_token": lease.fencing_token,
+            },
+        )
+        return held
+
+    async def for_agent(self, agent: str, task_id: str) -> HeldLease:
+        """The live lease of `task_id`, if `agent` holds it; marks the agent alive.
+
+        Raises:
+            NotFound: this sidecar holds no lease on the task.
+            NotOwner: another agent holds it.
+            LeaseLost: the lease was lost or has lapsed (fenced now if it just did).
+            InvalidTransition: the task is already finished.
+        """
+        held = self._held.get(task_id)
+        if held is None:
+            raise E.NotFound(f"task {task_id!r} is not leased through this sidecar")
+        if held.agent != agent:
+            raise E.NotOwner(
+                f"task {task_id!r} is leased to another agent; agent {agent!r} may not touch it"
+            )
+        if held.finished:
+            raise E.InvalidTransition(f"task {task_id!r} is already finished")
+        now = self._clock.now_ms()
+        if not held.lost_reason and now >= held.lease.expires_unix_ms:
+            await self.mark_lost(held, "lease lapsed (its signed expiry has passed)")
+        if held.lost_reason:
+            raise E.LeaseLost(
+                f"lease lost on task {task_id!r}: {held.lost_reason}; do not continue this task",
+                metadata={"task_id": task_id, "fencing_token": str(held.lease.fencing_token)},
+            )
+        held.last_agent_call_ms = now
+        return held
+
+    async def mark_lost(self, held: HeldLease, reason: str) -> None:
+        """Fences the task locally, once: receipt, log, keeper stopped."""
+        if held.lost_reason or held.finished:
+            return
+        held.lost_reason = reason
+        log.warning(
+            "LEASE LOST: %s",
+            reason,
+            extra={
+                "task_id": held.task_id,
+                "agent_id": held.agent,
+                "fencing_token": held.lease.fencing_token,
+            },
+        )
+        await self._sink.emit(
+            held.receipt(ReceiptKind.LEASE_LOST, self._clock.now_ms(), reason=reason)
+        )
+        self._stop_keeper(held)
+
+    async def finish(self, held: HeldLease) -> None:
+        """Marks a task finished through this sidecar; stops renewing it."""
+        held.finished = True
+        self._stop_keeper(held)
+
+    async def forget(self, held: HeldLease) -> None:
+        """Drops a lease from the table (finished or lost long ago)."""
+        self._stop_keeper(held)
+        self._held.pop(held.task_id, None)
+
+    def _prune(self, now: int) -> None:
+        """Forgets leases finished or lost long ago (they only answer late callers)."""
+        for held in list(self._held.values()):
+            if (held.finished or held.lost_reason) and now - held.last_agent_call_ms > FORGET_MS:
+                self._held.pop(held.task_id, None)
+
+    def _stop_keeper(self, held: HeldLease) -> None:
+        task = held.keeper
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+
+    def adopt(self, held: HeldLease, envelope: Envelope, lease: Lease) -> None:
+        """Replaces a held lease with its renewal."""
+        held.lease = lease
+        held.envelope = envelope
+        held.renewed_local_ms = self._clock.now_ms()
+
+    def renew_due(self, held: HeldLease) -> bool:
+        """True when a renewal is due (a third of the TTL, by default, since the last)."""
+        return self._clock.now_ms() - held.renewed_local_ms >= held.ttl_ms // self._divisor
+
+    async def renew(self, held: HeldLease, *, retry_budget_ms: int | None = None) -> None:
+        """Renews at the control plane; a refusal fences the task.
+
+        Raises:
+            LeaseLost: the control plane refused (the task is fenced now).
+            Unavailable: unreachable; the lease is still held until its expiry.
+        """
+        async with held.lock:
+            if held.finished or held.lost_reason:
+                return
+            request = pb.RenewLeaseRequest(
+                task_id=held.task_id, fencing_token=held.lease.fencing_token, node_id=self._node_id
+            )
+            try:
+                response: pb.RenewLeaseResponse = await self._uplink.call(
+                    "RenewLease", request, retry_budget_ms=retry_budget_ms
+                )
+                envelope = from_proto(response.lease)
+                lease = self.trust(
+                    envelope,
+                    task_id=held.task_id,
+                    agent=held.agent,
+                    fencing_token=held.lease.fencing_token,
+                )
+            except E.Unavailable:
+                raise
+            except (*_FATAL, E.VerificationError) as err:
+                await self.mark_lost(held, f"renewal refused: {err.message}")
+                raise E.LeaseLost(f"lease lost on task {held.task_id!r}: {err.message}") from err
+            self.adopt(held, envelope, lease)
+
+    def _alive(self, held: HeldLease, now: int) -> bool:
+        window = self._liveness_ms or held.ttl_ms
+        return now - held.last_agent_call_ms <= window
+
+    async def _keep(self, held: HeldLease) -> None:
+        """Renews while the agent is alive; fences at expiry otherwise."""
+        try:
+            while not held.finished and not held.lost_reason:
+                now = self._clock.now_ms()
+                expires = held.lease.expires_unix_ms
+                if now >= expires:
+                    await self.mark_lost(held, "lease lapsed (not renewed before its expiry)")
+                    return
+                interval = max(held.ttl_ms // self._divisor, 50)
+                due_at = held.renewed_local_ms + interval
+                if now >= due_at and self._alive(held, now):
+                    try:
+                        await self.renew(held, retry_budget_ms=0)
+                    except E.Unavailable:
+                        await asyncio.sleep(min(interval / 2, max(expires - now, 0)) / 1000)
+                    except E.LeaseLost:
+                        return
+                    except E.TetherError as err:
+                        log.warning(
+                            "renewal failed, retrying: %s",
+                            err.message,
+                            extra={"task_id": held.task_id},
+                        )
+                        await asyncio.sleep(min(interval / 2, max(expires - now, 0)) / 1000)
+                    continue
+                wake = min(due_at if now < due_at else now + interval // 2, expires)
+                await asyncio.sleep(max(wake - now, 10) / 1000)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("lease keeper crashed", extra={"task_id": held.task_id})
+
+    async def close(self) -> None:
+        """Stops every keeper (without releasing; see the server's shutdown)."""
+        for held in list(self._held.values()):
+            self._stop_keeper(held)
+            if held.keeper is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await held.keeper

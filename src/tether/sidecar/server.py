@@ -1,0 +1,259 @@
+"""The sidecar runtime: registration, sockets, and graceful shutdown.
+
+Start: load the node key, read agent tokens, register with the control plane
+(keeping the node token and certificate), then serve BrokerService (plus
+health and reflection) on the shared Unix socket, each agent's own socket and
+an optional TCP address. A stale socket file is removed; a live one (something
+answers a connect) makes start fail.
+
+Stop (SIGTERM): refuse new claims, let running calls finish within the grace
+period, hand every held lease back (TransitionTask RELEASE), flush receipts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tether.core import errors as E
+from tether.core.clock import Clock, SystemClock
+from tether.core.leases import Lease
+from tether.core.receipts import ReceiptKind
+from tether.core.states import Event
+from tether.crypto.leases import verify_lease
+from tether.crypto.signing import Envelope, SigningKey, VerifyKey
+from tether.sidecar.config import SidecarConfig
+from tether.sidecar.grpc_api import BrokerDeps, BrokerServicer
+from tether.sidecar.identity import AgentRegistry, read_token_file
+from tether.sidecar.leases import LeaseTable
+from tether.sidecar.mediation import Mediator, PolicySource, PolicyToolRunner, ToolRunner
+from tether.sidecar.memory import MemoryStore
+from tether.sidecar.receipts import ReceiptSink, SqliteReceiptSink
+from tether.sidecar.uplink import Uplink
+from tether.v1 import broker_pb2 as bpb
+from tether.v1 import broker_pb2_grpc as bpb_grpc
+from tether.v1 import control_pb2 as pb
+
+log = logging.getLogger("tether.sidecar")
+SOCKET_MODE = 0o660
+
+
+def prepare_socket(path: Path) -> None:
+    """Removes a stale socket file; refuses a live socket or a non-socket file.
+
+    Raises:
+        ConfigError: something is listening on `path`, or it is not a socket.
+    """
+    if not path.exists() and not path.is_symlink():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return
+    if not path.is_socket():
+        raise E.ConfigError(f"socket: {path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        log.info("removing stale socket %s", path)
+        path.unlink()
+        return
+    finally:
+        probe.close()
+    raise E.ConfigError(f"socket: {path} is live (another sidecar serves it); refusing to start")
+
+
+class Sidecar:
+    """One node's sidecar: call `start()`, then `stop()`."""
+
+    def __init__(
+        self,
+        config: SidecarConfig,
+        *,
+        clock: Clock | None = None,
+        runner: ToolRunner | None = None,
+        sink: ReceiptSink | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self._runner = runner
+        self._sink = sink
+        self._servers: list[tuple[grpc.aio.Server, Path | None]] = []
+        self.tcp_port: int | None = None
+        self.deps: BrokerDeps | None = None
+        self.uplink: Uplink | None = None
+        self.certificate: Envelope | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        """Registers the node and starts serving.
+
+        Raises:
+            ConfigError: bad key, token file or socket.
+            Unauthenticated: the control plane refused the node.
+            Unavailable: the control plane was unreachable.
+        """
+        cfg = self.config
+        node_key = SigningKey.load(cfg.node_key_path)
+        registry = AgentRegistry(cfg.agents)
+        enrollment = ""
+        if cfg.enrollment_token_file is not None:
+            enrollment = read_token_file(
+                cfg.enrollment_token_file, "enrollment_token_file"
+            ).decode()
+        pinned: VerifyKey | None = None
+        if cfg.control_public_key_path is not None:
+            pinned = VerifyKey.load(cfg.control_public_key_path)
+        self.uplink = uplink = Uplink(
+            cfg.control_address,
+            cfg.node_id,
+            node_key,
+            enrollment_token=enrollment,
+            retry_budget_ms=cfg.uplink_retry_budget_ms,
+            timeout_ms=cfg.uplink_timeout_ms,
+        )
+        registration = await uplink.register()
+        if pinned is None:
+            log.warning(
+                "no pinned control-plane key (--control-pub): trusting the key the "
+                "control plane sent at registration, keyid %s",
+                registration.control_key.keyid,
+            )
+            control_key = registration.control_key
+        else:
+            if pinned.raw != registration.control_key.raw:
+                raise E.Unauthenticated(
+                    f"control plane key {registration.control_key.keyid} is not the pinned "
+                    f"key {pinned.keyid}"
+                )
+            control_key = pinned
+        self.certificate = registration.certificate
+        trusted = {control_key.keyid: control_key}
+
+        def verify(envelope: Envelope) -> Lease:
+            return verify_lease(envelope, trusted)
+
+        state = cfg.state_dir
+        state.mkdir(parents=True, exist_ok=True)
+        sink = self._sink or SqliteReceiptSink(state / "receipts.db", cfg.node_id, node_key)
+        self._sink = sink
+        leases = LeaseTable(
+            uplink=uplink,
+            verify=verify,
+            sink=sink,
+            clock=self.clock,
+            node_id=cfg.node_id,
+            agent_liveness_ms=cfg.agent_liveness_ms,
+            renew_divisor=cfg.renew_divisor,
+        )
+        runner = self._runner or PolicyToolRunner(
+            PolicySource(uplink, cfg.policy_file), state / "workspaces", self.clock
+        )
+        self.deps = deps = BrokerDeps(
+            node_id=cfg.node_id,
+            uplink=uplink,
+            leases=leases,
+            registry=registry,
+            memory=MemoryStore(state / "memory.db"),
+            sink=sink,
+            mediator=Mediator(sink=sink, clock=self.clock, runner=runner),
+            clock=self.clock,
+            artifacts_dir=state / "artifacts",
+            max_artifact_bytes=cfg.max_artifact_bytes,
+            default_queue=cfg.default_queue,
+        )
+
+        await self._serve(BrokerServicer(deps), cfg.socket_path, cfg.listen_tcp)
+        for agent in cfg.agents:
+            if agent.socket_path is not None:
+                await self._serve(
+                    BrokerServicer(deps, bound_agent=agent.name), agent.socket_path, None
+                )
+        log.info("sidecar serving", extra={"node_id": cfg.node_id})
+        if cfg.ready_file is not None:
+            cfg.ready_file.write_text(f"{os.getpid()}\n")
+
+    async def _serve(self, servicer: BrokerServicer, path: Path, tcp: str | None) -> None:
+        prepare_socket(path)
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 2 * 1024 * 1024)])
+        bpb_grpc.add_BrokerServiceServicer_to_server(servicer, server)
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        reflection.enable_server_reflection(
+            (
+                bpb.DESCRIPTOR.services_by_name["BrokerService"].full_name,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        server.add_insecure_port(f"unix:{path}")
+        if tcp:
+            self.tcp_port = server.add_insecure_port(tcp)
+        old_umask = os.umask(0o117)  # the socket is born 0660, never briefly wider
+        try:
+            await server.start()
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, SOCKET_MODE)
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        await health_servicer.set("tether.v1.BrokerService", health_pb2.HealthCheckResponse.SERVING)
+        self._servers.append((server, path))
+
+    async def stop(self, grace_ms: int | None = None) -> None:
+        """Graceful stop: no new claims, calls finish, leases go back, receipts flush."""
+        if self._stopped.is_set():
+            return
+        grace = (self.config.grace_period_ms if grace_ms is None else grace_ms) / 1000
+        deps = self.deps
+        if deps is not None:
+            deps.accepting_claims = False
+        await asyncio.gather(*(server.stop(grace) for server, _ in self._servers))
+        if deps is not None:
+            await self._release_all(deps)
+            await deps.leases.close()
+            deps.memory.close()
+        if self._sink is not None:
+            await self._sink.close()
+        if self.uplink is not None:
+            await self.uplink.close()
+        for _, path in self._servers:
+            if path is not None:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        if self.config.ready_file is not None:
+            with contextlib.suppress(OSError):
+                self.config.ready_file.unlink()
+        self._stopped.set()
+        log.info("sidecar stopped", extra={"node_id": self.config.node_id})
+
+    async def _release_all(self, deps: BrokerDeps) -> None:
+        """Hands every held lease back so another node can take the task at once."""
+        for held in deps.leases.active():
+            request = pb.TransitionTaskRequest(
+                task_id=held.task_id,
+                fencing_token=held.lease.fencing_token,
+                event=int(Event.RELEASE),  # type: ignore[arg-type]
+                error="sidecar shutting down",
+                node_id=deps.node_id,
+            )
+            try:
+                await deps.uplink.call("TransitionTask", request, retry_budget_ms=1000)
+                reason = "released: sidecar shutting down"
+            except E.TetherError as err:
+                reason = f"release failed ({err.message}); the lease will lapse"
+            held.lost_reason = reason
+            await deps.sink.emit(
+                held.receipt(ReceiptKind.LEASE_LOST, self.clock.now_ms(), reason=reason)
+            )
+            log.info(reason, extra={"task_id": held.task_id})
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
