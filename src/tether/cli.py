@@ -14,7 +14,12 @@ from collections.abc import Sequence
 
 # Modules exposing `register(subparsers: argparse._SubParsersAction) -> None`.
 # Each registered subcommand sets `func(args) -> int` via `set_defaults`.
-COMMAND_MODULES: tuple[str, ...] = ("tether.control.cmd", "tether.sidecar.cmd", "tether.verify.cmd")
+COMMAND_MODULES: tuple[str, ...] = (
+    "tether.control.cmd",
+    "tether.sidecar.cmd",
+    "tether.verify.cmd",
+    "tether.demo.cmd",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,6 +37,7 @@ class ControlHandle:
     running: RunningControl
     db_path: Path
     enrollment_token: str
+    kek_file: Path | None = None
 
     async def node_client(self, node_id: str = "node-1") -> ControlClient:
         """A new client registered as `node_id` (with a fresh node key); caller closes it."""
@@ -56,17 +57,20 @@ async def start_control(
     sweep_interval_ms: int | None = None,
     db_name: str = "control.db",
     key: SigningKey | None = None,
+    vault: bool = True,
 ) -> AsyncIterator[ControlHandle]:
     """Starts the real control plane; yields a handle; stops it on exit.
 
     By default the enrolment token TEST_ENROLLMENT_TOKEN is accepted and the
     background sweeper is off (`sweep_interval_ms=None`): tests sweep with
-    `handle.service.sweep()` after moving a FakeClock.
+    `handle.service.sweep()` after moving a FakeClock. With `vault` (default) the
+    credential vault runs on tmp_path/control.kek (created when missing).
     """
     key = key or SigningKey.generate()
     listen = f"unix:{tmp_path / 'control.sock'}" if unix_socket else "127.0.0.1:0"
     auth = auth or Auth.from_tokens(enrollment_tokens=[TEST_ENROLLMENT_TOKEN])
     db = tmp_path / db_name
+    kek_file = ensure_kek_file(tmp_path / "control.kek") if vault else None
     running = await start_server(
         db=db,
         listen=listen,
@@ -75,15 +79,32 @@ async def start_control(
         auth=auth,
         config=config,
         sweep_interval_ms=sweep_interval_ms,
+        kek_file=kek_file,
     )
     client = ControlClient(running.address)
     try:
         yield ControlHandle(
-            running.address, client, key, running.service, running, db, TEST_ENROLLMENT_TOKEN
+            running.address,
+            client,
+            key,
+            running.service,
+            running,
+            db,
+            TEST_ENROLLMENT_TOKEN,
+            kek_file,
         )
     finally:
         await client.close()
         await running.stop(grace_s=0.5)
+
+
+def ensure_kek_file(path: Path) -> Path:
+    """Creates a KEK file (mode 0600) at `path` unless one exists; returns the path."""
+    from tether.crypto.sealing import generate_kek_file
+
+    if not path.exists():
+        generate_kek_file(path)
+    return path
 
 
 def spawn_control_cli(
@@ -93,12 +114,14 @@ def spawn_control_cli(
     key_path: Path | None = None,
     extra_args: Sequence[str] = (),
     timeout_s: float = 20.0,
+    vault: bool = True,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Starts `python -m tether.cli control` on 127.0.0.1:0; returns (process, address).
 
     Creates the key (tmp_path/keys/control.key) and an enrolment token file
     holding TEST_ENROLLMENT_TOKEN when they do not exist yet, so a restart on
-    the same tmp_path reuses both. Waits for --ready-file.
+    the same tmp_path reuses both; likewise the KEK file tmp_path/control.kek
+    (with `vault`). Waits for --ready-file.
 
     Raises:
         RuntimeError: the process exited or did not become ready in time.
@@ -127,6 +150,7 @@ def spawn_control_cli(
         str(tokens),
         "--ready-file",
         str(ready),
+        *(["--kek-file", str(ensure_kek_file(tmp_path / "control.kek"))] if vault else []),
         *extra_args,
     ]
     with open(log_path, "ab") as log:

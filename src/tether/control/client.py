@@ -142,6 +142,127 @@ class ControlClient:
         )
         return resp.task
 
+    async def issue_credential(
+        self, task_id: str, fencing_token: int, name: str, tool: str, node_id: str
+    ) -> pb.IssueCredentialResponse:
+        """Credential `name` for `tool` under the live lease (keep it in memory only).
+
+        Raises:
+            PolicyDenied: the lease's policy does not grant it to the tool.
+            NotFound: no secret is stored under `name`.
+            StaleFencingToken, LeaseExpired, InvalidTransition: no live lease.
+        """
+        return await self._call(
+            self.stub.IssueCredential,
+            pb.IssueCredentialRequest(
+                task_id=task_id,
+                fencing_token=fencing_token,
+                name=name,
+                tool=tool,
+                node_id=node_id,
+            ),
+            node=True,
+        )
+
+    async def reserve_budget(
+        self,
+        task_id: str,
+        fencing_token: int,
+        reservation_id: str,
+        amount_micros: int,
+        node_id: str,
+    ) -> int:
+        """Reserves spend atomically (idempotent on `reservation_id`); returns what is left.
+
+        Raises:
+            BudgetExhausted: the limit does not cover it (metadata remaining_micros).
+            IdempotencyConflict: the id was used with another amount.
+            StaleFencingToken, LeaseExpired, InvalidTransition: no live lease.
+        """
+        resp: pb.ReserveBudgetResponse = await self._call(
+            self.stub.ReserveBudget,
+            pb.ReserveBudgetRequest(
+                task_id=task_id,
+                fencing_token=fencing_token,
+                reservation_id=reservation_id,
+                amount_micros=amount_micros,
+                node_id=node_id,
+            ),
+            node=True,
+        )
+        return int(resp.remaining_micros)
+
+    async def settle_budget(
+        self,
+        task_id: str,
+        fencing_token: int,
+        reservation_id: str,
+        actual_micros: int,
+        node_id: str,
+    ) -> int:
+        """Replaces a reservation by the actual cost; returns what is left."""
+        resp: pb.SettleBudgetResponse = await self._call(
+            self.stub.SettleBudget,
+            pb.SettleBudgetRequest(
+                task_id=task_id,
+                fencing_token=fencing_token,
+                reservation_id=reservation_id,
+                actual_micros=actual_micros,
+                node_id=node_id,
+            ),
+            node=True,
+        )
+        return int(resp.remaining_micros)
+
+    async def record_tool_call(
+        self,
+        task_id: str,
+        fencing_token: int,
+        idempotency_key: str,
+        tool: str,
+        arguments_sha256: str,
+        phase: int,
+        node_id: str,
+        *,
+        result: bytes = b"",
+        status: str = "",
+        cost_micros: int = 0,
+    ) -> tuple[pb.ToolCallRecord, bool]:
+        """Records STARTED or COMPLETED; returns (the record now, whether one existed).
+
+        Raises:
+            IdempotencyConflict: the key was recorded with other arguments.
+            StaleFencingToken, LeaseExpired, InvalidTransition: no live lease.
+        """
+        resp: pb.RecordToolCallResponse = await self._call(
+            self.stub.RecordToolCall,
+            pb.RecordToolCallRequest(
+                task_id=task_id,
+                fencing_token=fencing_token,
+                idempotency_key=idempotency_key,
+                tool=tool,
+                arguments_sha256=arguments_sha256,
+                phase=phase,  # type: ignore[arg-type]
+                result=result,
+                status=status,
+                node_id=node_id,
+                cost_micros=cost_micros,
+            ),
+            node=True,
+        )
+        return resp.record, resp.existed
+
+    async def lookup_tool_call(
+        self, task_id: str, idempotency_key: str
+    ) -> pb.ToolCallRecord | None:
+        """The recorded (task, key) outcome or STARTED marker, or None."""
+        resp: pb.LookupToolCallResponse = await self._call(
+            self.stub.LookupToolCall,
+            pb.LookupToolCallRequest(task_id=task_id, idempotency_key=idempotency_key),
+            node=True,
+        )
+        return resp.record if resp.found else None
+
     # -- operators ---------------------------------------------------------------------
 
     async def submit(
@@ -209,6 +330,13 @@ class ControlClient:
 
     async def get_policy(self, version: int = 0) -> pb.GetPolicyResponse:
         return await self._call(self.stub.GetPolicy, pb.GetPolicyRequest(version=version))
+
+    async def put_secret(self, name: str, value: bytes) -> int:
+        """Seals and stores a new version of secret `name` (write-only); returns the version."""
+        resp: pb.PutSecretResponse = await self._call(
+            self.stub.PutSecret, pb.PutSecretRequest(name=name, value=value)
+        )
+        return int(resp.version)
 
     async def health(self, service: str = "") -> int:
         """The grpc.health.v1 status (1 = SERVING) of `service` ("" for the server)."""

@@ -1,4 +1,4 @@
-"""CLI: `tether control`, `tether keys init`, and the operator commands.
+"""CLI: `tether control`, `tether keys init`, `tether secrets`, `tether policy`, operator commands.
 
 Operator commands read the operator token (when the control plane requires
 one) from the TETHER_OPERATOR_TOKEN environment variable or --operator-token-file.
@@ -42,6 +42,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="operator tokens, one per line; when given, operator RPCs require one "
         "(metadata x-tether-operator-token); when absent, operator RPCs are open",
     )
+    p.add_argument(
+        "--kek-file",
+        help="key-encryption keys of the credential vault (from `tether secrets init-kek`, "
+        "mode 0600); re-read when it changes, so `secrets rotate-kek` needs no restart. "
+        "Without it the vault is off",
+    )
     p.add_argument("--sweep-interval-ms", type=int, default=1000, help="lapsed-lease sweep period")
     p.add_argument("--ready-file", help="write the bound address here once serving")
     p.set_defaults(func=_cmd_control)
@@ -64,6 +70,49 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s.add_argument("--key", default="", help="idempotency key")
     s.add_argument("--max-attempts", type=int, default=0)
     s.set_defaults(func=_cmd_submit)
+
+    sec = sub.add_parser("secrets", help="the credential vault (write-only)")
+    ssub = sec.add_subparsers(dest="secrets_command", metavar="SUBCOMMAND", required=True)
+    si = ssub.add_parser("init-kek", help="create a key-encryption-key file (mode 0600)")
+    si.add_argument("--file", required=True, help="KEK file to create (never overwritten)")
+    si.set_defaults(func=_cmd_secrets_init_kek)
+    sp = ssub.add_parser(
+        "put",
+        help="seal and store a new version of a secret",
+        description="Reads the value from stdin (a prompt without echo on a terminal) or "
+        "--from-file, never from the command line; one trailing newline is dropped unless "
+        "--keep-newline. The value is never printed and cannot be read back.",
+    )
+    sp.add_argument("name", help="credential name, as the policy names it")
+    operator(sp)
+    sp.add_argument("--from-file", help="read the value from this file instead of stdin")
+    sp.add_argument("--keep-newline", action="store_true", help="keep a trailing newline")
+    sp.set_defaults(func=_cmd_secrets_put)
+    sr = ssub.add_parser(
+        "rotate-kek",
+        help="add a new active KEK and re-wrap every stored secret under it",
+        description="Offline tool on the database; safe while the control plane runs: the "
+        "KEK file gets a new last (active) key, old keys stay, and every secret's DEK is "
+        "re-wrapped in one transaction. A running control plane re-reads the changed KEK "
+        "file on its next vault use, so no restart is needed. Remove an old KEK from the "
+        "file only after a later run re-wraps 0 secrets.",
+    )
+    sr.add_argument("--kek-file", required=True, help="the KEK file of the control plane")
+    sr.add_argument("--db", required=True, help="the control plane's SQLite database")
+    sr.set_defaults(func=_cmd_secrets_rotate_kek)
+
+    pol = sub.add_parser("policy", help="apply or show the policy")
+    psub = pol.add_subparsers(dest="policy_command", metavar="SUBCOMMAND", required=True)
+    pa = psub.add_parser(
+        "apply", help="check a policy file and store it as the new version in force"
+    )
+    pa.add_argument("file", help="policy TOML file")
+    operator(pa)
+    pa.set_defaults(func=_cmd_policy_apply)
+    ps = psub.add_parser("show", help="print the policy in force (or a version)")
+    operator(ps)
+    ps.add_argument("--version", type=int, default=0, help="version (default: in force)")
+    ps.set_defaults(func=_cmd_policy_show)
 
     t = sub.add_parser("tasks", help="list tasks")
     operator(t)
@@ -115,6 +164,7 @@ def _cmd_control(args: argparse.Namespace) -> int:
             key=key,
             auth=auth,
             sweep_interval_ms=args.sweep_interval_ms,
+            kek_file=args.kek_file,
         )
         await serve_forever(running, Path(args.ready_file) if args.ready_file else None)
 
@@ -207,6 +257,96 @@ def _cmd_task_show(args: argparse.Namespace) -> int:
                 f"  token {lease.fencing_token} attempt {lease.attempt} node {lease.node_id}"
                 f" agent {lease.agent_id} expires {lease.expires_unix_ms}  {rec.outcome}"
             )
+        return 0
+
+    return _run_client(args, fn)
+
+
+def _cmd_secrets_init_kek(args: argparse.Namespace) -> int:
+    from tether.control.vault import init_kek_file
+
+    kek_id = init_kek_file(args.file)
+    print(f"wrote {args.file} (mode 0600); active KEK {kek_id}")
+    return 0
+
+
+def _read_secret_value(args: argparse.Namespace) -> bytes:
+    """The value from --from-file or stdin; never from argv, never echoed."""
+    if args.from_file:
+        try:
+            value = Path(args.from_file).read_bytes()
+        except OSError as err:
+            raise ConfigError(f"cannot read {args.from_file}: {err.strerror}") from None
+    elif sys.stdin.isatty():
+        import getpass
+
+        value = getpass.getpass(f"value of secret {args.name} (not echoed): ").encode()
+    else:
+        value = sys.stdin.buffer.read()
+    if not args.keep_newline:
+        if value.endswith(b"\r\n"):
+            value = value[:-2]
+        elif value.endswith(b"\n"):
+            value = value[:-1]
+    if not value:
+        raise ConfigError("the secret value is empty")
+    return value
+
+
+def _cmd_secrets_put(args: argparse.Namespace) -> int:
+    value = _read_secret_value(args)
+
+    async def fn(client: Any) -> int:
+        version = await client.put_secret(args.name, value)
+        print(f"secret {args.name} stored as version {version} (sealed; write-only)")
+        return 0
+
+    return _run_client(args, fn)
+
+
+def _cmd_secrets_rotate_kek(args: argparse.Namespace) -> int:
+    from tether.control.vault import rotate_kek
+    from tether.crypto.sealing import load_keks
+    from tether.store.sqlite import SqliteStore
+
+    load_keks(args.kek_file)  # refuse a missing/too-open file before touching anything
+    if not Path(args.db).exists():
+        raise ConfigError(f"database {args.db} does not exist")
+
+    async def go() -> tuple[str, int]:
+        store = SqliteStore(args.db)
+        await store.open()
+        try:
+            return await rotate_kek(args.kek_file, store)
+        finally:
+            await store.close()
+
+    kek_id, count = asyncio.run(go())
+    print(f"active KEK is now {kek_id}; re-wrapped {count} secret version(s)")
+    return 0
+
+
+def _cmd_policy_apply(args: argparse.Namespace) -> int:
+    from tether.core.policy import load_policy
+
+    policy = load_policy(args.file)  # ConfigError names the key and line -> exit 2
+
+    async def fn(client: Any) -> int:
+        resp = await client.put_policy(policy.text)
+        print(f"policy version {resp.version} in force (sha256 {resp.digest})")
+        return 0
+
+    return _run_client(args, fn)
+
+
+def _cmd_policy_show(args: argparse.Namespace) -> int:
+    if args.version < 0:
+        raise ConfigError("--version must not be negative")
+
+    async def fn(client: Any) -> int:
+        resp = await client.get_policy(args.version)
+        sys.stdout.write(resp.document if resp.document.endswith("\n") else resp.document + "\n")
+        print(f"policy version {resp.version} (sha256 {resp.digest})", file=sys.stderr)
         return 0
 
     return _run_client(args, fn)

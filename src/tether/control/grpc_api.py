@@ -15,15 +15,20 @@ from typing import Any
 
 import grpc
 
+from tether.control.ledger import Ledger
 from tether.control.service import ControlService
+from tether.control.vault import MAX_SECRET_BYTES
 from tether.core.errors import ConfigError, InvalidArgument, TetherError
 from tether.core.leases import MAX_TTL_MS, MIN_TTL_MS
 from tether.core.states import HOLDER_EVENTS, Event, State
 from tether.crypto.envelopes import json_to_proto, to_proto
 from tether.grpcutil.status import handle_errors
-from tether.store.base import TaskRecord
+from tether.store.base import TaskRecord, ToolCallPhase, ToolCallRecord, ToolCallWrite
 from tether.v1 import control_pb2 as pb
 from tether.v1 import control_pb2_grpc as pb_grpc
+from tether.v1 import receipt_pb2
+from tether.verify.bundle import bundle_to_proto
+from tether.verify.bundle import checkpoint_to_proto as bundle_to_proto_checkpoint
 
 NODE_TOKEN_HEADER = "x-tether-node-token"
 OPERATOR_TOKEN_HEADER = "x-tether-operator-token"
@@ -38,6 +43,8 @@ DEFAULT_PAGE_SIZE = 100
 
 _ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _KEY_RE = re.compile(r"[A-Za-z0-9._:-]{1,256}")
+_SHA256_RE = re.compile(r"[0-9a-f]{64}")
+_STATUS_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 class NotImplementedYet(TetherError):
@@ -116,6 +123,56 @@ def check_holder_event(field: str, value: int) -> Event:
             f"{event.name} is not a holder event; send START, SUCCEED, FAIL or RELEASE",
         )
     return event
+
+
+def check_key(field: str, value: str) -> str:
+    """A required key matching [A-Za-z0-9._:-]{1,256} (reservation ids)."""
+    if not value:
+        raise InvalidArgument(field, "is required")
+    if not _KEY_RE.fullmatch(value):
+        raise InvalidArgument(field, "must match [A-Za-z0-9._:-]{1,256}")
+    return value
+
+
+def check_idempotency_key(field: str, value: str) -> str:
+    """A required idempotency key: 1..256 printable characters."""
+    if not value:
+        raise InvalidArgument(field, "is required")
+    if len(value) > MAX_KEY_CHARS:
+        raise InvalidArgument(field, f"is {len(value)} characters; the limit is {MAX_KEY_CHARS}")
+    if not value.isprintable():
+        raise InvalidArgument(field, "must not contain control characters")
+    return value
+
+
+def check_sha256(field: str, value: str) -> str:
+    """A lower-case hex SHA-256 digest."""
+    if not _SHA256_RE.fullmatch(value):
+        raise InvalidArgument(field, "must be 64 lower-case hex characters (a SHA-256 digest)")
+    return value
+
+
+def check_phase(field: str, value: int) -> ToolCallPhase:
+    """STARTED or COMPLETED."""
+    try:
+        return ToolCallPhase(value)
+    except ValueError:
+        raise InvalidArgument(field, f"unknown or unspecified ToolCallPhase {value}") from None
+
+
+def tool_call_to_proto(r: ToolCallRecord) -> pb.ToolCallRecord:
+    """The wire form of an idempotency record."""
+    return pb.ToolCallRecord(
+        task_id=r.task_id,
+        idempotency_key=r.idempotency_key,
+        tool=r.tool,
+        arguments_sha256=r.arguments_sha256,
+        phase=int(r.phase),  # type: ignore[arg-type]
+        result=r.result,
+        status=r.status,
+        fencing_token=r.fencing_token,
+        cost_micros=r.cost_micros,
+    )
 
 
 def _metadata(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str:
@@ -303,47 +360,167 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
     # tether.control.ledger); each must stay decorated with @handle_errors.
 
     @handle_errors
-    async def IssueCredential(self, request: Any, context: Any) -> Any:
-        raise NotImplementedYet("IssueCredential is not implemented yet")
+    async def IssueCredential(
+        self, request: pb.IssueCredentialRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.IssueCredentialResponse:
+        task_id = check_id("task_id", request.task_id)
+        token = check_token("fencing_token", request.fencing_token)
+        name = check_id("name", request.name)
+        tool = check_id("tool", request.tool)
+        node_id = check_id("node_id", request.node_id)
+        await self._node(context, node_id)
+        value, expires = await self.service.issue_credential(
+            task_id=task_id, fencing_token=token, node_id=node_id, name=name, tool=tool
+        )
+        return pb.IssueCredentialResponse(value=value, expires_unix_ms=expires)
 
     @handle_errors
-    async def ReserveBudget(self, request: Any, context: Any) -> Any:
-        raise NotImplementedYet("ReserveBudget is not implemented yet")
+    async def ReserveBudget(
+        self, request: pb.ReserveBudgetRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ReserveBudgetResponse:
+        task_id = check_id("task_id", request.task_id)
+        token = check_token("fencing_token", request.fencing_token)
+        reservation_id = check_key("reservation_id", request.reservation_id)
+        if request.amount_micros <= 0:
+            raise InvalidArgument("amount_micros", "must be positive")
+        node_id = check_id("node_id", request.node_id)
+        await self._node(context, node_id)
+        state = await self.service.reserve_budget(
+            task_id=task_id,
+            fencing_token=token,
+            node_id=node_id,
+            reservation_id=reservation_id,
+            amount_micros=request.amount_micros,
+        )
+        return pb.ReserveBudgetResponse(remaining_micros=state.remaining_micros)
 
     @handle_errors
-    async def SettleBudget(self, request: Any, context: Any) -> Any:
-        raise NotImplementedYet("SettleBudget is not implemented yet")
+    async def SettleBudget(
+        self, request: pb.SettleBudgetRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.SettleBudgetResponse:
+        task_id = check_id("task_id", request.task_id)
+        token = check_token("fencing_token", request.fencing_token)
+        reservation_id = check_key("reservation_id", request.reservation_id)
+        if request.actual_micros < 0:
+            raise InvalidArgument("actual_micros", "must not be negative")
+        node_id = check_id("node_id", request.node_id)
+        await self._node(context, node_id)
+        state = await self.service.settle_budget(
+            task_id=task_id,
+            fencing_token=token,
+            node_id=node_id,
+            reservation_id=reservation_id,
+            actual_micros=request.actual_micros,
+        )
+        return pb.SettleBudgetResponse(remaining_micros=state.remaining_micros)
 
     @handle_errors
-    async def RecordToolCall(self, request: Any, context: Any) -> Any:
-        raise NotImplementedYet("RecordToolCall is not implemented yet")
+    async def RecordToolCall(
+        self, request: pb.RecordToolCallRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RecordToolCallResponse:
+        task_id = check_id("task_id", request.task_id)
+        token = check_token("fencing_token", request.fencing_token)
+        key = check_idempotency_key("idempotency_key", request.idempotency_key)
+        tool = check_id("tool", request.tool)
+        args = check_sha256("arguments_sha256", request.arguments_sha256)
+        phase = check_phase("phase", request.phase)
+        result = check_bytes("result", request.result)
+        if phase is ToolCallPhase.STARTED:
+            for field, given in (
+                ("result", bool(request.result)),
+                ("status", bool(request.status)),
+                ("cost_micros", request.cost_micros != 0),
+            ):
+                if given:
+                    raise InvalidArgument(field, "must be empty for phase STARTED")
+        elif not _STATUS_RE.fullmatch(request.status):
+            raise InvalidArgument("status", "must match [A-Za-z0-9._-]{1,64} for COMPLETED")
+        if request.cost_micros < 0:
+            raise InvalidArgument("cost_micros", "must not be negative")
+        node_id = check_id("node_id", request.node_id)
+        await self._node(context, node_id)
+        record, existed = await self.service.record_tool_call(
+            ToolCallWrite(
+                task_id=task_id,
+                fencing_token=token,
+                node_id=node_id,
+                idempotency_key=key,
+                tool=tool,
+                arguments_sha256=args,
+                phase=phase,
+                result=result,
+                status=request.status,
+                cost_micros=request.cost_micros,
+            )
+        )
+        return pb.RecordToolCallResponse(record=tool_call_to_proto(record), existed=existed)
 
     @handle_errors
-    async def LookupToolCall(self, request: Any, context: Any) -> Any:
-        raise NotImplementedYet("LookupToolCall is not implemented yet")
+    async def LookupToolCall(
+        self, request: pb.LookupToolCallRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.LookupToolCallResponse:
+        task_id = check_id("task_id", request.task_id)
+        key = check_idempotency_key("idempotency_key", request.idempotency_key)
+        await self.service.authenticate_any_node(_metadata(context, NODE_TOKEN_HEADER))
+        record = await self.service.lookup_tool_call(task_id, key)
+        if record is None:
+            return pb.LookupToolCallResponse(found=False)
+        return pb.LookupToolCallResponse(found=True, record=tool_call_to_proto(record))
+
+    # -- receipt ledger (tether.control.ledger) ---------------------------------------
+
+    async def _ledger(self) -> Ledger:
+        """The ledger over the service's store, opened on first use."""
+        ledger: Ledger | None = getattr(self, "_ledger_obj", None)
+        if ledger is None:
+            ledger = Ledger(self.service.store, self.service.key, self.service.clock)  # type: ignore[arg-type]
+            await ledger.open()
+            self._ledger_obj = ledger
+        return ledger
 
     @handle_errors
     async def StreamReceipts(
         self, request_iterator: Any, context: Any
     ) -> AsyncIterator[pb.StreamReceiptsResponse]:
-        raise NotImplementedYet("StreamReceipts is not implemented yet")
-        yield pb.StreamReceiptsResponse()  # pragma: no cover - makes this a stream method
+        ledger = await self._ledger()
+        node_id = ""
+        async for request in request_iterator:
+            if not node_id:
+                node_id = check_id("node_id", request.node_id)
+                await self._node(context, node_id)
+            elif request.node_id != node_id:
+                raise InvalidArgument("node_id", "must not change within one stream")
+            batch = [(r.seq, bytes(r.envelope)) for r in request.receipts]
+            acked, index = await ledger.ingest(node_id, batch)
+            yield pb.StreamReceiptsResponse(acked_seq=acked, ledger_index=index)
 
     @handle_errors
     async def GetCheckpoint(self, request: Any, context: Any) -> Any:
-        raise NotImplementedYet("GetCheckpoint is not implemented yet")
+        cp = await (await self._ledger()).checkpoint(fresh=request.fresh)
+        return pb.GetCheckpointResponse(checkpoint=bundle_to_proto_checkpoint(cp))
 
     @handle_errors
     async def GetInclusionProof(self, request: Any, context: Any) -> Any:
-        raise NotImplementedYet("GetInclusionProof is not implemented yet")
+        ledger = await self._ledger()
+        size, hashes = ledger.inclusion_proof(request.leaf_index, request.tree_size)
+        return pb.GetInclusionProofResponse(
+            proof=receipt_pb2.InclusionProof(
+                leaf_index=request.leaf_index, tree_size=size, hashes=hashes
+            )
+        )
 
     @handle_errors
     async def GetConsistencyProof(self, request: Any, context: Any) -> Any:
-        raise NotImplementedYet("GetConsistencyProof is not implemented yet")
+        ledger = await self._ledger()
+        hashes = ledger.consistency_proof(request.first_size, request.second_size)
+        return pb.GetConsistencyProofResponse(hashes=hashes)
 
     @handle_errors
     async def ExportBundle(self, request: Any, context: Any) -> Any:
-        raise NotImplementedYet("ExportBundle is not implemented yet")
+        self._operator(context)
+        task_ids = [check_id("task_ids", t) for t in request.task_ids]
+        bundle = await (await self._ledger()).export(task_ids, request.since_unix_ms)
+        return pb.ExportBundleResponse(bundle=bundle_to_proto(bundle))
 
     @handle_errors
     async def PutPolicy(
@@ -368,5 +545,17 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         return pb.GetPolicyResponse(document=rec.document, version=rec.version, digest=rec.digest)
 
     @handle_errors
-    async def PutSecret(self, request: Any, context: Any) -> Any:
-        raise NotImplementedYet("PutSecret is not implemented yet (needs the vault)")
+    async def PutSecret(
+        self, request: pb.PutSecretRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.PutSecretResponse:
+        name = check_id("name", request.name)
+        if not request.value:
+            raise InvalidArgument("value", "is required (1 byte to 64 KiB)")
+        if len(request.value) > MAX_SECRET_BYTES:
+            # The length only: a secret never appears in an error.
+            raise InvalidArgument(
+                "value", f"is {len(request.value)} bytes; the limit is {MAX_SECRET_BYTES}"
+            )
+        self._operator(context)
+        version = await self.service.put_secret(name, bytes(request.value))
+        return pb.PutSecretResponse(version=version)

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from tether.control.grpc_api import ControlServicer
 from tether.control.service import Auth, ControlConfig, ControlService
 from tether.control.sweeper import DEFAULT_SWEEP_INTERVAL_MS, Sweeper
+from tether.control.vault import Vault
 from tether.core.clock import Clock
 from tether.core.errors import ConfigError
 from tether.crypto.signing import SigningKey
@@ -73,19 +74,24 @@ async def start_server(
     config: ControlConfig | None = None,
     sweep_interval_ms: int | None = DEFAULT_SWEEP_INTERVAL_MS,
     store: Store | None = None,
+    kek_file: Path | str | None = None,
 ) -> RunningControl:
     """Opens the store and starts serving on `listen` ("host:port", port 0 ok, or "unix:/path").
 
     `sweep_interval_ms=None` disables the background sweeper (tests call
-    `service.sweep()` themselves).
+    `service.sweep()` themselves). Without `kek_file` the credential vault is
+    off: PutSecret and IssueCredential fail with VAULT_NOT_CONFIGURED.
 
     Raises:
         ConfigError: bad listen address or the port cannot be bound.
     """
     target = grpc_target(listen)
+    vault = Vault(kek_file) if kek_file is not None else None  # ConfigError before any I/O
     store = store or SqliteStore(db)
     await store.open()
-    service = ControlService(store, key, clock, config=config, auth=auth)
+    service = ControlService(store, key, clock, config=config, auth=auth, vault=vault)
+    if vault is None:
+        log.warning("no --kek-file: the credential vault is off")
     await service.start()
     options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),

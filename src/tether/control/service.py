@@ -16,7 +16,7 @@ import logging
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tether.core.clock import Clock, SystemClock
 from tether.core.errors import (
@@ -24,16 +24,18 @@ from tether.core.errors import (
     InvalidArgument,
     NotFound,
     NotOwner,
+    PolicyDenied,
     Unauthenticated,
 )
 from tether.core.leases import DEFAULT_TTL_MS, Lease
 from tether.core.policy import Policy, parse_policy
 from tether.core.states import Event, State
 from tether.crypto.certs import DEFAULT_CERT_VALIDITY_MS, issue_cert
-from tether.crypto.leases import sign_lease
+from tether.crypto.leases import decode_lease, sign_lease
 from tether.crypto.signing import Envelope, SigningKey
 from tether.store.base import (
     DEFAULT_MAX_ATTEMPTS,
+    BudgetState,
     LapseOutcome,
     LeaseHistoryEntry,
     NewTask,
@@ -41,8 +43,13 @@ from tether.store.base import (
     PolicyRecord,
     Store,
     TaskRecord,
+    ToolCallRecord,
+    ToolCallWrite,
 )
 from tether.store.sqlite import token_sha256
+
+if TYPE_CHECKING:
+    from tether.control.vault import Vault
 
 log = logging.getLogger("tether.control")
 
@@ -152,8 +159,11 @@ class ControlService:
         *,
         config: ControlConfig | None = None,
         auth: Auth | None = None,
+        vault: Vault | None = None,
     ) -> None:
         self.store = store
+        self.vault = vault
+        self._policies: dict[str, Policy] = {}  # digest -> parsed; leases name their digest
         self.key = key
         self.clock: Clock = clock or SystemClock()
         self.config = config or ControlConfig()
@@ -172,6 +182,7 @@ class ControlService:
 
     def _set_policy(self, document: str, digest: str) -> None:
         self._policy = parse_policy(document)
+        self._policies[self._policy.digest] = self._policy
 
     async def put_policy(self, document: str) -> PolicyRecord:
         """Stores a new policy version and puts it in force for new leases.
@@ -182,6 +193,7 @@ class ControlService:
         policy = parse_policy(document)  # raises ConfigError on a bad document
         rec = await self.store.put_policy(document, policy.digest, self.clock.now_ms())
         self._policy = policy
+        self._policies[policy.digest] = policy
         log.info("policy stored: version %d digest %s", rec.version, policy.digest)
         return rec
 
@@ -377,6 +389,158 @@ class ControlService:
             await self._waiters.notify()
         return out
 
+    # -- policy of a lease, credentials, budgets, tool-call records ---------------------
+
+    async def lease_policy(self, task_id: str, fencing_token: int) -> Policy | None:
+        """The policy the lease (task, token) was last signed under, or None if it had none.
+
+        Grants follow the lease, not the newest policy: a lease carries its
+        policy digest and every grant is judged by that document.
+        """
+        raw = await self.store.lease_envelope(task_id, fencing_token)
+        if raw is None:
+            return None
+        digest = decode_lease(Envelope.from_json_bytes(raw).payload).policy_digest
+        if not digest:
+            return None
+        policy = self._policies.get(digest)
+        if policy is None:
+            rec = await self.store.get_policy_by_digest(digest)
+            if rec is None:
+                return None
+            policy = parse_policy(rec.document)
+            self._policies[digest] = policy
+        return policy
+
+    async def put_secret(self, name: str, value: bytes) -> int:
+        """Seals and stores the next version of secret `name`; returns the version.
+
+        Raises:
+            VaultNotConfigured: the control plane has no KEK file.
+        """
+        vault = self._vault()
+        version = await vault.put(self.store, name, value, self.clock.now_ms())
+        log.info("secret %s stored as version %d (sealed)", name, version)
+        return version
+
+    def _vault(self) -> Vault:
+        if self.vault is None:
+            from tether.control.vault import VaultNotConfigured
+
+            raise VaultNotConfigured(
+                "the credential vault is not configured: start tether control with --kek-file"
+            )
+        return self.vault
+
+    async def issue_credential(
+        self, *, task_id: str, fencing_token: int, node_id: str, name: str, tool: str
+    ) -> tuple[bytes, int]:
+        """The value of credential `name` for `tool`, valid until the lease's expiry.
+
+        Raises:
+            StaleFencingToken, LeaseExpired, NotOwner, InvalidTransition: no live lease.
+            PolicyDenied: the lease's policy does not grant `name` to `tool`, or
+                `tool` to the task's queue.
+            NotFound: no secret is stored under `name`.
+        """
+        task = await self.store.check_live_lease(
+            task_id=task_id,
+            fencing_token=fencing_token,
+            node_id=node_id,
+            now_ms=self.clock.now_ms(),
+        )
+        policy = await self.lease_policy(task_id, fencing_token)
+        meta = {"credential": name, "tool": tool, "queue": task.queue}
+        if policy is None:
+            raise PolicyDenied(
+                f"credential {name!r} is not granted to tool {tool!r}: the lease on task "
+                f"{task_id} carries no policy",
+                metadata=meta,
+            )
+        if tool not in policy.tools_for_queue(task.queue):
+            raise PolicyDenied(
+                f"credential {name!r} is not granted to tool {tool!r}: the tool is not "
+                f"granted to queue {task.queue!r}",
+                metadata=meta,
+            )
+        if not policy.credential_allowed(name, tool):
+            raise PolicyDenied(
+                f"credential {name!r} is not granted to tool {tool!r} by the lease's policy",
+                metadata=meta,
+            )
+        value = await self._vault().open(self.store, name)
+        log.info(
+            "credential %s issued",
+            name,
+            extra={"task_id": task_id, "node_id": node_id, "tool": tool},
+        )
+        return value, task.lease_expires_unix_ms
+
+    async def _default_budget(self, task_id: str, fencing_token: int) -> int:
+        """The queue's budget_micros in the lease's policy (0 without one: only free calls)."""
+        task = await self.store.get_task(task_id)
+        if task.budget_limit_micros:
+            return 0  # the task's own limit wins; the store uses it
+        policy = await self.lease_policy(task_id, fencing_token)
+        spec = policy.queues.get(task.queue) if policy is not None else None
+        return spec.budget_micros if spec is not None else 0
+
+    async def reserve_budget(
+        self,
+        *,
+        task_id: str,
+        fencing_token: int,
+        node_id: str,
+        reservation_id: str,
+        amount_micros: int,
+    ) -> BudgetState:
+        """Atomically reserves spend under the live lease; idempotent on `reservation_id`.
+
+        Raises:
+            BudgetExhausted: the limit does not cover it (RESOURCE_EXHAUSTED).
+            StaleFencingToken, LeaseExpired, NotOwner, InvalidTransition: no live lease.
+        """
+        default = await self._default_budget(task_id, fencing_token)
+        state = await self.store.reserve_budget(
+            task_id=task_id,
+            fencing_token=fencing_token,
+            node_id=node_id,
+            reservation_id=reservation_id,
+            amount_micros=amount_micros,
+            default_limit_micros=default,
+            now_ms=self.clock.now_ms(),
+        )
+        return state
+
+    async def settle_budget(
+        self,
+        *,
+        task_id: str,
+        fencing_token: int,
+        node_id: str,
+        reservation_id: str,
+        actual_micros: int,
+    ) -> BudgetState:
+        """Replaces a reservation by the actual cost (also after the lease ended)."""
+        default = await self._default_budget(task_id, fencing_token)
+        return await self.store.settle_budget(
+            task_id=task_id,
+            fencing_token=fencing_token,
+            node_id=node_id,
+            reservation_id=reservation_id,
+            actual_micros=actual_micros,
+            default_limit_micros=default,
+            now_ms=self.clock.now_ms(),
+        )
+
+    async def record_tool_call(self, write: ToolCallWrite) -> tuple[ToolCallRecord, bool]:
+        """Records STARTED or COMPLETED for (task, key) under the live lease."""
+        return await self.store.record_tool_call(write, self.clock.now_ms())
+
+    async def lookup_tool_call(self, task_id: str, idempotency_key: str) -> ToolCallRecord | None:
+        """The record of (task, key), whichever lease wrote it."""
+        return await self.store.lookup_tool_call(task_id, idempotency_key)
+
     # -- nodes and auth ---------------------------------------------------------------
 
     async def register_node(
@@ -430,6 +594,24 @@ class ControlService:
             raise Unauthenticated("unknown node token; register the node again")
         if owner != node_id:
             raise NotOwner(f"the node token presented does not belong to node {node_id!r}")
+
+    async def authenticate_any_node(self, token: str) -> str:
+        """The id of the enrolled node holding `token` (for node RPCs that name no node).
+
+        Raises:
+            Unauthenticated: no token, or one no node holds.
+        """
+        if not token:
+            raise Unauthenticated("missing node token (metadata x-tether-node-token)")
+        digest = token_sha256(token)
+        owner = self._node_tokens.get(digest)
+        if owner is not None:
+            return owner
+        node = await self.store.get_node_by_token(digest)
+        if node is None:
+            raise Unauthenticated("unknown node token; register the node again")
+        self._node_tokens[digest] = node.node_id
+        return node.node_id
 
     def authenticate_operator(self, token: str) -> None:
         """Checks the operator token when the control plane was given any.

@@ -101,9 +101,18 @@ assert set(_JSON_NAMES.values()) == {f.name for f in dataclasses.fields(Receipt)
 
 _STR, _U32T, _U64T, _I64T, _KIND, _STATE = range(6)
 _TYPES: dict[str, int] = {
-    "version": _U32T, "kind": _KIND, "seq": _U64T, "attempt": _U32T, "fencing_token": _U64T,
-    "lease_issued_unix_ms": _I64T, "lease_expires_unix_ms": _I64T, "time_unix_ms": _I64T,
-    "duration_ms": _U32T, "cost_micros": _I64T, "final_state": _STATE, "artifact_size": _U64T,
+    "version": _U32T,
+    "kind": _KIND,
+    "seq": _U64T,
+    "attempt": _U32T,
+    "fencing_token": _U64T,
+    "lease_issued_unix_ms": _I64T,
+    "lease_expires_unix_ms": _I64T,
+    "time_unix_ms": _I64T,
+    "duration_ms": _U32T,
+    "cost_micros": _I64T,
+    "final_state": _STATE,
+    "artifact_size": _U64T,
 }  # every other field is a string
 _TYPES_ALL = tuple(f.name for f in dataclasses.fields(Receipt))
 _SPEC: dict[str, tuple[str, int]] = {

@@ -91,9 +91,7 @@ def _handler(state: ApiState) -> type[BaseHTTPRequestHandler]:
                     stale = True
                 else:
                     state.highest_token[resource] = token
-                    state.writes.append(
-                        {"resource": resource, "token": token, "bytes": len(body)}
-                    )
+                    state.writes.append({"resource": resource, "token": token, "bytes": len(body)})
                     stale = False
             if stale:
                 self._reply(

@@ -69,6 +69,9 @@ class HeldLease:
     finished: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     keeper: asyncio.Task[None] | None = None
+    # Credentials issued under this lease: name -> (value, valid until Unix ms).
+    # Memory only, never repr'd; dropped the moment the lease ends.
+    credentials: dict[str, tuple[bytes, int]] = field(default_factory=dict, repr=False)
 
     @property
     def task_id(self) -> str:
@@ -77,6 +80,10 @@ class HeldLease:
     @property
     def ttl_ms(self) -> int:
         return self.lease.expires_unix_ms - self.lease.issued_unix_ms
+
+    def drop_credentials(self) -> None:
+        """Forgets every credential issued under this lease (the lease has ended)."""
+        self.credentials.clear()
 
     def receipt(self, kind: ReceiptKind, now_ms: int, **facts: Any) -> Receipt:
         """A receipt with every lease fact filled in."""
@@ -212,6 +219,7 @@ class LeaseTable:
         if held.lost_reason or held.finished:
             return
         held.lost_reason = reason
+        held.drop_credentials()
         log.warning(
             "LEASE LOST: %s",
             reason,
@@ -229,10 +237,12 @@ class LeaseTable:
     async def finish(self, held: HeldLease) -> None:
         """Marks a task finished through this sidecar; stops renewing it."""
         held.finished = True
+        held.drop_credentials()
         self._stop_keeper(held)
 
     async def forget(self, held: HeldLease) -> None:
         """Drops a lease from the table (finished or lost long ago)."""
+        held.drop_credentials()
         self._stop_keeper(held)
         self._held.pop(held.task_id, None)
 
@@ -328,6 +338,7 @@ class LeaseTable:
     async def close(self) -> None:
         """Stops every keeper (without releasing; see the server's shutdown)."""
         for held in list(self._held.values()):
+            held.drop_credentials()
             self._stop_keeper(held)
             if held.keeper is not None:
                 with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -1,37 +1,82 @@
 """Tool-call mediation: the one path from an agent's CallTool to a side effect.
 
-This phase's Mediator enforces what must hold before anything runs:
+`Mediator.call_tool` decides, injects, runs, redacts and records, in this order:
 
-* fencing at the point of action: a lost, lapsed or finished lease is refused
-  *before* the tool runs, checked against the signed expiry right then;
-* the tool must be in the lease's scope (the tools the control plane signed
-  into the lease); anything else is PERMISSION_DENIED with a TOOL_DENIED receipt;
-* the arguments must be a JSON object of at most 1 MiB.
+1. **Fencing at the point of action**: a lost, lapsed or finished lease is
+   refused before anything happens (and again right before the tool runs);
+   every control-plane call below carries the fencing token, and a refusal of
+   it fences the task at once (FAILED_PRECONDITION "lease lost").
+2. **Grant**: the tool must be in the lease's signed scope and granted by the
+   exact policy the lease names; otherwise PERMISSION_DENIED naming the tool
+   and a TOOL_DENIED receipt.
+3. **Idempotency** (with a key): `LookupToolCall` first. A COMPLETED record with
+   the same arguments digest is returned as is (`replayed`, receipt status
+   "replayed"), nothing runs and nothing is charged; other arguments are
+   INVALID_ARGUMENT; a STARTED record (outcome unknown after a crash or a
+   takeover) is re-run only when the policy declares the tool idempotent,
+   otherwise ABORTED (`OutcomeUnknown`) with a receipt. Calls with one key are
+   serialised inside the sidecar, so a concurrent duplicate waits and replays.
+4. **Budget**: `ReserveBudget` of the tool's declared cost, an atomic
+   conditional write at the control plane (RESOURCE_EXHAUSTED + TOOL_DENIED
+   receipt with status BUDGET_EXHAUSTED when it does not fit).
+5. **Credentials**: `IssueCredential` for each credential the tool declares,
+   cached in the lease's memory (`HeldLease.credentials`) and dropped when the
+   lease ends; never in a ToolOutcome, a log line, a receipt or an error.
+   Only then is the STARTED record written, so a refused reservation or
+   credential never leaves a STARTED marker that would block a clean retry.
+6. **Run** through the policy adapter with the time left on the lease as the
+   upper bound, a per-task workspace, the queue's network allowlist and the
+   fencing token (the `X-Tether-Fencing-Token` header for http tools).
+7. **Redact** the result and any error for every credential of the lease.
+8. `SettleBudget` with the actual cost (the tool's report, else the declared
+   cost, never above the reservation), 9. `RecordToolCall` COMPLETED with the
+   redacted result, 10. a TOOL_CALL receipt with the digests of the arguments
+   and the redacted result, duration, cost, status and idempotency key.
 
-Running a granted tool needs its policy spec and an adapter: `PolicyToolRunner`
-finds the exact policy the lease names and runs the tool through
-`tether.sidecar.tools.run_tool` (timeout, redaction). Without a runner, a
-granted tool is refused with a clear reason and a receipt, never a fake result.
-Budgets, idempotency records and credentials plug in here next.
+Control plane unreachable: before the run the agent gets UNAVAILABLE saying the
+tool did not run. After the run of a keyed call the outcome is kept in memory,
+the agent gets UNAVAILABLE saying the tool ran, and a retry with the same key
+records and returns that outcome (never a second run). A tool that timed out
+leaves its STARTED record: its outcome is unknown.
+
+The arguments digest is the SHA-256 of the canonical JSON of the arguments
+(sorted keys, no spaces). Agents never hold credentials, so the arguments they
+send carry none; the digest is stable across retries and sidecars.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import secrets
 import time
-from dataclasses import dataclass
+import weakref
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from tether.core import errors as E
 from tether.core.clock import Clock
-from tether.core.policy import Policy, load_policy, parse_policy
+from tether.core.policy import Policy, ToolSpec, load_policy, parse_policy
 from tether.core.receipts import ReceiptKind
-from tether.sidecar.leases import HeldLease
+from tether.sidecar.leases import HeldLease, LeaseTable
 from tether.sidecar.receipts import ReceiptSink, sha256_hex
-from tether.sidecar.tools import Tool, ToolContext, build_tool, run_tool
+from tether.sidecar.redaction import Redactor
+from tether.sidecar.tools import Tool, ToolContext, ToolResult, build_tool, run_tool
+from tether.v1 import control_pb2 as pb
+
+log = logging.getLogger("tether.sidecar.mediation")
 
 MAX_ARGUMENTS_BYTES = 1024 * 1024
+MAX_UNRECORDED = 1024  # outcomes kept for retries while the control plane is unreachable
+STARTED = pb.TOOL_CALL_PHASE_STARTED
+COMPLETED = pb.TOOL_CALL_PHASE_COMPLETED
+REFUSED_KEY = "tether_refused"  # marks a recorded adapter refusal, replayed as the same error
+_LOST = (E.StaleFencingToken, E.LeaseExpired, E.NotOwner, E.LeaseLost)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -46,11 +91,62 @@ class ToolOutcome:
 
 
 class ToolRunner(Protocol):
-    """Runs one granted tool for a held lease; raises TetherError on refusal."""
+    """Finds a granted tool's policy spec and runs it through its adapter."""
 
-    async def run(self, held: HeldLease, tool: str, arguments: dict[str, Any]) -> ToolOutcome:
-        """Runs the tool and returns its redacted outcome."""
+    async def spec(self, held: HeldLease, tool: str) -> ToolSpec:
+        """The tool as the lease's policy declares it.
+
+        Raises:
+            PolicyDenied: the policy does not grant the tool to the lease's queue.
+        """
         ...
+
+    async def run(
+        self,
+        held: HeldLease,
+        spec: ToolSpec,
+        arguments: dict[str, Any],
+        *,
+        credentials: Mapping[str, bytes],
+        redactor: Redactor,
+        idempotency_key: str = "",
+    ) -> ToolResult:
+        """Runs the tool once; the result and any error are already redacted."""
+        ...
+
+
+class MediationControl(Protocol):
+    """The control-plane calls mediation needs (`tether.sidecar.uplink.Uplink`)."""
+
+    async def issue_credential(
+        self, *, task_id: str, fencing_token: int, name: str, tool: str
+    ) -> pb.IssueCredentialResponse: ...
+
+    async def reserve_budget(
+        self, *, task_id: str, fencing_token: int, reservation_id: str, amount_micros: int
+    ) -> int: ...
+
+    async def settle_budget(
+        self, *, task_id: str, fencing_token: int, reservation_id: str, actual_micros: int
+    ) -> int: ...
+
+    async def lookup_tool_call(
+        self, task_id: str, idempotency_key: str
+    ) -> pb.ToolCallRecord | None: ...
+
+    async def record_tool_call(
+        self,
+        *,
+        task_id: str,
+        fencing_token: int,
+        idempotency_key: str,
+        tool: str,
+        arguments_sha256: str,
+        phase: int,
+        result: bytes = b"",
+        status: str = "",
+        cost_micros: int = 0,
+    ) -> tuple[pb.ToolCallRecord, bool]: ...
 
 
 def parse_arguments(arguments_json: str) -> dict[str, Any]:
@@ -70,13 +166,64 @@ def parse_arguments(arguments_json: str) -> dict[str, Any]:
     return value
 
 
+def arguments_digest(arguments: Mapping[str, Any]) -> str:
+    """Hex SHA-256 of the canonical JSON of `arguments` (key order and spacing ignored)."""
+    canonical = json.dumps(arguments, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return sha256_hex(canonical.encode())
+
+
+@dataclass
+class _Unrecorded:
+    """A keyed call that ran but whose settlement/record did not reach the control plane."""
+
+    tool: str
+    args_digest: str
+    outcome: ToolOutcome
+    fencing_token: int
+    reservation_id: str = ""
+    actual_micros: int = 0
+    settled: bool = False
+    held: HeldLease | None = None
+
+
+@dataclass
+class _Call:
+    """One call in flight (internal)."""
+
+    held: HeldLease
+    spec: ToolSpec
+    arguments: dict[str, Any]
+    args_digest: str
+    key: str
+
+    @property
+    def tool(self) -> str:
+        return self.spec.name
+
+
 class Mediator:
     """Checks a tool call against its lease, runs it, and records it."""
 
-    def __init__(self, *, sink: ReceiptSink, clock: Clock, runner: ToolRunner | None = None):
+    def __init__(
+        self,
+        *,
+        sink: ReceiptSink,
+        clock: Clock,
+        runner: ToolRunner | None = None,
+        control: MediationControl | None = None,
+        leases: LeaseTable | None = None,
+    ) -> None:
         self._sink = sink
         self._clock = clock
         self._runner = runner
+        self._control = control
+        self._leases = leases
+        self._key_locks: weakref.WeakValueDictionary[tuple[str, str], asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+        self._unrecorded: dict[tuple[str, str], _Unrecorded] = {}
+
+    # -- receipts and refusals ----------------------------------------------------------
 
     async def _deny(
         self, held: HeldLease, tool: str, args_digest: str, key: str, err: E.TetherError
@@ -89,10 +236,58 @@ class Mediator:
                 arguments_sha256=args_digest,
                 idempotency_key=key,
                 status=err.reason,
-                reason=err.message,
+                reason=err.message[:512],
             )
         )
         return err
+
+    async def _tool_call_receipt(
+        self, call: _Call, outcome: ToolOutcome, duration_ms: int, status: str = ""
+    ) -> None:
+        await self._sink.emit(
+            call.held.receipt(
+                ReceiptKind.TOOL_CALL,
+                self._clock.now_ms(),
+                tool=call.tool,
+                arguments_sha256=call.args_digest,
+                result_sha256=sha256_hex(outcome.result_json.encode()),
+                duration_ms=duration_ms,
+                cost_micros=outcome.cost_micros,
+                status=status or ("replayed" if outcome.replayed else outcome.status),
+                idempotency_key=call.key,
+            )
+        )
+
+    def _fence(self, held: HeldLease, tool: str) -> None:
+        """Refuses unless the lease is live right now (local signed expiry)."""
+        if held.lost_reason or held.finished or self._clock.now_ms() >= held.lease.expires_unix_ms:
+            raise E.LeaseLost(
+                f"lease lost on task {held.task_id!r}: "
+                f"{held.lost_reason or 'finished or lapsed'}; tool {tool!r} did not run",
+                metadata={"task_id": held.task_id, "fencing_token": str(held.lease.fencing_token)},
+            )
+
+    async def _remote(self, held: HeldLease, what: str, op: Awaitable[T]) -> T:
+        """Awaits a control-plane call; a refusal of the fencing token fences the task."""
+        try:
+            return await op
+        except _LOST as err:
+            if self._leases is not None:
+                await self._leases.mark_lost(held, f"control plane refused {what}: {err.message}")
+            else:
+                held.lost_reason = held.lost_reason or f"control plane refused {what}"
+                held.drop_credentials()
+            raise E.LeaseLost(
+                f"lease lost on task {held.task_id!r}: {err.message}",
+                metadata={"task_id": held.task_id, "fencing_token": str(held.lease.fencing_token)},
+            ) from err
+
+    def _need_control(self) -> MediationControl:
+        if self._control is None:
+            raise E.PolicyDenied("this sidecar has no control-plane link for budgets or records")
+        return self._control
+
+    # -- the call -----------------------------------------------------------------------
 
     async def call_tool(
         self,
@@ -106,24 +301,26 @@ class Mediator:
 
         Raises:
             NotOwner: `agent` does not hold the lease.
-            LeaseLost: the lease is lost or lapsed (checked right before running).
+            LeaseLost: the lease is lost, lapsed or refused by the control plane.
             PolicyDenied: the tool is outside the lease's scope or cannot run here.
             InvalidArgument: malformed arguments.
+            IdempotencyConflict: the key was used with other arguments.
+            OutcomeUnknown: an earlier run with the key has an unknown outcome and
+                the tool is not idempotent.
+            BudgetExhausted: the task's budget does not cover the call.
+            Unavailable: the control plane is unreachable (the message says
+                whether the tool ran).
         """
         if held.agent != agent:
             raise E.NotOwner(f"task {held.task_id!r} is leased to another agent")
         arguments = parse_arguments(arguments_json)
-        args_digest = sha256_hex(arguments_json.encode())
-        if held.lost_reason or held.finished or self._clock.now_ms() >= held.lease.expires_unix_ms:
-            raise E.LeaseLost(
-                f"lease lost on task {held.task_id!r}: "
-                f"{held.lost_reason or 'finished or lapsed'}; the tool did not run"
-            )
+        digest = arguments_digest(arguments)
+        self._fence(held, tool)
         if tool not in held.lease.tools:
             raise await self._deny(
                 held,
                 tool,
-                args_digest,
+                digest,
                 idempotency_key,
                 E.PolicyDenied(
                     f"tool {tool!r} is not granted by the lease on task {held.task_id!r} "
@@ -135,34 +332,437 @@ class Mediator:
             raise await self._deny(
                 held,
                 tool,
-                args_digest,
+                digest,
                 idempotency_key,
                 E.PolicyDenied(
                     f"tool {tool!r} is granted but this sidecar has no adapter to run it",
                     metadata={"tool": tool},
                 ),
             )
+        try:
+            spec = await self._runner.spec(held, tool)
+        except E.PolicyDenied as err:
+            raise await self._deny(held, tool, digest, idempotency_key, err) from err
+        except E.Unavailable as err:
+            raise _unavailable(err, tool, ran=False) from err
+        call = _Call(held, spec, arguments, digest, idempotency_key)
+        if not idempotency_key:
+            return await self._execute(call)
+        slot = (held.task_id, idempotency_key)
+        lock = self._key_locks.get(slot)
+        if lock is None:
+            lock = self._key_locks[slot] = asyncio.Lock()
+        async with lock:
+            return await self._keyed(call)
+
+    async def _keyed(self, call: _Call) -> ToolOutcome:
+        held, key = call.held, call.key
+        pending = self._unrecorded.get((held.task_id, key))
+        if pending is not None:
+            if pending.tool != call.tool or pending.args_digest != call.args_digest:
+                raise await self._conflict(call)
+            try:
+                await self._flush(held, key, pending)
+            except E.Unavailable as err:
+                raise _unavailable(err, call.tool, ran=True) from err
+            except E.TetherError:
+                self._unrecorded.pop((held.task_id, key), None)  # cannot be recorded any more
+                raise
+            outcome = replace(pending.outcome, replayed=True, cost_micros=0)
+            await self._tool_call_receipt(call, outcome, 0)
+            return outcome
+        control = self._need_control()
+        try:
+            record = await self._remote(
+                held, "LookupToolCall", control.lookup_tool_call(held.task_id, key)
+            )
+        except E.Unavailable as err:
+            raise _unavailable(err, call.tool, ran=False) from err
+        if record is not None:
+            replayed = await self._from_record(call, record)
+            if replayed is not None:
+                return replayed
+        return await self._execute(call)
+
+    async def _conflict(self, call: _Call) -> E.TetherError:
+        return await self._deny(
+            call.held,
+            call.tool,
+            call.args_digest,
+            call.key,
+            E.IdempotencyConflict(
+                f"idempotency key {call.key!r} was already used on task {call.held.task_id!r} "
+                f"with a different tool or arguments; use a new key for a different call",
+                metadata={"tool": call.tool, "idempotency_key": call.key},
+            ),
+        )
+
+    async def _from_record(self, call: _Call, record: pb.ToolCallRecord) -> ToolOutcome | None:
+        """Replays a COMPLETED record; for STARTED, None (re-run) or OutcomeUnknown.
+
+        Raises:
+            IdempotencyConflict: the record is for another tool or other arguments.
+            OutcomeUnknown: STARTED and the tool is not declared idempotent.
+        """
+        if record.tool != call.tool or record.arguments_sha256 != call.args_digest:
+            raise await self._conflict(call)
+        if record.phase == COMPLETED:
+            result_json = bytes(record.result).decode("utf-8", "replace")
+            refused = _recorded_refusal(result_json)
+            if refused is not None:
+                raise await self._deny(call.held, call.tool, call.args_digest, call.key, refused)
+            outcome = ToolOutcome(result_json=result_json, status=record.status, replayed=True)
+            await self._tool_call_receipt(call, outcome, 0)
+            return outcome
+        if call.spec.idempotent:
+            log.info(
+                "re-running idempotent tool %s whose earlier outcome is unknown",
+                call.tool,
+                extra={"task_id": call.held.task_id},
+            )
+            return None
+        raise await self._deny(
+            call.held,
+            call.tool,
+            call.args_digest,
+            call.key,
+            E.OutcomeUnknown(
+                f"tool {call.tool!r} started earlier with idempotency key {call.key!r} "
+                f"(fencing token {record.fencing_token}) and its outcome is unknown (the "
+                "sidecar crashed or lost the lease mid-call); it is not declared idempotent, "
+                "so it will not run again: check its effect and continue with a new key",
+                metadata={"tool": call.tool, "idempotency_key": call.key},
+            ),
+        )
+
+    async def _flush(self, held: HeldLease, key: str, pending: _Unrecorded) -> None:
+        """Settles and records an outcome the control plane has not acknowledged yet."""
+        control = self._need_control()
+        if pending.reservation_id and not pending.settled:
+            await control.settle_budget(
+                task_id=held.task_id,
+                fencing_token=pending.fencing_token,
+                reservation_id=pending.reservation_id,
+                actual_micros=pending.actual_micros,
+            )
+            pending.settled = True
+        # Recorded under the lease held now: after a re-acquisition of the task by
+        # this sidecar the outcome is still known here, so it is recorded, not lost.
+        await self._remote(
+            held,
+            "RecordToolCall",
+            control.record_tool_call(
+                task_id=held.task_id,
+                fencing_token=held.lease.fencing_token,
+                idempotency_key=key,
+                tool=pending.tool,
+                arguments_sha256=pending.args_digest,
+                phase=COMPLETED,
+                result=pending.outcome.result_json.encode(),
+                status=pending.outcome.status,
+                cost_micros=pending.actual_micros,
+            ),
+        )
+        self._unrecorded.pop((held.task_id, key), None)
+
+    async def _release(self, call: _Call, reservation_id: str) -> None:
+        """Gives an unused reservation back (best effort: unsettled ones stay charged)."""
+        if not reservation_id or self._control is None:
+            return
+        try:
+            await self._control.settle_budget(
+                task_id=call.held.task_id,
+                fencing_token=call.held.lease.fencing_token,
+                reservation_id=reservation_id,
+                actual_micros=0,
+            )
+        except E.TetherError as err:
+            log.warning(
+                "could not release budget reservation: %s",
+                err.message,
+                extra={"task_id": call.held.task_id},
+            )
+
+    async def _credentials(self, call: _Call) -> dict[str, bytes]:
+        """The credentials the tool declares, issued once per lease and cached in its memory."""
+        held, names = call.held, call.spec.credentials
+        if not names:
+            return {}
+        control = self._need_control()
+        out: dict[str, bytes] = {}
+        for name in names:
+            cached = held.credentials.get(name)
+            if cached is not None and self._clock.now_ms() < cached[1]:
+                out[name] = cached[0]
+                continue
+            response = await self._remote(
+                held,
+                "IssueCredential",
+                control.issue_credential(
+                    task_id=held.task_id,
+                    fencing_token=held.lease.fencing_token,
+                    name=name,
+                    tool=call.tool,
+                ),
+            )
+            value = bytes(response.value)
+            until = int(response.expires_unix_ms) or held.lease.expires_unix_ms
+            if held.lost_reason or held.finished:
+                self._fence(held, call.tool)  # the lease ended while we asked: keep nothing
+            held.credentials[name] = (value, until)
+            out[name] = value
+        return out
+
+    async def _execute(self, call: _Call) -> ToolOutcome:
+        """Reserve, issue, mark STARTED, run, settle, record, receipt."""
+        held, spec, key = call.held, call.spec, call.key
+        assert self._runner is not None
+        token = held.lease.fencing_token
+        reservation_id = ""
+        remaining = 0
+        if spec.cost_micros > 0:
+            control = self._need_control()
+            reservation_id = f"r_{secrets.token_hex(12)}"
+            try:
+                remaining = await self._remote(
+                    held,
+                    "ReserveBudget",
+                    control.reserve_budget(
+                        task_id=held.task_id,
+                        fencing_token=token,
+                        reservation_id=reservation_id,
+                        amount_micros=spec.cost_micros,
+                    ),
+                )
+            except (E.BudgetExhausted, E.ResourceExhausted) as err:
+                refusal = E.BudgetExhausted(
+                    f"task {held.task_id!r}: budget does not cover tool {call.tool!r} "
+                    f"({spec.cost_micros} micros): {err.message}",
+                    metadata={"tool": call.tool, **err.metadata},
+                )
+                raise await self._deny(held, call.tool, call.args_digest, key, refusal) from err
+            except E.Unavailable as err:
+                raise _unavailable(err, call.tool, ran=False) from err
+        try:
+            credentials = await self._credentials(call)
+        except E.TetherError as err:
+            await self._release(call, reservation_id)
+            if isinstance(err, E.Unavailable):
+                raise _unavailable(err, call.tool, ran=False) from err
+            if isinstance(err, E.PolicyDenied | E.NotFound):
+                raise await self._deny(held, call.tool, call.args_digest, key, err) from err
+            raise
+        try:
+            replay = await self._mark_started(call) if key else None
+            if replay is None:
+                self._fence(held, call.tool)
+        except E.TetherError as err:
+            await self._release(call, reservation_id)
+            if isinstance(err, E.Unavailable):
+                raise _unavailable(err, call.tool, ran=False) from err
+            raise
+        if replay is not None:
+            await self._release(call, reservation_id)
+            return replay
+        redactor = Redactor(v for v, _ in held.credentials.values()).with_secrets(
+            credentials.values()
+        )
         started = time.monotonic()
         try:
-            outcome = await self._runner.run(held, tool, arguments)
-        except E.TetherError as err:
-            if isinstance(err, E.PolicyDenied | E.BudgetExhausted):
-                raise await self._deny(held, tool, args_digest, idempotency_key, err) from err
-            raise
-        await self._sink.emit(
-            held.receipt(
-                ReceiptKind.TOOL_CALL,
-                self._clock.now_ms(),
-                tool=tool,
-                arguments_sha256=args_digest,
-                result_sha256=sha256_hex(outcome.result_json.encode()),
-                duration_ms=int((time.monotonic() - started) * 1000),
-                cost_micros=outcome.cost_micros,
-                status="replayed" if outcome.replayed else outcome.status,
-                idempotency_key=idempotency_key,
+            result = await self._runner.run(
+                held,
+                spec,
+                call.arguments,
+                credentials=credentials,
+                redactor=redactor,
+                idempotency_key=key,
             )
+        except E.TetherError as err:
+            await self._after_failure(call, err, reservation_id, started)
+            raise
+        duration_ms = int((time.monotonic() - started) * 1000)
+        cost = spec.cost_micros if result.cost_micros is None else result.cost_micros
+        if reservation_id and cost > spec.cost_micros:
+            log.warning(
+                "tool %s reported a cost above its reservation; charging the reservation",
+                call.tool,
+                extra={"task_id": held.task_id},
+            )
+        actual = min(cost, spec.cost_micros) if reservation_id else 0
+        outcome = ToolOutcome(
+            result_json=redactor.redact_text(json.dumps(result.value)),
+            status=result.status,
+            cost_micros=actual,
+            budget_remaining_micros=remaining,
         )
+        pending = _Unrecorded(call.tool, call.args_digest, outcome, token, reservation_id, actual)
+        await self._tool_call_receipt(call, outcome, duration_ms)
+        try:
+            if reservation_id:
+                remaining = await self._need_control().settle_budget(
+                    task_id=held.task_id,
+                    fencing_token=token,
+                    reservation_id=reservation_id,
+                    actual_micros=actual,
+                )
+                pending.settled = True
+                outcome = replace(outcome, budget_remaining_micros=remaining)
+                pending.outcome = outcome
+            if key:
+                await self._flush(held, key, pending)
+        except E.Unavailable as err:
+            if not key:
+                log.warning(
+                    "tool %s ran; its settlement did not reach the control plane (%s)",
+                    call.tool,
+                    err.message,
+                    extra={"task_id": held.task_id},
+                )
+                return outcome
+            self._keep_unrecorded(held, key, pending)
+            raise _unavailable(err, call.tool, ran=True) from err
+        except E.LeaseLost as err:
+            raise E.LeaseLost(
+                f"tool {call.tool!r} ran, but the lease on task {held.task_id!r} was lost "
+                f"before its outcome was recorded ({err.message}); do not continue this task",
+                metadata=err.metadata,
+            ) from err
         return outcome
+
+    async def _mark_started(self, call: _Call) -> ToolOutcome | None:
+        """Writes the STARTED record; a record that appeared meanwhile decides instead.
+
+        Returns the replayed outcome when a COMPLETED record won the race, else None.
+        """
+        held = call.held
+        record, existed = await self._remote(
+            held,
+            "RecordToolCall",
+            self._need_control().record_tool_call(
+                task_id=held.task_id,
+                fencing_token=held.lease.fencing_token,
+                idempotency_key=call.key,
+                tool=call.tool,
+                arguments_sha256=call.args_digest,
+                phase=STARTED,
+            ),
+        )
+        ours = (
+            record.phase == STARTED
+            and record.fencing_token == held.lease.fencing_token
+            and record.tool == call.tool
+            and record.arguments_sha256 == call.args_digest
+        )
+        if existed and not ours:
+            return await self._from_record(call, record)
+        return None
+
+    async def _after_failure(
+        self, call: _Call, err: E.TetherError, reservation_id: str, started: float
+    ) -> None:
+        """Settles, records and receipts a run that ended in a TetherError."""
+        held, key = call.held, call.key
+        duration_ms = int((time.monotonic() - started) * 1000)
+        ran = not isinstance(err, E.PolicyDenied | E.InvalidArgument | E.ConfigError)
+        actual = call.spec.cost_micros if (ran and reservation_id) else 0
+        if reservation_id and self._control is not None:
+            try:
+                await self._control.settle_budget(
+                    task_id=held.task_id,
+                    fencing_token=held.lease.fencing_token,
+                    reservation_id=reservation_id,
+                    actual_micros=actual,
+                )
+            except E.TetherError as settle_err:
+                log.warning(
+                    "could not settle budget after a failed call: %s",
+                    settle_err.message,
+                    extra={"task_id": held.task_id},
+                )
+        if isinstance(err, E.ToolTimeout):
+            # It may have acted: the STARTED record stays, so a retry with the key is
+            # re-run only when the tool is idempotent.
+            outcome = ToolOutcome(
+                result_json=json.dumps({"error": err.reason, "message": err.message}),
+                status="error",
+                cost_micros=actual,
+            )
+            await self._tool_call_receipt(call, outcome, duration_ms, status=err.reason)
+            return
+        if key and self._control is not None and not isinstance(err, E.LeaseLost):
+            refusal = json.dumps({REFUSED_KEY: {"reason": err.reason, "message": err.message}})
+            try:
+                await self._remote(
+                    held,
+                    "RecordToolCall",
+                    self._control.record_tool_call(
+                        task_id=held.task_id,
+                        fencing_token=held.lease.fencing_token,
+                        idempotency_key=key,
+                        tool=call.tool,
+                        arguments_sha256=call.args_digest,
+                        phase=COMPLETED,
+                        result=refusal.encode(),
+                        status="error",
+                        cost_micros=actual,
+                    ),
+                )
+            except E.TetherError as rec_err:
+                log.warning(
+                    "could not record a refused call: %s",
+                    rec_err.message,
+                    extra={"task_id": held.task_id},
+                )
+        if ran:
+            outcome = ToolOutcome(
+                result_json=json.dumps({"error": err.reason, "message": err.message}),
+                status="error",
+                cost_micros=actual,
+            )
+            await self._tool_call_receipt(call, outcome, duration_ms, status=err.reason)
+        else:
+            await self._deny(held, call.tool, call.args_digest, key, err)
+
+    def _keep_unrecorded(self, held: HeldLease, key: str, pending: _Unrecorded) -> None:
+        """Keeps an outcome for a retry (bounded; finished tasks need none)."""
+        pending.held = held
+        for slot, other in list(self._unrecorded.items()):
+            if other.held is not None and other.held.finished:
+                del self._unrecorded[slot]
+        while len(self._unrecorded) >= MAX_UNRECORDED:
+            del self._unrecorded[next(iter(self._unrecorded))]
+        self._unrecorded[(held.task_id, key)] = pending
+
+
+def _unavailable(err: E.TetherError, tool: str, *, ran: bool) -> E.Unavailable:
+    if ran:
+        message = (
+            f"tool {tool!r} ran, but the control plane is unreachable so its outcome is not "
+            f"recorded yet ({err.message}); retry with the same idempotency key to get the "
+            "recorded outcome (it will not run again)"
+        )
+    else:
+        message = f"tool {tool!r} did not run: {err.message}"
+    return E.Unavailable(message, metadata={"tool": tool, **err.metadata})
+
+
+def _recorded_refusal(result_json: str) -> E.TetherError | None:
+    """The error a recorded adapter refusal stands for, if the record is one."""
+    try:
+        value = json.loads(result_json)
+    except ValueError:
+        return None
+    if not isinstance(value, dict) or set(value) != {REFUSED_KEY}:
+        return None
+    body = value[REFUSED_KEY]
+    if not isinstance(body, dict):
+        return None
+    message = str(body.get("message", "refused"))
+    if body.get("reason") == E.InvalidArgument.reason:
+        return E.InvalidArgument("arguments_json", message)
+    if body.get("reason") == E.ResourceExhausted.reason:
+        return E.ResourceExhausted(message)
+    return E.PolicyDenied(message)
 
 
 class PolicySource:
@@ -190,8 +790,6 @@ class PolicySource:
             raise E.PolicyDenied("the lease names no policy; no tool may run")
         policy = self._by_digest.get(digest)
         if policy is None:
-            from tether.v1 import control_pb2 as pb
-
             try:
                 response = await self._uplink.call("GetPolicy", pb.GetPolicyRequest(version=0))
                 fetched = parse_policy(response.document)
@@ -210,11 +808,7 @@ class PolicySource:
 
 
 class PolicyToolRunner:
-    """Runs a granted tool through its policy adapter (`tether.sidecar.tools`).
-
-    Tools that need credentials are refused until credential issuance is wired
-    into mediation; nothing runs without what its policy requires.
-    """
+    """Runs a granted tool through its policy adapter (`tether.sidecar.tools`)."""
 
     def __init__(self, policies: PolicySource, workspaces: Path, clock: Clock) -> None:
         self._policies = policies
@@ -222,17 +816,24 @@ class PolicyToolRunner:
         self._clock = clock
         self._tools: dict[tuple[str, str], Tool] = {}
 
-    async def run(self, held: HeldLease, tool: str, arguments: dict[str, Any]) -> ToolOutcome:
+    async def spec(self, held: HeldLease, tool: str) -> ToolSpec:
         policy = await self._policies.get(held.lease.policy_digest)
-        spec = policy.granted_tool(held.queue, tool)
-        if spec.credentials:
-            raise E.PolicyDenied(
-                f"tool {tool!r} needs credentials, which this sidecar cannot issue yet",
-                metadata={"tool": tool},
-            )
-        adapter = self._tools.get((policy.digest, tool))
+        return policy.granted_tool(held.queue, tool)
+
+    async def run(
+        self,
+        held: HeldLease,
+        spec: ToolSpec,
+        arguments: dict[str, Any],
+        *,
+        credentials: Mapping[str, bytes],
+        redactor: Redactor,
+        idempotency_key: str = "",
+    ) -> ToolResult:
+        policy = await self._policies.get(held.lease.policy_digest)
+        adapter = self._tools.get((policy.digest, spec.name))
         if adapter is None:
-            adapter = self._tools[(policy.digest, tool)] = build_tool(spec)
+            adapter = self._tools[(policy.digest, spec.name)] = build_tool(spec)
         workspace = self._workspaces / held.task_id
         workspace.mkdir(parents=True, exist_ok=True, mode=0o700)
         left_s = (held.lease.expires_unix_ms - self._clock.now_ms()) / 1000
@@ -243,13 +844,10 @@ class PolicyToolRunner:
             fencing_token=held.lease.fencing_token,
             agent_id=held.agent,
             workspace=workspace,
+            credentials=dict(credentials),
             timeout_s=max(left_s, 0.0),
             network_allowlist=queue.network_allowlist if queue is not None else (),
-            tool_name=tool,
+            tool_name=spec.name,
+            idempotency_key=idempotency_key,
         )
-        result = await run_tool(adapter, ctx, arguments)
-        return ToolOutcome(
-            result_json=json.dumps(result.value),
-            status=result.status,
-            cost_micros=result.cost_micros if result.cost_micros is not None else spec.cost_micros,
-        )
+        return await run_tool(adapter, ctx, arguments, redactor)

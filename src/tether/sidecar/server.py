@@ -163,7 +163,9 @@ class Sidecar:
             registry=registry,
             memory=MemoryStore(state / "memory.db"),
             sink=sink,
-            mediator=Mediator(sink=sink, clock=self.clock, runner=runner),
+            mediator=Mediator(
+                sink=sink, clock=self.clock, runner=runner, control=uplink, leases=leases
+            ),
             clock=self.clock,
             artifacts_dir=state / "artifacts",
             max_artifact_bytes=cfg.max_artifact_bytes,
@@ -250,6 +252,7 @@ class Sidecar:
             except E.TetherError as err:
                 reason = f"release failed ({err.message}); the lease will lapse"
             held.lost_reason = reason
+            held.drop_credentials()
             await deps.sink.emit(
                 held.receipt(ReceiptKind.LEASE_LOST, self.clock.now_ms(), reason=reason)
             )

@@ -221,3 +221,109 @@ class Uplink:
                 "control plane reachable again after %.1f s", time.monotonic() - self._down_since
             )
             self._down_since = None
+
+    # -- mediation calls (tool calls: credentials, budgets, idempotency records) ----------
+
+    async def issue_credential(
+        self, *, task_id: str, fencing_token: int, name: str, tool: str
+    ) -> pb.IssueCredentialResponse:
+        """Asks for credential `name` for `tool` under a live lease (memory use only).
+
+        Raises:
+            PolicyDenied: the lease's policy does not grant it.
+            NotFound: no secret is stored under `name`.
+            StaleFencingToken, LeaseExpired: the lease is no longer live.
+            Unavailable: unreachable within the retry budget.
+        """
+        response: pb.IssueCredentialResponse = await self.call(
+            "IssueCredential",
+            pb.IssueCredentialRequest(
+                task_id=task_id,
+                fencing_token=fencing_token,
+                name=name,
+                tool=tool,
+                node_id=self.node_id,
+            ),
+        )
+        return response
+
+    async def reserve_budget(
+        self, *, task_id: str, fencing_token: int, reservation_id: str, amount_micros: int
+    ) -> int:
+        """Reserves `amount_micros` atomically; returns the budget left.
+
+        Safe to repeat: the reservation id makes a retried reservation count once.
+
+        Raises:
+            BudgetExhausted: the task's limit does not cover it.
+            StaleFencingToken, LeaseExpired: the lease is no longer live.
+            Unavailable: unreachable within the retry budget.
+        """
+        response: pb.ReserveBudgetResponse = await self.call(
+            "ReserveBudget",
+            pb.ReserveBudgetRequest(
+                task_id=task_id,
+                fencing_token=fencing_token,
+                reservation_id=reservation_id,
+                amount_micros=amount_micros,
+                node_id=self.node_id,
+            ),
+        )
+        return int(response.remaining_micros)
+
+    async def settle_budget(
+        self, *, task_id: str, fencing_token: int, reservation_id: str, actual_micros: int
+    ) -> int:
+        """Settles a reservation with the actual cost; returns the budget left."""
+        response: pb.SettleBudgetResponse = await self.call(
+            "SettleBudget",
+            pb.SettleBudgetRequest(
+                task_id=task_id,
+                fencing_token=fencing_token,
+                reservation_id=reservation_id,
+                actual_micros=actual_micros,
+                node_id=self.node_id,
+            ),
+        )
+        return int(response.remaining_micros)
+
+    async def lookup_tool_call(
+        self, task_id: str, idempotency_key: str
+    ) -> pb.ToolCallRecord | None:
+        """The recorded (task, key) outcome or STARTED marker, if any."""
+        response: pb.LookupToolCallResponse = await self.call(
+            "LookupToolCall",
+            pb.LookupToolCallRequest(task_id=task_id, idempotency_key=idempotency_key),
+        )
+        return response.record if response.found else None
+
+    async def record_tool_call(
+        self,
+        *,
+        task_id: str,
+        fencing_token: int,
+        idempotency_key: str,
+        tool: str,
+        arguments_sha256: str,
+        phase: int,
+        result: bytes = b"",
+        status: str = "",
+        cost_micros: int = 0,
+    ) -> tuple[pb.ToolCallRecord, bool]:
+        """Records STARTED or COMPLETED; returns (the record now, whether one existed)."""
+        response: pb.RecordToolCallResponse = await self.call(
+            "RecordToolCall",
+            pb.RecordToolCallRequest(
+                task_id=task_id,
+                fencing_token=fencing_token,
+                idempotency_key=idempotency_key,
+                tool=tool,
+                arguments_sha256=arguments_sha256,
+                phase=phase,  # type: ignore[arg-type]
+                result=result,
+                status=status,
+                node_id=self.node_id,
+                cost_micros=cost_micros,
+            ),
+        )
+        return response.record, response.existed

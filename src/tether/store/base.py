@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Protocol
 
 from tether.core.states import Event, State
@@ -110,6 +111,71 @@ class LapseOutcome:
     fencing_token: int
     state: State
     not_before_unix_ms: int
+
+
+class ToolCallPhase(IntEnum):
+    """Stage of an idempotent tool call (values match `tether.v1.ToolCallPhase`)."""
+
+    STARTED = 1
+    COMPLETED = 2
+
+
+@dataclass(frozen=True)
+class ToolCallRecord:
+    """The recorded (task, idempotency key) of a tool call; keyed by task, not lease."""
+
+    task_id: str
+    idempotency_key: str
+    tool: str
+    arguments_sha256: str
+    phase: ToolCallPhase
+    result: bytes
+    status: str
+    fencing_token: int
+    cost_micros: int
+    updated_unix_ms: int
+
+
+@dataclass(frozen=True)
+class ToolCallWrite:
+    """One RecordToolCall: STARTED (no outcome) or COMPLETED (redacted outcome)."""
+
+    task_id: str
+    fencing_token: int
+    node_id: str
+    idempotency_key: str
+    tool: str
+    arguments_sha256: str
+    phase: ToolCallPhase
+    result: bytes = b""
+    status: str = ""
+    cost_micros: int = 0
+
+
+@dataclass(frozen=True)
+class BudgetState:
+    """A task's budget after a reservation or settlement.
+
+    `spent_micros` counts settled costs plus open reservations.
+    """
+
+    limit_micros: int
+    spent_micros: int
+    existed: bool = False  # an idempotent repeat of an earlier reserve/settle
+
+    @property
+    def remaining_micros(self) -> int:
+        """What may still be reserved (never negative, even if the limit shrank)."""
+        return max(self.limit_micros - self.spent_micros, 0)
+
+
+# Seals a secret value for the version the store assigns; called inside the
+# store's transaction so the version in the AEAD's associated data is the one
+# the row gets.
+SecretSealFn = Callable[[int], SealedSecret]
+
+# Re-wraps one stored secret (returns None when it needs nothing).
+SecretRewrapFn = Callable[[SealedSecret], SealedSecret | None]
 
 
 # Signs a lease for the task as it is after the grant/renewal; returns the
@@ -226,6 +292,10 @@ class Store(Protocol):
         """The node, or None."""
         ...
 
+    async def get_node_by_token(self, token_sha256: str) -> NodeRecord | None:
+        """The node whose token has this SHA-256, or None."""
+        ...
+
     async def put_policy(self, document: str, digest: str, now_ms: int) -> PolicyRecord:
         """Stores the next policy version."""
         ...
@@ -243,4 +313,100 @@ class Store(Protocol):
 
     async def get_secret(self, name: str, version: int = 0) -> SealedSecret | None:
         """A sealed secret version (0: the latest), or None."""
+        ...
+
+    async def put_sealed_secret(self, name: str, seal: SecretSealFn) -> int:
+        """Stores the next version of secret `name` as `seal(version)`; returns the version.
+
+        `seal` runs inside the transaction that assigns the version, so concurrent
+        puts never seal for a version they do not get.
+        """
+        ...
+
+    async def rewrap_secrets(self, rewrap: SecretRewrapFn) -> int:
+        """Replaces every secret row `rewrap` returns a new form for, in ONE transaction.
+
+        Returns how many rows changed. If `rewrap` raises, nothing changes.
+        """
+        ...
+
+    async def get_policy_by_digest(self, digest: str) -> PolicyRecord | None:
+        """The latest stored version with this digest, or None."""
+        ...
+
+    async def lease_envelope(self, task_id: str, fencing_token: int) -> bytes | None:
+        """The latest signed lease (grant or renewal) for (task, token), or None."""
+        ...
+
+    async def check_live_lease(
+        self, *, task_id: str, fencing_token: int, node_id: str, now_ms: int
+    ) -> TaskRecord:
+        """The task if `node_id` holds its live lease under `fencing_token`.
+
+        Raises:
+            NotFound, StaleFencingToken, LeaseExpired, NotOwner, InvalidTransition.
+        """
+        ...
+
+    async def reserve_budget(
+        self,
+        *,
+        task_id: str,
+        fencing_token: int,
+        node_id: str,
+        reservation_id: str,
+        amount_micros: int,
+        default_limit_micros: int,
+        now_ms: int,
+    ) -> BudgetState:
+        """Reserves `amount_micros` iff spent + amount <= limit, as one conditional write.
+
+        The limit is the task's `budget_limit_micros`, or `default_limit_micros`
+        when that is 0. A repeat of the same reservation id returns the budget
+        without reserving again.
+
+        Raises:
+            BudgetExhausted: the limit does not cover it (metadata remaining_micros).
+            IdempotencyConflict: the id was used with another amount or lease.
+            NotFound, StaleFencingToken, LeaseExpired, NotOwner, InvalidTransition.
+        """
+        ...
+
+    async def settle_budget(
+        self,
+        *,
+        task_id: str,
+        fencing_token: int,
+        node_id: str,
+        reservation_id: str,
+        actual_micros: int,
+        default_limit_micros: int,
+        now_ms: int,
+    ) -> BudgetState:
+        """Replaces a reservation by its actual cost (allowed after the lease ended).
+
+        Raises:
+            NotFound: no such reservation.
+            InvalidArgument: actual exceeds the reserved amount (field actual_micros).
+            StaleFencingToken / NotOwner: it was reserved under another token / node.
+            IdempotencyConflict: settled before with another actual cost.
+        """
+        ...
+
+    async def record_tool_call(
+        self, write: ToolCallWrite, now_ms: int
+    ) -> tuple[ToolCallRecord, bool]:
+        """Records STARTED (insert if absent) or COMPLETED (never overwrites a COMPLETED).
+
+        Needs the live lease under the current fencing token. Returns (record now,
+        existed before).
+
+        Raises:
+            IdempotencyConflict: the key was recorded with another tool or arguments.
+            NotFound, StaleFencingToken, LeaseExpired, NotOwner, InvalidTransition.
+        """
+        ...
+
+    async def lookup_tool_call(self, task_id: str, idempotency_key: str) -> ToolCallRecord | None:
+        """The record of (task, key), or None."""
         ...

@@ -19,7 +19,9 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from tether.core.errors import (
+    BudgetExhausted,
     IdempotencyConflict,
+    InvalidArgument,
     InvalidTransition,
     LeaseExpired,
     NotFound,
@@ -30,6 +32,7 @@ from tether.core.errors import (
 )
 from tether.core.states import LEASED_STATES, TERMINAL, Event, State, next_state, sources
 from tether.store.base import (
+    BudgetState,
     LapseOutcome,
     LeaseHistoryEntry,
     LeaseSigner,
@@ -37,7 +40,12 @@ from tether.store.base import (
     NodeRecord,
     PolicyRecord,
     SealedSecret,
+    SecretRewrapFn,
+    SecretSealFn,
     TaskRecord,
+    ToolCallPhase,
+    ToolCallRecord,
+    ToolCallWrite,
 )
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations" / "sqlite"
@@ -516,6 +524,18 @@ class SqliteStore:
             return None
         return NodeRecord(row[0], bytes(row[1]), bytes(row[2]), row[3], row[4])
 
+    async def get_node_by_token(self, token_sha256: str) -> NodeRecord | None:
+        row = await self._run(
+            lambda c: c.execute(
+                "SELECT node_id, public_key, certificate, token_sha256, registered_unix_ms"
+                " FROM nodes WHERE token_sha256 = ?",
+                (token_sha256,),
+            ).fetchone()
+        )
+        if row is None:
+            return None
+        return NodeRecord(row[0], bytes(row[1]), bytes(row[2]), row[3], row[4])
+
     async def put_policy(self, document: str, digest: str, now_ms: int) -> PolicyRecord:
         def fn(conn: sqlite3.Connection) -> PolicyRecord:
             row = conn.execute(
@@ -569,6 +589,335 @@ class SqliteStore:
         return SealedSecret(
             row[0], row[1], row[2], bytes(row[3]), bytes(row[4]), bytes(row[5]), row[6]
         )
+
+    async def put_sealed_secret(self, name: str, seal: SecretSealFn) -> int:
+        def fn(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT coalesce(max(version), 0) + 1 FROM secrets WHERE name = ?", (name,)
+            ).fetchone()
+            version = int(row[0])
+            sec = seal(version)
+            if sec.name != name or sec.version != version:
+                raise StorageError("sealed secret does not match the name/version it was given")
+            conn.execute(
+                "INSERT INTO secrets (name, version, kek_id, wrapped_dek, nonce, ciphertext,"
+                " created_unix_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    name,
+                    version,
+                    sec.kek_id,
+                    sec.wrapped_dek,
+                    sec.nonce,
+                    sec.ciphertext,
+                    sec.created_unix_ms,
+                ),
+            )
+            return version
+
+        return await self._tx(fn)
+
+    async def rewrap_secrets(self, rewrap: SecretRewrapFn) -> int:
+        def fn(conn: sqlite3.Connection) -> int:
+            rows = conn.execute(
+                "SELECT name, version, kek_id, wrapped_dek, nonce, ciphertext, created_unix_ms"
+                " FROM secrets ORDER BY name, version"
+            ).fetchall()
+            changed = 0
+            for r in rows:
+                old = SealedSecret(r[0], r[1], r[2], bytes(r[3]), bytes(r[4]), bytes(r[5]), r[6])
+                new = rewrap(old)
+                if new is None:
+                    continue
+                conn.execute(
+                    "UPDATE secrets SET kek_id = ?, wrapped_dek = ?, nonce = ?, ciphertext = ?"
+                    " WHERE name = ? AND version = ?",
+                    (new.kek_id, new.wrapped_dek, new.nonce, new.ciphertext, old.name, old.version),
+                )
+                changed += 1
+            return changed
+
+        return await self._tx(fn)
+
+    async def get_policy_by_digest(self, digest: str) -> PolicyRecord | None:
+        row = await self._run(
+            lambda c: c.execute(
+                "SELECT version, document, digest, created_unix_ms FROM policies"
+                " WHERE digest = ? ORDER BY version DESC LIMIT 1",
+                (digest,),
+            ).fetchone()
+        )
+        return None if row is None else PolicyRecord(row[0], row[1], row[2], row[3])
+
+    async def lease_envelope(self, task_id: str, fencing_token: int) -> bytes | None:
+        row = await self._run(
+            lambda c: c.execute(
+                "SELECT envelope FROM lease_history WHERE task_id = ? AND fencing_token = ?"
+                " ORDER BY id DESC LIMIT 1",
+                (task_id, fencing_token),
+            ).fetchone()
+        )
+        return None if row is None else bytes(row[0])
+
+    async def check_live_lease(
+        self, *, task_id: str, fencing_token: int, node_id: str, now_ms: int
+    ) -> TaskRecord:
+        return await self._run(
+            lambda c: _live_task(c, task_id, fencing_token, node_id, now_ms, "use a credential")
+        )
+
+    # -- budgets ----------------------------------------------------------------------
+
+    async def reserve_budget(
+        self,
+        *,
+        task_id: str,
+        fencing_token: int,
+        node_id: str,
+        reservation_id: str,
+        amount_micros: int,
+        default_limit_micros: int,
+        now_ms: int,
+    ) -> BudgetState:
+        def fn(conn: sqlite3.Connection) -> BudgetState:
+            task = _live_task(conn, task_id, fencing_token, node_id, now_ms, "reserve budget")
+            limit = task.budget_limit_micros or default_limit_micros
+            existing = conn.execute(
+                "SELECT amount_micros, fencing_token, node_id FROM budget_reservations"
+                " WHERE task_id = ? AND reservation_id = ?",
+                (task_id, reservation_id),
+            ).fetchone()
+            if existing is not None:
+                if tuple(existing) != (amount_micros, fencing_token, node_id):
+                    raise IdempotencyConflict(
+                        f"reservation id {reservation_id!r} of task {task_id} was already used "
+                        "with another amount or lease",
+                        metadata={"task_id": task_id, "reservation_id": reservation_id},
+                    )
+                return BudgetState(limit, task.budget_spent_micros, existed=True)
+            # The one conditional write: the limit check and the increment are the
+            # same statement, so concurrent reservations can never overspend.
+            row = conn.execute(
+                f"UPDATE tasks SET budget_spent_micros = budget_spent_micros + :amount"
+                f" WHERE task_id = :task_id AND state IN {_in(LEASED_STATES)}"
+                " AND fencing_token = :token AND node_id = :node_id"
+                " AND lease_expires_unix_ms > :now"
+                " AND budget_spent_micros + :amount <= :limit"
+                " RETURNING budget_spent_micros",
+                {
+                    "amount": amount_micros,
+                    "task_id": task_id,
+                    "token": fencing_token,
+                    "node_id": node_id,
+                    "now": now_ms,
+                    "limit": limit,
+                },
+            ).fetchone()
+            if row is None:
+                remaining = max(limit - task.budget_spent_micros, 0)
+                raise BudgetExhausted(
+                    f"budget of task {task_id} is exhausted: {amount_micros} micros requested, "
+                    f"{remaining} of {limit} remaining",
+                    metadata={
+                        "task_id": task_id,
+                        "remaining_micros": str(remaining),
+                        "limit_micros": str(limit),
+                        "requested_micros": str(amount_micros),
+                    },
+                )
+            conn.execute(
+                "INSERT INTO budget_reservations (task_id, reservation_id, amount_micros,"
+                " fencing_token, created_unix_ms, node_id) VALUES (?, ?, ?, ?, ?, ?)",
+                (task_id, reservation_id, amount_micros, fencing_token, now_ms, node_id),
+            )
+            return BudgetState(limit, int(row[0]))
+
+        return await self._tx(fn)
+
+    async def settle_budget(
+        self,
+        *,
+        task_id: str,
+        fencing_token: int,
+        node_id: str,
+        reservation_id: str,
+        actual_micros: int,
+        default_limit_micros: int,
+        now_ms: int,
+    ) -> BudgetState:
+        def fn(conn: sqlite3.Connection) -> BudgetState:
+            res = conn.execute(
+                "SELECT amount_micros, actual_micros, settled, fencing_token, node_id"
+                " FROM budget_reservations WHERE task_id = ? AND reservation_id = ?",
+                (task_id, reservation_id),
+            ).fetchone()
+            meta = {"task_id": task_id, "reservation_id": reservation_id}
+            if res is None:
+                raise NotFound(
+                    f"no reservation {reservation_id!r} for task {task_id!r}", metadata=meta
+                )
+            amount, actual, settled, token, owner = res
+            if token != fencing_token:
+                raise StaleFencingToken(
+                    f"reservation {reservation_id!r} of task {task_id} was made under fencing "
+                    f"token {token}, not {fencing_token}",
+                    metadata=meta,
+                )
+            if owner != node_id:
+                raise NotOwner(
+                    f"reservation {reservation_id!r} of task {task_id} belongs to node "
+                    f"{owner!r}, not {node_id!r}",
+                    metadata=meta,
+                )
+            if actual_micros > amount:
+                raise InvalidArgument(
+                    "actual_micros", f"{actual_micros} exceeds the reserved {amount}"
+                )
+            if settled:
+                if actual != actual_micros:
+                    raise IdempotencyConflict(
+                        f"reservation {reservation_id!r} of task {task_id} was already settled "
+                        f"at {actual} micros",
+                        metadata=meta,
+                    )
+                spent, limit = conn.execute(
+                    "SELECT budget_spent_micros, budget_limit_micros FROM tasks WHERE task_id = ?",
+                    (task_id,),
+                ).fetchone()
+                return BudgetState(limit or default_limit_micros, spent, existed=True)
+            conn.execute(
+                "UPDATE budget_reservations SET settled = 1, actual_micros = ?"
+                " WHERE task_id = ? AND reservation_id = ?",
+                (actual_micros, task_id, reservation_id),
+            )
+            spent, limit = conn.execute(
+                "UPDATE tasks SET budget_spent_micros = budget_spent_micros - ?"
+                " WHERE task_id = ? RETURNING budget_spent_micros, budget_limit_micros",
+                (amount - actual_micros, task_id),
+            ).fetchone()
+            return BudgetState(limit or default_limit_micros, spent)
+
+        return await self._tx(fn)
+
+    # -- idempotency records ------------------------------------------------------------
+
+    async def record_tool_call(
+        self, write: ToolCallWrite, now_ms: int
+    ) -> tuple[ToolCallRecord, bool]:
+        w = write
+
+        def fn(conn: sqlite3.Connection) -> tuple[ToolCallRecord, bool]:
+            _live_task(conn, w.task_id, w.fencing_token, w.node_id, now_ms, "record a tool call")
+            existing = _select_tool_call(conn, w.task_id, w.idempotency_key)
+            if existing is not None and (
+                existing.tool != w.tool or existing.arguments_sha256 != w.arguments_sha256
+            ):
+                raise IdempotencyConflict(
+                    f"idempotency key {w.idempotency_key!r} of task {w.task_id} was used for "
+                    f"tool {existing.tool!r} with other arguments",
+                    metadata={
+                        "task_id": w.task_id,
+                        "idempotency_key": w.idempotency_key,
+                        "tool": existing.tool,
+                    },
+                )
+            if existing is not None and (
+                w.phase is ToolCallPhase.STARTED or existing.phase is ToolCallPhase.COMPLETED
+            ):
+                return existing, True
+            if existing is None:
+                conn.execute(
+                    "INSERT INTO tool_calls (task_id, idempotency_key, tool, arguments_sha256,"
+                    " phase, result, status, fencing_token, cost_micros, updated_unix_ms)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        w.task_id,
+                        w.idempotency_key,
+                        w.tool,
+                        w.arguments_sha256,
+                        int(w.phase),
+                        w.result,
+                        w.status,
+                        w.fencing_token,
+                        w.cost_micros,
+                        now_ms,
+                    ),
+                )
+            else:  # STARTED -> COMPLETED, under the current holder's token
+                conn.execute(
+                    "UPDATE tool_calls SET phase = ?, result = ?, status = ?, fencing_token = ?,"
+                    " cost_micros = ?, updated_unix_ms = ?"
+                    " WHERE task_id = ? AND idempotency_key = ? AND phase = ?",
+                    (
+                        int(ToolCallPhase.COMPLETED),
+                        w.result,
+                        w.status,
+                        w.fencing_token,
+                        w.cost_micros,
+                        now_ms,
+                        w.task_id,
+                        w.idempotency_key,
+                        int(ToolCallPhase.STARTED),
+                    ),
+                )
+            rec = _select_tool_call(conn, w.task_id, w.idempotency_key)
+            assert rec is not None
+            return rec, existing is not None
+
+        return await self._tx(fn)
+
+    async def lookup_tool_call(self, task_id: str, idempotency_key: str) -> ToolCallRecord | None:
+        return await self._run(lambda c: _select_tool_call(c, task_id, idempotency_key))
+
+
+def _select_tool_call(
+    conn: sqlite3.Connection, task_id: str, idempotency_key: str
+) -> ToolCallRecord | None:
+    row = conn.execute(
+        "SELECT task_id, idempotency_key, tool, arguments_sha256, phase, result, status,"
+        " fencing_token, cost_micros, updated_unix_ms FROM tool_calls"
+        " WHERE task_id = ? AND idempotency_key = ?",
+        (task_id, idempotency_key),
+    ).fetchone()
+    if row is None:
+        return None
+    return ToolCallRecord(
+        task_id=row[0],
+        idempotency_key=row[1],
+        tool=row[2],
+        arguments_sha256=row[3],
+        phase=ToolCallPhase(row[4]),
+        result=bytes(row[5]),
+        status=row[6],
+        fencing_token=row[7],
+        cost_micros=row[8],
+        updated_unix_ms=row[9],
+    )
+
+
+def _live_task(
+    conn: sqlite3.Connection,
+    task_id: str,
+    fencing_token: int,
+    node_id: str,
+    now_ms: int,
+    action: str,
+) -> TaskRecord:
+    """The task if `node_id` holds its live lease under `fencing_token`, else the reason why not."""
+    row = conn.execute(
+        f"SELECT {TASK_COLS} FROM tasks WHERE task_id = ? AND state IN {_in(LEASED_STATES)}"
+        " AND fencing_token = ? AND node_id = ? AND lease_expires_unix_ms > ?",
+        (task_id, fencing_token, node_id, now_ms),
+    ).fetchone()
+    if row is not None:
+        return _row_to_task(row)
+    err = _diagnose(conn, task_id, fencing_token, node_id, now_ms, None)
+    if isinstance(err, InvalidTransition):
+        state = err.metadata.get("state", "").lower()
+        raise InvalidTransition(
+            f"cannot {action} on task {task_id}: it is {state} and has no live lease",
+            metadata=err.metadata,
+        )
+    raise err
 
 
 def _diagnose(

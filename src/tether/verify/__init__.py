@@ -1,8 +1,8 @@
 """Offline verification of exported receipt bundles (no grpc, no network, no database).
 
-    from tether.verify import verify_bundle, decode_bundle
-    report = verify_bundle(path.read_bytes(), [VerifyKey.load(Path("control.pub"))])
-    if not report.ok: print(report.failures[0])
+from tether.verify import verify_bundle, decode_bundle
+report = verify_bundle(path.read_bytes(), [VerifyKey.load(Path("control.pub"))])
+if not report.ok: print(report.failures[0])
 """
 
 from tether.verify.bundle import (

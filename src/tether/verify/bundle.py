@@ -47,7 +47,11 @@ class Entry:
 
     @classmethod
     def of(
-        cls, envelope: bytes, leaf_index: int, proof_index: int, proof_size: int,
+        cls,
+        envelope: bytes,
+        leaf_index: int,
+        proof_index: int,
+        proof_size: int,
         proof: Iterable[bytes],
     ) -> Entry:
         """An entry from raw proof hashes."""
@@ -179,10 +183,15 @@ def _entries(items: list[Any]) -> list[Entry]:
             p = d.get("proof") or {}
             if not (isinstance(p, dict) and p.keys() <= fast_proof):
                 p = _obj(p, what + ".proof", _PROOF_FIELDS)
-                p = {"leafIndex": p.get("leaf_index"), "treeSize": p.get("tree_size"),
-                     "hashes": p.get("hashes")}
+                p = {
+                    "leafIndex": p.get("leaf_index", 0),
+                    "treeSize": p.get("tree_size", 0),
+                    "hashes": p.get("hashes"),
+                }
             leaf_index, pidx, psize, hashes = (
-                d.get("leafIndex", 0), p.get("leafIndex", 0), p.get("treeSize", 0),
+                d.get("leafIndex", 0),
+                p.get("leafIndex", 0),
+                p.get("treeSize", 0),
                 p.get("hashes") or [],
             )
             env = d.get("envelope", "")
@@ -190,7 +199,9 @@ def _entries(items: list[Any]) -> list[Entry]:
             d = _obj(raw, what, _ENTRY_FIELDS)
             p = _obj(d.get("proof", {}), what + ".proof", _PROOF_FIELDS)
             leaf_index, pidx, psize, hashes = (
-                d.get("leaf_index", 0), p.get("leaf_index", 0), p.get("tree_size", 0),
+                d.get("leaf_index", 0),
+                p.get("leaf_index", 0),
+                p.get("tree_size", 0),
                 p.get("hashes") or [],
             )
             env = d.get("envelope", "")
@@ -340,9 +351,7 @@ def bundle_from_proto(msg: Any) -> Bundle:
     cp = None
     if msg.HasField("checkpoint"):
         c = msg.checkpoint
-        cp = CheckpointInfo(
-            c.origin, c.tree_size, bytes(c.root_hash), c.timestamp_unix_ms, c.note
-        )
+        cp = CheckpointInfo(c.origin, c.tree_size, bytes(c.root_hash), c.timestamp_unix_ms, c.note)
     return Bundle(
         version=msg.version,
         entries=[
@@ -386,15 +395,18 @@ def bundle_to_proto(b: Bundle) -> Any:
         exported_unix_ms=b.exported_unix_ms,
     )
     if b.checkpoint is not None:
-        c = b.checkpoint
-        msg.checkpoint.CopyFrom(
-            receipt_pb2.Checkpoint(
-                origin=c.origin,
-                tree_size=c.tree_size,
-                root_hash=c.root_hash,
-                timestamp_unix_ms=c.timestamp_unix_ms,
-                note=c.note,
-            )
-        )
+        msg.checkpoint.CopyFrom(checkpoint_to_proto(b.checkpoint))
     return msg
 
+
+def checkpoint_to_proto(c: CheckpointInfo) -> Any:
+    """The `tether.v1.Checkpoint` message of a checkpoint."""
+    from tether.v1 import receipt_pb2
+
+    return receipt_pb2.Checkpoint(
+        origin=c.origin,
+        tree_size=c.tree_size,
+        root_hash=c.root_hash,
+        timestamp_unix_ms=c.timestamp_unix_ms,
+        note=c.note,
+    )

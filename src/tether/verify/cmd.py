@@ -44,6 +44,18 @@ def register(sub: Any) -> None:
     p.add_argument("--quiet", action="store_true", help="no timeline, only the verdict")
     p.set_defaults(func=run)
 
+    r = sub.add_parser("receipts", help="receipt ledger commands")
+    rsub = r.add_subparsers(dest="receipts_command", metavar="COMMAND", required=True)
+    e = rsub.add_parser("export", help="export an offline-verifiable bundle")
+    e.add_argument("--control", required=True, help="control plane address")
+    e.add_argument("--operator-token-file", help="file holding the operator token")
+    sel = e.add_mutually_exclusive_group(required=True)
+    sel.add_argument("--task", action="append", default=[], metavar="ID", help="task id (repeat)")
+    sel.add_argument("--since", type=int, metavar="UNIX_MS", help="receipts stored since then")
+    sel.add_argument("--all", action="store_true", help="every receipt in the ledger")
+    e.add_argument("--out", type=Path, required=True, help="bundle file to write")
+    e.set_defaults(func=run_export)
+
 
 def run(args: argparse.Namespace) -> int:
     """Verifies the bundle and prints the verdict."""
@@ -97,3 +109,40 @@ def render(report: Report, timeline: bool = True) -> str:
         )
         lines.append(f"  {summary}")
     return "\n".join(lines) + "\n"
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """Fetches a bundle from the control plane and writes it (the only networked command here)."""
+    import asyncio
+
+    from tether.control.client import ControlClient
+    from tether.control.cmd import _operator_token
+    from tether.control.server import grpc_target
+    from tether.grpcutil.status import from_rpc_error
+    from tether.v1 import control_pb2 as pb
+    from tether.verify.bundle import bundle_from_proto, encode_bundle
+
+    async def go() -> Any:
+        import grpc
+
+        async with ControlClient(
+            grpc_target(args.control), operator_token=_operator_token(args)
+        ) as client:
+            request = pb.ExportBundleRequest(task_ids=args.task, since_unix_ms=args.since or 0)
+            try:
+                return await client.stub.ExportBundle(
+                    request, metadata=client._metadata(False), timeout=client.timeout_s
+                )
+            except grpc.RpcError as err:
+                raise from_rpc_error(err) from err
+
+    resp = asyncio.run(go())
+    bundle = bundle_from_proto(resp.bundle)
+    args.out.write_bytes(encode_bundle(bundle))
+    print(
+        f"wrote {args.out}: {len(bundle.entries)} receipts, {len(bundle.node_certificates)} "
+        f"nodes, {len(bundle.leases)} leases, tree size "
+        f"{bundle.checkpoint.tree_size if bundle.checkpoint else 0}",
+        file=sys.stderr,
+    )
+    return 0

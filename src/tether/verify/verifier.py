@@ -38,25 +38,26 @@ from tether.verify.bundle import Bundle, BundleFormatError, decode_bundle
 
 CHECKS: dict[str, str] = {
     "bundle.format": "the file is a well-formed version-1 bundle",
-    "bundle.order": "entries are in strictly increasing ledger order",
     "checkpoint": "the checkpoint note is signed by a trusted control key and matches its fields",
     "certificate": "every node certificate is signed by a trusted control key; each receipt "
     "has a certificate for its node, valid at the receipt's time",
+    "lease.signature": "every lease is signed by a trusted control key",
     "envelope.format": "each entry is a canonical compact DSSE JSON envelope of an in-toto payload",
+    "signature": "each receipt is signed by the certified key of the node it names",
     "receipt.format": "each payload is a valid Tether receipt statement",
-    "signature": "each receipt is signed by its node's certified key",
     "inclusion": "each entry's inclusion proof leads to the checkpoint's root",
+    "bundle.order": "entries are in strictly increasing ledger order",
     "chain.gap": "each node's receipts hold every seq from 1 to the last",
     "chain.fork": "no seq appears twice with different bytes",
     "chain.duplicate": "no envelope appears twice",
     "chain.order": "bundle order agrees with each node's seq order",
     "chain.prev": "each receipt's prev is the digest of its node's previous envelope",
-    "lease.signature": "every lease is signed by a trusted control key",
     "lease.missing": "each receipt has a signed lease with its task and fencing token",
     "lease.executor": "each receipt's node, agent and attempt are the lease holder's",
     "lease.window": "each action happened inside a window of its lease",
     "task.final": "each task has exactly one task_finished receipt",
 }
+_RANK = {name: i for i, name in enumerate(CHECKS)}
 
 # Kinds that need not lie inside the lease window: the node learns of a lost
 # lease after the fact.
@@ -129,8 +130,12 @@ class Report:
                     "task_id": t.task_id,
                     "final_state": t.final_state,
                     "events": [
-                        {"time_unix_ms": e.time_unix_ms, "ref": e.ref, "kind": e.kind,
-                         "detail": e.detail}
+                        {
+                            "time_unix_ms": e.time_unix_ms,
+                            "ref": e.ref,
+                            "kind": e.kind,
+                            "detail": e.detail,
+                        }
                         for e in t.events
                     ],
                 }
@@ -169,9 +174,7 @@ class _Inclusion:
 
     def __init__(self, size: int, root: bytes) -> None:
         self.size = size
-        self.memo: dict[tuple[int, int], tuple[bytes, tuple[str, ...]]] = {
-            (0, size): (root, ())
-        }
+        self.memo: dict[tuple[int, int], tuple[bytes, tuple[str, ...]]] = {(0, size): (root, ())}
 
     def check(self, leaf: bytes, index: int, proof: tuple[str, ...]) -> str:
         """Returns "" when the proof (canonical base64 hashes) holds, else why not."""
@@ -248,9 +251,10 @@ def _parse_envelope(data: bytes) -> Envelope:
             sig = binascii.a2b_base64(m[3], strict_mode=True)
         except binascii.Error as err:
             raise VerificationError(f"malformed DSSE envelope: {err}") from err
-        if binascii.b2a_base64(payload, newline=False) != m[1] or binascii.b2a_base64(
-            sig, newline=False
-        ) != m[3]:
+        if (
+            binascii.b2a_base64(payload, newline=False) != m[1]
+            or binascii.b2a_base64(sig, newline=False) != m[3]
+        ):
             raise VerificationError("envelope is not in canonical compact DSSE JSON form")
         return Envelope(payload, INTOTO_PAYLOAD_TYPE, ((m[2].decode(), sig),))
     env = Envelope.from_json_bytes(data)
@@ -349,7 +353,9 @@ class _Verifier:
             if a != b
         ]
         if bad:
-            self.fail(-3, "checkpoint", "checkpoint", f"{', '.join(bad)} differ from the signed note")
+            self.fail(
+                -3, "checkpoint", "checkpoint", f"{', '.join(bad)} differ from the signed note"
+            )
             return None
         return _Inclusion(body.tree_size, body.root_hash)
 
@@ -380,6 +386,7 @@ class _Verifier:
     def run(self, pool: ThreadPoolExecutor) -> None:
         inclusion = self._checkpoint()
         certs = self._certificates()
+        by_keyid = {c.keyid: c for cs in certs.values() for c in cs}
         leases = self._leases()
         sig_jobs: list[tuple[int, VerifyKey, bytes, bytes]] = []
         futures: list[Future[list[int]]] = []
@@ -396,6 +403,17 @@ class _Verifier:
             except VerificationError as err:
                 self.fail(i, "envelope.format", ref, err.message)
                 env = None
+            # Verify before parsing: the keyid hint picks the certified key, whose
+            # signature over the raw payload is checked whatever the payload says.
+            cert = None
+            if env is not None:
+                cert = next((by_keyid[k] for k, _ in env.signatures if k in by_keyid), None)
+                if cert is not None:
+                    key = cert_keys.get(cert.keyid)
+                    if key is None:
+                        key = cert_keys[cert.keyid] = VerifyKey.from_raw(cert.public_key)
+                    sig = next(s for k, s in env.signatures if k == cert.keyid)
+                    sig_jobs.append((i, key, sig, pae(env.payload_type, env.payload)))
             r = None
             if env is not None:
                 try:
@@ -404,7 +422,7 @@ class _Verifier:
                     self.fail(i, "receipt.format", ref, err.message)
             if r is not None:
                 ref = _ref(r)
-                refs[i] = ref
+            refs[i] = ref
             if inclusion is not None:
                 if e.proof_index != e.leaf_index or e.proof_size != inclusion.size:
                     self.fail(i, "inclusion", ref, "proof is not for this leaf and checkpoint")
@@ -414,28 +432,23 @@ class _Verifier:
                     )
                     if why:
                         self.fail(i, "inclusion", ref, why)
-            if env is None or r is None:
+            if env is None:
+                continue
+            if cert is None:
+                if r is not None and not certs.get(r.node_id):
+                    self.fail(i, "certificate", ref, f"no valid certificate for node {r.node_id!r}")
+                else:
+                    self.fail(i, "signature", ref, "no signature by a certified node key")
+            if r is None:
                 continue
             self.items.append(_Item(i, r, e.envelope, hashlib.sha256(e.envelope).hexdigest()))
-            node_certs = certs.get(r.node_id)
-            if not node_certs:
-                self.fail(i, "certificate", ref, f"no valid certificate for node {r.node_id!r}")
-                continue
-            sig_keyids = {k for k, _ in env.signatures}
-            cert = next((c for c in node_certs if c.keyid in sig_keyids), None)
-            if cert is None:
-                self.fail(i, "signature", ref, "no signature by the node's certified key")
-                continue
-            if not cert.valid_at(r.time_unix_ms):
-                self.fail(i, "certificate", ref, "receipt time is outside the certificate's validity")
-            key = cert_keys.get(cert.keyid)
-            if key is None:
-                key = cert_keys[cert.keyid] = VerifyKey.from_raw(cert.public_key)
-            msg = pae(env.payload_type, env.payload)
-            for kid, sig in env.signatures:
-                if kid == cert.keyid:
-                    sig_jobs.append((i, key, sig, msg))
-                    break
+            if cert is not None:
+                if cert.node_id != r.node_id:
+                    self.fail(i, "signature", ref, f"signed with the key of node {cert.node_id!r}")
+                elif not cert.valid_at(r.time_unix_ms):
+                    self.fail(
+                        i, "certificate", ref, "receipt time is outside the certificate's validity"
+                    )
             if len(sig_jobs) >= _SIG_CHUNK:
                 futures.append(pool.submit(_verify_chunk, sig_jobs))
                 sig_jobs = []
@@ -461,7 +474,9 @@ class _Verifier:
                     if old.envelope == it.envelope:
                         self.fail(it.index, "chain.duplicate", ref, "envelope appears twice")
                     else:
-                        self.fail(it.index, "chain.fork", ref, "two different envelopes for one seq")
+                        self.fail(
+                            it.index, "chain.fork", ref, "two different envelopes for one seq"
+                        )
                     continue
                 if seq < top:
                     self.fail(it.index, "chain.order", ref, f"seq {seq} comes after seq {top}")
@@ -475,8 +490,12 @@ class _Verifier:
             for seq, it in seen.items():
                 before = seen.get(seq - 1)
                 if before is not None and it.receipt.prev != before.digest:
-                    self.fail(it.index, "chain.prev", _ref(it.receipt),
-                              "prev is not the digest of the previous envelope")
+                    self.fail(
+                        it.index,
+                        "chain.prev",
+                        _ref(it.receipt),
+                        "prev is not the digest of the previous envelope",
+                    )
 
     def _tasks(self, leases: dict[tuple[str, int], list[Lease]]) -> None:
         by_task: dict[str, list[_Item]] = defaultdict(list)
@@ -486,35 +505,58 @@ class _Verifier:
             ref = _ref(r)
             grants = leases.get((r.task_id, r.fencing_token))
             if not grants:
-                self.fail(it.index, "lease.missing", ref,
-                          f"no signed lease for task {r.task_id!r} token {r.fencing_token}")
+                self.fail(
+                    it.index,
+                    "lease.missing",
+                    ref,
+                    f"no signed lease for task {r.task_id!r} token {r.fencing_token}",
+                )
                 continue
             holder = grants[0]
-            if (r.node_id, r.agent_id, r.attempt) != (holder.node_id, holder.agent_id,
-                                                       holder.attempt):
-                self.fail(it.index, "lease.executor", ref,
-                          f"executor {r.node_id}/{r.agent_id} attempt {r.attempt} is not the "
-                          f"lease holder {holder.node_id}/{holder.agent_id} "
-                          f"attempt {holder.attempt}")
+            if (r.node_id, r.agent_id, r.attempt) != (
+                holder.node_id,
+                holder.agent_id,
+                holder.attempt,
+            ):
+                self.fail(
+                    it.index,
+                    "lease.executor",
+                    ref,
+                    f"executor {r.node_id}/{r.agent_id} attempt {r.attempt} is not the "
+                    f"lease holder {holder.node_id}/{holder.agent_id} "
+                    f"attempt {holder.attempt}",
+                )
             if r.kind in _WINDOW_EXEMPT:
                 continue
             t = r.time_unix_ms
             if not any(g.issued_unix_ms <= t < g.expires_unix_ms for g in grants):
                 last = max(g.expires_unix_ms for g in grants)
-                self.fail(it.index, "lease.window", ref,
-                          f"time {t} is outside every window of its lease (last expiry {last})")
+                self.fail(
+                    it.index,
+                    "lease.window",
+                    ref,
+                    f"time {t} is outside every window of its lease (last expiry {last})",
+                )
         for task, items in by_task.items():
             finals = [it for it in items if it.receipt.kind == ReceiptKind.TASK_FINISHED]
             if len(finals) > 1:
                 for it in finals[1:]:
-                    self.fail(it.index, "task.final", _ref(it.receipt),
-                              f"task {task!r} has {len(finals)} task_finished receipts")
+                    self.fail(
+                        it.index,
+                        "task.final",
+                        _ref(it.receipt),
+                        f"task {task!r} has {len(finals)} task_finished receipts",
+                    )
             elif not finals and not self.allow_open:
-                self.fail(items[-1].index, "task.final", f"task:{task}",
-                          "task has no task_finished receipt")
+                self.fail(
+                    items[-1].index,
+                    "task.final",
+                    f"task:{task}",
+                    "task has no task_finished receipt",
+                )
 
     def report(self) -> Report:
-        self.failures.sort(key=lambda pf: pf[0])
+        self.failures.sort(key=lambda pf: (pf[0], _RANK[pf[1].check]))
         tasks: dict[str, TaskReport] = {}
         for it in sorted(self.items, key=lambda x: (x.receipt.time_unix_ms, x.index)):
             r = it.receipt
@@ -562,4 +604,3 @@ def _ranges(nums: list[int]) -> list[tuple[int, int]]:
         else:
             out.append((n, n))
     return out
-

@@ -1,0 +1,542 @@
+"""The demo orchestrator: every promise of Tether, shown on real processes.
+
+It starts an embedded control plane (SQLite under ./.tether-demo/), two
+sidecars, a local HTTP service standing in for a third-party API, and several
+agent processes racing on a queue; stages a lease takeover after a SIGKILL, a
+budget denial and an idempotent retry; exports the receipts and verifies them
+offline with `tether verify`; and audits every file and output it leaves behind
+for the API secret. It exits 0 only if every fact held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tether.control.client import ControlClient
+from tether.crypto.signing import SigningKey
+from tether.demo.api import DemoApi
+
+QUEUE = "demo"
+TOOL_COST = 1_000
+LEASE_TTL_MS = 3_000
+
+
+@dataclass
+class Fact:
+    """One claim the demo makes, and whether it held."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class Demo:
+    """State of one demo run."""
+
+    root: Path
+    agents: int = 3
+    tasks: int = 8
+    keep: bool = False
+    secret: bytes = b""
+    facts: list[Fact] = field(default_factory=list)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+
+    # -- output ---------------------------------------------------------------
+
+    def say(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.started:6.1f}s] {text}", flush=True)
+
+    def check(self, name: str, ok: bool, detail: str) -> bool:
+        self.facts.append(Fact(name, ok, detail))
+        self.say(f"{'✓' if ok else '✗'} {name}: {detail}")
+        return ok
+
+    # -- processes ------------------------------------------------------------
+
+    def tether(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "tether.cli", *args]
+
+    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        log = open(self.root / "logs" / f"{name}.log", "ab")  # noqa: SIM115 - owned by the process
+        proc = subprocess.Popen(argv, stdout=log, stderr=log, cwd=self.root, env=self.env())
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k != "TETHER_DEMO_SECRET"}
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def wait_ready(self, name: str, ready: Path, timeout_s: float = 30.0) -> str:
+        deadline = time.monotonic() + timeout_s
+        proc = self.procs[name]
+        while time.monotonic() < deadline:
+            if ready.exists() and ready.read_text().strip():
+                return ready.read_text().strip()
+            if proc.poll() is not None:
+                log = (self.root / "logs" / f"{name}.log").read_text()[-3000:]
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{log}")
+            time.sleep(0.05)
+        raise RuntimeError(f"{name} not ready after {timeout_s}s")
+
+    def run_cli(
+        self, name: str, *args: str, stdin: bytes | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
+        proc = subprocess.run(
+            self.tether(*args), input=stdin, capture_output=True, cwd=self.root, env=self.env(),
+            timeout=300, check=False,
+        )  # fmt: skip
+        with open(self.root / "logs" / f"{name}.log", "ab") as log:
+            log.write(proc.stdout + proc.stderr)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    # -- set-up ---------------------------------------------------------------
+
+    def prepare(self) -> None:
+        if self.root.exists():
+            shutil.rmtree(self.root)
+        for sub in ("keys", "logs", "tokens", "agents"):
+            (self.root / sub).mkdir(parents=True)
+        self.root.chmod(0o700)
+
+    def write_private(self, path: Path, data: str) -> Path:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(data)
+        return path
+
+    def policy(self, api: DemoApi) -> str:
+        port = urllib.parse.urlsplit(api.url).port
+        agents = "\n".join(
+            f'[agents.agent-{i}]\nqueues = ["{QUEUE}"]\n' for i in range(1, self.agents + 1)
+        )
+        return f"""version = 1
+
+{agents}
+[credentials.api_token]
+tools = ["api_write"]
+description = "bearer token of the demo API (lives only in the vault)"
+
+[tools.api_write]
+adapter = "http"
+cost_micros = {TOOL_COST}
+idempotent = false
+timeout_ms = 5000
+credential = "api_token"
+[tools.api_write.http]
+base_url = "{api.url}"
+allowed_methods = ["GET", "POST"]
+
+[queues.{QUEUE}]
+tools = ["api_write"]
+network_allowlist = ["127.0.0.1:{port}"]
+budget_micros = {10 * TOOL_COST}
+lease_ttl_ms = {LEASE_TTL_MS}
+max_attempts = 3
+"""
+
+    # -- the run --------------------------------------------------------------
+
+    async def run(self) -> int:
+        self.prepare()
+        keys = self.root / "keys"
+        SigningKey.generate().save(keys / "control.key", keys / "control.pub")
+        enroll = self.write_private(
+            self.root / "tokens" / "enroll.token", secrets.token_urlsafe(24)
+        )
+        kek = self.root / "keys" / "kek"
+        self.run_cli("setup", "secrets", "init-kek", "--file", str(kek))
+        api = DemoApi(self.secret).start()
+        self.say(f"demo API (stand-in for a third-party service) on {api.url}")
+        try:
+            return await self._run(api, enroll, kek)
+        finally:
+            api.stop()
+            if not self.keep:
+                self.stop_all()
+
+    async def _run(self, api: DemoApi, enroll: Path, kek: Path) -> int:
+        keys = self.root / "keys"
+        self.spawn("control", self.tether(
+            "control", "--db", str(self.root / "control.db"), "--listen", "127.0.0.1:0",
+            "--key", str(keys / "control.key"), "--enrollment-token-file", str(enroll),
+            "--kek-file", str(kek), "--sweep-interval-ms", "200",
+            "--ready-file", str(self.root / "control.addr"),
+        ))  # fmt: skip
+        address = self.wait_ready("control", self.root / "control.addr")
+        self.say(f"control plane listening on {address} (SQLite: {self.root / 'control.db'})")
+        control = ControlClient(address)
+        try:
+            return await self._staged(api, control, address, enroll)
+        finally:
+            await control.close()
+
+    async def _staged(
+        self, api: DemoApi, control: ControlClient, address: str, enroll: Path
+    ) -> int:
+        policy_text = self.policy(api)
+        (self.root / "policy.toml").write_text(policy_text)
+        await control.put_policy(policy_text)
+        await control.put_secret("api_token", self.secret)
+        self.say("policy applied; API token sealed in the vault (write-only)")
+
+        # Two sidecars; agents spread across them.
+        nodes = ["node-1", "node-2"]
+        sockets: dict[str, Path] = {}
+        for node in nodes:
+            SigningKey.generate().save(self.root / "keys" / f"{node}.key")
+        agent_node: dict[str, str] = {}
+        for i in range(1, self.agents + 1):
+            agent = f"agent-{i}"
+            agent_node[agent] = nodes[(i - 1) % len(nodes)]
+            self.write_private(self.root / "tokens" / f"{agent}.token", secrets.token_urlsafe(24))
+        for node in nodes:
+            state = self.root / node
+            args = [
+                "sidecar", "--control", address, "--node-id", node,
+                "--key", str(self.root / "keys" / f"{node}.key"),
+                "--socket", str(state / "tether.sock"), "--state-dir", str(state),
+                "--enrollment-token-file", str(enroll),
+                "--control-pub", str(self.root / "keys" / "control.pub"),
+                "--ready-file", str(self.root / f"{node}.ready"),
+            ]  # fmt: skip
+            for agent, on in agent_node.items():
+                if on == node:
+                    args += ["--agent", f"{agent}={self.root / 'tokens' / f'{agent}.token'}"]
+            self.spawn(node, self.tether(*args))
+            sockets[node] = state / "tether.sock"
+        for node in nodes:
+            self.wait_ready(node, self.root / f"{node}.ready")
+        self.say(f"sidecars {', '.join(nodes)} registered with the control plane")
+
+        # The workload: normal writes, one idempotent retry, one budget denial, one slow task.
+        submitted: dict[str, str] = {}
+        slow = (await control.submit(QUEUE, json.dumps({"kind": "slow"}).encode())).task.task_id
+        submitted[slow] = "slow"
+        retry = (await control.submit(QUEUE, json.dumps({"kind": "retry"}).encode())).task.task_id
+        submitted[retry] = "retry"
+        budget = (
+            await control.submit(
+                QUEUE,
+                json.dumps({"kind": "budget", "calls": 4}).encode(),
+                budget_limit_micros=2 * TOOL_COST,
+            )
+        ).task.task_id
+        submitted[budget] = "budget"
+        for n in range(max(0, self.tasks - 3)):
+            task = await control.submit(QUEUE, json.dumps({"kind": "write", "n": n}).encode())
+            submitted[task.task.task_id] = "write"
+        self.say(f"submitted {len(submitted)} tasks to queue {QUEUE!r}")
+
+        # The first agent starts alone so it takes the slow task; the rest join after.
+        self.spawn_agent("agent-1", sockets[agent_node["agent-1"]])
+        first_token = await self.wait_for_slow(slow)
+        for i in range(2, self.agents + 1):
+            self.spawn_agent(f"agent-{i}", sockets[agent_node[f"agent-{i}"]])
+        self.say(
+            f"agent-1 holds the slow task with fencing token {first_token}; killing it (SIGKILL)"
+        )
+        self.procs["agent-1"].kill()
+        self.procs["agent-1"].wait()
+
+        finals = await self.wait_terminal(control, list(submitted), timeout_s=90)
+        await asyncio.sleep(0.5)
+        return await self.report(api, control, address, submitted, slow, retry, budget,
+                                 first_token, finals, agent_node, sockets)  # fmt: skip
+
+    def spawn_agent(self, agent: str, socket: Path) -> None:
+        self.spawn(agent, [
+            sys.executable, "-m", "tether.demo.agent", "--socket", str(socket),
+            "--token-file", str(self.root / "tokens" / f"{agent}.token"), "--queue", QUEUE,
+        ])  # fmt: skip
+
+    def agent_events(self, agent: str) -> list[dict[str, Any]]:
+        path = self.root / "logs" / f"{agent}.log"
+        events = []
+        for line in path.read_text(errors="replace").splitlines() if path.exists() else []:
+            if line.startswith("{"):
+                try:
+                    events.append(json.loads(line))
+                except ValueError:
+                    continue
+        return events
+
+    async def wait_for_slow(self, slow: str, timeout_s: float = 30) -> int:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for event in self.agent_events("agent-1"):
+                if event.get("event") == "working_slowly" and event.get("task_id") == slow:
+                    return int(event["fencing_token"])
+            await asyncio.sleep(0.1)
+        raise RuntimeError("agent-1 never reached the slow task; see .tether-demo/logs/agent-1.log")
+
+    async def wait_terminal(
+        self, control: ControlClient, ids: list[str], timeout_s: float
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        last = ""
+        while True:
+            tasks = {tid: (await control.get_task(tid)).task for tid in ids}
+            counts = Counter(_state_name(t.state) for t in tasks.values())
+            line = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+            if line != last:
+                self.say(f"tasks: {line}")
+                last = line
+            if all(_state_name(t.state) in _TERMINAL for t in tasks.values()):
+                return tasks
+            if time.monotonic() > deadline:
+                return tasks
+            await asyncio.sleep(0.3)
+
+    # -- the report -----------------------------------------------------------
+
+    async def report(
+        self,
+        api: DemoApi,
+        control: ControlClient,
+        address: str,
+        submitted: dict[str, str],
+        slow: str,
+        retry: str,
+        budget: str,
+        first_token: int,
+        finals: dict[str, Any],
+        agent_node: dict[str, str],
+        sockets: dict[str, Path],
+    ) -> int:
+        states = Counter(_state_name(t.state) for t in finals.values())
+        self.check(
+            "every task finished",
+            all(_state_name(t.state) in _TERMINAL for t in finals.values()),
+            ", ".join(f"{k}: {v}" for k, v in sorted(states.items())),
+        )
+        # Exactly-once: each task completed by exactly one agent.
+        completions: Counter[str] = Counter()
+        tool_results: list[dict[str, Any]] = []
+        for i in range(1, self.agents + 1):
+            for event in self.agent_events(f"agent-{i}"):
+                if event.get("event") == "completed":
+                    completions[event["task_id"]] += 1
+                if event.get("event") == "tool":
+                    tool_results.append(event)
+        self.check(
+            "each task completed exactly once",
+            all(completions[t] == 1 for t in submitted),
+            f"{sum(completions.values())} completions for {len(submitted)} tasks",
+        )
+        # Credentials: the API saw the bearer token; agents never did.
+        summary = api.state.summary()
+        self.check(
+            "credentials injected by the sidecar",
+            summary["unauthorized"] == 0 and len(summary["writes"]) > 0,
+            f"{len(summary['writes'])} authorized writes reached the API, "
+            f"{summary['unauthorized']} unauthorized",
+        )
+        # Takeover with a higher fencing token.
+        slow_task = finals[slow]
+        self.check(
+            "killed agent's task taken over with a higher fencing token",
+            _state_name(slow_task.state) == "succeeded" and slow_task.fencing_token > first_token,
+            f"token {first_token} (killed) -> {slow_task.fencing_token} "
+            f"(attempt {slow_task.attempt}, {_state_name(slow_task.state)})",
+        )
+        stale = self.stale_write(api, slow, first_token)
+        self.check("stale write refused by the API", stale[0], stale[1])
+        late = await self.late_completion(agent_node, sockets, slow)
+        self.check("stale holder's late completion refused by the sidecar", late[0], late[1])
+        # Budget denial.
+        denied = [
+            e for i in range(1, self.agents + 1) for e in self.agent_events(f"agent-{i}")
+            if e.get("event") == "budget_denied" and e.get("task_id") == budget
+        ]  # fmt: skip
+        self.check(
+            "budget denial",
+            len(denied) == 2,
+            f"{len(denied)} of 4 calls refused RESOURCE_EXHAUSTED on a 2-call budget",
+        )
+        # Idempotent retry: replayed, and the API saw one write for that task.
+        replays = [e for e in tool_results if e.get("task_id") == retry and e.get("replayed")]
+        retry_writes = [w for w in summary["writes"] if w["resource"] == f"/records/{retry}"]
+        self.check(
+            "idempotent retry did not repeat the side effect",
+            len(replays) == 1 and len(retry_writes) == 1,
+            f"2 calls with one key: {len(replays)} replayed, {len(retry_writes)} write at the API",
+        )
+        ok_bundle = await self.export_and_verify(address, list(submitted))
+        self.audit_secret()
+        return self.summary(states, ok_bundle)
+
+    def stale_write(self, api: DemoApi, task_id: str, token: int) -> tuple[bool, str]:
+        """Replays a delayed write from the killed holder straight at the API."""
+        req = urllib.request.Request(
+            f"{api.url}/records/{task_id}",
+            data=b"{}",
+            method="POST",
+            headers={
+                "Authorization": "Bearer " + self.secret.decode(),
+                "X-Tether-Fencing-Token": str(token),
+            },
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return False, f"API accepted a write with stale token {token} ({resp.status})"
+        except urllib.error.HTTPError as err:
+            return err.code == 409, f"delayed write with token {token}: HTTP {err.code}"
+
+    async def late_completion(
+        self, agent_node: dict[str, str], sockets: dict[str, Path], task_id: str
+    ) -> tuple[bool, str]:
+        """Tries to complete the taken-over task as the killed agent."""
+        from tether.agent import AgentClient
+        from tether.core.errors import TetherError
+
+        token = (self.root / "tokens" / "agent-1.token").read_text().strip()
+        async with AgentClient(sockets[agent_node["agent-1"]], token=token) as client:
+            try:
+                await client.complete(task_id, result=b"late")
+            except TetherError as err:
+                return True, f"{err.reason}: {err.message}"
+        return False, "the late completion was accepted"
+
+    async def export_and_verify(self, address: str, task_ids: list[str]) -> bool:
+        bundle = self.root / "bundle.json"
+        deadline = time.monotonic() + 30
+        while True:  # receipts stream in the background; wait until they are all acknowledged
+            exported = self.run_cli(
+                "export", "receipts", "export", "--control", address, "--out", str(bundle),
+                *[a for t in task_ids for a in ("--task", t)],
+            )  # fmt: skip
+            verify_cmd = _verify_argv(bundle, self.root / "keys" / "control.pub")
+            verified = self.run_cli("verify", "verify", str(bundle), "--trust",
+                                    str(self.root / "keys" / "control.pub"))  # fmt: skip
+            if (
+                exported.returncode == 0 and verified.returncode == 0
+            ) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(1)
+        self.verify_cmd = shlex.join(verify_cmd)
+        self.verify_out = verified.stdout.decode(errors="replace")
+        size = bundle.stat().st_size if bundle.exists() else 0
+        self.check(
+            "receipts exported and verified offline",
+            exported.returncode == 0 and verified.returncode == 0,
+            f"bundle {size} bytes; `{self.verify_cmd}` exited {verified.returncode}",
+        )
+        if verified.returncode != 0:
+            print(verified.stdout.decode(errors="replace")[-3000:])
+            print(verified.stderr.decode(errors="replace")[-3000:])
+        return verified.returncode == 0
+
+    def audit_secret(self) -> None:
+        """Searches every file the demo left (db, logs, spools, bundle) for the secret."""
+        needles = {
+            "raw": self.secret,
+            "base64": base64.b64encode(self.secret).rstrip(b"="),
+            "url": urllib.parse.quote(self.secret.decode(), safe="").encode(),
+        }
+        hits: list[str] = []
+        scanned = 0
+        for path in sorted(self.root.rglob("*")):
+            if not path.is_file() or path.is_symlink():
+                continue
+            try:
+                data = path.read_bytes()
+            except OSError:
+                continue
+            scanned += 1
+            for form, needle in needles.items():
+                if needle and needle in data:
+                    hits.append(f"{path.relative_to(self.root)} ({form})")
+        self.check(
+            "secret never left the vault",
+            not hits,
+            f"{scanned} files scanned (databases, logs, spools, agent output, bundle): "
+            + (f"FOUND in {', '.join(hits)}" if hits else "0 hits"),
+        )
+
+    def summary(self, states: Counter[str], ok_bundle: bool) -> int:
+        ok = all(f.ok for f in self.facts)
+        print()
+        print("─" * 72)
+        print(f" Tether demo: {'ALL FACTS HELD' if ok else 'SOME FACTS FAILED'}")
+        print("─" * 72)
+        print(" tasks by final state: " + ", ".join(f"{k} {v}" for k, v in sorted(states.items())))
+        for line in self.verify_out.splitlines()[:4]:
+            print(f" verify: {line}")
+        for fact in self.facts:
+            print(f" {'✓' if fact.ok else '✗'} {fact.name}")
+        print(f" bundle: {self.root / 'bundle.json'}")
+        print(f" re-run the offline check: {self.verify_cmd}")
+        print(f" logs: {self.root / 'logs'}   took {time.monotonic() - self.started:.1f}s")
+        if self.keep:
+            print(" --keep: control plane and sidecars are still running (Ctrl-C to stop)")
+        print("─" * 72)
+        return 0 if ok else 1
+
+    verify_cmd: str = ""
+    verify_out: str = ""
+
+
+_STATES = {
+    1: "queued",
+    2: "leased",
+    3: "running",
+    4: "succeeded",
+    5: "failed",
+    6: "expired",
+    7: "canceled",
+}
+_TERMINAL = {"succeeded", "failed", "expired", "canceled"}
+
+
+def _verify_argv(bundle: Path, trust: Path) -> list[str]:
+    """The `tether verify` command line a user can re-run from the current directory."""
+    return ["tether", "verify", os.path.relpath(bundle), "--trust", os.path.relpath(trust)]
+
+
+def _state_name(value: int) -> str:
+    return _STATES.get(int(value), "unspecified")
+
+
+def run_demo(root: Path, *, agents: int, tasks: int, keep: bool) -> int:
+    """Runs the demo; returns the exit code (0 only if every fact held)."""
+    env_secret = os.environ.get("TETHER_DEMO_SECRET", "")
+    secret = env_secret.encode() if env_secret else secrets.token_urlsafe(32).encode()
+    demo = Demo(root=root.resolve(), agents=agents, tasks=tasks, keep=keep, secret=secret)
+    code = asyncio.run(demo.run())
+    if keep:
+        with contextlib.suppress(KeyboardInterrupt):
+            signal.pause()
+        demo.stop_all()
+    return code

@@ -1,0 +1,133 @@
+"""The control plane's receipt ledger on a real SQLite store: ingest rules, proofs, export."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tether.control.ledger import Ledger
+from tether.core.clock import FakeClock
+from tether.core.errors import AlreadyExists, InvalidArgument, NotFound, VerificationError
+from tether.core.receipts import Receipt, ReceiptKind
+from tether.crypto import merkle
+from tether.crypto.certs import issue_cert
+from tether.crypto.note import verify_checkpoint
+from tether.crypto.receipts import ReceiptChain
+from tether.store.base import NodeRecord
+from tether.store.sqlite import SqliteStore
+from tether.verify import verify_bundle
+from tether.verify.builder import T0, seeded_key
+
+CONTROL = seeded_key("ledger/control")
+NODE_KEYS = {n: seeded_key(f"ledger/{n}") for n in ("n1", "n2")}
+
+
+def _receipt(task: str, i: int) -> Receipt:
+    return Receipt(
+        kind=ReceiptKind.TOOL_CALL,
+        node_id="",
+        task_id=task,
+        attempt=1,
+        fencing_token=1,
+        agent_id="a",
+        lease_id="L",
+        lease_issued_unix_ms=T0,
+        lease_expires_unix_ms=T0 + 30_000,
+        time_unix_ms=T0 + i,
+        tool="t",
+        status="ok",
+    )
+
+
+def _chain(node: str, n: int, task: str = "task") -> list[tuple[int, bytes]]:
+    chain = ReceiptChain(node, NODE_KEYS[node])
+    return [(i + 1, chain.sign(dataclasses.replace(_receipt(task, i)))) for i in range(n)]
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    s = SqliteStore(tmp_path / "control.db")
+    await s.open()
+    for node, key in NODE_KEYS.items():
+        _, env = issue_cert(CONTROL, node, key.public.raw, T0 - 1000)
+        await s.put_node(NodeRecord(node, key.public.raw, env.to_json_bytes(), node * 32, T0))
+    yield s
+    await s.close()
+
+
+async def _ledger(store: SqliteStore) -> Ledger:
+    ledger = Ledger(store, CONTROL, FakeClock(T0 + 10_000), origin="test/ledger")
+    await ledger.open()
+    return ledger
+
+
+async def test_ingest_dedupes_identical_resends(store: SqliteStore) -> None:
+    """A replayed batch is acknowledged again without new leaves."""
+    ledger = await _ledger(store)
+    chain = _chain("n1", 5)
+    assert await ledger.ingest("n1", chain[:3]) == (3, 2)
+    assert await ledger.ingest("n1", chain[:3]) == (3, 2)
+    assert await ledger.ingest("n1", chain[1:]) == (5, 4)
+    assert ledger.size == 5
+
+
+async def test_ingest_refuses_forks_gaps_and_bad_signatures(store: SqliteStore) -> None:
+    """Same seq with other bytes, a skipped seq, a foreign key or an unknown node are refused."""
+    ledger = await _ledger(store)
+    chain = _chain("n1", 4)
+    await ledger.ingest("n1", chain[:2])
+    other = _chain("n1", 2, task="other")
+    with pytest.raises(AlreadyExists, match="fork"):
+        await ledger.ingest("n1", other)
+    with pytest.raises(InvalidArgument, match="gap"):
+        await ledger.ingest("n1", chain[3:])
+    with pytest.raises(VerificationError, match="not signed"):
+        await ledger.ingest("n2", _chain("n1", 1))
+    with pytest.raises(VerificationError):
+        await ledger.ingest("n1", [(3, chain[1][1])])
+    with pytest.raises(NotFound):
+        await ledger.ingest("n9", chain[:1])
+    assert ledger.size == 2
+    assert await ledger.ingest("n1", chain[2:]) == (4, 3)
+
+
+async def test_proofs_checkpoints_and_restart(store: SqliteStore) -> None:
+    """Checkpoints verify, proofs check against them, and a reopened ledger keeps its tree."""
+    ledger = await _ledger(store)
+    a, b = _chain("n1", 6), _chain("n2", 3)
+    await ledger.ingest("n1", a[:3])
+    first = await ledger.checkpoint(fresh=True)
+    await ledger.ingest("n2", b)
+    await ledger.ingest("n1", a[3:])
+    cp = await ledger.checkpoint(fresh=True)
+    body = verify_checkpoint(cp.note, [CONTROL.public])
+    assert (body.tree_size, body.root_hash) == (9, cp.root_hash)
+    size, proof = ledger.inclusion_proof(4)
+    assert size == 9
+    assert merkle.verify_inclusion(merkle.leaf_hash(b[1][1]), 4, 9, proof, cp.root_hash)
+    cons = ledger.consistency_proof(first.tree_size, cp.tree_size)
+    assert merkle.verify_consistency(3, 9, first.root_hash, cp.root_hash, cons)
+    with pytest.raises(InvalidArgument):
+        ledger.inclusion_proof(9)
+    again = await _ledger(store)
+    assert again.size == 9
+    assert (await again.checkpoint()).root_hash == cp.root_hash
+    assert await again.ingest("n1", a) == (6, 8)
+
+
+async def test_export_holds_full_chains_and_verifies(store: SqliteStore) -> None:
+    """An exported bundle carries each node's whole chain and passes every ledger check."""
+    ledger = await _ledger(store)
+    await ledger.ingest("n1", _chain("n1", 4, task="t1"))
+    await ledger.ingest("n2", _chain("n2", 2, task="t2"))
+    bundle = await ledger.export(["t1"])
+    assert len(bundle.entries) == 4
+    assert len(bundle.node_certificates) == 1
+    report = verify_bundle(bundle, [CONTROL.public])
+    # No leases were granted through this store, and the task never finished:
+    assert report.checks_failed() == {"lease.missing", "task.final"}
+    everything = await ledger.export()
+    assert len(everything.entries) == 6

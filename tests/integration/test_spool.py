@@ -1,0 +1,186 @@
+"""The sidecar's durable receipt spool: durability, bounds, restart and replay to the ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tether.core.errors import ResourceExhausted
+from tether.core.receipts import Receipt, ReceiptKind
+from tether.crypto.receipts import envelope_digest, parse_receipt
+from tether.sidecar.spool import ReceiptSpool, stream_receipts
+from tether.verify.builder import T0, seeded_key
+
+KEY = seeded_key("spool/n1")
+
+
+def _receipt(i: int) -> Receipt:
+    return Receipt(
+        kind=ReceiptKind.TOOL_CALL,
+        node_id="n1",
+        task_id="t",
+        attempt=1,
+        fencing_token=1,
+        agent_id="a",
+        lease_id="L",
+        lease_issued_unix_ms=T0,
+        lease_expires_unix_ms=T0 + 30_000,
+        time_unix_ms=T0 + i,
+        tool="x",
+        status="ok",
+    )
+
+
+def _check_chain(envelopes: list[bytes], first_seq: int = 1) -> None:
+    prev = None
+    for k, data in enumerate(envelopes):
+        _, r = parse_receipt(data)
+        assert r.seq == first_seq + k
+        if prev is not None:
+            assert r.prev == envelope_digest(prev)
+        prev = data
+
+
+async def test_append_ack_and_restart(tmp_path: Path) -> None:
+    """Seqs run from 1, acks free space, and a reopened spool continues the same chain."""
+    spool = ReceiptSpool(tmp_path / "spool.db", "n1", KEY)
+    assert [await spool.append(_receipt(i)) for i in range(5)] == [1, 2, 3, 4, 5]
+    assert await spool.pending() == 5
+    await spool.ack(3)
+    assert [s for s, _ in spool.unacked()] == [4, 5]
+    await spool.close()
+    again = ReceiptSpool(tmp_path / "spool.db", "n1", KEY)
+    assert (again.acked_seq, await again.pending()) == (3, 2)
+    assert await again.append(_receipt(9)) == 6
+    _check_chain([e for _, e in again.unacked()], first_seq=4)
+    await again.ack(6)
+    assert await again.pending() == 0
+    await again.close()
+    with pytest.raises(Exception, match="belongs to node"):
+        ReceiptSpool(tmp_path / "spool.db", "n2", KEY)
+
+
+async def test_bounded_spool_refuses_instead_of_dropping(tmp_path: Path) -> None:
+    """A full spool raises ResourceExhausted and keeps every stored envelope."""
+    spool = ReceiptSpool(tmp_path / "spool.db", "n1", KEY, max_unacked=3)
+    for i in range(3):
+        await spool.append(_receipt(i))
+    with pytest.raises(ResourceExhausted, match="full"):
+        await spool.append(_receipt(3))
+    await spool.ack(1)
+    assert await spool.append(_receipt(3)) == 4
+    await spool.close()
+
+
+WRITER = textwrap.dedent(
+    """
+    import asyncio, sys
+    from pathlib import Path
+    from tether.sidecar.spool import ReceiptSpool
+    sys.path.insert(0, sys.argv[2])
+    from test_spool import KEY, _receipt
+
+    async def main():
+        spool = ReceiptSpool(Path(sys.argv[1]), "n1", KEY)
+        i = 0
+        while True:
+            seq = await spool.append(_receipt(i))
+            print(seq, flush=True)
+            i += 1
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_sigkill_of_writer_loses_nothing(tmp_path: Path) -> None:
+    """Every seq a killed writer reported as appended is in the spool, chained, no gaps."""
+    path = tmp_path / "spool.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path), str(Path(__file__).parent)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    reported = [int(proc.stdout.readline()) for _ in range(60)]
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    rest = proc.stdout.read().split()
+    reported += [int(x) for x in rest]
+    spool = ReceiptSpool(path, "n1", KEY)
+    stored = spool.unacked(limit=10_000)
+    assert [s for s, _ in stored][: len(reported)] == reported
+    _check_chain([e for _, e in stored])
+    assert asyncio.run(spool.append(_receipt(0))) == len(stored) + 1
+
+
+class _FlakyStream:
+    """A ReceiptStream into a real Ledger that breaks after a number of batches."""
+
+    def __init__(self, ledger: object, breaks_after: int) -> None:
+        self.ledger = ledger
+        self.left = breaks_after
+
+    async def send(self, batch: list[tuple[int, bytes]]) -> int:
+        if self.left == 0:
+            raise ConnectionError("link down")
+        self.left -= 1
+        acked, _ = await self.ledger.ingest("n1", batch)  # type: ignore[attr-defined]
+        return int(acked)
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_stream_replays_into_ledger_without_duplicates(tmp_path: Path) -> None:
+    """After broken streams and a spool restart, the ledger holds each receipt once, in order."""
+    from tether.control.ledger import Ledger
+    from tether.crypto.certs import issue_cert
+    from tether.store.base import NodeRecord
+    from tether.store.sqlite import SqliteStore
+
+    store = SqliteStore(tmp_path / "control.db")
+    await store.open()
+    control = seeded_key("spool/control")
+    _, cert = issue_cert(control, "n1", KEY.public.raw, T0 - 1)
+    await store.put_node(NodeRecord("n1", KEY.public.raw, cert.to_json_bytes(), "t" * 64, T0))
+    ledger = Ledger(store, control)
+    await ledger.open()
+    spool = ReceiptSpool(tmp_path / "spool.db", "n1", KEY)
+    for i in range(50):
+        await spool.append(_receipt(i))
+    opened = 0
+
+    async def open_stream() -> _FlakyStream:
+        nonlocal opened
+        opened += 1
+        return _FlakyStream(ledger, breaks_after=2)
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(stream_receipts(spool, open_stream, stop, batch=7, retry_s=0.01))
+    for _ in range(500):
+        if await spool.pending() == 0:
+            break
+        await asyncio.sleep(0.01)
+    stop.set()
+    await task
+    assert opened > 1
+    assert ledger.size == 50
+    await spool.close()
+    # A restarted spool has nothing to replay; a stale resend is de-duplicated.
+    spool = ReceiptSpool(tmp_path / "spool.db", "n1", KEY)
+    assert await spool.pending() == 0
+    assert await spool.append(_receipt(99)) == 51
+    assert await ledger.ingest("n1", spool.unacked()) == (51, 50)
+    assert await ledger.ingest("n1", spool.unacked()) == (51, 50)
+    bundle = await ledger.export()
+    _check_chain([e.envelope for e in bundle.entries])
+    await spool.close()
+    await store.close()
