@@ -22,7 +22,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from tether.core.errors import ConfigError, NotFound, TetherError
+from tether.core.errors import ConfigError, NotFound, PreconditionFailed
 from tether.crypto import sealing
 from tether.store.base import SealedSecret as StoredSecret
 from tether.store.base import Store
@@ -32,7 +32,7 @@ log = logging.getLogger("tether.control.vault")
 MAX_SECRET_BYTES = 64 * 1024
 
 
-class VaultNotConfigured(TetherError):
+class VaultNotConfigured(PreconditionFailed):
     """The control plane was started without --kek-file, so it cannot seal or open."""
 
     reason = "VAULT_NOT_CONFIGURED"

@@ -59,6 +59,12 @@ class StaleFencingToken(TetherError):
     reason = "STALE_FENCING_TOKEN"
 
 
+class PreconditionFailed(TetherError):
+    """The system is not in a state that allows the request (e.g. a feature is off)."""
+
+    reason = "PRECONDITION_FAILED"
+
+
 class LeaseExpired(TetherError):
     """The lease lapsed (judged by the control plane's clock)."""
 

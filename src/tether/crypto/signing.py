@@ -101,7 +101,8 @@ class SigningKey:
 
     def sign_envelope(self, payload_type: str, payload: bytes) -> Envelope:
         """Signs `payload` as a DSSE envelope."""
-        return Envelope(payload, payload_type, ((self.keyid, self.sign(pae(payload_type, payload))),))
+        signature = self.sign(pae(payload_type, payload))
+        return Envelope(payload, payload_type, ((self.keyid, signature),))
 
     def private_pem(self) -> bytes:
         return self._private.private_bytes(

@@ -32,6 +32,7 @@ STATUS_OF: dict[type[E.TetherError], grpc.StatusCode] = {
     E.InvalidTransition: grpc.StatusCode.FAILED_PRECONDITION,
     E.StaleFencingToken: grpc.StatusCode.FAILED_PRECONDITION,
     E.LeaseExpired: grpc.StatusCode.FAILED_PRECONDITION,
+    E.PreconditionFailed: grpc.StatusCode.FAILED_PRECONDITION,
     E.LeaseLost: grpc.StatusCode.FAILED_PRECONDITION,
     E.PolicyDenied: grpc.StatusCode.PERMISSION_DENIED,
     E.NotOwner: grpc.StatusCode.PERMISSION_DENIED,
