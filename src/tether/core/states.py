@@ -67,9 +67,7 @@ HOLDER_EVENTS = frozenset({Event.START, Event.SUCCEED, Event.FAIL, Event.RELEASE
 LEASED_STATES = frozenset({State.LEASED, State.RUNNING})
 
 
-def next_state(
-    state: State, event: Event, *, attempt: int = 0, max_attempts: int = 1
-) -> State:
+def next_state(state: State, event: Event, *, attempt: int = 0, max_attempts: int = 1) -> State:
     """Returns where `event` takes a task in `state`.
 
     Raises:

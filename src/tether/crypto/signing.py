@@ -199,9 +199,7 @@ def verify_envelope(env: Envelope, keys: dict[str, VerifyKey], payload_type: str
         VerificationError: wrong payload type, or no valid signature by a trusted key.
     """
     if env.payload_type != payload_type:
-        raise VerificationError(
-            f"payload type is {env.payload_type!r}, expected {payload_type!r}"
-        )
+        raise VerificationError(f"payload type is {env.payload_type!r}, expected {payload_type!r}")
     message = pae(env.payload_type, env.payload)
     for keyid, sig in env.signatures:
         key = keys.get(keyid)
