@@ -58,21 +58,23 @@ async def start_control(
     db_name: str = "control.db",
     key: SigningKey | None = None,
     vault: bool = True,
+    db: str | None = None,
 ) -> AsyncIterator[ControlHandle]:
     """Starts the real control plane; yields a handle; stops it on exit.
 
     By default the enrolment token TEST_ENROLLMENT_TOKEN is accepted and the
     background sweeper is off (`sweep_interval_ms=None`): tests sweep with
     `handle.service.sweep()` after moving a FakeClock. With `vault` (default) the
-    credential vault runs on tmp_path/control.kek (created when missing).
+    credential vault runs on tmp_path/control.kek (created when missing). `db`
+    (e.g. a postgresql:// URL shared by several replicas) replaces tmp_path/db_name.
     """
     key = key or SigningKey.generate()
     listen = f"unix:{tmp_path / 'control.sock'}" if unix_socket else "127.0.0.1:0"
     auth = auth or Auth.from_tokens(enrollment_tokens=[TEST_ENROLLMENT_TOKEN])
-    db = tmp_path / db_name
+    store_db: Path | str = db if db is not None else tmp_path / db_name
     kek_file = ensure_kek_file(tmp_path / "control.kek") if vault else None
     running = await start_server(
-        db=db,
+        db=store_db,
         listen=listen,
         key=key,
         clock=clock,
@@ -89,7 +91,7 @@ async def start_control(
             key,
             running.service,
             running,
-            db,
+            tmp_path / db_name,  # unused (no file) when `db` names another store
             TEST_ENROLLMENT_TOKEN,
             kek_file,
         )

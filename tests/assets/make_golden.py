@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from tether.core.receipts import ReceiptKind
+from tether.crypto.manifest import sign_manifest, verify_manifest
 from tether.crypto.receipts import parse_receipt, sign_receipt
 from tether.verify import Bundle, encode_bundle
 from tether.verify.builder import T0, BundleBuilder, seeded_key
@@ -79,6 +80,22 @@ def build_all() -> dict[str, bytes]:
         ),
     )
 
+    # The last receipt of node-a's chain (task-1's task_finished) cut off.
+    last_a = max(
+        i for i, e in enumerate(entries) if parse_receipt(e.envelope)[1].node_id == "node-a"
+    )
+    put(
+        "tampered-deleted-last.json",
+        dataclasses.replace(valid, entries=entries[:last_a] + entries[last_a + 1 :]),
+    )
+    put("tampered-no-manifest.json", dataclasses.replace(valid, manifest=None))
+    assert valid.manifest is not None
+    manifest = verify_manifest(valid.manifest, {b.control.keyid: b.control.public})
+    put(
+        "tampered-manifest-resigned.json",
+        dataclasses.replace(valid, manifest=sign_manifest(manifest, seeded_key("golden/mallory"))),
+    )
+
     late = BundleBuilder(seed="golden", origin="tether.golden/ledger")
     lease = late.lease("task-late", "node-a", "agent-1", issued=T0, ttl_ms=30_000)
     late.receipt(ReceiptKind.LEASE_GRANTED, lease, T0)
@@ -90,6 +107,9 @@ def build_all() -> dict[str, bytes]:
         "valid.json": [0, ""],
         "tampered-byte-flip.json": [1, "signature"],
         "tampered-deleted.json": [1, "chain.gap"],
+        "tampered-deleted-last.json": [1, "manifest"],
+        "tampered-no-manifest.json": [1, "manifest"],
+        "tampered-manifest-resigned.json": [1, "manifest"],
         "tampered-swapped.json": [1, "chain.order"],
         "tampered-resigned.json": [1, "signature"],
         "tampered-wrong-root.json": [1, "checkpoint"],

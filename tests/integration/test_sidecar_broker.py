@@ -62,7 +62,7 @@ async def test_claim_start_heartbeat_complete_succeeds(tmp_path: Path) -> None:
             assert await agent.heartbeat(task.task_id) >= task.lease_expires_unix_ms
             state, pending = await agent.complete(task.task_id, result=b"ok")
             assert state == "succeeded"
-            assert pending
+            assert not pending  # the control plane acknowledged the task's receipts
         got = await control.client.get_task(task.task_id)
         assert got.task.state == State.SUCCEEDED
         assert got.task.result == b"ok"

@@ -26,7 +26,11 @@ log = logging.getLogger("tether.control.cmd")
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Adds control, keys, submit, tasks and task subcommands."""
     p = sub.add_parser("control", help="run the control plane")
-    p.add_argument("--db", required=True, help="SQLite database file")
+    p.add_argument(
+        "--db",
+        required=True,
+        help="SQLite database file, or postgresql://user@host:port/dbname (several replicas)",
+    )
     p.add_argument("--listen", default="127.0.0.1:7400", help="host:port (port 0 ok) or unix:/path")
     p.add_argument("--key", required=True, help="control-plane Ed25519 private key (PEM, 0600)")
     p.add_argument("--enrollment-token-file", help="node enrolment tokens, one per line")
@@ -49,7 +53,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "Without it the vault is off",
     )
     p.add_argument("--sweep-interval-ms", type=int, default=1000, help="lapsed-lease sweep period")
+    p.add_argument(
+        "--checkpoint-interval-ms",
+        type=int,
+        default=10_000,
+        help="sign a ledger checkpoint this often while receipts arrive (default 10000)",
+    )
     p.add_argument("--ready-file", help="write the bound address here once serving")
+    p.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)",
+    )
     p.set_defaults(func=_cmd_control)
 
     k = sub.add_parser("keys", help="manage keys")
@@ -98,7 +113,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "file only after a later run re-wraps 0 secrets.",
     )
     sr.add_argument("--kek-file", required=True, help="the KEK file of the control plane")
-    sr.add_argument("--db", required=True, help="the control plane's SQLite database")
+    sr.add_argument(
+        "--db", required=True, help="the control plane's SQLite file or postgresql:// URL"
+    )
     sr.set_defaults(func=_cmd_secrets_rotate_kek)
 
     pol = sub.add_parser("policy", help="apply or show the policy")
@@ -156,6 +173,8 @@ def _cmd_control(args: argparse.Namespace) -> int:
     )
     if args.sweep_interval_ms <= 0:
         raise ConfigError("--sweep-interval-ms must be positive")
+    if args.checkpoint_interval_ms <= 0:
+        raise ConfigError("--checkpoint-interval-ms must be positive")
 
     async def run() -> None:
         running = await start_server(
@@ -165,6 +184,8 @@ def _cmd_control(args: argparse.Namespace) -> int:
             auth=auth,
             sweep_interval_ms=args.sweep_interval_ms,
             kek_file=args.kek_file,
+            checkpoint_interval_ms=args.checkpoint_interval_ms,
+            metrics_listen=args.metrics_listen,
         )
         await serve_forever(running, Path(args.ready_file) if args.ready_file else None)
 
@@ -307,14 +328,14 @@ def _cmd_secrets_put(args: argparse.Namespace) -> int:
 def _cmd_secrets_rotate_kek(args: argparse.Namespace) -> int:
     from tether.control.vault import rotate_kek
     from tether.crypto.sealing import load_keks
-    from tether.store.sqlite import SqliteStore
+    from tether.store import is_postgres_url, store_from_url
 
     load_keks(args.kek_file)  # refuse a missing/too-open file before touching anything
-    if not Path(args.db).exists():
+    if not is_postgres_url(args.db) and not Path(args.db).exists():
         raise ConfigError(f"database {args.db} does not exist")
 
     async def go() -> tuple[str, int]:
-        store = SqliteStore(args.db)
+        store = store_from_url(args.db)
         await store.open()
         try:
             return await rotate_kek(args.kek_file, store)

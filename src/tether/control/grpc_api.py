@@ -235,6 +235,9 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         env, node_token = await self.service.register_node(
             node_id=node_id, public_key=bytes(request.public_key), enrollment_token=token
         )
+        # Bundles carry every certificate a node had, so receipts signed under an
+        # earlier registration stay verifiable.
+        await (await self._ledger()).record_certificate(node_id, env)
         return pb.RegisterNodeResponse(
             certificate=to_proto(env),
             node_token=node_token,
@@ -468,6 +471,10 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         return pb.LookupToolCallResponse(found=True, record=tool_call_to_proto(record))
 
     # -- receipt ledger (tether.control.ledger) ---------------------------------------
+
+    async def get_ledger(self) -> Ledger:
+        """The ledger (for the server's checkpointer)."""
+        return await self._ledger()
 
     async def _ledger(self) -> Ledger:
         """The ledger over the service's store, opened on first use."""

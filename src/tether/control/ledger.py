@@ -6,14 +6,17 @@ seq == last + 1 and prev == digest(last). An identical resend of a stored
 seq with different bytes is a fork and a gap is a lost receipt: both are
 refused loudly, never papered over. A batch is appended in one transaction and
 acknowledged only after it commits. Checkpoints (C2SP signed notes) are signed
-by the control key on a schedule and on demand. No grpc here: `grpc_api`
-converts messages.
+by the control key on a schedule and on demand. Every certificate a node was
+issued is kept, and an export carries all of them plus a signed export
+manifest (where each chain ends; see `tether.crypto.manifest`). No grpc here:
+`grpc_api` converts messages.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import sqlite3
 from collections.abc import Sequence
@@ -23,6 +26,7 @@ from typing import Any, Protocol
 from tether.core.clock import Clock, SystemClock
 from tether.core.errors import AlreadyExists, InvalidArgument, NotFound, VerificationError
 from tether.core.receipts import Receipt
+from tether.crypto.manifest import manifest_for, sign_manifest
 from tether.crypto.merkle import MerkleTree, leaf_hash
 from tether.crypto.note import CheckpointBody, sign_checkpoint
 from tether.crypto.receipts import envelope_digest, verify_receipt
@@ -78,6 +82,7 @@ class Ledger:
         self._tree = MerkleTree([])
         self._heads: dict[str, Head] = {}
         self._latest: CheckpointInfo | None = None
+        self._recorded_certs: set[str] = set()
 
     async def open(self) -> None:
         """Loads the leaf hashes (O(n)) and the latest checkpoint."""
@@ -101,6 +106,36 @@ class Ledger:
     @property
     def size(self) -> int:
         return self._tree.size
+
+    async def record_certificate(self, node_id: str, certificate: Envelope | bytes) -> None:
+        """Keeps a certificate issued to `node_id` (idempotent), for later exports."""
+        data = certificate if isinstance(certificate, bytes) else certificate.to_json_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        if digest in self._recorded_certs:
+            return
+        now = self.clock.now_ms()
+        await self.store.transaction(
+            lambda c: c.execute(
+                "INSERT OR IGNORE INTO ledger_node_certificates VALUES (?, ?, ?, ?)",
+                (digest, node_id, now, data),
+            )
+        )
+        self._recorded_certs.add(digest)
+
+    async def _certificates(self, node_id: str) -> list[Envelope]:
+        """Every certificate the node had, oldest first (the current one included)."""
+        rows = await self.store.read(
+            lambda c: c.execute(
+                "SELECT certificate FROM ledger_node_certificates WHERE node_id = ?"
+                " ORDER BY recorded_unix_ms, cert_sha256",
+                (node_id,),
+            ).fetchall()
+        )
+        datas = [bytes(r[0]) for r in rows]
+        rec = await self.store.get_node(node_id)
+        if rec is not None and rec.certificate not in datas:
+            datas.append(rec.certificate)
+        return [Envelope.from_json_bytes(d) for d in datas]
 
     async def _head(self, node_id: str) -> Head:
         head = self._heads.get(node_id)
@@ -150,6 +185,7 @@ class Ledger:
         if rec is None:
             raise NotFound(f"node {node_id!r} is not enrolled")
         key = VerifyKey.from_raw(rec.public_key)
+        await self.record_certificate(node_id, rec.certificate)
         parsed: list[tuple[int, bytes, Receipt]] = []
         for seq, data in batch:
             try:
@@ -262,13 +298,23 @@ class Ledger:
         return cp
 
     async def run_checkpointer(self, stop: asyncio.Event, interval_s: float = 10.0) -> None:
-        """Signs a checkpoint every `interval_s` while the tree grew."""
+        """Signs a checkpoint every `interval_s` while the tree grew, until `stop`.
+
+        A failed signing is logged and retried at the next tick, never fatal.
+        """
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval_s)
+            if stop.is_set():
+                return
             latest = self._latest
             if latest is None or latest.tree_size != self._tree.size:
-                await self.checkpoint(fresh=True)
+                try:
+                    cp = await self.checkpoint(fresh=True)
+                except Exception as err:
+                    log.error("scheduled checkpoint failed: %r", err)
+                    continue
+                log.debug("checkpoint signed", extra={"tree_size": cp.tree_size})
 
     def inclusion_proof(self, leaf_index: int, tree_size: int = 0) -> tuple[int, list[bytes]]:
         """(tree size, audit path) for a leaf; size 0 means the latest checkpoint's.
@@ -302,7 +348,7 @@ class Ledger:
         """
         tasks = list(task_ids)
 
-        def select(conn: sqlite3.Connection) -> list[tuple[int, bytes, str, str]]:
+        def select(conn: sqlite3.Connection) -> list[tuple[int, bytes, str, str, int]]:
             if tasks:
                 marks = ",".join("?" * len(tasks))
                 heads = conn.execute(
@@ -316,12 +362,12 @@ class Ledger:
                     " GROUP BY node_id",
                     (since_unix_ms,),
                 ).fetchall()
-            rows: list[tuple[int, bytes, str, str]] = []
+            rows: list[tuple[int, bytes, str, str, int]] = []
             for node, top in heads:
                 rows += [
-                    (r[0], bytes(r[1]), r[2], node)
+                    (r[0], bytes(r[1]), r[2], node, r[3])
                     for r in conn.execute(
-                        "SELECT leaf_index, envelope, task_id FROM ledger_leaves"
+                        "SELECT leaf_index, envelope, task_id, seq FROM ledger_leaves"
                         " WHERE node_id = ? AND seq <= ?",
                         (node, top),
                     )
@@ -333,23 +379,30 @@ class Ledger:
         cp = await self.checkpoint(fresh=True)
         entries = [
             Entry.of(env, i, i, cp.tree_size, self._tree.inclusion_proof(i, cp.tree_size))
-            for i, env, _, _ in rows
+            for i, env, _, _, _ in rows
         ]
         certs: list[Envelope] = []
-        for node in sorted({n for _, _, _, n in rows}):
-            rec = await self.store.get_node(node)
-            if rec is not None:
-                certs.append(Envelope.from_json_bytes(rec.certificate))
+        for node in sorted({n for _, _, _, n, _ in rows}):
+            certs += await self._certificates(node)
         leases: list[Envelope] = []
-        for task in sorted({t for _, _, t, _ in rows}):
+        for task in sorted({t for _, _, t, _, _ in rows}):
             leases += [
                 Envelope.from_json_bytes(h.envelope) for h in await self.store.lease_history(task)
             ]
+        now = self.clock.now_ms()
+        manifest = manifest_for(
+            cp.origin,
+            cp.tree_size,
+            cp.root_hash,
+            now,
+            ((node, seq, task, envelope_digest(env)) for _, env, task, node, seq in rows),
+        )
         return Bundle(
             entries=entries,
             node_certificates=certs,
             leases=leases,
             checkpoint=cp,
             control_keyids=[self.key.keyid],
-            exported_unix_ms=self.clock.now_ms(),
+            exported_unix_ms=now,
+            manifest=sign_manifest(manifest, self.key),
         )

@@ -20,12 +20,15 @@ from tether.control.vault import Vault
 from tether.core.clock import Clock
 from tether.core.errors import ConfigError
 from tether.crypto.signing import SigningKey
+from tether.metrics import MetricsServer, TasksCollector
+from tether.metrics import serve as serve_metrics
+from tether.store import store_from_url
 from tether.store.base import Store
-from tether.store.sqlite import SqliteStore
 from tether.v1 import control_pb2 as pb
 from tether.v1 import control_pb2_grpc as pb_grpc
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+DEFAULT_CHECKPOINT_INTERVAL_MS = 10_000
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ControlService"].full_name
 
 log = logging.getLogger("tether.control.server")
@@ -54,13 +57,22 @@ class RunningControl:
     store: Store
     sweeper: Sweeper | None
     health: health.aio.HealthServicer
+    checkpointer: asyncio.Task[None] | None = None
+    checkpointer_stop: asyncio.Event | None = None
+    metrics: MetricsServer | None = None
+    """The /metrics endpoint, when started with `metrics_listen`."""
 
     async def stop(self, grace_s: float = 2.0) -> None:
         """Stops serving (letting calls finish for `grace_s`), then closes the store."""
         await self.health.enter_graceful_shutdown()
         if self.sweeper is not None:
             await self.sweeper.stop()
+        if self.checkpointer is not None and self.checkpointer_stop is not None:
+            self.checkpointer_stop.set()
+            await self.checkpointer
         await self.server.stop(grace_s)
+        if self.metrics is not None:
+            self.metrics.close()
         await self.store.close()
 
 
@@ -75,19 +87,24 @@ async def start_server(
     sweep_interval_ms: int | None = DEFAULT_SWEEP_INTERVAL_MS,
     store: Store | None = None,
     kek_file: Path | str | None = None,
+    checkpoint_interval_ms: int | None = DEFAULT_CHECKPOINT_INTERVAL_MS,
+    metrics_listen: str | None = None,
 ) -> RunningControl:
     """Opens the store and starts serving on `listen` ("host:port", port 0 ok, or "unix:/path").
 
     `sweep_interval_ms=None` disables the background sweeper (tests call
     `service.sweep()` themselves). Without `kek_file` the credential vault is
-    off: PutSecret and IssueCredential fail with VAULT_NOT_CONFIGURED.
+    off: PutSecret and IssueCredential fail with VAULT_NOT_CONFIGURED. The
+    ledger signs a checkpoint every `checkpoint_interval_ms` while it grew
+    (None: only on demand). With `metrics_listen` ("host:port") Prometheus
+    metrics are served on http://host:port/metrics.
 
     Raises:
         ConfigError: bad listen address or the port cannot be bound.
     """
     target = grpc_target(listen)
     vault = Vault(kek_file) if kek_file is not None else None  # ConfigError before any I/O
-    store = store or SqliteStore(db)
+    store = store or store_from_url(db)
     await store.open()
     service = ControlService(store, key, clock, config=config, auth=auth, vault=vault)
     if vault is None:
@@ -99,7 +116,8 @@ async def start_server(
         ("grpc.so_reuseport", 0),
     ]
     server = grpc.aio.server(options=options)
-    pb_grpc.add_ControlServiceServicer_to_server(ControlServicer(service), server)
+    servicer = ControlServicer(service)
+    pb_grpc.add_ControlServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -118,8 +136,27 @@ async def start_server(
     if sweep_interval_ms is not None:
         sweeper = Sweeper(service, sweep_interval_ms)
         sweeper.start()
+    running = RunningControl(address, server, service, store, sweeper, health_servicer)
+    # The ledger runs raw SQLite callbacks (store.transaction/read); other stores lack them.
+    if checkpoint_interval_ms is not None and not hasattr(store, "transaction"):
+        log.warning("the receipt ledger needs the SQLite store: no checkpointer on %r", store)
+    elif checkpoint_interval_ms is not None:
+        ledger = await servicer.get_ledger()
+        running.checkpointer_stop = stop = asyncio.Event()
+        running.checkpointer = asyncio.create_task(
+            ledger.run_checkpointer(stop, checkpoint_interval_ms / 1000),
+            name="tether-checkpointer",
+        )
+    if metrics_listen:
+        try:
+            running.metrics = serve_metrics(
+                metrics_listen, [TasksCollector(service, asyncio.get_running_loop())]
+            )
+        except ConfigError:
+            await running.stop(grace_s=0)
+            raise
     log.info("control plane serving on %s", address)
-    return RunningControl(address, server, service, store, sweeper, health_servicer)
+    return running
 
 
 async def serve_forever(running: RunningControl, ready_file: Path | None = None) -> None:

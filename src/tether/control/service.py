@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from tether import metrics
 from tether.core.clock import Clock, SystemClock
 from tether.core.errors import (
     ConfigError,
@@ -320,6 +321,7 @@ class ControlService:
             )
             if got is not None:
                 task = got[0]
+                metrics.LEASES_GRANTED.inc()
                 log.info(
                     "lease granted",
                     extra={
@@ -347,6 +349,7 @@ class ControlService:
             now_ms=now,
             sign=self._signer(now, signed),
         )
+        metrics.LEASES_RENEWED.inc()
         return task, signed[0]
 
     async def transition(
@@ -381,6 +384,7 @@ class ControlService:
             backoff_cap_ms=self.config.backoff_cap_ms,
         )
         for o in out:
+            metrics.LEASES_EXPIRED.labels(o.state.name.lower()).inc()
             log.info(
                 "lease lapsed",
                 extra={"task_id": o.task_id, "fencing_token": o.fencing_token},

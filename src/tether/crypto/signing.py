@@ -26,6 +26,7 @@ from tether.core.errors import ConfigError, VerificationError
 LEASE_PAYLOAD_TYPE = "application/vnd.tether.lease.v1+protobuf"
 NODE_CERT_PAYLOAD_TYPE = "application/vnd.tether.node-certificate.v1+protobuf"
 INTOTO_PAYLOAD_TYPE = "application/vnd.in-toto+json"
+MANIFEST_PAYLOAD_TYPE = "application/vnd.tether.export-manifest.v1+protobuf"
 
 
 def keyid_of(public_raw: bytes) -> str:

@@ -51,6 +51,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--listen-tcp", dest="listen_tcp", help="also serve on this TCP address")
     p.add_argument("--ready-file", dest="ready_file", help="written once serving")
     p.add_argument("--policy", dest="policy_file", help="local copy of the policy (TOML)")
+    p.add_argument(
+        "--metrics-listen",
+        dest="metrics_listen",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)",
+    )
     p.add_argument("--grace-period-ms", dest="grace_period_ms", type=int)
     p.add_argument(
         "--agent-liveness-ms",
@@ -76,6 +82,7 @@ def config_from_args(args: argparse.Namespace) -> sidecar_config.SidecarConfig:
         "grace_period_ms",
         "agent_liveness_ms",
         "policy_file",
+        "metrics_listen",
     )
     values: dict[str, Any] = {k: getattr(args, k, None) for k in keys}
     values["agent_tokens"] = sidecar_config.parse_agent_pairs("--agent", args.agent)

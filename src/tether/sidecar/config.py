@@ -15,6 +15,7 @@ TOML file form (every key optional; arguments and env override it)::
     state_dir = "state"
     socket = "tether.sock"
     listen_tcp = "127.0.0.1:7300"
+    metrics_listen = "127.0.0.1:9464"     # Prometheus /metrics; absent: off
     grace_period_ms = 10000
     agent_liveness_ms = 0                # 0: the lease TTL
     renew_divisor = 3
@@ -82,6 +83,8 @@ class SidecarConfig:
     """How long one control-plane call may retry (backoff + jitter) before UNAVAILABLE."""
     uplink_timeout_ms: int = 5_000
     """Deadline of one control-plane attempt (plus any claim wait)."""
+    receipt_ack_timeout_ms: int = 2_000
+    """How long CompleteTask waits for the ledger's ack before answering receipts_pending."""
     max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES
     """Artifact size limit when the policy sets none."""
     default_queue: str = ""
@@ -90,6 +93,8 @@ class SidecarConfig:
     """Written (with the sidecar's pid) once every socket is serving."""
     policy_file: Path | None = None
     """Local copy of the policy (TOML); used when its digest matches a lease's."""
+    metrics_listen: str | None = None
+    """Serve Prometheus metrics on http://host:port/metrics; absent: off."""
 
     def agent(self, name: str) -> AgentSpec | None:
         """Returns the agent called `name`, if known."""
@@ -111,10 +116,12 @@ _SCALARS: dict[str, tuple[str, str]] = {
     "renew_divisor": ("TETHER_RENEW_DIVISOR", "int"),
     "uplink_retry_budget_ms": ("TETHER_UPLINK_RETRY_BUDGET_MS", "int"),
     "uplink_timeout_ms": ("TETHER_UPLINK_TIMEOUT_MS", "int"),
+    "receipt_ack_timeout_ms": ("TETHER_RECEIPT_ACK_TIMEOUT_MS", "int"),
     "max_artifact_bytes": ("TETHER_MAX_ARTIFACT_BYTES", "int"),
     "default_queue": ("TETHER_DEFAULT_QUEUE", "str"),
     "ready_file": ("TETHER_READY_FILE", "path"),
     "policy_file": ("TETHER_POLICY_FILE", "path"),
+    "metrics_listen": ("TETHER_METRICS_LISTEN", "str"),
 }
 _FIELD_OF = {
     "control": "control_address",
@@ -128,6 +135,7 @@ _RANGES = {
     "renew_divisor": (2, 100),
     "uplink_retry_budget_ms": (0, 600_000),
     "uplink_timeout_ms": (100, 600_000),
+    "receipt_ack_timeout_ms": (0, 600_000),
     "max_artifact_bytes": (1, 1 << 40),
 }
 

@@ -65,6 +65,9 @@ class BrokerDeps:
     max_artifact_bytes: int
     default_queue: str = ""
     accepting_claims: bool = True
+    # How long CompleteTask waits for the ledger to acknowledge the task's
+    # receipts before answering receipts_pending=true (they stay spooled).
+    receipt_ack_timeout_ms: int = 2_000
 
 
 def task_view(held: HeldLease) -> bpb.TaskView:
@@ -294,7 +297,7 @@ class BrokerServicer(bpb_grpc.BrokerServiceServicer):
             )
             held.state = state
             await self.d.leases.finish(held)
-        await self.d.sink.emit(
+        final_seq = await self.d.sink.emit(
             held.receipt(
                 ReceiptKind.TASK_FINISHED,
                 self.d.clock.now_ms(),
@@ -309,9 +312,17 @@ class BrokerServicer(bpb_grpc.BrokerServiceServicer):
             state.name.lower(),
             extra={"task_id": held.task_id, "agent_id": held.agent},
         )
+        # The task's receipts are all at or below final_seq (one chain per node).
+        acked = await self.d.sink.wait_acked(final_seq, self.d.receipt_ack_timeout_ms / 1000)
+        if not acked:
+            log.warning(
+                "task finished with receipts pending: the control plane has not acknowledged "
+                "them; they are spooled and will be replayed",
+                extra={"task_id": held.task_id, "seq": final_seq},
+            )
         return bpb.CompleteTaskResponse(
             state=int(state),  # type: ignore[arg-type]
-            receipts_pending=await self.d.sink.pending() > 0,
+            receipts_pending=not acked,
         )
 
     @handle_errors

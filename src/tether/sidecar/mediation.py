@@ -57,6 +57,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from tether import metrics
 from tether.core import errors as E
 from tether.core.clock import Clock
 from tether.core.policy import Policy, ToolSpec, load_policy, parse_policy
@@ -228,6 +229,7 @@ class Mediator:
     async def _deny(
         self, held: HeldLease, tool: str, args_digest: str, key: str, err: E.TetherError
     ) -> E.TetherError:
+        metrics.DENIALS.labels(err.reason).inc()
         await self._sink.emit(
             held.receipt(
                 ReceiptKind.TOOL_DENIED,
@@ -244,6 +246,9 @@ class Mediator:
     async def _tool_call_receipt(
         self, call: _Call, outcome: ToolOutcome, duration_ms: int, status: str = ""
     ) -> None:
+        final = status or ("replayed" if outcome.replayed else outcome.status)
+        metrics.TOOL_CALLS.labels(call.tool, final).inc()
+        metrics.BUDGET_SPENT.labels(call.tool).inc(max(0, outcome.cost_micros))
         await self._sink.emit(
             call.held.receipt(
                 ReceiptKind.TOOL_CALL,
@@ -253,7 +258,7 @@ class Mediator:
                 result_sha256=sha256_hex(outcome.result_json.encode()),
                 duration_ms=duration_ms,
                 cost_micros=outcome.cost_micros,
-                status=status or ("replayed" if outcome.replayed else outcome.status),
+                status=final,
                 idempotency_key=call.key,
             )
         )

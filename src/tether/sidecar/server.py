@@ -8,6 +8,11 @@ answers a connect) makes start fail.
 
 Stop (SIGTERM): refuse new claims, let running calls finish within the grace
 period, hand every held lease back (TransitionTask RELEASE), flush receipts.
+
+Receipts: every receipt is signed into the durable spool (state_dir/spool.db)
+before the call that caused it returns; a background task streams unacked
+envelopes to the control plane (StreamReceipts), reconnecting with backoff and
+jitter and replaying after any reconnect or restart.
 """
 
 from __future__ import annotations
@@ -30,14 +35,17 @@ from tether.core.receipts import ReceiptKind
 from tether.core.states import Event
 from tether.crypto.leases import verify_lease
 from tether.crypto.signing import Envelope, SigningKey, VerifyKey
+from tether.metrics import MetricsServer, SpoolCollector
+from tether.metrics import serve as serve_metrics
 from tether.sidecar.config import SidecarConfig
 from tether.sidecar.grpc_api import BrokerDeps, BrokerServicer
 from tether.sidecar.identity import AgentRegistry, read_token_file
 from tether.sidecar.leases import LeaseTable
 from tether.sidecar.mediation import Mediator, PolicySource, PolicyToolRunner, ToolRunner
 from tether.sidecar.memory import MemoryStore
-from tether.sidecar.receipts import ReceiptSink, SqliteReceiptSink
-from tether.sidecar.uplink import Uplink
+from tether.sidecar.receipts import ReceiptSink
+from tether.sidecar.spool import GrpcReceiptStream, ReceiptSpool, stream_receipts
+from tether.sidecar.uplink import NODE_TOKEN_HEADER, Uplink
 from tether.v1 import broker_pb2 as bpb
 from tether.v1 import broker_pb2_grpc as bpb_grpc
 from tether.v1 import control_pb2 as pb
@@ -91,6 +99,9 @@ class Sidecar:
         self.uplink: Uplink | None = None
         self.certificate: Envelope | None = None
         self._stopped = asyncio.Event()
+        self._receipts_stop = asyncio.Event()
+        self._receipts_task: asyncio.Task[None] | None = None
+        self.metrics: MetricsServer | None = None
 
     async def start(self) -> None:
         """Registers the node and starts serving.
@@ -142,8 +153,12 @@ class Sidecar:
 
         state = cfg.state_dir
         state.mkdir(parents=True, exist_ok=True)
-        sink = self._sink or SqliteReceiptSink(state / "receipts.db", cfg.node_id, node_key)
+        sink = self._sink or ReceiptSpool(state / "spool.db", cfg.node_id, node_key)
         self._sink = sink
+        if isinstance(sink, ReceiptSpool):
+            self._receipts_task = asyncio.create_task(
+                self._stream_receipts(sink, uplink), name="tether-receipt-uplink"
+            )
         leases = LeaseTable(
             uplink=uplink,
             verify=verify,
@@ -170,6 +185,7 @@ class Sidecar:
             artifacts_dir=state / "artifacts",
             max_artifact_bytes=cfg.max_artifact_bytes,
             default_queue=cfg.default_queue,
+            receipt_ack_timeout_ms=cfg.receipt_ack_timeout_ms,
         )
 
         await self._serve(BrokerServicer(deps), cfg.socket_path, cfg.listen_tcp)
@@ -178,9 +194,50 @@ class Sidecar:
                 await self._serve(
                     BrokerServicer(deps, bound_agent=agent.name), agent.socket_path, None
                 )
+        if cfg.metrics_listen:
+            collectors = []
+            if isinstance(sink, ReceiptSpool):
+                collectors.append(SpoolCollector(sink, self.clock, asyncio.get_running_loop()))
+            self.metrics = serve_metrics(cfg.metrics_listen, collectors)
         log.info("sidecar serving", extra={"node_id": cfg.node_id})
         if cfg.ready_file is not None:
             cfg.ready_file.write_text(f"{os.getpid()}\n")
+
+    async def _stream_receipts(self, spool: ReceiptSpool, uplink: Uplink) -> None:
+        """Streams the spool to the ledger until stop; re-registers if the token is refused."""
+
+        async def open_stream() -> GrpcReceiptStream:
+            reg = uplink.registration
+            md = ((NODE_TOKEN_HEADER, reg.node_token),) if reg is not None else ()
+            return await GrpcReceiptStream.open(uplink.stub, self.config.node_id, md)
+
+        async def on_error(err: BaseException) -> None:
+            if (
+                isinstance(err, grpc.aio.AioRpcError)
+                and err.code() == grpc.StatusCode.UNAUTHENTICATED
+            ):
+                await uplink._reregister()
+
+        await stream_receipts(spool, open_stream, self._receipts_stop, on_error=on_error)
+
+    async def _flush_receipts(self, timeout_s: float) -> None:
+        """Lets the uplink deliver what is spooled (bounded); the rest replays on restart."""
+        sink = self._sink
+        if self._receipts_task is None or not isinstance(sink, ReceiptSpool):
+            return
+        if not await sink.wait_acked(sink.last_seq, timeout_s):
+            log.warning(
+                "stopping with %d receipts not yet acknowledged; they replay on restart",
+                await sink.pending(),
+            )
+        self._receipts_stop.set()
+        task, self._receipts_task = self._receipts_task, None
+        try:
+            await asyncio.wait_for(asyncio.shield(task), 2.0)
+        except TimeoutError:  # a hung stream: cancel it; the spool keeps everything
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def _serve(self, servicer: BrokerServicer, path: Path, tcp: str | None) -> None:
         prepare_socket(path)
@@ -218,10 +275,13 @@ class Sidecar:
         if deps is not None:
             deps.accepting_claims = False
         await asyncio.gather(*(server.stop(grace) for server, _ in self._servers))
+        if self.metrics is not None:
+            self.metrics.close()
         if deps is not None:
             await self._release_all(deps)
             await deps.leases.close()
             deps.memory.close()
+        await self._flush_receipts(min(grace, 2.0))
         if self._sink is not None:
             await self._sink.close()
         if self.uplink is not None:

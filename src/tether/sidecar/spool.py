@@ -6,8 +6,12 @@ SIGKILL right after it. The chain state (last seq, digest of the last envelope)
 is restored from the spool on restart, so seq never repeats or skips. The spool
 is bounded: when `max_unacked` envelopes wait for an ack, `append` raises
 `ResourceExhausted` rather than dropping anything. `stream_receipts` replays
-every unacked envelope to the control plane, after any reconnect or restart.
-Implements the sidecar's `ReceiptSink` protocol (`emit`, `pending`, `close`).
+every unacked envelope to the control plane, after any reconnect or restart,
+reconnecting with exponential backoff and full jitter. `wait_acked` lets a
+caller (CompleteTask) wait, within a bound, until the ledger holds a receipt.
+Acknowledged envelopes are kept for a while (`retain_acked`, newest first) so
+operators and tests can read what the node signed; older ones are pruned.
+Implements the sidecar's `ReceiptSink` protocol.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import sqlite3
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -29,6 +34,7 @@ log = logging.getLogger("tether.sidecar.spool")
 
 DEFAULT_MAX_UNACKED = 100_000
 DEFAULT_BATCH = 256
+DEFAULT_RETAIN_ACKED = 10_000
 
 
 class ReceiptSpool:
@@ -41,12 +47,15 @@ class ReceiptSpool:
         key: SigningKey,
         *,
         max_unacked: int = DEFAULT_MAX_UNACKED,
+        retain_acked: int = DEFAULT_RETAIN_ACKED,
     ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.node_id = node_id
         self.max_unacked = max_unacked
+        self.retain_acked = retain_acked
         self._lock = asyncio.Lock()
         self._new = asyncio.Event()
+        self._acked = asyncio.Condition()
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
@@ -111,9 +120,9 @@ class ReceiptSpool:
         self._new.set()
         return seq
 
-    async def emit(self, receipt: Receipt) -> None:
-        """`ReceiptSink.emit`: append, durable before returning."""
-        await self.append(receipt)
+    async def emit(self, receipt: Receipt) -> int:
+        """`ReceiptSink.emit`: append, durable before returning; returns the seq."""
+        return await self.append(receipt)
 
     async def pending(self) -> int:
         """Envelopes stored but not acknowledged."""
@@ -129,22 +138,35 @@ class ReceiptSpool:
         ).fetchall()
         return [(int(s), bytes(e)) for s, e in rows]
 
+    def envelopes(self, task_id: str | None = None) -> list[bytes]:
+        """Stored envelopes in seq order (optionally one task's): unacked plus retained acked."""
+        if task_id is None:
+            rows = self._db.execute("SELECT envelope FROM spool ORDER BY seq").fetchall()
+        else:
+            rows = self._db.execute(
+                "SELECT envelope FROM spool WHERE task_id = ? ORDER BY seq", (task_id,)
+            ).fetchall()
+        return [bytes(r[0]) for r in rows]
+
     async def ack(self, upto_seq: int) -> None:
         """Marks every envelope up to `upto_seq` acknowledged and frees their space.
 
-        The last envelope is kept so the chain can be restored from it.
+        The newest `retain_acked` acked envelopes, and always the last one (the
+        chain is restored from it), are kept; older ones are deleted.
         """
         async with self._lock:
             upto = min(upto_seq, self._chain.last_seq)
             if upto <= self.acked_seq:
                 return
+            prune_below = min(upto - self.retain_acked, self._chain.last_seq) + 1
 
             def tx() -> None:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
                     self._db.execute("UPDATE spool_state SET acked_seq = ? WHERE id = 1", (upto,))
                     self._db.execute(
-                        "DELETE FROM spool WHERE seq <= ? AND seq < ?", (upto, self._chain.last_seq)
+                        "DELETE FROM spool WHERE seq < ? AND seq < ?",
+                        (prune_below, self._chain.last_seq),
                     )
                     self._db.execute("COMMIT")
                 except BaseException:
@@ -154,6 +176,25 @@ class ReceiptSpool:
             await asyncio.to_thread(tx)
             self._count -= upto - self.acked_seq
             self.acked_seq = upto
+        async with self._acked:
+            self._acked.notify_all()
+
+    async def wait_acked(self, seq: int, timeout_s: float) -> bool:
+        """Waits until the control plane acknowledged `seq`; False if `timeout_s` passed first.
+
+        The envelope stays durable in the spool either way; a False answer only
+        means the ledger does not hold it yet (the uplink keeps replaying it).
+        """
+        if self.acked_seq >= seq:
+            return True
+        try:
+            async with self._acked:
+                await asyncio.wait_for(
+                    self._acked.wait_for(lambda: self.acked_seq >= seq), timeout_s
+                )
+        except TimeoutError:
+            return self.acked_seq >= seq
+        return True
 
     async def wait_new(self, timeout_s: float) -> None:
         """Waits until something is appended (or the timeout passes)."""
@@ -188,14 +229,22 @@ async def stream_receipts(
     *,
     batch: int = DEFAULT_BATCH,
     idle_s: float = 0.2,
-    retry_s: float = 0.5,
+    retry_s: float = 0.1,
+    max_retry_s: float = 5.0,
+    ack_timeout_s: float = 30.0,
+    on_error: Callable[[BaseException], Awaitable[None]] | None = None,
 ) -> None:
     """Streams unacked envelopes until `stop` is set, replaying after every failure.
 
-    Each batch waits for its ack before the next is sent, so after a reconnect
-    the spool's acked seq says exactly where to resume; the control plane
-    de-duplicates anything sent twice.
+    Each batch waits for its ack (at most `ack_timeout_s`) before the next is
+    sent, so after a reconnect the spool's acked seq says exactly where to
+    resume; the control plane de-duplicates anything sent twice. Between
+    attempts it sleeps a random time in [0, backoff] (full jitter), the backoff
+    doubling from `retry_s` up to `max_retry_s` and resetting after an ack, so
+    many nodes coming back at once do not reconnect in lockstep. `on_error`
+    sees each failure (the sidecar re-registers on UNAUTHENTICATED).
     """
+    backoff = retry_s
     while not stop.is_set():
         stream: ReceiptStream | None = None
         try:
@@ -205,19 +254,34 @@ async def stream_receipts(
                 if not pending:
                     await spool.wait_new(idle_s)
                     continue
-                acked = await stream.send(pending)
+                acked = await asyncio.wait_for(stream.send(pending), ack_timeout_s)
                 await spool.ack(acked)
-        except (TetherError, OSError, ConnectionError) as err:
+                backoff = retry_s
+        except (TetherError, OSError, ConnectionError, TimeoutError) as err:
             log.warning("receipt stream failed, will replay: %s", err)
+            await _report(on_error, err)
         except Exception as err:  # grpc errors and the like: retry, never drop
             log.warning("receipt stream failed, will replay: %r", err)
+            await _report(on_error, err)
         finally:
             if stream is not None:
                 with contextlib.suppress(Exception):
                     await stream.close()
         if not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), retry_s)
+                await asyncio.wait_for(stop.wait(), random.uniform(0, backoff))
+            backoff = min(backoff * 2, max_retry_s)
+
+
+async def _report(
+    on_error: Callable[[BaseException], Awaitable[None]] | None, err: BaseException
+) -> None:
+    if on_error is None:
+        return
+    try:
+        await on_error(err)
+    except Exception as hook_err:  # the hook must never stop the uplink
+        log.warning("receipt stream error hook failed: %r", hook_err)
 
 
 class GrpcReceiptStream:

@@ -545,6 +545,7 @@ class Bundle(_message.Message):
     CHECKPOINT_FIELD_NUMBER: _builtins.int
     CONTROL_KEYIDS_FIELD_NUMBER: _builtins.int
     EXPORTED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    MANIFEST_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """Bundle format version; currently 1."""
     exported_unix_ms: _builtins.int
@@ -571,6 +572,15 @@ class Bundle(_message.Message):
         checkpoint. Hints only: trust comes from the keys given to the verifier.
         """
 
+    @_builtins.property
+    def manifest(self) -> Global___Envelope:
+        """The control plane's signed ExportManifest: a DSSE envelope with payload
+        type "application/vnd.tether.export-manifest.v1+protobuf" whose payload is
+        an ExportManifest message. It states where each node's chain in this
+        bundle ends, so a verifier can tell that receipts were cut from the end of
+        a chain (which prev links alone cannot show). Verifiers require it.
+        """
+
     def __init__(
         self,
         *,
@@ -581,11 +591,96 @@ class Bundle(_message.Message):
         checkpoint: Global___Checkpoint | None = ...,
         control_keyids: _abc.Iterable[_builtins.str] | None = ...,
         exported_unix_ms: _builtins.int = ...,
+        manifest: Global___Envelope | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "manifest", b"manifest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "control_keyids", b"control_keyids", "entries", b"entries", "exported_unix_ms", b"exported_unix_ms", "leases", b"leases", "node_certificates", b"node_certificates", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "control_keyids", b"control_keyids", "entries", b"entries", "exported_unix_ms", b"exported_unix_ms", "leases", b"leases", "manifest", b"manifest", "node_certificates", b"node_certificates", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Bundle: _TypeAlias = Bundle  # noqa: Y015
+
+@_typing.final
+class ExportManifest(_message.Message):
+    """ExportManifest lists what a bundle holds, signed by the control plane at
+    export (see Bundle.manifest). A verifier checks it against the entries: the
+    same set of nodes, each node's highest seq and the SHA-256 of that
+    envelope, and the task ids each node's receipts belong to.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    ORIGIN_FIELD_NUMBER: _builtins.int
+    TREE_SIZE_FIELD_NUMBER: _builtins.int
+    ROOT_HASH_FIELD_NUMBER: _builtins.int
+    EXPORTED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """Manifest format version; currently 1."""
+    origin: _builtins.str
+    """Origin of the ledger the bundle was exported from (the checkpoint's)."""
+    tree_size: _builtins.int
+    """Tree size of the bundle's checkpoint: binds the manifest to it."""
+    root_hash: _builtins.bytes
+    """Root hash of the bundle's checkpoint (32 bytes)."""
+    exported_unix_ms: _builtins.int
+    """When the bundle was exported, Unix milliseconds (the bundle's value)."""
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExportManifestNode]:
+        """One entry per node with receipts in the bundle, sorted by node_id."""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        origin: _builtins.str = ...,
+        tree_size: _builtins.int = ...,
+        root_hash: _builtins.bytes = ...,
+        exported_unix_ms: _builtins.int = ...,
+        nodes: _abc.Iterable[Global___ExportManifestNode] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exported_unix_ms", b"exported_unix_ms", "nodes", b"nodes", "origin", b"origin", "root_hash", b"root_hash", "tree_size", b"tree_size", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportManifest: _TypeAlias = ExportManifest  # noqa: Y015
+
+@_typing.final
+class ExportManifestNode(_message.Message):
+    """ExportManifestNode is one node's chain in a bundle: seq 1 to last_seq."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    LAST_SEQ_FIELD_NUMBER: _builtins.int
+    LAST_ENVELOPE_SHA256_FIELD_NUMBER: _builtins.int
+    TASK_IDS_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    """The node that signed the receipts."""
+    last_seq: _builtins.int
+    """Highest seq of this node in the bundle (the chain holds 1..last_seq)."""
+    last_envelope_sha256: _builtins.str
+    """Hex SHA-256 of the exact envelope bytes of receipt last_seq."""
+    @_builtins.property
+    def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Sorted, distinct task ids of this node's receipts in the bundle."""
+
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        last_seq: _builtins.int = ...,
+        last_envelope_sha256: _builtins.str = ...,
+        task_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_envelope_sha256", b"last_envelope_sha256", "last_seq", b"last_seq", "node_id", b"node_id", "task_ids", b"task_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportManifestNode: _TypeAlias = ExportManifestNode  # noqa: Y015

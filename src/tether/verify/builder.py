@@ -16,9 +16,10 @@ from tether.core.leases import Lease
 from tether.core.receipts import Receipt, ReceiptKind
 from tether.crypto.certs import issue_cert
 from tether.crypto.leases import sign_lease
+from tether.crypto.manifest import manifest_for, sign_manifest
 from tether.crypto.merkle import MerkleTree, leaf_hash
 from tether.crypto.note import CheckpointBody, sign_checkpoint
-from tether.crypto.receipts import ReceiptChain
+from tether.crypto.receipts import ReceiptChain, envelope_digest, parse_receipt
 from tether.crypto.signing import Envelope, SigningKey
 from tether.verify.bundle import Bundle, CheckpointInfo, Entry
 
@@ -179,6 +180,11 @@ class BundleBuilder:
             Entry.of(self.ledger[i], i, i, tree.size, tree.inclusion_proof(i))
             for i in self.exported
         ]
+        rows = []
+        for e in entries:
+            _, r = parse_receipt(e.envelope)
+            rows.append((r.node_id, r.seq, r.task_id, envelope_digest(e.envelope)))
+        manifest = manifest_for(self.origin, tree.size, root, ts, rows)
         return Bundle(
             entries=entries,
             node_certificates=[n.cert for n in self.nodes.values()],
@@ -186,4 +192,5 @@ class BundleBuilder:
             checkpoint=cp,
             control_keyids=[self.control.keyid],
             exported_unix_ms=ts,
+            manifest=sign_manifest(manifest, self.control),
         )

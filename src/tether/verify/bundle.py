@@ -84,6 +84,8 @@ class Bundle:
     checkpoint: CheckpointInfo | None
     control_keyids: list[str] = field(default_factory=list)
     exported_unix_ms: int = 0
+    manifest: Envelope | None = None
+    """The control plane's signed ExportManifest (see `tether.crypto.manifest`)."""
     version: int = BUNDLE_VERSION
 
 
@@ -246,6 +248,7 @@ def decode_bundle(data: bytes) -> Bundle:
             "checkpoint",
             "control_keyids",
             "exported_unix_ms",
+            "manifest",
         ),
     )
     version = _uint(d.get("version", 0), "version")
@@ -284,6 +287,7 @@ def decode_bundle(data: bytes) -> Bundle:
         checkpoint=cp,
         control_keyids=list(keyids),
         exported_unix_ms=_int(d.get("exported_unix_ms", 0), "exported_unix_ms"),
+        manifest=_envelope(d["manifest"], "manifest") if "manifest" in d else None,
     )
 
 
@@ -332,6 +336,8 @@ def bundle_to_dict(b: Bundle) -> dict[str, Any]:
             "timestampUnixMs": str(c.timestamp_unix_ms),
             "note": c.note,
         }
+    if b.manifest is not None:
+        doc["manifest"] = _envelope_json(b.manifest)
     return doc
 
 
@@ -369,6 +375,7 @@ def bundle_from_proto(msg: Any) -> Bundle:
         checkpoint=cp,
         control_keyids=list(msg.control_keyids),
         exported_unix_ms=msg.exported_unix_ms,
+        manifest=from_proto(msg.manifest) if msg.HasField("manifest") else None,
     )
 
 
@@ -396,6 +403,8 @@ def bundle_to_proto(b: Bundle) -> Any:
     )
     if b.checkpoint is not None:
         msg.checkpoint.CopyFrom(checkpoint_to_proto(b.checkpoint))
+    if b.manifest is not None:
+        msg.manifest.CopyFrom(to_proto(b.manifest))
     return msg
 
 

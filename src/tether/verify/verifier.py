@@ -31,6 +31,7 @@ from tether.core.leases import Lease
 from tether.core.receipts import Receipt, ReceiptKind
 from tether.crypto.certs import NodeCertificate, verify_cert
 from tether.crypto.leases import verify_lease
+from tether.crypto.manifest import ExportManifest, verify_manifest
 from tether.crypto.note import CheckpointBody, verify_checkpoint
 from tether.crypto.receipts import parse_statement
 from tether.crypto.signing import INTOTO_PAYLOAD_TYPE, Envelope, VerifyKey, pae
@@ -39,6 +40,9 @@ from tether.verify.bundle import Bundle, BundleFormatError, decode_bundle
 CHECKS: dict[str, str] = {
     "bundle.format": "the file is a well-formed version-1 bundle",
     "checkpoint": "the checkpoint note is signed by a trusted control key and matches its fields",
+    "manifest": "the export manifest is signed by a trusted control key, names the bundle's "
+    "checkpoint, and for every node gives the bundle's last seq, that envelope's digest and "
+    "the task ids (so no receipt was cut from the end of a chain)",
     "certificate": "every node certificate is signed by a trusted control key; each receipt "
     "has a certificate for its node, valid at the receipt's time",
     "lease.signature": "every lease is signed by a trusted control key",
@@ -386,7 +390,10 @@ class _Verifier:
     def run(self, pool: ThreadPoolExecutor) -> None:
         inclusion = self._checkpoint()
         certs = self._certificates()
-        by_keyid = {c.keyid: c for cs in certs.values() for c in cs}
+        by_keyid: dict[str, list[NodeCertificate]] = defaultdict(list)
+        for cs in certs.values():
+            for c in cs:
+                by_keyid[c.keyid].append(c)
         leases = self._leases()
         sig_jobs: list[tuple[int, VerifyKey, bytes, bytes]] = []
         futures: list[Future[list[int]]] = []
@@ -406,8 +413,10 @@ class _Verifier:
             # Verify before parsing: the keyid hint picks the certified key, whose
             # signature over the raw payload is checked whatever the payload says.
             cert = None
+            cands: list[NodeCertificate] = []
             if env is not None:
-                cert = next((by_keyid[k] for k, _ in env.signatures if k in by_keyid), None)
+                cands = next((by_keyid[k] for k, _ in env.signatures if k in by_keyid), [])
+                cert = cands[0] if cands else None
                 if cert is not None:
                     key = cert_keys.get(cert.keyid)
                     if key is None:
@@ -443,9 +452,10 @@ class _Verifier:
                 continue
             self.items.append(_Item(i, r, e.envelope, hashlib.sha256(e.envelope).hexdigest()))
             if cert is not None:
-                if cert.node_id != r.node_id:
+                mine = [c for c in cands if c.node_id == r.node_id]
+                if not mine:
                     self.fail(i, "signature", ref, f"signed with the key of node {cert.node_id!r}")
-                elif not cert.valid_at(r.time_unix_ms):
+                elif not any(c.valid_at(r.time_unix_ms) for c in mine):
                     self.fail(
                         i, "certificate", ref, "receipt time is outside the certificate's validity"
                     )
@@ -455,6 +465,7 @@ class _Verifier:
         if sig_jobs:
             futures.append(pool.submit(_verify_chunk, sig_jobs))
         self._chains()
+        self._manifest()
         self._tasks(leases)
         for fut in futures:
             for i in fut.result():
@@ -496,6 +507,81 @@ class _Verifier:
                         _ref(it.receipt),
                         "prev is not the digest of the previous envelope",
                     )
+
+    def _manifest(self) -> None:
+        """Compares the signed export manifest with what the bundle holds."""
+        env = self.b.manifest
+        if env is None:
+            self.fail(-3, "manifest", "manifest", "bundle has no export manifest")
+            return
+        try:
+            m: ExportManifest = verify_manifest(env, self.keys)
+        except VerificationError as err:
+            self.fail(-3, "manifest", "manifest", err.message)
+            return
+        cp = self.b.checkpoint
+        if cp is not None and (m.origin, m.tree_size, m.root_hash) != (
+            cp.origin,
+            cp.tree_size,
+            cp.root_hash,
+        ):
+            self.fail(-3, "manifest", "manifest", "manifest is for another checkpoint")
+        by_node: dict[str, list[_Item]] = defaultdict(list)
+        for it in self.items:
+            by_node[it.receipt.node_id].append(it)
+        listed = {n.node_id: n for n in m.nodes}
+        for node in sorted(set(by_node) - set(listed)):
+            pos = by_node[node][-1].index
+            self.fail(pos, "manifest", node, "node's receipts are not in the export manifest")
+        end = len(self.b.entries)
+        for node_id, n in listed.items():
+            items = by_node.get(node_id)
+            if not items:
+                self.fail(
+                    end,
+                    "manifest",
+                    f"{node_id}#1-{n.last_seq}",
+                    "manifest lists the node but the bundle holds none of its receipts",
+                )
+                continue
+            last = max(items, key=lambda it: it.receipt.seq)
+            top = last.receipt.seq
+            if top < n.last_seq:
+                where = (
+                    f"{node_id}#{n.last_seq}"
+                    if top + 1 == n.last_seq
+                    else (f"{node_id}#{top + 1}-{n.last_seq}")
+                )
+                self.fail(
+                    last.index,
+                    "manifest",
+                    where,
+                    f"missing from the end of the chain (the manifest says it ends at seq "
+                    f"{n.last_seq}, the bundle at {top})",
+                )
+            elif top > n.last_seq:
+                self.fail(
+                    last.index,
+                    "manifest",
+                    _ref(last.receipt),
+                    f"the manifest says the chain ends at seq {n.last_seq}",
+                )
+            elif last.digest != n.last_envelope_sha256:
+                self.fail(
+                    last.index,
+                    "manifest",
+                    _ref(last.receipt),
+                    "last envelope's digest differs from the manifest's",
+                )
+            tasks = {it.receipt.task_id for it in items}
+            if tasks != set(n.task_ids):
+                diff = sorted(tasks.symmetric_difference(n.task_ids))
+                self.fail(
+                    last.index,
+                    "manifest",
+                    f"{node_id}",
+                    f"task ids differ from the manifest's: {', '.join(diff)}",
+                )
 
     def _tasks(self, leases: dict[tuple[str, int], list[Lease]]) -> None:
         by_task: dict[str, list[_Item]] = defaultdict(list)

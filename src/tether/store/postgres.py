@@ -1,0 +1,1131 @@
+"""PostgreSQL store: several control-plane replicas over one database.
+
+Same contract as `tether.store.sqlite`: every task state change is ONE
+conditional UPDATE on (task id, source states from `tether.core.states`,
+fencing token), so two writers, in one process or in two replicas, never both
+win. Transactions run at READ COMMITTED: a blocked UPDATE re-checks its WHERE
+clause on the row version that won, which is exactly the compare-and-set we
+need. AcquireLease picks its row with `FOR UPDATE SKIP LOCKED`, so replicas
+leasing from one queue never wait on each other's candidate rows. Migrations
+run under a session advisory lock, so replicas may start at the same time.
+
+Cross-replica long-poll wake-ups rely on the control service's periodic
+re-check (`ControlConfig.long_poll_recheck_ms`); a replica wakes its own
+waiters at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.rows import TupleRow
+from psycopg_pool import AsyncConnectionPool
+
+from tether.core.errors import (
+    BudgetExhausted,
+    IdempotencyConflict,
+    InvalidArgument,
+    InvalidTransition,
+    LeaseExpired,
+    NotFound,
+    NotOwner,
+    StaleFencingToken,
+    StorageError,
+    TetherError,
+)
+from tether.core.states import LEASED_STATES, TERMINAL, Event, State, next_state, sources
+from tether.store import is_postgres_url
+from tether.store.base import (
+    BudgetState,
+    LapseOutcome,
+    LeaseHistoryEntry,
+    LeaseSigner,
+    NewTask,
+    NodeRecord,
+    PolicyRecord,
+    SealedSecret,
+    SecretRewrapFn,
+    SecretSealFn,
+    TaskRecord,
+    ToolCallPhase,
+    ToolCallRecord,
+    ToolCallWrite,
+)
+from tether.store.sqlite import backoff_ms
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations" / "postgres"
+
+# pg_advisory_lock keys ("tether" + a small number); any constant bigint would do.
+_LOCK_MIGRATIONS = 0x7465746865720001
+_LOCK_POLICIES = 0x7465746865720002
+_LOCK_SECRETS = 0x74650003  # int4 class; hashtext(name) is the second key
+
+# Deadlocks and serialization failures are retried this many times in all.
+_TX_ATTEMPTS = 3
+
+T = TypeVar("T")
+Conn = psycopg.AsyncConnection[TupleRow]
+Row = tuple[Any, ...]
+
+TASK_COLS = (
+    "task_id, queue, state, payload, attempt, max_attempts, fencing_token, node_id, agent_id,"
+    " lease_id, lease_expires_unix_ms, lease_ttl_ms, result, error, created_unix_ms,"
+    " updated_unix_ms, not_before_unix_ms, idempotency_key, budget_limit_micros,"
+    " budget_spent_micros, seq"
+)
+
+
+def redact_url(url: str) -> str:
+    """The URL without user or password, safe for logs and error messages."""
+    try:
+        info = conninfo_to_dict(url)
+    except psycopg.Error:
+        return "postgresql://<unparsable URL>"
+    host, port, db = info.get("host", ""), info.get("port", ""), info.get("dbname", "")
+    return f"postgresql://{host}{':' + str(port) if port else ''}/{db}"
+
+
+def _in(states: frozenset[State]) -> str:
+    """SQL list of state values, e.g. "(2,3)"; built from the transition table."""
+    return "(" + ",".join(str(int(s)) for s in sorted(states)) + ")"
+
+
+def _target(event: Event) -> State:
+    """The one state `event` leads to from every source (LAPSE excepted)."""
+    targets = {next_state(s, event) for s in sources(event)}
+    if len(targets) != 1:  # pragma: no cover - guards a future table change
+        raise AssertionError(f"{event.name} has several targets; handle it explicitly")
+    return targets.pop()
+
+
+def _row_to_task(row: Row) -> TaskRecord:
+    return TaskRecord(
+        task_id=row[0],
+        queue=row[1],
+        state=State(row[2]),
+        payload=bytes(row[3]),
+        attempt=row[4],
+        max_attempts=row[5],
+        fencing_token=row[6],
+        node_id=row[7],
+        agent_id=row[8],
+        lease_id=row[9],
+        lease_expires_unix_ms=row[10],
+        lease_ttl_ms=row[11],
+        result=bytes(row[12]),
+        error=row[13],
+        created_unix_ms=row[14],
+        updated_unix_ms=row[15],
+        not_before_unix_ms=row[16],
+        idempotency_key=row[17],
+        budget_limit_micros=row[18],
+        budget_spent_micros=row[19],
+        seq=row[20],
+    )
+
+
+def _row_to_secret(r: Row) -> SealedSecret:
+    return SealedSecret(r[0], r[1], r[2], bytes(r[3]), bytes(r[4]), bytes(r[5]), r[6])
+
+
+_LEASED = _target(Event.LEASE)
+
+_SQL_ACQUIRE = f"""
+UPDATE tasks SET state = {int(_LEASED)}, attempt = attempt + 1, fencing_token = fencing_token + 1,
+    node_id = %(node_id)s, agent_id = %(agent_id)s, lease_id = %(lease_id)s,
+    lease_expires_unix_ms = %(now)s + lease_ttl_ms, updated_unix_ms = %(now)s
+WHERE seq = (
+    SELECT seq FROM tasks
+    WHERE queue = %(queue)s AND state IN {_in(sources(Event.LEASE))}
+      AND not_before_unix_ms <= %(now)s
+    ORDER BY not_before_unix_ms, created_unix_ms, seq
+    LIMIT 1 FOR UPDATE SKIP LOCKED)
+  AND state IN {_in(sources(Event.LEASE))}
+RETURNING {TASK_COLS}
+"""
+
+_SQL_RENEW = f"""
+UPDATE tasks SET lease_expires_unix_ms = %(now)s + lease_ttl_ms, updated_unix_ms = %(now)s
+WHERE task_id = %(task_id)s AND state IN {_in(LEASED_STATES)} AND fencing_token = %(token)s
+  AND node_id = %(node_id)s AND lease_expires_unix_ms > %(now)s
+RETURNING {TASK_COLS}
+"""
+
+_SQL_HISTORY_INSERT = """
+INSERT INTO lease_history (task_id, lease_id, fencing_token, kind, envelope, outcome,
+    created_unix_ms) VALUES (%s, %s, %s, %s, %s, 'active', %s)
+"""
+
+_SQL_HISTORY_CLOSE = """
+UPDATE lease_history SET outcome = %s WHERE task_id = %s AND fencing_token = %s
+  AND outcome = 'active'
+"""
+
+
+def _transition_sql(event: Event) -> tuple[str, str | None]:
+    """The conditional UPDATE for a holder event and the lease outcome it records."""
+    target = _target(event)
+    src = _in(sources(event))
+    where = (
+        f"WHERE task_id = %(task_id)s AND state IN {src} AND fencing_token = %(token)s"
+        " AND node_id = %(node_id)s AND lease_expires_unix_ms > %(now)s"
+    )
+    if target in LEASED_STATES:
+        sets, outcome = "", None
+    elif target is State.QUEUED:
+        sets = (
+            ", node_id = '', agent_id = '', lease_id = '', lease_expires_unix_ms = 0,"
+            " not_before_unix_ms = %(now)s, error = %(error)s"
+        )
+        outcome = "released"
+    else:
+        sets = ", lease_expires_unix_ms = 0, result = %(result)s, error = %(error)s"
+        outcome = "finished"
+    sql = (
+        f"UPDATE tasks SET state = {int(target)}, updated_unix_ms = %(now)s{sets} {where}"
+        f" RETURNING {TASK_COLS}"
+    )
+    return sql, outcome
+
+
+_SQL_TRANSITION = {
+    e: _transition_sql(e) for e in (Event.START, Event.SUCCEED, Event.FAIL, Event.RELEASE)
+}
+
+_CANCELED = _target(Event.CANCEL)
+_SQL_CANCEL = f"""
+UPDATE tasks SET state = {int(_CANCELED)}, error = %(reason)s, updated_unix_ms = %(now)s,
+    lease_expires_unix_ms = 0
+WHERE task_id = %(task_id)s AND state IN {_in(sources(Event.CANCEL))}
+RETURNING {TASK_COLS}
+"""
+
+# SKIP LOCKED: two replicas' sweepers split the lapsed leases between them.
+_SQL_LAPSED = f"""
+SELECT task_id, state, attempt, max_attempts, fencing_token FROM tasks
+WHERE state IN {_in(sources(Event.LAPSE))} AND lease_expires_unix_ms <= %s
+ORDER BY lease_expires_unix_ms LIMIT %s FOR UPDATE SKIP LOCKED
+"""
+
+_SQL_LAPSE = f"""
+UPDATE tasks SET state = %(state)s, not_before_unix_ms = %(not_before)s, node_id = '',
+    agent_id = '', lease_id = '', lease_expires_unix_ms = 0, updated_unix_ms = %(now)s,
+    error = 'lease lapsed'
+WHERE task_id = %(task_id)s AND state IN {_in(sources(Event.LAPSE))}
+  AND fencing_token = %(token)s AND lease_expires_unix_ms <= %(now)s
+"""
+
+_NODE_COLS = "node_id, public_key, certificate, token_sha256, registered_unix_ms"
+_SECRET_COLS = "name, version, kek_id, wrapped_dek, nonce, ciphertext, created_unix_ms"
+_TOOL_CALL_COLS = (
+    "task_id, idempotency_key, tool, arguments_sha256, phase, result, status,"
+    " fencing_token, cost_micros, updated_unix_ms"
+)
+
+
+async def _one(conn: Conn, sql: str, params: Any = None) -> Row | None:
+    cur = await conn.execute(sql, params)
+    return await cur.fetchone()
+
+
+async def _all(conn: Conn, sql: str, params: Any = None) -> list[Row]:
+    cur = await conn.execute(sql, params)
+    return await cur.fetchall()
+
+
+async def _exec(conn: Conn, sql: str, params: Any = None) -> int:
+    """Runs a statement; returns its row count."""
+    cur = await conn.execute(sql, params)
+    return cur.rowcount
+
+
+class PostgresStore:
+    """The `Store` for several control-plane replicas sharing one PostgreSQL database."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        min_connections: int = 1,
+        max_connections: int = 10,
+        connect_timeout_s: float = 10.0,
+    ) -> None:
+        if not is_postgres_url(url):
+            raise ValueError("a PostgreSQL store needs a postgresql:// URL")
+        self.url = url  # may hold a password: never log it (see `redact_url`)
+        self._min = min_connections
+        self._max = max_connections
+        self._timeout = connect_timeout_s
+        self._pool: AsyncConnectionPool[Conn] | None = None
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({redact_url(self.url)!r})"
+
+    # -- plumbing -----------------------------------------------------------------
+
+    async def open(self) -> None:
+        where = redact_url(self.url)
+        pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
+            self.url,
+            min_size=self._min,
+            max_size=self._max,
+            kwargs={"autocommit": True},
+            timeout=self._timeout,
+            open=False,
+            name="tether-store",
+        )
+        try:
+            await pool.open(wait=True, timeout=self._timeout)
+            async with pool.connection() as conn:
+                await self._migrate(conn)
+        except psycopg.Error as err:
+            await pool.close()
+            raise StorageError(f"cannot open database {where}: {err}") from err
+        except BaseException:
+            await pool.close()
+            raise
+        self._pool = pool
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await pool.close()
+
+    def _require_pool(self) -> AsyncConnectionPool[Conn]:
+        if self._pool is None:
+            raise StorageError("store is not open")
+        return self._pool
+
+    async def _tx(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
+        """Runs `fn(conn)` in one transaction (rolled back on error; retried on deadlock).
+
+        `fn` may run again after a deadlock or serialization failure, so callbacks
+        it calls (lease signers, sealers) must have no effect outside the database.
+        """
+        pool = self._require_pool()
+        for attempt in range(_TX_ATTEMPTS):
+            try:
+                async with pool.connection() as conn, conn.transaction():
+                    return await fn(conn)
+            except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as err:
+                if attempt == _TX_ATTEMPTS - 1:
+                    raise StorageError(f"database error after {attempt + 1} tries: {err}") from err
+            except TetherError:
+                raise
+            except psycopg.Error as err:
+                raise StorageError(f"database error: {err}") from err
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _read(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
+        """Runs `fn(conn)` in autocommit mode (each statement sees the latest commits)."""
+        pool = self._require_pool()
+        try:
+            async with pool.connection() as conn:
+                return await fn(conn)
+        except TetherError:
+            raise
+        except psycopg.Error as err:
+            raise StorageError(f"database error: {err}") from err
+
+    async def _migrate(self, conn: Conn) -> None:
+        """Applies pending migrations, one transaction each, under an advisory lock."""
+        await conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_MIGRATIONS,))
+        try:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY,"
+                " name TEXT NOT NULL, applied_unix_ms BIGINT NOT NULL)"
+            )
+            done = {r[0] for r in await _all(conn, "SELECT version FROM schema_migrations")}
+            for version, name, path in migration_files():
+                if version in done:
+                    continue
+                async with conn.transaction():
+                    # No parameters: psycopg sends the file as one multi-statement query.
+                    await conn.execute(path.read_text())
+                    await conn.execute(
+                        "INSERT INTO schema_migrations VALUES (%s, %s, %s)",
+                        (version, name, time.time_ns() // 1_000_000),
+                    )
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_MIGRATIONS,))
+
+    async def applied_migrations(self) -> list[int]:
+        """Versions recorded in schema_migrations, ascending."""
+        rows = await self._read(
+            lambda c: _all(c, "SELECT version FROM schema_migrations ORDER BY version")
+        )
+        return [r[0] for r in rows]
+
+    # -- tasks --------------------------------------------------------------------
+
+    async def submit_task(
+        self, task: NewTask, task_id: str, now_ms: int
+    ) -> tuple[TaskRecord, bool]:
+        async def existing(conn: Conn) -> TaskRecord:
+            row = await _one(
+                conn,
+                f"SELECT {TASK_COLS} FROM tasks WHERE idempotency_key = %s",
+                (task.idempotency_key,),
+            )
+            if row is None:  # pragma: no cover - the conflicting row is committed
+                raise StorageError("idempotent submit lost its conflicting row")
+            found = _row_to_task(row)
+            if found.queue != task.queue or found.payload != task.payload:
+                raise IdempotencyConflict(
+                    f"idempotency key {task.idempotency_key!r} already names task "
+                    f"{found.task_id} with another queue or payload",
+                    metadata={"task_id": found.task_id},
+                )
+            return found
+
+        async def fn(conn: Conn) -> tuple[TaskRecord, bool]:
+            if task.idempotency_key:
+                row = await _one(
+                    conn, "SELECT 1 FROM tasks WHERE idempotency_key = %s", (task.idempotency_key,)
+                )
+                if row is not None:
+                    return await existing(conn), False
+            # ON CONFLICT: a concurrent submit with the same key (maybe on another
+            # replica) waits for that one to commit, then inserts nothing.
+            row = await _one(
+                conn,
+                "INSERT INTO tasks (task_id, queue, state, payload, max_attempts, lease_ttl_ms,"
+                " created_unix_ms, updated_unix_ms, not_before_unix_ms, idempotency_key,"
+                " budget_limit_micros) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (idempotency_key) WHERE idempotency_key <> '' DO NOTHING"
+                f" RETURNING {TASK_COLS}",
+                (
+                    task_id,
+                    task.queue,
+                    int(State.QUEUED),
+                    task.payload,
+                    task.max_attempts,
+                    task.lease_ttl_ms,
+                    now_ms,
+                    now_ms,
+                    now_ms,
+                    task.idempotency_key,
+                    task.budget_limit_micros,
+                ),
+            )
+            if row is None:
+                return await existing(conn), False
+            return _row_to_task(row), True
+
+        return await self._tx(fn)
+
+    async def get_task(self, task_id: str) -> TaskRecord:
+        row = await self._read(
+            lambda c: _one(c, f"SELECT {TASK_COLS} FROM tasks WHERE task_id = %s", (task_id,))
+        )
+        if row is None:
+            raise NotFound(f"no task {task_id!r}", metadata={"task_id": task_id})
+        return _row_to_task(row)
+
+    async def list_tasks(
+        self, *, queue: str, state: State | None, after_seq: int, limit: int
+    ) -> list[TaskRecord]:
+        clauses, params = ["seq > %s"], [after_seq]
+        if queue:
+            clauses.append("queue = %s")
+            params.append(queue)  # type: ignore[arg-type]
+        if state is not None:
+            clauses.append("state = %s")
+            params.append(int(state))
+        sql = f"SELECT {TASK_COLS} FROM tasks WHERE {' AND '.join(clauses)} ORDER BY seq LIMIT %s"
+        params.append(limit)
+        rows = await self._read(lambda c: _all(c, sql, params))
+        return [_row_to_task(r) for r in rows]
+
+    async def lease_history(self, task_id: str) -> list[LeaseHistoryEntry]:
+        rows = await self._read(
+            lambda c: _all(
+                c,
+                "SELECT task_id, lease_id, fencing_token, kind, envelope, outcome,"
+                " created_unix_ms FROM lease_history WHERE task_id = %s ORDER BY id",
+                (task_id,),
+            )
+        )
+        return [LeaseHistoryEntry(r[0], r[1], r[2], r[3], bytes(r[4]), r[5], r[6]) for r in rows]
+
+    async def acquire_lease(
+        self,
+        *,
+        queue: str,
+        node_id: str,
+        agent_id: str,
+        lease_id: str,
+        now_ms: int,
+        sign: LeaseSigner,
+    ) -> tuple[TaskRecord, bytes] | None:
+        params = {
+            "node_id": node_id,
+            "agent_id": agent_id,
+            "lease_id": lease_id,
+            "now": now_ms,
+            "queue": queue,
+        }
+
+        async def fn(conn: Conn) -> tuple[TaskRecord, bytes] | None:
+            row = await _one(conn, _SQL_ACQUIRE, params)
+            if row is None:
+                return None
+            task = _row_to_task(row)
+            envelope = sign(task)
+            await conn.execute(
+                _SQL_HISTORY_INSERT,
+                (task.task_id, lease_id, task.fencing_token, "grant", envelope, now_ms),
+            )
+            return task, envelope
+
+        return await self._tx(fn)
+
+    async def renew_lease(
+        self, *, task_id: str, fencing_token: int, node_id: str, now_ms: int, sign: LeaseSigner
+    ) -> tuple[TaskRecord, bytes]:
+        params = {"now": now_ms, "task_id": task_id, "token": fencing_token, "node_id": node_id}
+
+        async def fn(conn: Conn) -> tuple[TaskRecord, bytes]:
+            row = await _one(conn, _SQL_RENEW, params)
+            if row is None:
+                raise await _diagnose(conn, task_id, fencing_token, node_id, now_ms, None)
+            task = _row_to_task(row)
+            envelope = sign(task)
+            await conn.execute(
+                _SQL_HISTORY_INSERT,
+                (task.task_id, task.lease_id, task.fencing_token, "renew", envelope, now_ms),
+            )
+            return task, envelope
+
+        return await self._tx(fn)
+
+    async def transition(
+        self,
+        *,
+        task_id: str,
+        event: Event,
+        fencing_token: int,
+        node_id: str,
+        now_ms: int,
+        result: bytes = b"",
+        error: str = "",
+    ) -> TaskRecord:
+        entry = _SQL_TRANSITION.get(event)
+        if entry is None:
+            raise InvalidTransition(
+                f"{event.name.lower()} is not an event a lease holder may send",
+                metadata={"event": event.name},
+            )
+        sql, outcome = entry
+        params = {
+            "now": now_ms,
+            "task_id": task_id,
+            "token": fencing_token,
+            "node_id": node_id,
+            "result": result,
+            "error": error,
+        }
+
+        async def fn(conn: Conn) -> TaskRecord:
+            row = await _one(conn, sql, params)
+            if row is None:
+                raise await _diagnose(conn, task_id, fencing_token, node_id, now_ms, event)
+            if outcome is not None:
+                await conn.execute(_SQL_HISTORY_CLOSE, (outcome, task_id, fencing_token))
+            return _row_to_task(row)
+
+        return await self._tx(fn)
+
+    async def cancel_task(self, task_id: str, reason: str, now_ms: int) -> TaskRecord:
+        params = {"reason": reason, "now": now_ms, "task_id": task_id}
+
+        async def fn(conn: Conn) -> TaskRecord:
+            row = await _one(conn, _SQL_CANCEL, params)
+            if row is None:
+                current = await _one(conn, "SELECT state FROM tasks WHERE task_id = %s", (task_id,))
+                if current is None:
+                    raise NotFound(f"no task {task_id!r}", metadata={"task_id": task_id})
+                next_state(State(current[0]), Event.CANCEL)  # raises InvalidTransition
+                raise StorageError("cancel lost a race it cannot lose")  # pragma: no cover
+            task = _row_to_task(row)
+            await conn.execute(_SQL_HISTORY_CLOSE, ("canceled", task_id, task.fencing_token))
+            return task
+
+        return await self._tx(fn)
+
+    async def sweep_lapsed(
+        self, *, now_ms: int, backoff_base_ms: int, backoff_cap_ms: int, limit: int = 1000
+    ) -> list[LapseOutcome]:
+        async def fn(conn: Conn) -> list[LapseOutcome]:
+            out: list[LapseOutcome] = []
+            for task_id, state, attempt, max_attempts, token in await _all(
+                conn, _SQL_LAPSED, (now_ms, limit)
+            ):
+                target = next_state(
+                    State(state), Event.LAPSE, attempt=attempt, max_attempts=max_attempts
+                )
+                not_before = (
+                    now_ms + backoff_ms(attempt, backoff_base_ms, backoff_cap_ms)
+                    if target is State.QUEUED
+                    else now_ms
+                )
+                changed = await _exec(
+                    conn,
+                    _SQL_LAPSE,
+                    {
+                        "state": int(target),
+                        "not_before": not_before,
+                        "now": now_ms,
+                        "task_id": task_id,
+                        "token": token,
+                    },
+                )
+                if changed == 1:
+                    await conn.execute(_SQL_HISTORY_CLOSE, ("lapsed", task_id, token))
+                    out.append(LapseOutcome(task_id, token, target, not_before))
+            return out
+
+        return await self._tx(fn)
+
+    async def next_lease_expiry(self) -> int | None:
+        row = await self._read(
+            lambda c: _one(
+                c,
+                "SELECT min(lease_expires_unix_ms) FROM tasks WHERE state IN "
+                f"{_in(sources(Event.LAPSE))}",
+            )
+        )
+        return None if row is None or row[0] is None else int(row[0])
+
+    # -- nodes, policies, secrets ----------------------------------------------------
+
+    async def put_node(self, node: NodeRecord) -> None:
+        async def fn(conn: Conn) -> None:
+            # Like SQLite's INSERT OR REPLACE: a row holding the same token goes too.
+            await conn.execute(
+                "DELETE FROM nodes WHERE token_sha256 = %s AND node_id <> %s",
+                (node.token_sha256, node.node_id),
+            )
+            await conn.execute(
+                f"INSERT INTO nodes ({_NODE_COLS}) VALUES (%s, %s, %s, %s, %s)"
+                " ON CONFLICT (node_id) DO UPDATE SET public_key = EXCLUDED.public_key,"
+                " certificate = EXCLUDED.certificate, token_sha256 = EXCLUDED.token_sha256,"
+                " registered_unix_ms = EXCLUDED.registered_unix_ms",
+                (
+                    node.node_id,
+                    node.public_key,
+                    node.certificate,
+                    node.token_sha256,
+                    node.registered_unix_ms,
+                ),
+            )
+
+        await self._tx(fn)
+
+    async def _node_where(self, column: str, value: str) -> NodeRecord | None:
+        row = await self._read(
+            lambda c: _one(c, f"SELECT {_NODE_COLS} FROM nodes WHERE {column} = %s", (value,))
+        )
+        if row is None:
+            return None
+        return NodeRecord(row[0], bytes(row[1]), bytes(row[2]), row[3], row[4])
+
+    async def get_node(self, node_id: str) -> NodeRecord | None:
+        return await self._node_where("node_id", node_id)
+
+    async def get_node_by_token(self, token_sha256: str) -> NodeRecord | None:
+        return await self._node_where("token_sha256", token_sha256)
+
+    async def put_policy(self, document: str, digest: str, now_ms: int) -> PolicyRecord:
+        async def fn(conn: Conn) -> PolicyRecord:
+            # Serializes version assignment across replicas (max()+1 would race).
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_POLICIES,))
+            row = await _one(
+                conn,
+                "INSERT INTO policies (version, document, digest, created_unix_ms)"
+                " SELECT coalesce(max(version), 0) + 1, %s, %s, %s FROM policies"
+                " RETURNING version",
+                (document, digest, now_ms),
+            )
+            assert row is not None
+            return PolicyRecord(row[0], document, digest, now_ms)
+
+        return await self._tx(fn)
+
+    async def get_policy(self, version: int = 0) -> PolicyRecord | None:
+        cols = "version, document, digest, created_unix_ms"
+        if version:
+            sql = f"SELECT {cols} FROM policies WHERE version = %s"
+            params: tuple[int, ...] = (version,)
+        else:
+            sql = f"SELECT {cols} FROM policies ORDER BY version DESC LIMIT 1"
+            params = ()
+        row = await self._read(lambda c: _one(c, sql, params))
+        return None if row is None else PolicyRecord(row[0], row[1], row[2], row[3])
+
+    async def get_policy_by_digest(self, digest: str) -> PolicyRecord | None:
+        row = await self._read(
+            lambda c: _one(
+                c,
+                "SELECT version, document, digest, created_unix_ms FROM policies"
+                " WHERE digest = %s ORDER BY version DESC LIMIT 1",
+                (digest,),
+            )
+        )
+        return None if row is None else PolicyRecord(row[0], row[1], row[2], row[3])
+
+    @staticmethod
+    async def _next_secret_version(conn: Conn, name: str) -> int:
+        """Locks `name` for this transaction and returns its next version."""
+        await conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCK_SECRETS, name))
+        row = await _one(
+            conn, "SELECT coalesce(max(version), 0) + 1 FROM secrets WHERE name = %s", (name,)
+        )
+        assert row is not None
+        return int(row[0])
+
+    async def put_secret(self, secret: SealedSecret) -> int:
+        async def fn(conn: Conn) -> int:
+            version = await self._next_secret_version(conn, secret.name)
+            await conn.execute(
+                f"INSERT INTO secrets ({_SECRET_COLS}) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                (
+                    secret.name,
+                    version,
+                    secret.kek_id,
+                    secret.wrapped_dek,
+                    secret.nonce,
+                    secret.ciphertext,
+                    secret.created_unix_ms,
+                ),
+            )
+            return version
+
+        return await self._tx(fn)
+
+    async def get_secret(self, name: str, version: int = 0) -> SealedSecret | None:
+        if version:
+            sql = f"SELECT {_SECRET_COLS} FROM secrets WHERE name = %s AND version = %s"
+            params: tuple[Any, ...] = (name, version)
+        else:
+            sql = (
+                f"SELECT {_SECRET_COLS} FROM secrets WHERE name = %s ORDER BY version DESC LIMIT 1"
+            )
+            params = (name,)
+        row = await self._read(lambda c: _one(c, sql, params))
+        return None if row is None else _row_to_secret(row)
+
+    async def put_sealed_secret(self, name: str, seal: SecretSealFn) -> int:
+        async def fn(conn: Conn) -> int:
+            version = await self._next_secret_version(conn, name)
+            sec = seal(version)
+            if sec.name != name or sec.version != version:
+                raise StorageError("sealed secret does not match the name/version it was given")
+            await conn.execute(
+                f"INSERT INTO secrets ({_SECRET_COLS}) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                (
+                    name,
+                    version,
+                    sec.kek_id,
+                    sec.wrapped_dek,
+                    sec.nonce,
+                    sec.ciphertext,
+                    sec.created_unix_ms,
+                ),
+            )
+            return version
+
+        return await self._tx(fn)
+
+    async def rewrap_secrets(self, rewrap: SecretRewrapFn) -> int:
+        async def fn(conn: Conn) -> int:
+            rows = await _all(
+                conn, f"SELECT {_SECRET_COLS} FROM secrets ORDER BY name, version FOR UPDATE"
+            )
+            changed = 0
+            for r in rows:
+                old = _row_to_secret(r)
+                new = rewrap(old)
+                if new is None:
+                    continue
+                await conn.execute(
+                    "UPDATE secrets SET kek_id = %s, wrapped_dek = %s, nonce = %s,"
+                    " ciphertext = %s WHERE name = %s AND version = %s",
+                    (new.kek_id, new.wrapped_dek, new.nonce, new.ciphertext, old.name, old.version),
+                )
+                changed += 1
+            return changed
+
+        return await self._tx(fn)
+
+    async def lease_envelope(self, task_id: str, fencing_token: int) -> bytes | None:
+        row = await self._read(
+            lambda c: _one(
+                c,
+                "SELECT envelope FROM lease_history WHERE task_id = %s AND fencing_token = %s"
+                " ORDER BY id DESC LIMIT 1",
+                (task_id, fencing_token),
+            )
+        )
+        return None if row is None else bytes(row[0])
+
+    async def check_live_lease(
+        self, *, task_id: str, fencing_token: int, node_id: str, now_ms: int
+    ) -> TaskRecord:
+        return await self._read(
+            lambda c: _live_task(
+                c, task_id, fencing_token, node_id, now_ms, "use a credential", lock=False
+            )
+        )
+
+    # -- budgets ----------------------------------------------------------------------
+
+    async def reserve_budget(
+        self,
+        *,
+        task_id: str,
+        fencing_token: int,
+        node_id: str,
+        reservation_id: str,
+        amount_micros: int,
+        default_limit_micros: int,
+        now_ms: int,
+    ) -> BudgetState:
+        async def fn(conn: Conn) -> BudgetState:
+            # Locks the task row: a repeat of this reservation id on another replica
+            # waits here and then finds the first one's row.
+            task = await _live_task(
+                conn, task_id, fencing_token, node_id, now_ms, "reserve budget", lock=True
+            )
+            limit = task.budget_limit_micros or default_limit_micros
+            existing = await _one(
+                conn,
+                "SELECT amount_micros, fencing_token, node_id FROM budget_reservations"
+                " WHERE task_id = %s AND reservation_id = %s",
+                (task_id, reservation_id),
+            )
+            if existing is not None:
+                if tuple(existing) != (amount_micros, fencing_token, node_id):
+                    raise IdempotencyConflict(
+                        f"reservation id {reservation_id!r} of task {task_id} was already used "
+                        "with another amount or lease",
+                        metadata={"task_id": task_id, "reservation_id": reservation_id},
+                    )
+                return BudgetState(limit, task.budget_spent_micros, existed=True)
+            # The one conditional write: the limit check and the increment are the
+            # same statement, so concurrent reservations can never overspend.
+            row = await _one(
+                conn,
+                "UPDATE tasks SET budget_spent_micros = budget_spent_micros + %(amount)s"
+                f" WHERE task_id = %(task_id)s AND state IN {_in(LEASED_STATES)}"
+                " AND fencing_token = %(token)s AND node_id = %(node_id)s"
+                " AND lease_expires_unix_ms > %(now)s"
+                " AND budget_spent_micros + %(amount)s <= %(limit)s"
+                " RETURNING budget_spent_micros",
+                {
+                    "amount": amount_micros,
+                    "task_id": task_id,
+                    "token": fencing_token,
+                    "node_id": node_id,
+                    "now": now_ms,
+                    "limit": limit,
+                },
+            )
+            if row is None:
+                remaining = max(limit - task.budget_spent_micros, 0)
+                raise BudgetExhausted(
+                    f"budget of task {task_id} is exhausted: {amount_micros} micros requested, "
+                    f"{remaining} of {limit} remaining",
+                    metadata={
+                        "task_id": task_id,
+                        "remaining_micros": str(remaining),
+                        "limit_micros": str(limit),
+                        "requested_micros": str(amount_micros),
+                    },
+                )
+            await conn.execute(
+                "INSERT INTO budget_reservations (task_id, reservation_id, amount_micros,"
+                " fencing_token, created_unix_ms, node_id) VALUES (%s, %s, %s, %s, %s, %s)",
+                (task_id, reservation_id, amount_micros, fencing_token, now_ms, node_id),
+            )
+            return BudgetState(limit, int(row[0]))
+
+        return await self._tx(fn)
+
+    async def settle_budget(
+        self,
+        *,
+        task_id: str,
+        fencing_token: int,
+        node_id: str,
+        reservation_id: str,
+        actual_micros: int,
+        default_limit_micros: int,
+        now_ms: int,
+    ) -> BudgetState:
+        async def fn(conn: Conn) -> BudgetState:
+            res = await _one(
+                conn,
+                "SELECT amount_micros, actual_micros, settled, fencing_token, node_id"
+                " FROM budget_reservations WHERE task_id = %s AND reservation_id = %s"
+                " FOR UPDATE",
+                (task_id, reservation_id),
+            )
+            meta = {"task_id": task_id, "reservation_id": reservation_id}
+            if res is None:
+                raise NotFound(
+                    f"no reservation {reservation_id!r} for task {task_id!r}", metadata=meta
+                )
+            amount, actual, settled, token, owner = res
+            if token != fencing_token:
+                raise StaleFencingToken(
+                    f"reservation {reservation_id!r} of task {task_id} was made under fencing "
+                    f"token {token}, not {fencing_token}",
+                    metadata=meta,
+                )
+            if owner != node_id:
+                raise NotOwner(
+                    f"reservation {reservation_id!r} of task {task_id} belongs to node "
+                    f"{owner!r}, not {node_id!r}",
+                    metadata=meta,
+                )
+            if actual_micros > amount:
+                raise InvalidArgument(
+                    "actual_micros", f"{actual_micros} exceeds the reserved {amount}"
+                )
+            if settled:
+                if actual != actual_micros:
+                    raise IdempotencyConflict(
+                        f"reservation {reservation_id!r} of task {task_id} was already settled "
+                        f"at {actual} micros",
+                        metadata=meta,
+                    )
+                row = await _one(
+                    conn,
+                    "SELECT budget_spent_micros, budget_limit_micros FROM tasks WHERE task_id = %s",
+                    (task_id,),
+                )
+                assert row is not None
+                return BudgetState(row[1] or default_limit_micros, row[0], existed=True)
+            await conn.execute(
+                "UPDATE budget_reservations SET settled = 1, actual_micros = %s"
+                " WHERE task_id = %s AND reservation_id = %s",
+                (actual_micros, task_id, reservation_id),
+            )
+            row = await _one(
+                conn,
+                "UPDATE tasks SET budget_spent_micros = budget_spent_micros - %s"
+                " WHERE task_id = %s RETURNING budget_spent_micros, budget_limit_micros",
+                (amount - actual_micros, task_id),
+            )
+            assert row is not None
+            return BudgetState(row[1] or default_limit_micros, row[0])
+
+        return await self._tx(fn)
+
+    # -- idempotency records ------------------------------------------------------------
+
+    async def record_tool_call(
+        self, write: ToolCallWrite, now_ms: int
+    ) -> tuple[ToolCallRecord, bool]:
+        w = write
+
+        async def fn(conn: Conn) -> tuple[ToolCallRecord, bool]:
+            # Locking the task row serializes records of one task across replicas.
+            await _live_task(
+                conn,
+                w.task_id,
+                w.fencing_token,
+                w.node_id,
+                now_ms,
+                "record a tool call",
+                lock=True,
+            )
+            existing = await _select_tool_call(conn, w.task_id, w.idempotency_key)
+            if existing is not None and (
+                existing.tool != w.tool or existing.arguments_sha256 != w.arguments_sha256
+            ):
+                raise IdempotencyConflict(
+                    f"idempotency key {w.idempotency_key!r} of task {w.task_id} was used for "
+                    f"tool {existing.tool!r} with other arguments",
+                    metadata={
+                        "task_id": w.task_id,
+                        "idempotency_key": w.idempotency_key,
+                        "tool": existing.tool,
+                    },
+                )
+            if existing is not None and (
+                w.phase is ToolCallPhase.STARTED or existing.phase is ToolCallPhase.COMPLETED
+            ):
+                return existing, True
+            if existing is None:
+                await conn.execute(
+                    f"INSERT INTO tool_calls ({_TOOL_CALL_COLS})"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    (
+                        w.task_id,
+                        w.idempotency_key,
+                        w.tool,
+                        w.arguments_sha256,
+                        int(w.phase),
+                        w.result,
+                        w.status,
+                        w.fencing_token,
+                        w.cost_micros,
+                        now_ms,
+                    ),
+                )
+            else:  # STARTED -> COMPLETED, under the current holder's token
+                await conn.execute(
+                    "UPDATE tool_calls SET phase = %s, result = %s, status = %s,"
+                    " fencing_token = %s, cost_micros = %s, updated_unix_ms = %s"
+                    " WHERE task_id = %s AND idempotency_key = %s AND phase = %s",
+                    (
+                        int(ToolCallPhase.COMPLETED),
+                        w.result,
+                        w.status,
+                        w.fencing_token,
+                        w.cost_micros,
+                        now_ms,
+                        w.task_id,
+                        w.idempotency_key,
+                        int(ToolCallPhase.STARTED),
+                    ),
+                )
+            rec = await _select_tool_call(conn, w.task_id, w.idempotency_key)
+            assert rec is not None
+            return rec, existing is not None
+
+        return await self._tx(fn)
+
+    async def lookup_tool_call(self, task_id: str, idempotency_key: str) -> ToolCallRecord | None:
+        return await self._read(lambda c: _select_tool_call(c, task_id, idempotency_key))
+
+
+async def _select_tool_call(
+    conn: Conn, task_id: str, idempotency_key: str
+) -> ToolCallRecord | None:
+    row = await _one(
+        conn,
+        f"SELECT {_TOOL_CALL_COLS} FROM tool_calls WHERE task_id = %s AND idempotency_key = %s",
+        (task_id, idempotency_key),
+    )
+    if row is None:
+        return None
+    return ToolCallRecord(
+        task_id=row[0],
+        idempotency_key=row[1],
+        tool=row[2],
+        arguments_sha256=row[3],
+        phase=ToolCallPhase(row[4]),
+        result=bytes(row[5]),
+        status=row[6],
+        fencing_token=row[7],
+        cost_micros=row[8],
+        updated_unix_ms=row[9],
+    )
+
+
+async def _live_task(
+    conn: Conn,
+    task_id: str,
+    fencing_token: int,
+    node_id: str,
+    now_ms: int,
+    action: str,
+    *,
+    lock: bool,
+) -> TaskRecord:
+    """The task if `node_id` holds its live lease under `fencing_token`, else the reason why not.
+
+    With `lock`, the row stays locked (FOR UPDATE) until the transaction ends.
+    """
+    row = await _one(
+        conn,
+        f"SELECT {TASK_COLS} FROM tasks WHERE task_id = %s AND state IN {_in(LEASED_STATES)}"
+        " AND fencing_token = %s AND node_id = %s AND lease_expires_unix_ms > %s"
+        + (" FOR UPDATE" if lock else ""),
+        (task_id, fencing_token, node_id, now_ms),
+    )
+    if row is not None:
+        return _row_to_task(row)
+    err = await _diagnose(conn, task_id, fencing_token, node_id, now_ms, None)
+    if isinstance(err, InvalidTransition):
+        state = err.metadata.get("state", "").lower()
+        raise InvalidTransition(
+            f"cannot {action} on task {task_id}: it is {state} and has no live lease",
+            metadata=err.metadata,
+        )
+    raise err
+
+
+async def _diagnose(
+    conn: Conn,
+    task_id: str,
+    fencing_token: int,
+    node_id: str,
+    now_ms: int,
+    event: Event | None,
+) -> TetherError:
+    """Explains why a conditional write on a leased task matched no row."""
+    row = await _one(conn, f"SELECT {TASK_COLS} FROM tasks WHERE task_id = %s", (task_id,))
+    if row is None:
+        return NotFound(f"no task {task_id!r}", metadata={"task_id": task_id})
+    task = _row_to_task(row)
+    meta = {"task_id": task_id, "current_fencing_token": str(task.fencing_token)}
+    if fencing_token != task.fencing_token:
+        return StaleFencingToken(
+            f"fencing token {fencing_token} is stale for task {task_id}; "
+            f"the current token is {task.fencing_token}",
+            metadata=meta,
+        )
+    if task.state in LEASED_STATES:
+        if task.node_id != node_id:
+            return NotOwner(
+                f"task {task_id} is leased to node {task.node_id!r}, not {node_id!r}",
+                metadata=meta,
+            )
+        if task.lease_expires_unix_ms <= now_ms:
+            return LeaseExpired(
+                f"the lease on task {task_id} (token {fencing_token}) lapsed at "
+                f"{task.lease_expires_unix_ms}",
+                metadata=meta,
+            )
+    lapsed = await _one(
+        conn,
+        "SELECT 1 FROM lease_history WHERE task_id = %s AND fencing_token = %s"
+        " AND outcome = 'lapsed'",
+        (task_id, fencing_token),
+    )
+    if lapsed is not None and task.state not in LEASED_STATES:
+        return LeaseExpired(
+            f"the lease on task {task_id} (token {fencing_token}) lapsed; the task is "
+            f"{task.state.name.lower()}",
+            metadata=meta,
+        )
+    if event is None:
+        what = "terminal" if task.state in TERMINAL else task.state.name.lower()
+        return InvalidTransition(
+            f"cannot renew a lease on task {task_id}: it is {what}",
+            metadata={**meta, "state": task.state.name},
+        )
+    try:
+        next_state(task.state, event)
+    except InvalidTransition as err:
+        err.metadata.update(meta)
+        return err
+    return StorageError(f"transition of task {task_id} matched no row")  # pragma: no cover
+
+
+def migration_files() -> list[tuple[int, str, Path]]:
+    """(version, name, path) of every NNNN_name.sql PostgreSQL migration, in order."""
+    out = []
+    for path in sorted(MIGRATIONS_DIR.glob("[0-9][0-9][0-9][0-9]_*.sql")):
+        out.append((int(path.name[:4]), path.stem[5:], path))
+    return out

@@ -1,0 +1,108 @@
+"""Helpers shared by the store contract tests (imported by conftest.py and the tests)."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import secrets
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from tether.store.base import NewTask, Store, TaskRecord
+from tether.store.postgres import PostgresStore, redact_url
+from tether.store.sqlite import SqliteStore
+
+NOW = 1_700_000_000_000
+
+
+def sign(task: TaskRecord) -> bytes:
+    """A stand-in lease signer: deterministic bytes naming the task and token."""
+    return f"lease:{task.task_id}:{task.fencing_token}".encode()
+
+
+async def submit(
+    store: Store,
+    task_id: str,
+    queue: str = "q",
+    *,
+    max_attempts: int = 3,
+    ttl: int = 1000,
+    now: int = NOW,
+) -> TaskRecord:
+    """Submits a task with a fixed payload."""
+    new = NewTask(queue=queue, payload=b"p", max_attempts=max_attempts, lease_ttl_ms=ttl)
+    task, _ = await store.submit_task(new, task_id, now)
+    return task
+
+
+async def lease(store: Store, queue: str = "q", node: str = "n1", now: int = NOW) -> TaskRecord:
+    """Leases the next task of `queue` (which must exist)."""
+    got = await store.acquire_lease(
+        queue=queue, node_id=node, agent_id="a", lease_id="l", now_ms=now, sign=sign
+    )
+    assert got is not None
+    return got[0]
+
+
+ADMIN_URL = os.environ.get(
+    "TETHER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+@functools.cache
+def postgres_unreachable() -> str | None:
+    """Why the test server cannot be used, or None when it can."""
+    try:
+        with psycopg.connect(ADMIN_URL, connect_timeout=3):
+            return None
+    except psycopg.Error as err:
+        return f"PostgreSQL server {redact_url(ADMIN_URL)} cannot be reached: {err}".strip()
+
+
+@contextlib.contextmanager
+def fresh_database() -> Iterator[str]:
+    """Creates `tether_test_<random>`, yields its URL, then drops it."""
+    reason = postgres_unreachable()
+    if reason is not None:
+        pytest.skip(reason)
+    name = f"tether_test_{secrets.token_hex(6)}"
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield urlsplit(ADMIN_URL)._replace(path=f"/{name}").geturl()
+    finally:
+        with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+def empty_tables(url: str) -> None:
+    """Truncates every table but schema_migrations, so each test starts empty."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        names = [
+            r[0]
+            for r in conn.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+                " AND tablename <> 'schema_migrations'"
+            )
+        ]
+        if names:
+            conn.execute(
+                sql.SQL("TRUNCATE {} RESTART IDENTITY").format(
+                    sql.SQL(", ").join(sql.Identifier(n) for n in names)
+                )
+            )
+
+
+def same_database(store: Store) -> Store:
+    """A second, unopened store over the same database (a restart or another replica)."""
+    if isinstance(store, PostgresStore):
+        return PostgresStore(store.url)
+    assert isinstance(store, SqliteStore)
+    return SqliteStore(store.path)
