@@ -19,6 +19,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "tether.sidecar.cmd",
     "tether.verify.cmd",
     "tether.demo.cmd",
+    "tether.healthcheck",
 )
 
 

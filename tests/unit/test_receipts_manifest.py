@@ -87,7 +87,7 @@ def test_manifest_disagreeing_with_entries_fails() -> None:
 
 
 def test_reregistered_node_keeps_old_receipts_valid() -> None:
-    """Receipts signed under an earlier certificate of the same key verify when both are exported."""
+    """Receipts signed under an earlier certificate of the same key verify with both exported."""
     from tether.crypto.certs import issue_cert
 
     b, bundle = _open_chain()

@@ -6,7 +6,7 @@ Failed calls raise the same `TetherError` subclasses the server raised
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -19,6 +19,7 @@ from tether.core.states import Event, State
 from tether.grpcutil.status import from_rpc_error
 from tether.v1 import control_pb2 as pb
 from tether.v1 import control_pb2_grpc as pb_grpc
+from tether.v1 import receipt_pb2 as rpb
 
 R = TypeVar("R")
 
@@ -324,6 +325,16 @@ class ControlClient:
             self.stub.CancelTask, pb.CancelTaskRequest(task_id=task_id, reason=reason)
         )
         return resp.task
+
+    async def export_bundle(
+        self, task_ids: Sequence[str] = (), since_unix_ms: int = 0
+    ) -> rpb.Bundle:
+        """Exports an offline-verifiable bundle (operator RPC)."""
+        resp = await self._call(
+            self.stub.ExportBundle,
+            pb.ExportBundleRequest(task_ids=list(task_ids), since_unix_ms=since_unix_ms),
+        )
+        return resp.bundle
 
     async def put_policy(self, document: str) -> pb.PutPolicyResponse:
         return await self._call(self.stub.PutPolicy, pb.PutPolicyRequest(document=document))

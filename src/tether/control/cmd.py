@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -259,9 +260,16 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
     return _run_client(args, fn)
 
 
+def _ms(unix_ms: int) -> str:
+    """A UTC timestamp with milliseconds, for timelines."""
+    secs, ms = divmod(unix_ms, 1000)
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(secs)) + f".{ms:03d}Z"
+
+
 def _cmd_task_show(args: argparse.Namespace) -> int:
     from tether.crypto.envelopes import from_proto
     from tether.crypto.leases import decode_lease
+    from tether.crypto.receipts import parse_receipt
 
     async def fn(client: Any) -> int:
         resp = await client.get_task(args.task_id)
@@ -277,6 +285,21 @@ def _cmd_task_show(args: argparse.Namespace) -> int:
             print(
                 f"  token {lease.fencing_token} attempt {lease.attempt} node {lease.node_id}"
                 f" agent {lease.agent_id} expires {lease.expires_unix_ms}  {rec.outcome}"
+            )
+        bundle = await client.export_bundle([args.task_id])
+        receipts = []
+        for entry in bundle.entries:
+            _, receipt = parse_receipt(bytes(entry.envelope))
+            if receipt.task_id == args.task_id:
+                receipts.append(receipt)
+        print(f"receipts ({len(receipts)}; `tether receipts export --task` to verify them):")
+        for r in sorted(receipts, key=lambda r: (r.time_unix_ms, r.node_id, r.seq)):
+            what = " ".join(
+                x for x in (r.tool, r.status, r.reason, r.artifact_name, r.memory_key) if x
+            )
+            print(
+                f"  {_ms(r.time_unix_ms)}  {r.node_id}#{r.seq:<5} token {r.fencing_token:<4}"
+                f" {r.kind.name.lower():<14} {what}"
             )
         return 0
 

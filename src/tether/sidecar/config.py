@@ -123,6 +123,12 @@ _SCALARS: dict[str, tuple[str, str]] = {
     "policy_file": ("TETHER_POLICY_FILE", "path"),
     "metrics_listen": ("TETHER_METRICS_LISTEN", "str"),
 }
+ENV_VARS: frozenset[str] = frozenset(
+    {var for var, _ in _SCALARS.values()} | {"TETHER_AGENTS", "TETHER_AGENT_SOCKETS"}
+)
+"""Every environment variable `load()` reads (deployment manifests are checked against it)."""
+PATH_ENV_VARS: frozenset[str] = frozenset(var for var, kind in _SCALARS.values() if kind == "path")
+"""The variables holding one path (TETHER_AGENTS / TETHER_AGENT_SOCKETS hold NAME=PATH lists)."""
 _FIELD_OF = {
     "control": "control_address",
     "control_pub": "control_public_key_path",

@@ -1,0 +1,243 @@
+"""Control-plane figures: lease grants, claim latency vs queue depth, receipt ingest.
+
+The control plane runs as its own process (`python -m tether.cli control`, as
+deployed), so its RSS is measurable and the client's CPU is not the server's.
+Queues are filled straight through the store's SQL in one transaction: the
+figures are about leasing, not about submitting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import statistics
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from tether.control.client import ControlClient
+from tether.core.states import Event, State
+from tether.crypto.signing import SigningKey
+from tether.store.sqlite import SqliteStore
+from tether.testing import TEST_ENROLLMENT_TOKEN, spawn_control_cli
+from tether.v1 import control_pb2 as pb
+
+QUEUE = "bench"
+
+
+def rss_mb(pid: int) -> float:
+    """Resident set size of a live process, from /proc (MiB)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+async def create_db(path: Path) -> None:
+    """Creates the database with every migration applied (what the server would do)."""
+    store = SqliteStore(path)
+    await store.open()
+    await store.close()
+
+
+def fill_queue(path: Path, n: int, queue: str = QUEUE, *, ttl_ms: int = 60_000) -> None:
+    """Inserts `n` queued tasks in one transaction, oldest first, ready now."""
+    now = int(time.time() * 1000) - 1_000
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=OFF")
+    db.execute("BEGIN")
+    chunk = 50_000
+    for base in range(0, n, chunk):
+        rows = [
+            (f"bt-{queue}-{i:08d}", queue, int(State.QUEUED), b"{}", 3, ttl_ms, now - n + i, now)
+            for i in range(base, min(n, base + chunk))
+        ]
+        db.executemany(
+            "INSERT INTO tasks (task_id, queue, state, payload, max_attempts, lease_ttl_ms,"
+            " created_unix_ms, updated_unix_ms, not_before_unix_ms)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [r[:7] + (r[7], r[7]) for r in rows],
+        )
+    db.execute("COMMIT")
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+
+
+class Control:
+    """A control plane subprocess over a prepared database."""
+
+    def __init__(self, tmp: Path, db: Path) -> None:
+        self.tmp = tmp
+        self.db = db
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.address = ""
+
+    def __enter__(self) -> Control:
+        self.proc, self.address = spawn_control_cli(self.tmp, db=self.db, vault=False)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def node(self, node_id: str, key: SigningKey | None = None) -> ControlClient:
+        """A client registered as `node_id`; caller closes it."""
+        client = ControlClient(self.address)
+        key = key or SigningKey.generate()
+        await client.register_node(node_id, key.public.raw, TEST_ENROLLMENT_TOKEN)
+        return client
+
+
+async def lease_run(tmp: Path, tasks: int, concurrency: int) -> dict[str, Any]:
+    """`concurrency` workers each loop AcquireLease -> START -> SUCCEED until the queue is empty."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    db = tmp / "control.db"
+    await create_db(db)
+    fill_queue(db, tasks)
+    with Control(tmp, db) as control:
+        client = await control.node("bench-node")
+        try:
+            rss_before = rss_mb(control.pid)
+            done = 0
+            latencies: list[float] = []
+
+            async def worker(i: int) -> None:
+                nonlocal done
+                agent = f"agent-{i}"
+                while True:
+                    t0 = time.perf_counter()
+                    resp = await client.acquire_lease(QUEUE, "bench-node", agent)
+                    if not resp.HasField("task"):
+                        return
+                    task = resp.task
+                    token = task.fencing_token
+                    await client.transition(task.task_id, token, Event.START, "bench-node")
+                    await client.transition(
+                        task.task_id, token, Event.SUCCEED, "bench-node", result=b"{}"
+                    )
+                    latencies.append(time.perf_counter() - t0)
+                    done += 1
+
+            start = time.perf_counter()
+            await asyncio.gather(*(worker(i) for i in range(concurrency)))
+            elapsed = time.perf_counter() - start
+            rss_after = rss_mb(control.pid)
+        finally:
+            await client.close()
+    if done != tasks:
+        raise RuntimeError(f"lease run finished {done} of {tasks} tasks")
+    latencies.sort()
+    return {
+        "per_s": done / elapsed,
+        "p50_ms": statistics.median(latencies) * 1000,
+        "rss_mb": rss_after,
+        "rss_idle_mb": rss_before,
+    }
+
+
+async def claim_latency(tmp: Path, depth: int, claims: int) -> dict[str, float]:
+    """Serial AcquireLease latency with `depth` tasks queued (claims come off the front)."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    db = tmp / "control.db"
+    await create_db(db)
+    t0 = time.perf_counter()
+    fill_queue(db, depth + claims + 50)
+    fill_s = time.perf_counter() - t0
+    with Control(tmp, db) as control:
+        client = await control.node("bench-node")
+        try:
+            for _ in range(50):  # warm up: connection, statement cache, page cache
+                await client.acquire_lease(QUEUE, "bench-node", "agent")
+            latencies = []
+            for _ in range(claims):
+                t = time.perf_counter()
+                resp = await client.acquire_lease(QUEUE, "bench-node", "agent")
+                latencies.append(time.perf_counter() - t)
+                if not resp.HasField("task"):
+                    raise RuntimeError("queue ran dry during the claim run")
+        finally:
+            await client.close()
+    latencies.sort()
+    return {
+        "p50_ms": statistics.median(latencies) * 1000,
+        "p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1000,
+        "fill_s": fill_s,
+    }
+
+
+async def ingest_run(
+    tmp: Path, envelopes: list[bytes], node_id: str, key: SigningKey, batch: int = 500
+) -> dict[str, float]:
+    """StreamReceipts of one node's chained envelopes, pipelined; timed to the last ack."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    db = tmp / "control.db"
+    await create_db(db)
+    with Control(tmp, db) as control:
+        client = await control.node(node_id, key)
+        try:
+            batches = [envelopes[i : i + batch] for i in range(0, len(envelopes), batch)]
+            window = asyncio.Semaphore(8)  # batches in flight, like the sidecar's uplink
+
+            async def requests() -> AsyncIterator[pb.StreamReceiptsRequest]:
+                seq = 1
+                for b in batches:
+                    await window.acquire()
+                    yield pb.StreamReceiptsRequest(
+                        node_id=node_id,
+                        receipts=[
+                            pb.SpooledReceipt(seq=seq + k, envelope=e)
+                            for k, e in enumerate(b)
+                        ],
+                    )
+                    seq += len(b)
+
+            start = time.perf_counter()
+            call = client.stub.StreamReceipts(requests(), metadata=client._metadata(True))
+            acked = 0
+            async for resp in call:
+                acked = resp.acked_seq
+                window.release()
+                if acked >= len(envelopes):
+                    break
+            elapsed = time.perf_counter() - start
+            call.cancel()
+            rss = rss_mb(control.pid)
+        finally:
+            await client.close()
+    if acked != len(envelopes):
+        raise RuntimeError(f"ingest acked {acked} of {len(envelopes)}")
+    return {"per_s": len(envelopes) / elapsed, "rss_mb": rss}
+
+
+def receipts_for_ingest(n: int) -> tuple[list[bytes], str, SigningKey]:
+    """`n` real chained receipts of one node (typical task runs), with its key."""
+    from tether.verify.builder import BundleBuilder
+
+    b = BundleBuilder(seed="bench-ingest")
+    i = 0
+    while len(b.ledger) < n:
+        b.task(f"task-{i:07d}", node_id="node-a")
+        i += 1
+    return b.ledger[:n], "node-a", b.node("node-a").key
+
+
+def clean(path: Path) -> None:
+    """Removes a benchmark database (and WAL files) to keep /tmp small."""
+    for suffix in ("", "-wal", "-shm"):
+        p = Path(str(path) + suffix)
+        if p.exists():
+            os.unlink(p)
