@@ -103,20 +103,8 @@ class TasksCollector(Collector):
     async def _counts(self) -> dict[str, int]:
         from tether.core.states import State
 
-        counts: dict[str, int] = {}
-        for state in State:
-            if state.value == 0:
-                continue
-            total, token = 0, ""
-            while True:
-                page, token = await self._service.list_tasks(
-                    queue="", state=state, page_size=1000, page_token=token
-                )
-                total += len(page)
-                if not token:
-                    break
-            counts[state.name.lower()] = total
-        return counts
+        by_state = await self._service.store.count_tasks_by_state()
+        return {state.name.lower(): by_state.get(state, 0) for state in State}
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         counts = _on_loop(self._loop, self._counts)

@@ -82,6 +82,16 @@ async def test_acquire_on_an_empty_queue_returns_none(store: Store) -> None:
     assert got is None
 
 
+async def test_count_tasks_by_state_counts_every_state_in_one_query(store: Store) -> None:
+    """The metrics aggregate matches the tasks actually stored, state by state."""
+    assert await store.count_tasks_by_state() == {}
+    for i in range(4):
+        await submit(store, f"t{i}")
+    await lease(store)
+    await lease(store)
+    assert await store.count_tasks_by_state() == {State.QUEUED: 2, State.LEASED: 2}
+
+
 async def test_acquire_breaks_ties_in_submission_order(store: Store) -> None:
     """Tasks submitted in the same millisecond are leased in submission order."""
     for i in range(5):

@@ -218,6 +218,10 @@ class Store(Protocol):
         """Tasks with seq > after_seq in creation order, filtered; at most `limit`."""
         ...
 
+    async def count_tasks_by_state(self) -> dict[State, int]:
+        """Number of tasks in each state (one aggregate query, for metrics)."""
+        ...
+
     async def lease_history(self, task_id: str) -> list[LeaseHistoryEntry]:
         """Every lease grant and renewal of a task, oldest first."""
         ...

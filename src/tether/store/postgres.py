@@ -443,6 +443,12 @@ class PostgresStore:
         rows = await self._read(lambda c: _all(c, sql, params))
         return [_row_to_task(r) for r in rows]
 
+    async def count_tasks_by_state(self) -> dict[State, int]:
+        rows = await self._read(
+            lambda c: _all(c, "SELECT state, COUNT(*) FROM tasks GROUP BY state")
+        )
+        return {State(r[0]): int(r[1]) for r in rows}
+
     async def lease_history(self, task_id: str) -> list[LeaseHistoryEntry]:
         rows = await self._read(
             lambda c: _all(

@@ -356,6 +356,12 @@ class SqliteStore:
         rows = await self._run(lambda c: c.execute(sql, params).fetchall())
         return [_row_to_task(r) for r in rows]
 
+    async def count_tasks_by_state(self) -> dict[State, int]:
+        rows = await self._run(
+            lambda c: c.execute("SELECT state, COUNT(*) FROM tasks GROUP BY state").fetchall()
+        )
+        return {State(r[0]): int(r[1]) for r in rows}
+
     async def lease_history(self, task_id: str) -> list[LeaseHistoryEntry]:
         rows = await self._run(
             lambda c: c.execute(
