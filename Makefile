@@ -38,10 +38,15 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/tether demo
 
-bench: $(STAMP)
+# The peers (pgqueuer) are optional: without them (or PostgreSQL) their figure is skipped with a note.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	-$(BIN)/pip install --quiet -e '.[dev,bench]' && touch $(BENCH_STAMP)
+
+bench: $(STAMP) $(BENCH_STAMP)
 	$(BIN)/python bench/run.py
 
-bench-quick: $(STAMP)
+bench-quick: $(STAMP) $(BENCH_STAMP)
 	$(BIN)/python bench/run.py --quick
 
 clean:

@@ -9,6 +9,8 @@ import asyncio
 import os
 import sqlite3
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,11 +43,37 @@ async def start_echo_server(path: str) -> grpc.aio.Server:
     return server
 
 
-async def grpc_echo(concurrency: int, total: int) -> dict[str, float]:
-    """Empty grpc.aio unary echo over a Unix socket, client and server in one process."""
+async def _serve_forever(path: str) -> None:
+    server = await start_echo_server(path)
+    await server.wait_for_termination()
+
+
+def _spawn_echo_server(path: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([sys.executable, __file__, "serve-echo", path])
+    deadline = time.monotonic() + 20
+    while not os.path.exists(path):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("echo server did not start")
+        time.sleep(0.01)
+    return proc
+
+
+async def grpc_echo(concurrency: int, total: int, *, subprocess_server: bool) -> dict[str, float]:
+    """Empty grpc.aio unary echo over a Unix socket.
+
+    With `subprocess_server` the server is its own process, the topology of
+    every Tether figure (servers run as their own processes); otherwise client
+    and server share one process and one core.
+    """
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "echo.sock")
-        server = await start_echo_server(path)
+        proc: subprocess.Popen[bytes] | None = None
+        server: grpc.aio.Server | None = None
+        if subprocess_server:
+            proc = _spawn_echo_server(path)
+        else:
+            server = await start_echo_server(path)
         async with grpc.aio.insecure_channel(f"unix:{path}") as channel:
             call = channel.unary_unary(
                 ECHO_METHOD,
@@ -66,7 +94,11 @@ async def grpc_echo(concurrency: int, total: int) -> dict[str, float]:
             start = time.perf_counter()
             await asyncio.gather(*(worker() for _ in range(concurrency)))
             elapsed = time.perf_counter() - start
-        await server.stop(None)
+        if server is not None:
+            await server.stop(None)
+        if proc is not None:
+            proc.terminate()
+            proc.wait()
     latencies.sort()
     return {
         "per_s": len(latencies) / elapsed,
@@ -106,3 +138,8 @@ def sqlite_wal_commits(n: int) -> float:
         elapsed = time.perf_counter() - start
         db.close()
     return n / elapsed
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "serve-echo":
+        asyncio.run(_serve_forever(sys.argv[2]))

@@ -12,6 +12,7 @@ import asyncio
 import json
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import baselines
+import control_bench
+import peers
+import sidecar_bench
+import verify_bench
 
 HERE = Path(__file__).resolve().parent
 
@@ -26,24 +31,105 @@ HERE = Path(__file__).resolve().parent
 def sizes(quick: bool) -> dict[str, int]:
     """Workload sizes for a full or a quick run."""
     if quick:
-        return {"echo": 2_000, "sign": 2_000, "sqlite": 2_000, "concurrency": 32}
-    return {"echo": 20_000, "sign": 20_000, "sqlite": 20_000, "concurrency": 32}
+        return {
+            "echo": 2_000, "sign": 2_000, "sqlite": 2_000, "concurrency": 32,
+            "lease_tasks": 2_000, "claim_small": 1_000, "claim_large": 50_000, "claims": 200,
+            "ingest": 5_000, "verify": 5_000, "serial_calls": 200, "agents": 64,
+            "calls_per_agent": 5, "pg_jobs": 2_000,
+        }  # fmt: skip
+    return {
+        "echo": 20_000, "sign": 20_000, "sqlite": 20_000, "concurrency": 32,
+        "lease_tasks": 20_000, "claim_small": 1_000, "claim_large": 1_000_000, "claims": 1_000,
+        "ingest": 50_000, "verify": 100_000, "serial_calls": 2_000, "agents": 64,
+        "calls_per_agent": 40, "pg_jobs": 20_000,
+    }  # fmt: skip
 
 
-def run(quick: bool) -> dict[str, Any]:
-    """Runs every benchmark and returns the results object."""
-    n = sizes(quick)
-    results: dict[str, Any] = {}
-    echo = asyncio.run(baselines.grpc_echo(n["concurrency"], n["echo"]))
-    results["raw_grpc_unary_per_s"] = round(echo["per_s"], 1)
-    results["raw_grpc_p50_ms"] = round(echo["p50_ms"], 3)
-    serial = asyncio.run(baselines.grpc_echo(1, n["echo"] // 4))
-    results["raw_grpc_serial_p50_ms"] = round(serial["p50_ms"], 3)
-    results["raw_grpc_serial_p99_ms"] = round(serial["p99_ms"], 3)
+def baseline_figures(n: dict[str, int]) -> dict[str, Any]:
+    """The raw limits of this machine, measured first."""
+    r: dict[str, Any] = {}
+    echo = asyncio.run(baselines.grpc_echo(n["concurrency"], n["echo"], subprocess_server=True))
+    r["raw_grpc_unary_per_s"] = round(echo["per_s"], 1)
+    r["raw_grpc_p50_ms"] = round(echo["p50_ms"], 3)
+    inproc = asyncio.run(baselines.grpc_echo(n["concurrency"], n["echo"], subprocess_server=False))
+    r["raw_grpc_inproc_unary_per_s"] = round(inproc["per_s"], 1)
+    serial = asyncio.run(baselines.grpc_echo(1, n["echo"] // 4, subprocess_server=True))
+    r["raw_grpc_serial_p50_ms"] = round(serial["p50_ms"], 3)
+    r["raw_grpc_serial_p99_ms"] = round(serial["p99_ms"], 3)
     sig = baselines.ed25519(n["sign"])
-    results["raw_ed25519_sign_per_s"] = round(sig["sign_per_s"], 1)
-    results["raw_ed25519_verify_per_s"] = round(sig["verify_per_s"], 1)
-    results["raw_sqlite_wal_commits_per_s"] = round(baselines.sqlite_wal_commits(n["sqlite"]), 1)
+    r["raw_ed25519_sign_per_s"] = round(sig["sign_per_s"], 1)
+    r["raw_ed25519_verify_per_s"] = round(sig["verify_per_s"], 1)
+    r["raw_sqlite_wal_commits_per_s"] = round(baselines.sqlite_wal_commits(n["sqlite"]), 1)
+    return r
+
+
+def run(quick: bool, only: set[str] | None = None) -> dict[str, Any]:
+    """Runs every benchmark (or the groups in `only`) and returns the results object."""
+    n = sizes(quick)
+    want = (lambda g: True) if not only else (lambda g: g in only)
+    results: dict[str, Any] = {}
+    notes: dict[str, str] = {}
+    results.update(baseline_figures(n))
+    raw_unary = results["raw_grpc_unary_per_s"]
+    with tempfile.TemporaryDirectory(prefix="tether-bench-") as tmp_s:
+        tmp = Path(tmp_s)
+        if want("leases"):
+            lease = asyncio.run(
+                control_bench.lease_run(tmp / "leases", n["lease_tasks"], n["concurrency"])
+            )
+            results["lease_grants_per_s"] = round(lease["per_s"], 1)
+            results["lease_grants_vs_raw_grpc"] = round(lease["per_s"] / raw_unary, 3)
+            results["lease_grant_p50_ms"] = round(lease["p50_ms"], 3)
+            results["control_rss_mb"] = round(lease["rss_mb"], 1)
+        if want("claims"):
+            for label, depth in (("1k", n["claim_small"]), ("1m", n["claim_large"])):
+                c = asyncio.run(
+                    control_bench.claim_latency(tmp / f"claim-{label}", depth, n["claims"])
+                )
+                control_bench.clean(tmp / f"claim-{label}" / "control.db")
+                results[f"claim_p50_ms_{label}"] = round(c["p50_ms"], 3)
+                results[f"claim_p99_ms_{label}"] = round(c["p99_ms"], 3)
+            results["claim_large_depth"] = n["claim_large"]
+            results["claim_ratio_1m_vs_1k"] = round(
+                results["claim_p50_ms_1m"] / results["claim_p50_ms_1k"], 3
+            )
+        if want("ingest"):
+            envs, node_id, key = control_bench.receipts_for_ingest(n["ingest"])
+            ing = asyncio.run(control_bench.ingest_run(tmp / "ingest", envs, node_id, key))
+            results["receipts_ingested_per_s"] = round(ing["per_s"], 1)
+            results["receipts_ingested"] = len(envs)
+        if want("mediation"):
+            med = asyncio.run(
+                sidecar_bench.mediation_run(
+                    tmp / "mediation", n["serial_calls"], n["agents"], n["calls_per_agent"]
+                )
+            )
+            serial_p50 = results["raw_grpc_serial_p50_ms"]
+            serial_p99 = results["raw_grpc_serial_p99_ms"]
+            results["mediation_overhead_p50_ms"] = round(med["full_p50_ms"] - serial_p50, 3)
+            results["mediation_overhead_p99_ms"] = round(med["full_p99_ms"] - serial_p99, 3)
+            results["mediation_plain_overhead_p50_ms"] = round(med["plain_p50_ms"] - serial_p50, 3)
+            results["mediation_plain_overhead_p99_ms"] = round(med["plain_p99_ms"] - serial_p99, 3)
+            results["mediated_calls_per_s"] = round(med["full_per_s"], 1)
+            results["mediated_plain_calls_per_s"] = round(med["plain_per_s"], 1)
+            results["mediation_agents"] = n["agents"]
+            results["sidecar_rss_mb"] = round(med["sidecar_rss_mb"], 1)
+            results["control_rss_mb_after_mediation"] = round(med["control_rss_mb"], 1)
+        if want("verify"):
+            v = verify_bench.verify_run(tmp / "verify", n["verify"])
+            results["verify_receipts_per_s"] = round(v["per_s"], 1)
+            results["verify_receipts"] = v["receipts"]
+            results["verify_seconds"] = round(v["seconds"], 2)
+            results["verify_bundle_mb"] = round(v["bytes"] / 2**20, 1)
+        if want("peers"):
+            pg = asyncio.run(peers.pgqueuer_run(n["pg_jobs"]))
+            if "per_s" in pg:
+                results["pgqueuer_jobs_per_s"] = round(pg["per_s"], 1)
+            else:
+                results["pgqueuer_jobs_per_s"] = None
+                notes["pgqueuer_jobs_per_s"] = pg["skipped"]
+    if notes:
+        results["_notes"] = notes
     return results
 
 
@@ -51,10 +137,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for CI")
     parser.add_argument("--out", type=Path, help="JSON output (default bench/results.json)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=["leases", "claims", "ingest", "mediation", "verify", "peers"],
+        help="run only these groups (repeat; baselines always run)",
+    )
     args = parser.parse_args(argv)
     out = args.out or HERE / ("results-quick.json" if args.quick else "results.json")
     started = time.time()
-    results = run(args.quick)
+    results = run(args.quick, set(args.only or ()))
     results["_meta"] = {
         "quick": args.quick,
         "python": platform.python_version(),
@@ -65,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     width = max(len(k) for k in results)
     for key, value in results.items():
         if not key.startswith("_"):
-            print(f"{key:<{width}}  {value:>12}")
+            print(f"{key:<{width}}  {value!s:>12}")
+    for key, note in results.get("_notes", {}).items():
+        print(f"note: {key}: {note}")
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -184,3 +185,38 @@ async def test_stream_replays_into_ledger_without_duplicates(tmp_path: Path) -> 
     _check_chain([e.envelope for e in bundle.entries])
     await spool.close()
     await store.close()
+
+
+async def test_wait_acked_and_retention(tmp_path: Path) -> None:
+    """wait_acked answers False on timeout and True once acked; acked envelopes stay readable."""
+    spool = ReceiptSpool(tmp_path / "spool.db", "n1", KEY, retain_acked=2)
+    for i in range(5):
+        await spool.append(_receipt(i))
+    assert await spool.wait_acked(3, 0.01) is False
+    waiter = asyncio.create_task(spool.wait_acked(3, 30))
+    await asyncio.sleep(0)
+    await spool.ack(4)
+    assert await waiter is True
+    assert await spool.wait_acked(1, 0) is True
+    # seq 1 and 2 pruned (only 2 acked retained), 3..5 kept; the task filter works too.
+    _check_chain(spool.envelopes(), first_seq=3)
+    assert spool.envelopes("t") == spool.envelopes()
+    assert spool.envelopes("other") == []
+    await spool.close()
+
+
+async def test_cancelled_appends_never_break_the_chain(tmp_path: Path) -> None:
+    """An append cancelled mid-write either stores its receipt or not; seqs stay contiguous."""
+    spool = ReceiptSpool(tmp_path / "spool.db", "n1", KEY)
+    for i in range(40):
+        task = asyncio.create_task(spool.append(_receipt(i)))
+        for _ in range(i % 4):
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    last = await spool.append(_receipt(99))
+    stored = spool.unacked(limit=1000)
+    assert [s for s, _ in stored] == list(range(1, last + 1))
+    _check_chain([e for _, e in stored])
+    await spool.close()

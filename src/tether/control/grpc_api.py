@@ -9,6 +9,7 @@ need "x-tether-operator-token" only when the control plane was started with
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -236,8 +237,9 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             node_id=node_id, public_key=bytes(request.public_key), enrollment_token=token
         )
         # Bundles carry every certificate a node had, so receipts signed under an
-        # earlier registration stay verifiable.
-        await (await self._ledger()).record_certificate(node_id, env)
+        # earlier registration stay verifiable (the ledger needs the SQLite store).
+        if hasattr(self.service.store, "transaction"):
+            await (await self._ledger()).record_certificate(node_id, env)
         return pb.RegisterNodeResponse(
             certificate=to_proto(env),
             node_token=node_token,
@@ -479,10 +481,15 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
     async def _ledger(self) -> Ledger:
         """The ledger over the service's store, opened on first use."""
         ledger: Ledger | None = getattr(self, "_ledger_obj", None)
-        if ledger is None:
-            ledger = Ledger(self.service.store, self.service.key, self.service.clock)  # type: ignore[arg-type]
-            await ledger.open()
-            self._ledger_obj = ledger
+        if ledger is not None:
+            return ledger
+        lock = self.__dict__.setdefault("_ledger_lock", asyncio.Lock())
+        async with lock:  # two first callers must not open two ledgers (two trees)
+            ledger = getattr(self, "_ledger_obj", None)
+            if ledger is None:
+                ledger = Ledger(self.service.store, self.service.key, self.service.clock)  # type: ignore[arg-type]
+                await ledger.open()
+                self._ledger_obj = ledger
         return ledger
 
     @handle_errors

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import random
 import sqlite3
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -53,7 +54,11 @@ class ReceiptSpool:
         self.node_id = node_id
         self.max_unacked = max_unacked
         self.retain_acked = retain_acked
-        self._lock = asyncio.Lock()
+        # Chain state, counters and the connection change only under this
+        # thread lock, inside the worker thread that writes SQLite: a caller
+        # cancelled mid-write can then never leave the chain and the file
+        # disagreeing (the write finishes, and the chain with it).
+        self._tlock = threading.Lock()
         self._new = asyncio.Event()
         self._acked = asyncio.Condition()
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -98,25 +103,29 @@ class ReceiptSpool:
         Raises:
             ResourceExhausted: the spool holds `max_unacked` unacknowledged envelopes.
         """
-        async with self._lock:
-            if self._count >= self.max_unacked:
-                raise ResourceExhausted(
-                    f"receipt spool is full ({self._count} unacknowledged envelopes); "
-                    "the control plane is not acknowledging receipts"
-                )
-            before = (self._chain.last_seq, self._chain.last_digest)
-            envelope = self._chain.sign(receipt)
-            seq = self._chain.last_seq
-            try:
-                await asyncio.to_thread(
-                    self._db.execute,
-                    "INSERT INTO spool (seq, envelope, task_id) VALUES (?, ?, ?)",
-                    (seq, envelope, receipt.task_id),
-                )
-            except BaseException:
-                self._chain.last_seq, self._chain.last_digest = before  # never skip a seq
-                raise
-            self._count += 1
+
+        def store() -> int:
+            with self._tlock:
+                if self._count >= self.max_unacked:
+                    raise ResourceExhausted(
+                        f"receipt spool is full ({self._count} unacknowledged envelopes); "
+                        "the control plane is not acknowledging receipts"
+                    )
+                before = (self._chain.last_seq, self._chain.last_digest)
+                envelope = self._chain.sign(receipt)
+                seq = self._chain.last_seq
+                try:
+                    self._db.execute(
+                        "INSERT INTO spool (seq, envelope, task_id) VALUES (?, ?, ?)",
+                        (seq, envelope, receipt.task_id),
+                    )
+                except BaseException:
+                    self._chain.last_seq, self._chain.last_digest = before  # never skip a seq
+                    raise
+                self._count += 1
+                return seq
+
+        seq = await asyncio.to_thread(store)
         self._new.set()
         return seq
 
@@ -154,13 +163,13 @@ class ReceiptSpool:
         The newest `retain_acked` acked envelopes, and always the last one (the
         chain is restored from it), are kept; older ones are deleted.
         """
-        async with self._lock:
-            upto = min(upto_seq, self._chain.last_seq)
-            if upto <= self.acked_seq:
-                return
-            prune_below = min(upto - self.retain_acked, self._chain.last_seq) + 1
 
-            def tx() -> None:
+        def tx() -> bool:
+            with self._tlock:
+                upto = min(upto_seq, self._chain.last_seq)
+                if upto <= self.acked_seq:
+                    return False
+                prune_below = min(upto - self.retain_acked, self._chain.last_seq) + 1
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
                     self._db.execute("UPDATE spool_state SET acked_seq = ? WHERE id = 1", (upto,))
@@ -172,10 +181,12 @@ class ReceiptSpool:
                 except BaseException:
                     self._db.execute("ROLLBACK")
                     raise
+                self._count -= upto - self.acked_seq
+                self.acked_seq = upto
+                return True
 
-            await asyncio.to_thread(tx)
-            self._count -= upto - self.acked_seq
-            self.acked_seq = upto
+        if not await asyncio.to_thread(tx):
+            return
         async with self._acked:
             self._acked.notify_all()
 
@@ -205,8 +216,11 @@ class ReceiptSpool:
             await asyncio.wait_for(self._new.wait(), timeout_s)
 
     async def close(self) -> None:
-        async with self._lock:
-            self._db.close()
+        def close() -> None:
+            with self._tlock:
+                self._db.close()
+
+        await asyncio.to_thread(close)
 
 
 class ReceiptStream(Protocol):

@@ -1,8 +1,13 @@
 """SQLite store: one aiosqlite connection, WAL, numbered migrations.
 
-Each transaction runs as ONE function on aiosqlite's worker thread, so it is a
-single round trip, never interleaves with another coroutine's statements, and
-needs no asyncio lock (the worker runs one function at a time). WAL with
+Each transaction runs as ONE synchronous function, so it never interleaves with
+another coroutine's statements and needs no asyncio lock. With
+synchronous=NORMAL (the default: no fsync per commit) that function runs
+inline on the event loop: a lease's few indexed statements take tens of
+microseconds, less than the hop to a worker thread and back, which cost ~30%
+of lease throughput (bench/, docs/performance.md). With synchronous=FULL every
+commit fsyncs, so transactions run on aiosqlite's worker thread instead and
+never stall the loop. WAL with
 synchronous=NORMAL keeps every committed write across a process kill (SIGKILL);
 only an OS crash or power loss may drop the last commits.
 """
@@ -196,6 +201,7 @@ class SqliteStore:
             raise ValueError("synchronous must be NORMAL or FULL")
         self.path = Path(path)
         self._synchronous = synchronous
+        self._inline = synchronous == "NORMAL"  # no fsync per commit: run on the loop
         self._db: aiosqlite.Connection | None = None
 
     # -- plumbing -----------------------------------------------------------------
@@ -203,7 +209,10 @@ class SqliteStore:
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self._db = await aiosqlite.connect(self.path, isolation_level=None)
+            # The connection is used from the loop thread too (see _run), never concurrently.
+            self._db = await aiosqlite.connect(
+                self.path, isolation_level=None, check_same_thread=False
+            )
             await self._run(self._setup)
         except sqlite3.Error as err:
             raise StorageError(f"cannot open database {self.path}: {err}") from err
@@ -219,8 +228,10 @@ class SqliteStore:
             raise StorageError("store is not open")
         db = self._db
         try:
+            if self._inline:
+                return fn(db._conn)
             # aiosqlite's queue of functions for its worker thread; running a whole
-            # transaction there keeps it atomic and fast (see the module docstring).
+            # transaction there keeps it atomic (see the module docstring).
             return await db._execute(fn, db._conn)  # type: ignore[no-any-return,no-untyped-call]
         except TetherError:
             raise
