@@ -151,6 +151,12 @@ def test_tamper_deletion(built: tuple[BundleBuilder, Bundle]) -> None:
         assert expected in checks, (i, r.node_id, r.seq, checks)
 
 
+def test_empty_bundle_is_rejected(built: tuple[BundleBuilder, Bundle]) -> None:
+    """A bundle with every receipt removed is invalid, never "valid, nothing to check"."""
+    b, bundle = built
+    assert _verify(b, _with_entries(bundle, []), allow_open=True) == {"bundle.format"}
+
+
 def test_tamper_adjacent_swap(built: tuple[BundleBuilder, Bundle]) -> None:
     """Swapping two adjacent receipts is caught as reordering (chain or ledger order)."""
     b, bundle = built

@@ -501,8 +501,10 @@ max_attempts = 3
         print(f" Tether demo: {'ALL FACTS HELD' if ok else 'SOME FACTS FAILED'}")
         print("─" * 72)
         print(" tasks by final state: " + ", ".join(f"{k} {v}" for k, v in sorted(states.items())))
-        for line in self.verify_out.splitlines()[:4]:
-            print(f" verify: {line}")
+        verdicts = [
+            ln for ln in self.verify_out.splitlines() if ln.startswith(("VALID", "INVALID"))
+        ]
+        print(f" offline verification: {verdicts[-1] if verdicts else 'did not run'}")
         for fact in self.facts:
             print(f" {'✓' if fact.ok else '✗'} {fact.name}")
         print(f" bundle: {self.root / 'bundle.json'}")

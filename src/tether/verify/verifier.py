@@ -344,6 +344,9 @@ def _verify(
             bundle = decode_bundle(bytes(bundle))
         except BundleFormatError as err:
             return Report([Failure("bundle.format", "bundle", err.message)])
+    if not bundle.entries:
+        # Reject by default: "nothing to check" must never read as "valid".
+        return Report([Failure("bundle.format", "bundle", "bundle holds no receipts")])
     v = _Verifier(bundle, {k.keyid: k for k in trusted}, allow_open)
     workers = threads or min(4, os.cpu_count() or 1)
     if workers <= 1 or len(bundle.entries) < _POOL_MIN_ENTRIES:
