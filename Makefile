@@ -23,7 +23,7 @@ proto-check: $(STAMP)
 	PYTHON=$(BIN)/python scripts/check-proto.sh
 
 $(BUF):
-	npm install --no-audit --no-fund --silent @bufbuild/buf@1.75.0 >/dev/null
+	npm install --no-audit --no-fund --silent >/dev/null
 
 lint: $(STAMP) $(BUF)
 	$(BIN)/ruff check src tests bench examples
