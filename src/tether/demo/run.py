@@ -59,6 +59,7 @@ class Demo:
     facts: list[Fact] = field(default_factory=list)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
+    shown: dict[str, int] = field(default_factory=dict)
 
     # -- output ---------------------------------------------------------------
 
@@ -262,6 +263,7 @@ max_attempts = 3
         # The first agent starts alone so it takes the slow task; the rest join after.
         self.spawn_agent("agent-1", sockets[agent_node["agent-1"]])
         first_token = await self.wait_for_slow(slow)
+        self.show_agent_events()
         for i in range(2, self.agents + 1):
             self.spawn_agent(f"agent-{i}", sockets[agent_node[f"agent-{i}"]])
         self.say(
@@ -301,6 +303,17 @@ max_attempts = 3
             await asyncio.sleep(0.1)
         raise RuntimeError("agent-1 never reached the slow task; see .tether-demo/logs/agent-1.log")
 
+    def show_agent_events(self) -> None:
+        """Prints what agents did since the last call (live progress)."""
+        for i in range(1, self.agents + 1):
+            agent = f"agent-{i}"
+            events = self.agent_events(agent)
+            for event in events[self.shown.get(agent, 0) :]:
+                text = _describe(event)
+                if text:
+                    self.say(f"  {agent}: {text}")
+            self.shown[agent] = len(events)
+
     async def wait_terminal(
         self, control: ControlClient, ids: list[str], timeout_s: float
     ) -> dict[str, Any]:
@@ -310,6 +323,7 @@ max_attempts = 3
             tasks = {tid: (await control.get_task(tid)).task for tid in ids}
             counts = Counter(_state_name(t.state) for t in tasks.values())
             line = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+            self.show_agent_events()
             if line != last:
                 self.say(f"tasks: {line}")
                 last = line
@@ -529,6 +543,29 @@ _STATES = {
     7: "canceled",
 }
 _TERMINAL = {"succeeded", "failed", "expired", "canceled"}
+
+
+def _describe(event: dict[str, Any]) -> str:
+    """One short line for an agent event, or "" for events not worth a line."""
+    task = str(event.get("task_id", ""))[-8:]
+    kind = event.get("event")
+    if kind == "claimed":
+        return (
+            f"claimed …{task} (attempt {event['attempt']}, fencing token {event['fencing_token']})"
+        )
+    if kind == "tool":
+        how = "replayed from its idempotency record" if event.get("replayed") else "ran"
+        code = (event.get("result") or {}).get("status", "?")
+        return f"api_write on …{task} {how} (API answered {code}; credential injected)"
+    if kind == "budget_denied":
+        return f"api_write on …{task} refused: budget exhausted"
+    if kind == "working_slowly":
+        return f"working slowly on …{task} with fencing token {event['fencing_token']}"
+    if kind == "completed":
+        return f"completed …{task}: {event['state']}"
+    if kind in ("lease_lost", "error"):
+        return f"{kind} on …{task}: {event.get('message', '')}"
+    return ""
 
 
 def _verify_argv(bundle: Path, trust: Path) -> list[str]:
