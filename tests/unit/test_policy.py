@@ -148,7 +148,7 @@ def test_granted_tool_denial_names_the_tool() -> None:
         ("cost_micros = 100", 'cost_micros = "100"', "tools.fetch.cost_micros", "cost_micros"),
         ("cost_micros = 100", "cost_micros = -1", "tools.fetch.cost_micros", "cost_micros"),
         ("idempotent = true", "idempotent = 1", "tools.fetch.idempotent", "idempotent"),
-        ('adapter = "python"', 'adapter = "mcp"', "tools.echo.adapter", 'adapter = "mcp"'),
+        ('adapter = "python"', 'adapter = "smtp"', "tools.echo.adapter", 'adapter = "smtp"'),
         (
             'base_url = "http://127.0.0.1:8080/api"',
             'base_url = "ftp://x/"',

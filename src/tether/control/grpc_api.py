@@ -237,9 +237,8 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             node_id=node_id, public_key=bytes(request.public_key), enrollment_token=token
         )
         # Bundles carry every certificate a node had, so receipts signed under an
-        # earlier registration stay verifiable (the ledger needs the SQLite store).
-        if hasattr(self.service.store, "transaction"):
-            await (await self._ledger()).record_certificate(node_id, env)
+        # earlier registration stay verifiable.
+        await (await self._ledger()).record_certificate(node_id, env)
         return pb.RegisterNodeResponse(
             certificate=to_proto(env),
             node_token=node_token,
@@ -487,7 +486,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         async with lock:  # two first callers must not open two ledgers (two trees)
             ledger = getattr(self, "_ledger_obj", None)
             if ledger is None:
-                ledger = Ledger(self.service.store, self.service.key, self.service.clock)  # type: ignore[arg-type]
+                ledger = Ledger(self.service.store, self.service.key, self.service.clock)
                 await ledger.open()
                 self._ledger_obj = ledger
         return ledger
@@ -516,7 +515,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
     @handle_errors
     async def GetInclusionProof(self, request: Any, context: Any) -> Any:
         ledger = await self._ledger()
-        size, hashes = ledger.inclusion_proof(request.leaf_index, request.tree_size)
+        size, hashes = await ledger.inclusion_proof(request.leaf_index, request.tree_size)
         return pb.GetInclusionProofResponse(
             proof=receipt_pb2.InclusionProof(
                 leaf_index=request.leaf_index, tree_size=size, hashes=hashes
@@ -526,7 +525,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
     @handle_errors
     async def GetConsistencyProof(self, request: Any, context: Any) -> Any:
         ledger = await self._ledger()
-        hashes = ledger.consistency_proof(request.first_size, request.second_size)
+        hashes = await ledger.consistency_proof(request.first_size, request.second_size)
         return pb.GetConsistencyProofResponse(hashes=hashes)
 
     @handle_errors

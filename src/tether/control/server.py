@@ -137,10 +137,7 @@ async def start_server(
         sweeper = Sweeper(service, sweep_interval_ms)
         sweeper.start()
     running = RunningControl(address, server, service, store, sweeper, health_servicer)
-    # The ledger runs raw SQLite callbacks (store.transaction/read); other stores lack them.
-    if checkpoint_interval_ms is not None and not hasattr(store, "transaction"):
-        log.warning("the receipt ledger needs the SQLite store: no checkpointer on %r", store)
-    elif checkpoint_interval_ms is not None:
+    if checkpoint_interval_ms is not None:
         ledger = await servicer.get_ledger()
         running.checkpointer_stop = stop = asyncio.Event()
         running.checkpointer = asyncio.create_task(

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 from tether.core.errors import ConfigError, PolicyDenied
 
 POLICY_VERSION = 1
-ADAPTERS = ("http", "exec", "python")
+ADAPTERS = ("http", "exec", "python", "mcp")
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 MEMORY_SCOPES = ("task", "agent")
 FILESYSTEM_SCOPES = ("workspace", "none")
@@ -36,6 +36,7 @@ DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_MAX_ARTIFACT_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_RESPONSE_BYTES = 1024 * 1024
 DEFAULT_MAX_OUTPUT_BYTES = 1024 * 1024
+DEFAULT_MCP_STARTUP_TIMEOUT_MS = 10_000
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 PLACEHOLDER_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -107,6 +108,26 @@ class ExecSpec:
 
 
 @dataclass(frozen=True)
+class McpSpec:
+    """An MCP tool: a stdio MCP server the sidecar starts per lease; `tool` is proxied.
+
+    The server is long-lived (one per lease), so `cpu_seconds` bounds its whole
+    life, not one call; `max_output_bytes` bounds one JSON-RPC message.
+    """
+
+    argv: tuple[str, ...]
+    tool: str
+    env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    secret_env: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    read_paths: tuple[str, ...] = ()
+    startup_timeout_ms: int = DEFAULT_MCP_STARTUP_TIMEOUT_MS
+    cpu_seconds: int = 60
+    memory_mb: int = 512
+    file_size_mb: int = 16
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+
+
+@dataclass(frozen=True)
 class PythonSpec:
     """An in-process tool: a `module:function` callable taking (ctx, args)."""
 
@@ -119,7 +140,7 @@ class ToolSpec:
     """A tool declared by policy, with exactly one adapter section."""
 
     name: str
-    adapter: Literal["http", "exec", "python"]
+    adapter: Literal["http", "exec", "python", "mcp"]
     cost_micros: int = 0
     idempotent: bool = False
     timeout_ms: int = DEFAULT_TIMEOUT_MS
@@ -128,15 +149,18 @@ class ToolSpec:
     http: HttpSpec | None = None
     exec: ExecSpec | None = None
     python: PythonSpec | None = None
+    mcp: McpSpec | None = None
 
     @property
     def credentials(self) -> tuple[str, ...]:
-        """Every credential the tool may see (`credential` plus exec `secret_env`), sorted."""
+        """Every credential the tool may see (`credential` plus exec/mcp `secret_env`), sorted."""
         names: set[str] = set()
         if self.credential is not None:
             names.add(self.credential)
         if self.exec is not None:
             names.update(self.exec.secret_env.values())
+        if self.mcp is not None:
+            names.update(self.mcp.secret_env.values())
         return tuple(sorted(names))
 
 
@@ -478,6 +502,11 @@ def parse_policy(text: str) -> Policy:
                 _check_grant(
                     c, credentials, tool_spec.name, cred_name, ("exec", "secret_env", env_name)
                 )
+        if tool_spec.mcp is not None:
+            for env_name, cred_name in tool_spec.mcp.secret_env.items():
+                _check_grant(
+                    c, credentials, tool_spec.name, cred_name, ("mcp", "secret_env", env_name)
+                )
     for queue in queues.values():
         for i, tool in enumerate(queue.tools):
             if tool not in tools:
@@ -633,17 +662,20 @@ def _parse_tool(c: _Checker, name: str, raw: Any) -> ToolSpec:
     if adapter not in tbl:
         raise c.fail((*path, adapter), f"missing [{_fmt(path)}.{adapter}] section")
     credential = _opt(tbl, "credential", None, c.string, path)
-    if credential is not None and adapter == "exec":
+    if credential is not None and adapter in ("exec", "mcp"):
         raise c.fail(
             (*path, "credential"),
-            'exec tools receive credentials through exec.secret_env = {ENV = "credential"}',
+            f"{adapter} tools receive credentials through "
+            f'{adapter}.secret_env = {{ENV = "credential"}}',
         )
-    http = exec_ = python = None
+    http = exec_ = python = mcp = None
     sub = (*path, adapter)
     if adapter == "http":
         http = _parse_http(c, c.table(tbl["http"], sub), sub)
     elif adapter == "exec":
         exec_ = _parse_exec(c, c.table(tbl["exec"], sub), sub)
+    elif adapter == "mcp":
+        mcp = _parse_mcp(c, c.table(tbl["mcp"], sub), sub, name)
     else:
         python = _parse_python(c, c.table(tbl["python"], sub), sub)
     return ToolSpec(
@@ -663,6 +695,7 @@ def _parse_tool(c: _Checker, name: str, raw: Any) -> ToolSpec:
         http=http,
         exec=exec_,
         python=python,
+        mcp=mcp,
     )
 
 
@@ -768,19 +801,8 @@ def _parse_exec(c: _Checker, tbl: dict[str, Any], path: tuple[str, ...]) -> Exec
     for i, param in enumerate(path_params):
         if param not in params:
             raise c.fail((*path, "path_params"), f"item {i} ({param!r}) is not declared in params")
-    env: dict[str, str] = _opt(tbl, "env", {}, c.string_map, path)
-    secret_env: dict[str, str] = _opt(tbl, "secret_env", {}, c.string_map, path)
-    for key in (*env, *secret_env):
-        sub = "env" if key in env else "secret_env"
-        if not _ENV_RE.match(key):
-            raise c.fail((*path, sub, key), "is not a valid environment variable name")
-    for key in secret_env:
-        if key in env:
-            raise c.fail((*path, "secret_env", key), "is also set in env")
-    read_paths: tuple[str, ...] = _opt(tbl, "read_paths", (), c.strings, path)
-    for i, item in enumerate(read_paths):
-        if not item.startswith("/"):
-            raise c.fail((*path, "read_paths"), f"item {i} ({item!r}) must be an absolute path")
+    env, secret_env = _parse_env(c, tbl, path)
+    read_paths = _parse_read_paths(c, tbl, path)
     return ExecSpec(
         argv=argv,
         read_paths=read_paths,
@@ -802,6 +824,93 @@ def _parse_exec(c: _Checker, tbl: dict[str, Any], path: tuple[str, ...]) -> Exec
             "max_output_bytes",
             DEFAULT_MAX_OUTPUT_BYTES,
             lambda v, p: c.integer(v, p, lo=1),
+            path,
+        ),
+    )
+
+
+def _parse_env(
+    c: _Checker, tbl: Mapping[str, Any], path: tuple[str, ...]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """`env` and `secret_env` of an exec or mcp section, checked."""
+    env: dict[str, str] = _opt(tbl, "env", {}, c.string_map, path)
+    secret_env: dict[str, str] = _opt(tbl, "secret_env", {}, c.string_map, path)
+    for key in (*env, *secret_env):
+        sub = "env" if key in env else "secret_env"
+        if not _ENV_RE.match(key):
+            raise c.fail((*path, sub, key), "is not a valid environment variable name")
+    for key in secret_env:
+        if key in env:
+            raise c.fail((*path, "secret_env", key), "is also set in env")
+    return env, secret_env
+
+
+def _parse_read_paths(
+    c: _Checker, tbl: Mapping[str, Any], path: tuple[str, ...]
+) -> tuple[str, ...]:
+    read_paths: tuple[str, ...] = _opt(tbl, "read_paths", (), c.strings, path)
+    for i, item in enumerate(read_paths):
+        if not item.startswith("/"):
+            raise c.fail((*path, "read_paths"), f"item {i} ({item!r}) must be an absolute path")
+    return read_paths
+
+
+def _parse_mcp(c: _Checker, tbl: dict[str, Any], path: tuple[str, ...], name: str) -> McpSpec:
+    c.keys(
+        tbl,
+        path,
+        (
+            "argv",
+            "tool",
+            "env",
+            "secret_env",
+            "read_paths",
+            "startup_timeout_ms",
+            "cpu_seconds",
+            "memory_mb",
+            "file_size_mb",
+            "max_output_bytes",
+        ),
+    )
+    if "argv" not in tbl:
+        raise c.fail((*path, "argv"), 'missing (e.g. argv = ["python3", "/opt/mcp/server.py"])')
+    argv = c.strings(tbl["argv"], (*path, "argv"), unique=False)
+    if not argv:
+        raise c.fail((*path, "argv"), "must not be empty")
+    for i, element in enumerate(argv):
+        if "\0" in element:
+            raise c.fail((*path, "argv"), f"item {i} must not contain NUL")
+    tool = _opt(tbl, "tool", name, c.string, path)
+    if not tool or any(ch.isspace() or ord(ch) < 0x20 for ch in tool):
+        raise c.fail((*path, "tool"), "must be a non-empty MCP tool name without whitespace")
+    env, secret_env = _parse_env(c, tbl, path)
+    return McpSpec(
+        argv=argv,
+        tool=tool,
+        env=MappingProxyType(env),
+        secret_env=MappingProxyType(secret_env),
+        read_paths=_parse_read_paths(c, tbl, path),
+        startup_timeout_ms=_opt(
+            tbl,
+            "startup_timeout_ms",
+            DEFAULT_MCP_STARTUP_TIMEOUT_MS,
+            lambda v, p: c.integer(v, p, lo=1, hi=MAX_LEASE_TTL_MS),
+            path,
+        ),
+        cpu_seconds=_opt(
+            tbl, "cpu_seconds", 60, lambda v, p: c.integer(v, p, lo=1, hi=86_400), path
+        ),
+        memory_mb=_opt(
+            tbl, "memory_mb", 512, lambda v, p: c.integer(v, p, lo=16, hi=1 << 20), path
+        ),
+        file_size_mb=_opt(
+            tbl, "file_size_mb", 16, lambda v, p: c.integer(v, p, lo=0, hi=1 << 20), path
+        ),
+        max_output_bytes=_opt(
+            tbl,
+            "max_output_bytes",
+            DEFAULT_MAX_OUTPUT_BYTES,
+            lambda v, p: c.integer(v, p, lo=1024, hi=1 << 30),
             path,
         ),
     )

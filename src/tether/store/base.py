@@ -169,6 +169,47 @@ class BudgetState:
         return max(self.limit_micros - self.spent_micros, 0)
 
 
+@dataclass(frozen=True)
+class LedgerHead:
+    """A node's last stored receipt in the ledger."""
+
+    seq: int
+    digest: str  # hex SHA-256 of its envelope: the next receipt's prev
+    leaf_index: int
+
+
+@dataclass(frozen=True)
+class LedgerLeaf:
+    """One verified receipt to append (the store assigns its leaf index)."""
+
+    seq: int
+    task_id: str
+    envelope: bytes  # DSSE JSON bytes exactly as the node signed them
+    leaf_hash: bytes  # RFC 6962 SHA-256(0x00 || envelope)
+    digest: str  # hex SHA-256(envelope)
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """A stored receipt as an export needs it."""
+
+    leaf_index: int
+    node_id: str
+    seq: int
+    task_id: str
+    envelope: bytes
+
+
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    """A signed tree head (C2SP signed note) as stored."""
+
+    tree_size: int
+    root_hash: bytes
+    timestamp_unix_ms: int
+    note: str
+
+
 # Seals a secret value for the version the store assigns; called inside the
 # store's transaction so the version in the AEAD's associated data is the one
 # the row gets.
@@ -413,4 +454,59 @@ class Store(Protocol):
 
     async def lookup_tool_call(self, task_id: str, idempotency_key: str) -> ToolCallRecord | None:
         """The record of (task, key), or None."""
+        ...
+
+    # -- receipt ledger (tether.control.ledger decides; the store only keeps) --------
+
+    async def ledger_head(self, node_id: str) -> LedgerHead | None:
+        """The node's highest-seq stored receipt, or None."""
+        ...
+
+    async def ledger_envelopes(self, node_id: str, seqs: list[int]) -> dict[int, tuple[bytes, int]]:
+        """{seq: (envelope, leaf index)} for those of `seqs` the node has stored."""
+        ...
+
+    async def ledger_append(
+        self, node_id: str, expect: LedgerHead | None, leaves: list[LedgerLeaf], now_ms: int
+    ) -> list[int] | None:
+        """Appends `leaves` (the node's next seqs, in order) in ONE transaction.
+
+        Leaf indexes are assigned after the highest stored one, serialized across
+        every writer (several replicas included), so the leaves stay contiguous.
+        Returns the assigned indexes, or None (nothing written) when the node's
+        stored head is no longer `expect` (another writer appended meanwhile).
+        """
+        ...
+
+    async def ledger_leaf_hashes(self, start: int) -> list[bytes]:
+        """Leaf hashes with index >= `start`, in index order (a tree catching up)."""
+        ...
+
+    async def ledger_export_entries(
+        self, task_ids: list[str], since_unix_ms: int
+    ) -> list[LedgerEntry]:
+        """Full node chains for a selection, ordered by leaf index.
+
+        Selection: receipts of `task_ids`, else those stored at or after
+        `since_unix_ms`. Each node that signed a selected receipt contributes
+        every receipt from seq 1 to its last selected one.
+        """
+        ...
+
+    async def put_checkpoint(self, cp: StoredCheckpoint) -> None:
+        """Stores a signed checkpoint (replacing one of the same tree size)."""
+        ...
+
+    async def latest_checkpoint(self) -> StoredCheckpoint | None:
+        """The checkpoint with the largest tree size, or None."""
+        ...
+
+    async def put_node_certificate(
+        self, node_id: str, cert_sha256: str, certificate: bytes, now_ms: int
+    ) -> None:
+        """Keeps a certificate issued to a node (idempotent on its SHA-256)."""
+        ...
+
+    async def node_certificates(self, node_id: str) -> list[bytes]:
+        """Every kept certificate of the node, oldest first."""
         ...

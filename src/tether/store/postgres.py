@@ -46,24 +46,29 @@ from tether.store.base import (
     LapseOutcome,
     LeaseHistoryEntry,
     LeaseSigner,
+    LedgerEntry,
+    LedgerHead,
+    LedgerLeaf,
     NewTask,
     NodeRecord,
     PolicyRecord,
     SealedSecret,
     SecretRewrapFn,
     SecretSealFn,
+    StoredCheckpoint,
     TaskRecord,
     ToolCallPhase,
     ToolCallRecord,
     ToolCallWrite,
 )
-from tether.store.sqlite import backoff_ms
+from tether.store.sqlite import backoff_ms, contiguous_leaf_hashes
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations" / "postgres"
 
 # pg_advisory_lock keys ("tether" + a small number); any constant bigint would do.
 _LOCK_MIGRATIONS = 0x7465746865720001
 _LOCK_POLICIES = 0x7465746865720002
+_LOCK_LEDGER = 0x7465746865720003
 _LOCK_SECRETS = 0x74650003  # int4 class; hashtext(name) is the second key
 
 # Deadlocks and serialization failures are retried this many times in all.
@@ -1012,6 +1017,138 @@ class PostgresStore:
 
     async def lookup_tool_call(self, task_id: str, idempotency_key: str) -> ToolCallRecord | None:
         return await self._read(lambda c: _select_tool_call(c, task_id, idempotency_key))
+
+    # -- receipt ledger ------------------------------------------------------------
+
+    async def ledger_head(self, node_id: str) -> LedgerHead | None:
+        return await self._read(lambda c: _ledger_head(c, node_id))
+
+    async def ledger_envelopes(self, node_id: str, seqs: list[int]) -> dict[int, tuple[bytes, int]]:
+        rows = await self._read(
+            lambda c: _all(
+                c,
+                "SELECT seq, envelope, leaf_index FROM ledger_leaves"
+                " WHERE node_id = %s AND seq = ANY(%s::bigint[])",
+                (node_id, seqs),
+            )
+        )
+        return {r[0]: (bytes(r[1]), r[2]) for r in rows}
+
+    async def ledger_append(
+        self, node_id: str, expect: LedgerHead | None, leaves: list[LedgerLeaf], now_ms: int
+    ) -> list[int] | None:
+        async def fn(conn: Conn) -> list[int] | None:
+            # One appender at a time across every replica: the head check and the
+            # index assignment below see every earlier append committed.
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_LEDGER,))
+            if await _ledger_head(conn, node_id) != expect:
+                return None
+            row = await _one(conn, "SELECT COALESCE(MAX(leaf_index), -1) FROM ledger_leaves")
+            top = int(row[0]) if row is not None else -1
+            await conn.execute(
+                "INSERT INTO ledger_leaves (leaf_index, node_id, seq, task_id, envelope,"
+                " leaf_hash, digest, stored_unix_ms)"
+                " SELECT %(top)s + u.ord, %(node)s, u.seq, u.task_id, u.envelope, u.leaf_hash,"
+                " u.digest, %(now)s FROM unnest(%(seqs)s::bigint[], %(tasks)s::text[],"
+                " %(envs)s::bytea[], %(hashes)s::bytea[], %(digests)s::text[])"
+                " WITH ORDINALITY AS u(seq, task_id, envelope, leaf_hash, digest, ord)",
+                {
+                    "top": top,
+                    "node": node_id,
+                    "now": now_ms,
+                    "seqs": [x.seq for x in leaves],
+                    "tasks": [x.task_id for x in leaves],
+                    "envs": [x.envelope for x in leaves],
+                    "hashes": [x.leaf_hash for x in leaves],
+                    "digests": [x.digest for x in leaves],
+                },
+            )
+            return list(range(top + 1, top + 1 + len(leaves)))
+
+        return await self._tx(fn)
+
+    async def ledger_leaf_hashes(self, start: int) -> list[bytes]:
+        rows = await self._read(
+            lambda c: _all(
+                c,
+                "SELECT leaf_index, leaf_hash FROM ledger_leaves WHERE leaf_index >= %s"
+                " ORDER BY leaf_index",
+                (start,),
+            )
+        )
+        return contiguous_leaf_hashes(start, rows)
+
+    async def ledger_export_entries(
+        self, task_ids: list[str], since_unix_ms: int
+    ) -> list[LedgerEntry]:
+        where = "task_id = ANY(%s::text[])" if task_ids else "stored_unix_ms >= %s"
+        # One statement, so one snapshot: every chain is whole.
+        rows = await self._read(
+            lambda c: _all(
+                c,
+                "WITH heads AS (SELECT node_id, MAX(seq) AS top FROM ledger_leaves"
+                f" WHERE {where} GROUP BY node_id)"
+                " SELECT l.leaf_index, l.node_id, l.seq, l.task_id, l.envelope"
+                " FROM ledger_leaves l JOIN heads h ON l.node_id = h.node_id AND l.seq <= h.top"
+                " ORDER BY l.leaf_index",
+                (task_ids if task_ids else since_unix_ms,),
+            )
+        )
+        return [LedgerEntry(r[0], r[1], r[2], r[3], bytes(r[4])) for r in rows]
+
+    async def put_checkpoint(self, cp: StoredCheckpoint) -> None:
+        async def fn(conn: Conn) -> None:
+            await conn.execute(
+                "INSERT INTO ledger_checkpoints VALUES (%s, %s, %s, %s) ON CONFLICT (tree_size)"
+                " DO UPDATE SET root_hash = EXCLUDED.root_hash,"
+                " timestamp_unix_ms = EXCLUDED.timestamp_unix_ms, note = EXCLUDED.note",
+                (cp.tree_size, cp.root_hash, cp.timestamp_unix_ms, cp.note),
+            )
+
+        await self._tx(fn)
+
+    async def latest_checkpoint(self) -> StoredCheckpoint | None:
+        row = await self._read(
+            lambda c: _one(
+                c,
+                "SELECT tree_size, root_hash, timestamp_unix_ms, note FROM ledger_checkpoints"
+                " ORDER BY tree_size DESC LIMIT 1",
+            )
+        )
+        return None if row is None else StoredCheckpoint(row[0], bytes(row[1]), row[2], row[3])
+
+    async def put_node_certificate(
+        self, node_id: str, cert_sha256: str, certificate: bytes, now_ms: int
+    ) -> None:
+        async def fn(conn: Conn) -> None:
+            await conn.execute(
+                "INSERT INTO ledger_node_certificates VALUES (%s, %s, %s, %s)"
+                " ON CONFLICT (cert_sha256) DO NOTHING",
+                (cert_sha256, node_id, now_ms, certificate),
+            )
+
+        await self._tx(fn)
+
+    async def node_certificates(self, node_id: str) -> list[bytes]:
+        rows = await self._read(
+            lambda c: _all(
+                c,
+                "SELECT certificate FROM ledger_node_certificates WHERE node_id = %s"
+                " ORDER BY recorded_unix_ms, cert_sha256",
+                (node_id,),
+            )
+        )
+        return [bytes(r[0]) for r in rows]
+
+
+async def _ledger_head(conn: Conn, node_id: str) -> LedgerHead | None:
+    row = await _one(
+        conn,
+        "SELECT seq, digest, leaf_index FROM ledger_leaves WHERE node_id = %s"
+        " ORDER BY seq DESC LIMIT 1",
+        (node_id,),
+    )
+    return None if row is None else LedgerHead(row[0], row[1], row[2])
 
 
 async def _select_tool_call(

@@ -41,12 +41,16 @@ from tether.store.base import (
     LapseOutcome,
     LeaseHistoryEntry,
     LeaseSigner,
+    LedgerEntry,
+    LedgerHead,
+    LedgerLeaf,
     NewTask,
     NodeRecord,
     PolicyRecord,
     SealedSecret,
     SecretRewrapFn,
     SecretSealFn,
+    StoredCheckpoint,
     TaskRecord,
     ToolCallPhase,
     ToolCallRecord,
@@ -252,18 +256,6 @@ class SqliteStore:
             return out
 
         return await self._run(body)
-
-    async def transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Runs `fn(conn)` (plain sqlite3, on the store's thread) as one IMMEDIATE transaction.
-
-        For other control-plane parts (ledger, vault, budgets) that keep their
-        tables in this database: one round trip, atomic, never interleaved.
-        """
-        return await self._tx(fn)
-
-    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Runs `fn(conn)` on the store's thread without opening a transaction."""
-        return await self._run(fn)
 
     def _setup(self, conn: sqlite3.Connection) -> None:
         conn.execute("PRAGMA journal_mode=WAL")
@@ -884,6 +876,142 @@ class SqliteStore:
 
     async def lookup_tool_call(self, task_id: str, idempotency_key: str) -> ToolCallRecord | None:
         return await self._run(lambda c: _select_tool_call(c, task_id, idempotency_key))
+
+    # -- receipt ledger ------------------------------------------------------------
+
+    async def ledger_head(self, node_id: str) -> LedgerHead | None:
+        return await self._run(lambda c: _ledger_head(c, node_id))
+
+    async def ledger_envelopes(self, node_id: str, seqs: list[int]) -> dict[int, tuple[bytes, int]]:
+        def fn(conn: sqlite3.Connection) -> dict[int, tuple[bytes, int]]:
+            out: dict[int, tuple[bytes, int]] = {}
+            for s in seqs:
+                row = conn.execute(
+                    "SELECT envelope, leaf_index FROM ledger_leaves WHERE node_id = ? AND seq = ?",
+                    (node_id, s),
+                ).fetchone()
+                if row is not None:
+                    out[s] = (bytes(row[0]), row[1])
+            return out
+
+        return await self._run(fn)
+
+    async def ledger_append(
+        self, node_id: str, expect: LedgerHead | None, leaves: list[LedgerLeaf], now_ms: int
+    ) -> list[int] | None:
+        def fn(conn: sqlite3.Connection) -> list[int] | None:
+            if _ledger_head(conn, node_id) != expect:
+                return None
+            (top,) = conn.execute(
+                "SELECT COALESCE(MAX(leaf_index), -1) FROM ledger_leaves"
+            ).fetchone()
+            indexes = list(range(top + 1, top + 1 + len(leaves)))
+            conn.executemany(
+                "INSERT INTO ledger_leaves VALUES (?,?,?,?,?,?,?,?)",
+                [
+                    (i, node_id, x.seq, x.task_id, x.envelope, x.leaf_hash, x.digest, now_ms)
+                    for i, x in zip(indexes, leaves, strict=True)
+                ],
+            )
+            return indexes
+
+        return await self._tx(fn)
+
+    async def ledger_leaf_hashes(self, start: int) -> list[bytes]:
+        rows = await self._run(
+            lambda c: c.execute(
+                "SELECT leaf_index, leaf_hash FROM ledger_leaves WHERE leaf_index >= ?"
+                " ORDER BY leaf_index",
+                (start,),
+            ).fetchall()
+        )
+        return contiguous_leaf_hashes(start, rows)
+
+    async def ledger_export_entries(
+        self, task_ids: list[str], since_unix_ms: int
+    ) -> list[LedgerEntry]:
+        def fn(conn: sqlite3.Connection) -> list[LedgerEntry]:
+            if task_ids:
+                marks = ",".join("?" * len(task_ids))
+                heads = conn.execute(
+                    "SELECT node_id, MAX(seq) FROM ledger_leaves"
+                    f" WHERE task_id IN ({marks}) GROUP BY node_id",
+                    task_ids,
+                ).fetchall()
+            else:
+                heads = conn.execute(
+                    "SELECT node_id, MAX(seq) FROM ledger_leaves WHERE stored_unix_ms >= ?"
+                    " GROUP BY node_id",
+                    (since_unix_ms,),
+                ).fetchall()
+            out: list[LedgerEntry] = []
+            for node, top in heads:
+                out += [
+                    LedgerEntry(r[0], node, r[1], r[2], bytes(r[3]))
+                    for r in conn.execute(
+                        "SELECT leaf_index, seq, task_id, envelope FROM ledger_leaves"
+                        " WHERE node_id = ? AND seq <= ?",
+                        (node, top),
+                    )
+                ]
+            out.sort(key=lambda e: e.leaf_index)
+            return out
+
+        return await self._run(fn)
+
+    async def put_checkpoint(self, cp: StoredCheckpoint) -> None:
+        await self._tx(
+            lambda c: c.execute(
+                "INSERT OR REPLACE INTO ledger_checkpoints VALUES (?, ?, ?, ?)",
+                (cp.tree_size, cp.root_hash, cp.timestamp_unix_ms, cp.note),
+            )
+        )
+
+    async def latest_checkpoint(self) -> StoredCheckpoint | None:
+        row = await self._run(
+            lambda c: c.execute(
+                "SELECT tree_size, root_hash, timestamp_unix_ms, note FROM ledger_checkpoints"
+                " ORDER BY tree_size DESC LIMIT 1"
+            ).fetchone()
+        )
+        return None if row is None else StoredCheckpoint(row[0], bytes(row[1]), row[2], row[3])
+
+    async def put_node_certificate(
+        self, node_id: str, cert_sha256: str, certificate: bytes, now_ms: int
+    ) -> None:
+        await self._tx(
+            lambda c: c.execute(
+                "INSERT OR IGNORE INTO ledger_node_certificates VALUES (?, ?, ?, ?)",
+                (cert_sha256, node_id, now_ms, certificate),
+            )
+        )
+
+    async def node_certificates(self, node_id: str) -> list[bytes]:
+        rows = await self._run(
+            lambda c: c.execute(
+                "SELECT certificate FROM ledger_node_certificates WHERE node_id = ?"
+                " ORDER BY recorded_unix_ms, cert_sha256",
+                (node_id,),
+            ).fetchall()
+        )
+        return [bytes(r[0]) for r in rows]
+
+
+def _ledger_head(conn: sqlite3.Connection, node_id: str) -> LedgerHead | None:
+    row = conn.execute(
+        "SELECT seq, digest, leaf_index FROM ledger_leaves WHERE node_id = ?"
+        " ORDER BY seq DESC LIMIT 1",
+        (node_id,),
+    ).fetchone()
+    return None if row is None else LedgerHead(row[0], row[1], row[2])
+
+
+def contiguous_leaf_hashes(start: int, rows: list[Any]) -> list[bytes]:
+    """The hashes of (leaf_index, leaf_hash) rows, which must number start, start+1, ..."""
+    for k, row in enumerate(rows):
+        if row[0] != start + k:
+            raise StorageError(f"ledger leaf {start + k} is missing (found {row[0]})")
+    return [bytes(r[1]) for r in rows]
 
 
 def _select_tool_call(

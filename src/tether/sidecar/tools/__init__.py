@@ -25,7 +25,7 @@ def build_tool(spec: ToolSpec, *, require_confinement: bool = True) -> Tool:
 
     Args:
         spec: the tool as declared in policy.
-        require_confinement: exec tools refuse to run when Landlock is unavailable
+        require_confinement: exec and mcp tools refuse to run when Landlock is unavailable
             (set False only where the kernel lacks it and the risk is accepted).
 
     Raises:
@@ -43,4 +43,8 @@ def build_tool(spec: ToolSpec, *, require_confinement: bool = True) -> Tool:
         from tether.sidecar.tools.python import PythonTool
 
         return PythonTool(spec)
+    if spec.adapter == "mcp":
+        from tether.sidecar.tools.mcp import McpTool
+
+        return McpTool(spec, require_confinement=require_confinement)
     raise ConfigError(f"tool {spec.name!r}: unknown adapter {spec.adapter!r}")

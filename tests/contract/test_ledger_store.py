@@ -1,12 +1,13 @@
-"""The control plane's receipt ledger on a real SQLite store: ingest rules, proofs, export."""
+"""The receipt ledger over each store (SQLite and PostgreSQL): ingest rules, proofs,
+export, and two ledgers sharing one database as two control-plane replicas do."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
+from contract_helpers import same_database
 
 from tether.control.ledger import Ledger
 from tether.core.clock import FakeClock
@@ -16,8 +17,7 @@ from tether.crypto import merkle
 from tether.crypto.certs import issue_cert
 from tether.crypto.note import verify_checkpoint
 from tether.crypto.receipts import ReceiptChain
-from tether.store.base import NodeRecord
-from tether.store.sqlite import SqliteStore
+from tether.store.base import NodeRecord, Store
 from tether.verify import verify_bundle
 from tether.verify.builder import T0, seeded_key
 
@@ -48,25 +48,23 @@ def _chain(node: str, n: int, task: str = "task") -> list[tuple[int, bytes]]:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "control.db")
-    await s.open()
+async def nodes(store: Store) -> Store:
+    """The store with nodes n1 and n2 enrolled under CONTROL."""
     for node, key in NODE_KEYS.items():
         _, env = issue_cert(CONTROL, node, key.public.raw, T0 - 1000)
-        await s.put_node(NodeRecord(node, key.public.raw, env.to_json_bytes(), node * 32, T0))
-    yield s
-    await s.close()
+        await store.put_node(NodeRecord(node, key.public.raw, env.to_json_bytes(), node * 32, T0))
+    return store
 
 
-async def _ledger(store: SqliteStore) -> Ledger:
+async def _ledger(store: Store) -> Ledger:
     ledger = Ledger(store, CONTROL, FakeClock(T0 + 10_000), origin="test/ledger")
     await ledger.open()
     return ledger
 
 
-async def test_ingest_dedupes_identical_resends(store: SqliteStore) -> None:
+async def test_ingest_dedupes_identical_resends(nodes: Store) -> None:
     """A replayed batch is acknowledged again without new leaves."""
-    ledger = await _ledger(store)
+    ledger = await _ledger(nodes)
     chain = _chain("n1", 5)
     assert await ledger.ingest("n1", chain[:3]) == (3, 2)
     assert await ledger.ingest("n1", chain[:3]) == (3, 2)
@@ -74,9 +72,9 @@ async def test_ingest_dedupes_identical_resends(store: SqliteStore) -> None:
     assert ledger.size == 5
 
 
-async def test_ingest_refuses_forks_gaps_and_bad_signatures(store: SqliteStore) -> None:
+async def test_ingest_refuses_forks_gaps_and_bad_signatures(nodes: Store) -> None:
     """Same seq with other bytes, a skipped seq, a foreign key or an unknown node are refused."""
-    ledger = await _ledger(store)
+    ledger = await _ledger(nodes)
     chain = _chain("n1", 4)
     await ledger.ingest("n1", chain[:2])
     other = _chain("n1", 2, task="other")
@@ -84,6 +82,8 @@ async def test_ingest_refuses_forks_gaps_and_bad_signatures(store: SqliteStore) 
         await ledger.ingest("n1", other)
     with pytest.raises(InvalidArgument, match="gap"):
         await ledger.ingest("n1", chain[3:])
+    with pytest.raises(InvalidArgument, match="prev"):
+        await ledger.ingest("n1", _chain("n1", 3, task="x")[2:])
     with pytest.raises(VerificationError, match="not signed"):
         await ledger.ingest("n2", _chain("n1", 1))
     with pytest.raises(VerificationError):
@@ -94,9 +94,9 @@ async def test_ingest_refuses_forks_gaps_and_bad_signatures(store: SqliteStore) 
     assert await ledger.ingest("n1", chain[2:]) == (4, 3)
 
 
-async def test_proofs_checkpoints_and_restart(store: SqliteStore) -> None:
+async def test_proofs_checkpoints_and_restart(nodes: Store) -> None:
     """Checkpoints verify, proofs check against them, and a reopened ledger keeps its tree."""
-    ledger = await _ledger(store)
+    ledger = await _ledger(nodes)
     a, b = _chain("n1", 6), _chain("n2", 3)
     await ledger.ingest("n1", a[:3])
     first = await ledger.checkpoint(fresh=True)
@@ -105,22 +105,22 @@ async def test_proofs_checkpoints_and_restart(store: SqliteStore) -> None:
     cp = await ledger.checkpoint(fresh=True)
     body = verify_checkpoint(cp.note, [CONTROL.public])
     assert (body.tree_size, body.root_hash) == (9, cp.root_hash)
-    size, proof = ledger.inclusion_proof(4)
+    size, proof = await ledger.inclusion_proof(4)
     assert size == 9
     assert merkle.verify_inclusion(merkle.leaf_hash(b[1][1]), 4, 9, proof, cp.root_hash)
-    cons = ledger.consistency_proof(first.tree_size, cp.tree_size)
+    cons = await ledger.consistency_proof(first.tree_size, cp.tree_size)
     assert merkle.verify_consistency(3, 9, first.root_hash, cp.root_hash, cons)
     with pytest.raises(InvalidArgument):
-        ledger.inclusion_proof(9)
-    again = await _ledger(store)
+        await ledger.inclusion_proof(9)
+    again = await _ledger(nodes)
     assert again.size == 9
     assert (await again.checkpoint()).root_hash == cp.root_hash
     assert await again.ingest("n1", a) == (6, 8)
 
 
-async def test_export_holds_full_chains_and_verifies(store: SqliteStore) -> None:
+async def test_export_holds_full_chains_and_verifies(nodes: Store) -> None:
     """An exported bundle carries each node's whole chain and passes every ledger check."""
-    ledger = await _ledger(store)
+    ledger = await _ledger(nodes)
     await ledger.ingest("n1", _chain("n1", 4, task="t1"))
     await ledger.ingest("n2", _chain("n2", 2, task="t2"))
     bundle = await ledger.export(["t1"])
@@ -129,5 +129,42 @@ async def test_export_holds_full_chains_and_verifies(store: SqliteStore) -> None
     report = verify_bundle(bundle, [CONTROL.public])
     # No leases were granted through this store, and the task never finished:
     assert report.checks_failed() == {"lease.missing", "task.final"}
-    everything = await ledger.export()
-    assert len(everything.entries) == 6
+    assert len((await ledger.export()).entries) == 6
+    assert len((await ledger.export(since_unix_ms=T0 + 10_001)).entries) == 0
+
+
+async def test_two_ledgers_on_one_database_stay_one_tree(nodes: Store) -> None:
+    """Two replicas' ledgers interleave appends, catch up, dedupe and refuse on stored state."""
+    other = same_database(nodes)
+    await other.open()
+    try:
+        a, b = await _ledger(nodes), await _ledger(other)
+        n1, n2 = _chain("n1", 9), _chain("n2", 4)
+        assert await a.ingest("n1", n1[:3]) == (3, 2)
+        assert await b.ingest("n2", n2[:2]) == (2, 4)  # b's tree caught up on a's leaves
+        assert b.size == 5
+        assert await a.ingest("n1", n1[3:5]) == (5, 6)
+        # b never saw n1: its head comes from the database; 1..5 dedupe, 6 is new.
+        assert await b.ingest("n1", n1[:6]) == (6, 7)
+        # a's cached head for n1 (seq 5) is stale: it must judge seq 7 on the stored head.
+        assert await a.ingest("n1", n1[6:7]) == (7, 8)
+        with pytest.raises(InvalidArgument, match="gap"):  # b's cached head is stale too
+            await b.ingest("n1", n1[8:])
+        with pytest.raises(AlreadyExists, match="fork"):
+            await b.ingest("n1", _chain("n1", 7, task="other")[6:])
+        # Concurrent appends for different nodes through both ledgers.
+        await asyncio.gather(a.ingest("n2", n2[2:]), b.ingest("n1", n1[7:]))
+        cp_b = await b.checkpoint(fresh=True)
+        cp_a = await a.checkpoint()
+        assert cp_a.tree_size == cp_b.tree_size == a.size == b.size == 13
+        assert cp_a.root_hash == cp_b.root_hash
+        size, proof = await b.inclusion_proof(8)  # n1 seq 7, appended through a
+        assert size == 13
+        assert merkle.verify_inclusion(merkle.leaf_hash(n1[6][1]), 8, 13, proof, cp_a.root_hash)
+        for ledger in (a, b):
+            bundle = await ledger.export()
+            report = verify_bundle(bundle, [CONTROL.public])
+            assert report.checks_failed() == {"lease.missing", "task.final"}
+            assert sorted(e.leaf_index for e in bundle.entries) == list(range(13))
+    finally:
+        await other.close()
