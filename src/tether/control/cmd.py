@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tether import runtime
 from tether.core.errors import ConfigError, InvalidArgument
 from tether.core.states import State
 from tether.crypto.signing import SigningKey, VerifyKey
@@ -190,7 +191,7 @@ def _cmd_control(args: argparse.Namespace) -> int:
         )
         await serve_forever(running, Path(args.ready_file) if args.ready_file else None)
 
-    asyncio.run(run())
+    runtime.run(run())
     return 0
 
 

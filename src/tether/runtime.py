@@ -1,0 +1,36 @@
+"""Event-loop selection for the long-running servers.
+
+uvloop cuts the per-RPC cost of the asyncio machinery when it is installed;
+`TETHER_EVENT_LOOP=asyncio` forces the standard loop (e.g. to rule it out when
+debugging).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def event_loop_name() -> str:
+    """The loop `run` will use: "uvloop" when installed and not disabled, else "asyncio"."""
+    if os.environ.get("TETHER_EVENT_LOOP", "").lower() == "asyncio":
+        return "asyncio"
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """Runs `main` to completion on the selected event loop."""
+    if event_loop_name() == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(main)
+    return asyncio.run(main)
