@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any
 
-TOOLS = ("echo", "env", "b64env", "sha256env", "whoami", "sleep", "spawn", "crash", "garbage")
+TOOLS = ("echo", "env", "b64env", "sha256env", "whoami", "sleep", "fail", "crash", "garbage")
 
 
 def _text(value: Any, *, error: bool = False) -> dict[str, Any]:
@@ -37,11 +37,13 @@ def _call(name: str, args: dict[str, Any]) -> dict[str, Any]:
     if name == "whoami":
         return _text({"pid": os.getpid(), "cwd": os.getcwd()})
     if name == "sleep":
+        if args.get("spawn"):  # leave a grandchild in the server's process group
+            child = subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL)
+            return _text({"server": os.getpid(), "grandchild": child.pid})
         time.sleep(float(args.get("seconds", 60)))
         return _text("slept")
-    if name == "spawn":  # a grandchild in the server's process group
-        child = subprocess.Popen(["sleep", "600"], stdin=subprocess.DEVNULL)
-        return _text({"pid": child.pid})
+    if name == "fail":
+        return _text("the tool failed on purpose", error=True)
     if name == "crash":
         sys.stderr.write("echo_server: crashing on request\n")
         sys.stderr.flush()

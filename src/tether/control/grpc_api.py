@@ -496,15 +496,19 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         self, request_iterator: Any, context: Any
     ) -> AsyncIterator[pb.StreamReceiptsResponse]:
         ledger = await self._ledger()
-        node_id = ""
-        async for request in request_iterator:
-            if not node_id:
-                node_id = check_id("node_id", request.node_id)
-                await self._node(context, node_id)
-            elif request.node_id != node_id:
-                raise InvalidArgument("node_id", "must not change within one stream")
-            batch = [(r.seq, bytes(r.envelope)) for r in request.receipts]
-            acked, index = await ledger.ingest(node_id, batch)
+
+        async def batches() -> AsyncIterator[tuple[str, list[tuple[int, bytes]]]]:
+            node_id = ""
+            async for request in request_iterator:
+                if not node_id:
+                    node_id = check_id("node_id", request.node_id)
+                    await self._node(context, node_id)
+                elif request.node_id != node_id:
+                    raise InvalidArgument("node_id", "must not change within one stream")
+                yield node_id, [(r.seq, bytes(r.envelope)) for r in request.receipts]
+
+        # Pipelined: the next batch's signatures are checked while this one commits.
+        async for acked, index in ledger.ingest_stream(batches()):
             yield pb.StreamReceiptsResponse(acked_seq=acked, ledger_index=index)
 
     @handle_errors

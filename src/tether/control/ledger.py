@@ -18,7 +18,11 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-from collections.abc import Sequence
+import multiprocessing
+import os
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from typing import NamedTuple
 
 from tether.core.clock import Clock, SystemClock
 from tether.core.errors import (
@@ -28,7 +32,6 @@ from tether.core.errors import (
     Unavailable,
     VerificationError,
 )
-from tether.core.receipts import Receipt
 from tether.crypto.manifest import manifest_for, sign_manifest
 from tether.crypto.merkle import MerkleTree, leaf_hash
 from tether.crypto.note import CheckpointBody, sign_checkpoint
@@ -41,6 +44,57 @@ log = logging.getLogger("tether.control.ledger")
 
 DEFAULT_ORIGIN = "tether.local/ledger"
 MAX_BATCH = 1000
+# Batches this large are signature-checked in worker processes; smaller ones
+# inline, where a process round trip would cost more latency than it saves.
+POOL_MIN_BATCH = 64
+
+
+class _Checked(NamedTuple):
+    """What the append needs of one verified receipt (small, so it pickles fast)."""
+
+    seq: int
+    envelope: bytes
+    task_id: str
+    prev: str
+
+
+class _Refused(NamedTuple):
+    """A batch's first bad receipt (exceptions do not cross process boundaries intact)."""
+
+    message: str
+    metadata: dict[str, str]
+
+    def error(self) -> VerificationError:
+        return VerificationError(self.message, metadata=self.metadata or None)
+
+
+def _check_batch(
+    public_key: bytes, node_id: str, batch: Sequence[tuple[int, bytes]]
+) -> list[_Checked] | _Refused:
+    """Checks each envelope's signature by the node's key and its receipt (runs in a worker).
+
+    Stops at the first bad one, which is what `ingest` reports.
+    """
+    key = _KEYS.get(public_key)
+    if key is None:
+        if len(_KEYS) > 1024:
+            _KEYS.clear()
+        key = _KEYS[public_key] = VerifyKey.from_raw(public_key)
+    out: list[_Checked] = []
+    for seq, data in batch:
+        try:
+            r = verify_receipt(data, key)
+        except VerificationError as err:
+            return _Refused(f"node {node_id} seq {seq}: {err.message}", {})
+        if r.node_id != node_id or r.seq != seq:
+            return _Refused(
+                f"envelope for seq {seq} is receipt {r.node_id}/{r.seq}", {"seq": str(seq)}
+            )
+        out.append(_Checked(seq, data, r.task_id, r.prev))
+    return out
+
+
+_KEYS: dict[bytes, VerifyKey] = {}  # parsed node keys, per process
 
 
 _NO_HEAD = LedgerHead(0, "", -1)
@@ -65,7 +119,9 @@ class Ledger:
         key: SigningKey,
         clock: Clock | None = None,
         origin: str = DEFAULT_ORIGIN,
+        workers: int | None = None,
     ) -> None:
+        """`workers`: signature-checking processes for large batches (default: CPU count)."""
         self.store = store
         self.key = key
         self.clock: Clock = clock or SystemClock()
@@ -75,6 +131,8 @@ class Ledger:
         self._heads: dict[str, LedgerHead] = {}
         self._latest: CheckpointInfo | None = None
         self._recorded_certs: set[str] = set()
+        self._workers = workers if workers is not None else (os.cpu_count() or 1)
+        self._executor: ProcessPoolExecutor | None = None
 
     async def open(self) -> None:
         """Loads the leaf hashes (O(n)) and the latest checkpoint."""
@@ -141,6 +199,43 @@ class Ledger:
             InvalidArgument: a gap or a broken prev link, or an oversized batch.
             Unavailable: other writers kept appending for this node (retry).
         """
+        return await self._commit(node_id, await self._verify(node_id, batch))
+
+    async def ingest_stream(
+        self, batches: AsyncIterator[tuple[str, Sequence[tuple[int, bytes]]]]
+    ) -> AsyncIterator[tuple[int, int]]:
+        """`ingest` for a stream of (node_id, batch): yields each batch's ack in order.
+
+        Pipelined: the next batch is read and its signatures are checked (in
+        the worker processes) while this one is appended and committed. Each
+        ack still comes only after its batch committed, and an error in a
+        later batch (or in reading it) is raised only after the earlier ones
+        were acknowledged, exactly as with one `ingest` after another.
+        """
+
+        async def verify_next() -> tuple[str, list[_Checked]] | None:
+            try:
+                node_id, batch = await anext(batches)
+            except StopAsyncIteration:
+                return None
+            return node_id, await self._verify(node_id, batch)
+
+        pending = asyncio.ensure_future(verify_next())
+        try:
+            while True:
+                verified = await pending
+                if verified is None:
+                    return
+                pending = asyncio.ensure_future(verify_next())
+                yield await self._commit(*verified)
+        finally:
+            if not pending.done():
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
+
+    async def _verify(self, node_id: str, batch: Sequence[tuple[int, bytes]]) -> list[_Checked]:
+        """The checks of one batch that need no chain state: node, signatures, receipts."""
         if not batch:
             raise InvalidArgument("receipts", "batch is empty")
         if len(batch) > MAX_BATCH:
@@ -148,20 +243,50 @@ class Ledger:
         rec = await self.store.get_node(node_id)
         if rec is None:
             raise NotFound(f"node {node_id!r} is not enrolled")
-        key = VerifyKey.from_raw(rec.public_key)
         await self.record_certificate(node_id, rec.certificate)
-        parsed: list[tuple[int, bytes, Receipt]] = []
-        for seq, data in batch:
-            try:
-                r = verify_receipt(data, key)
-            except VerificationError as err:
-                raise VerificationError(f"node {node_id} seq {seq}: {err.message}") from err
-            if r.node_id != node_id or r.seq != seq:
-                raise VerificationError(
-                    f"envelope for seq {seq} is receipt {r.node_id}/{r.seq}",
-                    metadata={"seq": str(seq)},
+        batch = list(batch)
+        workers = self._workers
+        if len(batch) < POOL_MIN_BATCH or workers <= 1:
+            got = _check_batch(rec.public_key, node_id, batch)
+            if isinstance(got, _Refused):
+                raise got.error()
+            return got
+        # Ed25519 holds the GIL: check in worker processes, split so each core
+        # takes a part, while the event loop serves other calls (or commits).
+        loop = asyncio.get_running_loop()
+        pool = self._pool()
+        step = -(-len(batch) // workers)
+        parts = await asyncio.gather(
+            *(
+                loop.run_in_executor(
+                    pool, _check_batch, rec.public_key, node_id, batch[i : i + step]
                 )
-            parsed.append((seq, data, r))
+                for i in range(0, len(batch), step)
+            )
+        )
+        checked: list[_Checked] = []
+        for got in parts:  # in batch order: the first bad receipt is the one reported
+            if isinstance(got, _Refused):
+                raise got.error()
+            checked += got
+        return checked
+
+    def _pool(self) -> ProcessPoolExecutor:
+        """The signature-checking processes, started on the first large batch."""
+        if self._executor is None:
+            # spawn, not fork: this process runs gRPC threads that fork would copy.
+            ctx = multiprocessing.get_context("spawn")
+            self._executor = ProcessPoolExecutor(max_workers=self._workers, mp_context=ctx)
+        return self._executor
+
+    def close(self) -> None:
+        """Stops the signature-checking processes, if any were started."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    async def _commit(self, node_id: str, parsed: list[_Checked]) -> tuple[int, int]:
+        """Appends a verified batch against the node's chain, in one transaction."""
         async with self._lock:
             for _ in range(_APPEND_TRIES):
                 acked = await self._append(node_id, parsed)
@@ -171,17 +296,16 @@ class Ledger:
                 self._heads.pop(node_id, None)
         raise Unavailable(f"ledger: node {node_id} chain kept moving during the append; retry")
 
-    async def _append(
-        self, node_id: str, parsed: list[tuple[int, bytes, Receipt]]
-    ) -> tuple[int, int] | None:
+    async def _append(self, node_id: str, parsed: list[_Checked]) -> tuple[int, int] | None:
         """One try of `ingest`; None if the stored head moved or the cached one may be stale."""
         head, cached = await self._head(node_id)
-        dup_seqs = [s for s, _, _ in parsed if s <= head.seq]
+        dup_seqs = [c.seq for c in parsed if c.seq <= head.seq]
         old = await self.store.ledger_envelopes(node_id, dup_seqs) if dup_seqs else {}
         last_seq, last_digest = head.seq, head.digest
         new: list[LedgerLeaf] = []
         ack_index = head.leaf_index
-        for seq, data, r in parsed:
+        for r in parsed:
+            seq, data = r.seq, r.envelope
             if seq <= last_seq:
                 have = old.get(seq)
                 if have is None:  # repeated inside this batch
@@ -226,7 +350,7 @@ class Ledger:
                 await self._catch_up()
             ack_index = indexes[-1]
             self._heads[node_id] = LedgerHead(last_seq, last_digest, ack_index)
-        max_seq = max(s for s, _, _ in parsed)
+        max_seq = max(c.seq for c in parsed)
         if max_seq != last_seq or not new:
             # The ack names the highest seq of the batch, all of it durable.
             got = await self.store.ledger_envelopes(node_id, [max_seq])

@@ -289,6 +289,7 @@ class BrokerServicer(bpb_grpc.BrokerServiceServicer):
                 raise E.InvalidTransition(f"task {held.task_id!r} is already finished")
             if succeeded:
                 await self._start_locked(held)  # succeed needs running; start implicitly
+            await self.d.mediator.end_lease(held)  # unspent budget back before the end
             state = await self._transition(
                 held,
                 Event.SUCCEED if succeeded else Event.FAIL,

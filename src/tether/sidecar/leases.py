@@ -72,6 +72,9 @@ class HeldLease:
     # Credentials issued under this lease: name -> (value, valid until Unix ms).
     # Memory only, never repr'd; dropped the moment the lease ends.
     credentials: dict[str, tuple[bytes, int]] = field(default_factory=dict, repr=False)
+    # Run when the credentials are dropped: whatever still holds one (e.g. an MCP
+    # server with a secret in its env) is stopped. Keyed so a tool registers once.
+    on_end: dict[str, Callable[[], None]] = field(default_factory=dict, repr=False)
 
     @property
     def task_id(self) -> str:
@@ -84,6 +87,12 @@ class HeldLease:
     def drop_credentials(self) -> None:
         """Forgets every credential issued under this lease (the lease has ended)."""
         self.credentials.clear()
+        callbacks, self.on_end = list(self.on_end.values()), {}
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                log.exception("lease-end cleanup failed", extra={"task_id": self.task_id})
 
     def receipt(self, kind: ReceiptKind, now_ms: int, **facts: Any) -> Receipt:
         """A receipt with every lease fact filled in."""
@@ -126,6 +135,16 @@ class LeaseTable:
         self._liveness_ms = agent_liveness_ms
         self._divisor = renew_divisor
         self._held: dict[str, HeldLease] = {}
+        # Called once a lease ends (finished, lost, forgotten), e.g. to return the
+        # unspent budget slice; hooks must not block (schedule work instead).
+        self.end_hooks: list[Callable[[HeldLease], None]] = []
+
+    def _ended(self, held: HeldLease) -> None:
+        for hook in self.end_hooks:
+            try:
+                hook(held)
+            except Exception:
+                log.exception("lease-end hook failed", extra={"task_id": held.task_id})
 
     def __iter__(self) -> Iterator[HeldLease]:
         return iter(list(self._held.values()))
@@ -233,18 +252,21 @@ class LeaseTable:
             held.receipt(ReceiptKind.LEASE_LOST, self._clock.now_ms(), reason=reason)
         )
         self._stop_keeper(held)
+        self._ended(held)
 
     async def finish(self, held: HeldLease) -> None:
         """Marks a task finished through this sidecar; stops renewing it."""
         held.finished = True
         held.drop_credentials()
         self._stop_keeper(held)
+        self._ended(held)
 
     async def forget(self, held: HeldLease) -> None:
         """Drops a lease from the table (finished or lost long ago)."""
         held.drop_credentials()
         self._stop_keeper(held)
         self._held.pop(held.task_id, None)
+        self._ended(held)
 
     def _prune(self, now: int) -> None:
         """Forgets leases finished or lost long ago (they only answer late callers)."""

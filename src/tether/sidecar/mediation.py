@@ -9,29 +9,47 @@
 2. **Grant**: the tool must be in the lease's signed scope and granted by the
    exact policy the lease names; otherwise PERMISSION_DENIED naming the tool
    and a TOOL_DENIED receipt.
-3. **Idempotency** (with a key): `LookupToolCall` first. A COMPLETED record with
-   the same arguments digest is returned as is (`replayed`, receipt status
-   "replayed"), nothing runs and nothing is charged; other arguments are
-   INVALID_ARGUMENT; a STARTED record (outcome unknown after a crash or a
-   takeover) is re-run only when the policy declares the tool idempotent,
-   otherwise ABORTED (`OutcomeUnknown`) with a receipt. Calls with one key are
-   serialised inside the sidecar, so a concurrent duplicate waits and replays.
-4. **Budget**: `ReserveBudget` of the tool's declared cost, an atomic
-   conditional write at the control plane (RESOURCE_EXHAUSTED + TOOL_DENIED
-   receipt with status BUDGET_EXHAUSTED when it does not fit).
-5. **Credentials**: `IssueCredential` for each credential the tool declares,
+3. **Budget slice**: a priced tool's declared cost is taken from the lease's
+   budget slice, spent locally. The slice is reserved at the control plane with
+   `ReserveBudget` (one atomic conditional write, so overspend stays
+   impossible); refills are serialised per lease and grow 1, 2, 4 ... 64 calls'
+   worth, capped by what the control plane says is left, so a task making one
+   call reserves one call. When the task's budget cannot cover the call the
+   last refill asks for exactly the call's cost, so RESOURCE_EXHAUSTED (+
+   TOOL_DENIED receipt, status BUDGET_EXHAUSTED) comes exactly when the budget
+   cannot cover it. At lease end (CompleteTask, loss, release) `end_lease`
+   settles every slice with its actual spend (`SettleBudget`), returning the
+   unspent rest; a sidecar that dies keeps its open slices charged (never an
+   overspend; at most the last refill is stranded).
+4. **Credentials**: `IssueCredential` for each credential the tool declares,
    cached in the lease's memory (`HeldLease.credentials`) and dropped when the
    lease ends; never in a ToolOutcome, a log line, a receipt or an error.
-   Only then is the STARTED record written, so a refused reservation or
-   credential never leaves a STARTED marker that would block a clean retry.
+   A tool without credentials makes no call at all.
+5. **Idempotency** (with a key): one `RecordToolCall(STARTED)` at the control
+   plane before the side effect; it returns the record when one exists. A
+   COMPLETED record with the same arguments digest is returned as is
+   (`replayed`, receipt status "replayed"), nothing runs and nothing is
+   charged; other arguments are INVALID_ARGUMENT; a STARTED record (outcome
+   unknown after a crash, a timeout or a takeover) is re-run only when the
+   policy declares the tool idempotent, otherwise ABORTED (`OutcomeUnknown`)
+   with a receipt. Calls with one key are serialised inside the sidecar, so a
+   concurrent duplicate waits and replays. STARTED is written after the budget
+   and credentials, so a refusal never leaves a marker that would block a clean
+   retry; a keyed call refused there (budget, credential) first looks its key up
+   (`LookupToolCall`), so a recorded outcome still replays.
 6. **Run** through the policy adapter with the time left on the lease as the
    upper bound, a per-task workspace, the queue's network allowlist and the
    fencing token (the `X-Tether-Fencing-Token` header for http tools).
 7. **Redact** the result and any error for every credential of the lease.
-8. `SettleBudget` with the actual cost (the tool's report, else the declared
-   cost, never above the reservation), 9. `RecordToolCall` COMPLETED with the
-   redacted result, 10. a TOOL_CALL receipt with the digests of the arguments
-   and the redacted result, duration, cost, status and idempotency key.
+8. Settle the call's slice hold locally with the actual cost (the tool's
+   report, else the declared cost, never above it), then, concurrently, a
+   TOOL_CALL receipt (digests of the arguments and the redacted result,
+   duration, cost, status, idempotency key; durably spooled) and
+   `RecordToolCall` COMPLETED with the redacted result. Both land before the
+   agent gets the outcome.
+
+So a keyed call on the fast path makes two control-plane round trips (STARTED,
+COMPLETED) and an unkeyed call none, plus one `ReserveBudget` per slice refill.
 
 Control plane unreachable: before the run the agent gets UNAVAILABLE saying the
 tool did not run. After the run of a keyed call the outcome is kept in memory,
@@ -53,7 +71,7 @@ import secrets
 import time
 import weakref
 from collections.abc import Awaitable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -72,12 +90,14 @@ log = logging.getLogger("tether.sidecar.mediation")
 
 MAX_ARGUMENTS_BYTES = 1024 * 1024
 MAX_UNRECORDED = 1024  # outcomes kept for retries while the control plane is unreachable
+MAX_SLICE_CALLS = 64  # a budget refill reserves at most this many calls' cost
 STARTED = pb.TOOL_CALL_PHASE_STARTED
 COMPLETED = pb.TOOL_CALL_PHASE_COMPLETED
 REFUSED_KEY = "tether_refused"  # marks a recorded adapter refusal, replayed as the same error
 _LOST = (E.StaleFencingToken, E.LeaseExpired, E.NotOwner, E.LeaseLost)
 
 T = TypeVar("T")
+_NO_SECRETS = Redactor(())  # a lease without credentials has nothing to redact
 
 
 @dataclass(frozen=True)
@@ -135,6 +155,16 @@ class MediationControl(Protocol):
         self, task_id: str, idempotency_key: str
     ) -> pb.ToolCallRecord | None: ...
 
+    async def start_tool_call(
+        self,
+        *,
+        task_id: str,
+        fencing_token: int,
+        idempotency_key: str,
+        tool: str,
+        arguments_sha256: str,
+    ) -> tuple[pb.ToolCallRecord, bool, bool]: ...
+
     async def record_tool_call(
         self,
         *,
@@ -175,16 +205,61 @@ def arguments_digest(arguments: Mapping[str, Any]) -> str:
 
 @dataclass
 class _Unrecorded:
-    """A keyed call that ran but whose settlement/record did not reach the control plane."""
+    """A keyed call that ran but whose COMPLETED record did not reach the control plane."""
 
     tool: str
     args_digest: str
     outcome: ToolOutcome
     fencing_token: int
-    reservation_id: str = ""
     actual_micros: int = 0
-    settled: bool = False
     held: HeldLease | None = None
+
+
+@dataclass
+class _Slice:
+    """Budget reserved once at the control plane (one reservation id), spent locally."""
+
+    reservation_id: str
+    amount: int
+    used: int = 0  # actual costs of finished calls plus the holds of calls in flight
+    holds: int = 0  # calls in flight holding part of it
+    closed: bool = False  # settled (or being settled): nothing more is spent from it
+
+    @property
+    def available(self) -> int:
+        return 0 if self.closed else self.amount - self.used
+
+
+@dataclass
+class _LeaseBudget:
+    """The budget slices of one lease (task + fencing token)."""
+
+    held: HeldLease
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    slices: list[_Slice] = field(default_factory=list)
+    control_remaining: int = -1  # what the control plane had left after the last refill
+    next_calls: int = 1  # the next refill reserves this many calls' cost
+
+    def take(self, amount: int) -> _Hold | None:
+        for piece in reversed(self.slices):
+            if piece.available >= amount:
+                piece.used += amount
+                piece.holds += 1
+                return _Hold(self, piece, amount)
+        return None
+
+    def remaining(self) -> int:
+        """The task's budget left: the control plane's rest plus the unspent slices."""
+        return max(self.control_remaining, 0) + sum(p.available for p in self.slices)
+
+
+@dataclass
+class _Hold:
+    """One call's share of a slice: its declared cost, until it settles."""
+
+    budget: _LeaseBudget
+    slice: _Slice
+    amount: int
 
 
 @dataclass
@@ -223,6 +298,129 @@ class Mediator:
             weakref.WeakValueDictionary()
         )
         self._unrecorded: dict[tuple[str, str], _Unrecorded] = {}
+        self._budgets: dict[tuple[str, int], _LeaseBudget] = {}
+        # (task, fencing token, key) whose STARTED record this sidecar wrote and left
+        # (timeout, unrecorded outcome): a later STARTED that finds it must not run.
+        self._left_started: set[tuple[str, int, str]] = set()
+        self._background: set[asyncio.Task[None]] = set()
+        self._redactors: dict[tuple[str, int], tuple[frozenset[bytes], Redactor]] = {}
+        if leases is not None:
+            leases.end_hooks.append(self._lease_ended)
+
+    # -- lease end: settle the budget slices ---------------------------------------------
+
+    async def end_lease(self, held: HeldLease) -> None:
+        """Settles the lease's budget slices with their actual spend (unspent budget returns).
+
+        Idempotent and never raises: a slice that cannot be settled stays charged
+        at the control plane, which can only under-spend, never overspend.
+        """
+        token = held.lease.fencing_token
+        self._left_started = {s for s in self._left_started if s[:2] != (held.task_id, token)}
+        self._redactors.pop((held.task_id, token), None)
+        budget = self._budgets.pop((held.task_id, token), None)
+        if budget is None or self._control is None:
+            return
+        for piece in budget.slices:
+            piece.closed = True
+        for piece in budget.slices:
+            if piece.used >= piece.amount:
+                continue  # fully spent: the reservation already counts exactly that
+            try:
+                await self._control.settle_budget(
+                    task_id=held.task_id,
+                    fencing_token=token,
+                    reservation_id=piece.reservation_id,
+                    actual_micros=piece.used,
+                )
+            except E.TetherError as err:
+                log.warning(
+                    "could not return an unspent budget slice: %s",
+                    err.message,
+                    extra={"task_id": held.task_id},
+                )
+
+    def _lease_ended(self, held: HeldLease) -> None:
+        """LeaseTable hook (finish, loss, forget): settles the slices in the background."""
+        token = held.lease.fencing_token
+        if (held.task_id, token) not in self._budgets:
+            self._left_started = {s for s in self._left_started if s[:2] != (held.task_id, token)}
+            self._redactors.pop((held.task_id, token), None)
+            return
+        task = asyncio.get_running_loop().create_task(self.end_lease(held))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # -- budget slices ---------------------------------------------------------------
+
+    async def _hold_budget(self, call: _Call) -> _Hold:
+        """Takes the call's declared cost from the lease's slice, refilling it when short.
+
+        Raises:
+            BudgetExhausted: the task's budget cannot cover the call.
+            LeaseLost, Unavailable: from the refill.
+        """
+        held, cost = call.held, call.spec.cost_micros
+        slot = (held.task_id, held.lease.fencing_token)
+        budget = self._budgets.get(slot)
+        if budget is None:
+            budget = self._budgets[slot] = _LeaseBudget(held)
+        while True:
+            hold = budget.take(cost)
+            if hold is not None:
+                return hold
+            async with budget.lock:
+                if any(p.available >= cost for p in budget.slices):
+                    continue  # another call refilled while we waited
+                self._fence(held, call.tool)
+                await self._refill(budget, call)
+                if self._budgets.get(slot) is not budget:
+                    self._budgets[slot] = budget  # the lease's end raced the refill
+                    if held.finished or held.lost_reason:
+                        self._lease_ended(held)
+
+    async def _refill(self, budget: _LeaseBudget, call: _Call) -> None:
+        """Reserves the next slice at the control plane (exactly the call's cost at the end)."""
+        held, cost = call.held, call.spec.cost_micros
+        control = self._need_control()
+        want = cost * budget.next_calls
+        if budget.control_remaining >= 0:
+            want = min(want, budget.control_remaining)
+        want = max(want, cost)
+        while True:
+            reservation_id = f"s_{secrets.token_hex(12)}"
+            try:
+                remaining = await self._remote(
+                    held,
+                    "ReserveBudget",
+                    control.reserve_budget(
+                        task_id=held.task_id,
+                        fencing_token=held.lease.fencing_token,
+                        reservation_id=reservation_id,
+                        amount_micros=want,
+                    ),
+                )
+            except (E.BudgetExhausted, E.ResourceExhausted) as err:
+                if want <= cost:
+                    raise
+                left = _int(err.metadata.get("remaining_micros"))
+                want = left if cost <= left < want else cost
+                continue
+            break
+        budget.control_remaining = remaining
+        budget.slices = [p for p in budget.slices if p.available > 0 or p.holds]
+        budget.slices.append(_Slice(reservation_id, want))
+        budget.next_calls = min(budget.next_calls * 2, MAX_SLICE_CALLS)
+
+    def _settle_hold(self, hold: _Hold | None, actual: int) -> int:
+        """Replaces a call's hold by its actual cost; returns the task's budget left."""
+        if hold is None:
+            return 0
+        piece = hold.slice
+        piece.holds -= 1
+        if not piece.closed:
+            piece.used -= hold.amount - min(max(actual, 0), hold.amount)
+        return hold.budget.remaining()
 
     # -- receipts and refusals ----------------------------------------------------------
 
@@ -376,17 +574,6 @@ class Mediator:
             outcome = replace(pending.outcome, replayed=True, cost_micros=0)
             await self._tool_call_receipt(call, outcome, 0)
             return outcome
-        control = self._need_control()
-        try:
-            record = await self._remote(
-                held, "LookupToolCall", control.lookup_tool_call(held.task_id, key)
-            )
-        except E.Unavailable as err:
-            raise _unavailable(err, call.tool, ran=False) from err
-        if record is not None:
-            replayed = await self._from_record(call, record)
-            if replayed is not None:
-                return replayed
         return await self._execute(call)
 
     async def _conflict(self, call: _Call) -> E.TetherError:
@@ -441,16 +628,8 @@ class Mediator:
         )
 
     async def _flush(self, held: HeldLease, key: str, pending: _Unrecorded) -> None:
-        """Settles and records an outcome the control plane has not acknowledged yet."""
+        """Records an outcome the control plane has not acknowledged yet."""
         control = self._need_control()
-        if pending.reservation_id and not pending.settled:
-            await control.settle_budget(
-                task_id=held.task_id,
-                fencing_token=pending.fencing_token,
-                reservation_id=pending.reservation_id,
-                actual_micros=pending.actual_micros,
-            )
-            pending.settled = True
         # Recorded under the lease held now: after a re-acquisition of the task by
         # this sidecar the outcome is still known here, so it is recorded, not lost.
         await self._remote(
@@ -469,24 +648,23 @@ class Mediator:
             ),
         )
         self._unrecorded.pop((held.task_id, key), None)
+        self._left_started.discard((held.task_id, pending.fencing_token, key))
 
-    async def _release(self, call: _Call, reservation_id: str) -> None:
-        """Gives an unused reservation back (best effort: unsettled ones stay charged)."""
-        if not reservation_id or self._control is None:
-            return
+    async def _recorded_instead(self, call: _Call) -> ToolOutcome | None:
+        """For a keyed call refused before it started: its recorded outcome, if any.
+
+        Raises:
+            IdempotencyConflict, OutcomeUnknown: as `_from_record`.
+        """
+        if not call.key or self._control is None:
+            return None
         try:
-            await self._control.settle_budget(
-                task_id=call.held.task_id,
-                fencing_token=call.held.lease.fencing_token,
-                reservation_id=reservation_id,
-                actual_micros=0,
-            )
-        except E.TetherError as err:
-            log.warning(
-                "could not release budget reservation: %s",
-                err.message,
-                extra={"task_id": call.held.task_id},
-            )
+            record = await self._control.lookup_tool_call(call.held.task_id, call.key)
+        except E.TetherError:
+            return None
+        if record is None:
+            return None
+        return await self._from_record(call, record)
 
     async def _credentials(self, call: _Call) -> dict[str, bytes]:
         """The credentials the tool declares, issued once per lease and cached in its memory."""
@@ -519,26 +697,22 @@ class Mediator:
         return out
 
     async def _execute(self, call: _Call) -> ToolOutcome:
-        """Reserve, issue, mark STARTED, run, settle, record, receipt."""
+        """Hold budget, issue, mark STARTED, run, settle, record + receipt."""
         held, spec, key = call.held, call.spec, call.key
         assert self._runner is not None
         token = held.lease.fencing_token
-        reservation_id = ""
-        remaining = 0
+        hold: _Hold | None = None
         if spec.cost_micros > 0:
-            control = self._need_control()
-            reservation_id = f"r_{secrets.token_hex(12)}"
+            budget = self._budgets.get((held.task_id, token))
+            hold = budget.take(spec.cost_micros) if budget is not None else None
+            if hold is None and key:
+                # The slice needs a refill (a round trip anyway): a recorded outcome
+                # replays first, so a replay never reserves budget.
+                recorded = await self._recorded_instead(call)
+                if recorded is not None:
+                    return recorded
             try:
-                remaining = await self._remote(
-                    held,
-                    "ReserveBudget",
-                    control.reserve_budget(
-                        task_id=held.task_id,
-                        fencing_token=token,
-                        reservation_id=reservation_id,
-                        amount_micros=spec.cost_micros,
-                    ),
-                )
+                hold = hold or await self._hold_budget(call)
             except (E.BudgetExhausted, E.ResourceExhausted) as err:
                 refusal = E.BudgetExhausted(
                     f"task {held.task_id!r}: budget does not cover tool {call.tool!r} "
@@ -551,10 +725,13 @@ class Mediator:
         try:
             credentials = await self._credentials(call)
         except E.TetherError as err:
-            await self._release(call, reservation_id)
+            self._settle_hold(hold, 0)
             if isinstance(err, E.Unavailable):
                 raise _unavailable(err, call.tool, ran=False) from err
             if isinstance(err, E.PolicyDenied | E.NotFound):
+                recorded = await self._recorded_instead(call)
+                if recorded is not None:
+                    return recorded
                 raise await self._deny(held, call.tool, call.args_digest, key, err) from err
             raise
         try:
@@ -562,16 +739,16 @@ class Mediator:
             if replay is None:
                 self._fence(held, call.tool)
         except E.TetherError as err:
-            await self._release(call, reservation_id)
+            self._settle_hold(hold, 0)
             if isinstance(err, E.Unavailable):
                 raise _unavailable(err, call.tool, ran=False) from err
             raise
         if replay is not None:
-            await self._release(call, reservation_id)
+            self._settle_hold(hold, 0)
             return replay
-        redactor = Redactor(v for v, _ in held.credentials.values()).with_secrets(
-            credentials.values()
-        )
+        if key:
+            self._left_started.add((held.task_id, token, key))
+        redactor = self._redactor(held, credentials)
         started = time.monotonic()
         try:
             result = await self._runner.run(
@@ -583,107 +760,110 @@ class Mediator:
                 idempotency_key=key,
             )
         except E.TetherError as err:
-            await self._after_failure(call, err, reservation_id, started)
+            await self._after_failure(call, err, hold, started)
             raise
         duration_ms = int((time.monotonic() - started) * 1000)
         cost = spec.cost_micros if result.cost_micros is None else result.cost_micros
-        if reservation_id and cost > spec.cost_micros:
+        if hold is not None and cost > spec.cost_micros:
             log.warning(
                 "tool %s reported a cost above its reservation; charging the reservation",
                 call.tool,
                 extra={"task_id": held.task_id},
             )
-        actual = min(cost, spec.cost_micros) if reservation_id else 0
+        actual = min(cost, spec.cost_micros) if hold is not None else 0
+        remaining = self._settle_hold(hold, actual)
         outcome = ToolOutcome(
             result_json=redactor.redact_text(json.dumps(result.value)),
             status=result.status,
             cost_micros=actual,
             budget_remaining_micros=remaining,
         )
-        pending = _Unrecorded(call.tool, call.args_digest, outcome, token, reservation_id, actual)
-        await self._tool_call_receipt(call, outcome, duration_ms)
-        try:
-            if reservation_id:
-                remaining = await self._need_control().settle_budget(
-                    task_id=held.task_id,
-                    fencing_token=token,
-                    reservation_id=reservation_id,
-                    actual_micros=actual,
-                )
-                pending.settled = True
-                outcome = replace(outcome, budget_remaining_micros=remaining)
-                pending.outcome = outcome
-            if key:
-                await self._flush(held, key, pending)
-        except E.Unavailable as err:
-            if not key:
-                log.warning(
-                    "tool %s ran; its settlement did not reach the control plane (%s)",
-                    call.tool,
-                    err.message,
-                    extra={"task_id": held.task_id},
-                )
-                return outcome
+        if not key:
+            await self._tool_call_receipt(call, outcome, duration_ms)
+            return outcome
+        pending = _Unrecorded(call.tool, call.args_digest, outcome, token, actual)
+        receipt, record = await asyncio.gather(
+            self._tool_call_receipt(call, outcome, duration_ms),
+            self._flush(held, key, pending),
+            return_exceptions=True,
+        )
+        if isinstance(receipt, BaseException):
+            raise receipt
+        if isinstance(record, E.Unavailable):
             self._keep_unrecorded(held, key, pending)
-            raise _unavailable(err, call.tool, ran=True) from err
-        except E.LeaseLost as err:
+            raise _unavailable(record, call.tool, ran=True) from record
+        if isinstance(record, E.LeaseLost):
             raise E.LeaseLost(
                 f"tool {call.tool!r} ran, but the lease on task {held.task_id!r} was lost "
-                f"before its outcome was recorded ({err.message}); do not continue this task",
-                metadata=err.metadata,
-            ) from err
+                f"before its outcome was recorded ({record.message}); do not continue this task",
+                metadata=record.metadata,
+            ) from record
+        if isinstance(record, BaseException):
+            raise record
         return outcome
 
-    async def _mark_started(self, call: _Call) -> ToolOutcome | None:
-        """Writes the STARTED record; a record that appeared meanwhile decides instead.
+    def _redactor(self, held: HeldLease, credentials: Mapping[str, bytes]) -> Redactor:
+        """A redactor for every credential of the lease, compiled once per set of secrets."""
+        values = frozenset(v for v, _ in held.credentials.values()) | frozenset(
+            credentials.values()
+        )
+        if not values:
+            return _NO_SECRETS
+        slot = (held.task_id, held.lease.fencing_token)
+        cached = self._redactors.get(slot)
+        if cached is None or cached[0] != values:
+            if len(self._redactors) >= MAX_UNRECORDED:
+                self._redactors.clear()
+            cached = self._redactors[slot] = (values, Redactor(values))
+        return cached[1]
 
-        Returns the replayed outcome when a COMPLETED record won the race, else None.
+    async def _mark_started(self, call: _Call) -> ToolOutcome | None:
+        """Writes the STARTED record; an existing record decides instead.
+
+        Returns the replayed outcome of a COMPLETED record, None to run.
+
+        Raises:
+            IdempotencyConflict, OutcomeUnknown: as `_from_record`.
         """
         held = call.held
-        record, existed = await self._remote(
+        token = held.lease.fencing_token
+        record, existed, retried = await self._remote(
             held,
             "RecordToolCall",
-            self._need_control().record_tool_call(
+            self._need_control().start_tool_call(
                 task_id=held.task_id,
-                fencing_token=held.lease.fencing_token,
+                fencing_token=token,
                 idempotency_key=call.key,
                 tool=call.tool,
                 arguments_sha256=call.args_digest,
-                phase=STARTED,
             ),
         )
+        if not existed:
+            return None
+        # A retried request may find the record its own first attempt wrote: that
+        # one is ours (same lease, tool and arguments, still STARTED, and not left
+        # by an earlier call of this sidecar). Anything else decides as a record.
         ours = (
-            record.phase == STARTED
-            and record.fencing_token == held.lease.fencing_token
+            retried
+            and record.phase == STARTED
+            and record.fencing_token == token
             and record.tool == call.tool
             and record.arguments_sha256 == call.args_digest
+            and (held.task_id, token, call.key) not in self._left_started
         )
-        if existed and not ours:
-            return await self._from_record(call, record)
-        return None
+        if ours:
+            return None
+        return await self._from_record(call, record)
 
     async def _after_failure(
-        self, call: _Call, err: E.TetherError, reservation_id: str, started: float
+        self, call: _Call, err: E.TetherError, hold: _Hold | None, started: float
     ) -> None:
         """Settles, records and receipts a run that ended in a TetherError."""
         held, key = call.held, call.key
         duration_ms = int((time.monotonic() - started) * 1000)
         ran = not isinstance(err, E.PolicyDenied | E.InvalidArgument | E.ConfigError)
-        actual = call.spec.cost_micros if (ran and reservation_id) else 0
-        if reservation_id and self._control is not None:
-            try:
-                await self._control.settle_budget(
-                    task_id=held.task_id,
-                    fencing_token=held.lease.fencing_token,
-                    reservation_id=reservation_id,
-                    actual_micros=actual,
-                )
-            except E.TetherError as settle_err:
-                log.warning(
-                    "could not settle budget after a failed call: %s",
-                    settle_err.message,
-                    extra={"task_id": held.task_id},
-                )
+        actual = call.spec.cost_micros if (ran and hold is not None) else 0
+        self._settle_hold(hold, actual)
         if isinstance(err, E.ToolTimeout):
             # It may have acted: the STARTED record stays, so a retry with the key is
             # re-run only when the tool is idempotent.
@@ -712,6 +892,7 @@ class Mediator:
                         cost_micros=actual,
                     ),
                 )
+                self._left_started.discard((held.task_id, held.lease.fencing_token, key))
             except E.TetherError as rec_err:
                 log.warning(
                     "could not record a refused call: %s",
@@ -737,6 +918,13 @@ class Mediator:
         while len(self._unrecorded) >= MAX_UNRECORDED:
             del self._unrecorded[next(iter(self._unrecorded))]
         self._unrecorded[(held.task_id, key)] = pending
+
+
+def _int(value: str | None) -> int:
+    try:
+        return int(value or "")
+    except ValueError:
+        return -1
 
 
 def _unavailable(err: E.TetherError, tool: str, *, ran: bool) -> E.Unavailable:
@@ -839,6 +1027,14 @@ class PolicyToolRunner:
         adapter = self._tools.get((policy.digest, spec.name))
         if adapter is None:
             adapter = self._tools[(policy.digest, spec.name)] = build_tool(spec)
+        release = getattr(adapter, "release_lease", None)  # adapters holding per-lease state
+        if release is not None:
+            token = held.lease.fencing_token
+            held.on_end.setdefault(
+                f"tool:{policy.digest}:{spec.name}", lambda: release(held.task_id, token)
+            )
+            if held.finished or held.lost_reason:  # ended before we registered
+                held.drop_credentials()
         workspace = self._workspaces / held.task_id
         workspace.mkdir(parents=True, exist_ok=True, mode=0o700)
         left_s = (held.lease.expires_unix_ms - self._clock.now_ms()) / 1000

@@ -299,6 +299,7 @@ class Sidecar:
     async def _release_all(self, deps: BrokerDeps) -> None:
         """Hands every held lease back so another node can take the task at once."""
         for held in deps.leases.active():
+            await deps.mediator.end_lease(held)  # unspent budget back before the release
             request = pb.TransitionTaskRequest(
                 task_id=held.task_id,
                 fencing_token=held.lease.fencing_token,

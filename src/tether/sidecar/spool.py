@@ -1,17 +1,17 @@
 """The durable receipt spool: signed envelopes on local disk until the ledger acks them.
 
-`append` signs and chains a receipt and returns only after the envelope is
-committed to SQLite (WAL, synchronous=FULL), so an action's evidence survives a
-SIGKILL right after it. The chain state (last seq, digest of the last envelope)
-is restored from the spool on restart, so seq never repeats or skips. The spool
-is bounded: when `max_unacked` envelopes wait for an ack, `append` raises
-`ResourceExhausted` rather than dropping anything. `stream_receipts` replays
+`append` signs and chains a receipt and returns only after the envelope is committed to
+SQLite (WAL, synchronous=FULL), so an action's evidence survives a SIGKILL right after
+it; concurrent appends share one commit (group commit). The chain state (last seq,
+digest of the last envelope) is restored from the spool on restart, so seq never repeats
+or skips. The spool is bounded: when `max_unacked` envelopes wait for an ack, `append`
+raises `ResourceExhausted` rather than dropping anything. `stream_receipts` replays
 every unacked envelope to the control plane, after any reconnect or restart,
-reconnecting with exponential backoff and full jitter. `wait_acked` lets a
-caller (CompleteTask) wait, within a bound, until the ledger holds a receipt.
-Acknowledged envelopes are kept for a while (`retain_acked`, newest first) so
-operators and tests can read what the node signed; older ones are pruned.
-Implements the sidecar's `ReceiptSink` protocol.
+reconnecting with exponential backoff and full jitter. `wait_acked` lets a caller
+(CompleteTask) wait, within a bound, until the ledger holds a receipt. Acknowledged
+envelopes are kept for a while (`retain_acked`, newest first) so operators and tests can
+read what the node signed; older ones are pruned. Implements the sidecar's `ReceiptSink`
+protocol.
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ class ReceiptSpool:
         # disagreeing (the write finishes, and the chain with it).
         self._tlock = threading.Lock()
         self._new = asyncio.Event()
+        self._queue: list[tuple[Receipt, asyncio.Future[int]]] = []
+        self._writer: asyncio.Task[None] | None = None
         self._acked = asyncio.Condition()
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -100,34 +102,72 @@ class ReceiptSpool:
     async def append(self, receipt: Receipt) -> int:
         """Signs, chains and durably stores `receipt`; returns its seq.
 
+        Group commit: receipts appended while a write is in progress are signed
+        and committed together in the next transaction (one fsync for the
+        batch), so concurrent callers share the cost of durability and each
+        still returns only after its envelope is committed.
+
         Raises:
             ResourceExhausted: the spool holds `max_unacked` unacknowledged envelopes.
         """
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._queue.append((receipt, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._drain(), name="spool-writer")
+        return await future
 
-        def store() -> int:
-            with self._tlock:
-                if self._count >= self.max_unacked:
-                    raise ResourceExhausted(
-                        f"receipt spool is full ({self._count} unacknowledged envelopes); "
-                        "the control plane is not acknowledging receipts"
+    async def _drain(self) -> None:
+        """Writes queued receipts, one transaction per batch, until none are left."""
+        while self._queue:
+            batch, self._queue = self._queue, []
+            try:
+                results = await asyncio.to_thread(self._store, [r for r, _ in batch])
+            except BaseException as err:  # the whole batch failed; tell every caller
+                results = [err] * len(batch)
+            for (_, future), result in zip(batch, results, strict=True):
+                if future.done():
+                    continue  # its caller was cancelled; the envelope is stored anyway
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+            self._new.set()
+
+    def _store(self, receipts: list[Receipt]) -> list[int | BaseException]:
+        """Signs and commits `receipts` in one transaction (worker thread)."""
+        out: list[int | BaseException] = []
+        with self._tlock:
+            before = (self._chain.last_seq, self._chain.last_digest)
+            rows: list[tuple[int, bytes, str]] = []
+            for receipt in receipts:
+                if self._count + len(rows) >= self.max_unacked:
+                    out.append(
+                        ResourceExhausted(
+                            f"receipt spool is full ({self._count} unacknowledged envelopes); "
+                            "the control plane is not acknowledging receipts"
+                        )
                     )
-                before = (self._chain.last_seq, self._chain.last_digest)
+                    continue
                 envelope = self._chain.sign(receipt)
-                seq = self._chain.last_seq
+                rows.append((self._chain.last_seq, envelope, receipt.task_id))
+                out.append(self._chain.last_seq)
+            if not rows:
+                return out
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
                 try:
-                    self._db.execute(
-                        "INSERT INTO spool (seq, envelope, task_id) VALUES (?, ?, ?)",
-                        (seq, envelope, receipt.task_id),
+                    self._db.executemany(
+                        "INSERT INTO spool (seq, envelope, task_id) VALUES (?, ?, ?)", rows
                     )
+                    self._db.execute("COMMIT")
                 except BaseException:
-                    self._chain.last_seq, self._chain.last_digest = before  # never skip a seq
+                    self._db.execute("ROLLBACK")
                     raise
-                self._count += 1
-                return seq
-
-        seq = await asyncio.to_thread(store)
-        self._new.set()
-        return seq
+            except BaseException as err:
+                self._chain.last_seq, self._chain.last_digest = before  # never skip a seq
+                return [err if isinstance(r, int) else r for r in out]
+            self._count += len(rows)
+            return out
 
     async def emit(self, receipt: Receipt) -> int:
         """`ReceiptSink.emit`: append, durable before returning; returns the seq."""
@@ -216,6 +256,10 @@ class ReceiptSpool:
             await asyncio.wait_for(self._new.wait(), timeout_s)
 
     async def close(self) -> None:
+        if self._writer is not None:
+            with contextlib.suppress(BaseException):
+                await self._writer  # queued receipts are committed before the file closes
+
         def close() -> None:
             with self._tlock:
                 self._db.close()

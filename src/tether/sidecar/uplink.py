@@ -297,6 +297,39 @@ class Uplink:
         )
         return response.record if response.found else None
 
+    async def start_tool_call(
+        self,
+        *,
+        task_id: str,
+        fencing_token: int,
+        idempotency_key: str,
+        tool: str,
+        arguments_sha256: str,
+    ) -> tuple[pb.ToolCallRecord, bool, bool]:
+        """Records STARTED: (the record now, whether one existed, whether the request was resent).
+
+        A resent request may find the record its own first attempt wrote, so
+        `existed` after a resend is ambiguous; the caller resolves it.
+        """
+        request = pb.RecordToolCallRequest(
+            task_id=task_id,
+            fencing_token=fencing_token,
+            idempotency_key=idempotency_key,
+            tool=tool,
+            arguments_sha256=arguments_sha256,
+            phase=pb.TOOL_CALL_PHASE_STARTED,
+            node_id=self.node_id,
+        )
+        attempts = 0
+
+        def attempt(md: tuple[tuple[str, str], ...], timeout: float) -> Awaitable[Any]:
+            nonlocal attempts
+            attempts += 1
+            return self.stub.RecordToolCall(request, metadata=md, timeout=timeout)
+
+        response: pb.RecordToolCallResponse = await self._call("RecordToolCall", attempt)
+        return response.record, response.existed, attempts > 1
+
     async def record_tool_call(
         self,
         *,

@@ -81,6 +81,11 @@ class _Session:
         self._reader = asyncio.ensure_future(self._read())
 
     @property
+    def done(self) -> asyncio.Future[None]:
+        """Completes once the server has exited and its output is consumed."""
+        return self._reader
+
+    @property
     def alive(self) -> bool:
         return self.failure is None and self.proc.returncode is None
 
@@ -147,13 +152,26 @@ class _Session:
             self._fail(
                 ServerFailed("mcp_server_stopped", f"tool {self.tool!r}: MCP server stopped")
             )
+            self._close_input()
+            self.kill()
             raise
         except (ServerFailed, ResourceExhausted) as err:
             self._fail(err)
-            self.kill()  # grandchildren may outlive the server in its process group
         except Exception as err:  # never let the reader die silently with calls pending
             self._fail(ServerFailed("mcp_protocol_error", f"tool {self.tool!r}: {err}"))
-            self.kill()
+        # Whatever ended the session: kill the group (grandchildren may outlive the
+        # server), then drain and reap, so the reader ends only once all is closed.
+        self._close_input()
+        self.kill()
+        with contextlib.suppress(Exception):
+            while await stdout.read(65536):
+                pass
+        await self.proc.wait()
+        await asyncio.wait({self._stderr_task}, timeout=CLOSE_GRACE_S)
+
+    def _close_input(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
 
     def _exit_message(self, rc: int) -> str:
         if self.stopping:
@@ -241,9 +259,8 @@ class _Session:
                 await asyncio.wait_for(asyncio.shield(self.proc.wait()), grace_s)
         self.kill()
         await self.proc.wait()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await asyncio.wait_for(self._reader, CLOSE_GRACE_S)
-        self._stderr_task.cancel()
+        # Both pipes reach EOF once the group is dead; wait (not cancel) so they close.
+        await asyncio.wait({self._reader, self._stderr_task}, timeout=CLOSE_GRACE_S)
 
 
 class McpTool:
@@ -258,6 +275,7 @@ class McpTool:
         self.timeout_ms = spec.timeout_ms
         self.require_confinement = require_confinement
         self._sessions: dict[LeaseKey, _Session] = {}
+        self._live: set[_Session] = set()  # including killed ones not yet reaped
         self._starting: dict[LeaseKey, asyncio.Lock] = {}
         self._ended: OrderedDict[LeaseKey, None] = OrderedDict()
 
@@ -279,8 +297,8 @@ class McpTool:
             session.kill("the lease ended")
 
     async def aclose(self) -> None:
-        """Shuts every server down (sidecar shutdown, tests)."""
-        sessions = list(self._sessions.values())
+        """Shuts every server down and waits until each is reaped (sidecar shutdown, tests)."""
+        sessions = list(self._live)
         self._sessions.clear()
         await asyncio.gather(*(s.aclose("the sidecar closed the tool") for s in sessions))
 
@@ -427,6 +445,8 @@ class McpTool:
             limit=self.mcp.max_output_bytes,
         )
         session = _Session(self.name, proc)
+        self._live.add(session)
+        session.done.add_done_callback(lambda _: self._live.discard(session))
         limit_s = self.mcp.startup_timeout_ms / 1000
         try:
             async with asyncio.timeout(limit_s):

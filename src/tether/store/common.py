@@ -1,0 +1,543 @@
+"""What every store decides the same way, whatever its SQL dialect.
+
+`tether.store.sqlite` and `tether.store.postgres` keep their own SQL (their
+placeholders, RETURNING and locking differ) and call this module for the rest:
+what a row means, which error explains a conditional write that matched no row,
+what a lapsed lease becomes, whether a budget reservation or settlement may go
+ahead, whether a tool-call record answers a repeat. One copy of each rule keeps
+the two stores from drifting apart; the contract suite runs both against it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+from tether.core.errors import (
+    BudgetExhausted,
+    IdempotencyConflict,
+    InvalidArgument,
+    InvalidTransition,
+    LeaseExpired,
+    NotFound,
+    NotOwner,
+    StaleFencingToken,
+    StorageError,
+    TetherError,
+)
+from tether.core.states import LEASED_STATES, TERMINAL, Event, State, next_state, sources
+from tether.store.base import (
+    BudgetState,
+    LapseOutcome,
+    LeaseHistoryEntry,
+    LedgerHead,
+    NewTask,
+    NodeRecord,
+    PolicyRecord,
+    SealedSecret,
+    StoredCheckpoint,
+    TaskRecord,
+    ToolCallPhase,
+    ToolCallRecord,
+    ToolCallWrite,
+)
+
+T = TypeVar("T")
+
+# A fetched row: a tuple from either driver (sqlite3 or psycopg).
+Row = Sequence[Any]
+
+# Column lists whose order the row converters below rely on.
+TASK_COLS = (
+    "task_id, queue, state, payload, attempt, max_attempts, fencing_token, node_id, agent_id,"
+    " lease_id, lease_expires_unix_ms, lease_ttl_ms, result, error, created_unix_ms,"
+    " updated_unix_ms, not_before_unix_ms, idempotency_key, budget_limit_micros,"
+    " budget_spent_micros, seq"
+)
+NODE_COLS = "node_id, public_key, certificate, token_sha256, registered_unix_ms"
+POLICY_COLS = "version, document, digest, created_unix_ms"
+SECRET_COLS = "name, version, kek_id, wrapped_dek, nonce, ciphertext, created_unix_ms"
+TOOL_CALL_COLS = (
+    "task_id, idempotency_key, tool, arguments_sha256, phase, result, status,"
+    " fencing_token, cost_micros, updated_unix_ms"
+)
+LEASE_HISTORY_COLS = "task_id, lease_id, fencing_token, kind, envelope, outcome, created_unix_ms"
+LAPSED_COLS = "task_id, state, attempt, max_attempts, fencing_token"
+CHECKPOINT_COLS = "tree_size, root_hash, timestamp_unix_ms, note"
+LEDGER_HEAD_COLS = "seq, digest, leaf_index"
+# Budget columns of a task, in the order `budget_state` reads them.
+TASK_BUDGET_COLS = "budget_spent_micros, budget_limit_micros"
+
+# The events a lease holder may send (`Store.transition`); LAPSE and CANCEL are not.
+HOLDER_EVENTS = (Event.START, Event.SUCCEED, Event.FAIL, Event.RELEASE)
+
+
+# -- the transition table, as SQL needs it ----------------------------------------------
+
+
+def in_states(states: frozenset[State]) -> str:
+    """SQL list of state values, e.g. "(2,3)"; built from the transition table."""
+    return "(" + ",".join(str(int(s)) for s in sorted(states)) + ")"
+
+
+def target_state(event: Event) -> State:
+    """The one state `event` leads to from every source (LAPSE excepted)."""
+    targets = {next_state(s, event) for s in sources(event)}
+    if len(targets) != 1:  # pragma: no cover - guards a future table change
+        raise AssertionError(f"{event.name} has several targets; handle it explicitly")
+    return targets.pop()
+
+
+def holder_outcome(target: State) -> str | None:
+    """The lease outcome a holder event into `target` records (None: the lease goes on)."""
+    if target in LEASED_STATES:
+        return None
+    return "released" if target is State.QUEUED else "finished"
+
+
+def holder_entry(table: Mapping[Event, T], event: Event) -> T:
+    """A store's prepared entry for a holder event; other events are refused."""
+    entry = table.get(event)
+    if entry is None:
+        raise InvalidTransition(
+            f"{event.name.lower()} is not an event a lease holder may send",
+            metadata={"event": event.name},
+        )
+    return entry
+
+
+# -- rows <-> records -------------------------------------------------------------------
+
+
+def row_to_task(row: Row) -> TaskRecord:
+    """A `TASK_COLS` row as a record."""
+    return TaskRecord(
+        task_id=row[0],
+        queue=row[1],
+        state=State(row[2]),
+        payload=bytes(row[3]),
+        attempt=row[4],
+        max_attempts=row[5],
+        fencing_token=row[6],
+        node_id=row[7],
+        agent_id=row[8],
+        lease_id=row[9],
+        lease_expires_unix_ms=row[10],
+        lease_ttl_ms=row[11],
+        result=bytes(row[12]),
+        error=row[13],
+        created_unix_ms=row[14],
+        updated_unix_ms=row[15],
+        not_before_unix_ms=row[16],
+        idempotency_key=row[17],
+        budget_limit_micros=row[18],
+        budget_spent_micros=row[19],
+        seq=row[20],
+    )
+
+
+def new_task_row(task: NewTask, task_id: str, now_ms: int) -> tuple[Any, ...]:
+    """Values of a newly queued task, in the stores' INSERT INTO tasks column order.
+
+    (task_id, queue, state, payload, max_attempts, lease_ttl_ms, created_unix_ms,
+    updated_unix_ms, not_before_unix_ms, idempotency_key, budget_limit_micros)
+    """
+    return (
+        task_id,
+        task.queue,
+        int(State.QUEUED),
+        task.payload,
+        task.max_attempts,
+        task.lease_ttl_ms,
+        now_ms,
+        now_ms,
+        now_ms,
+        task.idempotency_key,
+        task.budget_limit_micros,
+    )
+
+
+def row_to_lease_history(r: Row) -> LeaseHistoryEntry:
+    """A `LEASE_HISTORY_COLS` row as a record."""
+    return LeaseHistoryEntry(r[0], r[1], r[2], r[3], bytes(r[4]), r[5], r[6])
+
+
+def row_to_node(r: Row) -> NodeRecord:
+    """A `NODE_COLS` row as a record."""
+    return NodeRecord(r[0], bytes(r[1]), bytes(r[2]), r[3], r[4])
+
+
+def node_row(node: NodeRecord) -> tuple[Any, ...]:
+    """Values for `NODE_COLS`."""
+    return (
+        node.node_id,
+        node.public_key,
+        node.certificate,
+        node.token_sha256,
+        node.registered_unix_ms,
+    )
+
+
+def row_to_policy(r: Row) -> PolicyRecord:
+    """A `POLICY_COLS` row as a record."""
+    return PolicyRecord(r[0], r[1], r[2], r[3])
+
+
+def row_to_secret(r: Row) -> SealedSecret:
+    """A `SECRET_COLS` row as a record."""
+    return SealedSecret(r[0], r[1], r[2], bytes(r[3]), bytes(r[4]), bytes(r[5]), r[6])
+
+
+def secret_row(sec: SealedSecret, name: str, version: int) -> tuple[Any, ...]:
+    """Values for `SECRET_COLS` of `sec` stored as (name, version)."""
+    return (
+        name,
+        version,
+        sec.kek_id,
+        sec.wrapped_dek,
+        sec.nonce,
+        sec.ciphertext,
+        sec.created_unix_ms,
+    )
+
+
+def check_sealed(sec: SealedSecret, name: str, version: int) -> None:
+    """A sealer must seal for the (name, version) the store assigned: the AEAD binds them."""
+    if sec.name != name or sec.version != version:
+        raise StorageError("sealed secret does not match the name/version it was given")
+
+
+def rewrap_row(new: SealedSecret, old: SealedSecret) -> tuple[Any, ...]:
+    """Values for SET (kek_id, wrapped_dek, nonce, ciphertext) WHERE (name, version)."""
+    return (new.kek_id, new.wrapped_dek, new.nonce, new.ciphertext, old.name, old.version)
+
+
+def row_to_tool_call(row: Row) -> ToolCallRecord:
+    """A `TOOL_CALL_COLS` row as a record."""
+    return ToolCallRecord(
+        task_id=row[0],
+        idempotency_key=row[1],
+        tool=row[2],
+        arguments_sha256=row[3],
+        phase=ToolCallPhase(row[4]),
+        result=bytes(row[5]),
+        status=row[6],
+        fencing_token=row[7],
+        cost_micros=row[8],
+        updated_unix_ms=row[9],
+    )
+
+
+def tool_call_row(w: ToolCallWrite, now_ms: int) -> tuple[Any, ...]:
+    """Values for `TOOL_CALL_COLS` of a first record of `w`."""
+    return (
+        w.task_id,
+        w.idempotency_key,
+        w.tool,
+        w.arguments_sha256,
+        int(w.phase),
+        w.result,
+        w.status,
+        w.fencing_token,
+        w.cost_micros,
+        now_ms,
+    )
+
+
+def tool_call_completion(w: ToolCallWrite, now_ms: int) -> tuple[Any, ...]:
+    """Values that complete a STARTED record with `w`'s outcome.
+
+    SET (phase, result, status, fencing_token, cost_micros, updated_unix_ms)
+    WHERE (task_id, idempotency_key, phase).
+    """
+    return (
+        int(ToolCallPhase.COMPLETED),
+        w.result,
+        w.status,
+        w.fencing_token,
+        w.cost_micros,
+        now_ms,
+        w.task_id,
+        w.idempotency_key,
+        int(ToolCallPhase.STARTED),
+    )
+
+
+def row_to_ledger_head(r: Row) -> LedgerHead:
+    """A `LEDGER_HEAD_COLS` row as a record."""
+    return LedgerHead(r[0], r[1], r[2])
+
+
+def row_to_checkpoint(r: Row) -> StoredCheckpoint:
+    """A `CHECKPOINT_COLS` row as a record."""
+    return StoredCheckpoint(r[0], bytes(r[1]), r[2], r[3])
+
+
+def checkpoint_row(cp: StoredCheckpoint) -> tuple[Any, ...]:
+    """Values for `CHECKPOINT_COLS`."""
+    return (cp.tree_size, cp.root_hash, cp.timestamp_unix_ms, cp.note)
+
+
+def contiguous_leaf_hashes(start: int, rows: Sequence[Row]) -> list[bytes]:
+    """The hashes of (leaf_index, leaf_hash) rows, which must number start, start+1, ..."""
+    for k, row in enumerate(rows):
+        if row[0] != start + k:
+            raise StorageError(f"ledger leaf {start + k} is missing (found {row[0]})")
+    return [bytes(r[1]) for r in rows]
+
+
+# -- tasks and leases ---------------------------------------------------------------------
+
+
+def task_not_found(task_id: str) -> NotFound:
+    """The error for a task id no row has."""
+    return NotFound(f"no task {task_id!r}", metadata={"task_id": task_id})
+
+
+def idempotent_submit(existing: TaskRecord, task: NewTask) -> TaskRecord:
+    """`existing` if it is what `task` (same idempotency key) asks for, else a conflict."""
+    if existing.queue != task.queue or existing.payload != task.payload:
+        raise IdempotencyConflict(
+            f"idempotency key {task.idempotency_key!r} already names task "
+            f"{existing.task_id} with another queue or payload",
+            metadata={"task_id": existing.task_id},
+        )
+    return existing
+
+
+def cancel_refused(task_id: str, state: int | None) -> NoReturn:
+    """Raises why a cancel matched no row: no such task, or its `state` cannot be canceled."""
+    if state is None:
+        raise task_not_found(task_id)
+    next_state(State(state), Event.CANCEL)  # raises InvalidTransition
+    raise StorageError("cancel lost a race it cannot lose")  # pragma: no cover
+
+
+def backoff_ms(attempt: int, base_ms: int, cap_ms: int) -> int:
+    """Delay before a lapsed attempt's task may be leased again: min(base*2**(attempt-1), cap)."""
+    return int(min(base_ms * (2 ** max(min(attempt - 1, 62), 0)), cap_ms))
+
+
+def lapse_outcome(row: Row, now_ms: int, backoff_base_ms: int, backoff_cap_ms: int) -> LapseOutcome:
+    """What a lapsed lease (a `LAPSED_COLS` row) makes of its task.
+
+    Queued again after a backoff, or expired when its attempts are spent.
+    """
+    task_id, state, attempt, max_attempts, token = row
+    target = next_state(State(state), Event.LAPSE, attempt=attempt, max_attempts=max_attempts)
+    not_before = (
+        now_ms + backoff_ms(attempt, backoff_base_ms, backoff_cap_ms)
+        if target is State.QUEUED
+        else now_ms
+    )
+    return LapseOutcome(task_id, token, target, not_before)
+
+
+def _token_meta(task_id: str, task: TaskRecord) -> dict[str, str]:
+    return {"task_id": task_id, "current_fencing_token": str(task.fencing_token)}
+
+
+def diagnose_lease(
+    task_id: str, task: TaskRecord, fencing_token: int, node_id: str, now_ms: int
+) -> TetherError | None:
+    """Why a conditional write on a leased task matched no row, as far as its row tells.
+
+    None when only its lease history can tell: the store then asks whether the
+    lease under `fencing_token` lapsed and calls `diagnose_unleased`.
+    """
+    if fencing_token != task.fencing_token:
+        return StaleFencingToken(
+            f"fencing token {fencing_token} is stale for task {task_id}; "
+            f"the current token is {task.fencing_token}",
+            metadata=_token_meta(task_id, task),
+        )
+    if task.state in LEASED_STATES:
+        if task.node_id != node_id:
+            return NotOwner(
+                f"task {task_id} is leased to node {task.node_id!r}, not {node_id!r}",
+                metadata=_token_meta(task_id, task),
+            )
+        if task.lease_expires_unix_ms <= now_ms:
+            return LeaseExpired(
+                f"the lease on task {task_id} (token {fencing_token}) lapsed at "
+                f"{task.lease_expires_unix_ms}",
+                metadata=_token_meta(task_id, task),
+            )
+    return None
+
+
+def diagnose_unleased(
+    task_id: str, task: TaskRecord, fencing_token: int, event: Event | None, lapsed: bool
+) -> TetherError:
+    """The rest of `diagnose_lease`: `lapsed` says the lease under the token lapsed.
+
+    `event` None stands for a lease renewal (or a check of a live lease).
+    """
+    meta = _token_meta(task_id, task)
+    if lapsed and task.state not in LEASED_STATES:
+        return LeaseExpired(
+            f"the lease on task {task_id} (token {fencing_token}) lapsed; the task is "
+            f"{task.state.name.lower()}",
+            metadata=meta,
+        )
+    if event is None:
+        what = "terminal" if task.state in TERMINAL else task.state.name.lower()
+        return InvalidTransition(
+            f"cannot renew a lease on task {task_id}: it is {what}",
+            metadata={**meta, "state": task.state.name},
+        )
+    try:
+        next_state(task.state, event)
+    except InvalidTransition as err:
+        err.metadata.update(meta)
+        return err
+    return StorageError(f"transition of task {task_id} matched no row")  # pragma: no cover
+
+
+def no_live_lease(err: TetherError, task_id: str, action: str) -> TetherError:
+    """The diagnosis `err` of a missing live lease, reworded for `action` if state is why."""
+    if isinstance(err, InvalidTransition):
+        state = err.metadata.get("state", "").lower()
+        return InvalidTransition(
+            f"cannot {action} on task {task_id}: it is {state} and has no live lease",
+            metadata=err.metadata,
+        )
+    return err
+
+
+# -- budgets --------------------------------------------------------------------------------
+
+
+def budget_limit(task: TaskRecord, default_limit_micros: int) -> int:
+    """The task's own limit, or the default when it set none (0)."""
+    return task.budget_limit_micros or default_limit_micros
+
+
+def repeated_reservation(
+    existing: Row,
+    task: TaskRecord,
+    limit: int,
+    *,
+    reservation_id: str,
+    amount_micros: int,
+    fencing_token: int,
+    node_id: str,
+) -> BudgetState:
+    """The budget for a repeat of a stored reservation; a conflict if it differs.
+
+    `existing` is the stored (amount_micros, fencing_token, node_id) row.
+    """
+    if tuple(existing) != (amount_micros, fencing_token, node_id):
+        raise IdempotencyConflict(
+            f"reservation id {reservation_id!r} of task {task.task_id} was already used "
+            "with another amount or lease",
+            metadata={"task_id": task.task_id, "reservation_id": reservation_id},
+        )
+    return BudgetState(limit, task.budget_spent_micros, existed=True)
+
+
+def budget_exhausted(task: TaskRecord, limit: int, amount_micros: int) -> BudgetExhausted:
+    """The refusal of a reservation the limit does not cover."""
+    remaining = BudgetState(limit, task.budget_spent_micros).remaining_micros
+    return BudgetExhausted(
+        f"budget of task {task.task_id} is exhausted: {amount_micros} micros requested, "
+        f"{remaining} of {limit} remaining",
+        metadata={
+            "task_id": task.task_id,
+            "remaining_micros": str(remaining),
+            "limit_micros": str(limit),
+            "requested_micros": str(amount_micros),
+        },
+    )
+
+
+def check_settlement(
+    res: Row | None,
+    *,
+    task_id: str,
+    reservation_id: str,
+    fencing_token: int,
+    node_id: str,
+    actual_micros: int,
+) -> tuple[int, bool]:
+    """(reserved amount, settled before) of a reservation that `actual_micros` may settle.
+
+    `res` is its (amount_micros, actual_micros, settled, fencing_token, node_id) row.
+
+    Raises:
+        NotFound, StaleFencingToken, NotOwner, InvalidArgument, IdempotencyConflict:
+        see `Store.settle_budget`.
+    """
+    meta = {"task_id": task_id, "reservation_id": reservation_id}
+    if res is None:
+        raise NotFound(f"no reservation {reservation_id!r} for task {task_id!r}", metadata=meta)
+    amount, actual, settled, token, owner = res
+    if token != fencing_token:
+        raise StaleFencingToken(
+            f"reservation {reservation_id!r} of task {task_id} was made under fencing "
+            f"token {token}, not {fencing_token}",
+            metadata=meta,
+        )
+    if owner != node_id:
+        raise NotOwner(
+            f"reservation {reservation_id!r} of task {task_id} belongs to node "
+            f"{owner!r}, not {node_id!r}",
+            metadata=meta,
+        )
+    if actual_micros > amount:
+        raise InvalidArgument("actual_micros", f"{actual_micros} exceeds the reserved {amount}")
+    if settled and actual != actual_micros:
+        raise IdempotencyConflict(
+            f"reservation {reservation_id!r} of task {task_id} was already settled "
+            f"at {actual} micros",
+            metadata=meta,
+        )
+    return amount, bool(settled)
+
+
+def budget_state(row: Row | None, default_limit_micros: int, *, existed: bool) -> BudgetState:
+    """The budget from a task's `TASK_BUDGET_COLS` row."""
+    if row is None:  # pragma: no cover - the reservation's task row always exists
+        raise StorageError("budget of a reserved task has no task row")
+    spent, limit = row
+    return BudgetState(limit or default_limit_micros, spent, existed=existed)
+
+
+# -- idempotency records --------------------------------------------------------------------
+
+
+def tool_call_repeat(existing: ToolCallRecord, w: ToolCallWrite) -> bool:
+    """Whether `existing` answers `w` as is (a repeat, or a late STARTED after COMPLETED).
+
+    Raises:
+        IdempotencyConflict: the key was recorded with another tool or arguments.
+    """
+    if existing.tool != w.tool or existing.arguments_sha256 != w.arguments_sha256:
+        raise IdempotencyConflict(
+            f"idempotency key {w.idempotency_key!r} of task {w.task_id} was used for "
+            f"tool {existing.tool!r} with other arguments",
+            metadata={
+                "task_id": w.task_id,
+                "idempotency_key": w.idempotency_key,
+                "tool": existing.tool,
+            },
+        )
+    return w.phase is ToolCallPhase.STARTED or existing.phase is ToolCallPhase.COMPLETED
+
+
+# -- plumbing -------------------------------------------------------------------------------
+
+
+def numbered_migrations(directory: Path) -> list[tuple[int, str, Path]]:
+    """(version, name, path) of every NNNN_name.sql file in `directory`, in order."""
+    out = []
+    for path in sorted(directory.glob("[0-9][0-9][0-9][0-9]_*.sql")):
+        out.append((int(path.name[:4]), path.stem[5:], path))
+    return out
+
+
+def token_sha256(token: str) -> str:
+    """Hex SHA-256 of a bearer token, the only form in which the store keeps it."""
+    return hashlib.sha256(token.encode()).hexdigest()
