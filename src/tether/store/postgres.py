@@ -27,19 +27,8 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
-from tether.core.errors import (
-    BudgetExhausted,
-    IdempotencyConflict,
-    InvalidArgument,
-    InvalidTransition,
-    LeaseExpired,
-    NotFound,
-    NotOwner,
-    StaleFencingToken,
-    StorageError,
-    TetherError,
-)
-from tether.core.states import LEASED_STATES, TERMINAL, Event, State, next_state, sources
+from tether.core.errors import StorageError, TetherError
+from tether.core.states import LEASED_STATES, Event, State, sources
 from tether.store import is_postgres_url
 from tether.store.base import (
     BudgetState,
@@ -57,11 +46,57 @@ from tether.store.base import (
     SecretSealFn,
     StoredCheckpoint,
     TaskRecord,
-    ToolCallPhase,
     ToolCallRecord,
     ToolCallWrite,
 )
-from tether.store.sqlite import backoff_ms, contiguous_leaf_hashes
+from tether.store.common import (
+    CHECKPOINT_COLS,
+    HOLDER_EVENTS,
+    LAPSED_COLS,
+    LEASE_HISTORY_COLS,
+    LEDGER_HEAD_COLS,
+    NODE_COLS,
+    POLICY_COLS,
+    SECRET_COLS,
+    TASK_BUDGET_COLS,
+    TASK_COLS,
+    TOOL_CALL_COLS,
+    budget_exhausted,
+    budget_limit,
+    budget_state,
+    cancel_refused,
+    check_sealed,
+    check_settlement,
+    checkpoint_row,
+    contiguous_leaf_hashes,
+    diagnose_lease,
+    diagnose_unleased,
+    holder_entry,
+    holder_outcome,
+    idempotent_submit,
+    in_states,
+    lapse_outcome,
+    new_task_row,
+    no_live_lease,
+    node_row,
+    numbered_migrations,
+    repeated_reservation,
+    rewrap_row,
+    row_to_checkpoint,
+    row_to_lease_history,
+    row_to_ledger_head,
+    row_to_node,
+    row_to_policy,
+    row_to_secret,
+    row_to_task,
+    row_to_tool_call,
+    secret_row,
+    target_state,
+    task_not_found,
+    tool_call_completion,
+    tool_call_repeat,
+    tool_call_row,
+)
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations" / "postgres"
 
@@ -78,13 +113,6 @@ T = TypeVar("T")
 Conn = psycopg.AsyncConnection[TupleRow]
 Row = tuple[Any, ...]
 
-TASK_COLS = (
-    "task_id, queue, state, payload, attempt, max_attempts, fencing_token, node_id, agent_id,"
-    " lease_id, lease_expires_unix_ms, lease_ttl_ms, result, error, created_unix_ms,"
-    " updated_unix_ms, not_before_unix_ms, idempotency_key, budget_limit_micros,"
-    " budget_spent_micros, seq"
-)
-
 
 def redact_url(url: str) -> str:
     """The URL without user or password, safe for logs and error messages."""
@@ -96,50 +124,7 @@ def redact_url(url: str) -> str:
     return f"postgresql://{host}{':' + str(port) if port else ''}/{db}"
 
 
-def _in(states: frozenset[State]) -> str:
-    """SQL list of state values, e.g. "(2,3)"; built from the transition table."""
-    return "(" + ",".join(str(int(s)) for s in sorted(states)) + ")"
-
-
-def _target(event: Event) -> State:
-    """The one state `event` leads to from every source (LAPSE excepted)."""
-    targets = {next_state(s, event) for s in sources(event)}
-    if len(targets) != 1:  # pragma: no cover - guards a future table change
-        raise AssertionError(f"{event.name} has several targets; handle it explicitly")
-    return targets.pop()
-
-
-def _row_to_task(row: Row) -> TaskRecord:
-    return TaskRecord(
-        task_id=row[0],
-        queue=row[1],
-        state=State(row[2]),
-        payload=bytes(row[3]),
-        attempt=row[4],
-        max_attempts=row[5],
-        fencing_token=row[6],
-        node_id=row[7],
-        agent_id=row[8],
-        lease_id=row[9],
-        lease_expires_unix_ms=row[10],
-        lease_ttl_ms=row[11],
-        result=bytes(row[12]),
-        error=row[13],
-        created_unix_ms=row[14],
-        updated_unix_ms=row[15],
-        not_before_unix_ms=row[16],
-        idempotency_key=row[17],
-        budget_limit_micros=row[18],
-        budget_spent_micros=row[19],
-        seq=row[20],
-    )
-
-
-def _row_to_secret(r: Row) -> SealedSecret:
-    return SealedSecret(r[0], r[1], r[2], bytes(r[3]), bytes(r[4]), bytes(r[5]), r[6])
-
-
-_LEASED = _target(Event.LEASE)
+_LEASED = target_state(Event.LEASE)
 
 _SQL_ACQUIRE = f"""
 UPDATE tasks SET state = {int(_LEASED)}, attempt = attempt + 1, fencing_token = fencing_token + 1,
@@ -147,17 +132,17 @@ UPDATE tasks SET state = {int(_LEASED)}, attempt = attempt + 1, fencing_token = 
     lease_expires_unix_ms = %(now)s + lease_ttl_ms, updated_unix_ms = %(now)s
 WHERE seq = (
     SELECT seq FROM tasks
-    WHERE queue = %(queue)s AND state IN {_in(sources(Event.LEASE))}
+    WHERE queue = %(queue)s AND state IN {in_states(sources(Event.LEASE))}
       AND not_before_unix_ms <= %(now)s
     ORDER BY not_before_unix_ms, created_unix_ms, seq
     LIMIT 1 FOR UPDATE SKIP LOCKED)
-  AND state IN {_in(sources(Event.LEASE))}
+  AND state IN {in_states(sources(Event.LEASE))}
 RETURNING {TASK_COLS}
 """
 
 _SQL_RENEW = f"""
 UPDATE tasks SET lease_expires_unix_ms = %(now)s + lease_ttl_ms, updated_unix_ms = %(now)s
-WHERE task_id = %(task_id)s AND state IN {_in(LEASED_STATES)} AND fencing_token = %(token)s
+WHERE task_id = %(task_id)s AND state IN {in_states(LEASED_STATES)} AND fencing_token = %(token)s
   AND node_id = %(node_id)s AND lease_expires_unix_ms > %(now)s
 RETURNING {TASK_COLS}
 """
@@ -175,23 +160,22 @@ UPDATE lease_history SET outcome = %s WHERE task_id = %s AND fencing_token = %s
 
 def _transition_sql(event: Event) -> tuple[str, str | None]:
     """The conditional UPDATE for a holder event and the lease outcome it records."""
-    target = _target(event)
-    src = _in(sources(event))
+    target = target_state(event)
+    outcome = holder_outcome(target)
+    src = in_states(sources(event))
     where = (
         f"WHERE task_id = %(task_id)s AND state IN {src} AND fencing_token = %(token)s"
         " AND node_id = %(node_id)s AND lease_expires_unix_ms > %(now)s"
     )
-    if target in LEASED_STATES:
-        sets, outcome = "", None
-    elif target is State.QUEUED:
+    if outcome is None:
+        sets = ""
+    elif outcome == "released":
         sets = (
             ", node_id = '', agent_id = '', lease_id = '', lease_expires_unix_ms = 0,"
             " not_before_unix_ms = %(now)s, error = %(error)s"
         )
-        outcome = "released"
     else:
         sets = ", lease_expires_unix_ms = 0, result = %(result)s, error = %(error)s"
-        outcome = "finished"
     sql = (
         f"UPDATE tasks SET state = {int(target)}, updated_unix_ms = %(now)s{sets} {where}"
         f" RETURNING {TASK_COLS}"
@@ -199,22 +183,20 @@ def _transition_sql(event: Event) -> tuple[str, str | None]:
     return sql, outcome
 
 
-_SQL_TRANSITION = {
-    e: _transition_sql(e) for e in (Event.START, Event.SUCCEED, Event.FAIL, Event.RELEASE)
-}
+_SQL_TRANSITION = {e: _transition_sql(e) for e in HOLDER_EVENTS}
 
-_CANCELED = _target(Event.CANCEL)
+_CANCELED = target_state(Event.CANCEL)
 _SQL_CANCEL = f"""
 UPDATE tasks SET state = {int(_CANCELED)}, error = %(reason)s, updated_unix_ms = %(now)s,
     lease_expires_unix_ms = 0
-WHERE task_id = %(task_id)s AND state IN {_in(sources(Event.CANCEL))}
+WHERE task_id = %(task_id)s AND state IN {in_states(sources(Event.CANCEL))}
 RETURNING {TASK_COLS}
 """
 
 # SKIP LOCKED: two replicas' sweepers split the lapsed leases between them.
 _SQL_LAPSED = f"""
-SELECT task_id, state, attempt, max_attempts, fencing_token FROM tasks
-WHERE state IN {_in(sources(Event.LAPSE))} AND lease_expires_unix_ms <= %s
+SELECT {LAPSED_COLS} FROM tasks
+WHERE state IN {in_states(sources(Event.LAPSE))} AND lease_expires_unix_ms <= %s
 ORDER BY lease_expires_unix_ms LIMIT %s FOR UPDATE SKIP LOCKED
 """
 
@@ -222,16 +204,9 @@ _SQL_LAPSE = f"""
 UPDATE tasks SET state = %(state)s, not_before_unix_ms = %(not_before)s, node_id = '',
     agent_id = '', lease_id = '', lease_expires_unix_ms = 0, updated_unix_ms = %(now)s,
     error = 'lease lapsed'
-WHERE task_id = %(task_id)s AND state IN {_in(sources(Event.LAPSE))}
+WHERE task_id = %(task_id)s AND state IN {in_states(sources(Event.LAPSE))}
   AND fencing_token = %(token)s AND lease_expires_unix_ms <= %(now)s
 """
-
-_NODE_COLS = "node_id, public_key, certificate, token_sha256, registered_unix_ms"
-_SECRET_COLS = "name, version, kek_id, wrapped_dek, nonce, ciphertext, created_unix_ms"
-_TOOL_CALL_COLS = (
-    "task_id, idempotency_key, tool, arguments_sha256, phase, result, status,"
-    " fencing_token, cost_micros, updated_unix_ms"
-)
 
 
 async def _one(conn: Conn, sql: str, params: Any = None) -> Row | None:
@@ -380,14 +355,7 @@ class PostgresStore:
             )
             if row is None:  # pragma: no cover - the conflicting row is committed
                 raise StorageError("idempotent submit lost its conflicting row")
-            found = _row_to_task(row)
-            if found.queue != task.queue or found.payload != task.payload:
-                raise IdempotencyConflict(
-                    f"idempotency key {task.idempotency_key!r} already names task "
-                    f"{found.task_id} with another queue or payload",
-                    metadata={"task_id": found.task_id},
-                )
-            return found
+            return idempotent_submit(row_to_task(row), task)
 
         async def fn(conn: Conn) -> tuple[TaskRecord, bool]:
             if task.idempotency_key:
@@ -405,23 +373,11 @@ class PostgresStore:
                 " budget_limit_micros) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (idempotency_key) WHERE idempotency_key <> '' DO NOTHING"
                 f" RETURNING {TASK_COLS}",
-                (
-                    task_id,
-                    task.queue,
-                    int(State.QUEUED),
-                    task.payload,
-                    task.max_attempts,
-                    task.lease_ttl_ms,
-                    now_ms,
-                    now_ms,
-                    now_ms,
-                    task.idempotency_key,
-                    task.budget_limit_micros,
-                ),
+                new_task_row(task, task_id, now_ms),
             )
             if row is None:
                 return await existing(conn), False
-            return _row_to_task(row), True
+            return row_to_task(row), True
 
         return await self._tx(fn)
 
@@ -430,8 +386,8 @@ class PostgresStore:
             lambda c: _one(c, f"SELECT {TASK_COLS} FROM tasks WHERE task_id = %s", (task_id,))
         )
         if row is None:
-            raise NotFound(f"no task {task_id!r}", metadata={"task_id": task_id})
-        return _row_to_task(row)
+            raise task_not_found(task_id)
+        return row_to_task(row)
 
     async def list_tasks(
         self, *, queue: str, state: State | None, after_seq: int, limit: int
@@ -446,7 +402,7 @@ class PostgresStore:
         sql = f"SELECT {TASK_COLS} FROM tasks WHERE {' AND '.join(clauses)} ORDER BY seq LIMIT %s"
         params.append(limit)
         rows = await self._read(lambda c: _all(c, sql, params))
-        return [_row_to_task(r) for r in rows]
+        return [row_to_task(r) for r in rows]
 
     async def count_tasks_by_state(self) -> dict[State, int]:
         rows = await self._read(
@@ -458,12 +414,11 @@ class PostgresStore:
         rows = await self._read(
             lambda c: _all(
                 c,
-                "SELECT task_id, lease_id, fencing_token, kind, envelope, outcome,"
-                " created_unix_ms FROM lease_history WHERE task_id = %s ORDER BY id",
+                f"SELECT {LEASE_HISTORY_COLS} FROM lease_history WHERE task_id = %s ORDER BY id",
                 (task_id,),
             )
         )
-        return [LeaseHistoryEntry(r[0], r[1], r[2], r[3], bytes(r[4]), r[5], r[6]) for r in rows]
+        return [row_to_lease_history(r) for r in rows]
 
     async def acquire_lease(
         self,
@@ -487,7 +442,7 @@ class PostgresStore:
             row = await _one(conn, _SQL_ACQUIRE, params)
             if row is None:
                 return None
-            task = _row_to_task(row)
+            task = row_to_task(row)
             envelope = sign(task)
             await conn.execute(
                 _SQL_HISTORY_INSERT,
@@ -506,7 +461,7 @@ class PostgresStore:
             row = await _one(conn, _SQL_RENEW, params)
             if row is None:
                 raise await _diagnose(conn, task_id, fencing_token, node_id, now_ms, None)
-            task = _row_to_task(row)
+            task = row_to_task(row)
             envelope = sign(task)
             await conn.execute(
                 _SQL_HISTORY_INSERT,
@@ -527,13 +482,7 @@ class PostgresStore:
         result: bytes = b"",
         error: str = "",
     ) -> TaskRecord:
-        entry = _SQL_TRANSITION.get(event)
-        if entry is None:
-            raise InvalidTransition(
-                f"{event.name.lower()} is not an event a lease holder may send",
-                metadata={"event": event.name},
-            )
-        sql, outcome = entry
+        sql, outcome = holder_entry(_SQL_TRANSITION, event)
         params = {
             "now": now_ms,
             "task_id": task_id,
@@ -549,7 +498,7 @@ class PostgresStore:
                 raise await _diagnose(conn, task_id, fencing_token, node_id, now_ms, event)
             if outcome is not None:
                 await conn.execute(_SQL_HISTORY_CLOSE, (outcome, task_id, fencing_token))
-            return _row_to_task(row)
+            return row_to_task(row)
 
         return await self._tx(fn)
 
@@ -560,11 +509,8 @@ class PostgresStore:
             row = await _one(conn, _SQL_CANCEL, params)
             if row is None:
                 current = await _one(conn, "SELECT state FROM tasks WHERE task_id = %s", (task_id,))
-                if current is None:
-                    raise NotFound(f"no task {task_id!r}", metadata={"task_id": task_id})
-                next_state(State(current[0]), Event.CANCEL)  # raises InvalidTransition
-                raise StorageError("cancel lost a race it cannot lose")  # pragma: no cover
-            task = _row_to_task(row)
+                cancel_refused(task_id, None if current is None else current[0])
+            task = row_to_task(row)
             await conn.execute(_SQL_HISTORY_CLOSE, ("canceled", task_id, task.fencing_token))
             return task
 
@@ -575,23 +521,15 @@ class PostgresStore:
     ) -> list[LapseOutcome]:
         async def fn(conn: Conn) -> list[LapseOutcome]:
             out: list[LapseOutcome] = []
-            for task_id, state, attempt, max_attempts, token in await _all(
-                conn, _SQL_LAPSED, (now_ms, limit)
-            ):
-                target = next_state(
-                    State(state), Event.LAPSE, attempt=attempt, max_attempts=max_attempts
-                )
-                not_before = (
-                    now_ms + backoff_ms(attempt, backoff_base_ms, backoff_cap_ms)
-                    if target is State.QUEUED
-                    else now_ms
-                )
+            for row in await _all(conn, _SQL_LAPSED, (now_ms, limit)):
+                lapse = lapse_outcome(row, now_ms, backoff_base_ms, backoff_cap_ms)
+                task_id, token = lapse.task_id, lapse.fencing_token
                 changed = await _exec(
                     conn,
                     _SQL_LAPSE,
                     {
-                        "state": int(target),
-                        "not_before": not_before,
+                        "state": int(lapse.state),
+                        "not_before": lapse.not_before_unix_ms,
                         "now": now_ms,
                         "task_id": task_id,
                         "token": token,
@@ -599,7 +537,7 @@ class PostgresStore:
                 )
                 if changed == 1:
                     await conn.execute(_SQL_HISTORY_CLOSE, ("lapsed", task_id, token))
-                    out.append(LapseOutcome(task_id, token, target, not_before))
+                    out.append(lapse)
             return out
 
         return await self._tx(fn)
@@ -609,7 +547,7 @@ class PostgresStore:
             lambda c: _one(
                 c,
                 "SELECT min(lease_expires_unix_ms) FROM tasks WHERE state IN "
-                f"{_in(sources(Event.LAPSE))}",
+                f"{in_states(sources(Event.LAPSE))}",
             )
         )
         return None if row is None or row[0] is None else int(row[0])
@@ -624,28 +562,20 @@ class PostgresStore:
                 (node.token_sha256, node.node_id),
             )
             await conn.execute(
-                f"INSERT INTO nodes ({_NODE_COLS}) VALUES (%s, %s, %s, %s, %s)"
+                f"INSERT INTO nodes ({NODE_COLS}) VALUES (%s, %s, %s, %s, %s)"
                 " ON CONFLICT (node_id) DO UPDATE SET public_key = EXCLUDED.public_key,"
                 " certificate = EXCLUDED.certificate, token_sha256 = EXCLUDED.token_sha256,"
                 " registered_unix_ms = EXCLUDED.registered_unix_ms",
-                (
-                    node.node_id,
-                    node.public_key,
-                    node.certificate,
-                    node.token_sha256,
-                    node.registered_unix_ms,
-                ),
+                node_row(node),
             )
 
         await self._tx(fn)
 
     async def _node_where(self, column: str, value: str) -> NodeRecord | None:
         row = await self._read(
-            lambda c: _one(c, f"SELECT {_NODE_COLS} FROM nodes WHERE {column} = %s", (value,))
+            lambda c: _one(c, f"SELECT {NODE_COLS} FROM nodes WHERE {column} = %s", (value,))
         )
-        if row is None:
-            return None
-        return NodeRecord(row[0], bytes(row[1]), bytes(row[2]), row[3], row[4])
+        return None if row is None else row_to_node(row)
 
     async def get_node(self, node_id: str) -> NodeRecord | None:
         return await self._node_where("node_id", node_id)
@@ -670,26 +600,25 @@ class PostgresStore:
         return await self._tx(fn)
 
     async def get_policy(self, version: int = 0) -> PolicyRecord | None:
-        cols = "version, document, digest, created_unix_ms"
         if version:
-            sql = f"SELECT {cols} FROM policies WHERE version = %s"
+            sql = f"SELECT {POLICY_COLS} FROM policies WHERE version = %s"
             params: tuple[int, ...] = (version,)
         else:
-            sql = f"SELECT {cols} FROM policies ORDER BY version DESC LIMIT 1"
+            sql = f"SELECT {POLICY_COLS} FROM policies ORDER BY version DESC LIMIT 1"
             params = ()
         row = await self._read(lambda c: _one(c, sql, params))
-        return None if row is None else PolicyRecord(row[0], row[1], row[2], row[3])
+        return None if row is None else row_to_policy(row)
 
     async def get_policy_by_digest(self, digest: str) -> PolicyRecord | None:
         row = await self._read(
             lambda c: _one(
                 c,
-                "SELECT version, document, digest, created_unix_ms FROM policies"
-                " WHERE digest = %s ORDER BY version DESC LIMIT 1",
+                f"SELECT {POLICY_COLS} FROM policies WHERE digest = %s ORDER BY version DESC"
+                " LIMIT 1",
                 (digest,),
             )
         )
-        return None if row is None else PolicyRecord(row[0], row[1], row[2], row[3])
+        return None if row is None else row_to_policy(row)
 
     @staticmethod
     async def _next_secret_version(conn: Conn, name: str) -> int:
@@ -705,16 +634,8 @@ class PostgresStore:
         async def fn(conn: Conn) -> int:
             version = await self._next_secret_version(conn, secret.name)
             await conn.execute(
-                f"INSERT INTO secrets ({_SECRET_COLS}) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                (
-                    secret.name,
-                    version,
-                    secret.kek_id,
-                    secret.wrapped_dek,
-                    secret.nonce,
-                    secret.ciphertext,
-                    secret.created_unix_ms,
-                ),
+                f"INSERT INTO secrets ({SECRET_COLS}) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                secret_row(secret, secret.name, version),
             )
             return version
 
@@ -722,33 +643,22 @@ class PostgresStore:
 
     async def get_secret(self, name: str, version: int = 0) -> SealedSecret | None:
         if version:
-            sql = f"SELECT {_SECRET_COLS} FROM secrets WHERE name = %s AND version = %s"
+            sql = f"SELECT {SECRET_COLS} FROM secrets WHERE name = %s AND version = %s"
             params: tuple[Any, ...] = (name, version)
         else:
-            sql = (
-                f"SELECT {_SECRET_COLS} FROM secrets WHERE name = %s ORDER BY version DESC LIMIT 1"
-            )
+            sql = f"SELECT {SECRET_COLS} FROM secrets WHERE name = %s ORDER BY version DESC LIMIT 1"
             params = (name,)
         row = await self._read(lambda c: _one(c, sql, params))
-        return None if row is None else _row_to_secret(row)
+        return None if row is None else row_to_secret(row)
 
     async def put_sealed_secret(self, name: str, seal: SecretSealFn) -> int:
         async def fn(conn: Conn) -> int:
             version = await self._next_secret_version(conn, name)
             sec = seal(version)
-            if sec.name != name or sec.version != version:
-                raise StorageError("sealed secret does not match the name/version it was given")
+            check_sealed(sec, name, version)
             await conn.execute(
-                f"INSERT INTO secrets ({_SECRET_COLS}) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-                (
-                    name,
-                    version,
-                    sec.kek_id,
-                    sec.wrapped_dek,
-                    sec.nonce,
-                    sec.ciphertext,
-                    sec.created_unix_ms,
-                ),
+                f"INSERT INTO secrets ({SECRET_COLS}) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+                secret_row(sec, name, version),
             )
             return version
 
@@ -757,18 +667,18 @@ class PostgresStore:
     async def rewrap_secrets(self, rewrap: SecretRewrapFn) -> int:
         async def fn(conn: Conn) -> int:
             rows = await _all(
-                conn, f"SELECT {_SECRET_COLS} FROM secrets ORDER BY name, version FOR UPDATE"
+                conn, f"SELECT {SECRET_COLS} FROM secrets ORDER BY name, version FOR UPDATE"
             )
             changed = 0
             for r in rows:
-                old = _row_to_secret(r)
+                old = row_to_secret(r)
                 new = rewrap(old)
                 if new is None:
                     continue
                 await conn.execute(
                     "UPDATE secrets SET kek_id = %s, wrapped_dek = %s, nonce = %s,"
                     " ciphertext = %s WHERE name = %s AND version = %s",
-                    (new.kek_id, new.wrapped_dek, new.nonce, new.ciphertext, old.name, old.version),
+                    rewrap_row(new, old),
                 )
                 changed += 1
             return changed
@@ -814,7 +724,7 @@ class PostgresStore:
             task = await _live_task(
                 conn, task_id, fencing_token, node_id, now_ms, "reserve budget", lock=True
             )
-            limit = task.budget_limit_micros or default_limit_micros
+            limit = budget_limit(task, default_limit_micros)
             existing = await _one(
                 conn,
                 "SELECT amount_micros, fencing_token, node_id FROM budget_reservations"
@@ -822,19 +732,21 @@ class PostgresStore:
                 (task_id, reservation_id),
             )
             if existing is not None:
-                if tuple(existing) != (amount_micros, fencing_token, node_id):
-                    raise IdempotencyConflict(
-                        f"reservation id {reservation_id!r} of task {task_id} was already used "
-                        "with another amount or lease",
-                        metadata={"task_id": task_id, "reservation_id": reservation_id},
-                    )
-                return BudgetState(limit, task.budget_spent_micros, existed=True)
+                return repeated_reservation(
+                    existing,
+                    task,
+                    limit,
+                    reservation_id=reservation_id,
+                    amount_micros=amount_micros,
+                    fencing_token=fencing_token,
+                    node_id=node_id,
+                )
             # The one conditional write: the limit check and the increment are the
             # same statement, so concurrent reservations can never overspend.
             row = await _one(
                 conn,
                 "UPDATE tasks SET budget_spent_micros = budget_spent_micros + %(amount)s"
-                f" WHERE task_id = %(task_id)s AND state IN {_in(LEASED_STATES)}"
+                f" WHERE task_id = %(task_id)s AND state IN {in_states(LEASED_STATES)}"
                 " AND fencing_token = %(token)s AND node_id = %(node_id)s"
                 " AND lease_expires_unix_ms > %(now)s"
                 " AND budget_spent_micros + %(amount)s <= %(limit)s"
@@ -849,17 +761,7 @@ class PostgresStore:
                 },
             )
             if row is None:
-                remaining = max(limit - task.budget_spent_micros, 0)
-                raise BudgetExhausted(
-                    f"budget of task {task_id} is exhausted: {amount_micros} micros requested, "
-                    f"{remaining} of {limit} remaining",
-                    metadata={
-                        "task_id": task_id,
-                        "remaining_micros": str(remaining),
-                        "limit_micros": str(limit),
-                        "requested_micros": str(amount_micros),
-                    },
-                )
+                raise budget_exhausted(task, limit, amount_micros)
             await conn.execute(
                 "INSERT INTO budget_reservations (task_id, reservation_id, amount_micros,"
                 " fencing_token, created_unix_ms, node_id) VALUES (%s, %s, %s, %s, %s, %s)",
@@ -888,42 +790,19 @@ class PostgresStore:
                 " FOR UPDATE",
                 (task_id, reservation_id),
             )
-            meta = {"task_id": task_id, "reservation_id": reservation_id}
-            if res is None:
-                raise NotFound(
-                    f"no reservation {reservation_id!r} for task {task_id!r}", metadata=meta
-                )
-            amount, actual, settled, token, owner = res
-            if token != fencing_token:
-                raise StaleFencingToken(
-                    f"reservation {reservation_id!r} of task {task_id} was made under fencing "
-                    f"token {token}, not {fencing_token}",
-                    metadata=meta,
-                )
-            if owner != node_id:
-                raise NotOwner(
-                    f"reservation {reservation_id!r} of task {task_id} belongs to node "
-                    f"{owner!r}, not {node_id!r}",
-                    metadata=meta,
-                )
-            if actual_micros > amount:
-                raise InvalidArgument(
-                    "actual_micros", f"{actual_micros} exceeds the reserved {amount}"
-                )
+            amount, settled = check_settlement(
+                res,
+                task_id=task_id,
+                reservation_id=reservation_id,
+                fencing_token=fencing_token,
+                node_id=node_id,
+                actual_micros=actual_micros,
+            )
             if settled:
-                if actual != actual_micros:
-                    raise IdempotencyConflict(
-                        f"reservation {reservation_id!r} of task {task_id} was already settled "
-                        f"at {actual} micros",
-                        metadata=meta,
-                    )
                 row = await _one(
-                    conn,
-                    "SELECT budget_spent_micros, budget_limit_micros FROM tasks WHERE task_id = %s",
-                    (task_id,),
+                    conn, f"SELECT {TASK_BUDGET_COLS} FROM tasks WHERE task_id = %s", (task_id,)
                 )
-                assert row is not None
-                return BudgetState(row[1] or default_limit_micros, row[0], existed=True)
+                return budget_state(row, default_limit_micros, existed=True)
             await conn.execute(
                 "UPDATE budget_reservations SET settled = 1, actual_micros = %s"
                 " WHERE task_id = %s AND reservation_id = %s",
@@ -932,11 +811,10 @@ class PostgresStore:
             row = await _one(
                 conn,
                 "UPDATE tasks SET budget_spent_micros = budget_spent_micros - %s"
-                " WHERE task_id = %s RETURNING budget_spent_micros, budget_limit_micros",
+                f" WHERE task_id = %s RETURNING {TASK_BUDGET_COLS}",
                 (amount - actual_micros, task_id),
             )
-            assert row is not None
-            return BudgetState(row[1] or default_limit_micros, row[0])
+            return budget_state(row, default_limit_micros, existed=False)
 
         return await self._tx(fn)
 
@@ -959,55 +837,20 @@ class PostgresStore:
                 lock=True,
             )
             existing = await _select_tool_call(conn, w.task_id, w.idempotency_key)
-            if existing is not None and (
-                existing.tool != w.tool or existing.arguments_sha256 != w.arguments_sha256
-            ):
-                raise IdempotencyConflict(
-                    f"idempotency key {w.idempotency_key!r} of task {w.task_id} was used for "
-                    f"tool {existing.tool!r} with other arguments",
-                    metadata={
-                        "task_id": w.task_id,
-                        "idempotency_key": w.idempotency_key,
-                        "tool": existing.tool,
-                    },
-                )
-            if existing is not None and (
-                w.phase is ToolCallPhase.STARTED or existing.phase is ToolCallPhase.COMPLETED
-            ):
+            if existing is not None and tool_call_repeat(existing, w):
                 return existing, True
             if existing is None:
                 await conn.execute(
-                    f"INSERT INTO tool_calls ({_TOOL_CALL_COLS})"
+                    f"INSERT INTO tool_calls ({TOOL_CALL_COLS})"
                     " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    (
-                        w.task_id,
-                        w.idempotency_key,
-                        w.tool,
-                        w.arguments_sha256,
-                        int(w.phase),
-                        w.result,
-                        w.status,
-                        w.fencing_token,
-                        w.cost_micros,
-                        now_ms,
-                    ),
+                    tool_call_row(w, now_ms),
                 )
             else:  # STARTED -> COMPLETED, under the current holder's token
                 await conn.execute(
                     "UPDATE tool_calls SET phase = %s, result = %s, status = %s,"
                     " fencing_token = %s, cost_micros = %s, updated_unix_ms = %s"
                     " WHERE task_id = %s AND idempotency_key = %s AND phase = %s",
-                    (
-                        int(ToolCallPhase.COMPLETED),
-                        w.result,
-                        w.status,
-                        w.fencing_token,
-                        w.cost_micros,
-                        now_ms,
-                        w.task_id,
-                        w.idempotency_key,
-                        int(ToolCallPhase.STARTED),
-                    ),
+                    tool_call_completion(w, now_ms),
                 )
             rec = await _select_tool_call(conn, w.task_id, w.idempotency_key)
             assert rec is not None
@@ -1102,7 +945,7 @@ class PostgresStore:
                 "INSERT INTO ledger_checkpoints VALUES (%s, %s, %s, %s) ON CONFLICT (tree_size)"
                 " DO UPDATE SET root_hash = EXCLUDED.root_hash,"
                 " timestamp_unix_ms = EXCLUDED.timestamp_unix_ms, note = EXCLUDED.note",
-                (cp.tree_size, cp.root_hash, cp.timestamp_unix_ms, cp.note),
+                checkpoint_row(cp),
             )
 
         await self._tx(fn)
@@ -1111,11 +954,10 @@ class PostgresStore:
         row = await self._read(
             lambda c: _one(
                 c,
-                "SELECT tree_size, root_hash, timestamp_unix_ms, note FROM ledger_checkpoints"
-                " ORDER BY tree_size DESC LIMIT 1",
+                f"SELECT {CHECKPOINT_COLS} FROM ledger_checkpoints ORDER BY tree_size DESC LIMIT 1",
             )
         )
-        return None if row is None else StoredCheckpoint(row[0], bytes(row[1]), row[2], row[3])
+        return None if row is None else row_to_checkpoint(row)
 
     async def put_node_certificate(
         self, node_id: str, cert_sha256: str, certificate: bytes, now_ms: int
@@ -1144,11 +986,11 @@ class PostgresStore:
 async def _ledger_head(conn: Conn, node_id: str) -> LedgerHead | None:
     row = await _one(
         conn,
-        "SELECT seq, digest, leaf_index FROM ledger_leaves WHERE node_id = %s"
+        f"SELECT {LEDGER_HEAD_COLS} FROM ledger_leaves WHERE node_id = %s"
         " ORDER BY seq DESC LIMIT 1",
         (node_id,),
     )
-    return None if row is None else LedgerHead(row[0], row[1], row[2])
+    return None if row is None else row_to_ledger_head(row)
 
 
 async def _select_tool_call(
@@ -1156,23 +998,10 @@ async def _select_tool_call(
 ) -> ToolCallRecord | None:
     row = await _one(
         conn,
-        f"SELECT {_TOOL_CALL_COLS} FROM tool_calls WHERE task_id = %s AND idempotency_key = %s",
+        f"SELECT {TOOL_CALL_COLS} FROM tool_calls WHERE task_id = %s AND idempotency_key = %s",
         (task_id, idempotency_key),
     )
-    if row is None:
-        return None
-    return ToolCallRecord(
-        task_id=row[0],
-        idempotency_key=row[1],
-        tool=row[2],
-        arguments_sha256=row[3],
-        phase=ToolCallPhase(row[4]),
-        result=bytes(row[5]),
-        status=row[6],
-        fencing_token=row[7],
-        cost_micros=row[8],
-        updated_unix_ms=row[9],
-    )
+    return None if row is None else row_to_tool_call(row)
 
 
 async def _live_task(
@@ -1191,21 +1020,15 @@ async def _live_task(
     """
     row = await _one(
         conn,
-        f"SELECT {TASK_COLS} FROM tasks WHERE task_id = %s AND state IN {_in(LEASED_STATES)}"
+        f"SELECT {TASK_COLS} FROM tasks WHERE task_id = %s AND state IN {in_states(LEASED_STATES)}"
         " AND fencing_token = %s AND node_id = %s AND lease_expires_unix_ms > %s"
         + (" FOR UPDATE" if lock else ""),
         (task_id, fencing_token, node_id, now_ms),
     )
     if row is not None:
-        return _row_to_task(row)
+        return row_to_task(row)
     err = await _diagnose(conn, task_id, fencing_token, node_id, now_ms, None)
-    if isinstance(err, InvalidTransition):
-        state = err.metadata.get("state", "").lower()
-        raise InvalidTransition(
-            f"cannot {action} on task {task_id}: it is {state} and has no live lease",
-            metadata=err.metadata,
-        )
-    raise err
+    raise no_live_lease(err, task_id, action)
 
 
 async def _diagnose(
@@ -1219,56 +1042,20 @@ async def _diagnose(
     """Explains why a conditional write on a leased task matched no row."""
     row = await _one(conn, f"SELECT {TASK_COLS} FROM tasks WHERE task_id = %s", (task_id,))
     if row is None:
-        return NotFound(f"no task {task_id!r}", metadata={"task_id": task_id})
-    task = _row_to_task(row)
-    meta = {"task_id": task_id, "current_fencing_token": str(task.fencing_token)}
-    if fencing_token != task.fencing_token:
-        return StaleFencingToken(
-            f"fencing token {fencing_token} is stale for task {task_id}; "
-            f"the current token is {task.fencing_token}",
-            metadata=meta,
-        )
-    if task.state in LEASED_STATES:
-        if task.node_id != node_id:
-            return NotOwner(
-                f"task {task_id} is leased to node {task.node_id!r}, not {node_id!r}",
-                metadata=meta,
-            )
-        if task.lease_expires_unix_ms <= now_ms:
-            return LeaseExpired(
-                f"the lease on task {task_id} (token {fencing_token}) lapsed at "
-                f"{task.lease_expires_unix_ms}",
-                metadata=meta,
-            )
+        return task_not_found(task_id)
+    task = row_to_task(row)
+    err = diagnose_lease(task_id, task, fencing_token, node_id, now_ms)
+    if err is not None:
+        return err
     lapsed = await _one(
         conn,
         "SELECT 1 FROM lease_history WHERE task_id = %s AND fencing_token = %s"
         " AND outcome = 'lapsed'",
         (task_id, fencing_token),
     )
-    if lapsed is not None and task.state not in LEASED_STATES:
-        return LeaseExpired(
-            f"the lease on task {task_id} (token {fencing_token}) lapsed; the task is "
-            f"{task.state.name.lower()}",
-            metadata=meta,
-        )
-    if event is None:
-        what = "terminal" if task.state in TERMINAL else task.state.name.lower()
-        return InvalidTransition(
-            f"cannot renew a lease on task {task_id}: it is {what}",
-            metadata={**meta, "state": task.state.name},
-        )
-    try:
-        next_state(task.state, event)
-    except InvalidTransition as err:
-        err.metadata.update(meta)
-        return err
-    return StorageError(f"transition of task {task_id} matched no row")  # pragma: no cover
+    return diagnose_unleased(task_id, task, fencing_token, event, lapsed is not None)
 
 
 def migration_files() -> list[tuple[int, str, Path]]:
     """(version, name, path) of every NNNN_name.sql PostgreSQL migration, in order."""
-    out = []
-    for path in sorted(MIGRATIONS_DIR.glob("[0-9][0-9][0-9][0-9]_*.sql")):
-        out.append((int(path.name[:4]), path.stem[5:], path))
-    return out
+    return numbered_migrations(MIGRATIONS_DIR)

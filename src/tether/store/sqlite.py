@@ -14,7 +14,6 @@ only an OS crash or power loss may drop the last commits.
 
 from __future__ import annotations
 
-import hashlib
 import sqlite3
 import time
 from collections.abc import Callable
@@ -23,19 +22,8 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from tether.core.errors import (
-    BudgetExhausted,
-    IdempotencyConflict,
-    InvalidArgument,
-    InvalidTransition,
-    LeaseExpired,
-    NotFound,
-    NotOwner,
-    StaleFencingToken,
-    StorageError,
-    TetherError,
-)
-from tether.core.states import LEASED_STATES, TERMINAL, Event, State, next_state, sources
+from tether.core.errors import StorageError, TetherError
+from tether.core.states import LEASED_STATES, Event, State, sources
 from tether.store.base import (
     BudgetState,
     LapseOutcome,
@@ -52,63 +40,67 @@ from tether.store.base import (
     SecretSealFn,
     StoredCheckpoint,
     TaskRecord,
-    ToolCallPhase,
     ToolCallRecord,
     ToolCallWrite,
 )
+from tether.store.common import (
+    CHECKPOINT_COLS,
+    HOLDER_EVENTS,
+    LAPSED_COLS,
+    LEASE_HISTORY_COLS,
+    LEDGER_HEAD_COLS,
+    NODE_COLS,
+    POLICY_COLS,
+    SECRET_COLS,
+    TASK_BUDGET_COLS,
+    TASK_COLS,
+    TOOL_CALL_COLS,
+    budget_exhausted,
+    budget_limit,
+    budget_state,
+    cancel_refused,
+    check_sealed,
+    check_settlement,
+    checkpoint_row,
+    contiguous_leaf_hashes,
+    diagnose_lease,
+    diagnose_unleased,
+    holder_entry,
+    holder_outcome,
+    idempotent_submit,
+    in_states,
+    lapse_outcome,
+    new_task_row,
+    no_live_lease,
+    node_row,
+    numbered_migrations,
+    repeated_reservation,
+    rewrap_row,
+    row_to_checkpoint,
+    row_to_lease_history,
+    row_to_ledger_head,
+    row_to_node,
+    row_to_policy,
+    row_to_secret,
+    row_to_task,
+    row_to_tool_call,
+    secret_row,
+    target_state,
+    task_not_found,
+    tool_call_completion,
+    tool_call_repeat,
+    tool_call_row,
+)
+
+# Re-exported: older callers import these from here.
+from tether.store.common import backoff_ms as backoff_ms
+from tether.store.common import token_sha256 as token_sha256
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations" / "sqlite"
 
 T = TypeVar("T")
 
-TASK_COLS = (
-    "task_id, queue, state, payload, attempt, max_attempts, fencing_token, node_id, agent_id,"
-    " lease_id, lease_expires_unix_ms, lease_ttl_ms, result, error, created_unix_ms,"
-    " updated_unix_ms, not_before_unix_ms, idempotency_key, budget_limit_micros,"
-    " budget_spent_micros, seq"
-)
-
-
-def _in(states: frozenset[State]) -> str:
-    """SQL list of state values, e.g. "(2,3)"; built from the transition table."""
-    return "(" + ",".join(str(int(s)) for s in sorted(states)) + ")"
-
-
-def _target(event: Event) -> State:
-    """The one state `event` leads to from every source (LAPSE excepted)."""
-    targets = {next_state(s, event) for s in sources(event)}
-    if len(targets) != 1:  # pragma: no cover - guards a future table change
-        raise AssertionError(f"{event.name} has several targets; handle it explicitly")
-    return targets.pop()
-
-
-def _row_to_task(row: sqlite3.Row | tuple[Any, ...]) -> TaskRecord:
-    return TaskRecord(
-        task_id=row[0],
-        queue=row[1],
-        state=State(row[2]),
-        payload=bytes(row[3]),
-        attempt=row[4],
-        max_attempts=row[5],
-        fencing_token=row[6],
-        node_id=row[7],
-        agent_id=row[8],
-        lease_id=row[9],
-        lease_expires_unix_ms=row[10],
-        lease_ttl_ms=row[11],
-        result=bytes(row[12]),
-        error=row[13],
-        created_unix_ms=row[14],
-        updated_unix_ms=row[15],
-        not_before_unix_ms=row[16],
-        idempotency_key=row[17],
-        budget_limit_micros=row[18],
-        budget_spent_micros=row[19],
-        seq=row[20],
-    )
-
-
-_LEASED = _target(Event.LEASE)
+_LEASED = target_state(Event.LEASE)
 
 _SQL_ACQUIRE = f"""
 UPDATE tasks SET state = {int(_LEASED)}, attempt = attempt + 1, fencing_token = fencing_token + 1,
@@ -116,15 +108,15 @@ UPDATE tasks SET state = {int(_LEASED)}, attempt = attempt + 1, fencing_token = 
     updated_unix_ms = ?4
 WHERE seq = (
     SELECT seq FROM tasks
-    WHERE queue = ?5 AND state IN {_in(sources(Event.LEASE))} AND not_before_unix_ms <= ?4
+    WHERE queue = ?5 AND state IN {in_states(sources(Event.LEASE))} AND not_before_unix_ms <= ?4
     ORDER BY not_before_unix_ms, created_unix_ms LIMIT 1)
-  AND state IN {_in(sources(Event.LEASE))}
+  AND state IN {in_states(sources(Event.LEASE))}
 RETURNING {TASK_COLS}
 """
 
 _SQL_RENEW = f"""
 UPDATE tasks SET lease_expires_unix_ms = ?1 + lease_ttl_ms, updated_unix_ms = ?1
-WHERE task_id = ?2 AND state IN {_in(LEASED_STATES)} AND fencing_token = ?3 AND node_id = ?4
+WHERE task_id = ?2 AND state IN {in_states(LEASED_STATES)} AND fencing_token = ?3 AND node_id = ?4
   AND lease_expires_unix_ms > ?1
 RETURNING {TASK_COLS}
 """
@@ -142,23 +134,22 @@ UPDATE lease_history SET outcome = ?1 WHERE task_id = ?2 AND fencing_token = ?3
 
 def _transition_sql(event: Event) -> tuple[str, str | None]:
     """The conditional UPDATE for a holder event and the lease outcome it records."""
-    target = _target(event)
-    src = _in(sources(event))
+    target = target_state(event)
+    outcome = holder_outcome(target)
+    src = in_states(sources(event))
     where = (
         f"WHERE task_id = :task_id AND state IN {src} AND fencing_token = :token"
         " AND node_id = :node_id AND lease_expires_unix_ms > :now"
     )
-    if target in LEASED_STATES:
-        sets, outcome = "", None
-    elif target is State.QUEUED:
+    if outcome is None:
+        sets = ""
+    elif outcome == "released":
         sets = (
             ", node_id = '', agent_id = '', lease_id = '', lease_expires_unix_ms = 0,"
             " not_before_unix_ms = :now, error = :error"
         )
-        outcome = "released"
     else:
         sets = ", lease_expires_unix_ms = 0, result = :result, error = :error"
-        outcome = "finished"
     sql = (
         f"UPDATE tasks SET state = {int(target)}, updated_unix_ms = :now{sets} {where}"
         f" RETURNING {TASK_COLS}"
@@ -166,35 +157,28 @@ def _transition_sql(event: Event) -> tuple[str, str | None]:
     return sql, outcome
 
 
-_SQL_TRANSITION = {
-    e: _transition_sql(e) for e in (Event.START, Event.SUCCEED, Event.FAIL, Event.RELEASE)
-}
+_SQL_TRANSITION = {e: _transition_sql(e) for e in HOLDER_EVENTS}
 
-_CANCELED = _target(Event.CANCEL)
+_CANCELED = target_state(Event.CANCEL)
 _SQL_CANCEL = f"""
 UPDATE tasks SET state = {int(_CANCELED)}, error = ?1, updated_unix_ms = ?2,
     lease_expires_unix_ms = 0
-WHERE task_id = ?3 AND state IN {_in(sources(Event.CANCEL))}
+WHERE task_id = ?3 AND state IN {in_states(sources(Event.CANCEL))}
 RETURNING {TASK_COLS}
 """
 
 _SQL_LAPSED = f"""
-SELECT task_id, state, attempt, max_attempts, fencing_token FROM tasks
-WHERE state IN {_in(sources(Event.LAPSE))} AND lease_expires_unix_ms <= ?1
+SELECT {LAPSED_COLS} FROM tasks
+WHERE state IN {in_states(sources(Event.LAPSE))} AND lease_expires_unix_ms <= ?1
 ORDER BY lease_expires_unix_ms LIMIT ?2
 """
 
 _SQL_LAPSE = f"""
 UPDATE tasks SET state = ?1, not_before_unix_ms = ?2, node_id = '', agent_id = '',
     lease_id = '', lease_expires_unix_ms = 0, updated_unix_ms = ?3, error = 'lease lapsed'
-WHERE task_id = ?4 AND state IN {_in(sources(Event.LAPSE))} AND fencing_token = ?5
+WHERE task_id = ?4 AND state IN {in_states(sources(Event.LAPSE))} AND fencing_token = ?5
   AND lease_expires_unix_ms <= ?3
 """
-
-
-def backoff_ms(attempt: int, base_ms: int, cap_ms: int) -> int:
-    """Delay before a lapsed attempt's task may be leased again: min(base*2**(attempt-1), cap)."""
-    return int(min(base_ms * (2 ** max(min(attempt - 1, 62), 0)), cap_ms))
 
 
 class SqliteStore:
@@ -303,34 +287,15 @@ class SqliteStore:
                     (task.idempotency_key,),
                 ).fetchone()
                 if row is not None:
-                    existing = _row_to_task(row)
-                    if existing.queue != task.queue or existing.payload != task.payload:
-                        raise IdempotencyConflict(
-                            f"idempotency key {task.idempotency_key!r} already names task "
-                            f"{existing.task_id} with another queue or payload",
-                            metadata={"task_id": existing.task_id},
-                        )
-                    return existing, False
+                    return idempotent_submit(row_to_task(row), task), False
             row = conn.execute(
                 "INSERT INTO tasks (task_id, queue, state, payload, max_attempts, lease_ttl_ms,"
                 " created_unix_ms, updated_unix_ms, not_before_unix_ms, idempotency_key,"
                 " budget_limit_micros) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 f" RETURNING {TASK_COLS}",
-                (
-                    task_id,
-                    task.queue,
-                    int(State.QUEUED),
-                    task.payload,
-                    task.max_attempts,
-                    task.lease_ttl_ms,
-                    now_ms,
-                    now_ms,
-                    now_ms,
-                    task.idempotency_key,
-                    task.budget_limit_micros,
-                ),
+                new_task_row(task, task_id, now_ms),
             ).fetchone()
-            return _row_to_task(row), True
+            return row_to_task(row), True
 
         return await self._tx(fn)
 
@@ -341,8 +306,8 @@ class SqliteStore:
             ).fetchone()
         )
         if row is None:
-            raise NotFound(f"no task {task_id!r}", metadata={"task_id": task_id})
-        return _row_to_task(row)
+            raise task_not_found(task_id)
+        return row_to_task(row)
 
     async def list_tasks(
         self, *, queue: str, state: State | None, after_seq: int, limit: int
@@ -357,7 +322,7 @@ class SqliteStore:
         sql = f"SELECT {TASK_COLS} FROM tasks WHERE {' AND '.join(clauses)} ORDER BY seq LIMIT ?"
         params.append(limit)
         rows = await self._run(lambda c: c.execute(sql, params).fetchall())
-        return [_row_to_task(r) for r in rows]
+        return [row_to_task(r) for r in rows]
 
     async def count_tasks_by_state(self) -> dict[State, int]:
         rows = await self._run(
@@ -368,12 +333,11 @@ class SqliteStore:
     async def lease_history(self, task_id: str) -> list[LeaseHistoryEntry]:
         rows = await self._run(
             lambda c: c.execute(
-                "SELECT task_id, lease_id, fencing_token, kind, envelope, outcome,"
-                " created_unix_ms FROM lease_history WHERE task_id = ? ORDER BY id",
+                f"SELECT {LEASE_HISTORY_COLS} FROM lease_history WHERE task_id = ? ORDER BY id",
                 (task_id,),
             ).fetchall()
         )
-        return [LeaseHistoryEntry(r[0], r[1], r[2], r[3], bytes(r[4]), r[5], r[6]) for r in rows]
+        return [row_to_lease_history(r) for r in rows]
 
     async def acquire_lease(
         self,
@@ -391,7 +355,7 @@ class SqliteStore:
             ).fetchone()
             if row is None:
                 return None
-            task = _row_to_task(row)
+            task = row_to_task(row)
             envelope = sign(task)
             conn.execute(
                 _SQL_HISTORY_INSERT,
@@ -408,7 +372,7 @@ class SqliteStore:
             row = conn.execute(_SQL_RENEW, (now_ms, task_id, fencing_token, node_id)).fetchone()
             if row is None:
                 raise _diagnose(conn, task_id, fencing_token, node_id, now_ms, None)
-            task = _row_to_task(row)
+            task = row_to_task(row)
             envelope = sign(task)
             conn.execute(
                 _SQL_HISTORY_INSERT,
@@ -429,13 +393,7 @@ class SqliteStore:
         result: bytes = b"",
         error: str = "",
     ) -> TaskRecord:
-        entry = _SQL_TRANSITION.get(event)
-        if entry is None:
-            raise InvalidTransition(
-                f"{event.name.lower()} is not an event a lease holder may send",
-                metadata={"event": event.name},
-            )
-        sql, outcome = entry
+        sql, outcome = holder_entry(_SQL_TRANSITION, event)
 
         def fn(conn: sqlite3.Connection) -> TaskRecord:
             params = {
@@ -451,7 +409,7 @@ class SqliteStore:
                 raise _diagnose(conn, task_id, fencing_token, node_id, now_ms, event)
             if outcome is not None:
                 conn.execute(_SQL_HISTORY_CLOSE, (outcome, task_id, fencing_token))
-            return _row_to_task(row)
+            return row_to_task(row)
 
         return await self._tx(fn)
 
@@ -462,11 +420,8 @@ class SqliteStore:
                 current = conn.execute(
                     "SELECT state FROM tasks WHERE task_id = ?", (task_id,)
                 ).fetchone()
-                if current is None:
-                    raise NotFound(f"no task {task_id!r}", metadata={"task_id": task_id})
-                next_state(State(current[0]), Event.CANCEL)  # raises InvalidTransition
-                raise StorageError("cancel lost a race it cannot lose")  # pragma: no cover
-            task = _row_to_task(row)
+                cancel_refused(task_id, None if current is None else current[0])
+            task = row_to_task(row)
             conn.execute(_SQL_HISTORY_CLOSE, ("canceled", task_id, task.fencing_token))
             return task
 
@@ -477,21 +432,16 @@ class SqliteStore:
     ) -> list[LapseOutcome]:
         def fn(conn: sqlite3.Connection) -> list[LapseOutcome]:
             out: list[LapseOutcome] = []
-            for task_id, state, attempt, max_attempts, token in conn.execute(
-                _SQL_LAPSED, (now_ms, limit)
-            ).fetchall():
-                target = next_state(
-                    State(state), Event.LAPSE, attempt=attempt, max_attempts=max_attempts
+            for row in conn.execute(_SQL_LAPSED, (now_ms, limit)).fetchall():
+                lapse = lapse_outcome(row, now_ms, backoff_base_ms, backoff_cap_ms)
+                task_id, token = lapse.task_id, lapse.fencing_token
+                cur = conn.execute(
+                    _SQL_LAPSE,
+                    (int(lapse.state), lapse.not_before_unix_ms, now_ms, task_id, token),
                 )
-                not_before = (
-                    now_ms + backoff_ms(attempt, backoff_base_ms, backoff_cap_ms)
-                    if target is State.QUEUED
-                    else now_ms
-                )
-                cur = conn.execute(_SQL_LAPSE, (int(target), not_before, now_ms, task_id, token))
                 if cur.rowcount == 1:
                     conn.execute(_SQL_HISTORY_CLOSE, ("lapsed", task_id, token))
-                    out.append(LapseOutcome(task_id, token, target, not_before))
+                    out.append(lapse)
             return out
 
         return await self._tx(fn)
@@ -500,7 +450,7 @@ class SqliteStore:
         row = await self._run(
             lambda c: c.execute(
                 "SELECT min(lease_expires_unix_ms) FROM tasks WHERE state IN "
-                f"{_in(sources(Event.LAPSE))}"
+                f"{in_states(sources(Event.LAPSE))}"
             ).fetchone()
         )
         return None if row is None or row[0] is None else int(row[0])
@@ -510,40 +460,23 @@ class SqliteStore:
     async def put_node(self, node: NodeRecord) -> None:
         await self._tx(
             lambda c: c.execute(
-                "INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?)",
-                (
-                    node.node_id,
-                    node.public_key,
-                    node.certificate,
-                    node.token_sha256,
-                    node.registered_unix_ms,
-                ),
+                "INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?)", node_row(node)
             )
         )
 
-    async def get_node(self, node_id: str) -> NodeRecord | None:
+    async def _node_where(self, column: str, value: str) -> NodeRecord | None:
         row = await self._run(
             lambda c: c.execute(
-                "SELECT node_id, public_key, certificate, token_sha256, registered_unix_ms"
-                " FROM nodes WHERE node_id = ?",
-                (node_id,),
+                f"SELECT {NODE_COLS} FROM nodes WHERE {column} = ?", (value,)
             ).fetchone()
         )
-        if row is None:
-            return None
-        return NodeRecord(row[0], bytes(row[1]), bytes(row[2]), row[3], row[4])
+        return None if row is None else row_to_node(row)
+
+    async def get_node(self, node_id: str) -> NodeRecord | None:
+        return await self._node_where("node_id", node_id)
 
     async def get_node_by_token(self, token_sha256: str) -> NodeRecord | None:
-        row = await self._run(
-            lambda c: c.execute(
-                "SELECT node_id, public_key, certificate, token_sha256, registered_unix_ms"
-                " FROM nodes WHERE token_sha256 = ?",
-                (token_sha256,),
-            ).fetchone()
-        )
-        if row is None:
-            return None
-        return NodeRecord(row[0], bytes(row[1]), bytes(row[2]), row[3], row[4])
+        return await self._node_where("token_sha256", token_sha256)
 
     async def put_policy(self, document: str, digest: str, now_ms: int) -> PolicyRecord:
         def fn(conn: sqlite3.Connection) -> PolicyRecord:
@@ -563,7 +496,7 @@ class SqliteStore:
         else:
             sql = "SELECT * FROM policies ORDER BY version DESC LIMIT 1"
         row = await self._run(lambda c: c.execute(sql, params).fetchone())
-        return None if row is None else PolicyRecord(row[0], row[1], row[2], row[3])
+        return None if row is None else row_to_policy(row)
 
     async def put_secret(self, secret: SealedSecret) -> int:
         def fn(conn: sqlite3.Connection) -> int:
@@ -585,19 +518,14 @@ class SqliteStore:
         return await self._tx(fn)
 
     async def get_secret(self, name: str, version: int = 0) -> SealedSecret | None:
-        cols = "name, version, kek_id, wrapped_dek, nonce, ciphertext, created_unix_ms"
         if version:
-            sql = f"SELECT {cols} FROM secrets WHERE name = ? AND version = ?"
+            sql = f"SELECT {SECRET_COLS} FROM secrets WHERE name = ? AND version = ?"
             params: tuple[Any, ...] = (name, version)
         else:
-            sql = f"SELECT {cols} FROM secrets WHERE name = ? ORDER BY version DESC LIMIT 1"
+            sql = f"SELECT {SECRET_COLS} FROM secrets WHERE name = ? ORDER BY version DESC LIMIT 1"
             params = (name,)
         row = await self._run(lambda c: c.execute(sql, params).fetchone())
-        if row is None:
-            return None
-        return SealedSecret(
-            row[0], row[1], row[2], bytes(row[3]), bytes(row[4]), bytes(row[5]), row[6]
-        )
+        return None if row is None else row_to_secret(row)
 
     async def put_sealed_secret(self, name: str, seal: SecretSealFn) -> int:
         def fn(conn: sqlite3.Connection) -> int:
@@ -606,20 +534,10 @@ class SqliteStore:
             ).fetchone()
             version = int(row[0])
             sec = seal(version)
-            if sec.name != name or sec.version != version:
-                raise StorageError("sealed secret does not match the name/version it was given")
+            check_sealed(sec, name, version)
             conn.execute(
-                "INSERT INTO secrets (name, version, kek_id, wrapped_dek, nonce, ciphertext,"
-                " created_unix_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (
-                    name,
-                    version,
-                    sec.kek_id,
-                    sec.wrapped_dek,
-                    sec.nonce,
-                    sec.ciphertext,
-                    sec.created_unix_ms,
-                ),
+                f"INSERT INTO secrets ({SECRET_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                secret_row(sec, name, version),
             )
             return version
 
@@ -628,19 +546,18 @@ class SqliteStore:
     async def rewrap_secrets(self, rewrap: SecretRewrapFn) -> int:
         def fn(conn: sqlite3.Connection) -> int:
             rows = conn.execute(
-                "SELECT name, version, kek_id, wrapped_dek, nonce, ciphertext, created_unix_ms"
-                " FROM secrets ORDER BY name, version"
+                f"SELECT {SECRET_COLS} FROM secrets ORDER BY name, version"
             ).fetchall()
             changed = 0
             for r in rows:
-                old = SealedSecret(r[0], r[1], r[2], bytes(r[3]), bytes(r[4]), bytes(r[5]), r[6])
+                old = row_to_secret(r)
                 new = rewrap(old)
                 if new is None:
                     continue
                 conn.execute(
                     "UPDATE secrets SET kek_id = ?, wrapped_dek = ?, nonce = ?, ciphertext = ?"
                     " WHERE name = ? AND version = ?",
-                    (new.kek_id, new.wrapped_dek, new.nonce, new.ciphertext, old.name, old.version),
+                    rewrap_row(new, old),
                 )
                 changed += 1
             return changed
@@ -650,12 +567,12 @@ class SqliteStore:
     async def get_policy_by_digest(self, digest: str) -> PolicyRecord | None:
         row = await self._run(
             lambda c: c.execute(
-                "SELECT version, document, digest, created_unix_ms FROM policies"
-                " WHERE digest = ? ORDER BY version DESC LIMIT 1",
+                f"SELECT {POLICY_COLS} FROM policies WHERE digest = ? ORDER BY version DESC"
+                " LIMIT 1",
                 (digest,),
             ).fetchone()
         )
-        return None if row is None else PolicyRecord(row[0], row[1], row[2], row[3])
+        return None if row is None else row_to_policy(row)
 
     async def lease_envelope(self, task_id: str, fencing_token: int) -> bytes | None:
         row = await self._run(
@@ -689,25 +606,27 @@ class SqliteStore:
     ) -> BudgetState:
         def fn(conn: sqlite3.Connection) -> BudgetState:
             task = _live_task(conn, task_id, fencing_token, node_id, now_ms, "reserve budget")
-            limit = task.budget_limit_micros or default_limit_micros
+            limit = budget_limit(task, default_limit_micros)
             existing = conn.execute(
                 "SELECT amount_micros, fencing_token, node_id FROM budget_reservations"
                 " WHERE task_id = ? AND reservation_id = ?",
                 (task_id, reservation_id),
             ).fetchone()
             if existing is not None:
-                if tuple(existing) != (amount_micros, fencing_token, node_id):
-                    raise IdempotencyConflict(
-                        f"reservation id {reservation_id!r} of task {task_id} was already used "
-                        "with another amount or lease",
-                        metadata={"task_id": task_id, "reservation_id": reservation_id},
-                    )
-                return BudgetState(limit, task.budget_spent_micros, existed=True)
+                return repeated_reservation(
+                    existing,
+                    task,
+                    limit,
+                    reservation_id=reservation_id,
+                    amount_micros=amount_micros,
+                    fencing_token=fencing_token,
+                    node_id=node_id,
+                )
             # The one conditional write: the limit check and the increment are the
             # same statement, so concurrent reservations can never overspend.
             row = conn.execute(
                 f"UPDATE tasks SET budget_spent_micros = budget_spent_micros + :amount"
-                f" WHERE task_id = :task_id AND state IN {_in(LEASED_STATES)}"
+                f" WHERE task_id = :task_id AND state IN {in_states(LEASED_STATES)}"
                 " AND fencing_token = :token AND node_id = :node_id"
                 " AND lease_expires_unix_ms > :now"
                 " AND budget_spent_micros + :amount <= :limit"
@@ -722,17 +641,7 @@ class SqliteStore:
                 },
             ).fetchone()
             if row is None:
-                remaining = max(limit - task.budget_spent_micros, 0)
-                raise BudgetExhausted(
-                    f"budget of task {task_id} is exhausted: {amount_micros} micros requested, "
-                    f"{remaining} of {limit} remaining",
-                    metadata={
-                        "task_id": task_id,
-                        "remaining_micros": str(remaining),
-                        "limit_micros": str(limit),
-                        "requested_micros": str(amount_micros),
-                    },
-                )
+                raise budget_exhausted(task, limit, amount_micros)
             conn.execute(
                 "INSERT INTO budget_reservations (task_id, reservation_id, amount_micros,"
                 " fencing_token, created_unix_ms, node_id) VALUES (?, ?, ?, ?, ?, ?)",
@@ -759,51 +668,30 @@ class SqliteStore:
                 " FROM budget_reservations WHERE task_id = ? AND reservation_id = ?",
                 (task_id, reservation_id),
             ).fetchone()
-            meta = {"task_id": task_id, "reservation_id": reservation_id}
-            if res is None:
-                raise NotFound(
-                    f"no reservation {reservation_id!r} for task {task_id!r}", metadata=meta
-                )
-            amount, actual, settled, token, owner = res
-            if token != fencing_token:
-                raise StaleFencingToken(
-                    f"reservation {reservation_id!r} of task {task_id} was made under fencing "
-                    f"token {token}, not {fencing_token}",
-                    metadata=meta,
-                )
-            if owner != node_id:
-                raise NotOwner(
-                    f"reservation {reservation_id!r} of task {task_id} belongs to node "
-                    f"{owner!r}, not {node_id!r}",
-                    metadata=meta,
-                )
-            if actual_micros > amount:
-                raise InvalidArgument(
-                    "actual_micros", f"{actual_micros} exceeds the reserved {amount}"
-                )
+            amount, settled = check_settlement(
+                res,
+                task_id=task_id,
+                reservation_id=reservation_id,
+                fencing_token=fencing_token,
+                node_id=node_id,
+                actual_micros=actual_micros,
+            )
             if settled:
-                if actual != actual_micros:
-                    raise IdempotencyConflict(
-                        f"reservation {reservation_id!r} of task {task_id} was already settled "
-                        f"at {actual} micros",
-                        metadata=meta,
-                    )
-                spent, limit = conn.execute(
-                    "SELECT budget_spent_micros, budget_limit_micros FROM tasks WHERE task_id = ?",
-                    (task_id,),
+                row = conn.execute(
+                    f"SELECT {TASK_BUDGET_COLS} FROM tasks WHERE task_id = ?", (task_id,)
                 ).fetchone()
-                return BudgetState(limit or default_limit_micros, spent, existed=True)
+                return budget_state(row, default_limit_micros, existed=True)
             conn.execute(
                 "UPDATE budget_reservations SET settled = 1, actual_micros = ?"
                 " WHERE task_id = ? AND reservation_id = ?",
                 (actual_micros, task_id, reservation_id),
             )
-            spent, limit = conn.execute(
+            row = conn.execute(
                 "UPDATE tasks SET budget_spent_micros = budget_spent_micros - ?"
-                " WHERE task_id = ? RETURNING budget_spent_micros, budget_limit_micros",
+                f" WHERE task_id = ? RETURNING {TASK_BUDGET_COLS}",
                 (amount - actual_micros, task_id),
             ).fetchone()
-            return BudgetState(limit or default_limit_micros, spent)
+            return budget_state(row, default_limit_micros, existed=False)
 
         return await self._tx(fn)
 
@@ -817,56 +705,20 @@ class SqliteStore:
         def fn(conn: sqlite3.Connection) -> tuple[ToolCallRecord, bool]:
             _live_task(conn, w.task_id, w.fencing_token, w.node_id, now_ms, "record a tool call")
             existing = _select_tool_call(conn, w.task_id, w.idempotency_key)
-            if existing is not None and (
-                existing.tool != w.tool or existing.arguments_sha256 != w.arguments_sha256
-            ):
-                raise IdempotencyConflict(
-                    f"idempotency key {w.idempotency_key!r} of task {w.task_id} was used for "
-                    f"tool {existing.tool!r} with other arguments",
-                    metadata={
-                        "task_id": w.task_id,
-                        "idempotency_key": w.idempotency_key,
-                        "tool": existing.tool,
-                    },
-                )
-            if existing is not None and (
-                w.phase is ToolCallPhase.STARTED or existing.phase is ToolCallPhase.COMPLETED
-            ):
+            if existing is not None and tool_call_repeat(existing, w):
                 return existing, True
             if existing is None:
                 conn.execute(
-                    "INSERT INTO tool_calls (task_id, idempotency_key, tool, arguments_sha256,"
-                    " phase, result, status, fencing_token, cost_micros, updated_unix_ms)"
+                    f"INSERT INTO tool_calls ({TOOL_CALL_COLS})"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        w.task_id,
-                        w.idempotency_key,
-                        w.tool,
-                        w.arguments_sha256,
-                        int(w.phase),
-                        w.result,
-                        w.status,
-                        w.fencing_token,
-                        w.cost_micros,
-                        now_ms,
-                    ),
+                    tool_call_row(w, now_ms),
                 )
             else:  # STARTED -> COMPLETED, under the current holder's token
                 conn.execute(
                     "UPDATE tool_calls SET phase = ?, result = ?, status = ?, fencing_token = ?,"
                     " cost_micros = ?, updated_unix_ms = ?"
                     " WHERE task_id = ? AND idempotency_key = ? AND phase = ?",
-                    (
-                        int(ToolCallPhase.COMPLETED),
-                        w.result,
-                        w.status,
-                        w.fencing_token,
-                        w.cost_micros,
-                        now_ms,
-                        w.task_id,
-                        w.idempotency_key,
-                        int(ToolCallPhase.STARTED),
-                    ),
+                    tool_call_completion(w, now_ms),
                 )
             rec = _select_tool_call(conn, w.task_id, w.idempotency_key)
             assert rec is not None
@@ -963,18 +815,17 @@ class SqliteStore:
         await self._tx(
             lambda c: c.execute(
                 "INSERT OR REPLACE INTO ledger_checkpoints VALUES (?, ?, ?, ?)",
-                (cp.tree_size, cp.root_hash, cp.timestamp_unix_ms, cp.note),
+                checkpoint_row(cp),
             )
         )
 
     async def latest_checkpoint(self) -> StoredCheckpoint | None:
         row = await self._run(
             lambda c: c.execute(
-                "SELECT tree_size, root_hash, timestamp_unix_ms, note FROM ledger_checkpoints"
-                " ORDER BY tree_size DESC LIMIT 1"
+                f"SELECT {CHECKPOINT_COLS} FROM ledger_checkpoints ORDER BY tree_size DESC LIMIT 1"
             ).fetchone()
         )
-        return None if row is None else StoredCheckpoint(row[0], bytes(row[1]), row[2], row[3])
+        return None if row is None else row_to_checkpoint(row)
 
     async def put_node_certificate(
         self, node_id: str, cert_sha256: str, certificate: bytes, now_ms: int
@@ -999,44 +850,20 @@ class SqliteStore:
 
 def _ledger_head(conn: sqlite3.Connection, node_id: str) -> LedgerHead | None:
     row = conn.execute(
-        "SELECT seq, digest, leaf_index FROM ledger_leaves WHERE node_id = ?"
-        " ORDER BY seq DESC LIMIT 1",
+        f"SELECT {LEDGER_HEAD_COLS} FROM ledger_leaves WHERE node_id = ? ORDER BY seq DESC LIMIT 1",
         (node_id,),
     ).fetchone()
-    return None if row is None else LedgerHead(row[0], row[1], row[2])
-
-
-def contiguous_leaf_hashes(start: int, rows: list[Any]) -> list[bytes]:
-    """The hashes of (leaf_index, leaf_hash) rows, which must number start, start+1, ..."""
-    for k, row in enumerate(rows):
-        if row[0] != start + k:
-            raise StorageError(f"ledger leaf {start + k} is missing (found {row[0]})")
-    return [bytes(r[1]) for r in rows]
+    return None if row is None else row_to_ledger_head(row)
 
 
 def _select_tool_call(
     conn: sqlite3.Connection, task_id: str, idempotency_key: str
 ) -> ToolCallRecord | None:
     row = conn.execute(
-        "SELECT task_id, idempotency_key, tool, arguments_sha256, phase, result, status,"
-        " fencing_token, cost_micros, updated_unix_ms FROM tool_calls"
-        " WHERE task_id = ? AND idempotency_key = ?",
+        f"SELECT {TOOL_CALL_COLS} FROM tool_calls WHERE task_id = ? AND idempotency_key = ?",
         (task_id, idempotency_key),
     ).fetchone()
-    if row is None:
-        return None
-    return ToolCallRecord(
-        task_id=row[0],
-        idempotency_key=row[1],
-        tool=row[2],
-        arguments_sha256=row[3],
-        phase=ToolCallPhase(row[4]),
-        result=bytes(row[5]),
-        status=row[6],
-        fencing_token=row[7],
-        cost_micros=row[8],
-        updated_unix_ms=row[9],
-    )
+    return None if row is None else row_to_tool_call(row)
 
 
 def _live_task(
@@ -1049,20 +876,15 @@ def _live_task(
 ) -> TaskRecord:
     """The task if `node_id` holds its live lease under `fencing_token`, else the reason why not."""
     row = conn.execute(
-        f"SELECT {TASK_COLS} FROM tasks WHERE task_id = ? AND state IN {_in(LEASED_STATES)}"
+        f"SELECT {TASK_COLS} FROM tasks WHERE task_id = ? AND state IN {in_states(LEASED_STATES)}"
         " AND fencing_token = ? AND node_id = ? AND lease_expires_unix_ms > ?",
         (task_id, fencing_token, node_id, now_ms),
     ).fetchone()
     if row is not None:
-        return _row_to_task(row)
-    err = _diagnose(conn, task_id, fencing_token, node_id, now_ms, None)
-    if isinstance(err, InvalidTransition):
-        state = err.metadata.get("state", "").lower()
-        raise InvalidTransition(
-            f"cannot {action} on task {task_id}: it is {state} and has no live lease",
-            metadata=err.metadata,
-        )
-    raise err
+        return row_to_task(row)
+    raise no_live_lease(
+        _diagnose(conn, task_id, fencing_token, node_id, now_ms, None), task_id, action
+    )
 
 
 def _diagnose(
@@ -1076,59 +898,22 @@ def _diagnose(
     """Explains why a conditional write on a leased task matched no row."""
     row = conn.execute(f"SELECT {TASK_COLS} FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
     if row is None:
-        return NotFound(f"no task {task_id!r}", metadata={"task_id": task_id})
-    task = _row_to_task(row)
-    meta = {"task_id": task_id, "current_fencing_token": str(task.fencing_token)}
-    if fencing_token != task.fencing_token:
-        return StaleFencingToken(
-            f"fencing token {fencing_token} is stale for task {task_id}; "
-            f"the current token is {task.fencing_token}",
-            metadata=meta,
-        )
-    if task.state in LEASED_STATES:
-        if task.node_id != node_id:
-            return NotOwner(
-                f"task {task_id} is leased to node {task.node_id!r}, not {node_id!r}",
-                metadata=meta,
-            )
-        if task.lease_expires_unix_ms <= now_ms:
-            return LeaseExpired(
-                f"the lease on task {task_id} (token {fencing_token}) lapsed at "
-                f"{task.lease_expires_unix_ms}",
-                metadata=meta,
-            )
+        return task_not_found(task_id)
+    task = row_to_task(row)
+    err = diagnose_lease(task_id, task, fencing_token, node_id, now_ms)
+    if err is not None:
+        return err
     lapsed = conn.execute(
         "SELECT 1 FROM lease_history WHERE task_id = ? AND fencing_token = ?"
         " AND outcome = 'lapsed'",
         (task_id, fencing_token),
     ).fetchone()
-    if lapsed is not None and task.state not in LEASED_STATES:
-        return LeaseExpired(
-            f"the lease on task {task_id} (token {fencing_token}) lapsed; the task is "
-            f"{task.state.name.lower()}",
-            metadata=meta,
-        )
-    if event is None:
-        what = "terminal" if task.state in TERMINAL else task.state.name.lower()
-        return InvalidTransition(
-            f"cannot renew a lease on task {task_id}: it is {what}",
-            metadata={**meta, "state": task.state.name},
-        )
-    try:
-        next_state(task.state, event)
-    except InvalidTransition as err:
-        err.metadata.update(meta)
-        return err
-    return StorageError(f"transition of task {task_id} matched no row")  # pragma: no cover
+    return diagnose_unleased(task_id, task, fencing_token, event, lapsed is not None)
 
 
 def migration_files() -> list[tuple[int, str, Path]]:
     """(version, name, path) of every NNNN_name.sql migration, in order."""
-    out = []
-    for path in sorted(MIGRATIONS_DIR.glob("[0-9][0-9][0-9][0-9]_*.sql")):
-        version = int(path.name[:4])
-        out.append((version, path.stem[5:], path))
-    return out
+    return numbered_migrations(MIGRATIONS_DIR)
 
 
 def _split_sql(script: str) -> list[str]:
@@ -1145,8 +930,3 @@ def _split_sql(script: str) -> list[str]:
     ):
         statements.append(buf.strip())
     return statements
-
-
-def token_sha256(token: str) -> str:
-    """Hex SHA-256 of a bearer token, the only form in which the store keeps it."""
-    return hashlib.sha256(token.encode()).hexdigest()

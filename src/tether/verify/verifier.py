@@ -268,8 +268,15 @@ _CANONICAL_ONE_SIG = re.compile(
 )
 
 
-def _parse_envelope(data: bytes) -> Envelope:
-    """Envelope.from_json_bytes plus the canonical-form and payload-type checks."""
+def parse_canonical_envelope(data: bytes) -> Envelope:
+    """Envelope.from_json_bytes plus the canonical-form and payload-type checks.
+
+    Accepts exactly what `tether.crypto.receipts.parse_receipt` accepts for the
+    envelope, about twice as fast for the common one-signature form.
+
+    Raises:
+        VerificationError: malformed, not canonical, or not an in-toto payload.
+    """
     m = _CANONICAL_ONE_SIG.fullmatch(data)
     if m is not None:  # the common case, without a JSON parse and re-encode
         try:
@@ -429,7 +436,7 @@ class _Checker:
         envelope, leaf_index, proof_index, proof_size, proof = e
         ref = ""  # the main process writes "entry[i]"
         try:
-            env: Envelope | None = _parse_envelope(envelope)
+            env: Envelope | None = parse_canonical_envelope(envelope)
         except VerificationError as err:
             fails.append((pos, "envelope.format", ref, err.message))
             env = None
@@ -772,9 +779,7 @@ class _Verifier:
                     if old.digest == it.digest:
                         self.fail(it.pos, "chain.duplicate", ref, "envelope appears twice")
                     else:
-                        self.fail(
-                            it.pos, "chain.fork", ref, "two different envelopes for one seq"
-                        )
+                        self.fail(it.pos, "chain.fork", ref, "two different envelopes for one seq")
                     continue
                 if seq < top:
                     self.fail(it.pos, "chain.order", ref, f"seq {seq} comes after seq {top}")
