@@ -473,6 +473,12 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
 
     # -- receipt ledger (tether.control.ledger) ---------------------------------------
 
+    def close_ledger(self) -> None:
+        """Stops the ledger's signature-checking processes, if the ledger was opened."""
+        ledger: Ledger | None = getattr(self, "_ledger_obj", None)
+        if ledger is not None:
+            ledger.close()
+
     async def get_ledger(self) -> Ledger:
         """The ledger (for the server's checkpointer)."""
         return await self._ledger()

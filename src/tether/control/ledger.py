@@ -5,7 +5,9 @@ seq == last + 1 and prev == digest(last). An identical resend of a stored
 (node, seq) is de-duplicated (replays after a reconnect are normal); the same
 seq with different bytes is a fork and a gap is a lost receipt: both are
 refused loudly, never papered over. A batch is appended in one transaction and
-acknowledged only after it commits. Checkpoints (C2SP signed notes) are signed
+acknowledged only after it commits. Large batches are signature-checked in
+worker processes (Ed25519 holds the GIL), the next batch of a stream while the
+current one commits. Checkpoints (C2SP signed notes) are signed
 by the control key on a schedule and on demand. Every certificate a node was
 issued is kept, and an export carries all of them plus a signed export
 manifest (where each chain ends; see `tether.crypto.manifest`). No grpc here:

@@ -61,6 +61,8 @@ class RunningControl:
     checkpointer_stop: asyncio.Event | None = None
     metrics: MetricsServer | None = None
     """The /metrics endpoint, when started with `metrics_listen`."""
+    servicer: ControlServicer | None = None
+    """The gRPC servicer; owns the ledger and its worker processes."""
 
     async def stop(self, grace_s: float = 2.0) -> None:
         """Stops serving (letting calls finish for `grace_s`), then closes the store."""
@@ -71,6 +73,8 @@ class RunningControl:
             self.checkpointer_stop.set()
             await self.checkpointer
         await self.server.stop(grace_s)
+        if self.servicer is not None:
+            self.servicer.close_ledger()
         if self.metrics is not None:
             self.metrics.close()
         await self.store.close()
@@ -136,7 +140,9 @@ async def start_server(
     if sweep_interval_ms is not None:
         sweeper = Sweeper(service, sweep_interval_ms)
         sweeper.start()
-    running = RunningControl(address, server, service, store, sweeper, health_servicer)
+    running = RunningControl(
+        address, server, service, store, sweeper, health_servicer, servicer=servicer
+    )
     if checkpoint_interval_ms is not None:
         ledger = await servicer.get_ledger()
         running.checkpointer_stop = stop = asyncio.Event()

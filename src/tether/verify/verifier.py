@@ -7,11 +7,14 @@ no certificate, no lease or no final receipt is a failure, never a pass.
 
 Speed: a 100,000-receipt bundle is dominated by Ed25519 verification, which
 does NOT release the GIL (cryptography 42+, measured: two threads verify no
-faster than one), so large bundles have their receipt signatures checked in
-a pool of worker processes, one per core, fed in chunks while the main
-thread parses; small bundles are checked inline, where a pool's start-up
-would cost more than it saves. Inclusion proofs share the work of their
-common upper nodes through a memo of authenticated subtree hashes.
+faster than one), so large bundles are checked by a pool of worker
+processes, one per core: they get raw chunks of the file (split at entry
+boundaries, never decoded in the main process), parse each entry and do all
+its own checks (envelope, signature, statement, certificate, inclusion), and
+return compact facts; the main process does only the sequential checks. Small
+bundles are checked inline, where a pool's start-up would cost more than it
+saves. Inclusion proofs share the work of their common upper nodes through a
+memo of authenticated subtree hashes.
 """
 
 from __future__ import annotations
