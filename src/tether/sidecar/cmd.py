@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from tether import runtime
 from tether.sidecar import config as sidecar_config
 
 
@@ -93,7 +94,7 @@ def config_from_args(args: argparse.Namespace) -> sidecar_config.SidecarConfig:
 def run(args: argparse.Namespace) -> int:
     """Runs the sidecar; returns 0 after a graceful stop."""
     cfg = config_from_args(args)
-    return asyncio.run(_serve(cfg))
+    return runtime.run(_serve(cfg))
 
 
 async def _serve(cfg: sidecar_config.SidecarConfig) -> int:
