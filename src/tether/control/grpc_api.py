@@ -19,7 +19,7 @@ import grpc
 from tether.control.ledger import Ledger
 from tether.control.service import ControlService
 from tether.control.vault import MAX_SECRET_BYTES
-from tether.core.errors import ConfigError, InvalidArgument, TetherError
+from tether.core.errors import ConfigError, InvalidArgument
 from tether.core.leases import MAX_TTL_MS, MIN_TTL_MS
 from tether.core.states import HOLDER_EVENTS, Event, State
 from tether.crypto.envelopes import json_to_proto, to_proto
@@ -46,12 +46,6 @@ _ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _KEY_RE = re.compile(r"[A-Za-z0-9._:-]{1,256}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _STATUS_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-
-
-class NotImplementedYet(TetherError):
-    """The RPC belongs to a part of the control plane that is not wired in yet."""
-
-    reason = "NOT_IMPLEMENTED"
 
 
 # -- validation -------------------------------------------------------------------------
