@@ -82,6 +82,39 @@ async def test_acquire_on_an_empty_queue_returns_none(store: Store) -> None:
     assert got is None
 
 
+async def test_acquire_with_start_grants_running_in_one_write(store: Store) -> None:
+    """start=True grants the task RUNNING (token+1, attempt+1, same history); SUCCEED follows."""
+    await submit(store, "t1")
+    got = await store.acquire_lease(
+        queue="q", node_id="n1", agent_id="a", lease_id="l", now_ms=NOW, sign=sign, start=True
+    )
+    assert got is not None
+    task, envelope = got
+    assert (task.task_id, task.state, task.fencing_token, task.attempt) == (
+        "t1",
+        State.RUNNING,
+        1,
+        1,
+    )
+    assert (envelope, task.lease_expires_unix_ms) == (b"lease:t1:1", NOW + 1000)
+    history = await store.lease_history("t1")
+    assert [(h.kind, h.outcome, h.fencing_token) for h in history] == [("grant", "active", 1)]
+    with pytest.raises(InvalidTransition):
+        await store.transition(
+            task_id="t1", event=Event.START, fencing_token=1, node_id="n1", now_ms=NOW + 1
+        )
+    done = await store.transition(
+        task_id="t1",
+        event=Event.SUCCEED,
+        fencing_token=1,
+        node_id="n1",
+        now_ms=NOW + 2,
+        result=b"ok",
+    )
+    assert (done.state, done.result) == (State.SUCCEEDED, b"ok")
+    assert [h.outcome for h in await store.lease_history("t1")] == ["finished"]
+
+
 async def test_count_tasks_by_state_counts_every_state_in_one_query(store: Store) -> None:
     """The metrics aggregate matches the tasks actually stored, state by state."""
     assert await store.count_tasks_by_state() == {}

@@ -172,6 +172,30 @@ async def test_lease_holder_runs_task_to_success(cp: ControlHandle, node: Contro
         await node.transition(task_id, token, Event.FAIL, "node-1")
 
 
+async def test_acquire_with_start_then_succeed_and_stale_token_refused(
+    cp: ControlHandle, node: ControlClient
+) -> None:
+    """AcquireLease(start) grants RUNNING so SUCCEED follows directly; an older token is refused."""
+    clock = cp.service.clock
+    assert isinstance(clock, FakeClock)
+    task_id = (await cp.client.submit("q", b"{}", max_attempts=2, lease_ttl_ms=1000)).task.task_id
+    first = await node.acquire_lease("q", "node-1", "a", start=True)
+    assert (first.task.state, first.task.fencing_token, first.task.attempt) == (State.RUNNING, 1, 1)
+    lease = verify_lease(from_proto(first.lease), {cp.key.keyid: cp.key.public})
+    assert (lease.task_id, lease.fencing_token) == (task_id, 1)
+    clock.advance(1000)
+    [lapse] = await cp.service.sweep()
+    assert lapse.state is State.QUEUED
+    clock.advance(ControlConfig().backoff_base_ms)
+    second = await node.acquire_lease("q", "node-1", "a", start=True)
+    assert (second.task.state, second.task.fencing_token) == (State.RUNNING, 2)
+    with pytest.raises(StaleFencingToken):
+        await node.transition(task_id, 1, Event.SUCCEED, "node-1", result=b"late")
+    done = await node.transition(task_id, 2, Event.SUCCEED, "node-1", result=b"ok")
+    assert (done.state, done.result) == (State.SUCCEEDED, b"ok")
+    assert [r.outcome for r in (await cp.client.get_task(task_id)).leases] == ["lapsed", "finished"]
+
+
 async def test_other_node_cannot_touch_a_lease(cp: ControlHandle, node: ControlClient) -> None:
     """A second node cannot renew or use a token it does not hold, nor speak as another node."""
     task_id = (await cp.client.submit("q", b"{}")).task.task_id

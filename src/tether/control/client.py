@@ -98,13 +98,16 @@ class ControlClient:
         return resp
 
     async def acquire_lease(
-        self, queue: str, node_id: str, agent_id: str, wait_ms: int = 0
+        self, queue: str, node_id: str, agent_id: str, wait_ms: int = 0, start: bool = False
     ) -> pb.AcquireLeaseResponse:
-        """Leases the next ready task; `resp.HasField("task")` is False when none was."""
+        """Leases the next ready task; `resp.HasField("task")` is False when none was.
+
+        `start` grants it already RUNNING, saving the TransitionTask(START) round trip.
+        """
         return await self._call(
             self.stub.AcquireLease,
             pb.AcquireLeaseRequest(
-                queue=queue, node_id=node_id, agent_id=agent_id, wait_ms=wait_ms
+                queue=queue, node_id=node_id, agent_id=agent_id, wait_ms=wait_ms, start=start
             ),
             node=True,
             timeout_s=self.timeout_s + wait_ms / 1000,

@@ -313,7 +313,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         wait_ms = check_range("wait_ms", request.wait_ms, 0, MAX_WAIT_MS)
         await self._node(context, node_id)
         got = await self.service.acquire(
-            queue=queue, node_id=node_id, agent_id=agent_id, wait_ms=wait_ms
+            queue=queue, node_id=node_id, agent_id=agent_id, wait_ms=wait_ms, start=request.start
         )
         if got is None:
             return pb.AcquireLeaseResponse()

@@ -303,9 +303,12 @@ class ControlService:
         return sign
 
     async def acquire(
-        self, *, queue: str, node_id: str, agent_id: str, wait_ms: int = 0
+        self, *, queue: str, node_id: str, agent_id: str, wait_ms: int = 0, start: bool = False
     ) -> tuple[TaskRecord, Envelope] | None:
-        """Leases the oldest ready task of `queue`, waiting up to `wait_ms` for one."""
+        """Leases the oldest ready task of `queue`, waiting up to `wait_ms` for one.
+
+        `start` grants it already RUNNING (LEASE then START in one store write).
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait_ms / 1000
         while True:
@@ -318,6 +321,7 @@ class ControlService:
                 lease_id=new_id("l", now),
                 now_ms=now,
                 sign=self._signer(now, signed),
+                start=start,
             )
             if got is not None:
                 task = got[0]

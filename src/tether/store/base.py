@@ -276,9 +276,12 @@ class Store(Protocol):
         lease_id: str,
         now_ms: int,
         sign: LeaseSigner,
+        start: bool = False,
     ) -> tuple[TaskRecord, bytes] | None:
         """Leases the oldest ready task of `queue` (fencing token +1, attempt +1).
 
+        With `start`, the same conditional write also applies START, so the task is
+        granted RUNNING (claim-and-run workers save a round trip); nothing else changes.
         Returns the leased task and the signed envelope, or None when none is ready.
         """
         ...

@@ -90,6 +90,12 @@ def target_state(event: Event) -> State:
     return targets.pop()
 
 
+def grant_state(start: bool) -> State:
+    """The state an acquire writes: LEASE, then START too when `start` (claim-and-run)."""
+    state = target_state(Event.LEASE)
+    return next_state(state, Event.START) if start else state
+
+
 def holder_outcome(target: State) -> str | None:
     """The lease outcome a holder event into `target` records (None: the lease goes on)."""
     if target in LEASED_STATES:

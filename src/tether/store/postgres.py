@@ -71,6 +71,7 @@ from tether.store.common import (
     contiguous_leaf_hashes,
     diagnose_lease,
     diagnose_unleased,
+    grant_state,
     holder_entry,
     holder_outcome,
     idempotent_submit,
@@ -124,10 +125,11 @@ def redact_url(url: str) -> str:
     return f"postgresql://{host}{':' + str(port) if port else ''}/{db}"
 
 
-_LEASED = target_state(Event.LEASE)
-
-_SQL_ACQUIRE = f"""
-UPDATE tasks SET state = {int(_LEASED)}, attempt = attempt + 1, fencing_token = fencing_token + 1,
+# One conditional write per grant state: plain LEASE, or LEASE+START (`start=True`).
+_SQL_ACQUIRE = {
+    start: f"""
+UPDATE tasks SET state = {int(grant_state(start))},
+    attempt = attempt + 1, fencing_token = fencing_token + 1,
     node_id = %(node_id)s, agent_id = %(agent_id)s, lease_id = %(lease_id)s,
     lease_expires_unix_ms = %(now)s + lease_ttl_ms, updated_unix_ms = %(now)s
 WHERE seq = (
@@ -139,6 +141,8 @@ WHERE seq = (
   AND state IN {in_states(sources(Event.LEASE))}
 RETURNING {TASK_COLS}
 """
+    for start in (False, True)
+}
 
 _SQL_RENEW = f"""
 UPDATE tasks SET lease_expires_unix_ms = %(now)s + lease_ttl_ms, updated_unix_ms = %(now)s
@@ -429,6 +433,7 @@ class PostgresStore:
         lease_id: str,
         now_ms: int,
         sign: LeaseSigner,
+        start: bool = False,
     ) -> tuple[TaskRecord, bytes] | None:
         params = {
             "node_id": node_id,
@@ -439,7 +444,7 @@ class PostgresStore:
         }
 
         async def fn(conn: Conn) -> tuple[TaskRecord, bytes] | None:
-            row = await _one(conn, _SQL_ACQUIRE, params)
+            row = await _one(conn, _SQL_ACQUIRE[start], params)
             if row is None:
                 return None
             task = row_to_task(row)

@@ -65,6 +65,7 @@ from tether.store.common import (
     contiguous_leaf_hashes,
     diagnose_lease,
     diagnose_unleased,
+    grant_state,
     holder_entry,
     holder_outcome,
     idempotent_submit,
@@ -100,10 +101,11 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations" / "sqlite"
 
 T = TypeVar("T")
 
-_LEASED = target_state(Event.LEASE)
-
-_SQL_ACQUIRE = f"""
-UPDATE tasks SET state = {int(_LEASED)}, attempt = attempt + 1, fencing_token = fencing_token + 1,
+# One conditional write per grant state: plain LEASE, or LEASE+START (`start=True`).
+_SQL_ACQUIRE = {
+    start: f"""
+UPDATE tasks SET state = {int(grant_state(start))},
+    attempt = attempt + 1, fencing_token = fencing_token + 1,
     node_id = ?1, agent_id = ?2, lease_id = ?3, lease_expires_unix_ms = ?4 + lease_ttl_ms,
     updated_unix_ms = ?4
 WHERE seq = (
@@ -113,6 +115,8 @@ WHERE seq = (
   AND state IN {in_states(sources(Event.LEASE))}
 RETURNING {TASK_COLS}
 """
+    for start in (False, True)
+}
 
 _SQL_RENEW = f"""
 UPDATE tasks SET lease_expires_unix_ms = ?1 + lease_ttl_ms, updated_unix_ms = ?1
@@ -348,10 +352,11 @@ class SqliteStore:
         lease_id: str,
         now_ms: int,
         sign: LeaseSigner,
+        start: bool = False,
     ) -> tuple[TaskRecord, bytes] | None:
         def fn(conn: sqlite3.Connection) -> tuple[TaskRecord, bytes] | None:
             row = conn.execute(
-                _SQL_ACQUIRE, (node_id, agent_id, lease_id, now_ms, queue)
+                _SQL_ACQUIRE[start], (node_id, agent_id, lease_id, now_ms, queue)
             ).fetchone()
             if row is None:
                 return None

@@ -523,6 +523,7 @@ class AcquireLeaseRequest(_message.Message):
     NODE_ID_FIELD_NUMBER: _builtins.int
     AGENT_ID_FIELD_NUMBER: _builtins.int
     WAIT_MS_FIELD_NUMBER: _builtins.int
+    START_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     """Queue name."""
     node_id: _builtins.str
@@ -531,6 +532,12 @@ class AcquireLeaseRequest(_message.Message):
     """Agent the lease is for."""
     wait_ms: _builtins.int
     """How long to wait for a task, milliseconds (0..60000); 0 returns at once."""
+    start: _builtins.bool
+    """Also start the task: the lease is granted with the task already RUNNING, as
+    if TransitionTask(START) had followed in the same write. For workers that
+    claim and run in one step; the grant is otherwise unchanged (token +1,
+    attempt +1, signed lease).
+    """
     def __init__(
         self,
         *,
@@ -538,10 +545,11 @@ class AcquireLeaseRequest(_message.Message):
         node_id: _builtins.str = ...,
         agent_id: _builtins.str = ...,
         wait_ms: _builtins.int = ...,
+        start: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "node_id", b"node_id", "queue", b"queue", "wait_ms", b"wait_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "node_id", b"node_id", "queue", b"queue", "start", b"start", "wait_ms", b"wait_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
