@@ -570,7 +570,10 @@ def _describe(event: dict[str, Any]) -> str:
 
 def _verify_argv(bundle: Path, trust: Path) -> list[str]:
     """The `tether verify` command line a user can re-run from the current directory."""
-    return ["tether", "verify", os.path.relpath(bundle), "--trust", os.path.relpath(trust)]
+    exe = "tether"
+    if shutil.which("tether") is None:  # `make demo` runs without the virtualenv activated
+        exe = os.path.relpath(Path(sys.executable).parent / "tether")
+    return [exe, "verify", os.path.relpath(bundle), "--trust", os.path.relpath(trust)]
 
 
 def _state_name(value: int) -> str:
