@@ -53,6 +53,51 @@ def _looks_like_path(value: str) -> bool:
     return value.startswith(("/", "~")) or ".." in parts
 
 
+def resolve_program(tool: str, program: str, env: Mapping[str, str]) -> str:
+    """The absolute path of argv[0], searched on the tool's own PATH (not the sidecar's).
+
+    Raises:
+        ConfigError: the program is not found.
+    """
+    if os.sep in program:
+        return program
+    found = shutil.which(program, path=env.get("PATH", DEFAULT_PATH))
+    if found is None:
+        raise ConfigError(f"tool {tool!r}: program {program!r} not found")
+    return found
+
+
+def sandbox_config(
+    ctx: ToolContext,
+    program: str,
+    env_names: list[str],
+    *,
+    read_paths: tuple[str, ...],
+    cpu_seconds: int,
+    memory_mb: int,
+    file_size_mb: int,
+    require_landlock: bool,
+) -> dict[str, Any]:
+    """The confinement handed to `sandbox.py` for a child of the exec or mcp adapter.
+
+    The workspace is the only writable path; a program outside the system
+    prefixes is added to the read-only paths so it can be executed.
+    """
+    readable = list(read_paths)
+    if not os.path.realpath(program).startswith(_SYSTEM_PREFIXES):
+        readable.append(program)
+    return {
+        "write_paths": [os.path.realpath(ctx.workspace)],
+        "read_paths": readable,
+        "cpu_seconds": cpu_seconds,
+        "memory_bytes": memory_mb * 1024 * 1024,
+        "file_size_bytes": file_size_mb * 1024 * 1024,
+        "tcp_ports": tcp_ports(ctx.network_allowlist),
+        "env_names": env_names,
+        "require_landlock": require_landlock,
+    }
+
+
 def tcp_ports(allowlist: tuple[str, ...]) -> list[int]:
     """TCP ports an exec child may connect to (Landlock filters ports, not hosts)."""
     ports: set[int] = set()
@@ -118,30 +163,21 @@ class ExecTool:
         return argv
 
     def _program(self) -> str:
-        program = self.exec.argv[0]
-        if os.sep in program:
-            return program
-        found = shutil.which(program, path=self.exec.env.get("PATH", DEFAULT_PATH))
-        if found is None:
-            raise ConfigError(f"tool {self.name!r}: program {program!r} not found")
-        return found
+        return resolve_program(self.name, self.exec.argv[0], self.exec.env)
 
     def _sandbox_config(
         self, ctx: ToolContext, program: str, env_names: list[str]
     ) -> dict[str, Any]:
-        read_paths = list(self.exec.read_paths)
-        if not os.path.realpath(program).startswith(_SYSTEM_PREFIXES):
-            read_paths.append(program)
-        return {
-            "write_paths": [os.path.realpath(ctx.workspace)],
-            "read_paths": read_paths,
-            "cpu_seconds": self.exec.cpu_seconds,
-            "memory_bytes": self.exec.memory_mb * 1024 * 1024,
-            "file_size_bytes": self.exec.file_size_mb * 1024 * 1024,
-            "tcp_ports": tcp_ports(ctx.network_allowlist),
-            "env_names": env_names,
-            "require_landlock": self.require_confinement,
-        }
+        return sandbox_config(
+            ctx,
+            program,
+            env_names,
+            read_paths=self.exec.read_paths,
+            cpu_seconds=self.exec.cpu_seconds,
+            memory_mb=self.exec.memory_mb,
+            file_size_mb=self.exec.file_size_mb,
+            require_landlock=self.require_confinement,
+        )
 
     async def call(self, ctx: ToolContext, args: Mapping[str, Any]) -> ToolResult:
         """Runs the child to completion and returns its exit status and output."""

@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 from collections import OrderedDict
@@ -34,7 +33,7 @@ from tether.core.errors import ConfigError, InvalidArgument, PolicyDenied, Resou
 from tether.core.policy import McpSpec, ToolSpec
 from tether.sidecar import sandbox
 from tether.sidecar.tools.base import ToolContext, ToolResult
-from tether.sidecar.tools.exec import DEFAULT_PATH, SANDBOX_SCRIPT, tcp_ports
+from tether.sidecar.tools.exec import SANDBOX_SCRIPT, resolve_program, sandbox_config
 
 log = logging.getLogger("tether.sidecar.tools.mcp")
 
@@ -42,7 +41,6 @@ PROTOCOL_VERSION = "2025-06-18"
 STDERR_TAIL_BYTES = 2048
 CLOSE_GRACE_S = 1.0
 MAX_ENDED = 4096  # leases remembered as ended, so a late call cannot restart their server
-_SYSTEM_PREFIXES = ("/usr/", "/bin/", "/sbin/", "/lib/", "/lib64/")
 
 LeaseKey = tuple[str, int]  # (task_id, fencing_token): a takeover gets a fresh server
 
@@ -387,30 +385,21 @@ class McpTool:
         return session
 
     def _program(self) -> str:
-        program = self.mcp.argv[0]
-        if os.sep in program:
-            return program
-        found = shutil.which(program, path=self.mcp.env.get("PATH", DEFAULT_PATH))
-        if found is None:
-            raise ConfigError(f"tool {self.name!r}: program {program!r} not found")
-        return found
+        return resolve_program(self.name, self.mcp.argv[0], self.mcp.env)
 
     def _sandbox_config(
         self, ctx: ToolContext, program: str, env_names: list[str]
     ) -> dict[str, Any]:
-        read_paths = list(self.mcp.read_paths)
-        if not os.path.realpath(program).startswith(_SYSTEM_PREFIXES):
-            read_paths.append(program)
-        return {
-            "write_paths": [os.path.realpath(ctx.workspace)],
-            "read_paths": read_paths,
-            "cpu_seconds": self.mcp.cpu_seconds,
-            "memory_bytes": self.mcp.memory_mb * 1024 * 1024,
-            "file_size_bytes": self.mcp.file_size_mb * 1024 * 1024,
-            "tcp_ports": tcp_ports(ctx.network_allowlist),
-            "env_names": env_names,
-            "require_landlock": self.require_confinement,
-        }
+        return sandbox_config(
+            ctx,
+            program,
+            env_names,
+            read_paths=self.mcp.read_paths,
+            cpu_seconds=self.mcp.cpu_seconds,
+            memory_mb=self.mcp.memory_mb,
+            file_size_mb=self.mcp.file_size_mb,
+            require_landlock=self.require_confinement,
+        )
 
     async def _start(self, ctx: ToolContext) -> _Session:
         """Spawns the confined server and completes the initialize handshake.
