@@ -285,7 +285,7 @@ def _cmd_task_show(args: argparse.Namespace) -> int:
             lease = decode_lease(from_proto(rec.lease).payload)
             print(
                 f"  token {lease.fencing_token} attempt {lease.attempt} node {lease.node_id}"
-                f" agent {lease.agent_id} expires {lease.expires_unix_ms}  {rec.outcome}"
+                f" agent {lease.agent_id} expires {_ms(lease.expires_unix_ms)}  {rec.outcome}"
             )
         bundle = await client.export_bundle([args.task_id])
         receipts = []
