@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import grpc
 
 from tether.core.errors import LeaseLost, TetherError
+from tether.core.states import state_name
 from tether.grpcutil.status import from_rpc_error
 from tether.v1 import broker_pb2 as bpb
 from tether.v1 import broker_pb2_grpc as bpb_grpc
@@ -39,15 +40,6 @@ log = logging.getLogger("tether.agent")
 T = TypeVar("T")
 
 MEMORY_SCOPES = {"task": bpb.MEMORY_SCOPE_TASK, "agent": bpb.MEMORY_SCOPE_AGENT}
-_STATE_NAMES = {
-    1: "queued",
-    2: "leased",
-    3: "running",
-    4: "succeeded",
-    5: "failed",
-    6: "expired",
-    7: "canceled",
-}
 
 
 @dataclass(frozen=True)
@@ -88,7 +80,7 @@ def _task(view: bpb.TaskView) -> Task:
         fencing_token=view.fencing_token,
         lease_expires_unix_ms=view.lease_expires_unix_ms,
         tools=tuple(view.tools),
-        state=_STATE_NAMES.get(view.state, "unspecified"),
+        state=state_name(view.state),
     )
 
 
@@ -285,7 +277,7 @@ class AgentClient:
             self._stub.CompleteTask,
             bpb.CompleteTaskRequest(task_id=task_id, outcome=outcome, result=result, error=error),
         )
-        return _STATE_NAMES.get(response.state, "unspecified"), bool(response.receipts_pending)
+        return state_name(response.state), bool(response.receipts_pending)
 
 
 async def retrying(

@@ -67,6 +67,14 @@ HOLDER_EVENTS = frozenset({Event.START, Event.SUCCEED, Event.FAIL, Event.RELEASE
 LEASED_STATES = frozenset({State.LEASED, State.RUNNING})
 
 
+def state_name(value: int, default: str = "unspecified") -> str:
+    """The lower-case name of a state value (as on the wire), or `default` if unknown."""
+    try:
+        return State(value).name.lower()
+    except ValueError:
+        return default
+
+
 def next_state(state: State, event: Event, *, attempt: int = 0, max_attempts: int = 1) -> State:
     """Returns where `event` takes a task in `state`.
 

@@ -21,13 +21,14 @@ from google.protobuf import json_format
 
 from tether.core.errors import VerificationError
 from tether.core.receipts import RECEIPT_VERSION, Receipt, ReceiptKind
+from tether.core.states import TERMINAL
 from tether.crypto.signing import INTOTO_PAYLOAD_TYPE, Envelope, SigningKey, VerifyKey, pae
 from tether.v1 import receipt_pb2
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://tether.dev/receipt/v1"
 TASK_SUBJECT_PREFIX = "task:"
-TERMINAL_STATES = frozenset({4, 5, 6, 7})  # TaskState SUCCEEDED, FAILED, EXPIRED, CANCELED
+TERMINAL_STATES = frozenset(int(s) for s in TERMINAL)  # from the one transition table
 
 _HEX = frozenset("0123456789abcdef")
 _U32 = (1 << 32) - 1

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from tether.control.client import ControlClient
+from tether.core.states import TERMINAL, state_name
 from tether.crypto.signing import SigningKey
 from tether.demo.api import DemoApi
 
@@ -533,16 +534,7 @@ max_attempts = 3
     verify_out: str = ""
 
 
-_STATES = {
-    1: "queued",
-    2: "leased",
-    3: "running",
-    4: "succeeded",
-    5: "failed",
-    6: "expired",
-    7: "canceled",
-}
-_TERMINAL = {"succeeded", "failed", "expired", "canceled"}
+_TERMINAL = {s.name.lower() for s in TERMINAL}
 
 
 def _describe(event: dict[str, Any]) -> str:
@@ -577,7 +569,7 @@ def _verify_argv(bundle: Path, trust: Path) -> list[str]:
 
 
 def _state_name(value: int) -> str:
-    return _STATES.get(int(value), "unspecified")
+    return state_name(value)
 
 
 def run_demo(root: Path, *, agents: int, tasks: int, keep: bool) -> int:

@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 from tether.core.errors import VerificationError
 from tether.core.leases import Lease
 from tether.core.receipts import Receipt, ReceiptKind
+from tether.core.states import state_name
 from tether.crypto.certs import NodeCertificate, verify_cert
 from tether.crypto.leases import verify_lease
 from tether.crypto.manifest import ExportManifest, verify_manifest
@@ -942,7 +943,7 @@ class _Verifier:
                 tr = tasks[it.task_id] = TaskReport(it.task_id)
             tr.events.append(Event(it.time_unix_ms, it.ref, _KIND_NAMES[it.kind], it.detail))
             if it.kind == _TASK_FINISHED:
-                tr.final_state = _STATE_NAMES.get(it.final_state, str(it.final_state))
+                tr.final_state = state_name(it.final_state, str(it.final_state))
         return Report(
             failures=[f for _, f in self.failures],
             entries=self.entries,
@@ -955,9 +956,6 @@ class _Verifier:
 
 _KIND_NAMES = {int(k): k.name.lower() for k in ReceiptKind}
 _TASK_FINISHED = int(ReceiptKind.TASK_FINISHED)
-
-
-_STATE_NAMES = {4: "succeeded", 5: "failed", 6: "expired", 7: "canceled"}
 
 
 def _detail(r: Receipt) -> str:
@@ -975,7 +973,7 @@ def _detail(r: Receipt) -> str:
     if r.reason:
         parts.append(f"reason={json.dumps(r.reason)}")
     if r.kind == ReceiptKind.TASK_FINISHED:
-        parts.append(f"final={_STATE_NAMES.get(r.final_state, r.final_state)}")
+        parts.append(f"final={state_name(r.final_state, str(r.final_state))}")
     return " ".join(parts)
 
 
