@@ -22,7 +22,7 @@ from tether.control.client import ControlClient
 from tether.core.states import Event, State
 from tether.crypto.signing import SigningKey
 from tether.store.sqlite import SqliteStore
-from tether.testing import TEST_ENROLLMENT_TOKEN, spawn_control_cli
+from tether.testing import endpoint, spawn_control_cli
 from tether.v1 import control_pb2 as pb
 
 QUEUE = "bench"
@@ -95,11 +95,8 @@ class Control:
         return self.proc.pid
 
     async def node(self, node_id: str, key: SigningKey | None = None) -> ControlClient:
-        """A client registered as `node_id`; caller closes it."""
-        client = ControlClient(self.address)
-        key = key or SigningKey.generate()
-        await client.register_node(node_id, key.public.raw, TEST_ENROLLMENT_TOKEN)
-        return client
+        """A client enrolled as `node_id` (join token, proof of possession, mTLS)."""
+        return await endpoint(self.address).node_client(node_id, key)
 
 
 async def lease_run(tmp: Path, tasks: int, concurrency: int) -> dict[str, Any]:
@@ -208,7 +205,7 @@ async def ingest_run(
                     seq += len(b)
 
             start = time.perf_counter()
-            call = client.stub.StreamReceipts(requests(), metadata=client._metadata(True))
+            call = client.stub.StreamReceipts(requests())
             acked = 0
             async for resp in call:
                 acked = resp.acked_seq

@@ -18,7 +18,7 @@ from typing import Any
 from control_bench import Control, create_db, rss_mb
 
 from tether.agent import AgentClient
-from tether.testing import spawn_sidecar_cli
+from tether.testing import endpoint, spawn_sidecar_cli
 
 QUEUE = "bench"
 
@@ -71,7 +71,7 @@ async def mediation_run(
     names = [f"a{i}" for i in range(agents)]
     out: dict[str, Any] = {}
     with Control(tmp, db) as control:
-        op = await control.node("operator-unused")
+        op = endpoint(control.address).admin()
         await op.put_policy(policy(names))
         for _ in range(agents):
             await op.submit(QUEUE, b"{}")

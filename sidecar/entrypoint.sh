@@ -1,6 +1,7 @@
 #!/bin/sh
 # Entrypoint of the sidecar container: `tether sidecar`, configured only by the
-# TETHER_* environment (TETHER_CONTROL, TETHER_NODE_ID, TETHER_NODE_KEY,
+# TETHER_* environment (TETHER_CONTROL, TETHER_TRUST_BUNDLE, TETHER_NODE_ID,
+# TETHER_NODE_KEY, TETHER_ENROLL, TETHER_ENROLLMENT_TOKEN_FILE,
 # TETHER_AGENTS / TETHER_AGENT_SOCKETS, ...; see docs/deploy.md).
 set -eu
 

@@ -4,6 +4,8 @@ Used by the container HEALTHCHECK and Kubernetes probes, so it needs nothing but
 the installed wheel. With no --socket or --address it checks the sidecar socket
 the environment configures (TETHER_SOCKET), the same variable the sidecar reads.
 Exit 0 SERVING, 1 anything else (unreachable, NOT_SERVING, unknown service).
+A control plane serves TLS only: give --tls-ca (its enrolment address needs no
+client certificate; its main address also needs --tls-cert/--tls-key).
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ def register(sub: Any) -> None:
     where.add_argument("--address", help="host:port or unix:/path of any Tether server")
     p.add_argument("--service", default="", help='service name (default "": the server)')
     p.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+    p.add_argument("--tls-ca", help="trust bundle or CA certificate: dial with TLS")
+    p.add_argument("--tls-cert", help="client certificate (the control plane's main address)")
+    p.add_argument("--tls-key", help="client key")
     p.set_defaults(func=run)
 
 
@@ -44,8 +49,15 @@ def run(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from tether.grpcutil.tls import ClientTLS
+
     target = target_of(args)
-    with grpc.insecure_channel(target) as channel:
+    if args.tls_ca:
+        tls = ClientTLS.load(args.tls_ca, args.tls_cert, args.tls_key)
+        channel = grpc.secure_channel(target, tls.credentials())
+    else:
+        channel = grpc.insecure_channel(target)
+    with channel:
         stub: Any = health_pb2_grpc.HealthStub(channel)  # the stubs type it for grpc.aio only
         try:
             resp = stub.Check(

@@ -9,7 +9,24 @@ import time
 from typing import Any
 
 # Extra fields a log call may carry (logger.info("...", extra={"task_id": ...})).
-CONTEXT_FIELDS = ("task_id", "lease_id", "node_id", "agent_id", "fencing_token", "tool", "queue")
+CONTEXT_FIELDS = (
+    "task_id",
+    "lease_id",
+    "node_id",
+    "agent_id",
+    "fencing_token",
+    "tool",
+    "queue",
+    # Authentication and authorization refusals (tether.control.authz).
+    "refusal",
+    "reason",
+    "rpc",
+    "peer",
+    "spiffe_id",
+    "keyid",
+    "rekey",
+    "expires_unix_ms",
+)
 
 
 class JsonFormatter(logging.Formatter):

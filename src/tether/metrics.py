@@ -49,6 +49,14 @@ LEASES_EXPIRED = Counter(
     ["outcome"],
     registry=COUNTERS,
 )
+AUTH_REFUSALS = Counter(
+    "tether_auth_refusals",
+    "Refused enrolments and refused callers, by what was refused (enrollment: a RegisterNode; "
+    "certificate: a node certificate of a revoked or re-keyed node; caller: an RPC the "
+    "caller's identity or role may not make) and a machine-readable reason.",
+    ["kind", "reason"],
+    registry=COUNTERS,
+)
 
 # -- sidecar -------------------------------------------------------------------------
 TOOL_CALLS = Counter(

@@ -17,13 +17,129 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tether.control.client import ControlClient
-from tether.control.server import RunningControl, start_server
+from tether.control.client import ControlClient, node_client_tls
+from tether.control.server import DEFAULT_CHECKPOINT_INTERVAL_MS, RunningControl, start_server
 from tether.control.service import Auth, ControlConfig, ControlService
 from tether.core.clock import Clock
+from tether.core.errors import AlreadyExists
+from tether.crypto.pki import (
+    DEFAULT_NODE_CERT_TTL_MS,
+    CertificateAuthority,
+    Role,
+    TrustBundle,
+    cert_pem,
+    generate_tls_key,
+    key_pem,
+    write_private,
+    write_public,
+)
 from tether.crypto.signing import SigningKey
+from tether.grpcutil.tls import ClientTLS, ServerTLS
 
-TEST_ENROLLMENT_TOKEN = "test-enrollment-token"
+TEST_TRUST_DOMAIN = "test.tether.local"
+
+
+@dataclass(frozen=True)
+class TestPKI:
+    """A trust domain for tests: CA, server certificate, admin credential, trust bundle."""
+
+    dir: Path
+    ca: CertificateAuthority
+    server_tls: ServerTLS
+    trust_bundle: Path
+
+    def operator_tls(self, role: Role = Role.ADMIN, name: str = "") -> ClientTLS:
+        """A fresh operator credential with `role`, in memory."""
+        key = generate_tls_key()
+        cert = self.ca.issue_operator(name or f"test-{role.value}", role, key.public_key())
+        return ClientTLS(cert_pem(self.ca.cert), cert_pem(cert), key_pem(key))
+
+    @property
+    def anonymous_tls(self) -> ClientTLS:
+        """Trusts the CA, presents no certificate (what a node has before enrolment)."""
+        return ClientTLS(cert_pem(self.ca.cert))
+
+    def write_operator(self, role: Role = Role.ADMIN, name: str = "") -> tuple[Path, Path]:
+        """Writes an operator credential under dir; returns (cert, key) paths."""
+        name = name or f"test-{role.value}"
+        tls = self.operator_tls(role, name)
+        assert tls.cert_pem is not None
+        assert tls.key_pem is not None
+        cert, key = self.dir / f"{name}.crt", self.dir / f"{name}.key"
+        write_public(cert, tls.cert_pem)
+        write_private(key, tls.key_pem)
+        return cert, key
+
+
+def make_pki(directory: Path, control_keys: Sequence[SigningKey]) -> TestPKI:
+    """The trust domain under `directory`, created once and reused (restarts keep it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_crt, ca_key = directory / "ca.crt", directory / "ca.key"
+    if ca_crt.exists():
+        ca = CertificateAuthority.load(ca_crt, ca_key, TEST_TRUST_DOMAIN)
+    else:
+        ca = CertificateAuthority.create(TEST_TRUST_DOMAIN)
+        write_private(ca_key, key_pem(ca.key))
+        write_public(ca_crt, cert_pem(ca.cert))
+    srv_crt, srv_key = directory / "server.crt", directory / "server.key"
+    if not srv_crt.exists():
+        k = generate_tls_key()
+        write_private(srv_key, key_pem(k))
+        write_public(srv_crt, cert_pem(ca.issue_server(k.public_key(), ["localhost", "127.0.0.1"])))
+    trust = directory / "trust.pem"
+    old = TrustBundle.parse(trust.read_bytes()) if trust.exists() else TrustBundle((), ())
+    bundle = old.merge(TrustBundle((ca.cert,), tuple(k.public for k in control_keys)))
+    write_public(trust, bundle.to_pem())
+    return TestPKI(directory, ca, ServerTLS.load(srv_crt, srv_key, ca_crt), trust)
+
+
+@dataclass(frozen=True)
+class ControlEndpoint:
+    """How to reach a running test control plane (in-process or a subprocess)."""
+
+    address: str
+    enroll_address: str
+    pki: TestPKI
+
+    def admin(self) -> ControlClient:
+        """A new admin ControlClient; caller closes it."""
+        return ControlClient(self.address, tls=self.pki.operator_tls(Role.ADMIN))
+
+    async def join_token(self, node_id: str) -> str:
+        """A fresh join token for `node_id` (a re-key token if it is enrolled already)."""
+        async with self.admin() as admin:
+            try:
+                return (await admin.create_join_token(node_id)).token
+            except AlreadyExists:
+                return (await admin.rekey_node(node_id)).token
+
+    async def node_client(
+        self, node_id: str = "node-1", key: SigningKey | None = None, join_token: str | None = None
+    ) -> ControlClient:
+        """A new mTLS client enrolled as `node_id` (fresh key by default); caller closes it."""
+        key = key or SigningKey.generate()
+        token = await self.join_token(node_id) if join_token is None else join_token
+        tls_key = generate_tls_key()
+        async with ControlClient(self.enroll_address, tls=self.pki.anonymous_tls) as anon:
+            resp = await anon.register_node(node_id, key, token, tls_key)
+        client = ControlClient(
+            self.address, tls=node_client_tls(cert_pem(self.pki.ca.cert), resp, tls_key)
+        )
+        client.registration = resp  # type: ignore[attr-defined]
+        return client
+
+
+_ENDPOINTS: dict[str, ControlEndpoint] = {}
+"""Running test control planes by address, so sidecar helpers find how to enrol."""
+
+
+def endpoint(address: str) -> ControlEndpoint:
+    """The test control plane serving `address`.
+
+    Raises:
+        KeyError: no control plane started by this module serves it.
+    """
+    return _ENDPOINTS[address]
 
 
 @dataclass
@@ -36,14 +152,34 @@ class ControlHandle:
     service: ControlService
     running: RunningControl
     db_path: Path
-    enrollment_token: str
+    endpoint: ControlEndpoint
     kek_file: Path | None = None
 
-    async def node_client(self, node_id: str = "node-1") -> ControlClient:
-        """A new client registered as `node_id` (with a fresh node key); caller closes it."""
-        client = ControlClient(self.address)
-        await client.register_node(node_id, SigningKey.generate().public.raw, self.enrollment_token)
-        return client
+    @property
+    def enroll_address(self) -> str:
+        return self.endpoint.enroll_address
+
+    @property
+    def pki(self) -> TestPKI:
+        return self.endpoint.pki
+
+    @property
+    def trust_bundle(self) -> Path:
+        return self.endpoint.pki.trust_bundle
+
+    async def join_token(self, node_id: str) -> str:
+        """A fresh join token for `node_id`."""
+        return await self.endpoint.join_token(node_id)
+
+    async def node_client(
+        self, node_id: str = "node-1", key: SigningKey | None = None
+    ) -> ControlClient:
+        """A new client enrolled as `node_id` (with a fresh node key); caller closes it."""
+        return await self.endpoint.node_client(node_id, key)
+
+    def operator(self, role: Role = Role.ADMIN) -> ControlClient:
+        """A new operator client with `role`; caller closes it."""
+        return ControlClient(self.address, tls=self.pki.operator_tls(role))
 
 
 @asynccontextmanager
@@ -59,18 +195,34 @@ async def start_control(
     key: SigningKey | None = None,
     vault: bool = True,
     db: str | None = None,
+    pki_dir: Path | None = None,
+    allowed_node_keys: Sequence[bytes] = (),
+    node_cert_ttl_ms: int | None = None,
+    metrics_listen: str | None = None,
+    checkpoint_interval_ms: int | None = DEFAULT_CHECKPOINT_INTERVAL_MS,
 ) -> AsyncIterator[ControlHandle]:
-    """Starts the real control plane; yields a handle; stops it on exit.
+    """Starts the real control plane over mTLS; yields a handle; stops it on exit.
 
-    By default the enrolment token TEST_ENROLLMENT_TOKEN is accepted and the
-    background sweeper is off (`sweep_interval_ms=None`): tests sweep with
-    `handle.service.sweep()` after moving a FakeClock. With `vault` (default) the
-    credential vault runs on tmp_path/control.kek (created when missing). `db`
-    (e.g. a postgresql:// URL shared by several replicas) replaces tmp_path/db_name.
+    A test trust domain (CA, server certificate, trust bundle) is made under
+    `pki_dir` (default tmp_path/pki) and reused by later starts; `handle.client`
+    is an admin operator. The background sweeper is off by default
+    (`sweep_interval_ms=None`): tests sweep with `handle.service.sweep()` after
+    moving a FakeClock. With `vault` (default) the credential vault runs on
+    tmp_path/control.kek. `db` (e.g. a postgresql:// URL shared by several
+    replicas) replaces tmp_path/db_name. With `metrics_listen` ("127.0.0.1:0")
+    Prometheus metrics are served at `handle.running.metrics.address`; the
+    ledger signs a checkpoint every `checkpoint_interval_ms` while receipts arrive.
     """
     key = key or SigningKey.generate()
+    pki = make_pki(pki_dir or tmp_path / "pki", [key])
     listen = f"unix:{tmp_path / 'control.sock'}" if unix_socket else "127.0.0.1:0"
-    auth = auth or Auth.from_tokens(enrollment_tokens=[TEST_ENROLLMENT_TOKEN])
+    if auth is None:
+        auth = Auth(
+            ca=pki.ca,
+            trust_domain=TEST_TRUST_DOMAIN,
+            allowed_node_keys=frozenset(allowed_node_keys),
+            node_cert_ttl_ms=node_cert_ttl_ms or DEFAULT_NODE_CERT_TTL_MS,
+        )
     store_db: Path | str = db if db is not None else tmp_path / db_name
     kek_file = ensure_kek_file(tmp_path / "control.kek") if vault else None
     running = await start_server(
@@ -82,8 +234,15 @@ async def start_control(
         config=config,
         sweep_interval_ms=sweep_interval_ms,
         kek_file=kek_file,
+        tls=None if auth.insecure else pki.server_tls,
+        metrics_listen=metrics_listen,
+        checkpoint_interval_ms=checkpoint_interval_ms,
     )
-    client = ControlClient(running.address)
+    ep = ControlEndpoint(running.address, running.enroll_address, pki)
+    _ENDPOINTS[running.address] = ep
+    client = ControlClient(
+        running.address, tls=None if auth.insecure else pki.operator_tls(Role.ADMIN)
+    )
     try:
         yield ControlHandle(
             running.address,
@@ -92,12 +251,33 @@ async def start_control(
             running.service,
             running,
             tmp_path / db_name,  # unused (no file) when `db` names another store
-            TEST_ENROLLMENT_TOKEN,
+            ep,
             kek_file,
         )
     finally:
+        _ENDPOINTS.pop(running.address, None)
         await client.close()
         await running.stop(grace_s=0.5)
+
+
+def sync_join_token(ep: ControlEndpoint, node_id: str) -> str:
+    """A join token from a blocking call (for helpers called outside an event loop's coroutine)."""
+    import grpc
+
+    from tether.v1 import control_pb2 as pb
+    from tether.v1 import control_pb2_grpc as pb_grpc
+
+    tls = ep.pki.operator_tls(Role.ADMIN)
+    creds = grpc.ssl_channel_credentials(tls.ca_pem, tls.key_pem, tls.cert_pem)
+    with grpc.secure_channel(ep.address, creds) as ch:
+        stub = pb_grpc.ControlServiceStub(ch)
+        try:
+            made = stub.CreateJoinToken(pb.CreateJoinTokenRequest(node_id=node_id), timeout=10)
+            return str(made.token)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+        return str(stub.RekeyNode(pb.RekeyNodeRequest(node_id=node_id), timeout=10).token)
 
 
 def ensure_kek_file(path: Path) -> Path:
@@ -120,10 +300,10 @@ def spawn_control_cli(
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Starts `python -m tether.cli control` on 127.0.0.1:0; returns (process, address).
 
-    Creates the key (tmp_path/keys/control.key) and an enrolment token file
-    holding TEST_ENROLLMENT_TOKEN when they do not exist yet, so a restart on
-    the same tmp_path reuses both; likewise the KEK file tmp_path/control.kek
-    (with `vault`). Waits for --ready-file.
+    Creates the key (tmp_path/keys/control.key) and the test trust domain
+    (tmp_path/pki) when they do not exist yet, so a restart on the same
+    tmp_path reuses both; likewise the KEK file tmp_path/control.kek (with
+    `vault`). Waits for --ready-file. Registers the endpoint for `endpoint()`.
 
     Raises:
         RuntimeError: the process exited or did not become ready in time.
@@ -131,9 +311,7 @@ def spawn_control_cli(
     key_path = key_path or tmp_path / "keys" / "control.key"
     if not key_path.exists():
         SigningKey.generate().save(key_path, key_path.with_suffix(".pub"))
-    tokens = tmp_path / "enrollment.tokens"
-    if not tokens.exists():
-        tokens.write_text(TEST_ENROLLMENT_TOKEN + "\n")
+    pki = make_pki(tmp_path / "pki", [SigningKey.load(key_path)])
     db = db or tmp_path / "control.db"
     ready = tmp_path / f"ready-{time.monotonic_ns()}"
     log_path = tmp_path / "control.log"
@@ -148,8 +326,16 @@ def spawn_control_cli(
         "127.0.0.1:0",
         "--key",
         str(key_path),
-        "--enrollment-token-file",
-        str(tokens),
+        "--ca-cert",
+        str(pki.dir / "ca.crt"),
+        "--ca-key",
+        str(pki.dir / "ca.key"),
+        "--tls-cert",
+        str(pki.dir / "server.crt"),
+        "--tls-key",
+        str(pki.dir / "server.key"),
+        "--enroll-listen",
+        "127.0.0.1:0",
         "--ready-file",
         str(ready),
         *(["--kek-file", str(ensure_kek_file(tmp_path / "control.kek"))] if vault else []),
@@ -160,7 +346,9 @@ def spawn_control_cli(
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if ready.exists():
-            return proc, ready.read_text().strip()
+            address, enroll = [*ready.read_text().splitlines(), "", ""][:2]
+            _ENDPOINTS[address] = ControlEndpoint(address, enroll, pki)
+            return proc, address
         if proc.poll() is not None:
             raise RuntimeError(
                 f"control plane exited with {proc.returncode}: {log_path.read_text()[-2000:]}"
@@ -212,16 +400,17 @@ async def start_sidecar(
     *,
     node_id: str = "node-1",
     agents: Sequence[str] = ("alice",),
-    enrollment_token: str = TEST_ENROLLMENT_TOKEN,
-    control_pub: Path | None = None,
+    enrollment_token: str | None = None,
     clock: Clock | None = None,
     runner: Any = None,
     **overrides: Any,
 ) -> AsyncIterator[SidecarHandle]:
     """Starts the real sidecar in-process on a Unix socket under tmp_path/node_id.
 
-    Creates the node key, enrolment token file and one token file per agent;
-    `overrides` are SidecarConfig fields (e.g. agent_liveness_ms=500).
+    Creates the node key, a fresh join token (unless `enrollment_token` is
+    given) and one token file per agent; the trust bundle and enrolment address
+    come from the test control plane at `control_address`. `overrides` are
+    SidecarConfig fields (e.g. agent_liveness_ms=500).
     """
     from tether.sidecar.config import AgentSpec, SidecarConfig
     from tether.sidecar.server import Sidecar
@@ -231,9 +420,11 @@ async def start_sidecar(
     key_path = base / "node.key"
     if not key_path.exists():
         SigningKey.generate().save(key_path, key_path.with_suffix(".pub"))
-    enroll = base / "enroll.token"
-    enroll.write_text(enrollment_token + "\n")
-    enroll.chmod(0o600)
+    ep = endpoint(control_address)
+    if enrollment_token is None:
+        enrollment_token = await ep.join_token(node_id)
+    enroll = base / "join.token"
+    write_private(enroll, (enrollment_token + "\n").encode())
     tokens: dict[str, str] = {}
     specs = []
     for name in agents:
@@ -248,7 +439,8 @@ async def start_sidecar(
         control_address=control_address,
         node_id=node_id,
         node_key_path=key_path,
-        control_public_key_path=control_pub,
+        trust_bundle_path=overrides.pop("trust_bundle_path", ep.pki.trust_bundle),
+        enroll_address=overrides.pop("enroll_address", ep.enroll_address),
         enrollment_token_file=enroll,
         state_dir=base / "state",
         socket_path=socket_path,
@@ -273,9 +465,9 @@ def spawn_sidecar_cli(
     *,
     node_id: str = "node-1",
     agents: Sequence[str] = ("alice",),
-    control_pub: Path | None = None,
     extra_args: Sequence[str] = (),
     timeout_s: float = 20.0,
+    join_token: str | None = None,
 ) -> tuple[subprocess.Popen[bytes], Path, dict[str, Path]]:
     """Starts `python -m tether.cli sidecar`; returns (process, socket, agent token files).
 
@@ -289,15 +481,17 @@ def spawn_sidecar_cli(
     key_path = base / "node.key"
     if not key_path.exists():
         SigningKey.generate().save(key_path, key_path.with_suffix(".pub"))
-    enroll = base / "enroll.token"
-    enroll.write_text(TEST_ENROLLMENT_TOKEN + "\n")
-    enroll.chmod(0o600)
+    ep = endpoint(control_address)
+    enroll = base / "join.token"
+    token = join_token if join_token is not None else sync_join_token(ep, node_id)
+    write_private(enroll, (token + "\n").encode())
     token_files: dict[str, Path] = {}
     argv = [
         sys.executable, "-m", "tether.cli", "sidecar",
         "--control", control_address, "--node-id", node_id, "--key", str(key_path),
         "--socket", str(base / "tether.sock"), "--state-dir", str(base / "state"),
-        "--enrollment-token-file", str(enroll),
+        "--join-token-file", str(enroll), "--trust-bundle", str(ep.pki.trust_bundle),
+        "--enroll", ep.enroll_address,
     ]  # fmt: skip
     for name in agents:
         token_file = base / f"{name}.token"
@@ -305,8 +499,6 @@ def spawn_sidecar_cli(
             write_agent_token(token_file)
         token_files[name] = token_file
         argv += ["--agent", f"{name}={token_file}"]
-    if control_pub is not None:
-        argv += ["--control-pub", str(control_pub)]
     ready = base / f"ready-{time.monotonic_ns()}"
     argv += ["--ready-file", str(ready), *extra_args]
     log_path = base / "sidecar.log"

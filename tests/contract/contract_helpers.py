@@ -6,13 +6,18 @@ import contextlib
 import functools
 import os
 import secrets
-from collections.abc import Iterator
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg
 import pytest
 from psycopg import sql
 
+from tether.store import postgres as postgres_store
+from tether.store import sqlite as sqlite_store
 from tether.store.base import NewTask, Store, TaskRecord
 from tether.store.postgres import PostgresStore, redact_url
 from tether.store.sqlite import SqliteStore
@@ -106,3 +111,34 @@ def same_database(store: Store) -> Store:
         return PostgresStore(store.url)
     assert isinstance(store, SqliteStore)
     return SqliteStore(store.path)
+
+
+AnyStore = SqliteStore | PostgresStore
+
+
+@contextlib.contextmanager
+def new_database(kind: str, tmp_path: Path) -> Iterator[Callable[[], AnyStore]]:
+    """A new, unmigrated database of `kind`; yields a maker of (unopened) stores over it."""
+    if kind == "sqlite":
+        path = tmp_path / "new.db"
+        yield lambda: SqliteStore(path)
+    else:
+        with fresh_database() as url:
+            yield lambda: PostgresStore(url)
+
+
+def only_migrations_up_to(monkeypatch: pytest.MonkeyPatch, version: int) -> None:
+    """Makes stores opened under `monkeypatch` apply migrations <= `version` only."""
+    for module in (sqlite_store, postgres_store):
+        files = [m for m in module.migration_files() if m[0] <= version]
+        monkeypatch.setattr(module, "migration_files", lambda files=files: files)
+
+
+def execute_outside(store: AnyStore, statement: str, params: tuple[Any, ...]) -> None:
+    """Runs one statement (with ? placeholders) on the store's database, not through it."""
+    if isinstance(store, SqliteStore):
+        with contextlib.closing(sqlite3.connect(store.path)) as lite, lite:
+            lite.execute(statement, params)
+    else:
+        with psycopg.connect(store.url, autocommit=True) as conn:
+            conn.execute(statement.replace("?", "%s"), params)

@@ -47,11 +47,12 @@ def _check(bundle: Bundle, key: SigningKey, tasks: list[str]) -> None:
 
 async def test_two_replicas_one_ledger(tmp_path: Path) -> None:
     """Receipts streamed to two replicas form one tree; exports from both verify alike."""
-    key = SigningKey.generate()  # replicas share the control key, as deployed
+    key = SigningKey.generate()  # replicas share the control key and CA, as deployed
+    pki = tmp_path / "pki"
     with fresh_database() as url:
         async with (
-            start_control(tmp_path / "r1", key=key, db=url, vault=False) as r1,
-            start_control(tmp_path / "r2", key=key, db=url, vault=False) as r2,
+            start_control(tmp_path / "r1", key=key, db=url, vault=False, pki_dir=pki) as r1,
+            start_control(tmp_path / "r2", key=key, db=url, vault=False, pki_dir=pki) as r2,
             start_sidecar(tmp_path, r1.address, node_id="node-a") as side_a,
             start_sidecar(tmp_path, r2.address, node_id="node-b") as side_b,
         ):

@@ -52,7 +52,7 @@ async def nodes(store: Store) -> Store:
     """The store with nodes n1 and n2 enrolled under CONTROL."""
     for node, key in NODE_KEYS.items():
         _, env = issue_cert(CONTROL, node, key.public.raw, T0 - 1000)
-        await store.put_node(NodeRecord(node, key.public.raw, env.to_json_bytes(), node * 32, T0))
+        await store.put_node(NodeRecord(node, key.public.raw, env.to_json_bytes(), T0))
     return store
 
 

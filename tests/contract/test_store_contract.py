@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
-from contract_helpers import NOW, lease, same_database, sign, submit
+from contract_helpers import (
+    NOW,
+    execute_outside,
+    lease,
+    new_database,
+    only_migrations_up_to,
+    same_database,
+    sign,
+    submit,
+)
 
 from tether.core.errors import (
+    AlreadyExists,
     BudgetExhausted,
     IdempotencyConflict,
     InvalidArgument,
@@ -19,6 +30,7 @@ from tether.core.errors import (
 )
 from tether.core.states import Event, State
 from tether.store.base import (
+    JoinTokenRecord,
     NewTask,
     NodeRecord,
     SealedSecret,
@@ -345,18 +357,154 @@ async def test_commits_survive_reopen(store: Store) -> None:
         await store.open()  # the fixture closes it
 
 
-async def test_nodes_are_found_by_id_and_token_and_reenrolment_rotates(store: Store) -> None:
-    """A node is found by id and token hash; re-registering replaces its token."""
-    await store.put_node(NodeRecord("n1", b"k" * 32, b"cert", "sha-a", NOW))
-    got = await store.get_node_by_token("sha-a")
-    assert got is not None
-    assert (got.node_id, got.public_key, got.certificate) == ("n1", b"k" * 32, b"cert")
-    await store.put_node(NodeRecord("n1", b"j" * 32, b"cert2", "sha-b", NOW + 1))
-    assert await store.get_node_by_token("sha-a") is None
-    again = await store.get_node("n1")
-    assert again is not None
-    assert (again.public_key, again.token_sha256) == (b"j" * 32, "sha-b")
+async def test_nodes_are_put_and_replaced_by_id(store: Store) -> None:
+    """A node is found by id, active by default; putting it again replaces every field."""
+    await store.put_node(NodeRecord("n1", b"k" * 32, b"cert", NOW))
+    assert await store.get_node("n1") == NodeRecord("n1", b"k" * 32, b"cert", NOW, "active", "", 0)
+    replaced = NodeRecord("n1", b"j" * 32, b"cert2", NOW + 1, "revoked", "rekeyed", NOW + 1)
+    await store.put_node(replaced)
+    assert await store.get_node("n1") == replaced
     assert await store.get_node("n2") is None
+
+
+async def test_node_status_is_set_and_nodes_are_listed_by_id(store: Store) -> None:
+    """set_node_status stores status, reason and time; list_nodes returns all nodes by id."""
+    ids = ["n2", "n10", "B", "a"]
+    for i, node_id in enumerate(ids):
+        await store.put_node(NodeRecord(node_id, bytes([i]) * 32, b"cert", NOW + i))
+    listed = await store.list_nodes()
+    assert [n.node_id for n in listed] == sorted(ids)  # byte order in every dialect
+    assert {n.status for n in listed} == {"active"}
+    revoked = await store.set_node_status("n2", "revoked", "key compromised", NOW + 9)
+    assert revoked == NodeRecord(
+        "n2", bytes([0]) * 32, b"cert", NOW, "revoked", "key compromised", NOW + 9
+    )
+    assert await store.get_node("n2") == revoked
+    assert [n for n in await store.list_nodes() if n.status == "revoked"] == [revoked]
+    again = await store.set_node_status("n2", "active", "reinstated", NOW + 10)
+    assert again is not None
+    assert (again.status, again.status_reason, again.updated_unix_ms) == (
+        "active",
+        "reinstated",
+        NOW + 10,
+    )
+    assert await store.set_node_status("nope", "revoked", "x", NOW) is None
+    assert await store.list_nodes() == sorted(
+        [*(n for n in listed if n.node_id != "n2"), again], key=lambda n: n.node_id
+    )
+
+
+async def test_unknown_node_status_is_refused(store: Store) -> None:
+    """set_node_status refuses a status other than active or revoked and changes nothing."""
+    await store.put_node(NodeRecord("n1", b"k" * 32, b"cert", NOW))
+    with pytest.raises(InvalidArgument):
+        await store.set_node_status("n1", "paused", "", NOW + 1)
+    assert await store.get_node("n1") == NodeRecord("n1", b"k" * 32, b"cert", NOW)
+
+
+def test_node_and_join_token_records_check_their_values() -> None:
+    """A node status, join token purpose or expiry outside what the records allow is refused."""
+    with pytest.raises(ValueError, match="status"):
+        NodeRecord("n1", b"k" * 32, b"cert", NOW, status="paused")
+    with pytest.raises(ValueError, match="purpose"):
+        JoinTokenRecord("sha", "n1", "login", NOW, NOW + 1)
+    with pytest.raises(ValueError, match="expire"):
+        JoinTokenRecord("sha", "n1", "enroll", NOW, NOW)
+
+
+def _join(sha: str = "sha-j", node_id: str = "n1", purpose: str = "enroll") -> JoinTokenRecord:
+    """A join token for `node_id` issued at NOW that expires at NOW + 1000."""
+    return JoinTokenRecord(sha, node_id, purpose, NOW, NOW + 1000)
+
+
+async def test_join_token_is_consumed_once(store: Store) -> None:
+    """A join token is consumed once, marked used at that time; a second use gets None."""
+    await store.put_join_token(_join(purpose="rekey"))
+    got = await store.consume_join_token("sha-j", "n1", NOW + 10)
+    assert got == JoinTokenRecord("sha-j", "n1", "rekey", NOW, NOW + 1000, NOW + 10)
+    assert await store.consume_join_token("sha-j", "n1", NOW + 11) is None
+    assert await store.consume_join_token("unknown", "n1", NOW + 11) is None
+
+
+async def test_join_token_of_another_node_is_refused(store: Store) -> None:
+    """A join token presented for another node is refused and stays usable by its own node."""
+    await store.put_join_token(_join(node_id="n1"))
+    assert await store.consume_join_token("sha-j", "n2", NOW + 1) is None
+    got = await store.consume_join_token("sha-j", "n1", NOW + 2)
+    assert got is not None
+    assert got.used_unix_ms == NOW + 2
+
+
+async def test_expired_join_token_is_refused(store: Store) -> None:
+    """A join token is refused from its expiry time on, without being marked used."""
+    await store.put_join_token(_join())
+    assert await store.consume_join_token("sha-j", "n1", NOW + 1000) is None
+    assert await store.consume_join_token("sha-j", "n1", NOW + 5000) is None
+    got = await store.consume_join_token("sha-j", "n1", NOW + 999)  # nothing was changed
+    assert got is not None
+    assert got.used_unix_ms == NOW + 999
+
+
+async def test_join_token_hash_is_stored_once(store: Store) -> None:
+    """A second join token with a stored SHA-256 is refused and the first one is kept."""
+    await store.put_join_token(_join(node_id="n1"))
+    with pytest.raises(AlreadyExists):
+        await store.put_join_token(_join(node_id="n2"))
+    assert await store.consume_join_token("sha-j", "n2", NOW + 1) is None
+    assert await store.consume_join_token("sha-j", "n1", NOW + 1) is not None
+
+
+async def test_concurrent_consumers_of_one_join_token_have_one_winner(store: Store) -> None:
+    """Ten concurrent consumers of one join token, over two stores on one database: one wins."""
+    await store.put_join_token(_join())
+    other = same_database(store)
+    await other.open()
+    try:
+        results = await asyncio.gather(
+            *((store, other)[i % 2].consume_join_token("sha-j", "n1", NOW + 1) for i in range(10))
+        )
+    finally:
+        await other.close()
+    assert [r for r in results if r is not None] == [
+        JoinTokenRecord("sha-j", "n1", "enroll", NOW, NOW + 1000, NOW + 1)
+    ]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_upgrade_from_0005_keeps_nodes_as_active(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Migrating a database at 0005 keeps its node rows, each active, and drops the token index."""
+    with new_database(kind, tmp_path) as make_store:
+        with monkeypatch.context() as patch:
+            only_migrations_up_to(patch, 5)
+            old = make_store()
+            await old.open()
+            assert await old.applied_migrations() == [1, 2, 3, 4, 5]
+            await old.close()
+        for node_id, token in (("n2", "sha-2"), ("n1", "sha-1")):
+            execute_outside(
+                old,
+                "INSERT INTO nodes (node_id, public_key, certificate, token_sha256,"
+                " registered_unix_ms) VALUES (?, ?, ?, ?, ?)",
+                (node_id, b"k" * 32, f"cert-{node_id}".encode(), token, NOW),
+            )
+        new = make_store()
+        await new.open()
+        try:
+            assert (await new.applied_migrations())[-1] == 6
+            assert await new.list_nodes() == [
+                NodeRecord("n1", b"k" * 32, b"cert-n1", NOW, "active", "", 0),
+                NodeRecord("n2", b"k" * 32, b"cert-n2", NOW, "active", "", 0),
+            ]
+            # Every write now puts '' in the old token column: it is no longer unique.
+            await new.put_node(NodeRecord("n3", b"j" * 32, b"c", NOW + 1))
+            await new.put_node(NodeRecord("n4", b"j" * 32, b"c", NOW + 1))
+            assert [n.node_id for n in await new.list_nodes()] == ["n1", "n2", "n3", "n4"]
+            await new.put_join_token(_join())
+            assert await new.consume_join_token("sha-j", "n1", NOW + 1) is not None
+        finally:
+            await new.close()
 
 
 async def test_policies_and_sealed_secrets_are_versioned(store: Store) -> None:

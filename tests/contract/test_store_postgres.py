@@ -93,9 +93,14 @@ async def test_two_control_plane_servers_lease_each_task_once(pg_url: str, tmp_p
     clock = FakeClock()
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
+    pki = tmp_path / "pki"  # replicas share the control key and the CA, as deployed
     async with (
-        start_control(tmp_path / "a", db=pg_url, key=key, clock=clock, vault=False) as cp_a,
-        start_control(tmp_path / "b", db=pg_url, key=key, clock=clock, vault=False) as cp_b,
+        start_control(
+            tmp_path / "a", db=pg_url, key=key, clock=clock, vault=False, pki_dir=pki
+        ) as cp_a,
+        start_control(
+            tmp_path / "b", db=pg_url, key=key, clock=clock, vault=False, pki_dir=pki
+        ) as cp_b,
     ):
         submitted: list[str] = []
         for start in range(0, 500, 100):
@@ -109,15 +114,10 @@ async def test_two_control_plane_servers_lease_each_task_once(pg_url: str, tmp_p
         replicas = [cp_a, cp_b]
         clients = []
         for i in range(50):
-            # Enrolled through the service: gRPC RegisterNode also records the
-            # certificate in the receipt ledger, which runs on SQLite only so far.
-            cp = replicas[i % 2]
-            _, token = await cp.service.register_node(
-                node_id=f"node-{i}",
-                public_key=SigningKey.generate().public.raw,
-                enrollment_token=cp.enrollment_token,
-            )
-            clients.append(ControlClient(replicas[(i + 1) % 2].address, node_token=token))
+            # Enrolled on one replica, calling the other with the certificate it got.
+            enrolled = await replicas[i % 2].node_client(f"node-{i}")
+            await enrolled.close()
+            clients.append(ControlClient(replicas[(i + 1) % 2].address, tls=enrolled.tls))
 
         async def drain(i: int, client: ControlClient) -> list[str]:
             got = []

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
 from pathlib import Path
 
 from tether.control.client import ControlClient
-from tether.testing import ControlHandle
+from tether.crypto.pki import CertificateAuthority, Role, cert_pem, generate_tls_key, key_pem
+from tether.grpcutil.tls import ClientTLS
+from tether.testing import ControlEndpoint, ControlHandle
 from tether.v1 import control_pb2 as pb
 
 POLICY = """\
@@ -73,6 +76,27 @@ async def leased(
     resp = await node.acquire_lease(queue, node_id, "alice")
     assert resp.HasField("task")
     return resp.task
+
+
+def operator_args(target: ControlHandle | ControlEndpoint, role: Role = Role.ADMIN) -> list[str]:
+    """--control/--tls-ca/--tls-cert/--tls-key for an operator CLI command with `role`."""
+    cert, key = target.pki.write_operator(role)
+    return [
+        "--control", target.address, "--tls-ca", str(target.pki.trust_bundle),
+        "--tls-cert", str(cert), "--tls-key", str(key),
+    ]  # fmt: skip
+
+
+def unenrolled_node_tls(
+    cp: ControlHandle, node_id: str, ca: CertificateAuthority | None = None
+) -> ClientTLS:
+    """A node certificate for `node_id` that no enrolment gave out (issued by `ca`, default
+    the control plane's own CA): what a made-up node credential looks like now."""
+    key = generate_tls_key()
+    cert = (ca or cp.pki.ca).issue_node(
+        node_id, "0" * 16, key.public_key(), int(time.time() * 1000)
+    )
+    return ClientTLS(cert_pem(cp.pki.ca.cert), cert_pem(cert), key_pem(key))
 
 
 async def run_cli(*args: str, stdin: bytes = b"") -> tuple[int, str, str]:

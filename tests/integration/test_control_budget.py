@@ -44,9 +44,8 @@ async def test_twenty_concurrent_reservations_against_room_for_ten(
 ) -> None:
     """20 concurrent ReserveBudget calls of 100 against a 1000 budget: exactly 10 succeed."""
     task = await leased(cp, node)
-    clients = [await cp.node_client(f"x-{i}") for i in range(4)]
-    for c in clients:  # several channels, all authenticated as the holder node
-        c.node_token = node.node_token
+    # Several channels, all authenticated as the holder node (its client certificate).
+    clients = [ControlClient(cp.address, tls=node.tls) for _ in range(4)]
 
     async def reserve(i: int) -> int | BudgetExhausted:
         client = clients[i % len(clients)]

@@ -9,13 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from control_fixtures import operator_args
 
 from tether.control.client import ControlClient
 from tether.core.states import Event, State
 from tether.crypto.envelopes import from_proto
 from tether.crypto.leases import verify_lease
+from tether.crypto.pki import Role
 from tether.crypto.signing import SigningKey, VerifyKey
-from tether.testing import TEST_ENROLLMENT_TOKEN, spawn_control_cli
+from tether.testing import endpoint, spawn_control_cli
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -40,20 +42,19 @@ async def test_sigkill_and_restart_keeps_every_acknowledged_task_and_lease(
     """After SIGKILL and a restart on the same database, every acknowledged write is there."""
     proc, address = spawn_control_cli(tmp_path)
     try:
-        client = ControlClient(address)
-        await client.register_node(
-            "node-1", SigningKey.generate().public.raw, TEST_ENROLLMENT_TOKEN
-        )
-        submitted = [
-            (await client.submit("crash", f'{{"n":{i}}}'.encode(), idempotency_key=f"k{i}")).task
-            for i in range(40)
-        ]
-        leases = [await client.acquire_lease("crash", "node-1", "a") for _ in range(15)]
+        ep = endpoint(address)
+        node = await ep.node_client("node-1")
+        async with ep.admin() as admin:
+            submitted = [
+                (await admin.submit("crash", f'{{"n":{i}}}'.encode(), idempotency_key=f"k{i}")).task
+                for i in range(40)
+            ]
+        leases = [await node.acquire_lease("crash", "node-1", "a") for _ in range(15)]
         first = leases[0].task
-        await client.renew_lease(first.task_id, first.fencing_token, "node-1")
-        await client.transition(first.task_id, first.fencing_token, Event.START, "node-1")
-        node_token = client.node_token
-        await client.close()
+        await node.renew_lease(first.task_id, first.fencing_token, "node-1")
+        await node.transition(first.task_id, first.fencing_token, Event.START, "node-1")
+        node_tls = node.tls
+        await node.close()
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
@@ -62,7 +63,10 @@ async def test_sigkill_and_restart_keeps_every_acknowledged_task_and_lease(
     proc, address = spawn_control_cli(tmp_path)
     try:
         key = VerifyKey.load(tmp_path / "keys" / "control.pub")
-        async with ControlClient(address, node_token=node_token) as client:
+        async with (
+            endpoint(address).admin() as client,
+            ControlClient(address, tls=node_tls) as node,
+        ):
             tasks = {t.task_id: t for t in await client.list_all_tasks(queue="crash")}
             assert set(tasks) == {t.task_id for t in submitted}
             for lease in leases:
@@ -73,8 +77,8 @@ async def test_sigkill_and_restart_keeps_every_acknowledged_task_and_lease(
                 assert signed[0] == verify_lease(from_proto(lease.lease), {key.keyid: key})
             assert tasks[first.task_id].state == State.RUNNING
             assert len((await client.get_task(first.task_id)).leases) == 2
-            # the node token survives the restart (only its digest is stored)
-            await client.renew_lease(first.task_id, first.fencing_token, "node-1")
+            # the node's certificate survives the restart (the node record is stored)
+            await node.renew_lease(first.task_id, first.fencing_token, "node-1")
             again = await client.submit("crash", b'{"n":0}', idempotency_key="k0")
             assert not again.created
             assert again.task.task_id == submitted[0].task_id
@@ -87,20 +91,23 @@ async def test_operator_commands_submit_list_and_show(tmp_path: Path) -> None:
     """`tether submit`, `tether tasks` and `tether task show` talk to a running control plane."""
     proc, address = spawn_control_cli(tmp_path)
     try:
+        ep = endpoint(address)
         out = await asyncio.to_thread(
-            _cli, "submit", "--control", address, "--queue", "ops", "--payload", '{"x":1}'
+            _cli, "submit", *operator_args(ep), "--queue", "ops", "--payload", '{"x":1}'
         )
         assert out.returncode == 0, out.stderr
         task_id = out.stdout.strip()
-        listed = await asyncio.to_thread(_cli, "tasks", "--control", address, "--state", "queued")
+        listed = await asyncio.to_thread(
+            _cli, "tasks", *operator_args(ep, Role.AUDITOR), "--state", "queued"
+        )
         assert listed.returncode == 0, listed.stderr
         assert task_id in listed.stdout
-        shown = await asyncio.to_thread(_cli, "task", "show", task_id, "--control", address)
+        shown = await asyncio.to_thread(_cli, "task", "show", task_id, *operator_args(ep))
         assert shown.returncode == 0, shown.stderr
         assert "queued" in shown.stdout
         assert "attempt 0/3" in shown.stdout
         bad = await asyncio.to_thread(
-            _cli, "submit", "--control", address, "--queue", "bad queue", "--payload", "{}"
+            _cli, "submit", *operator_args(ep), "--queue", "bad queue", "--payload", "{}"
         )
         assert bad.returncode == 1
         assert "queue" in bad.stderr
@@ -120,9 +127,15 @@ def test_keys_init_writes_private_key_0600_and_refuses_overwrite(tmp_path: Path)
     assert "refusing to overwrite" in again.stderr
 
 
+def _keys(tmp_path: Path) -> Path:
+    """A trust domain from `tether keys init`; returns its control.key."""
+    out = _cli("keys", "init", "--dir", str(tmp_path / "keys"))
+    assert out.returncode == 0, out.stderr
+    return tmp_path / "keys" / "control.key"
+
+
 def test_control_refuses_a_bad_listen_address(tmp_path: Path) -> None:
     """A malformed --listen is a usage error (exit 2) naming the address."""
-    SigningKey.generate().save(tmp_path / "k.key")
     out = _cli(
         "control",
         "--db",
@@ -130,16 +143,17 @@ def test_control_refuses_a_bad_listen_address(tmp_path: Path) -> None:
         "--listen",
         "nonsense",
         "--key",
-        str(tmp_path / "k.key"),
+        str(_keys(tmp_path)),
     )
     assert out.returncode == 2
     assert "nonsense" in out.stderr
 
 
-@pytest.mark.parametrize("flag", ["--enrollment-token-file", "--operator-token-file"])
-def test_control_refuses_missing_token_files(tmp_path: Path, flag: str) -> None:
-    """A token file that cannot be read stops the control plane with exit 2."""
-    SigningKey.generate().save(tmp_path / "k.key")
+@pytest.mark.parametrize(
+    "flag", ["--ca-cert", "--ca-key", "--tls-cert", "--tls-key", "--client-ca"]
+)
+def test_control_refuses_missing_tls_files(tmp_path: Path, flag: str) -> None:
+    """A CA or TLS file that cannot be read stops the control plane with exit 2, naming it."""
     out = _cli(
         "control",
         "--db",
@@ -147,7 +161,7 @@ def test_control_refuses_missing_token_files(tmp_path: Path, flag: str) -> None:
         "--listen",
         "127.0.0.1:0",
         "--key",
-        str(tmp_path / "k.key"),
+        str(_keys(tmp_path)),
         flag,
         str(tmp_path / "missing"),
     )

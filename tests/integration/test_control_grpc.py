@@ -8,24 +8,29 @@ from typing import Any
 
 import grpc
 import pytest
+from control_fixtures import unenrolled_node_tls
 from google.rpc import error_details_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
-from tether.control.client import ControlClient
-from tether.control.service import Auth, ControlConfig
+from tether.control.authz import ADMIN, ANONYMOUS, NODE, RULES
+from tether.control.client import ControlClient, enroll
+from tether.control.service import ControlConfig
 from tether.core.clock import FakeClock
 from tether.core.errors import (
+    Forbidden,
     InvalidArgument,
     InvalidTransition,
     LeaseExpired,
     NotOwner,
     StaleFencingToken,
     Unauthenticated,
+    Unavailable,
 )
 from tether.core.states import Event, State
 from tether.crypto.envelopes import from_proto
 from tether.crypto.leases import verify_lease
+from tether.crypto.pki import CertificateAuthority, Role, generate_tls_key
 from tether.crypto.signing import SigningKey
 from tether.testing import ControlHandle, start_control
 from tether.v1 import control_pb2 as pb
@@ -117,14 +122,14 @@ async def test_raw_status_of_stale_token_is_failed_precondition(
     """On the wire a stale token is FAILED_PRECONDITION with reason STALE_FENCING_TOKEN."""
     task_id = (await cp.client.submit("q", b"{}")).task.task_id
     await node.acquire_lease("q", "node-1", "a")
-    async with grpc.aio.insecure_channel(cp.address) as ch:
+    assert node.tls is not None
+    async with grpc.aio.secure_channel(cp.address, node.tls.credentials()) as ch:
         stub = pb_grpc.ControlServiceStub(ch)
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stub.TransitionTask(
                 pb.TransitionTaskRequest(
                     task_id=task_id, fencing_token=9, event=pb.TASK_EVENT_START, node_id="node-1"
-                ),
-                metadata=(("x-tether-node-token", node.node_token),),
+                )
             )
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "current token is 1" in (info.value.details() or "")
@@ -254,23 +259,40 @@ async def test_long_poll_wakes_on_submit(cp: ControlHandle, node: ControlClient)
 
 
 async def test_unknown_node_is_refused(cp: ControlHandle) -> None:
-    """RegisterNode without a valid token or allow-listed key is UNAUTHENTICATED; so are node
-    calls without a node token."""
-    client = ControlClient(cp.address)
-    try:
+    """RegisterNode without a valid join token or allow-listed key is UNAUTHENTICATED; node
+    calls without a certificate, or with one for a node that never enrolled, are refused,
+    and a certificate from another CA gets no service at all."""
+    await cp.client.submit("q", b"{}")
+    async with ControlClient(cp.enroll_address, tls=cp.pki.anonymous_tls) as anon:
         with pytest.raises(Unauthenticated):
-            await client.register_node("intruder", SigningKey.generate().public.raw, "wrong")
-        with pytest.raises(Unauthenticated):
+            await anon.register_node("intruder", SigningKey.generate(), "wrong")
+        with pytest.raises(Unauthenticated):  # no client certificate
+            await anon.acquire_lease("q", "intruder", "a")
+    # A certificate from the right CA for a node id that never enrolled (the old
+    # "made-up node token"): the chain verifies, the node does not exist.
+    forged = unenrolled_node_tls(cp, "intruder")
+    async with ControlClient(cp.address, tls=forged) as client:
+        with pytest.raises(Unauthenticated, match="not enrolled"):
             await client.acquire_lease("q", "intruder", "a")
-        client.node_token = "made-up"
-        with pytest.raises(Unauthenticated):
+    # An operator is no node.
+    with pytest.raises(Forbidden):
+        await cp.client.acquire_lease("q", "intruder", "a")
+    # A node certificate of another trust domain's CA fails the TLS handshake.
+    foreign = unenrolled_node_tls(cp, "intruder", CertificateAuthority.create("elsewhere.example"))
+    async with ControlClient(cp.address, tls=foreign, timeout_s=5) as client:
+        with pytest.raises(Unavailable):
             await client.acquire_lease("q", "intruder", "a")
-    finally:
-        await client.close()
-    async with grpc.aio.insecure_channel(cp.address) as ch:
+    assert [t.state for t in await cp.client.list_all_tasks(queue="q")] == [State.QUEUED]
+    async with grpc.aio.secure_channel(cp.enroll_address, cp.pki.anonymous_tls.credentials()) as ch:
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await pb_grpc.ControlServiceStub(ch).RegisterNode(
-                pb.RegisterNodeRequest(node_id="x", public_key=b"k" * 32)
+            # A genuine proof of possession, but no join token and a key nobody allowed.
+            await enroll(
+                pb_grpc.ControlServiceStub(ch),
+                "x",
+                SigningKey.generate(),
+                generate_tls_key(),
+                "",
+                10,
             )
     assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
@@ -321,11 +343,25 @@ BAD_REQUESTS: list[tuple[str, Any, str]] = [
 ]
 
 
-async def test_bad_requests_name_the_field_and_server_stays_healthy(cp: ControlHandle) -> None:
+async def test_bad_requests_name_the_field_and_server_stays_healthy(
+    cp: ControlHandle, node: ControlClient
+) -> None:
     """Every malformed request gets INVALID_ARGUMENT with a BadRequest naming the field."""
-    async with grpc.aio.insecure_channel(cp.address) as ch:
-        stub = pb_grpc.ControlServiceStub(ch)
+    assert node.tls is not None
+    admin_tls = cp.pki.operator_tls(Role.ADMIN)
+    async with (
+        grpc.aio.secure_channel(cp.address, admin_tls.credentials()) as admin_ch,
+        grpc.aio.secure_channel(cp.address, node.tls.credentials()) as node_ch,
+        grpc.aio.secure_channel(cp.enroll_address, cp.pki.anonymous_tls.credentials()) as anon_ch,
+    ):
+        # Each RPC is called by a caller allowed to call it, so validation is what refuses it.
+        stubs = {
+            who: pb_grpc.ControlServiceStub(ch)
+            for who, ch in ((ADMIN, admin_ch), (NODE, node_ch), (ANONYMOUS, anon_ch))
+        }
         for method, request, field in BAD_REQUESTS:
+            allowed = RULES[method]
+            stub = stubs[next(w for w in (ADMIN, NODE, ANONYMOUS) if w in allowed)]
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await getattr(stub, method)(request)
             err = info.value
@@ -350,7 +386,10 @@ async def test_health_and_reflection_are_served(tmp_path: Path) -> None:
     async with start_control(tmp_path, unix_socket=True) as cp:
         assert cp.address.startswith("unix:")
         assert await cp.client.health() == 1
-        async with grpc.aio.insecure_channel(cp.address) as ch:
+        creds = cp.pki.operator_tls(Role.AUDITOR).credentials()
+        # The server certificate names localhost; a Unix socket path names no host.
+        options = [("grpc.ssl_target_name_override", "localhost")]
+        async with grpc.aio.secure_channel(cp.address, creds, options=options) as ch:
             stub = reflection_pb2_grpc.ServerReflectionStub(ch)
             names: list[str] = []
             async for resp in stub.ServerReflectionInfo(
@@ -364,21 +403,27 @@ async def test_health_and_reflection_are_served(tmp_path: Path) -> None:
     } <= set(names)
 
 
-async def test_operator_token_and_allow_listed_node_key(tmp_path: Path) -> None:
-    """With operator tokens configured, operator RPCs need one; an allow-listed key enrols
-    without an enrolment token."""
+async def test_operator_roles_and_allow_listed_node_key(tmp_path: Path) -> None:
+    """Operator RPCs need an operator certificate whose role allows them; an allow-listed key
+    enrols without a join token, and any other key without one is refused."""
     node_key = SigningKey.generate()
-    auth = Auth.from_tokens(operator_tokens=["op-secret"], allowed_node_keys=[node_key.public.raw])
-    async with start_control(tmp_path, auth=auth) as cp:
-        with pytest.raises(Unauthenticated):
-            await cp.client.submit("q", b"{}")
-        async with ControlClient(cp.address, operator_token="op-secret") as op:
-            assert (await op.submit("q", b"{}")).created
-        async with ControlClient(cp.address) as n:
-            await n.register_node("node-a", node_key.public.raw)
-            assert (await n.acquire_lease("q", "node-a", "agent")).HasField("task")
+    async with start_control(tmp_path, allowed_node_keys=[node_key.public.raw]) as cp:
+        async with ControlClient(cp.enroll_address, tls=cp.pki.anonymous_tls) as anon:
             with pytest.raises(Unauthenticated):
-                await n.register_node("node-b", SigningKey.generate().public.raw)
+                await anon.submit("q", b"{}")
+        async with cp.operator(Role.AUDITOR) as auditor:
+            with pytest.raises(Forbidden):
+                await auditor.submit("q", b"{}")
+        async with cp.operator(Role.SUBMITTER) as submitter:
+            assert (await submitter.submit("q", b"{}")).created
+        n = await cp.endpoint.node_client("node-a", key=node_key, join_token="")
+        try:
+            assert (await n.acquire_lease("q", "node-a", "agent")).HasField("task")
+        finally:
+            await n.close()
+        async with ControlClient(cp.enroll_address, tls=cp.pki.anonymous_tls) as anon:
+            with pytest.raises(Unauthenticated):
+                await anon.register_node("node-b", SigningKey.generate())
 
 
 POLICY = """\

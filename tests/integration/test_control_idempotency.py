@@ -6,14 +6,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from control_fixtures import POLICY, SHA_A, SHA_B, leased
+from control_fixtures import POLICY, SHA_A, SHA_B, leased, unenrolled_node_tls
 
 from tether.control.client import ControlClient
 from tether.core.clock import FakeClock
 from tether.core.errors import (
+    Forbidden,
     IdempotencyConflict,
     InvalidArgument,
     LeaseExpired,
+    NotOwner,
     StaleFencingToken,
     Unauthenticated,
 )
@@ -117,22 +119,29 @@ async def test_records_survive_a_lease_takeover(cp: ControlHandle, node: Control
             await node.record_tool_call(
                 tid, old, "k1", "echo", SHA_A, COMPLETED, "node-1", result=b"late", status="ok"
             )
-        final = await node.lookup_tool_call(tid, "k1")  # any enrolled node may look up
+        final = await other.lookup_tool_call(tid, "k1")
         assert final is not None
         assert final.result == b"x"
+        with pytest.raises(NotOwner):  # only the node holding the task may look it up
+            await node.lookup_tool_call(tid, "k1")
     finally:
         await other.close()
 
 
-async def test_lookup_needs_a_node_token(cp: ControlHandle) -> None:
-    """LookupToolCall without a valid node token is UNAUTHENTICATED."""
-    for token in ("", "not-a-token"):
-        client = ControlClient(cp.address, node_token=token)
+async def test_lookup_needs_a_node_certificate(cp: ControlHandle) -> None:
+    """LookupToolCall without a node certificate, or with one no enrolment gave out, is
+    UNAUTHENTICATED; an operator certificate is PERMISSION_DENIED."""
+    for client in (
+        ControlClient(cp.enroll_address, tls=cp.pki.anonymous_tls),
+        ControlClient(cp.address, tls=unenrolled_node_tls(cp, "node-9")),
+    ):
         try:
             with pytest.raises(Unauthenticated):
                 await client.lookup_tool_call("t", "k")
         finally:
             await client.close()
+    with pytest.raises(Forbidden):
+        await cp.client.lookup_tool_call("t", "k")
 
 
 async def test_record_tool_call_edge_validation(cp: ControlHandle, node: ControlClient) -> None:

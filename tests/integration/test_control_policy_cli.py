@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from control_fixtures import POLICY, run_cli
+from control_fixtures import POLICY, operator_args, run_cli
 
 from tether.testing import start_control
 
@@ -14,10 +14,10 @@ async def test_policy_apply_and_show(tmp_path: Path) -> None:
     policy_file = tmp_path / "policy.toml"
     policy_file.write_text(POLICY)
     async with start_control(tmp_path) as cp:
-        rc, out, err = await run_cli("policy", "apply", str(policy_file), "--control", cp.address)
+        rc, out, err = await run_cli("policy", "apply", str(policy_file), *operator_args(cp))
         assert rc == 0, err
         assert "policy version 1 in force" in out
-        rc, out, err = await run_cli("policy", "show", "--control", cp.address)
+        rc, out, err = await run_cli("policy", "show", *operator_args(cp))
         assert rc == 0, err
         assert out == POLICY
         assert "policy version 1" in err
@@ -32,10 +32,10 @@ async def test_policy_apply_names_the_bad_key_and_line_and_exits_2(tmp_path: Pat
     policy_file = tmp_path / "bad.toml"
     policy_file.write_text(bad)
     async with start_control(tmp_path) as cp:
-        rc, _, err = await run_cli("policy", "apply", str(policy_file), "--control", cp.address)
+        rc, _, err = await run_cli("policy", "apply", str(policy_file), *operator_args(cp))
         assert rc == 2
         assert "budgte" in err
         assert f"line {line}" in err
-        rc, _, err = await run_cli("policy", "show", "--control", cp.address)
+        rc, _, err = await run_cli("policy", "show", *operator_args(cp))
         assert rc == 1
         assert "no policy" in err

@@ -10,13 +10,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from control_fixtures import POLICY, db_bytes, leased, run_cli
+from control_fixtures import POLICY, db_bytes, leased, operator_args, run_cli
 
 from tether.control.client import ControlClient
 from tether.control.server import start_server
+from tether.control.service import Auth
 from tether.core.clock import FakeClock
 from tether.core.errors import (
     ConfigError,
+    Forbidden,
     InvalidArgument,
     InvalidTransition,
     LeaseExpired,
@@ -29,7 +31,14 @@ from tether.core.errors import (
 )
 from tether.core.states import Event
 from tether.crypto.signing import SigningKey
-from tether.testing import ControlHandle, spawn_control_cli, start_control
+from tether.testing import (
+    TEST_TRUST_DOMAIN,
+    ControlHandle,
+    endpoint,
+    make_pki,
+    spawn_control_cli,
+    start_control,
+)
 
 SECRET = b"s3cr3t-Value/with+base64=chars&url?"
 
@@ -159,12 +168,15 @@ async def test_credential_needs_the_live_lease_of_the_calling_node(
             await other.issue_credential(task.task_id, tok, "api_token", "fetch", "node-1")
     finally:
         await other.close()
-    anonymous = ControlClient(cp.address)
+    # No client certificate (only the enrolment address takes such calls at all).
+    anonymous = ControlClient(cp.enroll_address, tls=cp.pki.anonymous_tls)
     try:
         with pytest.raises(Unauthenticated):
             await anonymous.issue_credential(task.task_id, tok, "api_token", "fetch", "node-1")
     finally:
         await anonymous.close()
+    with pytest.raises(Forbidden):  # an operator, even an admin, is no node
+        await cp.client.issue_credential(task.task_id, tok, "api_token", "fetch", "node-1")
     clock_of(cp).advance(task.lease_ttl_ms)
     with pytest.raises(LeaseExpired):
         await node.issue_credential(task.task_id, tok, "api_token", "fetch", "node-1")
@@ -243,9 +255,16 @@ async def test_control_refuses_a_kek_file_readable_by_others(tmp_path: Path) -> 
     assert rc == 0
     assert kek.stat().st_mode & 0o777 == 0o600
     kek.chmod(0o644)
+    key = SigningKey.generate()
+    pki = make_pki(tmp_path / "pki", [key])
     with pytest.raises(ConfigError, match="too open"):
         await start_server(
-            db=tmp_path / "c.db", listen="127.0.0.1:0", key=SigningKey.generate(), kek_file=kek
+            db=tmp_path / "c.db",
+            listen="127.0.0.1:0",
+            key=key,
+            kek_file=kek,
+            auth=Auth(ca=pki.ca, trust_domain=TEST_TRUST_DOMAIN),
+            tls=pki.server_tls,
         )
 
 
@@ -255,7 +274,7 @@ async def test_cli_put_reads_stdin_or_file_and_rotate_kek_rewraps_live(
     """`secrets put` reads stdin or a file; `rotate-kek` re-wraps all rows while serving."""
     assert cp.kek_file is not None
     rc, out, err = await run_cli(
-        "secrets", "put", "api_token", "--control", cp.address, stdin=SECRET + b"\n"
+        "secrets", "put", "api_token", *operator_args(cp), stdin=SECRET + b"\n"
     )
     assert rc == 0, err
     assert SECRET.decode() not in out + err
@@ -267,7 +286,7 @@ async def test_cli_put_reads_stdin_or_file_and_rotate_kek_rewraps_live(
     value_file = tmp_path / "value"
     value_file.write_bytes(b"from-a-file")
     rc, _, err = await run_cli(
-        "secrets", "put", "other", "--control", cp.address, "--from-file", str(value_file)
+        "secrets", "put", "other", *operator_args(cp), "--from-file", str(value_file)
     )
     assert rc == 0, err
 
@@ -311,7 +330,7 @@ async def test_cli_control_serves_the_vault_from_kek_file(tmp_path: Path) -> Non
     """`tether control --kek-file` (as spawned by spawn_control_cli) seals secrets into its DB."""
     proc, address = spawn_control_cli(tmp_path)
     try:
-        async with ControlClient(address) as client:
+        async with endpoint(address).admin() as client:
             assert await client.put_secret("api_token", SECRET) == 1
     finally:
         proc.terminate()

@@ -26,14 +26,14 @@ import yaml
 
 from tether.crypto.signing import SigningKey
 from tether.sidecar.config import ENV_VARS, PATH_ENV_VARS, parse_agent_pairs
-from tether.testing import TEST_ENROLLMENT_TOKEN, spawn_control_cli
+from tether.testing import endpoint, spawn_control_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "sidecar"
 SIDECAR = "tether-sidecar"
 SECRET_ENV = ("TETHER_NODE_KEY", "TETHER_ENROLLMENT_TOKEN_FILE")
 PAIR_ENV = ("TETHER_AGENTS", "TETHER_AGENT_SOCKETS")
-REQUIRED_ENV = ("TETHER_CONTROL", "TETHER_NODE_ID", "TETHER_NODE_KEY")
+REQUIRED_ENV = ("TETHER_CONTROL", "TETHER_TRUST_BUNDLE", "TETHER_NODE_ID", "TETHER_NODE_KEY")
 
 
 def deployment() -> dict[str, Any]:
@@ -201,21 +201,25 @@ def test_check_fails_when_the_agent_gets_the_node_secret() -> None:
 
 
 def test_compose_agrees_with_the_config_loader() -> None:
-    """compose.yaml: known TETHER_* names, the control address matches the control plane's
-    --listen, the socket volume is shared and the agent gets no secret."""
+    """compose.yaml: known TETHER_* names, the control and enrolment addresses match the
+    control plane's --listen and --enroll-listen, the trust bundle is mounted, the socket
+    volume is shared and the agent gets no secret."""
     doc = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = doc["services"]
     env = services["sidecar"]["environment"]
     assert set(env) <= ENV_VARS, set(env) - ENV_VARS
-    listen = next(a for a in services["control"]["command"] if a.startswith("--listen="))
-    host, _, port = env["TETHER_CONTROL"].rpartition(":")
-    assert host in services
-    assert port == listen.rpartition(":")[2]
+    command = services["control"]["command"]
+    for var, flag in (("TETHER_CONTROL", "--listen="), ("TETHER_ENROLL", "--enroll-listen=")):
+        listen = next(a for a in command if a.startswith(flag))
+        host, _, port = env[var].rpartition(":")
+        assert host in services
+        assert port == listen.rpartition(":")[2], (var, listen)
     assert "secrets" not in services["agent"]
-    assert set(services["sidecar"]["secrets"]) == {"node_key", "enroll_token"}
+    assert set(services["sidecar"]["secrets"]) == {"node_key", "join_token"}
     assert env["TETHER_NODE_KEY"] == "/run/secrets/node_key"
-    assert env["TETHER_ENROLLMENT_TOKEN_FILE"] == "/run/secrets/enroll_token"
+    assert env["TETHER_ENROLLMENT_TOKEN_FILE"] == "/run/secrets/join_token"
     mounts = {v.split(":")[0]: v.split(":")[1] for v in services["sidecar"]["volumes"]}
+    assert mounts.get("./dev/trust.pem") == env["TETHER_TRUST_BUNDLE"]
     agent_mounts = {v.split(":")[0]: v.split(":")[1] for v in services["agent"]["volumes"]}
     for _, path in parse_agent_pairs("TETHER_AGENT_SOCKETS", env["TETHER_AGENT_SOCKETS"]).items():
         (vol,) = [v for v, mp in mounts.items() if path.startswith(mp + "/")]
@@ -249,11 +253,17 @@ def test_dockerfile_is_multistage_nonroot_and_healthchecked() -> None:
 
 
 @pytest.fixture
-def control(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """A real control plane (CLI subprocess); yields (address, public key file)."""
-    proc, address = spawn_control_cli(tmp_path / "control")
+def control(tmp_path: Path) -> Iterator[tuple[str, str, Path, Path]]:
+    """A real control plane (CLI subprocess) that allow-lists one node key, as the
+    manifest's deployment needs; yields (address, enrolment address, trust bundle, node key)."""
+    node_key = tmp_path / "node" / "node.key"
+    SigningKey.generate().save(node_key, node_key.with_suffix(".pub"))
+    proc, address = spawn_control_cli(
+        tmp_path / "control", extra_args=["--allow-node-key", str(node_key.with_suffix(".pub"))]
+    )
+    ep = endpoint(address)
     try:
-        yield address, tmp_path / "control" / "keys" / "control.pub"
+        yield address, ep.enroll_address, ep.pki.trust_bundle, node_key
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -277,12 +287,12 @@ def remap(path: str, mounts: list[dict[str, Any]], root: Path) -> Path:
 
 
 def test_entrypoint_runs_with_the_manifest_environment(
-    tmp_path: Path, control: tuple[str, Path]
+    tmp_path: Path, control: tuple[str, str, Path, Path]
 ) -> None:
     """The entrypoint, given exactly the sidecar container's env (paths under tmp_path, the
-    secret files group-readable as Kubernetes projects them), registers with a real control
+    secret files group-readable as Kubernetes projects them), enrols with a real control
     plane, passes the probe command and serves metrics."""
-    address, control_pub = control
+    address, enroll_address, trust_bundle, node_key = control
     dep = deployment()
     side = next(c for c in dep["spec"]["template"]["spec"]["containers"] if c["name"] == SIDECAR)
     mounts = side["volumeMounts"]
@@ -297,15 +307,14 @@ def test_entrypoint_runs_with_the_manifest_environment(
             pairs = parse_agent_pairs(var, env[var]).items()
             env[var] = ",".join(f"{n}={remap(p, mounts, root)}" for n, p in pairs)
     env["TETHER_CONTROL"] = address
+    env["TETHER_ENROLL"] = enroll_address
     metrics_port = _free_port()
     env["TETHER_METRICS_LISTEN"] = f"127.0.0.1:{metrics_port}"
     # What the kubelet would project: the secret (mode 0440 with fsGroup) and config map.
     key = Path(env["TETHER_NODE_KEY"])
-    SigningKey.generate().save(key)
-    Path(env["TETHER_ENROLLMENT_TOKEN_FILE"]).write_text(TEST_ENROLLMENT_TOKEN + "\n")
-    for secret in (key, Path(env["TETHER_ENROLLMENT_TOKEN_FILE"])):
-        secret.chmod(0o440)
-    Path(env["TETHER_CONTROL_PUB"]).write_bytes(control_pub.read_bytes())
+    key.write_bytes(node_key.read_bytes())
+    key.chmod(0o440)
+    Path(env["TETHER_TRUST_BUNDLE"]).write_bytes(trust_bundle.read_bytes())
 
     venv_bin = str(Path(sys.executable).parent)
     process_env = {**env, "PATH": f"{venv_bin}:/usr/bin:/bin", "HOME": str(tmp_path)}

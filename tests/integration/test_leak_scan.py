@@ -29,10 +29,10 @@ from urllib.parse import quote, quote_plus
 
 import grpc
 import pytest
+from control_fixtures import operator_args
 
 from tether.agent import AGENT_TOKEN_HEADER
-from tether.control.client import ControlClient
-from tether.testing import spawn_control_cli, start_sidecar
+from tether.testing import endpoint, spawn_control_cli, start_sidecar
 from tether.v1 import broker_pb2 as bpb
 from tether.v1 import broker_pb2_grpc as bpb_grpc
 
@@ -219,12 +219,13 @@ async def test_no_secret_reaches_agent_logs_database_or_files(
     proc, address = spawn_control_cli(tmp_path)
     outputs = bytearray()
     try:
-        outputs += cli("secrets", "put", "api_token", "--control", address, stdin=api_token)
-        outputs += cli("secrets", "put", "db_password", "--control", address, stdin=db_password)
+        admin = operator_args(endpoint(address))
+        outputs += cli("secrets", "put", "api_token", *admin, stdin=api_token)
+        outputs += cli("secrets", "put", "db_password", *admin, stdin=db_password)
         policy_file = tmp_path / "policy.toml"
         policy_file.write_text(policy(port))
-        outputs += cli("policy", "apply", str(policy_file), "--control", address)
-        async with ControlClient(address) as client:
+        outputs += cli("policy", "apply", str(policy_file), *admin)
+        async with endpoint(address).admin() as client:
             submitted = await client.submit("work", b"{}")
         tid = submitted.task.task_id
 

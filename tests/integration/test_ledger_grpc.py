@@ -10,12 +10,14 @@ import sys
 import time
 from pathlib import Path
 
-from tether.control.client import ControlClient
+from control_fixtures import operator_args
+
 from tether.core.receipts import Receipt, ReceiptKind
 from tether.core.states import Event
 from tether.crypto.envelopes import from_proto
 from tether.crypto.leases import verify_lease
 from tether.crypto.note import verify_checkpoint
+from tether.crypto.pki import Role
 from tether.crypto.signing import SigningKey
 from tether.sidecar.spool import GrpcReceiptStream, ReceiptSpool, stream_receipts
 from tether.testing import start_control
@@ -26,8 +28,7 @@ async def test_stream_export_verify(tmp_path: Path) -> None:
     """Receipts acked over StreamReceipts export into a bundle the offline verifier accepts."""
     async with start_control(tmp_path) as cp:
         node_key = SigningKey.generate()
-        node = ControlClient(cp.address)
-        await node.register_node("node-1", node_key.public.raw, cp.enrollment_token)
+        node = await cp.node_client("node-1", key=node_key)
         task_id = (await cp.client.submit("q", b"{}")).task.task_id
         resp = await node.acquire_lease("q", "node-1", "agent-1")
         lease = verify_lease(from_proto(resp.lease), {cp.key.keyid: cp.key.public})
@@ -66,10 +67,9 @@ async def test_stream_export_verify(tmp_path: Path) -> None:
         await spool.append(receipt(ReceiptKind.TASK_FINISHED, final_state=4))
 
         stop = asyncio.Event()
-        md = (("x-tether-node-token", node.node_token),)
         streamer = asyncio.create_task(
             stream_receipts(
-                spool, lambda: GrpcReceiptStream.open(node.stub, "node-1", md), stop, batch=3
+                spool, lambda: GrpcReceiptStream.open(node.stub, "node-1"), stop, batch=3
             )
         )
         for _ in range(500):
@@ -97,8 +97,7 @@ async def test_stream_export_verify(tmp_path: Path) -> None:
                 "tether.cli",
                 "receipts",
                 "export",
-                "--control",
-                cp.address,
+                *operator_args(cp, Role.AUDITOR),
                 "--task",
                 task_id,
                 "--out",

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from tether.control.client import ControlClient
 from tether.control.ledger import Ledger
 from tether.core.errors import VerificationError
 from tether.testing import start_control
@@ -38,8 +37,7 @@ async def test_pooled_pipelined_ingest_acks_in_order_and_refuses_a_bad_signature
     and a bad signature in a later batch is refused only after the earlier batches' acks."""
     envelopes, b = _receipts(400)
     async with start_control(tmp_path) as cp:
-        node = ControlClient(cp.address)
-        await node.register_node("node-a", b.node("node-a").key.public.raw, cp.enrollment_token)
+        node = await cp.node_client("node-a", key=b.node("node-a").key)
         await node.close()
         ledger = Ledger(cp.service.store, cp.key, workers=2)
         await ledger.open()

@@ -19,11 +19,16 @@ import grpc
 import pytest
 
 from tether.agent import AgentClient
-from tether.control.client import ControlClient
 from tether.core import errors as E
 from tether.crypto.receipts import verify_receipt
 from tether.sidecar.mediation import arguments_digest
-from tether.testing import SidecarHandle, spawn_control_cli, start_control, start_sidecar
+from tether.testing import (
+    SidecarHandle,
+    endpoint,
+    spawn_control_cli,
+    start_control,
+    start_sidecar,
+)
 from tether.v1 import control_pb2 as pb
 
 
@@ -233,11 +238,14 @@ async def test_unreachable_control_plane_is_unavailable_never_a_duplicate(
 ) -> None:
     """Control plane down: UNAVAILABLE saying whether the tool ran; a keyed retry never re-runs."""
     shared = tmp_path / "shared.txt"
-    port = free_port()
-    listen = ("--listen", f"127.0.0.1:{port}")
+    # Fixed ports, so the restarted control plane is where the sidecar was told it is.
+    listen = (
+        *("--listen", f"127.0.0.1:{free_port()}"),
+        *("--enroll-listen", f"127.0.0.1:{free_port()}"),
+    )
     proc, address = spawn_control_cli(tmp_path, extra_args=listen)
     control_procs.append(proc)
-    async with ControlClient(address) as client:
+    async with endpoint(address).admin() as client:
         await client.put_policy(policy(shared, budget=10_000))
         await client.submit("work", b"{}")
     async with (

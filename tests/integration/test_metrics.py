@@ -5,19 +5,13 @@ from __future__ import annotations
 import asyncio
 import re
 import urllib.request
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 
-from tether.control.client import ControlClient
-from tether.control.server import RunningControl, start_server
-from tether.control.service import Auth
 from tether.core.errors import ConfigError
-from tether.crypto.signing import SigningKey
 from tether.metrics import serve
-from tether.testing import TEST_ENROLLMENT_TOKEN, start_sidecar
+from tether.testing import start_control, start_sidecar
 
 POLICY = """
 version = 1
@@ -54,33 +48,16 @@ async def scrape(address: str) -> dict[str, float]:
     return out
 
 
-@asynccontextmanager
-async def control_with_metrics(tmp_path: Path) -> AsyncIterator[RunningControl]:
-    """The real control plane with its metrics endpoint on an ephemeral port."""
-    running = await start_server(
-        db=tmp_path / "control.db",
-        listen="127.0.0.1:0",
-        key=SigningKey.generate(),
-        auth=Auth.from_tokens(enrollment_tokens=[TEST_ENROLLMENT_TOKEN]),
-        sweep_interval_ms=None,
-        metrics_listen="127.0.0.1:0",
-    )
-    try:
-        yield running
-    finally:
-        await running.stop(grace_s=0.5)
-
-
 async def test_counters_move_when_a_task_runs(tmp_path: Path) -> None:
     """After a claimed task calls a tool, is denied one and completes, the control plane's
     and the sidecar's /metrics show the lease, the tool call, the denial, the spend, the
     task states and an empty spool."""
     async with (
-        control_with_metrics(tmp_path) as control,
-        ControlClient(control.address) as client,
-        start_sidecar(tmp_path, control.address, metrics_listen="127.0.0.1:0") as side,
+        start_control(tmp_path, metrics_listen="127.0.0.1:0", vault=False) as cp,
+        start_sidecar(tmp_path, cp.address, metrics_listen="127.0.0.1:0") as side,
         side.agent("alice") as agent,
     ):
+        control, client = cp.running, cp.client
         assert control.metrics is not None
         assert side.sidecar.metrics is not None
         before_c = await scrape(control.metrics.address)

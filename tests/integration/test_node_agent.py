@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from control_fixtures import operator_args
 
 from tether.core.states import State
+from tether.crypto.pki import Role
 from tether.testing import start_control, start_sidecar
 from tether.verify.bundle import decode_bundle
 
@@ -117,7 +119,7 @@ async def test_node_agent_claims_calls_uploads_completes_and_receipts_verify(
         bundle = tmp_path / "bundle.json"
         code, out, err = await _run(
             sys.executable, "-m", "tether.cli", "receipts", "export",
-            "--control", control.address, "--task", task_id, "--out", str(bundle),
+            *operator_args(control, Role.AUDITOR), "--task", task_id, "--out", str(bundle),
         )  # fmt: skip
         assert code == 0, err
         code, out, err = await _run(

@@ -18,12 +18,13 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from control_fixtures import operator_args
 
 from tether.agent import AgentClient
-from tether.control.client import ControlClient
 from tether.core import errors as E
+from tether.crypto.pki import Role
 from tether.crypto.receipts import parse_receipt
-from tether.testing import spawn_control_cli, spawn_sidecar_cli
+from tether.testing import endpoint, spawn_control_cli, spawn_sidecar_cli
 
 NODE = "node-1"
 Proc = subprocess.Popen[bytes]
@@ -163,7 +164,13 @@ async def export_and_verify(tmp_path: Path, address: str, tasks: list[str], *fla
     out = tmp_path / "bundle.json"
     task_args = [a for t in tasks for a in ("--task", t)]
     exported = await asyncio.to_thread(
-        cli, "receipts", "export", "--control", address, *task_args, "--out", str(out)
+        cli,
+        "receipts",
+        "export",
+        *operator_args(endpoint(address), Role.AUDITOR),
+        *task_args,
+        "--out",
+        str(out),
     )
     assert exported.returncode == 0, exported.stdout + exported.stderr
     pub = tmp_path / "keys" / "control.pub"
@@ -173,7 +180,7 @@ async def export_and_verify(tmp_path: Path, address: str, tasks: list[str], *fla
 
 
 async def submit(address: str, n: int) -> None:
-    client = ControlClient(address)
+    client = endpoint(address).admin()
     try:
         for i in range(n):
             await client.submit("work", f'{{"i": {i}}}'.encode())
@@ -240,8 +247,9 @@ async def test_sigkill_control_plane_loses_nothing_acked(tmp_path: Path, procs: 
         assert acked >= 1
         assert acked < last_down  # these wait for the restart
 
+        enroll = endpoint(address).enroll_address  # where the sidecar was told to enrol
         control, _ = await asyncio.to_thread(
-            spawn_control_cli, tmp_path, extra_args=["--listen", address]
+            spawn_control_cli, tmp_path, extra_args=["--listen", address, "--enroll-listen", enroll]
         )
         procs.add(control)
         # Everything acknowledged before the crash is in the ledger after it.

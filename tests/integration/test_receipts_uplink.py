@@ -3,33 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-from tether.control.client import ControlClient
-from tether.control.server import RunningControl, start_server
-from tether.control.service import Auth
-from tether.crypto.signing import SigningKey
 from tether.sidecar.spool import ReceiptSpool
-from tether.testing import TEST_ENROLLMENT_TOKEN, start_sidecar
+from tether.testing import start_control, start_sidecar
 from tether.v1 import control_pb2 as pb
-
-
-@contextlib.asynccontextmanager
-async def control_with(tmp_path: Path, **kw: object) -> AsyncIterator[RunningControl]:
-    running = await start_server(
-        db=tmp_path / "control.db",
-        listen="127.0.0.1:0",
-        key=SigningKey.generate(),
-        auth=Auth.from_tokens(enrollment_tokens=[TEST_ENROLLMENT_TOKEN]),
-        sweep_interval_ms=None,
-        **kw,  # type: ignore[arg-type]
-    )
-    try:
-        yield running
-    finally:
-        await running.stop(grace_s=0.5)
 
 
 async def until(cond: object, what: str, timeout_s: float = 20.0) -> None:
@@ -47,16 +25,12 @@ async def test_complete_reports_pending_when_receipts_are_not_acknowledged(
 ) -> None:
     """With the receipt stream down, CompleteTask says receipts_pending and keeps them spooled."""
     async with (
-        control_with(tmp_path) as control,
+        start_control(tmp_path, vault=False) as control,
         start_sidecar(tmp_path, control.address, receipt_ack_timeout_ms=200) as side,
         side.agent("alice") as agent,
     ):
-        client = ControlClient(control.address)
-        try:
-            for _ in range(2):
-                await client.submit("work", b"{}")
-        finally:
-            await client.close()
+        for _ in range(2):
+            await control.client.submit("work", b"{}")
         task = await agent.claim("work", wait_ms=2000)
         assert task is not None
         state, pending = await agent.complete(task.task_id, result=b"ok")
@@ -85,11 +59,11 @@ async def test_complete_reports_pending_when_receipts_are_not_acknowledged(
 async def test_checkpointer_signs_on_schedule(tmp_path: Path) -> None:
     """The control plane signs a checkpoint covering new receipts without being asked."""
     async with (
-        control_with(tmp_path, checkpoint_interval_ms=50) as control,
+        start_control(tmp_path, vault=False, checkpoint_interval_ms=50) as control,
         start_sidecar(tmp_path, control.address) as side,
         side.agent("alice") as agent,
     ):
-        client = ControlClient(control.address)
+        client = control.operator()
         try:
             first = await client.stub.GetCheckpoint(pb.GetCheckpointRequest(fresh=False))
             await client.submit("work", b"{}")

@@ -118,7 +118,7 @@ async def test_unknown_agent_token_is_unauthenticated(tmp_path: Path) -> None:
 
 
 async def test_unknown_node_cannot_register(tmp_path: Path) -> None:
-    """A sidecar without a valid enrolment token is refused with UNAUTHENTICATED."""
+    """A sidecar with a join token the control plane never issued is refused (UNAUTHENTICATED)."""
     async with start_control(tmp_path) as control:
         with pytest.raises(E.Unauthenticated):
             async with start_sidecar(
@@ -320,12 +320,14 @@ async def test_per_agent_socket_binds_identity(tmp_path: Path) -> None:
 
         SigningKey.generate().save(key)
         enroll = tmp_path / "enroll"
-        enroll.write_text(control.enrollment_token)
+        enroll.write_text(await control.join_token("n1"))
         write_agent_token(tmp_path / "bob.token")
         cfg = SidecarConfig(
             control_address=control.address,
             node_id="n1",
             node_key_path=key,
+            trust_bundle_path=control.trust_bundle,
+            enroll_address=control.enroll_address,
             enrollment_token_file=enroll,
             state_dir=tmp_path / "st",
             socket_path=tmp_path / "shared.sock",

@@ -15,10 +15,9 @@ from pathlib import Path
 import pytest
 
 from tether.agent import AgentClient
-from tether.control.client import ControlClient
 from tether.core import errors as E
 from tether.core.states import State
-from tether.testing import spawn_control_cli, spawn_sidecar_cli
+from tether.testing import endpoint, spawn_control_cli, spawn_sidecar_cli
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "python_agent.py"
 
@@ -84,11 +83,9 @@ async def test_cli_agent_completes_task(tmp_path: Path, procs: Procs) -> None:
     """CLI control plane + CLI sidecar + example agent: the task ends succeeded."""
     control, address = spawn_control_cli(tmp_path)
     procs.add(control)
-    sidecar, sock, tokens = spawn_sidecar_cli(
-        tmp_path, address, control_pub=tmp_path / "keys" / "control.pub"
-    )
+    sidecar, sock, tokens = spawn_sidecar_cli(tmp_path, address)
     procs.add(sidecar)
-    async with ControlClient(address) as client:
+    async with endpoint(address).admin() as client:
         task = (await client.submit("work", b'{"job": 1}')).task
         out = tmp_path / "agent.out"
         agent = spawn_agent(procs, sock, tokens["alice"], out, "--count", "1")
@@ -109,7 +106,7 @@ async def test_two_sidecars_race_on_200_tasks(tmp_path: Path, procs: Procs) -> N
     s1, sock1, tok1 = spawn_sidecar_cli(tmp_path, address, node_id="n1", agents=("alice",))
     s2, sock2, tok2 = spawn_sidecar_cli(tmp_path, address, node_id="n2", agents=("bob",))
     procs.add(s1), procs.add(s2)
-    async with ControlClient(address) as client:
+    async with endpoint(address).admin() as client:
         ids = set()
         for i in range(200):
             ids.add((await client.submit("work", json.dumps({"i": i}).encode())).task.task_id)
@@ -133,7 +130,7 @@ async def test_killed_agent_task_taken_over_with_higher_token(tmp_path: Path, pr
     s1, sock1, tok1 = spawn_sidecar_cli(tmp_path, address, node_id="n1", agents=("alice",))
     s2, sock2, tok2 = spawn_sidecar_cli(tmp_path, address, node_id="n2", agents=("bob",))
     procs.add(s1), procs.add(s2)
-    async with ControlClient(address) as client:
+    async with endpoint(address).admin() as client:
         task_id = (await client.submit("work", b"{}", lease_ttl_ms=2000)).task.task_id
         out = tmp_path / "victim.out"
         victim = spawn_agent(procs, sock1, tok1["alice"], out, "--work-seconds", "120")
@@ -169,7 +166,7 @@ async def test_control_plane_killed_and_restarted_loses_nothing(
     s2, sock2, tok2 = spawn_sidecar_cli(tmp_path, address, node_id="n2", agents=("bob",))
     procs.add(s1), procs.add(s2)
     n = 60
-    async with ControlClient(address) as client:
+    async with endpoint(address).admin() as client:
         ids = {
             (await client.submit("work", b"{}", lease_ttl_ms=5000)).task.task_id for _ in range(n)
         }
@@ -186,8 +183,10 @@ async def test_control_plane_killed_and_restarted_loses_nothing(
     control.kill()
     control.wait()
     await asyncio.sleep(0.5)
+    enroll = endpoint(address).enroll_address  # the sidecars were told both addresses
     restarted, address2 = spawn_control_cli(
-        tmp_path, extra_args=["--sweep-interval-ms", "200", "--listen", address]
+        tmp_path,
+        extra_args=["--sweep-interval-ms", "200", "--listen", address, "--enroll-listen", enroll],
     )
     procs.add(restarted)
     assert address2 == address
@@ -196,6 +195,6 @@ async def test_control_plane_killed_and_restarted_loses_nothing(
     done = completed()
     assert Counter(done).most_common(1)[0][1] == 1
     assert set(done) == ids
-    async with ControlClient(address) as client:
+    async with endpoint(address).admin() as client:
         tasks = await client.list_all_tasks(queue="work")
         assert Counter(t.state for t in tasks) == {State.SUCCEEDED: n}

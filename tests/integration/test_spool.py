@@ -151,7 +151,7 @@ async def test_stream_replays_into_ledger_without_duplicates(tmp_path: Path) -> 
     await store.open()
     control = seeded_key("spool/control")
     _, cert = issue_cert(control, "n1", KEY.public.raw, T0 - 1)
-    await store.put_node(NodeRecord("n1", KEY.public.raw, cert.to_json_bytes(), "t" * 64, T0))
+    await store.put_node(NodeRecord("n1", KEY.public.raw, cert.to_json_bytes(), T0))
     ledger = Ledger(store, control)
     await ledger.open()
     spool = ReceiptSpool(tmp_path / "spool.db", "n1", KEY)

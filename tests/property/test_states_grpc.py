@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from tether.control.service import ControlService
 from tether.core.clock import FakeClock
 from tether.core.states import HOLDER_EVENTS, TRANSITIONS, Event, State, next_state
-from tether.crypto.signing import SigningKey
+from tether.crypto.pki import Role
+from tether.grpcutil.tls import ClientTLS
 from tether.testing import start_control
 from tether.v1 import control_pb2 as pb
 from tether.v1 import control_pb2_grpc as pb_grpc
@@ -38,26 +39,27 @@ class Harness:
         self.loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
+        self.admin_tls: ClientTLS
+        self.node_tls: ClientTLS
         self._thread = threading.Thread(target=self._run, args=(tmp,), daemon=True)
         self._thread.start()
         assert self._ready.wait(30)
-        self.channel = grpc.insecure_channel(self.address)
+        # Operator RPCs on an admin's channel, node RPCs on the enrolled node's.
+        self.channel = grpc.secure_channel(self.address, self.admin_tls.credentials())
         self.stub = pb_grpc.ControlServiceStub(self.channel)
-        resp = self.stub.RegisterNode(
-            pb.RegisterNodeRequest(
-                node_id=NODE,
-                public_key=SigningKey.generate().public.raw,
-                enrollment_token=self.token,
-            )
-        )
-        self.md = (("x-tether-node-token", resp.node_token),)
+        self.node_channel = grpc.secure_channel(self.address, self.node_tls.credentials())
+        self.node_stub = pb_grpc.ControlServiceStub(self.node_channel)
         self.queues = itertools.count()
 
     def _run(self, tmp: Path) -> None:
         async def main() -> None:
             self._stop = asyncio.Event()
             async with start_control(tmp, clock=self.clock) as cp:
-                self.address, self.service, self.token = cp.address, cp.service, cp.enrollment_token
+                node = await cp.node_client(NODE)
+                await node.close()
+                assert node.tls is not None
+                self.address, self.service = cp.address, cp.service
+                self.admin_tls, self.node_tls = cp.pki.operator_tls(Role.ADMIN), node.tls
                 self._ready.set()
                 await self._stop.wait()
 
@@ -68,6 +70,7 @@ class Harness:
 
     def close(self) -> None:
         self.channel.close()
+        self.node_channel.close()
         assert self._stop is not None
         self.loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(30)
@@ -82,19 +85,18 @@ class Harness:
         return self.stub.GetTask(pb.GetTaskRequest(task_id=task_id)).task
 
     def acquire(self, queue: str) -> pb.AcquireLeaseResponse:
-        return self.stub.AcquireLease(
-            pb.AcquireLeaseRequest(queue=queue, node_id=NODE, agent_id="a"), metadata=self.md
+        return self.node_stub.AcquireLease(
+            pb.AcquireLeaseRequest(queue=queue, node_id=NODE, agent_id="a")
         )
 
     def holder(self, task: pb.Task, event: Event) -> pb.Task:
-        return self.stub.TransitionTask(
+        return self.node_stub.TransitionTask(
             pb.TransitionTaskRequest(
                 task_id=task.task_id,
                 fencing_token=max(task.fencing_token, 1),
                 event=int(event),  # type: ignore[arg-type]
                 node_id=NODE,
-            ),
-            metadata=self.md,
+            )
         ).task
 
     def task_in(self, state: State) -> pb.Task:

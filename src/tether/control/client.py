@@ -1,7 +1,9 @@
 """A typed async client of ControlService for the CLI, sidecars and tests.
 
 Failed calls raise the same `TetherError` subclasses the server raised
-(via `tether.grpcutil.status.from_rpc_error`).
+(via `tether.grpcutil.status.from_rpc_error`). Identity is the TLS client
+certificate of the channel (`ClientTLS`): an operator's, or a node's after
+`enroll`.
 """
 
 from __future__ import annotations
@@ -11,12 +13,17 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 import grpc
+from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tether.control.grpc_api import NODE_TOKEN_HEADER, OPERATOR_TOKEN_HEADER
 from tether.control.server import MAX_MESSAGE_BYTES
 from tether.core.states import Event, State
+from tether.crypto.enrollment import make_statement
+from tether.crypto.envelopes import from_proto, to_proto
+from tether.crypto.pki import generate_tls_key, key_pem, spki_der
+from tether.crypto.signing import SigningKey
 from tether.grpcutil.status import from_rpc_error
+from tether.grpcutil.tls import ClientTLS, open_channel
 from tether.v1 import control_pb2 as pb
 from tether.v1 import control_pb2_grpc as pb_grpc
 from tether.v1 import receipt_pb2 as rpb
@@ -31,17 +38,16 @@ class ControlClient:
         self,
         address: str,
         *,
-        node_token: str = "",
-        operator_token: str = "",
+        tls: ClientTLS | None = None,
         timeout_s: float = 30.0,
     ) -> None:
         self.address = address
-        self.node_token = node_token
-        self.operator_token = operator_token
+        self.tls = tls
         self.timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(
+        self._channel = open_channel(
             address,
-            options=[
+            tls,
+            [
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ],
@@ -62,40 +68,65 @@ class ControlClient:
     async def close(self) -> None:
         await self._channel.close()
 
-    def _metadata(self, node: bool) -> tuple[tuple[str, str], ...]:
-        if node:
-            return ((NODE_TOKEN_HEADER, self.node_token),) if self.node_token else ()
-        return ((OPERATOR_TOKEN_HEADER, self.operator_token),) if self.operator_token else ()
-
     async def _call(
         self,
         method: Callable[..., Awaitable[R]],
         request: Any,
         *,
-        node: bool = False,
         timeout_s: float | None = None,
     ) -> R:
         try:
-            return await method(
-                request, metadata=self._metadata(node), timeout=timeout_s or self.timeout_s
-            )
+            return await method(request, timeout=timeout_s or self.timeout_s)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
 
     # -- nodes -----------------------------------------------------------------------
 
     async def register_node(
-        self, node_id: str, public_key: bytes, enrollment_token: str = ""
+        self,
+        node_id: str,
+        node_key: SigningKey,
+        join_token: str = "",
+        tls_key: ec.EllipticCurvePrivateKey | None = None,
     ) -> pb.RegisterNodeResponse:
-        """Enrols a node; remembers the returned node token for node calls."""
-        resp: pb.RegisterNodeResponse = await self._call(
-            self.stub.RegisterNode,
-            pb.RegisterNodeRequest(
-                node_id=node_id, public_key=public_key, enrollment_token=enrollment_token
-            ),
+        """Enrols (or renews) a node, proving possession of `node_key`.
+
+        Call it on a channel to the enrolment address (or, to renew, on an mTLS
+        channel with the node's current certificate).
+        """
+        try:
+            return await enroll(
+                self.stub,
+                node_id,
+                node_key,
+                tls_key or generate_tls_key(),
+                join_token,
+                self.timeout_s,
+            )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+
+    async def create_join_token(self, node_id: str, ttl_ms: int = 0) -> pb.CreateJoinTokenResponse:
+        """A single-use join token for a node id not yet enrolled (admin)."""
+        return await self._call(
+            self.stub.CreateJoinToken, pb.CreateJoinTokenRequest(node_id=node_id, ttl_ms=ttl_ms)
         )
-        self.node_token = resp.node_token
-        return resp
+
+    async def rekey_node(self, node_id: str, ttl_ms: int = 0) -> pb.RekeyNodeResponse:
+        """A join token that lets an enrolled node id enrol a new key (admin)."""
+        return await self._call(
+            self.stub.RekeyNode, pb.RekeyNodeRequest(node_id=node_id, ttl_ms=ttl_ms)
+        )
+
+    async def revoke_node(self, node_id: str, reason: str = "") -> pb.NodeInfo:
+        resp: pb.RevokeNodeResponse = await self._call(
+            self.stub.RevokeNode, pb.RevokeNodeRequest(node_id=node_id, reason=reason)
+        )
+        return resp.node
+
+    async def list_nodes(self) -> list[pb.NodeInfo]:
+        resp: pb.ListNodesResponse = await self._call(self.stub.ListNodes, pb.ListNodesRequest())
+        return list(resp.nodes)
 
     async def acquire_lease(
         self, queue: str, node_id: str, agent_id: str, wait_ms: int = 0, start: bool = False
@@ -109,7 +140,6 @@ class ControlClient:
             pb.AcquireLeaseRequest(
                 queue=queue, node_id=node_id, agent_id=agent_id, wait_ms=wait_ms, start=start
             ),
-            node=True,
             timeout_s=self.timeout_s + wait_ms / 1000,
         )
 
@@ -119,7 +149,6 @@ class ControlClient:
         return await self._call(
             self.stub.RenewLease,
             pb.RenewLeaseRequest(task_id=task_id, fencing_token=fencing_token, node_id=node_id),
-            node=True,
         )
 
     async def transition(
@@ -142,7 +171,6 @@ class ControlClient:
                 error=error,
                 node_id=node_id,
             ),
-            node=True,
         )
         return resp.task
 
@@ -165,7 +193,6 @@ class ControlClient:
                 tool=tool,
                 node_id=node_id,
             ),
-            node=True,
         )
 
     async def reserve_budget(
@@ -192,7 +219,6 @@ class ControlClient:
                 amount_micros=amount_micros,
                 node_id=node_id,
             ),
-            node=True,
         )
         return int(resp.remaining_micros)
 
@@ -214,7 +240,6 @@ class ControlClient:
                 actual_micros=actual_micros,
                 node_id=node_id,
             ),
-            node=True,
         )
         return int(resp.remaining_micros)
 
@@ -252,7 +277,6 @@ class ControlClient:
                 node_id=node_id,
                 cost_micros=cost_micros,
             ),
-            node=True,
         )
         return resp.record, resp.existed
 
@@ -263,7 +287,6 @@ class ControlClient:
         resp: pb.LookupToolCallResponse = await self._call(
             self.stub.LookupToolCall,
             pb.LookupToolCallRequest(task_id=task_id, idempotency_key=idempotency_key),
-            node=True,
         )
         return resp.record if resp.found else None
 
@@ -342,8 +365,14 @@ class ControlClient:
     async def put_policy(self, document: str) -> pb.PutPolicyResponse:
         return await self._call(self.stub.PutPolicy, pb.PutPolicyRequest(document=document))
 
-    async def get_policy(self, version: int = 0) -> pb.GetPolicyResponse:
-        return await self._call(self.stub.GetPolicy, pb.GetPolicyRequest(version=version))
+    async def get_policy(
+        self, version: int = 0, *, task_id: str = "", fencing_token: int = 0
+    ) -> pb.GetPolicyResponse:
+        """A policy version (operators), or the policy of a lease the calling node holds."""
+        return await self._call(
+            self.stub.GetPolicy,
+            pb.GetPolicyRequest(version=version, task_id=task_id, fencing_token=fencing_token),
+        )
 
     async def put_secret(self, name: str, value: bytes) -> int:
         """Seals and stores a new version of secret `name` (write-only); returns the version."""
@@ -359,3 +388,41 @@ class ControlClient:
         check = stub.Check  # type: ignore[attr-defined]
         resp = await self._call(check, health_pb2.HealthCheckRequest(service=service))
         return int(resp.status)
+
+
+async def enroll(
+    stub: pb_grpc.ControlServiceAsyncStub,
+    node_id: str,
+    node_key: SigningKey,
+    tls_key: ec.EllipticCurvePrivateKey,
+    join_token: str,
+    timeout_s: float,
+) -> pb.RegisterNodeResponse:
+    """GetEnrollmentChallenge, then RegisterNode with a statement signed by `node_key`.
+
+    Raises:
+        grpc.RpcError: as the calls failed (callers map it).
+    """
+    got: pb.GetEnrollmentChallengeResponse = await stub.GetEnrollmentChallenge(
+        pb.GetEnrollmentChallengeRequest(node_id=node_id), timeout=timeout_s
+    )
+    challenge = from_proto(got.challenge)
+    statement = make_statement(node_key, node_id, spki_der(tls_key.public_key()), challenge)
+    response: pb.RegisterNodeResponse = await stub.RegisterNode(
+        pb.RegisterNodeRequest(
+            node_id=node_id,
+            public_key=node_key.public.raw,
+            enrollment_token=join_token,
+            statement=to_proto(statement),
+            challenge=got.challenge,
+        ),
+        timeout=timeout_s,
+    )
+    return response
+
+
+def node_client_tls(
+    ca_pem: bytes, response: pb.RegisterNodeResponse, tls_key: ec.EllipticCurvePrivateKey
+) -> ClientTLS:
+    """The mTLS identity an enrolment gave a node (key and certificate in memory only)."""
+    return ClientTLS(ca_pem, response.tls_certificate_pem.encode(), key_pem(tls_key))

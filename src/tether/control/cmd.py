@@ -1,7 +1,10 @@
-"""CLI: `tether control`, `tether keys init`, `tether secrets`, `tether policy`, operator commands.
+"""CLI: `tether control`, `tether keys init`, `tether operators`, `tether nodes`,
+`tether secrets`, `tether policy` and the other operator commands.
 
-Operator commands read the operator token (when the control plane requires
-one) from the TETHER_OPERATOR_TOKEN environment variable or --operator-token-file.
+Operator commands dial the control plane over mTLS with an operator
+certificate: --control / --tls-ca / --tls-cert / --tls-key, or the
+environment variables TETHER_CONTROL, TETHER_TLS_CA, TETHER_TLS_CERT and
+TETHER_TLS_KEY (in the manner of VAULT_ADDR / VAULT_CACERT).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -19,10 +23,25 @@ from typing import Any
 from tether import runtime
 from tether.core.errors import ConfigError, InvalidArgument
 from tether.core.states import State
+from tether.crypto.pki import (
+    DEFAULT_TRUST_DOMAIN,
+    CertificateAuthority,
+    Role,
+    TrustBundle,
+    cert_pem,
+    generate_tls_key,
+    key_pem,
+    load_certificate,
+    trust_domain_of,
+    write_private,
+    write_public,
+)
 from tether.crypto.signing import SigningKey, VerifyKey
+from tether.grpcutil.tls import ENV_CA, ENV_CERT, ENV_CONTROL, ENV_KEY, client_tls_from_env
 from tether.v1 import control_pb2 as pb
 
 log = logging.getLogger("tether.control.cmd")
+_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -35,18 +54,46 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--listen", default="127.0.0.1:7400", help="host:port (port 0 ok) or unix:/path")
     p.add_argument("--key", required=True, help="control-plane Ed25519 private key (PEM, 0600)")
-    p.add_argument("--enrollment-token-file", help="node enrolment tokens, one per line")
+    p.add_argument(
+        "--enroll-listen",
+        help="where nodes without a certificate enrol (TLS, no client certificate); "
+        "default: the --listen host and port + 1",
+    )
+    p.add_argument(
+        "--ca-cert",
+        help="the trust domain's CA certificate, which issues node certificates "
+        "(default: ca.crt beside --key)",
+    )
+    p.add_argument("--ca-key", help="the CA's private key (default: ca.key beside --key)")
+    p.add_argument(
+        "--tls-cert", help="server certificate chain (PEM; default: server.crt beside --key)"
+    )
+    p.add_argument("--tls-key", help="server TLS key (PEM; default: server.key beside --key)")
+    p.add_argument(
+        "--client-ca",
+        help="CA bundle client certificates must chain to (default: the --ca-cert); "
+        "several CAs allow a CA rotation",
+    )
+    p.add_argument(
+        "--node-cert-ttl-s",
+        type=int,
+        default=3600,
+        help="lifetime of node client certificates, seconds (default 3600; nodes renew "
+        "at two thirds)",
+    )
+    p.add_argument(
+        "--insecure-plaintext",
+        action="store_true",
+        help="DEVELOPMENT ONLY: serve without TLS or authentication (anyone reaching the "
+        "port is admin and any node; sidecars cannot enrol)",
+    )
     p.add_argument(
         "--allow-node-key",
         action="append",
         default=[],
         metavar="PUBKEY_PEM_FILE",
-        help="a node public key that may register without a token (repeatable)",
-    )
-    p.add_argument(
-        "--operator-token-file",
-        help="operator tokens, one per line; when given, operator RPCs require one "
-        "(metadata x-tether-operator-token); when absent, operator RPCs are open",
+        help="a node public key that may enrol without a join token, still proving "
+        "possession of its private key (repeatable)",
     )
     p.add_argument(
         "--kek-file",
@@ -69,16 +116,77 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.set_defaults(func=_cmd_control)
 
-    k = sub.add_parser("keys", help="manage keys")
+    k = sub.add_parser("keys", help="create the trust domain's keys and certificates")
     ksub = k.add_subparsers(dest="keys_command", metavar="SUBCOMMAND", required=True)
-    ki = ksub.add_parser("init", help="write a new Ed25519 key pair")
-    ki.add_argument("--dir", required=True, help="directory for NAME.key and NAME.pub")
+    ki = ksub.add_parser(
+        "init",
+        help="create a trust domain (control key, CA, server certificate, admin "
+        "credential, trust bundle), or with --name a node's Ed25519 key pair",
+        description="Without --name (or with --name control): writes control.key/.pub "
+        "(signs leases and checkpoints), ca.crt/ca.key (the CA that issues node and operator "
+        "certificates), server.crt/server.key (for the --san names), admin.crt/admin.key "
+        "(an admin operator credential) and trust.pem (CA certificate + control public key: "
+        "what sidecars and auditors pin). With another --name: only NAME.key/NAME.pub.",
+    )
+    ki.add_argument("--dir", required=True, help="directory for the files")
     ki.add_argument("--name", default="control", help="file name stem (default control)")
+    ki.add_argument(
+        "--san",
+        action="append",
+        default=[],
+        help="host name or IP address of the control plane's certificate (repeatable; "
+        "default localhost and 127.0.0.1)",
+    )
+    ki.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN, help="SPIFFE trust domain name")
     ki.set_defaults(func=_cmd_keys_init)
 
     def operator(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--control", required=True, help="control plane address")
-        parser.add_argument("--operator-token-file", help="file holding the operator token")
+        add_client_args(parser)
+
+    op = sub.add_parser("operators", help="issue operator credentials")
+    opsub = op.add_subparsers(dest="operators_command", metavar="SUBCOMMAND", required=True)
+    oa = opsub.add_parser(
+        "add",
+        help="issue an operator client certificate with a role (offline, with the CA key)",
+        description="Roles: admin (policy, secrets, nodes, and everything below), "
+        "submitter (submit, cancel, get tasks), auditor (list and get tasks without "
+        "payloads, export receipts, checkpoints, nodes).",
+    )
+    oa.add_argument("name", help="operator name, [A-Za-z0-9._-]{1,128}")
+    oa.add_argument("--role", required=True, choices=[r.value for r in Role], help="what it may do")
+    oa.add_argument("--dir", required=True, help="the directory holding ca.crt and ca.key")
+    oa.add_argument("--out", help="where to write NAME.crt and NAME.key (default: --dir)")
+    oa.add_argument("--ttl-days", type=int, default=30, help="lifetime (default 30 days)")
+    oa.set_defaults(func=_cmd_operators_add)
+
+    nd = sub.add_parser("nodes", help="enrol, re-key, revoke and list nodes")
+    nsub = nd.add_subparsers(dest="nodes_command", metavar="SUBCOMMAND", required=True)
+    ntok = nsub.add_parser("token", help="join tokens")
+    ntsub = ntok.add_subparsers(dest="token_command", metavar="SUBCOMMAND", required=True)
+    ntc = ntsub.add_parser(
+        "create", help="a single-use, expiring join token for one node id (admin)"
+    )
+    ntc.add_argument("--node", required=True, help="node id the token is bound to")
+    ntc.add_argument("--ttl", default="1h", help="lifetime: 90s, 30m, 1h, 2d (default 1h)")
+    ntc.add_argument("--out", help="write the token to this file (mode 0600) instead of stdout")
+    operator(ntc)
+    ntc.set_defaults(func=_cmd_nodes_token_create)
+    nrk = nsub.add_parser(
+        "rekey", help="a join token with which an enrolled node id enrols a new key (admin)"
+    )
+    nrk.add_argument("node", help="node id")
+    nrk.add_argument("--ttl", default="1h", help="lifetime of the join token (default 1h)")
+    nrk.add_argument("--out", help="write the token to this file (mode 0600)")
+    operator(nrk)
+    nrk.set_defaults(func=_cmd_nodes_rekey)
+    nrv = nsub.add_parser("revoke", help="revoke a node on every replica (admin)")
+    nrv.add_argument("node", help="node id")
+    nrv.add_argument("--reason", default="", help="why (recorded)")
+    operator(nrv)
+    nrv.set_defaults(func=_cmd_nodes_revoke)
+    nls = nsub.add_parser("list", help="enrolled nodes, their keys and status")
+    operator(nls)
+    nls.set_defaults(func=_cmd_nodes_list)
 
     s = sub.add_parser("submit", help="submit a task")
     operator(s)
@@ -149,34 +257,199 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def _cmd_keys_init(args: argparse.Namespace) -> int:
     d = Path(args.dir)
+    if d.exists() and not d.is_dir():
+        raise ConfigError(f"--dir {d} exists and is not a directory")
+    if not _NAME_RE.fullmatch(args.name) or args.name in (".", ".."):
+        raise ConfigError(f"--name {args.name!r} must match [A-Za-z0-9._-]{{1,64}}")
     priv, pub = d / f"{args.name}.key", d / f"{args.name}.pub"
-    for path in (priv, pub):
+    full = args.name == "control"
+    files = [priv, pub]
+    if full:
+        files += [
+            d / n
+            for n in (
+                "ca.crt",
+                "ca.key",
+                "server.crt",
+                "server.key",
+                "admin.crt",
+                "admin.key",
+                "trust.pem",
+            )
+        ]
+    for path in files:
         if path.exists():
             raise ConfigError(f"{path} exists; refusing to overwrite a key")
     key = SigningKey.generate()
     key.save(priv, pub)
     print(f"wrote {priv} (mode 0600) and {pub}; keyid {key.keyid}")
+    if not full:
+        return 0
+    ca = CertificateAuthority.create(args.trust_domain)
+    write_private(d / "ca.key", key_pem(ca.key))
+    write_public(d / "ca.crt", cert_pem(ca.cert))
+    server_key = generate_tls_key()
+    server = ca.issue_server(server_key.public_key(), args.san or ["localhost", "127.0.0.1"])
+    write_private(d / "server.key", key_pem(server_key))
+    write_public(d / "server.crt", cert_pem(server))
+    admin_key = generate_tls_key()
+    admin = ca.issue_operator("admin", Role.ADMIN, admin_key.public_key())
+    write_private(d / "admin.key", key_pem(admin_key))
+    write_public(d / "admin.crt", cert_pem(admin))
+    write_public(d / "trust.pem", TrustBundle((ca.cert,), (key.public,)).to_pem())
+    print(
+        f"trust domain {args.trust_domain}: wrote {d}/ca.crt, ca.key (0600), server.crt, "
+        f"server.key (0600) for {', '.join(args.san or ['localhost', '127.0.0.1'])}, "
+        f"admin.crt, admin.key (0600) and trust.pem (give it to sidecars and auditors)"
+    )
     return 0
+
+
+def _cmd_operators_add(args: argparse.Namespace) -> int:
+    d = Path(args.dir)
+    out = Path(args.out) if args.out else d
+    if args.ttl_days <= 0 or args.ttl_days > 3650:
+        raise ConfigError("--ttl-days must be between 1 and 3650")
+    ca_cert = load_certificate(d / "ca.crt")
+    ca = CertificateAuthority.load(d / "ca.crt", d / "ca.key", trust_domain_of(ca_cert))
+    for path in (out / f"{args.name}.crt", out / f"{args.name}.key"):
+        if path.exists():
+            raise ConfigError(f"{path} exists; refusing to overwrite a credential")
+    tls_key = generate_tls_key()
+    cert = ca.issue_operator(
+        args.name, Role(args.role), tls_key.public_key(), args.ttl_days * 86_400_000
+    )
+    write_private(out / f"{args.name}.key", key_pem(tls_key))
+    write_public(out / f"{args.name}.crt", cert_pem(cert))
+    print(
+        f"wrote {out}/{args.name}.crt and {args.name}.key (0600): role {args.role}, "
+        f"valid {args.ttl_days} days; use them with --tls-cert/--tls-key (or "
+        "TETHER_TLS_CERT/TETHER_TLS_KEY) and --tls-ca trust.pem"
+    )
+    return 0
+
+
+_DURATION_RE = re.compile(r"(\d+)(ms|s|m|h|d)")
+
+
+def parse_duration_ms(text: str) -> int:
+    """Milliseconds of "90s", "30m", "1h", "2d" or "500ms".
+
+    Raises:
+        ConfigError: not such a duration.
+    """
+    m = _DURATION_RE.fullmatch(text.strip())
+    if not m:
+        raise ConfigError(f"duration {text!r} must look like 90s, 30m, 1h or 2d")
+    scale = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}[m.group(2)]
+    return int(m.group(1)) * scale
+
+
+def _emit_token(token: str, out: str | None, what: str, expires_ms: int) -> None:
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires_ms / 1000))
+    if out:
+        write_private(Path(out), (token + "\n").encode())
+        print(f"wrote {what} to {out} (mode 0600); single use, expires {when}", file=sys.stderr)
+    else:
+        print(token)
+        print(f"{what}: single use, expires {when}", file=sys.stderr)
+
+
+def _cmd_nodes_token_create(args: argparse.Namespace) -> int:
+    ttl = parse_duration_ms(args.ttl)
+
+    async def fn(client: Any) -> int:
+        resp = await client.create_join_token(args.node, ttl)
+        _emit_token(resp.token, args.out, f"join token for node {args.node}", resp.expires_unix_ms)
+        return 0
+
+    return _run_client(args, fn)
+
+
+def _cmd_nodes_rekey(args: argparse.Namespace) -> int:
+    ttl = parse_duration_ms(args.ttl)
+
+    async def fn(client: Any) -> int:
+        resp = await client.rekey_node(args.node, ttl)
+        _emit_token(
+            resp.token, args.out, f"re-key join token for node {args.node}", resp.expires_unix_ms
+        )
+        return 0
+
+    return _run_client(args, fn)
+
+
+def _cmd_nodes_revoke(args: argparse.Namespace) -> int:
+    async def fn(client: Any) -> int:
+        node = await client.revoke_node(args.node, args.reason)
+        print(f"node {node.node_id} revoked ({node.status_reason})")
+        return 0
+
+    return _run_client(args, fn)
+
+
+def _cmd_nodes_list(args: argparse.Namespace) -> int:
+    async def fn(client: Any) -> int:
+        nodes = await client.list_nodes()
+        for n in nodes:
+            print(
+                f"{n.node_id:<24} {n.status:<8} key {n.keyid[:16]}  enrolled "
+                f"{_ms(n.registered_unix_ms)}"
+                + (f"  ({n.status_reason})" if n.status_reason else "")
+            )
+        if not nodes:
+            print("no nodes enrolled", file=sys.stderr)
+        return 0
+
+    return _run_client(args, fn)
+
+
+def _beside(key: str, given: str | None, name: str) -> Path:
+    return Path(given) if given else Path(key).parent / name
 
 
 def _cmd_control(args: argparse.Namespace) -> int:
     from tether.control.server import serve_forever, start_server
-    from tether.control.service import Auth, read_token_file
+    from tether.control.service import Auth
+    from tether.grpcutil.tls import ServerTLS
 
     key = SigningKey.load(Path(args.key))
-    auth = Auth.from_tokens(
-        enrollment_tokens=read_token_file(args.enrollment_token_file)
-        if args.enrollment_token_file
-        else (),
-        allowed_node_keys=[VerifyKey.load(Path(f)).raw for f in args.allow_node_key],
-        operator_tokens=read_token_file(args.operator_token_file)
-        if args.operator_token_file
-        else (),
-    )
     if args.sweep_interval_ms <= 0:
         raise ConfigError("--sweep-interval-ms must be positive")
     if args.checkpoint_interval_ms <= 0:
         raise ConfigError("--checkpoint-interval-ms must be positive")
+    if not 60 <= args.node_cert_ttl_s <= 30 * 86_400:
+        raise ConfigError("--node-cert-ttl-s must be between 60 and 2592000")
+    allowed = frozenset(VerifyKey.load(Path(f)).raw for f in args.allow_node_key)
+    tls = None
+    if args.insecure_plaintext:
+        auth = Auth(allowed_node_keys=allowed, insecure=True)
+    else:
+        ca_cert = _beside(args.key, args.ca_cert, "ca.crt")
+        ca_key = _beside(args.key, args.ca_key, "ca.key")
+        if not ca_cert.exists() or not ca_key.exists():
+            raise ConfigError(
+                f"no CA at {ca_cert} / {ca_key}: run `tether keys init --dir "
+                f"{Path(args.key).parent}` (or give --ca-cert/--ca-key); --insecure-plaintext "
+                "serves without TLS for local development only"
+            )
+        ca = CertificateAuthority.load(ca_cert, ca_key, trust_domain_of(load_certificate(ca_cert)))
+        tls = ServerTLS.load(
+            _beside(args.key, args.tls_cert, "server.crt"),
+            _beside(args.key, args.tls_key, "server.key"),
+            Path(args.client_ca) if args.client_ca else ca_cert,
+        )
+        auth = Auth(
+            ca=ca,
+            trust_domain=ca.trust_domain,
+            allowed_node_keys=allowed,
+            node_cert_ttl_ms=args.node_cert_ttl_s * 1000,
+        )
+    enroll_listen = args.enroll_listen
+    if enroll_listen is None and tls is not None and not args.listen.startswith("unix:"):
+        host, _, port = args.listen.rpartition(":")
+        if port.isdigit() and int(port) != 0:
+            enroll_listen = f"{host}:{int(port) + 1}"
 
     async def run() -> None:
         running = await start_server(
@@ -188,6 +461,8 @@ def _cmd_control(args: argparse.Namespace) -> int:
             kek_file=args.kek_file,
             checkpoint_interval_ms=args.checkpoint_interval_ms,
             metrics_listen=args.metrics_listen,
+            tls=tls,
+            enroll_listen=enroll_listen,
         )
         await serve_forever(running, Path(args.ready_file) if args.ready_file else None)
 
@@ -195,22 +470,55 @@ def _cmd_control(args: argparse.Namespace) -> int:
     return 0
 
 
-def _operator_token(args: argparse.Namespace) -> str:
-    if getattr(args, "operator_token_file", None):
-        from tether.control.service import read_token_file
+def add_client_args(parser: argparse.ArgumentParser) -> None:
+    """--control and the operator's TLS credential (each with its TETHER_* variable)."""
+    parser.add_argument(
+        "--control",
+        default=os.environ.get(ENV_CONTROL),
+        help=f"control plane address (env {ENV_CONTROL})",
+    )
+    parser.add_argument("--tls-ca", help=f"trust bundle or CA certificate (env {ENV_CA})")
+    parser.add_argument(
+        "--tls-cert", help=f"operator certificate from `tether operators add` (env {ENV_CERT})"
+    )
+    parser.add_argument("--tls-key", help=f"operator key (env {ENV_KEY})")
+    parser.add_argument(
+        "--insecure-plaintext",
+        action="store_true",
+        help="dial without TLS (only a control plane started with --insecure-plaintext)",
+    )
 
-        return read_token_file(args.operator_token_file)[0]
-    return os.environ.get("TETHER_OPERATOR_TOKEN", "")
 
+def client_from_args(args: argparse.Namespace) -> Any:
+    """A ControlClient for an operator command.
 
-def _run_client(args: argparse.Namespace, fn: Any) -> int:
+    Raises:
+        ConfigError: no address, or no TLS material and no explicit plaintext opt-out.
+    """
     from tether.control.client import ControlClient
     from tether.control.server import grpc_target
 
+    if not args.control:
+        raise ConfigError(f"no control plane address: give --control or set {ENV_CONTROL}")
+    if args.insecure_plaintext:
+        return ControlClient(grpc_target(args.control, what="--control"), tls=None)
+    tls = client_tls_from_env(args.tls_ca, args.tls_cert, args.tls_key)
+    if tls is None:
+        raise ConfigError(
+            f"no TLS credentials: give --tls-ca/--tls-cert/--tls-key (or {ENV_CA}, {ENV_CERT}, "
+            f"{ENV_KEY}); the control plane serves mTLS only"
+        )
+    if tls is not None and tls.cert_pem is None:
+        raise ConfigError(
+            f"no operator certificate: give --tls-cert/--tls-key (or {ENV_CERT}/{ENV_KEY}) "
+            "from `tether operators add`"
+        )
+    return ControlClient(grpc_target(args.control, what="--control"), tls=tls)
+
+
+def _run_client(args: argparse.Namespace, fn: Any) -> int:
     async def go() -> int:
-        async with ControlClient(
-            grpc_target(args.control), operator_token=_operator_token(args)
-        ) as client:
+        async with client_from_args(args) as client:
             return int(await fn(client))
 
     return asyncio.run(go())

@@ -1,10 +1,11 @@
 """ControlService servicer: protobuf <-> core, field validation, authentication.
 
 Every request field is checked here, at the edge, so a bad one is refused with
-INVALID_ARGUMENT naming it before any use case runs. Node RPCs need the
-"x-tether-node-token" metadata of the node named in the request; operator RPCs
-need "x-tether-operator-token" only when the control plane was started with
---operator-token-file.
+INVALID_ARGUMENT naming it before any use case runs. Who may call each RPC is
+decided before this code runs, by `tether.control.authz` from the verified
+client certificate; here a node is further held to its own id (the request's
+node_id must be the certificate's, and the node enrolled, active and with its
+current key) and to the tasks it holds.
 """
 
 from __future__ import annotations
@@ -16,23 +17,32 @@ from typing import Any
 
 import grpc
 
+from tether.control.authz import AUDITOR, current_principal
 from tether.control.ledger import Ledger
-from tether.control.service import ControlService
+from tether.control.service import (
+    MAX_JOIN_TOKEN_TTL_MS,
+    MIN_JOIN_TOKEN_TTL_MS,
+    ControlService,
+)
 from tether.control.vault import MAX_SECRET_BYTES
-from tether.core.errors import ConfigError, InvalidArgument
+from tether.core.errors import ConfigError, InvalidArgument, VerificationError
 from tether.core.leases import MAX_TTL_MS, MIN_TTL_MS
 from tether.core.states import HOLDER_EVENTS, Event, State
-from tether.crypto.envelopes import json_to_proto, to_proto
+from tether.crypto.envelopes import from_proto, json_to_proto, to_proto
+from tether.crypto.signing import keyid_of
 from tether.grpcutil.status import handle_errors
-from tether.store.base import TaskRecord, ToolCallPhase, ToolCallRecord, ToolCallWrite
+from tether.store.base import (
+    NodeRecord,
+    TaskRecord,
+    ToolCallPhase,
+    ToolCallRecord,
+    ToolCallWrite,
+)
 from tether.v1 import control_pb2 as pb
 from tether.v1 import control_pb2_grpc as pb_grpc
 from tether.v1 import receipt_pb2
 from tether.verify.bundle import bundle_to_proto
 from tether.verify.bundle import checkpoint_to_proto as bundle_to_proto_checkpoint
-
-NODE_TOKEN_HEADER = "x-tether-node-token"
-OPERATOR_TOKEN_HEADER = "x-tether-operator-token"
 
 MAX_PAYLOAD_BYTES = 1 << 20
 MAX_TEXT_CHARS = 4096
@@ -170,13 +180,6 @@ def tool_call_to_proto(r: ToolCallRecord) -> pb.ToolCallRecord:
     )
 
 
-def _metadata(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str:
-    for k, v in context.invocation_metadata() or ():
-        if k == key:
-            return v if isinstance(v, str) else v.decode()
-    return ""
-
-
 # -- conversion -------------------------------------------------------------------------
 
 
@@ -205,6 +208,17 @@ def task_to_proto(t: TaskRecord) -> pb.Task:
     )
 
 
+def node_to_proto(n: NodeRecord) -> pb.NodeInfo:
+    """The operator's view of an enrolled node."""
+    return pb.NodeInfo(
+        node_id=n.node_id,
+        keyid=keyid_of(n.public_key),
+        status=n.status,
+        status_reason=n.status_reason,
+        registered_unix_ms=n.registered_unix_ms,
+    )
+
+
 class ControlServicer(pb_grpc.ControlServiceServicer):
     """The gRPC face of `ControlService`."""
 
@@ -212,10 +226,18 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         self.service = service
 
     async def _node(self, context: grpc.aio.ServicerContext[Any, Any], node_id: str) -> None:
-        await self.service.authenticate_node(node_id, _metadata(context, NODE_TOKEN_HEADER))
+        await self.service.check_node(node_id)
 
-    def _operator(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        self.service.authenticate_operator(_metadata(context, OPERATOR_TOKEN_HEADER))
+    @handle_errors
+    async def GetEnrollmentChallenge(
+        self,
+        request: pb.GetEnrollmentChallengeRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> pb.GetEnrollmentChallengeResponse:
+        node_id = check_id("node_id", request.node_id)
+        return pb.GetEnrollmentChallengeResponse(
+            challenge=to_proto(self.service.enrollment_challenge(node_id))
+        )
 
     @handle_errors
     async def RegisterNode(
@@ -227,16 +249,67 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
                 "public_key", f"must be a raw 32-byte Ed25519 key, got {len(request.public_key)}"
             )
         token = check_text("enrollment_token", request.enrollment_token, 1024)
-        env, node_token = await self.service.register_node(
-            node_id=node_id, public_key=bytes(request.public_key), enrollment_token=token
+        if not request.HasField("statement"):
+            raise InvalidArgument("statement", "is required: the node's signed enrolment statement")
+        if not request.HasField("challenge"):
+            raise InvalidArgument("challenge", "is required: the GetEnrollmentChallenge reply")
+        try:
+            statement = from_proto(request.statement)
+            challenge = from_proto(request.challenge)
+        except VerificationError as err:
+            raise InvalidArgument("statement", err.message) from err
+        got = await self.service.register_node(
+            node_id=node_id,
+            public_key=bytes(request.public_key),
+            join_token=token,
+            statement=statement,
+            challenge=challenge,
+            caller=self.service.caller_node(),
         )
         # Bundles carry every certificate a node had, so receipts signed under an
-        # earlier registration stay verifiable.
-        await (await self._ledger()).record_certificate(node_id, env)
+        # earlier key stay verifiable.
+        await (await self._ledger()).record_certificate(node_id, got.certificate)
         return pb.RegisterNodeResponse(
-            certificate=to_proto(env),
-            node_token=node_token,
+            certificate=to_proto(got.certificate),
             control_public_key=self.service.key.public.raw,
+            tls_certificate_pem=got.tls_certificate_pem,
+            tls_expires_unix_ms=got.tls_expires_unix_ms,
+            spiffe_id=got.spiffe_id,
+        )
+
+    @handle_errors
+    async def CreateJoinToken(
+        self, request: pb.CreateJoinTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CreateJoinTokenResponse:
+        node_id = check_id("node_id", request.node_id)
+        ttl = check_range("ttl_ms", request.ttl_ms, MIN_JOIN_TOKEN_TTL_MS, MAX_JOIN_TOKEN_TTL_MS)
+        token, expires = await self.service.create_join_token(node_id, ttl)
+        return pb.CreateJoinTokenResponse(token=token, expires_unix_ms=expires)
+
+    @handle_errors
+    async def RekeyNode(
+        self, request: pb.RekeyNodeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RekeyNodeResponse:
+        node_id = check_id("node_id", request.node_id)
+        ttl = check_range("ttl_ms", request.ttl_ms, MIN_JOIN_TOKEN_TTL_MS, MAX_JOIN_TOKEN_TTL_MS)
+        token, expires = await self.service.create_join_token(node_id, ttl, rekey=True)
+        return pb.RekeyNodeResponse(token=token, expires_unix_ms=expires)
+
+    @handle_errors
+    async def RevokeNode(
+        self, request: pb.RevokeNodeRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.RevokeNodeResponse:
+        node_id = check_id("node_id", request.node_id)
+        reason = check_text("reason", request.reason)
+        rec = await self.service.revoke_node(node_id, reason or "revoked by an operator")
+        return pb.RevokeNodeResponse(node=node_to_proto(rec))
+
+    @handle_errors
+    async def ListNodes(
+        self, request: pb.ListNodesRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListNodesResponse:
+        return pb.ListNodesResponse(
+            nodes=[node_to_proto(n) for n in await self.service.list_nodes()]
         )
 
     @handle_errors
@@ -252,7 +325,6 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         ttl = check_range("lease_ttl_ms", request.lease_ttl_ms, MIN_TTL_MS, MAX_TTL_MS)
         if request.budget_limit_micros < 0:
             raise InvalidArgument("budget_limit_micros", "must not be negative")
-        self._operator(context)
         task, created = await self.service.submit(
             queue=queue,
             payload=payload,
@@ -268,10 +340,13 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetTaskResponse:
         task_id = check_id("task_id", request.task_id)
-        self._operator(context)
         task, history = await self.service.get(task_id)
+        shown = task_to_proto(task)
+        if current_principal().kind == AUDITOR:  # auditors see evidence, not payloads
+            shown.ClearField("payload")
+            shown.ClearField("result")
         return pb.GetTaskResponse(
-            task=task_to_proto(task),
+            task=shown,
             leases=[
                 pb.LeaseRecord(lease=json_to_proto(h.envelope), outcome=h.outcome) for h in history
             ],
@@ -285,13 +360,16 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         state = check_state("state", request.state, unspecified_ok=True)
         size = check_range("page_size", request.page_size, 1, MAX_PAGE_SIZE) or DEFAULT_PAGE_SIZE
         token = check_text("page_token", request.page_token, 512)
-        self._operator(context)
         tasks, next_token = await self.service.list_tasks(
             queue=queue, state=state, page_size=size, page_token=token
         )
-        return pb.ListTasksResponse(
-            tasks=[task_to_proto(t) for t in tasks], next_page_token=next_token
-        )
+        listed = []
+        for t in tasks:  # listings never carry payloads or results (GetTask does)
+            msg = task_to_proto(t)
+            msg.ClearField("payload")
+            msg.ClearField("result")
+            listed.append(msg)
+        return pb.ListTasksResponse(tasks=listed, next_page_token=next_token)
 
     @handle_errors
     async def CancelTask(
@@ -299,7 +377,6 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
     ) -> pb.CancelTaskResponse:
         task_id = check_id("task_id", request.task_id)
         reason = check_text("reason", request.reason)
-        self._operator(context)
         task = await self.service.cancel(task_id, reason or "canceled by operator")
         return pb.CancelTaskResponse(task=task_to_proto(task))
 
@@ -459,7 +536,9 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
     ) -> pb.LookupToolCallResponse:
         task_id = check_id("task_id", request.task_id)
         key = check_idempotency_key("idempotency_key", request.idempotency_key)
-        await self.service.authenticate_any_node(_metadata(context, NODE_TOKEN_HEADER))
+        node_id = self.service.caller_node()
+        await self.service.check_node(node_id)
+        await self.service.check_holds(task_id, node_id)
         record = await self.service.lookup_tool_call(task_id, key)
         if record is None:
             return pb.LookupToolCallResponse(found=False)
@@ -534,7 +613,6 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
 
     @handle_errors
     async def ExportBundle(self, request: Any, context: Any) -> Any:
-        self._operator(context)
         task_ids = [check_id("task_ids", t) for t in request.task_ids]
         bundle = await (await self._ledger()).export(task_ids, request.since_unix_ms)
         return pb.ExportBundleResponse(bundle=bundle_to_proto(bundle))
@@ -546,7 +624,6 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         document = check_text("document", request.document, MAX_PAYLOAD_BYTES)
         if not document.strip():
             raise InvalidArgument("document", "is required")
-        self._operator(context)
         try:
             rec = await self.service.put_policy(document)
         except ConfigError as err:
@@ -557,8 +634,14 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
     async def GetPolicy(
         self, request: pb.GetPolicyRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetPolicyResponse:
-        self._operator(context)
-        rec = await self.service.get_policy(request.version)
+        principal = current_principal()
+        if principal.is_node:
+            task_id = check_id("task_id", request.task_id)
+            token = check_token("fencing_token", request.fencing_token)
+            await self.service.check_node(principal.name)
+            rec = await self.service.lease_policy_record(task_id, token, principal.name)
+        else:
+            rec = await self.service.get_policy(request.version)
         return pb.GetPolicyResponse(document=rec.document, version=rec.version, digest=rec.digest)
 
     @handle_errors
@@ -573,6 +656,5 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             raise InvalidArgument(
                 "value", f"is {len(request.value)} bytes; the limit is {MAX_SECRET_BYTES}"
             )
-        self._operator(context)
         version = await self.service.put_secret(name, bytes(request.value))
         return pb.PutSecretResponse(version=version)

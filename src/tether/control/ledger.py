@@ -1,6 +1,7 @@
 """The receipt ledger: per-node chains checked on ingest, one RFC 6962 Merkle tree.
 
-Ingest verifies each envelope with the node's enrolled key and requires
+Ingest verifies each envelope with a key the node was certified for (its
+current one, or an earlier one for receipts spooled before a re-key) and requires
 seq == last + 1 and prev == digest(last). An identical resend of a stored
 (node, seq) is de-duplicated (replays after a reconnect are normal); the same
 seq with different bytes is a fork and a gap is a lost receipt: both are
@@ -34,6 +35,7 @@ from tether.core.errors import (
     Unavailable,
     VerificationError,
 )
+from tether.crypto.certs import verify_cert
 from tether.crypto.manifest import manifest_for, sign_manifest
 from tether.crypto.merkle import MerkleTree, leaf_hash
 from tether.crypto.note import CheckpointBody, sign_checkpoint
@@ -72,25 +74,30 @@ class _Refused(NamedTuple):
 
 
 def _check_batch(
-    public_key: bytes, node_id: str, batch: Sequence[tuple[int, bytes]]
+    public_keys: tuple[bytes, ...], node_id: str, batch: Sequence[tuple[int, bytes]]
 ) -> list[tuple[str, str]] | _Refused:
-    """Checks each envelope's signature by the node's key and its receipt (runs in a worker).
+    """Checks each envelope's signature by a key of the node and its receipt (runs in a worker).
 
-    Returns each receipt's (task_id, prev), or the first bad one, which is
-    what `ingest` reports. The envelopes are not sent back: the caller has them.
+    `public_keys`: every key the node was certified for (a chain switches keys
+    where the node was re-keyed). Returns each receipt's (task_id, prev), or
+    the first bad one, which is what `ingest` reports. The envelopes are not
+    sent back: the caller has them.
     """
-    key = _KEYS.get(public_key)
-    if key is None:
-        if len(_KEYS) > 1024:
-            _KEYS.clear()
-        key = _KEYS[public_key] = VerifyKey.from_raw(public_key)
+    keys: dict[str, VerifyKey] = {}
+    for raw in public_keys:
+        key = _KEYS.get(raw)
+        if key is None:
+            if len(_KEYS) > 1024:
+                _KEYS.clear()
+            key = _KEYS[raw] = VerifyKey.from_raw(raw)
+        keys[key.keyid] = key
     out: list[tuple[str, str]] = []
     for seq, data in batch:
         try:  # what verify_receipt does, with the verifier's faster envelope parser
             env = parse_canonical_envelope(data)
             r = parse_statement(env.payload)
             msg = pae(env.payload_type, env.payload)
-            if not any(k == key.keyid and key.verify(s, msg) for k, s in env.signatures):
+            if not any(k in keys and keys[k].verify(s, msg) for k, s in env.signatures):
                 raise VerificationError(f"receipt {r.node_id}/{r.seq} is not signed by node key")
         except VerificationError as err:
             return _Refused(f"node {node_id} seq {seq}: {err.message}", {})
@@ -143,6 +150,7 @@ class Ledger:
         self._heads: dict[str, LedgerHead] = {}
         self._latest: CheckpointInfo | None = None
         self._recorded_certs: set[str] = set()
+        self._node_key_cache: dict[str, tuple[bytes, ...]] = {}  # node -> (current, *earlier)
         self._workers = workers if workers is not None else (os.cpu_count() or 1)
         self._executor: ProcessPoolExecutor | None = None
         self._ready: list[Future[None]] = []
@@ -189,6 +197,30 @@ class Ledger:
         if rec is not None and rec.certificate not in datas:
             datas.append(rec.certificate)
         return [Envelope.from_json_bytes(d) for d in datas]
+
+    async def _node_keys(self, node_id: str, current: bytes) -> tuple[bytes, ...]:
+        """The node's current key, then every earlier key a certificate of ours bound to it.
+
+        Receipts spooled before an operator re-keyed the node are signed by its
+        earlier key and must still be ingested. Only certificates that verify
+        under this control plane's key count. Cached per node until its
+        current key changes (a re-key, here or on another replica).
+        """
+        cached = self._node_key_cache.get(node_id)
+        if cached is not None and cached[0] == current:
+            return cached
+        keys = [current]
+        trusted = {self.key.keyid: self.key.public}
+        for env in await self._certificates(node_id):
+            try:
+                cert = verify_cert(env, trusted)
+            except VerificationError as err:  # e.g. issued under a rotated-out control key
+                log.debug("node certificate skipped: %s", err.message, extra={"node_id": node_id})
+                continue
+            if cert.node_id == node_id and cert.public_key not in keys:
+                keys.append(cert.public_key)
+        self._node_key_cache[node_id] = got = tuple(keys)
+        return got
 
     async def _head(self, node_id: str) -> tuple[LedgerHead, bool]:
         """The node's head and whether it came from the cache (maybe stale: replicas)."""
@@ -257,11 +289,12 @@ class Ledger:
         if rec is None:
             raise NotFound(f"node {node_id!r} is not enrolled")
         await self.record_certificate(node_id, rec.certificate)
+        keys = await self._node_keys(node_id, rec.public_key)
         batch = list(batch)
         workers = self._workers
         pool = self._pool() if len(batch) >= POOL_MIN_BATCH and workers > 1 else None
         if pool is None:
-            got = _check_batch(rec.public_key, node_id, batch)
+            got = _check_batch(keys, node_id, batch)
             if isinstance(got, _Refused):
                 raise got.error()
             return [_Checked(s, d, *facts) for (s, d), facts in zip(batch, got, strict=True)]
@@ -271,9 +304,7 @@ class Ledger:
         step = -(-len(batch) // workers)
         parts = await asyncio.gather(
             *(
-                loop.run_in_executor(
-                    pool, _check_batch, rec.public_key, node_id, batch[i : i + step]
-                )
+                loop.run_in_executor(pool, _check_batch, keys, node_id, batch[i : i + step])
                 for i in range(0, len(batch), step)
             )
         )

@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tether.control.authz import AuthzInterceptor
 from tether.control.grpc_api import ControlServicer
 from tether.control.service import Auth, ControlConfig, ControlService
 from tether.control.sweeper import DEFAULT_SWEEP_INTERVAL_MS, Sweeper
@@ -20,6 +21,7 @@ from tether.control.vault import Vault
 from tether.core.clock import Clock
 from tether.core.errors import ConfigError
 from tether.crypto.signing import SigningKey
+from tether.grpcutil.tls import ServerTLS
 from tether.metrics import MetricsServer, TasksCollector
 from tether.metrics import serve as serve_metrics
 from tether.store import store_from_url
@@ -34,16 +36,22 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ControlService"].full_name
 log = logging.getLogger("tether.control.server")
 
 
-def grpc_target(listen: str) -> str:
-    """The grpc bind/dial target of "host:port" or "unix:/path"."""
+def grpc_target(listen: str, what: str = "listen address") -> str:
+    """The grpc bind/dial target of "host:port" or "unix:/path".
+
+    Raises:
+        ConfigError: not such an address, or a port outside 0..65535.
+    """
     if listen.startswith("unix:"):
         path = listen[len("unix:") :]
         if not path:
-            raise ConfigError("unix listen address needs a path: unix:/path/to.sock")
+            raise ConfigError(f"unix {what} needs a path: unix:/path/to.sock")
         return f"unix:{path}"
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise ConfigError(f"listen address {listen!r} is not host:port or unix:/path")
+        raise ConfigError(f"{what} {listen!r} is not host:port or unix:/path")
+    if int(port) > 65535:
+        raise ConfigError(f"{what} {listen!r}: port must be 0..65535")
     return listen
 
 
@@ -63,6 +71,8 @@ class RunningControl:
     """The /metrics endpoint, when started with `metrics_listen`."""
     servicer: ControlServicer | None = None
     """The gRPC servicer; owns the ledger and its worker processes."""
+    enroll_address: str = ""
+    """Where nodes without a certificate yet enrol (TLS, no client certificate)."""
 
     async def stop(self, grace_s: float = 2.0) -> None:
         """Stops serving (letting calls finish for `grace_s`), then closes the store."""
@@ -93,6 +103,8 @@ async def start_server(
     kek_file: Path | str | None = None,
     checkpoint_interval_ms: int | None = DEFAULT_CHECKPOINT_INTERVAL_MS,
     metrics_listen: str | None = None,
+    tls: ServerTLS | None = None,
+    enroll_listen: str | None = None,
 ) -> RunningControl:
     """Opens the store and starts serving on `listen` ("host:port", port 0 ok, or "unix:/path").
 
@@ -103,10 +115,32 @@ async def start_server(
     (None: only on demand). With `metrics_listen` ("host:port") Prometheus
     metrics are served on http://host:port/metrics.
 
+    With `tls`, `listen` requires a client certificate (nodes and operators)
+    and `enroll_listen` (default: the same host, an ephemeral port) serves TLS
+    without one, where only enrolment is allowed. Without `tls`, `auth.insecure`
+    must be set: plaintext, no identities (development only).
+
     Raises:
-        ConfigError: bad listen address or the port cannot be bound.
+        ConfigError: bad listen address, the port cannot be bound, or no TLS
+            without the explicit insecure opt-out.
     """
     target = grpc_target(listen)
+    auth = auth or Auth()
+    if tls is None and not auth.insecure:
+        raise ConfigError(
+            "the control plane serves TLS only: give --tls-cert/--tls-key/--client-ca "
+            "(or run `tether keys init`), or --insecure-plaintext for local development"
+        )
+    if tls is not None and auth.ca is None:
+        raise ConfigError("TLS needs the CA (--ca-cert/--ca-key) to issue node certificates")
+    enroll_target = ""
+    if tls is not None:
+        if enroll_listen:
+            enroll_target = grpc_target(enroll_listen)
+        elif target.startswith("unix:"):
+            enroll_target = target + ".enroll"
+        else:
+            enroll_target = f"{target.rpartition(':')[0]}:0"
     vault = Vault(kek_file) if kek_file is not None else None  # ConfigError before any I/O
     store = store or store_from_url(db)
     await store.open()
@@ -119,7 +153,12 @@ async def start_server(
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(options=options)
+    server = grpc.aio.server(
+        options=options,
+        interceptors=[
+            AuthzInterceptor(f"/{SERVICE_NAME}/", auth.trust_domain, insecure=auth.insecure)
+        ],
+    )
     servicer = ControlServicer(service)
     pb_grpc.add_ControlServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
@@ -127,12 +166,32 @@ async def start_server(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
+
+    def bind(where: str, creds: grpc.ServerCredentials | None) -> str:
+        try:
+            if creds is None:
+                port = server.add_insecure_port(where)
+            else:
+                port = server.add_secure_port(where, creds)
+        except RuntimeError as err:
+            raise ConfigError(f"cannot listen on {where}: {err}") from err
+        return where if where.startswith("unix:") else f"{where.rpartition(':')[0]}:{port}"
+
     try:
-        port = server.add_insecure_port(target)
-    except RuntimeError as err:
+        if tls is None:
+            log.warning(
+                "--insecure-plaintext: serving WITHOUT TLS or authentication on %s; "
+                "anyone who reaches the port is admin and any node",
+                listen,
+            )
+            address = bind(target, None)
+            enroll_address = ""
+        else:
+            address = bind(target, tls.credentials(require_client_cert=True))
+            enroll_address = bind(enroll_target, tls.credentials(require_client_cert=False))
+    except ConfigError:
         await store.close()
-        raise ConfigError(f"cannot listen on {listen}: {err}") from err
-    address = target if target.startswith("unix:") else f"{target.rpartition(':')[0]}:{port}"
+        raise
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -141,7 +200,14 @@ async def start_server(
         sweeper = Sweeper(service, sweep_interval_ms)
         sweeper.start()
     running = RunningControl(
-        address, server, service, store, sweeper, health_servicer, servicer=servicer
+        address,
+        server,
+        service,
+        store,
+        sweeper,
+        health_servicer,
+        servicer=servicer,
+        enroll_address=enroll_address,
     )
     if checkpoint_interval_ms is not None:
         ledger = await servicer.get_ledger()
@@ -158,7 +224,7 @@ async def start_server(
         except ConfigError:
             await running.stop(grace_s=0)
             raise
-    log.info("control plane serving on %s", address)
+    log.info("control plane serving on %s (enrolment on %s)", address, enroll_address or "-")
     return running
 
 
@@ -170,7 +236,8 @@ async def serve_forever(running: RunningControl, ready_file: Path | None = None)
         loop.add_signal_handler(sig, stop.set)
     if ready_file is not None:
         tmp = ready_file.with_name(ready_file.name + ".tmp")
-        tmp.write_text(running.address + "\n")
+        # Line 1: the mTLS address; line 2: the enrolment address ("" in plaintext).
+        tmp.write_text(f"{running.address}\n{running.enroll_address}\n")
         tmp.replace(ready_file)  # atomic: readers never see a partial address
     try:
         await stop.wait()

@@ -14,29 +14,42 @@ import hmac
 import json
 import logging
 import secrets
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tether import metrics
+from tether.control.authz import current_principal, refuse
 from tether.core.clock import Clock, SystemClock
 from tether.core.errors import (
-    ConfigError,
+    AlreadyExists,
+    Forbidden,
     InvalidArgument,
     NotFound,
     NotOwner,
     PolicyDenied,
+    TetherError,
     Unauthenticated,
+    VerificationError,
 )
 from tether.core.leases import DEFAULT_TTL_MS, Lease
 from tether.core.policy import Policy, parse_policy
 from tether.core.states import Event, State
-from tether.crypto.certs import DEFAULT_CERT_VALIDITY_MS, issue_cert
+from tether.crypto.certs import DEFAULT_CERT_VALIDITY_MS, issue_cert, verify_cert
+from tether.crypto.enrollment import check_challenge, make_challenge, verify_statement
 from tether.crypto.leases import decode_lease, sign_lease
-from tether.crypto.signing import Envelope, SigningKey
+from tether.crypto.pki import (
+    DEFAULT_NODE_CERT_TTL_MS,
+    DEFAULT_TRUST_DOMAIN,
+    CertificateAuthority,
+    cert_pem,
+    load_spki,
+    node_spiffe_id,
+)
+from tether.crypto.signing import Envelope, SigningKey, keyid_of
 from tether.store.base import (
     DEFAULT_MAX_ATTEMPTS,
     BudgetState,
+    JoinTokenRecord,
     LapseOutcome,
     LeaseHistoryEntry,
     NewTask,
@@ -47,7 +60,7 @@ from tether.store.base import (
     ToolCallRecord,
     ToolCallWrite,
 )
-from tether.store.sqlite import token_sha256
+from tether.store.common import token_sha256
 
 if TYPE_CHECKING:
     from tether.control.vault import Vault
@@ -75,52 +88,35 @@ class ControlConfig:
 
 @dataclass(frozen=True)
 class Auth:
-    """Who may register nodes and call operator RPCs.
+    """How the control plane establishes identities (no secrets: the CA key is held by `ca`).
 
-    `enrollment_tokens` and `operator_tokens` hold SHA-256 digests only, so the
-    raw tokens live nowhere but in their files. Empty `operator_tokens` means
-    operator RPCs are open (the documented default for a local control plane).
+    `ca` issues node certificates at enrolment; without it (only with
+    `insecure`) no TLS certificate is issued. `allowed_node_keys` may enrol
+    without a join token, still proving possession of the key.
     """
 
-    enrollment_token_digests: frozenset[str] = frozenset()
+    ca: CertificateAuthority | None = None
+    trust_domain: str = DEFAULT_TRUST_DOMAIN
     allowed_node_keys: frozenset[bytes] = frozenset()
-    operator_token_digests: frozenset[str] = frozenset()
-
-    @classmethod
-    def from_tokens(
-        cls,
-        *,
-        enrollment_tokens: Iterable[str] = (),
-        allowed_node_keys: Iterable[bytes] = (),
-        operator_tokens: Iterable[str] = (),
-    ) -> Auth:
-        return cls(
-            frozenset(token_sha256(t) for t in enrollment_tokens if t),
-            frozenset(allowed_node_keys),
-            frozenset(token_sha256(t) for t in operator_tokens if t),
-        )
+    node_cert_ttl_ms: int = DEFAULT_NODE_CERT_TTL_MS
+    insecure: bool = False
+    """--insecure-plaintext: no TLS, no identities; every caller is trusted (development only)."""
 
 
-def read_token_file(path: str) -> list[str]:
-    """Tokens from a file, one per line (blank lines and # comments skipped).
-
-    Raises:
-        ConfigError: unreadable or empty.
-    """
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = [ln.strip() for ln in f]
-    except OSError as err:
-        raise ConfigError(f"cannot read token file {path}: {err.strerror}") from err
-    tokens = [ln for ln in lines if ln and not ln.startswith("#")]
-    if not tokens:
-        raise ConfigError(f"token file {path} holds no token")
-    return tokens
+JOIN_TOKEN_PREFIX = "tj_"
+DEFAULT_JOIN_TOKEN_TTL_MS = 3600 * 1000
+MIN_JOIN_TOKEN_TTL_MS = 60 * 1000
+MAX_JOIN_TOKEN_TTL_MS = 7 * 24 * 3600 * 1000
 
 
-def _digest_in(token: str, digests: frozenset[str]) -> bool:
-    d = token_sha256(token)
-    return any(hmac.compare_digest(d, x) for x in digests)
+@dataclass(frozen=True)
+class Enrollment:
+    """What RegisterNode gives a node."""
+
+    certificate: Envelope
+    tls_certificate_pem: str
+    tls_expires_unix_ms: int
+    spiffe_id: str
 
 
 @dataclass
@@ -170,7 +166,6 @@ class ControlService:
         self.config = config or ControlConfig()
         self.auth = auth or Auth()
         self._waiters = _Waiters()
-        self._node_tokens: dict[str, str] = {}  # token sha256 -> node id
         self._policy: Policy | None = None
 
     async def start(self) -> None:
@@ -420,6 +415,28 @@ class ControlService:
             self._policies[digest] = policy
         return policy
 
+    async def lease_policy_record(
+        self, task_id: str, fencing_token: int, node_id: str
+    ) -> PolicyRecord:
+        """The policy document a lease of `node_id` was signed under (a node's GetPolicy).
+
+        Raises:
+            NotFound: no such lease, or it carries no policy.
+            NotOwner: the lease was granted to another node.
+        """
+        raw = await self.store.lease_envelope(task_id, fencing_token)
+        if raw is None:
+            raise NotFound(f"no lease on task {task_id} with fencing token {fencing_token}")
+        lease = decode_lease(Envelope.from_json_bytes(raw).payload)
+        if lease.node_id != node_id and not current_principal().insecure:
+            raise NotOwner(f"the lease on task {task_id} was granted to another node")
+        if not lease.policy_digest:
+            raise NotFound(f"the lease on task {task_id} carries no policy")
+        rec = await self.store.get_policy_by_digest(lease.policy_digest)
+        if rec is None:
+            raise NotFound(f"policy {lease.policy_digest[:12]} is not stored")
+        return rec
+
     async def put_secret(self, name: str, value: bytes) -> int:
         """Seals and stores the next version of secret `name`; returns the version.
 
@@ -551,88 +568,241 @@ class ControlService:
 
     # -- nodes and auth ---------------------------------------------------------------
 
-    async def register_node(
-        self, *, node_id: str, public_key: bytes, enrollment_token: str
-    ) -> tuple[Envelope, str]:
-        """Enrols a node presenting a valid enrolment token or an allow-listed key.
+    def enrollment_challenge(self, node_id: str) -> Envelope:
+        """A fresh challenge for `node_id`, answered by its enrolment statement."""
+        return make_challenge(self.key, node_id, self.clock.now_ms())
 
-        Returns the signed NodeCertificate and a fresh node token (only its
-        SHA-256 is stored; a re-registration replaces the old token).
+    async def register_node(
+        self,
+        *,
+        node_id: str,
+        public_key: bytes,
+        join_token: str,
+        statement: Envelope,
+        challenge: Envelope,
+        caller: str = "",
+    ) -> Enrollment:
+        """Enrols or renews a node that proves possession of its key.
+
+        A first enrolment needs a join token bound to `node_id` (or an
+        allow-listed key); a re-key needs a token from `RekeyNode`; an enrolled,
+        active node renews with its enrolled key and no token. `caller` is the
+        node id of the client certificate the call came with, if any.
 
         Raises:
-            Unauthenticated: neither a valid token nor an allow-listed key.
+            Unauthenticated: bad proof, stale challenge, or no valid join token.
+            Forbidden: the node id is enrolled with another key, or revoked.
         """
-        ok = public_key in self.auth.allowed_node_keys or (
-            bool(enrollment_token)
-            and _digest_in(enrollment_token, self.auth.enrollment_token_digests)
+        try:
+            return await self._register(
+                node_id, public_key, join_token, statement, challenge, caller
+            )
+        except TetherError as err:
+            refuse(
+                "enrollment",
+                err.reason,
+                f"enrolment of node {node_id} refused: {err.message}",
+                node_id=node_id,
+            )
+            raise
+
+    async def _register(
+        self,
+        node_id: str,
+        public_key: bytes,
+        join_token: str,
+        statement: Envelope,
+        challenge: Envelope,
+        caller: str,
+    ) -> Enrollment:
+        now = self.clock.now_ms()
+        if caller and caller != node_id:
+            raise Forbidden(f"node {caller!r} may not enrol or renew node {node_id!r}")
+        try:
+            digest = check_challenge(challenge, {self.key.keyid: self.key.public}, node_id, now)
+            st = verify_statement(statement, node_id)
+            if st.challenge_sha256 != digest:
+                raise VerificationError("the statement answers another challenge")
+            if st.public_key != public_key:
+                raise VerificationError("the statement is signed by another key than public_key")
+            tls_key = load_spki(st.tls_public_key)
+        except VerificationError as err:
+            raise Unauthenticated(f"no proof of possession: {err.message}") from err
+        existing = await self.store.get_node(node_id)
+        purpose = ""
+        renewal = (
+            existing is not None
+            and existing.status == "active"
+            and hmac.compare_digest(existing.public_key, public_key)
         )
-        if not ok:
-            raise Unauthenticated(
-                f"node {node_id!r} presented no valid enrolment token and its key is not "
-                "allow-listed"
+        if renewal:
+            pass  # the enrolled key proved possession: a token (maybe spent) is not needed
+        elif join_token:
+            rec = await self.store.consume_join_token(token_sha256(join_token), node_id, now)
+            if rec is None:
+                raise Unauthenticated(
+                    f"join token refused for node {node_id!r}: unknown, used, expired or "
+                    "issued for another node; ask an operator for a new one "
+                    "(tether nodes token create)"
+                )
+            purpose = rec.purpose
+            if purpose == "enroll" and existing is not None:
+                raise Forbidden(
+                    f"node {node_id!r} is already enrolled; a join token cannot re-key it "
+                    "(an operator runs `tether nodes rekey`)"
+                )
+        elif existing is None:
+            if public_key not in self.auth.allowed_node_keys:
+                raise Unauthenticated(
+                    f"node {node_id!r} is not enrolled: present a join token "
+                    "(tether nodes token create) or use an allow-listed key"
+                )
+        else:
+            if existing.status != "active":
+                raise Forbidden(
+                    f"node {node_id!r} is revoked: {existing.status_reason or 'by an operator'}"
+                )
+            if not hmac.compare_digest(existing.public_key, public_key):
+                raise Forbidden(
+                    f"node {node_id!r} is enrolled with another key; only an operator can "
+                    "re-key it (tether nodes rekey)"
+                )
+        keyid = keyid_of(public_key)
+        cert_env: Envelope | None = None
+        if existing is not None and existing.public_key == public_key and purpose != "rekey":
+            cert_env = Envelope.from_json_bytes(existing.certificate)
+            try:  # reissued when it nears expiry or was signed by a rotated-out control key
+                old = verify_cert(cert_env, {self.key.keyid: self.key.public})
+                if old.expires_unix_ms <= now + self.auth.node_cert_ttl_ms:
+                    cert_env = None
+            except VerificationError:
+                cert_env = None
+        if cert_env is None or purpose == "rekey" or existing is None:
+            _, cert_env = issue_cert(
+                self.key, node_id, public_key, now, self.config.cert_validity_ms
+            )
+            await self.store.put_node(
+                NodeRecord(node_id, public_key, cert_env.to_json_bytes(), now, "active", "", now)
+            )
+            log.info(
+                "node enrolled",
+                extra={"node_id": node_id, "keyid": keyid, "rekey": purpose == "rekey"},
+            )
+        pem, expires, spiffe = "", 0, ""
+        if self.auth.ca is not None:
+            # X.509 validity is checked by the TLS stacks against the wall clock, not
+            # the service's (possibly fake) clock, so the certificate is dated by it.
+            wall_ms = SystemClock().now_ms()
+            x = self.auth.ca.issue_node(
+                node_id, keyid, tls_key, wall_ms, self.auth.node_cert_ttl_ms
+            )
+            pem = cert_pem(x).decode()
+            expires = int(x.not_valid_after_utc.timestamp() * 1000)
+            spiffe = node_spiffe_id(self.auth.trust_domain, node_id)
+        return Enrollment(cert_env, pem, expires, spiffe)
+
+    async def check_node(self, node_id: str) -> None:
+        """Checks that the caller is node `node_id`, enrolled, active, with its current key.
+
+        Read from the store on every call, so a revocation or re-key done through
+        any replica holds on every replica at once.
+
+        Raises:
+            Unauthenticated: unknown node, revoked, or a certificate of an earlier key.
+            NotOwner: the certificate is another node's.
+            Forbidden: the caller is not a node.
+        """
+        principal = current_principal()
+        if principal.insecure:
+            return
+        if not principal.is_node or principal.identity is None:
+            raise Forbidden(f"{principal.kind} {principal.name!r} is not a node")
+        if principal.name != node_id:
+            raise NotOwner(
+                f"the client certificate is node {principal.name!r}'s; the request names "
+                f"node {node_id!r}"
+            )
+        rec = await self.store.get_node(node_id)
+        reason = ""
+        if rec is None:
+            reason = f"node {node_id!r} is not enrolled"
+        elif rec.status != "active":
+            reason = f"node {node_id!r} is revoked"
+        elif keyid_of(rec.public_key) != principal.identity.node_keyid:
+            reason = f"node {node_id!r} was re-keyed; this certificate is for its earlier key"
+        if reason:
+            refuse(
+                "certificate",
+                "NODE_NOT_ACTIVE",
+                f"node certificate refused: {reason}",
+                node_id=node_id,
+            )
+            raise Unauthenticated(reason)
+
+    def caller_node(self) -> str:
+        """The node id of the caller (after `check_node`); "" in insecure mode."""
+        principal = current_principal()
+        return principal.name if principal.is_node else ""
+
+    async def check_holds(self, task_id: str, node_id: str) -> TaskRecord:
+        """The task, if `node_id` holds (or last held) its lease.
+
+        Raises:
+            NotFound: no such task.
+            NotOwner: another node holds it.
+        """
+        task = await self.store.get_task(task_id)
+        if current_principal().insecure:
+            return task
+        if task.node_id != node_id:
+            raise NotOwner(f"task {task_id} is not leased to node {node_id!r}")
+        return task
+
+    async def create_join_token(
+        self, node_id: str, ttl_ms: int, *, rekey: bool = False
+    ) -> tuple[str, int]:
+        """A single-use join token for `node_id`; only its SHA-256 is stored.
+
+        Raises:
+            AlreadyExists: `node_id` is enrolled (not `rekey`).
+            NotFound: `node_id` is not enrolled (`rekey`).
+        """
+        existing = await self.store.get_node(node_id)
+        if rekey and existing is None:
+            raise NotFound(f"node {node_id!r} is not enrolled; create a join token instead")
+        if not rekey and existing is not None:
+            raise AlreadyExists(
+                f"node {node_id!r} is already enrolled; use `tether nodes rekey {node_id}` "
+                "to give it a new key"
             )
         now = self.clock.now_ms()
-        _, env = issue_cert(self.key, node_id, public_key, now, self.config.cert_validity_ms)
-        token = secrets.token_urlsafe(32)
-        digest = token_sha256(token)
-        old = await self.store.get_node(node_id)
-        await self.store.put_node(NodeRecord(node_id, public_key, env.to_json_bytes(), digest, now))
-        if old is not None:
-            self._node_tokens.pop(old.token_sha256, None)
-        self._node_tokens[digest] = node_id
-        log.info("node registered", extra={"node_id": node_id})
-        return env, token
-
-    async def authenticate_node(self, node_id: str, token: str) -> None:
-        """Checks that `token` is the node token of `node_id`.
-
-        Raises:
-            Unauthenticated: no token, or one no node holds.
-            NotOwner: the token belongs to another node (PERMISSION_DENIED).
-        """
-        if not token:
-            raise Unauthenticated("missing node token (metadata x-tether-node-token)")
-        digest = token_sha256(token)
-        owner = self._node_tokens.get(digest)
-        if owner is None:
-            node = await self.store.get_node(node_id)
-            if node is not None and hmac.compare_digest(node.token_sha256, digest):
-                self._node_tokens[digest] = node_id
-                return
-            raise Unauthenticated("unknown node token; register the node again")
-        if owner != node_id:
-            raise NotOwner(f"the node token presented does not belong to node {node_id!r}")
-
-    async def authenticate_any_node(self, token: str) -> str:
-        """The id of the enrolled node holding `token` (for node RPCs that name no node).
-
-        Raises:
-            Unauthenticated: no token, or one no node holds.
-        """
-        if not token:
-            raise Unauthenticated("missing node token (metadata x-tether-node-token)")
-        digest = token_sha256(token)
-        owner = self._node_tokens.get(digest)
-        if owner is not None:
-            return owner
-        node = await self.store.get_node_by_token(digest)
-        if node is None:
-            raise Unauthenticated("unknown node token; register the node again")
-        self._node_tokens[digest] = node.node_id
-        return node.node_id
-
-    def authenticate_operator(self, token: str) -> None:
-        """Checks the operator token when the control plane was given any.
-
-        Raises:
-            Unauthenticated: tokens are configured and `token` is not one of them.
-        """
-        if not self.auth.operator_token_digests:
-            return
-        if not token or not _digest_in(token, self.auth.operator_token_digests):
-            raise Unauthenticated(
-                "missing or unknown operator token (metadata x-tether-operator-token)"
+        token = JOIN_TOKEN_PREFIX + secrets.token_urlsafe(32)
+        expires = now + (ttl_ms or DEFAULT_JOIN_TOKEN_TTL_MS)
+        await self.store.put_join_token(
+            JoinTokenRecord(
+                token_sha256(token), node_id, "rekey" if rekey else "enroll", now, expires
             )
+        )
+        log.info(
+            "join token created",
+            extra={"node_id": node_id, "rekey": rekey, "expires_unix_ms": expires},
+        )
+        return token, expires
+
+    async def revoke_node(self, node_id: str, reason: str) -> NodeRecord:
+        """Revokes a node on every replica (its certificates are refused from the next call).
+
+        Raises:
+            NotFound: no such node.
+        """
+        rec = await self.store.set_node_status(node_id, "revoked", reason, self.clock.now_ms())
+        if rec is None:
+            raise NotFound(f"node {node_id!r} is not enrolled")
+        log.warning("node revoked", extra={"node_id": node_id, "reason": reason})
+        return rec
+
+    async def list_nodes(self) -> list[NodeRecord]:
+        return await self.store.list_nodes()
 
 
 def new_id(prefix: str, now_ms: int) -> str:

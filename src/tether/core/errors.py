@@ -89,6 +89,12 @@ class NotOwner(TetherError):
     reason = "NOT_OWNER"
 
 
+class Forbidden(TetherError):
+    """The caller is known but its role or identity does not allow this call."""
+
+    reason = "FORBIDDEN"
+
+
 class Unauthenticated(TetherError):
     """The caller (node, agent or operator) could not be identified."""
 

@@ -33,6 +33,7 @@ from tether.control.client import ControlClient
 from tether.core.states import TERMINAL, state_name
 from tether.crypto.signing import SigningKey
 from tether.demo.api import DemoApi
+from tether.grpcutil.tls import ClientTLS
 
 QUEUE = "demo"
 TOOL_COST = 1_000
@@ -61,6 +62,7 @@ class Demo:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
     shown: dict[str, int] = field(default_factory=dict)
+    enroll_address: str = ""
 
     # -- output ---------------------------------------------------------------
 
@@ -173,40 +175,56 @@ max_attempts = 3
     async def run(self) -> int:
         self.prepare()
         keys = self.root / "keys"
-        SigningKey.generate().save(keys / "control.key", keys / "control.pub")
-        enroll = self.write_private(
-            self.root / "tokens" / "enroll.token", secrets.token_urlsafe(24)
+        made = self.run_cli("setup", "keys", "init", "--dir", str(keys), "--san", "127.0.0.1")
+        if made.returncode != 0:
+            raise RuntimeError(f"tether keys init failed: {made.stderr.decode()[-2000:]}")
+        self.say(
+            "trust domain created: control key, CA, server certificate, admin credential, "
+            "trust bundle (keys/trust.pem)"
         )
         kek = self.root / "keys" / "kek"
         self.run_cli("setup", "secrets", "init-kek", "--file", str(kek))
         api = DemoApi(self.secret).start()
         self.say(f"demo API (stand-in for a third-party service) on {api.url}")
         try:
-            return await self._run(api, enroll, kek)
+            return await self._run(api, kek)
         finally:
             api.stop()
             if not self.keep:
                 self.stop_all()
 
-    async def _run(self, api: DemoApi, enroll: Path, kek: Path) -> int:
+    async def _run(self, api: DemoApi, kek: Path) -> int:
         keys = self.root / "keys"
         self.spawn("control", self.tether(
             "control", "--db", str(self.root / "control.db"), "--listen", "127.0.0.1:0",
-            "--key", str(keys / "control.key"), "--enrollment-token-file", str(enroll),
+            "--enroll-listen", "127.0.0.1:0", "--key", str(keys / "control.key"),
             "--kek-file", str(kek), "--sweep-interval-ms", "200",
             "--ready-file", str(self.root / "control.addr"),
         ))  # fmt: skip
-        address = self.wait_ready("control", self.root / "control.addr")
-        self.say(f"control plane listening on {address} (SQLite: {self.root / 'control.db'})")
-        control = ControlClient(address)
+        ready = self.wait_ready("control", self.root / "control.addr").splitlines()
+        address, self.enroll_address = ready[0], ready[1]
+        self.say(
+            f"control plane listening on {address} (mTLS; enrolment on {self.enroll_address}; "
+            f"SQLite: {self.root / 'control.db'})"
+        )
+        control = ControlClient(address, tls=self.admin_tls())
         try:
-            return await self._staged(api, control, address, enroll)
+            return await self._staged(api, control, address)
         finally:
             await control.close()
 
-    async def _staged(
-        self, api: DemoApi, control: ControlClient, address: str, enroll: Path
-    ) -> int:
+    def admin_tls(self) -> ClientTLS:
+        keys = self.root / "keys"
+        return ClientTLS.load(keys / "trust.pem", keys / "admin.crt", keys / "admin.key")
+
+    def operator_args(self, address: str) -> list[str]:
+        keys = self.root / "keys"
+        return [
+            "--control", address, "--tls-ca", str(keys / "trust.pem"),
+            "--tls-cert", str(keys / "admin.crt"), "--tls-key", str(keys / "admin.key"),
+        ]  # fmt: skip
+
+    async def _staged(self, api: DemoApi, control: ControlClient, address: str) -> int:
         policy_text = self.policy(api)
         (self.root / "policy.toml").write_text(policy_text)
         await control.put_policy(policy_text)
@@ -225,12 +243,19 @@ max_attempts = 3
             self.write_private(self.root / "tokens" / f"{agent}.token", secrets.token_urlsafe(24))
         for node in nodes:
             state = self.root / node
+            join = self.root / "tokens" / f"{node}.join"
+            made = self.run_cli(
+                "setup", "nodes", "token", "create", "--node", node, "--ttl", "10m",
+                "--out", str(join), *self.operator_args(address),
+            )  # fmt: skip
+            if made.returncode != 0:
+                raise RuntimeError(f"join token for {node}: {made.stderr.decode()[-2000:]}")
             args = [
-                "sidecar", "--control", address, "--node-id", node,
-                "--key", str(self.root / "keys" / f"{node}.key"),
+                "sidecar", "--control", address, "--enroll", self.enroll_address,
+                "--node-id", node, "--key", str(self.root / "keys" / f"{node}.key"),
                 "--socket", str(state / "tether.sock"), "--state-dir", str(state),
-                "--enrollment-token-file", str(enroll),
-                "--control-pub", str(self.root / "keys" / "control.pub"),
+                "--join-token-file", str(join),
+                "--trust-bundle", str(self.root / "keys" / "trust.pem"),
                 "--ready-file", str(self.root / f"{node}.ready"),
             ]  # fmt: skip
             for agent, on in agent_node.items():
@@ -240,7 +265,10 @@ max_attempts = 3
             sockets[node] = state / "tether.sock"
         for node in nodes:
             self.wait_ready(node, self.root / f"{node}.ready")
-        self.say(f"sidecars {', '.join(nodes)} registered with the control plane")
+        self.say(
+            f"sidecars {', '.join(nodes)} enrolled (single-use join tokens, proof of "
+            "possession) and hold short-lived mTLS node certificates"
+        )
 
         # The workload: normal writes, one idempotent retry, one budget denial, one slow task.
         submitted: dict[str, str] = {}
@@ -447,13 +475,13 @@ max_attempts = 3
     async def export_and_verify(self, address: str, task_ids: list[str]) -> bool:
         """Exports the tasks' receipts and checks them with `tether verify` (offline)."""
         bundle = self.root / "bundle.json"
-        trust = self.root / "keys" / "control.pub"
+        trust = self.root / "keys" / "trust.pem"
         deadline = time.monotonic() + 30
         covered: set[str] = set()
         report: dict[str, Any] = {}
         while True:  # receipts stream in the background; wait until every task's are in
             exported = self.run_cli(
-                "export", "receipts", "export", "--control", address, "--out", str(bundle),
+                "export", "receipts", "export", *self.operator_args(address), "--out", str(bundle),
                 *[a for t in task_ids for a in ("--task", t)],
             )  # fmt: skip
             checked = self.run_cli("verify", "verify", str(bundle), "--trust", str(trust), "--json")

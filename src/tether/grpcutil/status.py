@@ -36,6 +36,7 @@ STATUS_OF: dict[type[E.TetherError], grpc.StatusCode] = {
     E.LeaseLost: grpc.StatusCode.FAILED_PRECONDITION,
     E.PolicyDenied: grpc.StatusCode.PERMISSION_DENIED,
     E.NotOwner: grpc.StatusCode.PERMISSION_DENIED,
+    E.Forbidden: grpc.StatusCode.PERMISSION_DENIED,
     E.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     E.BudgetExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     E.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,

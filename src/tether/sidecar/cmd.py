@@ -28,12 +28,19 @@ def register(subparsers: Any) -> None:
     p.add_argument("--config", type=Path, help="TOML config file")
     p.add_argument("--state-dir", dest="state_dir", help="local state directory")
     p.add_argument(
+        "--join-token-file",
         "--enrollment-token-file",
         dest="enrollment_token_file",
-        help="file holding the enrolment token",
+        help="file holding this node's single-use join token (first enrolment only)",
     )
     p.add_argument(
-        "--control-pub", dest="control_pub", help="pinned control-plane public key (PEM)"
+        "--trust-bundle",
+        dest="trust_bundle",
+        help="pinned trust bundle: CA certificate(s) and control public key(s) (PEM); required",
+    )
+    p.add_argument(
+        "--enroll",
+        help="control plane enrolment address (default: the --control port + 1)",
     )
     p.add_argument(
         "--agent",
@@ -77,7 +84,8 @@ def config_from_args(args: argparse.Namespace) -> sidecar_config.SidecarConfig:
         "key",
         "state_dir",
         "enrollment_token_file",
-        "control_pub",
+        "trust_bundle",
+        "enroll",
         "listen_tcp",
         "ready_file",
         "grace_period_ms",

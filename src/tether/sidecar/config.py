@@ -8,10 +8,11 @@ never the secrets themselves.
 TOML file form (every key optional; arguments and env override it)::
 
     control = "127.0.0.1:7233"
-    control_pub = "control.pub"          # pinned control-plane public key (PEM)
+    enroll = "127.0.0.1:7234"            # enrolment address (default: control port + 1)
+    trust_bundle = "trust.pem"           # CA certificate(s) + control public key(s), pinned
     node_id = "node-1"
     key = "node.key"                     # Ed25519 PEM, mode 0600
-    enrollment_token_file = "enroll.token"
+    enrollment_token_file = "join.token"  # single-use join token (first enrolment only)
     state_dir = "state"
     socket = "tether.sock"
     listen_tcp = "127.0.0.1:7300"
@@ -61,10 +62,15 @@ class SidecarConfig:
     """This node's id, [A-Za-z0-9._-]{1,128}."""
     node_key_path: Path
     """Ed25519 private key of the node (PEM, mode 0600); signs receipts."""
-    control_public_key_path: Path | None = None
-    """Pinned control-plane public key (PEM); absent: trust RegisterNode's key (warned)."""
+    trust_bundle_path: Path | None = None
+    """Pinned trust bundle (PEM): the CA certificate(s) the control plane's TLS
+    certificate must chain to and the control key(s) leases must be signed by.
+    Required: no trust on first use. Several of each allow rotation."""
+    enroll_address: str | None = None
+    """Enrolment address (TLS without a client certificate); default: control port + 1."""
     enrollment_token_file: Path | None = None
-    """File with the operator-issued enrolment token; absent when the key is allow-listed."""
+    """File with the node's single-use join token (`tether nodes token create`);
+    needed for the first enrolment only, absent when the key is allow-listed."""
     state_dir: Path = Path("tether-state")
     """Local state: memory db, artifacts, workspaces, receipt spool."""
     socket_path: Path = Path("tether.sock")
@@ -104,7 +110,8 @@ class SidecarConfig:
 # key -> (env var, kind)
 _SCALARS: dict[str, tuple[str, str]] = {
     "control": ("TETHER_CONTROL", "str"),
-    "control_pub": ("TETHER_CONTROL_PUB", "path"),
+    "trust_bundle": ("TETHER_TRUST_BUNDLE", "path"),
+    "enroll": ("TETHER_ENROLL", "str"),
     "node_id": ("TETHER_NODE_ID", "str"),
     "key": ("TETHER_NODE_KEY", "path"),
     "enrollment_token_file": ("TETHER_ENROLLMENT_TOKEN_FILE", "path"),
@@ -131,7 +138,8 @@ PATH_ENV_VARS: frozenset[str] = frozenset(var for var, kind in _SCALARS.values()
 """The variables holding one path (TETHER_AGENTS / TETHER_AGENT_SOCKETS hold NAME=PATH lists)."""
 _FIELD_OF = {
     "control": "control_address",
-    "control_pub": "control_public_key_path",
+    "trust_bundle": "trust_bundle_path",
+    "enroll": "enroll_address",
     "key": "node_key_path",
     "socket": "socket_path",
 }
@@ -237,8 +245,40 @@ def load(
         raise ConfigError("default_queue: must match [A-Za-z0-9._-]{1,128}")
     if not agents:
         raise ConfigError("agents: at least one agent is required (--agent NAME=TOKEN_FILE)")
+    if values.get("listen_tcp"):
+        check_loopback_listen(values["listen_tcp"])
     kwargs = {_FIELD_OF.get(k, k): v for k, v in values.items() if v is not None}
     return SidecarConfig(agents=agents, **kwargs)
+
+
+def check_loopback_listen(address: str) -> None:
+    """The agent Broker's TCP listener carries agent tokens in clear: loopback only.
+
+    In a pod, agent and sidecar share the network namespace, so 127.0.0.1 is
+    what a container deployment needs; anything wider would put tokens on a
+    network.
+
+    Raises:
+        ConfigError: not host:port, or a host that is not a loopback address.
+    """
+    import ipaddress
+
+    host, sep, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"listen_tcp: {address!r} is not host:port")
+    if host == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ConfigError(
+            f"listen_tcp: {address!r} is not a loopback address; the agent API carries agent "
+            "tokens without TLS, so it listens on 127.0.0.1 or ::1 only (agents in the same "
+            "pod reach it there)"
+        )
 
 
 def _load_agents(

@@ -973,8 +973,11 @@ class PolicySource:
             policy = load_policy(local_file)
             self._by_digest[policy.digest] = policy
 
-    async def get(self, digest: str) -> Policy:
-        """Returns the policy with `digest`.
+    async def get(self, digest: str, task_id: str, fencing_token: int) -> Policy:
+        """Returns the policy with `digest`, named by the lease (task_id, fencing_token).
+
+        A node may read only the policy of a lease it holds, so the control plane
+        is asked for that lease's policy, not for the one in force.
 
         Raises:
             PolicyDenied: no policy with that digest is available to this node.
@@ -984,7 +987,10 @@ class PolicySource:
         policy = self._by_digest.get(digest)
         if policy is None:
             try:
-                response = await self._uplink.call("GetPolicy", pb.GetPolicyRequest(version=0))
+                response = await self._uplink.call(
+                    "GetPolicy",
+                    pb.GetPolicyRequest(task_id=task_id, fencing_token=fencing_token),
+                )
                 fetched = parse_policy(response.document)
             except (E.Unauthenticated, E.NotFound, E.ConfigError) as err:
                 raise E.PolicyDenied(
@@ -1010,7 +1016,9 @@ class PolicyToolRunner:
         self._tools: dict[tuple[str, str], Tool] = {}
 
     async def spec(self, held: HeldLease, tool: str) -> ToolSpec:
-        policy = await self._policies.get(held.lease.policy_digest)
+        policy = await self._policies.get(
+            held.lease.policy_digest, held.task_id, held.lease.fencing_token
+        )
         return policy.granted_tool(held.queue, tool)
 
     async def run(
@@ -1023,7 +1031,9 @@ class PolicyToolRunner:
         redactor: Redactor,
         idempotency_key: str = "",
     ) -> ToolResult:
-        policy = await self._policies.get(held.lease.policy_digest)
+        policy = await self._policies.get(
+            held.lease.policy_digest, held.task_id, held.lease.fencing_token
+        )
         adapter = self._tools.get((policy.digest, spec.name))
         if adapter is None:
             adapter = self._tools[(policy.digest, spec.name)] = build_tool(spec)

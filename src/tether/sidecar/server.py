@@ -34,7 +34,8 @@ from tether.core.leases import Lease
 from tether.core.receipts import ReceiptKind
 from tether.core.states import Event
 from tether.crypto.leases import verify_lease
-from tether.crypto.signing import Envelope, SigningKey, VerifyKey
+from tether.crypto.pki import TrustBundle
+from tether.crypto.signing import Envelope, SigningKey
 from tether.metrics import MetricsServer, SpoolCollector
 from tether.metrics import serve as serve_metrics
 from tether.sidecar.config import SidecarConfig
@@ -45,7 +46,7 @@ from tether.sidecar.mediation import Mediator, PolicySource, PolicyToolRunner, T
 from tether.sidecar.memory import MemoryStore
 from tether.sidecar.receipts import ReceiptSink
 from tether.sidecar.spool import GrpcReceiptStream, ReceiptSpool, stream_receipts
-from tether.sidecar.uplink import NODE_TOKEN_HEADER, Uplink
+from tether.sidecar.uplink import Uplink
 from tether.v1 import broker_pb2 as bpb
 from tether.v1 import broker_pb2_grpc as bpb_grpc
 from tether.v1 import control_pb2 as pb
@@ -119,37 +120,29 @@ class Sidecar:
             enrollment = read_token_file(
                 cfg.enrollment_token_file, "enrollment_token_file"
             ).decode()
-        pinned: VerifyKey | None = None
-        if cfg.control_public_key_path is not None:
-            pinned = VerifyKey.load(cfg.control_public_key_path)
+        bundle_path = cfg.trust_bundle_path
+        if bundle_path is None:
+            raise E.ConfigError(
+                "the sidecar needs --trust-bundle (the trust.pem from `tether keys init`): "
+                "it trusts no control plane on first use"
+            )
+        bundle = TrustBundle.load(bundle_path)
         self.uplink = uplink = Uplink(
             cfg.control_address,
             cfg.node_id,
             node_key,
+            enroll_address=cfg.enroll_address or default_enroll_address(cfg.control_address),
+            ca_pem=bundle.ca_pem,
             enrollment_token=enrollment,
             retry_budget_ms=cfg.uplink_retry_budget_ms,
             timeout_ms=cfg.uplink_timeout_ms,
         )
         registration = await uplink.register()
-        if pinned is None:
-            log.warning(
-                "no pinned control-plane key (--control-pub): trusting the key the "
-                "control plane sent at registration, keyid %s",
-                registration.control_key.keyid,
-            )
-            control_key = registration.control_key
-        else:
-            if pinned.raw != registration.control_key.raw:
-                raise E.Unauthenticated(
-                    f"control plane key {registration.control_key.keyid} is not the pinned "
-                    f"key {pinned.keyid}"
-                )
-            control_key = pinned
         self.certificate = registration.certificate
-        trusted = {control_key.keyid: control_key}
+        trust = _TrustedKeys(bundle_path, bundle)
 
         def verify(envelope: Envelope) -> Lease:
-            return verify_lease(envelope, trusted)
+            return trust.verify_lease(envelope)
 
         state = cfg.state_dir
         state.mkdir(parents=True, exist_ok=True)
@@ -207,9 +200,7 @@ class Sidecar:
         """Streams the spool to the ledger until stop; re-registers if the token is refused."""
 
         async def open_stream() -> GrpcReceiptStream:
-            reg = uplink.registration
-            md = ((NODE_TOKEN_HEADER, reg.node_token),) if reg is not None else ()
-            return await GrpcReceiptStream.open(uplink.stub, self.config.node_id, md)
+            return await GrpcReceiptStream.open(uplink.stub, self.config.node_id, ())
 
         async def on_error(err: BaseException) -> None:
             if (
@@ -321,3 +312,48 @@ class Sidecar:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+def default_enroll_address(control: str) -> str:
+    """The enrolment address beside `control`: the next port, or "<socket>.enroll"."""
+    if control.startswith("unix:"):
+        return control + ".enroll"
+    host, _, port = control.rpartition(":")
+    if not port.isdigit():
+        raise E.ConfigError(f"control address {control!r} is not host:port; give --enroll")
+    return f"{host}:{int(port) + 1}"
+
+
+class _TrustedKeys:
+    """The control keys leases may be signed by: the trust bundle, re-read on an unknown key.
+
+    An operator rotating the control key adds the new key to the bundle file
+    first; a lease under it then verifies without restarting the sidecar.
+    """
+
+    def __init__(self, path: Path, bundle: TrustBundle) -> None:
+        self._path = path
+        self._keys = bundle.control_keys_by_id()
+        self._mtime = self._stat()
+
+    def _stat(self) -> float:
+        try:
+            return self._path.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    def verify_lease(self, envelope: Envelope) -> Lease:
+        try:
+            return verify_lease(envelope, self._keys)
+        except E.VerificationError:
+            mtime = self._stat()
+            if mtime == self._mtime:
+                raise
+            try:
+                self._keys = TrustBundle.load(self._path).control_keys_by_id()
+            except E.ConfigError as err:
+                log.warning("cannot re-read the trust bundle: %s", err.message)
+                raise
+            self._mtime = mtime
+            log.info("trust bundle re-read: %d control keys", len(self._keys))
+            return verify_lease(envelope, self._keys)

@@ -11,9 +11,13 @@ Outage behaviour (documented, not accidental):
 * While the control plane is known to be down, each call makes one quick
   attempt instead of spending its whole budget, so new claims are refused at
   once with UNAVAILABLE.
-* The node token is kept in memory and sent as "x-tether-node-token" on every
-  node call; if the control plane no longer knows it (UNAUTHENTICATED after a
-  restart that lost it), the node registers again once and repeats the call.
+* The node's identity is an mTLS client certificate from enrolment (its key
+  and certificate live in memory only). The node enrols on the control plane's
+  enrolment address (TLS, no client certificate) by proving possession of its
+  Ed25519 key, then calls over mTLS; it renews the certificate at two thirds of
+  its lifetime on a fresh channel, while calls and receipt streams already open
+  on the old channel finish there. If a call is refused as UNAUTHENTICATED the
+  node enrols again once and repeats the call.
 * Calls under a lease the sidecar still holds keep working locally until that
   lease's expiry (never past it); that rule lives in `tether.sidecar.leases`.
 """
@@ -21,6 +25,7 @@ Outage behaviour (documented, not accidental):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -30,14 +35,16 @@ from typing import Any, TypeVar
 
 import grpc
 
+from tether.control.client import enroll, node_client_tls
 from tether.core import errors as E
 from tether.crypto.envelopes import from_proto
+from tether.crypto.pki import generate_tls_key
 from tether.crypto.signing import Envelope, SigningKey, VerifyKey
 from tether.grpcutil.status import from_rpc_error
+from tether.grpcutil.tls import ClientTLS, open_channel
 from tether.v1 import control_pb2 as pb
 from tether.v1 import control_pb2_grpc as pb_grpc
 
-NODE_TOKEN_HEADER = "x-tether-node-token"
 log = logging.getLogger("tether.sidecar.uplink")
 
 T = TypeVar("T")
@@ -58,9 +65,10 @@ CHANNEL_OPTIONS = [
 class Registration:
     """What RegisterNode gave this node."""
 
-    node_token: str
     certificate: Envelope
     control_key: VerifyKey
+    tls_expires_unix_ms: int
+    spiffe_id: str
 
 
 class Uplink:
@@ -72,21 +80,29 @@ class Uplink:
         node_id: str,
         node_key: SigningKey,
         *,
+        enroll_address: str,
+        ca_pem: bytes,
         enrollment_token: str = "",
         retry_budget_ms: int = 3_000,
         timeout_ms: int = 5_000,
     ) -> None:
         self.address = address
+        self.enroll_address = enroll_address
         self.node_id = node_id
         self._node_key = node_key
         self._enrollment_token = enrollment_token
+        self._ca_pem = ca_pem
         self.retry_budget_ms = retry_budget_ms
         self.timeout_ms = timeout_ms
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self.stub = pb_grpc.ControlServiceStub(self._channel)
+        self._enroll_channel = open_channel(enroll_address, ClientTLS(ca_pem), CHANNEL_OPTIONS)
+        self._enroll_stub = pb_grpc.ControlServiceStub(self._enroll_channel)
+        self._channel: grpc.aio.Channel | None = None
+        self._retired: list[tuple[float, grpc.aio.Channel]] = []
+        self.stub: pb_grpc.ControlServiceAsyncStub = self._enroll_stub  # until enrolled
         self.registration: Registration | None = None
         self._down_since: float | None = None
         self._register_lock = asyncio.Lock()
+        self._renewer: asyncio.Task[None] | None = None
 
     @property
     def reachable(self) -> bool:
@@ -94,40 +110,98 @@ class Uplink:
         return self._down_since is None
 
     async def close(self) -> None:
-        await self._channel.close()
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+        for _, ch in self._retired:
+            await ch.close()
+        if self._channel is not None:
+            await self._channel.close()
+        await self._enroll_channel.close()
 
     async def register(self) -> Registration:
-        """Enrols the node key and keeps the node token and certificate.
+        """Enrols (or renews) the node: proof of possession, then a fresh mTLS channel.
 
         Raises:
-            Unauthenticated: the control plane refuses this node.
+            Unauthenticated / Forbidden: the control plane refuses this node.
             Unavailable: the control plane could not be reached in time.
         """
-        request = pb.RegisterNodeRequest(
-            node_id=self.node_id,
-            public_key=self._node_key.public.raw,
-            enrollment_token=self._enrollment_token,
-        )
-        response: pb.RegisterNodeResponse = await self._call(
-            "RegisterNode",
-            lambda md, t: self.stub.RegisterNode(request, timeout=t),
-            authed=False,
-        )
+        tls_key = generate_tls_key()
+
+        async def enrol(token: str) -> pb.RegisterNodeResponse:
+            def attempt(md: tuple[tuple[str, str], ...], t: float) -> Awaitable[Any]:
+                return enroll(self._enroll_stub, self.node_id, self._node_key, tls_key, token, t)
+
+            return await self._call("RegisterNode", attempt, authed=False)
+
+        try:
+            response = await enrol(self._enrollment_token)
+        except E.Unauthenticated as refused:
+            if not self._enrollment_token:
+                raise
+            # A join token is single-use: after a restart it was spent by an earlier
+            # run, and an enrolled node renews by proof of possession alone.
+            try:
+                response = await enrol("")
+            except E.Unauthenticated:
+                # Not enrolled either: the token's refusal says why.
+                raise refused from refused.__cause__
+        # Renewals prove possession of the enrolled key; the spent token is never resent.
+        self._enrollment_token = ""
         try:
             control_key = VerifyKey.from_raw(bytes(response.control_public_key))
         except E.VerificationError as err:
             raise E.Unauthenticated(f"control plane sent a bad public key: {err}") from err
+        if not response.tls_certificate_pem:
+            raise E.Unauthenticated("the control plane issued no client certificate (is it TLS?)")
         self.registration = Registration(
-            node_token=response.node_token,
             certificate=from_proto(response.certificate),
             control_key=control_key,
+            tls_expires_unix_ms=response.tls_expires_unix_ms,
+            spiffe_id=response.spiffe_id,
         )
+        tls = node_client_tls(self._ca_pem, response, tls_key)
+        channel = open_channel(self.address, tls, CHANNEL_OPTIONS)
+        old, self._channel = self._channel, channel
+        self.stub = pb_grpc.ControlServiceStub(channel)
+        now = time.monotonic()
+        if old is not None:
+            # Streams and calls open on the old channel finish there; close it later.
+            self._retired.append((now, old))
+        keep: list[tuple[float, grpc.aio.Channel]] = []
+        for since, ch in self._retired:
+            if now - since > 600:
+                await ch.close()
+            else:
+                keep.append((since, ch))
+        self._retired = keep
+        log.info(
+            "node certificate issued",
+            extra={
+                "spiffe_id": response.spiffe_id,
+                "expires_unix_ms": response.tls_expires_unix_ms,
+            },
+        )
+        if self._renewer is None:
+            self._renewer = asyncio.create_task(self._renew_forever(), name="tether-cert-renewal")
         return self.registration
 
+    async def _renew_forever(self) -> None:
+        """Renews the client certificate at two thirds of its remaining life."""
+        while True:
+            reg = self.registration
+            left_ms = (reg.tls_expires_unix_ms if reg else 0) - int(time.time() * 1000)
+            await asyncio.sleep(max(1.0, left_ms * 2 / 3 / 1000))
+            try:
+                async with self._register_lock:
+                    await self.register()
+            except E.TetherError as err:
+                log.warning("certificate renewal failed (%s); retrying in 5 s", err.message)
+                await asyncio.sleep(5)
+
     def _metadata(self) -> tuple[tuple[str, str], ...]:
-        if self.registration is None:
-            return ()
-        return ((NODE_TOKEN_HEADER, self.registration.node_token),)
+        return ()
 
     async def call(
         self,
@@ -182,7 +256,7 @@ class Uplink:
                 retryable = code in _RETRYABLE or (safe_to_repeat and code in _RETRYABLE_IF_SAFE)
                 if code == grpc.StatusCode.UNAUTHENTICATED and authed and not reregistered:
                     reregistered = True
-                    log.warning("control plane does not know our node token; registering again")
+                    log.warning("control plane refused our certificate; enrolling again")
                     await self._reregister()
                     continue
                 if not retryable:
@@ -204,11 +278,7 @@ class Uplink:
 
     async def _reregister(self) -> None:
         async with self._register_lock:
-            old = self.registration
             await self.register()
-            new = self.registration
-            if old is not None and new is not None and old.control_key.raw != new.control_key.raw:
-                raise E.Unauthenticated("control plane key changed on re-registration")
 
     def _mark_down(self, name: str) -> None:
         if self._down_since is None:

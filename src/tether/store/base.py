@@ -69,15 +69,54 @@ class LeaseHistoryEntry:
     created_unix_ms: int
 
 
+# What a node's `status` may be: "active" nodes are served, "revoked" ones are not.
+NODE_STATUSES = frozenset({"active", "revoked"})
+
+# What a join token may be used for: a first enrolment, or a new key for a known node.
+JOIN_TOKEN_PURPOSES = frozenset({"enroll", "rekey"})
+
+
 @dataclass(frozen=True)
 class NodeRecord:
-    """An enrolled node; only the SHA-256 of its token is kept."""
+    """An enrolled node; its identity is proven by its mTLS client certificate.
+
+    `status` is "active" or "revoked" (`NODE_STATUSES`); `status_reason` says why
+    it was last set, and `updated_unix_ms` when (0: never since enrolment).
+    """
 
     node_id: str
     public_key: bytes
     certificate: bytes
-    token_sha256: str
     registered_unix_ms: int
+    status: str = "active"
+    status_reason: str = ""
+    updated_unix_ms: int = 0
+
+    def __post_init__(self) -> None:
+        if self.status not in NODE_STATUSES:
+            raise ValueError(f"node status must be one of {sorted(NODE_STATUSES)}")
+
+
+@dataclass(frozen=True)
+class JoinTokenRecord:
+    """A per-node, single-use, expiring join token; only its SHA-256 is kept.
+
+    `purpose` is "enroll" or "rekey" (`JOIN_TOKEN_PURPOSES`); `used_unix_ms` is
+    None until the token is consumed.
+    """
+
+    token_sha256: str
+    node_id: str
+    purpose: str
+    created_unix_ms: int
+    expires_unix_ms: int
+    used_unix_ms: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.purpose not in JOIN_TOKEN_PURPOSES:
+            raise ValueError(f"join token purpose must be one of {sorted(JOIN_TOKEN_PURPOSES)}")
+        if self.expires_unix_ms <= self.created_unix_ms:
+            raise ValueError("a join token must expire after it is created")
 
 
 @dataclass(frozen=True)
@@ -333,15 +372,47 @@ class Store(Protocol):
         ...
 
     async def put_node(self, node: NodeRecord) -> None:
-        """Adds or replaces a node's enrolment (re-registration rotates its token)."""
+        """Adds or replaces (by node id) a node's enrolment, status included."""
         ...
 
     async def get_node(self, node_id: str) -> NodeRecord | None:
         """The node, or None."""
         ...
 
-    async def get_node_by_token(self, token_sha256: str) -> NodeRecord | None:
-        """The node whose token has this SHA-256, or None."""
+    async def list_nodes(self) -> list[NodeRecord]:
+        """Every node, ordered by node id."""
+        ...
+
+    async def set_node_status(
+        self, node_id: str, status: str, reason: str, now_ms: int
+    ) -> NodeRecord | None:
+        """Sets a node's status and reason (updated at `now_ms`); returns the node after.
+
+        Returns None, changing nothing, when there is no such node.
+
+        Raises:
+            InvalidArgument: `status` is not one of `NODE_STATUSES`.
+        """
+        ...
+
+    async def put_join_token(self, token: JoinTokenRecord) -> None:
+        """Stores a newly issued join token (by its SHA-256).
+
+        Raises:
+            AlreadyExists: a token with this SHA-256 is already stored.
+        """
+        ...
+
+    async def consume_join_token(
+        self, token_sha256: str, node_id: str, now_ms: int
+    ) -> JoinTokenRecord | None:
+        """Marks a join token used at `now_ms` and returns it, as ONE conditional write.
+
+        Only a token that exists, belongs to `node_id`, is unused and has
+        `expires_unix_ms > now_ms` is consumed; otherwise this returns None and
+        changes nothing. Of concurrent consumers (several replicas included),
+        exactly one wins. The caller checks the returned record's `purpose`.
+        """
         ...
 
     async def put_policy(self, document: str, digest: str, now_ms: int) -> PolicyRecord:

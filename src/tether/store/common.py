@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 from tether.core.errors import (
+    AlreadyExists,
     BudgetExhausted,
     IdempotencyConflict,
     InvalidArgument,
@@ -29,7 +30,9 @@ from tether.core.errors import (
 )
 from tether.core.states import LEASED_STATES, TERMINAL, Event, State, next_state, sources
 from tether.store.base import (
+    NODE_STATUSES,
     BudgetState,
+    JoinTokenRecord,
     LapseOutcome,
     LeaseHistoryEntry,
     LedgerHead,
@@ -56,7 +59,12 @@ TASK_COLS = (
     " updated_unix_ms, not_before_unix_ms, idempotency_key, budget_limit_micros,"
     " budget_spent_micros, seq"
 )
-NODE_COLS = "node_id, public_key, certificate, token_sha256, registered_unix_ms"
+NODE_COLS = (
+    "node_id, public_key, certificate, registered_unix_ms, status, status_reason, updated_unix_ms"
+)
+# nodes.token_sha256 (bearer tokens, before 0006) is still a NOT NULL column: writes put ''.
+NODE_WRITE_COLS = f"{NODE_COLS}, token_sha256"
+JOIN_TOKEN_COLS = "token_sha256, node_id, purpose, created_unix_ms, expires_unix_ms, used_unix_ms"
 POLICY_COLS = "version, document, digest, created_unix_ms"
 SECRET_COLS = "name, version, kek_id, wrapped_dek, nonce, ciphertext, created_unix_ms"
 TOOL_CALL_COLS = (
@@ -172,17 +180,61 @@ def row_to_lease_history(r: Row) -> LeaseHistoryEntry:
 
 def row_to_node(r: Row) -> NodeRecord:
     """A `NODE_COLS` row as a record."""
-    return NodeRecord(r[0], bytes(r[1]), bytes(r[2]), r[3], r[4])
+    return NodeRecord(
+        node_id=r[0],
+        public_key=bytes(r[1]),
+        certificate=bytes(r[2]),
+        registered_unix_ms=r[3],
+        status=r[4],
+        status_reason=r[5],
+        updated_unix_ms=r[6],
+    )
 
 
 def node_row(node: NodeRecord) -> tuple[Any, ...]:
-    """Values for `NODE_COLS`."""
+    """Values for `NODE_WRITE_COLS` (the retired token column gets '')."""
     return (
         node.node_id,
         node.public_key,
         node.certificate,
-        node.token_sha256,
         node.registered_unix_ms,
+        node.status,
+        node.status_reason,
+        node.updated_unix_ms,
+        "",
+    )
+
+
+def check_node_status(status: str) -> None:
+    """Refuses a node status that is not one of `NODE_STATUSES`."""
+    if status not in NODE_STATUSES:
+        raise InvalidArgument(
+            "status", f"{status!r} is not a node status (one of {sorted(NODE_STATUSES)})"
+        )
+
+
+def row_to_join_token(r: Row) -> JoinTokenRecord:
+    """A `JOIN_TOKEN_COLS` row as a record."""
+    return JoinTokenRecord(r[0], r[1], r[2], r[3], r[4], r[5])
+
+
+def join_token_row(token: JoinTokenRecord) -> tuple[Any, ...]:
+    """Values for `JOIN_TOKEN_COLS`."""
+    return (
+        token.token_sha256,
+        token.node_id,
+        token.purpose,
+        token.created_unix_ms,
+        token.expires_unix_ms,
+        token.used_unix_ms,
+    )
+
+
+def join_token_exists(token: JoinTokenRecord) -> AlreadyExists:
+    """The refusal of a join token whose SHA-256 is already stored."""
+    return AlreadyExists(
+        f"join token for node {token.node_id!r}: a token with this SHA-256 is already stored",
+        metadata={"node_id": token.node_id},
     )
 
 
@@ -545,5 +597,5 @@ def numbered_migrations(directory: Path) -> list[tuple[int, str, Path]]:
 
 
 def token_sha256(token: str) -> str:
-    """Hex SHA-256 of a bearer token, the only form in which the store keeps it."""
+    """Hex SHA-256 of a secret token (e.g. a join token), the only form the store keeps."""
     return hashlib.sha256(token.encode()).hexdigest()

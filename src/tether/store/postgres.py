@@ -32,6 +32,7 @@ from tether.core.states import LEASED_STATES, Event, State, sources
 from tether.store import is_postgres_url
 from tether.store.base import (
     BudgetState,
+    JoinTokenRecord,
     LapseOutcome,
     LeaseHistoryEntry,
     LeaseSigner,
@@ -52,10 +53,12 @@ from tether.store.base import (
 from tether.store.common import (
     CHECKPOINT_COLS,
     HOLDER_EVENTS,
+    JOIN_TOKEN_COLS,
     LAPSED_COLS,
     LEASE_HISTORY_COLS,
     LEDGER_HEAD_COLS,
     NODE_COLS,
+    NODE_WRITE_COLS,
     POLICY_COLS,
     SECRET_COLS,
     TASK_BUDGET_COLS,
@@ -65,6 +68,7 @@ from tether.store.common import (
     budget_limit,
     budget_state,
     cancel_refused,
+    check_node_status,
     check_sealed,
     check_settlement,
     checkpoint_row,
@@ -76,6 +80,8 @@ from tether.store.common import (
     holder_outcome,
     idempotent_submit,
     in_states,
+    join_token_exists,
+    join_token_row,
     lapse_outcome,
     new_task_row,
     no_live_lease,
@@ -84,6 +90,7 @@ from tether.store.common import (
     repeated_reservation,
     rewrap_row,
     row_to_checkpoint,
+    row_to_join_token,
     row_to_lease_history,
     row_to_ledger_head,
     row_to_node,
@@ -561,32 +568,77 @@ class PostgresStore:
 
     async def put_node(self, node: NodeRecord) -> None:
         async def fn(conn: Conn) -> None:
-            # Like SQLite's INSERT OR REPLACE: a row holding the same token goes too.
             await conn.execute(
-                "DELETE FROM nodes WHERE token_sha256 = %s AND node_id <> %s",
-                (node.token_sha256, node.node_id),
-            )
-            await conn.execute(
-                f"INSERT INTO nodes ({NODE_COLS}) VALUES (%s, %s, %s, %s, %s)"
+                f"INSERT INTO nodes ({NODE_WRITE_COLS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (node_id) DO UPDATE SET public_key = EXCLUDED.public_key,"
-                " certificate = EXCLUDED.certificate, token_sha256 = EXCLUDED.token_sha256,"
-                " registered_unix_ms = EXCLUDED.registered_unix_ms",
+                " certificate = EXCLUDED.certificate,"
+                " registered_unix_ms = EXCLUDED.registered_unix_ms, status = EXCLUDED.status,"
+                " status_reason = EXCLUDED.status_reason,"
+                " updated_unix_ms = EXCLUDED.updated_unix_ms, token_sha256 = ''",
                 node_row(node),
             )
 
         await self._tx(fn)
 
-    async def _node_where(self, column: str, value: str) -> NodeRecord | None:
+    async def get_node(self, node_id: str) -> NodeRecord | None:
         row = await self._read(
-            lambda c: _one(c, f"SELECT {NODE_COLS} FROM nodes WHERE {column} = %s", (value,))
+            lambda c: _one(c, f"SELECT {NODE_COLS} FROM nodes WHERE node_id = %s", (node_id,))
         )
         return None if row is None else row_to_node(row)
 
-    async def get_node(self, node_id: str) -> NodeRecord | None:
-        return await self._node_where("node_id", node_id)
+    async def list_nodes(self) -> list[NodeRecord]:
+        # COLLATE "C": byte order, as SQLite sorts, whatever the database's locale.
+        rows = await self._read(
+            lambda c: _all(c, f'SELECT {NODE_COLS} FROM nodes ORDER BY node_id COLLATE "C"')
+        )
+        return [row_to_node(r) for r in rows]
 
-    async def get_node_by_token(self, token_sha256: str) -> NodeRecord | None:
-        return await self._node_where("token_sha256", token_sha256)
+    async def set_node_status(
+        self, node_id: str, status: str, reason: str, now_ms: int
+    ) -> NodeRecord | None:
+        check_node_status(status)
+
+        async def fn(conn: Conn) -> Row | None:
+            return await _one(
+                conn,
+                "UPDATE nodes SET status = %s, status_reason = %s, updated_unix_ms = %s"
+                f" WHERE node_id = %s RETURNING {NODE_COLS}",
+                (status, reason, now_ms, node_id),
+            )
+
+        row = await self._tx(fn)
+        return None if row is None else row_to_node(row)
+
+    async def put_join_token(self, token: JoinTokenRecord) -> None:
+        async def fn(conn: Conn) -> Row | None:
+            return await _one(
+                conn,
+                f"INSERT INTO join_tokens ({JOIN_TOKEN_COLS}) VALUES (%s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (token_sha256) DO NOTHING RETURNING 1",
+                join_token_row(token),
+            )
+
+        if await self._tx(fn) is None:
+            raise join_token_exists(token)
+
+    async def consume_join_token(
+        self, token_sha256: str, node_id: str, now_ms: int
+    ) -> JoinTokenRecord | None:
+        # One conditional UPDATE: at READ COMMITTED a concurrent consumer (on any
+        # replica) blocks on the row, then re-checks `used_unix_ms IS NULL` on the
+        # winner's version and matches nothing.
+        async def fn(conn: Conn) -> Row | None:
+            return await _one(
+                conn,
+                "UPDATE join_tokens SET used_unix_ms = %(now)s WHERE token_sha256 = %(sha)s"
+                " AND node_id = %(node_id)s AND used_unix_ms IS NULL"
+                " AND expires_unix_ms > %(now)s"
+                f" RETURNING {JOIN_TOKEN_COLS}",
+                {"now": now_ms, "sha": token_sha256, "node_id": node_id},
+            )
+
+        row = await self._tx(fn)
+        return None if row is None else row_to_join_token(row)
 
     async def put_policy(self, document: str, digest: str, now_ms: int) -> PolicyRecord:
         async def fn(conn: Conn) -> PolicyRecord:

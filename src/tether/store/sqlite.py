@@ -26,6 +26,7 @@ from tether.core.errors import StorageError, TetherError
 from tether.core.states import LEASED_STATES, Event, State, sources
 from tether.store.base import (
     BudgetState,
+    JoinTokenRecord,
     LapseOutcome,
     LeaseHistoryEntry,
     LeaseSigner,
@@ -46,10 +47,12 @@ from tether.store.base import (
 from tether.store.common import (
     CHECKPOINT_COLS,
     HOLDER_EVENTS,
+    JOIN_TOKEN_COLS,
     LAPSED_COLS,
     LEASE_HISTORY_COLS,
     LEDGER_HEAD_COLS,
     NODE_COLS,
+    NODE_WRITE_COLS,
     POLICY_COLS,
     SECRET_COLS,
     TASK_BUDGET_COLS,
@@ -59,6 +62,7 @@ from tether.store.common import (
     budget_limit,
     budget_state,
     cancel_refused,
+    check_node_status,
     check_sealed,
     check_settlement,
     checkpoint_row,
@@ -70,6 +74,8 @@ from tether.store.common import (
     holder_outcome,
     idempotent_submit,
     in_states,
+    join_token_exists,
+    join_token_row,
     lapse_outcome,
     new_task_row,
     no_live_lease,
@@ -78,6 +84,7 @@ from tether.store.common import (
     repeated_reservation,
     rewrap_row,
     row_to_checkpoint,
+    row_to_join_token,
     row_to_lease_history,
     row_to_ledger_head,
     row_to_node,
@@ -465,23 +472,61 @@ class SqliteStore:
     async def put_node(self, node: NodeRecord) -> None:
         await self._tx(
             lambda c: c.execute(
-                "INSERT OR REPLACE INTO nodes VALUES (?, ?, ?, ?, ?)", node_row(node)
+                f"INSERT OR REPLACE INTO nodes ({NODE_WRITE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                node_row(node),
             )
         )
 
-    async def _node_where(self, column: str, value: str) -> NodeRecord | None:
+    async def get_node(self, node_id: str) -> NodeRecord | None:
         row = await self._run(
             lambda c: c.execute(
-                f"SELECT {NODE_COLS} FROM nodes WHERE {column} = ?", (value,)
+                f"SELECT {NODE_COLS} FROM nodes WHERE node_id = ?", (node_id,)
             ).fetchone()
         )
         return None if row is None else row_to_node(row)
 
-    async def get_node(self, node_id: str) -> NodeRecord | None:
-        return await self._node_where("node_id", node_id)
+    async def list_nodes(self) -> list[NodeRecord]:
+        rows = await self._run(
+            lambda c: c.execute(f"SELECT {NODE_COLS} FROM nodes ORDER BY node_id").fetchall()
+        )
+        return [row_to_node(r) for r in rows]
 
-    async def get_node_by_token(self, token_sha256: str) -> NodeRecord | None:
-        return await self._node_where("token_sha256", token_sha256)
+    async def set_node_status(
+        self, node_id: str, status: str, reason: str, now_ms: int
+    ) -> NodeRecord | None:
+        check_node_status(status)
+        row = await self._tx(
+            lambda c: c.execute(
+                "UPDATE nodes SET status = ?, status_reason = ?, updated_unix_ms = ?"
+                f" WHERE node_id = ? RETURNING {NODE_COLS}",
+                (status, reason, now_ms, node_id),
+            ).fetchone()
+        )
+        return None if row is None else row_to_node(row)
+
+    async def put_join_token(self, token: JoinTokenRecord) -> None:
+        row = await self._tx(
+            lambda c: c.execute(
+                f"INSERT INTO join_tokens ({JOIN_TOKEN_COLS}) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (token_sha256) DO NOTHING RETURNING 1",
+                join_token_row(token),
+            ).fetchone()
+        )
+        if row is None:
+            raise join_token_exists(token)
+
+    async def consume_join_token(
+        self, token_sha256: str, node_id: str, now_ms: int
+    ) -> JoinTokenRecord | None:
+        row = await self._tx(
+            lambda c: c.execute(
+                "UPDATE join_tokens SET used_unix_ms = :now WHERE token_sha256 = :sha"
+                " AND node_id = :node_id AND used_unix_ms IS NULL AND expires_unix_ms > :now"
+                f" RETURNING {JOIN_TOKEN_COLS}",
+                {"now": now_ms, "sha": token_sha256, "node_id": node_id},
+            ).fetchone()
+        )
+        return None if row is None else row_to_join_token(row)
 
     async def put_policy(self, document: str, digest: str, now_ms: int) -> PolicyRecord:
         def fn(conn: sqlite3.Connection) -> PolicyRecord:

@@ -3,9 +3,13 @@
 isort:skip_file
 ControlService: the control plane's API for sidecars (nodes) and operators.
 
-Node calls authenticate with the node token returned by RegisterNode, sent
-as metadata "x-tether-node-token". Operator calls authenticate with the
-operator token (metadata "x-tether-operator-token") when one is configured.
+Every call runs over TLS. Node and operator calls authenticate with an X.509
+client certificate issued by the trust domain's CA (the control plane): a
+node's names spiffe://DOMAIN/node/NODE_ID, an operator's
+spiffe://DOMAIN/operator/ROLE/NAME with ROLE admin, submitter or auditor.
+Each RPC is authorized by that identity (see docs/operations.md). Only
+GetEnrollmentChallenge and RegisterNode are served without a client
+certificate, on the enrolment listener.
 Errors use the google.rpc.Status rich error model: BadRequest for bad
 fields, ErrorInfo (domain "tether.dev") with a machine-readable reason.
 """
@@ -218,30 +222,99 @@ class LeaseRecord(_message.Message):
 Global___LeaseRecord: _TypeAlias = LeaseRecord  # noqa: Y015
 
 @_typing.final
+class GetEnrollmentChallengeRequest(_message.Message):
+    """GetEnrollmentChallengeRequest names the node about to enrol."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    """Node id, [A-Za-z0-9._-]{1,128}."""
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetEnrollmentChallengeRequest: _TypeAlias = GetEnrollmentChallengeRequest  # noqa: Y015
+
+@_typing.final
+class GetEnrollmentChallengeResponse(_message.Message):
+    """GetEnrollmentChallengeResponse carries the challenge."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHALLENGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def challenge(self) -> _receipt_pb2.Envelope:
+        """DSSE envelope signed by the control plane (payload type
+        application/vnd.tether.enrollment-challenge.v1+json) over
+        {node_id, issued_unix_ms, nonce}; valid for five minutes by the control
+        plane's clock.
+        """
+
+    def __init__(
+        self,
+        *,
+        challenge: _receipt_pb2.Envelope | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["challenge", b"challenge"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge", b"challenge"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetEnrollmentChallengeResponse: _TypeAlias = GetEnrollmentChallengeResponse  # noqa: Y015
+
+@_typing.final
 class RegisterNodeRequest(_message.Message):
-    """RegisterNodeRequest enrols a node."""
+    """RegisterNodeRequest enrols a node, or renews an enrolled node's certificate."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     NODE_ID_FIELD_NUMBER: _builtins.int
     PUBLIC_KEY_FIELD_NUMBER: _builtins.int
     ENROLLMENT_TOKEN_FIELD_NUMBER: _builtins.int
+    STATEMENT_FIELD_NUMBER: _builtins.int
+    CHALLENGE_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Node id, [A-Za-z0-9._-]{1,128}."""
     public_key: _builtins.bytes
-    """Raw 32-byte Ed25519 public key of the node."""
+    """Raw 32-byte Ed25519 public key of the node (must equal the statement's)."""
     enrollment_token: _builtins.str
-    """Operator-issued enrolment token; may be empty when the key is allow-listed."""
+    """Join token from `tether nodes token create` (single use, expiring, bound to
+    node_id). Needed for a first enrolment unless the key is allow-listed, and
+    for a re-key; empty when an enrolled node renews with its enrolled key.
+    """
+    @_builtins.property
+    def statement(self) -> _receipt_pb2.Envelope:
+        """DSSE envelope signed by the node's Ed25519 key (payload type
+        application/vnd.tether.enrollment-statement.v1+json) over {node_id,
+        public_key, tls_public_key (SPKI DER of the P-256 key the certificate will
+        carry), challenge_sha256}: the proof of possession.
+        """
+
+    @_builtins.property
+    def challenge(self) -> _receipt_pb2.Envelope:
+        """The challenge from GetEnrollmentChallenge that the statement answers."""
+
     def __init__(
         self,
         *,
         node_id: _builtins.str = ...,
         public_key: _builtins.bytes = ...,
         enrollment_token: _builtins.str = ...,
+        statement: _receipt_pb2.Envelope | None = ...,
+        challenge: _receipt_pb2.Envelope | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["challenge", b"challenge", "statement", b"statement"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["enrollment_token", b"enrollment_token", "node_id", b"node_id", "public_key", b"public_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["challenge", b"challenge", "enrollment_token", b"enrollment_token", "node_id", b"node_id", "public_key", b"public_key", "statement", b"statement"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -249,35 +322,280 @@ Global___RegisterNodeRequest: _TypeAlias = RegisterNodeRequest  # noqa: Y015
 
 @_typing.final
 class RegisterNodeResponse(_message.Message):
-    """RegisterNodeResponse carries the node's certificate."""
+    """RegisterNodeResponse carries the node's certificates."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     CERTIFICATE_FIELD_NUMBER: _builtins.int
-    NODE_TOKEN_FIELD_NUMBER: _builtins.int
     CONTROL_PUBLIC_KEY_FIELD_NUMBER: _builtins.int
-    node_token: _builtins.str
-    """Token the node sends as "x-tether-node-token" on later calls."""
+    TLS_CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
+    TLS_EXPIRES_UNIX_MS_FIELD_NUMBER: _builtins.int
+    SPIFFE_ID_FIELD_NUMBER: _builtins.int
     control_public_key: _builtins.bytes
-    """Raw Ed25519 public key of the control plane (pin it out of band)."""
+    """Raw Ed25519 public key the control plane signs with now (informational:
+    sidecars trust only the keys of their pinned trust bundle).
+    """
+    tls_certificate_pem: _builtins.str
+    """PEM X.509 client certificate for mTLS (URI SAN spiffe://DOMAIN/node/NODE_ID)."""
+    tls_expires_unix_ms: _builtins.int
+    """Expiry of tls_certificate_pem, Unix milliseconds; renew before it."""
+    spiffe_id: _builtins.str
+    """The node's SPIFFE ID."""
     @_builtins.property
     def certificate(self) -> _receipt_pb2.Envelope:
-        """NodeCertificate signed by the control plane."""
+        """NodeCertificate (binding node id to its Ed25519 receipt key) signed by the
+        control plane; unchanged while the node keeps its key.
+        """
 
     def __init__(
         self,
         *,
         certificate: _receipt_pb2.Envelope | None = ...,
-        node_token: _builtins.str = ...,
         control_public_key: _builtins.bytes = ...,
+        tls_certificate_pem: _builtins.str = ...,
+        tls_expires_unix_ms: _builtins.int = ...,
+        spiffe_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "control_public_key", b"control_public_key", "node_token", b"node_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate", b"certificate", "control_public_key", b"control_public_key", "spiffe_id", b"spiffe_id", "tls_certificate_pem", b"tls_certificate_pem", "tls_expires_unix_ms", b"tls_expires_unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RegisterNodeResponse: _TypeAlias = RegisterNodeResponse  # noqa: Y015
+
+@_typing.final
+class CreateJoinTokenRequest(_message.Message):
+    """CreateJoinTokenRequest asks for a join token for a node id not yet enrolled."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    TTL_MS_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    """Node id the token is bound to."""
+    ttl_ms: _builtins.int
+    """Lifetime, milliseconds (60000..604800000); 0 means one hour."""
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        ttl_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "ttl_ms", b"ttl_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateJoinTokenRequest: _TypeAlias = CreateJoinTokenRequest  # noqa: Y015
+
+@_typing.final
+class CreateJoinTokenResponse(_message.Message):
+    """CreateJoinTokenResponse returns the token once; only its SHA-256 is stored."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    EXPIRES_UNIX_MS_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """The join token (secret; give it to the node only)."""
+    expires_unix_ms: _builtins.int
+    """Expiry, Unix milliseconds."""
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        expires_unix_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_unix_ms", b"expires_unix_ms", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateJoinTokenResponse: _TypeAlias = CreateJoinTokenResponse  # noqa: Y015
+
+@_typing.final
+class RekeyNodeRequest(_message.Message):
+    """RekeyNodeRequest lets an enrolled node id enrol again with a new key."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    TTL_MS_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    """Enrolled node id."""
+    ttl_ms: _builtins.int
+    """Lifetime of the join token, milliseconds (60000..604800000); 0 means one hour."""
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        ttl_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "ttl_ms", b"ttl_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RekeyNodeRequest: _TypeAlias = RekeyNodeRequest  # noqa: Y015
+
+@_typing.final
+class RekeyNodeResponse(_message.Message):
+    """RekeyNodeResponse returns the join token for the new key."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    EXPIRES_UNIX_MS_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """Join token (secret) the node presents with its new key."""
+    expires_unix_ms: _builtins.int
+    """Expiry, Unix milliseconds."""
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        expires_unix_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_unix_ms", b"expires_unix_ms", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RekeyNodeResponse: _TypeAlias = RekeyNodeResponse  # noqa: Y015
+
+@_typing.final
+class RevokeNodeRequest(_message.Message):
+    """RevokeNodeRequest revokes a node."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    """Enrolled node id."""
+    reason: _builtins.str
+    """Why, recorded with the node."""
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeNodeRequest: _TypeAlias = RevokeNodeRequest  # noqa: Y015
+
+@_typing.final
+class RevokeNodeResponse(_message.Message):
+    """RevokeNodeResponse returns the node as stored now."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def node(self) -> Global___NodeInfo:
+        """The node."""
+
+    def __init__(
+        self,
+        *,
+        node: Global___NodeInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeNodeResponse: _TypeAlias = RevokeNodeResponse  # noqa: Y015
+
+@_typing.final
+class ListNodesRequest(_message.Message):
+    """ListNodesRequest lists nodes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListNodesRequest: _TypeAlias = ListNodesRequest  # noqa: Y015
+
+@_typing.final
+class ListNodesResponse(_message.Message):
+    """ListNodesResponse returns every enrolled node."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeInfo]:
+        """Nodes ordered by id."""
+
+    def __init__(
+        self,
+        *,
+        nodes: _abc.Iterable[Global___NodeInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nodes", b"nodes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListNodesResponse: _TypeAlias = ListNodesResponse  # noqa: Y015
+
+@_typing.final
+class NodeInfo(_message.Message):
+    """NodeInfo is an operator's view of an enrolled node."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    KEYID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    STATUS_REASON_FIELD_NUMBER: _builtins.int
+    REGISTERED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    """Node id."""
+    keyid: _builtins.str
+    """Keyid (hex SHA-256) of the node's Ed25519 key."""
+    status: _builtins.str
+    """"active" or "revoked"."""
+    status_reason: _builtins.str
+    """Why it was revoked, if it was."""
+    registered_unix_ms: _builtins.int
+    """First enrolment with the current key, Unix milliseconds."""
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        keyid: _builtins.str = ...,
+        status: _builtins.str = ...,
+        status_reason: _builtins.str = ...,
+        registered_unix_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keyid", b"keyid", "node_id", b"node_id", "registered_unix_ms", b"registered_unix_ms", "status", b"status", "status_reason", b"status_reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeInfo: _TypeAlias = NodeInfo  # noqa: Y015
 
 @_typing.final
 class SubmitTaskRequest(_message.Message):
@@ -447,7 +765,9 @@ class ListTasksResponse(_message.Message):
     """Token for the next page; empty on the last."""
     @_builtins.property
     def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Task]:
-        """Tasks ordered by creation."""
+        """Tasks ordered by creation, without payload or result (GetTask returns them
+        to admin and submitter).
+        """
 
     def __init__(
         self,
@@ -1411,21 +1731,32 @@ Global___PutPolicyResponse: _TypeAlias = PutPolicyResponse  # noqa: Y015
 
 @_typing.final
 class GetPolicyRequest(_message.Message):
-    """GetPolicyRequest asks for a policy version."""
+    """GetPolicyRequest asks for a policy version. Operators (admin, auditor) may
+    read any version; a node only the policy of a lease it holds, named by
+    task_id and fencing_token.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     VERSION_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    FENCING_TOKEN_FIELD_NUMBER: _builtins.int
     version: _builtins.int
-    """Version; 0 for the one in force."""
+    """Version; 0 for the one in force (operators only)."""
+    task_id: _builtins.str
+    """Task of the caller's lease (nodes: required)."""
+    fencing_token: _builtins.int
+    """Fencing token of the caller's lease (nodes: required)."""
     def __init__(
         self,
         *,
         version: _builtins.int = ...,
+        task_id: _builtins.str = ...,
+        fencing_token: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fencing_token", b"fencing_token", "task_id", b"task_id", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -36,10 +36,35 @@ class ControlServiceStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.GetEnrollmentChallenge = channel.unary_unary(
+                '/tether.v1.ControlService/GetEnrollmentChallenge',
+                request_serializer=tether_dot_v1_dot_control__pb2.GetEnrollmentChallengeRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_control__pb2.GetEnrollmentChallengeResponse.FromString,
+                _registered_method=True)
         self.RegisterNode = channel.unary_unary(
                 '/tether.v1.ControlService/RegisterNode',
                 request_serializer=tether_dot_v1_dot_control__pb2.RegisterNodeRequest.SerializeToString,
                 response_deserializer=tether_dot_v1_dot_control__pb2.RegisterNodeResponse.FromString,
+                _registered_method=True)
+        self.CreateJoinToken = channel.unary_unary(
+                '/tether.v1.ControlService/CreateJoinToken',
+                request_serializer=tether_dot_v1_dot_control__pb2.CreateJoinTokenRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_control__pb2.CreateJoinTokenResponse.FromString,
+                _registered_method=True)
+        self.RekeyNode = channel.unary_unary(
+                '/tether.v1.ControlService/RekeyNode',
+                request_serializer=tether_dot_v1_dot_control__pb2.RekeyNodeRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_control__pb2.RekeyNodeResponse.FromString,
+                _registered_method=True)
+        self.RevokeNode = channel.unary_unary(
+                '/tether.v1.ControlService/RevokeNode',
+                request_serializer=tether_dot_v1_dot_control__pb2.RevokeNodeRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_control__pb2.RevokeNodeResponse.FromString,
+                _registered_method=True)
+        self.ListNodes = channel.unary_unary(
+                '/tether.v1.ControlService/ListNodes',
+                request_serializer=tether_dot_v1_dot_control__pb2.ListNodesRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_control__pb2.ListNodesResponse.FromString,
                 _registered_method=True)
         self.SubmitTask = channel.unary_unary(
                 '/tether.v1.ControlService/SubmitTask',
@@ -148,8 +173,44 @@ class ControlServiceServicer:
     credentials, budgets, idempotency records and the receipt ledger.
     """
 
+    def GetEnrollmentChallenge(self, request, context):
+        """Returns a fresh, control-signed challenge that a node's enrolment statement must answer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RegisterNode(self, request, context):
-        """Enrols a node's Ed25519 key and returns a signed node certificate.
+        """Enrols (or renews) a node that proves possession of its Ed25519 key; returns
+        its receipt-key certificate and a short-lived X.509 client certificate.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateJoinToken(self, request, context):
+        """Creates a single-use, expiring join token for one node id (admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RekeyNode(self, request, context):
+        """Lets an enrolled node id enrol again with a new key, through a join token (admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeNode(self, request, context):
+        """Revokes a node: every replica refuses its certificates from the next call (admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListNodes(self, request, context):
+        """Lists enrolled nodes (admin, auditor).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -298,10 +359,35 @@ class ControlServiceServicer:
 
 def add_ControlServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'GetEnrollmentChallenge': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEnrollmentChallenge,
+                    request_deserializer=tether_dot_v1_dot_control__pb2.GetEnrollmentChallengeRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_control__pb2.GetEnrollmentChallengeResponse.SerializeToString,
+            ),
             'RegisterNode': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterNode,
                     request_deserializer=tether_dot_v1_dot_control__pb2.RegisterNodeRequest.FromString,
                     response_serializer=tether_dot_v1_dot_control__pb2.RegisterNodeResponse.SerializeToString,
+            ),
+            'CreateJoinToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateJoinToken,
+                    request_deserializer=tether_dot_v1_dot_control__pb2.CreateJoinTokenRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_control__pb2.CreateJoinTokenResponse.SerializeToString,
+            ),
+            'RekeyNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RekeyNode,
+                    request_deserializer=tether_dot_v1_dot_control__pb2.RekeyNodeRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_control__pb2.RekeyNodeResponse.SerializeToString,
+            ),
+            'RevokeNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeNode,
+                    request_deserializer=tether_dot_v1_dot_control__pb2.RevokeNodeRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_control__pb2.RevokeNodeResponse.SerializeToString,
+            ),
+            'ListNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNodes,
+                    request_deserializer=tether_dot_v1_dot_control__pb2.ListNodesRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_control__pb2.ListNodesResponse.SerializeToString,
             ),
             'SubmitTask': grpc.unary_unary_rpc_method_handler(
                     servicer.SubmitTask,
@@ -417,6 +503,33 @@ class ControlService:
     """
 
     @staticmethod
+    def GetEnrollmentChallenge(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.ControlService/GetEnrollmentChallenge',
+            tether_dot_v1_dot_control__pb2.GetEnrollmentChallengeRequest.SerializeToString,
+            tether_dot_v1_dot_control__pb2.GetEnrollmentChallengeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def RegisterNode(request,
             target,
             options=(),
@@ -433,6 +546,114 @@ class ControlService:
             '/tether.v1.ControlService/RegisterNode',
             tether_dot_v1_dot_control__pb2.RegisterNodeRequest.SerializeToString,
             tether_dot_v1_dot_control__pb2.RegisterNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateJoinToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.ControlService/CreateJoinToken',
+            tether_dot_v1_dot_control__pb2.CreateJoinTokenRequest.SerializeToString,
+            tether_dot_v1_dot_control__pb2.CreateJoinTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RekeyNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.ControlService/RekeyNode',
+            tether_dot_v1_dot_control__pb2.RekeyNodeRequest.SerializeToString,
+            tether_dot_v1_dot_control__pb2.RekeyNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.ControlService/RevokeNode',
+            tether_dot_v1_dot_control__pb2.RevokeNodeRequest.SerializeToString,
+            tether_dot_v1_dot_control__pb2.RevokeNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.ControlService/ListNodes',
+            tether_dot_v1_dot_control__pb2.ListNodesRequest.SerializeToString,
+            tether_dot_v1_dot_control__pb2.ListNodesResponse.FromString,
             options,
             channel_credentials,
             insecure,

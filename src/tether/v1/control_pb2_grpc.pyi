@@ -3,9 +3,13 @@
 isort:skip_file
 ControlService: the control plane's API for sidecars (nodes) and operators.
 
-Node calls authenticate with the node token returned by RegisterNode, sent
-as metadata "x-tether-node-token". Operator calls authenticate with the
-operator token (metadata "x-tether-operator-token") when one is configured.
+Every call runs over TLS. Node and operator calls authenticate with an X.509
+client certificate issued by the trust domain's CA (the control plane): a
+node's names spiffe://DOMAIN/node/NODE_ID, an operator's
+spiffe://DOMAIN/operator/ROLE/NAME with ROLE admin, submitter or auditor.
+Each RPC is authorized by that identity (see docs/operations.md). Only
+GetEnrollmentChallenge and RegisterNode are served without a client
+certificate, on the enrolment listener.
 Errors use the google.rpc.Status rich error model: BadRequest for bad
 fields, ErrorInfo (domain "tether.dev") with a machine-readable reason.
 """
@@ -42,8 +46,20 @@ class ControlServiceStub:
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ControlServiceAsyncStub: ...
+    GetEnrollmentChallenge: _grpc.UnaryUnaryMultiCallable[_control_pb2.GetEnrollmentChallengeRequest, _control_pb2.GetEnrollmentChallengeResponse]
+    """Returns a fresh, control-signed challenge that a node's enrolment statement must answer."""
     RegisterNode: _grpc.UnaryUnaryMultiCallable[_control_pb2.RegisterNodeRequest, _control_pb2.RegisterNodeResponse]
-    """Enrols a node's Ed25519 key and returns a signed node certificate."""
+    """Enrols (or renews) a node that proves possession of its Ed25519 key; returns
+    its receipt-key certificate and a short-lived X.509 client certificate.
+    """
+    CreateJoinToken: _grpc.UnaryUnaryMultiCallable[_control_pb2.CreateJoinTokenRequest, _control_pb2.CreateJoinTokenResponse]
+    """Creates a single-use, expiring join token for one node id (admin)."""
+    RekeyNode: _grpc.UnaryUnaryMultiCallable[_control_pb2.RekeyNodeRequest, _control_pb2.RekeyNodeResponse]
+    """Lets an enrolled node id enrol again with a new key, through a join token (admin)."""
+    RevokeNode: _grpc.UnaryUnaryMultiCallable[_control_pb2.RevokeNodeRequest, _control_pb2.RevokeNodeResponse]
+    """Revokes a node: every replica refuses its certificates from the next call (admin)."""
+    ListNodes: _grpc.UnaryUnaryMultiCallable[_control_pb2.ListNodesRequest, _control_pb2.ListNodesResponse]
+    """Lists enrolled nodes (admin, auditor)."""
     SubmitTask: _grpc.UnaryUnaryMultiCallable[_control_pb2.SubmitTaskRequest, _control_pb2.SubmitTaskResponse]
     """Adds a task to a queue; idempotent on idempotency_key."""
     GetTask: _grpc.UnaryUnaryMultiCallable[_control_pb2.GetTaskRequest, _control_pb2.GetTaskResponse]
@@ -92,8 +108,20 @@ class ControlServiceAsyncStub(ControlServiceStub):
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
+    GetEnrollmentChallenge: _aio.UnaryUnaryMultiCallable[_control_pb2.GetEnrollmentChallengeRequest, _control_pb2.GetEnrollmentChallengeResponse]  # type: ignore[assignment]
+    """Returns a fresh, control-signed challenge that a node's enrolment statement must answer."""
     RegisterNode: _aio.UnaryUnaryMultiCallable[_control_pb2.RegisterNodeRequest, _control_pb2.RegisterNodeResponse]  # type: ignore[assignment]
-    """Enrols a node's Ed25519 key and returns a signed node certificate."""
+    """Enrols (or renews) a node that proves possession of its Ed25519 key; returns
+    its receipt-key certificate and a short-lived X.509 client certificate.
+    """
+    CreateJoinToken: _aio.UnaryUnaryMultiCallable[_control_pb2.CreateJoinTokenRequest, _control_pb2.CreateJoinTokenResponse]  # type: ignore[assignment]
+    """Creates a single-use, expiring join token for one node id (admin)."""
+    RekeyNode: _aio.UnaryUnaryMultiCallable[_control_pb2.RekeyNodeRequest, _control_pb2.RekeyNodeResponse]  # type: ignore[assignment]
+    """Lets an enrolled node id enrol again with a new key, through a join token (admin)."""
+    RevokeNode: _aio.UnaryUnaryMultiCallable[_control_pb2.RevokeNodeRequest, _control_pb2.RevokeNodeResponse]  # type: ignore[assignment]
+    """Revokes a node: every replica refuses its certificates from the next call (admin)."""
+    ListNodes: _aio.UnaryUnaryMultiCallable[_control_pb2.ListNodesRequest, _control_pb2.ListNodesResponse]  # type: ignore[assignment]
+    """Lists enrolled nodes (admin, auditor)."""
     SubmitTask: _aio.UnaryUnaryMultiCallable[_control_pb2.SubmitTaskRequest, _control_pb2.SubmitTaskResponse]  # type: ignore[assignment]
     """Adds a task to a queue; idempotent on idempotency_key."""
     GetTask: _aio.UnaryUnaryMultiCallable[_control_pb2.GetTaskRequest, _control_pb2.GetTaskResponse]  # type: ignore[assignment]
@@ -141,12 +169,54 @@ class ControlServiceServicer(metaclass=_abc_1.ABCMeta):
     """
 
     @_abc_1.abstractmethod
+    def GetEnrollmentChallenge(
+        self,
+        request: _control_pb2.GetEnrollmentChallengeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.GetEnrollmentChallengeResponse, _abc.Awaitable[_control_pb2.GetEnrollmentChallengeResponse]]:
+        """Returns a fresh, control-signed challenge that a node's enrolment statement must answer."""
+
+    @_abc_1.abstractmethod
     def RegisterNode(
         self,
         request: _control_pb2.RegisterNodeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_control_pb2.RegisterNodeResponse, _abc.Awaitable[_control_pb2.RegisterNodeResponse]]:
-        """Enrols a node's Ed25519 key and returns a signed node certificate."""
+        """Enrols (or renews) a node that proves possession of its Ed25519 key; returns
+        its receipt-key certificate and a short-lived X.509 client certificate.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateJoinToken(
+        self,
+        request: _control_pb2.CreateJoinTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.CreateJoinTokenResponse, _abc.Awaitable[_control_pb2.CreateJoinTokenResponse]]:
+        """Creates a single-use, expiring join token for one node id (admin)."""
+
+    @_abc_1.abstractmethod
+    def RekeyNode(
+        self,
+        request: _control_pb2.RekeyNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.RekeyNodeResponse, _abc.Awaitable[_control_pb2.RekeyNodeResponse]]:
+        """Lets an enrolled node id enrol again with a new key, through a join token (admin)."""
+
+    @_abc_1.abstractmethod
+    def RevokeNode(
+        self,
+        request: _control_pb2.RevokeNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.RevokeNodeResponse, _abc.Awaitable[_control_pb2.RevokeNodeResponse]]:
+        """Revokes a node: every replica refuses its certificates from the next call (admin)."""
+
+    @_abc_1.abstractmethod
+    def ListNodes(
+        self,
+        request: _control_pb2.ListNodesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.ListNodesResponse, _abc.Awaitable[_control_pb2.ListNodesResponse]]:
+        """Lists enrolled nodes (admin, auditor)."""
 
     @_abc_1.abstractmethod
     def SubmitTask(

@@ -1,4 +1,4 @@
-"""`tether verify BUNDLE --trust control.pub`: offline bundle verification.
+"""`tether verify BUNDLE --trust trust.pem`: offline bundle verification.
 
 Exit 0 valid, 1 invalid (every failure printed, first first, then the count),
 2 usage error or unreadable bundle/trust key.
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tether.core.errors import ConfigError
-from tether.crypto.signing import VerifyKey
+from tether.crypto.pki import TrustBundle
 from tether.verify.verifier import Report, verify_bundle
 
 
@@ -33,7 +33,8 @@ def register(sub: Any) -> None:
         default=[],
         required=True,
         metavar="PUBKEY",
-        help="trusted control-plane public key (PEM); repeat for several",
+        help="trusted control-plane public key(s): a PEM public key or a trust bundle "
+        "(trust.pem); repeat for several",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument(
@@ -47,8 +48,9 @@ def register(sub: Any) -> None:
     r = sub.add_parser("receipts", help="receipt ledger commands")
     rsub = r.add_subparsers(dest="receipts_command", metavar="COMMAND", required=True)
     e = rsub.add_parser("export", help="export an offline-verifiable bundle")
-    e.add_argument("--control", required=True, help="control plane address")
-    e.add_argument("--operator-token-file", help="file holding the operator token")
+    from tether.control.cmd import add_client_args
+
+    add_client_args(e)
     sel = e.add_mutually_exclusive_group(required=True)
     sel.add_argument("--task", action="append", default=[], metavar="ID", help="task id (repeat)")
     sel.add_argument("--since", type=int, metavar="UNIX_MS", help="receipts stored since then")
@@ -60,7 +62,9 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Verifies the bundle and prints the verdict."""
     try:
-        keys = [VerifyKey.load(path) for path in args.trust]
+        keys = [
+            key for path in args.trust for key in TrustBundle.load(path, need_ca=False).control_keys
+        ]
     except ConfigError as err:
         print(f"tether verify: {err.message}", file=sys.stderr)
         return 2
@@ -115,9 +119,7 @@ def run_export(args: argparse.Namespace) -> int:
     """Fetches a bundle from the control plane and writes it (the only networked command here)."""
     import asyncio
 
-    from tether.control.client import ControlClient
-    from tether.control.cmd import _operator_token
-    from tether.control.server import grpc_target
+    from tether.control.cmd import client_from_args
     from tether.grpcutil.status import from_rpc_error
     from tether.v1 import control_pb2 as pb
     from tether.verify.bundle import bundle_from_proto, encode_bundle
@@ -125,14 +127,10 @@ def run_export(args: argparse.Namespace) -> int:
     async def go() -> Any:
         import grpc
 
-        async with ControlClient(
-            grpc_target(args.control), operator_token=_operator_token(args)
-        ) as client:
+        async with client_from_args(args) as client:
             request = pb.ExportBundleRequest(task_ids=args.task, since_unix_ms=args.since or 0)
             try:
-                return await client.stub.ExportBundle(
-                    request, metadata=client._metadata(False), timeout=client.timeout_s
-                )
+                return await client.stub.ExportBundle(request, timeout=client.timeout_s)
             except grpc.RpcError as err:
                 raise from_rpc_error(err) from err
 

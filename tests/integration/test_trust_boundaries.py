@@ -1,0 +1,707 @@
+"""Attacks on the control plane's trust boundaries: each test plays the attacker.
+
+Real servers over real TLS: the enrolment listener (TLS, no client certificate)
+and the main listener (mTLS, node and operator certificates of the test CA).
+Every refusal is asserted with its exact gRPC status.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Awaitable, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import grpc
+import pytest
+
+from tether.control.client import ControlClient, node_client_tls
+from tether.core.clock import FakeClock
+from tether.core.errors import TetherError
+from tether.core.states import Event, State
+from tether.crypto.enrollment import STATEMENT_PAYLOAD_TYPE, make_challenge, make_statement
+from tether.crypto.envelopes import from_proto, to_proto
+from tether.crypto.pki import (
+    CertificateAuthority,
+    Role,
+    cert_pem,
+    generate_tls_key,
+    key_pem,
+    spki_der,
+)
+from tether.crypto.signing import Envelope, SigningKey
+from tether.grpcutil.tls import ClientTLS
+from tether.metrics import AUTH_REFUSALS
+from tether.testing import TEST_TRUST_DOMAIN, ControlHandle, start_control
+from tether.v1 import control_pb2 as pb
+from tether.v1 import control_pb2_grpc as pb_grpc
+
+UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
+PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+
+POLICY = """\
+version = 1
+
+[agents.alice]
+queues = ["work"]
+
+[credentials.api_token]
+tools = ["echo"]
+
+[tools.echo]
+adapter = "python"
+credential = "api_token"
+[tools.echo.python]
+entrypoint = "tether.sidecar.tools.builtin:echo"
+
+[queues.work]
+tools = ["echo"]
+"""
+
+
+async def refused(call: Awaitable[object]) -> tuple[grpc.StatusCode, str]:
+    """The gRPC status and message the call failed with (fails the test if it succeeded)."""
+    failure: BaseException | None = None
+    try:
+        await call
+    except grpc.aio.AioRpcError as err:
+        failure = err
+    except TetherError as err:  # ControlClient maps statuses; the RpcError is the cause
+        failure = err.__cause__
+    assert failure is not None, "the call succeeded; it should have been refused"
+    assert isinstance(failure, grpc.aio.AioRpcError), repr(failure)
+    return failure.code(), failure.details() or ""
+
+
+def enroll_stub(cp: ControlHandle) -> tuple[grpc.aio.Channel, pb_grpc.ControlServiceAsyncStub]:
+    """A raw stub on the enrolment listener, with no client certificate (what an attacker has)."""
+    channel = grpc.aio.secure_channel(cp.enroll_address, cp.pki.anonymous_tls.credentials())
+    return channel, pb_grpc.ControlServiceStub(channel)
+
+
+async def get_challenge(stub: pb_grpc.ControlServiceAsyncStub, node_id: str) -> Envelope:
+    got = await stub.GetEnrollmentChallenge(
+        pb.GetEnrollmentChallengeRequest(node_id=node_id), timeout=10
+    )
+    return from_proto(got.challenge)
+
+
+async def register(
+    stub: pb_grpc.ControlServiceAsyncStub,
+    node_id: str,
+    public_key: bytes,
+    statement: Envelope,
+    challenge: Envelope,
+    token: str = "",
+) -> pb.RegisterNodeResponse:
+    response: pb.RegisterNodeResponse = await stub.RegisterNode(
+        pb.RegisterNodeRequest(
+            node_id=node_id,
+            public_key=public_key,
+            enrollment_token=token,
+            statement=to_proto(statement),
+            challenge=to_proto(challenge),
+        ),
+        timeout=10,
+    )
+    return response
+
+
+async def honest_register(
+    stub: pb_grpc.ControlServiceAsyncStub, node_id: str, key: SigningKey, token: str = ""
+) -> pb.RegisterNodeResponse:
+    challenge = await get_challenge(stub, node_id)
+    statement = make_statement(key, node_id, spki_der(generate_tls_key().public_key()), challenge)
+    return await register(stub, node_id, key.public.raw, statement, challenge, token)
+
+
+def statement_naming(
+    signer: SigningKey, named_public: bytes, node_id: str, challenge: Envelope
+) -> Envelope:
+    """A statement that names `named_public` as the node's key but is signed by `signer`."""
+    doc = {
+        "node_id": node_id,
+        "public_key": base64.b64encode(named_public).decode(),
+        "tls_public_key": base64.b64encode(spki_der(generate_tls_key().public_key())).decode(),
+        "challenge_sha256": hashlib.sha256(challenge.payload).hexdigest(),
+    }
+    payload = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+    return signer.sign_envelope(STATEMENT_PAYLOAD_TYPE, payload)
+
+
+def refusals(kind: str, reason: str) -> float:
+    return float(AUTH_REFUSALS.labels(kind=kind, reason=reason)._value.get())
+
+
+# -- enrolment: proof of possession ------------------------------------------------------
+
+
+async def test_known_public_key_without_its_private_key_is_refused(tmp_path: Path) -> None:
+    """A statement naming an allow-listed public key but signed by another key enrols nobody."""
+    victim = SigningKey.generate()
+    attacker = SigningKey.generate()
+    async with start_control(tmp_path, allowed_node_keys=[victim.public.raw]) as cp:
+        channel, stub = enroll_stub(cp)
+        async with channel:
+            challenge = await get_challenge(stub, "node-v")
+            forged = statement_naming(attacker, victim.public.raw, "node-v", challenge)
+            code, msg = await refused(
+                register(stub, "node-v", victim.public.raw, forged, challenge)
+            )
+            assert code == UNAUTHENTICATED
+            assert "proof of possession" in msg
+            # The attacker's own honest statement, sent under the victim's public key.
+            challenge = await get_challenge(stub, "node-v")
+            own = make_statement(
+                attacker, "node-v", spki_der(generate_tls_key().public_key()), challenge
+            )
+            code, msg = await refused(register(stub, "node-v", victim.public.raw, own, challenge))
+            assert code == UNAUTHENTICATED
+            assert "another key" in msg
+            # The holder of the private key enrols with no token (it is allow-listed).
+            ok = await honest_register(stub, "node-v", victim)
+            assert ok.spiffe_id == f"spiffe://{TEST_TRUST_DOMAIN}/node/node-v"
+
+
+async def test_forged_statement_signature_is_refused(tmp_path: Path) -> None:
+    """A statement whose signature bytes are forged is refused even with a valid join token."""
+    victim = SigningKey.generate()
+    async with start_control(tmp_path) as cp:
+        token = await cp.join_token("node-1")
+        channel, stub = enroll_stub(cp)
+        async with channel:
+            challenge = await get_challenge(stub, "node-1")
+            good = make_statement(
+                victim, "node-1", spki_der(generate_tls_key().public_key()), challenge
+            )
+            forged = Envelope(
+                good.payload, good.payload_type, ((victim.keyid, secrets.token_bytes(64)),)
+            )
+            code, _ = await refused(
+                register(stub, "node-1", victim.public.raw, forged, challenge, token)
+            )
+            assert code == UNAUTHENTICATED
+        async with cp.operator() as admin:
+            assert [n.node_id for n in await admin.list_nodes()] == []
+
+
+async def test_stale_challenge_is_refused(tmp_path: Path) -> None:
+    """A challenge older than five minutes by the control plane's clock is refused."""
+    clock = FakeClock(time.time_ns() // 1_000_000)
+    async with start_control(tmp_path, clock=clock) as cp:
+        token = await cp.join_token("node-1")
+        key = SigningKey.generate()
+        channel, stub = enroll_stub(cp)
+        async with channel:
+            challenge = await get_challenge(stub, "node-1")
+            statement = make_statement(
+                key, "node-1", spki_der(generate_tls_key().public_key()), challenge
+            )
+            clock.advance(5 * 60 * 1000 + 1)
+            code, msg = await refused(
+                register(stub, "node-1", key.public.raw, statement, challenge, token)
+            )
+            assert code == UNAUTHENTICATED
+            assert "stale" in msg
+
+
+async def test_foreign_challenge_is_refused(tmp_path: Path) -> None:
+    """A challenge signed by another control key, or issued for another node, is refused."""
+    async with start_control(tmp_path) as cp:
+        key = SigningKey.generate()
+        token = await cp.join_token("node-1")
+        channel, stub = enroll_stub(cp)
+        async with channel:
+            # Minted by the attacker's own "control plane" key.
+            foreign = make_challenge(SigningKey.generate(), "node-1", time.time_ns() // 1_000_000)
+            statement = make_statement(
+                key, "node-1", spki_der(generate_tls_key().public_key()), foreign
+            )
+            code, _ = await refused(
+                register(stub, "node-1", key.public.raw, statement, foreign, token)
+            )
+            assert code == UNAUTHENTICATED
+            # A genuine challenge, but issued for node-2.
+            other = await get_challenge(stub, "node-2")
+            statement = make_statement(
+                key, "node-1", spki_der(generate_tls_key().public_key()), other
+            )
+            code, msg = await refused(
+                register(stub, "node-1", key.public.raw, statement, other, token)
+            )
+            assert code == UNAUTHENTICATED
+            assert "another node" in msg
+            # A statement answering one challenge, sent with another.
+            first = await get_challenge(stub, "node-1")
+            second = await get_challenge(stub, "node-1")
+            statement = make_statement(
+                key, "node-1", spki_der(generate_tls_key().public_key()), first
+            )
+            code, msg = await refused(
+                register(stub, "node-1", key.public.raw, statement, second, token)
+            )
+            assert code == UNAUTHENTICATED
+            assert "another challenge" in msg
+
+
+# -- enrolment: join tokens ----------------------------------------------------------------
+
+
+async def test_enrolled_node_id_cannot_be_taken_over_with_a_second_join_token(
+    tmp_path: Path,
+) -> None:
+    """A second enrolment token for an already-enrolled node id cannot bind a new key to it."""
+    async with start_control(tmp_path) as cp:
+        async with cp.operator() as admin:
+            first = (await admin.create_join_token("node-1")).token
+            second = (await admin.create_join_token("node-1")).token  # made before enrolment
+        channel, stub = enroll_stub(cp)
+        async with channel:
+            owner = SigningKey.generate()
+            await honest_register(stub, "node-1", owner, first)
+            attacker = SigningKey.generate()
+            code, msg = await refused(honest_register(stub, "node-1", attacker, second))
+            assert code == PERMISSION_DENIED
+            assert "already enrolled" in msg
+            # Without a token, a new key for the enrolled id is refused as well.
+            code, msg = await refused(honest_register(stub, "node-1", attacker))
+            assert code == PERMISSION_DENIED
+            assert "another key" in msg
+        async with cp.operator() as admin:
+            code, _ = await refused(admin.create_join_token("node-1"))
+            assert code == grpc.StatusCode.ALREADY_EXISTS
+            nodes = await admin.list_nodes()
+        assert [(n.node_id, n.keyid) for n in nodes] == [("node-1", owner.keyid)]
+
+
+async def test_used_join_token_is_refused(tmp_path: Path) -> None:
+    """A join token works once; replaying it with a fresh key for the same node is refused."""
+    async with start_control(tmp_path) as cp:
+        token = await cp.join_token("node-1")
+        channel, stub = enroll_stub(cp)
+        async with channel:
+            await honest_register(stub, "node-1", SigningKey.generate(), token)
+            code, msg = await refused(honest_register(stub, "node-1", SigningKey.generate(), token))
+            assert code == UNAUTHENTICATED
+            assert "join token refused" in msg
+
+
+async def test_expired_join_token_is_refused(tmp_path: Path) -> None:
+    """A join token past its expiry by the control plane's clock is refused."""
+    clock = FakeClock(time.time_ns() // 1_000_000)
+    async with start_control(tmp_path, clock=clock) as cp:
+        async with cp.operator() as admin:
+            made = await admin.create_join_token("node-1", ttl_ms=60_000)
+        assert made.expires_unix_ms == clock.now_ms() + 60_000
+        clock.advance(60_000)
+        channel, stub = enroll_stub(cp)
+        async with channel:
+            code, msg = await refused(
+                honest_register(stub, "node-1", SigningKey.generate(), made.token)
+            )
+            assert code == UNAUTHENTICATED
+            assert "expired" in msg
+
+
+async def test_join_token_of_one_node_does_not_enrol_another(tmp_path: Path) -> None:
+    """A join token bound to node A is refused for node B (and stays usable by A)."""
+    async with start_control(tmp_path) as cp:
+        token_a = await cp.join_token("node-a")
+        channel, stub = enroll_stub(cp)
+        async with channel:
+            code, _ = await refused(honest_register(stub, "node-b", SigningKey.generate(), token_a))
+            assert code == UNAUTHENTICATED
+            await honest_register(stub, "node-a", SigningKey.generate(), token_a)
+
+
+async def test_node_without_token_or_allow_listed_key_is_refused(tmp_path: Path) -> None:
+    """A valid proof of possession alone does not enrol an unknown node."""
+    async with start_control(tmp_path) as cp:
+        channel, stub = enroll_stub(cp)
+        async with channel:
+            code, msg = await refused(honest_register(stub, "node-1", SigningKey.generate()))
+            assert code == UNAUTHENTICATED
+            assert "not enrolled" in msg
+
+
+async def test_node_cannot_enrol_or_renew_another_node(tmp_path: Path) -> None:
+    """Node A's certificate cannot enrol node B, even with B's own join token."""
+    async with start_control(tmp_path) as cp:
+        token_b = await cp.join_token("node-b")
+        node_a = await cp.node_client("node-a")
+        async with node_a:
+            code, msg = await refused(
+                node_a.register_node("node-b", SigningKey.generate(), token_b)
+            )
+            assert code == PERMISSION_DENIED
+            assert "may not enrol" in msg
+
+
+async def test_refused_enrolment_is_counted_and_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refused enrolment increments tether_auth_refusals and logs why, with its reason."""
+    async with start_control(tmp_path) as cp:
+        before = refusals("enrollment", "UNAUTHENTICATED")
+        channel, stub = enroll_stub(cp)
+        with caplog.at_level(logging.WARNING, logger="tether.control.authz"):
+            async with channel:
+                await refused(honest_register(stub, "node-x", SigningKey.generate(), "tj_bogus"))
+        assert refusals("enrollment", "UNAUTHENTICATED") == before + 1
+        logged = [r for r in caplog.records if getattr(r, "refusal", "") == "enrollment"]
+        assert len(logged) == 1
+        record = logged[0]
+        assert record.levelno == logging.WARNING
+        assert record.reason == "UNAUTHENTICATED"  # type: ignore[attr-defined]
+        assert record.node_id == "node-x"  # type: ignore[attr-defined]
+        assert "enrolment of node node-x refused" in record.getMessage()
+        assert "join token refused" in record.getMessage()
+        assert "tj_bogus" not in record.getMessage()  # the presented secret is never logged
+
+
+# -- transport: TLS and client certificates -------------------------------------------------
+
+
+async def test_main_port_refuses_a_client_without_certificate(tmp_path: Path) -> None:
+    """The main listener refuses a TLS client that presents no certificate."""
+    async with (
+        start_control(tmp_path) as cp,
+        ControlClient(cp.address, tls=cp.pki.anonymous_tls, timeout_s=5) as anon,
+    ):
+        code, _ = await refused(anon.submit("work", b"{}"))
+        assert code == UNAVAILABLE  # the TLS handshake fails: no RPC is ever served
+        code, _ = await refused(anon.list_tasks())
+        assert code == UNAVAILABLE
+
+
+async def test_enrolment_port_serves_only_enrolment(tmp_path: Path) -> None:
+    """Without a client certificate, the enrolment listener answers nothing but enrolment."""
+    async with start_control(tmp_path) as cp:
+        await cp.client.submit("work", b"secret payload")
+        async with ControlClient(cp.enroll_address, tls=cp.pki.anonymous_tls) as anon:
+            for call in (
+                anon.list_tasks(),
+                anon.submit("work", b"{}"),
+                anon.acquire_lease("work", "node-1", "alice"),
+                anon.export_bundle(),
+                anon.create_join_token("node-1"),
+            ):
+                code, _ = await refused(call)
+                assert code == UNAUTHENTICATED
+
+
+async def test_client_certificate_from_another_ca_is_refused(tmp_path: Path) -> None:
+    """An admin certificate issued by another CA (even of the same trust domain) is refused."""
+    rogue = CertificateAuthority.create(TEST_TRUST_DOMAIN)
+    key = generate_tls_key()
+    cert = rogue.issue_operator("mallory", Role.ADMIN, key.public_key())
+    async with start_control(tmp_path) as cp:
+        tls = ClientTLS(cert_pem(cp.pki.ca.cert), cert_pem(cert), key_pem(key))
+        async with ControlClient(cp.address, tls=tls, timeout_s=5) as client:
+            code, _ = await refused(client.put_policy(POLICY))
+            assert code == UNAVAILABLE
+            code, _ = await refused(client.create_join_token("node-1"))
+            assert code == UNAVAILABLE
+
+
+async def test_certificate_of_another_trust_domain_is_refused(tmp_path: Path) -> None:
+    """A certificate our CA signed for another trust domain's SPIFFE ID names nobody here."""
+    async with start_control(tmp_path) as cp:
+        foreign = CertificateAuthority(cp.pki.ca.cert, cp.pki.ca.key, "other.example")
+        key = generate_tls_key()
+        cert = foreign.issue_operator("mallory", Role.ADMIN, key.public_key())
+        tls = ClientTLS(cert_pem(cp.pki.ca.cert), cert_pem(cert), key_pem(key))
+        async with ControlClient(cp.address, tls=tls) as client:
+            code, msg = await refused(client.list_tasks())
+            assert code == UNAUTHENTICATED
+            assert "trust domain" in msg
+
+
+async def test_plaintext_client_cannot_talk_to_the_control_plane(tmp_path: Path) -> None:
+    """An insecure (plaintext) channel gets no answer from either TLS listener."""
+    async with start_control(tmp_path) as cp:
+        for address in (cp.address, cp.enroll_address):
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = pb_grpc.ControlServiceStub(channel)
+                code, _ = await refused(
+                    stub.GetEnrollmentChallenge(
+                        pb.GetEnrollmentChallengeRequest(node_id="node-1"), timeout=5
+                    )
+                )
+                assert code == UNAVAILABLE
+                code, _ = await refused(stub.ListTasks(pb.ListTasksRequest(), timeout=5))
+                assert code == UNAVAILABLE
+
+
+# -- authorization: roles ---------------------------------------------------------------
+
+
+async def test_node_certificate_cannot_call_operator_rpcs(tmp_path: Path) -> None:
+    """A node's certificate is refused every operator RPC."""
+    async with start_control(tmp_path) as cp:
+        node = await cp.node_client("node-1")
+        async with node:
+            for call in (
+                node.put_policy(POLICY),
+                node.submit("work", b"{}"),
+                node.export_bundle(),
+                node.put_secret("api_token", b"s3cret"),
+                node.create_join_token("node-2"),
+                node.rekey_node("node-1"),
+                node.revoke_node("node-1"),
+                node.list_tasks(),
+                node.list_nodes(),
+                node.cancel("t_x"),
+                node.get_task("t_x"),
+            ):
+                code, msg = await refused(call)
+                assert code == PERMISSION_DENIED, msg
+                assert "node 'node-1' may not call" in msg
+
+
+async def test_auditor_cannot_change_anything(tmp_path: Path) -> None:
+    """An auditor may read evidence but not write policy, submit, cancel or manage nodes."""
+    async with start_control(tmp_path) as cp:
+        task = (await cp.client.submit("work", b"{}")).task
+        async with cp.operator(Role.AUDITOR) as auditor:
+            for call in (
+                auditor.put_policy(POLICY),
+                auditor.submit("work", b"{}"),
+                auditor.cancel(task.task_id),
+                auditor.put_secret("api_token", b"s3cret"),
+                auditor.create_join_token("node-1"),
+                auditor.revoke_node("node-1"),
+                auditor.acquire_lease("work", "node-1", "alice"),
+            ):
+                code, msg = await refused(call)
+                assert code == PERMISSION_DENIED, msg
+            await auditor.export_bundle()  # reading evidence is what an auditor is for
+            assert (await auditor.get_task(task.task_id)).task.task_id == task.task_id
+
+
+async def test_submitter_cannot_export_or_change_policy(tmp_path: Path) -> None:
+    """A submitter may submit tasks but not export bundles, write policy or secrets."""
+    async with start_control(tmp_path) as cp, cp.operator(Role.SUBMITTER) as submitter:
+        assert (await submitter.submit("work", b"{}")).created
+        for call in (
+            submitter.export_bundle(),
+            submitter.put_policy(POLICY),
+            submitter.put_secret("api_token", b"s3cret"),
+            submitter.list_tasks(),
+            submitter.create_join_token("node-1"),
+        ):
+            code, msg = await refused(call)
+            assert code == PERMISSION_DENIED, msg
+
+
+async def test_listings_carry_no_payloads(tmp_path: Path) -> None:
+    """ListTasks never returns payloads or results; an auditor's GetTask does not either."""
+    async with start_control(tmp_path) as cp:
+        task = (await cp.client.submit("work", b"top secret payload")).task
+        node = await cp.node_client("node-1")
+        async with node:
+            leased = (await node.acquire_lease("work", "node-1", "alice", start=True)).task
+            await node.transition(
+                leased.task_id,
+                leased.fencing_token,
+                Event.SUCCEED,
+                "node-1",
+                result=b"secret result",
+            )
+        async with cp.operator(Role.AUDITOR) as auditor:
+            for lister in (cp.client, auditor):
+                listed = (await lister.list_tasks()).tasks
+                assert [t.task_id for t in listed] == [task.task_id]
+                assert listed[0].payload == b""
+                assert listed[0].result == b""
+            seen = (await auditor.get_task(task.task_id)).task
+            assert (seen.payload, seen.result) == (b"", b"")
+        full = (await cp.client.get_task(task.task_id)).task
+        assert (full.payload, full.result) == (b"top secret payload", b"secret result")
+
+
+# -- authorization: a node acts only as itself, on its own tasks ----------------------------
+
+
+async def test_node_cannot_reach_another_nodes_task(tmp_path: Path) -> None:
+    """Node A cannot read the policy, tool-call records or credentials of node B's task."""
+    async with start_control(tmp_path) as cp:
+        await cp.client.put_policy(POLICY)
+        await cp.client.put_secret("api_token", b"s3cret")
+        await cp.client.submit("work", b"{}")
+        node_a = await cp.node_client("node-a")
+        node_b = await cp.node_client("node-b")
+        async with node_a, node_b:
+            task = (await node_b.acquire_lease("work", "node-b", "alice", start=True)).task
+            tid, token = task.task_id, task.fencing_token
+            # B itself may do each of these (the refusals below are about who asks).
+            assert (await node_b.get_policy(task_id=tid, fencing_token=token)).document == POLICY
+            cred = await node_b.issue_credential(tid, token, "api_token", "echo", "node-b")
+            assert cred.value == b"s3cret"
+            await node_b.record_tool_call(tid, token, "k1", "echo", "a" * 64, 1, "node-b")
+            assert await node_b.lookup_tool_call(tid, "k1") is not None
+
+            code, _ = await refused(node_a.get_policy(task_id=tid, fencing_token=token))
+            assert code == PERMISSION_DENIED
+            code, _ = await refused(node_a.lookup_tool_call(tid, "k1"))
+            assert code == PERMISSION_DENIED
+            code, _ = await refused(
+                node_a.issue_credential(tid, token, "api_token", "echo", "node-a")
+            )
+            assert code == PERMISSION_DENIED
+            # A node reads no policy version outside a lease it holds.
+            code, _ = await refused(node_a.get_policy())
+            assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_node_cannot_act_as_another_node(tmp_path: Path) -> None:
+    """Every node RPC naming node_id B, sent with node A's certificate, is refused."""
+    async with start_control(tmp_path) as cp:
+        await cp.client.submit("work", b"{}")
+        node_a = await cp.node_client("node-a")
+        node_b = await cp.node_client("node-b")
+        async with node_a, node_b:
+            task = (await node_b.acquire_lease("work", "node-b", "alice", start=True)).task
+            tid, token = task.task_id, task.fencing_token
+            for call in (
+                node_a.acquire_lease("work", "node-b", "alice"),
+                node_a.renew_lease(tid, token, "node-b"),
+                node_a.transition(tid, token, Event.SUCCEED, "node-b"),
+                node_a.issue_credential(tid, token, "api_token", "echo", "node-b"),
+                node_a.reserve_budget(tid, token, "r1", 10, "node-b"),
+                node_a.settle_budget(tid, token, "r1", 10, "node-b"),
+                node_a.record_tool_call(tid, token, "k1", "echo", "a" * 64, 1, "node-b"),
+            ):
+                code, msg = await refused(call)
+                assert code == PERMISSION_DENIED, msg
+                assert "node 'node-a'" in msg
+            # A receipt stream opened under B's name.
+            stream = node_a.stub.StreamReceipts(
+                iter([pb.StreamReceiptsRequest(node_id="node-b")]), timeout=10
+            )
+            code, _ = await refused(_drain(stream))
+            assert code == PERMISSION_DENIED
+            # B's task was untouched by all of it.
+            after = (await cp.client.get_task(tid)).task
+            assert (after.node_id, after.fencing_token, State(after.state)) == (
+                "node-b",
+                token,
+                State.RUNNING,
+            )
+
+
+async def _drain(stream: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
+    async for _ in stream:
+        pass
+
+
+# -- revocation and re-keying ----------------------------------------------------------------
+
+
+async def test_rekeyed_node_old_certificate_is_refused(tmp_path: Path) -> None:
+    """Once a node enrols a new key with a RekeyNode token, its old certificate is refused."""
+    async with start_control(tmp_path) as cp:
+        old = await cp.node_client("node-1")
+        async with old:
+            assert not (await old.acquire_lease("work", "node-1", "alice")).HasField("task")
+            async with cp.operator() as admin:
+                token = (await admin.rekey_node("node-1")).token
+            # Before the new key enrols, the old certificate still works.
+            assert not (await old.acquire_lease("work", "node-1", "alice")).HasField("task")
+            new_key = SigningKey.generate()
+            new = await cp.endpoint.node_client("node-1", new_key, join_token=token)
+            async with new:
+                code, msg = await refused(old.acquire_lease("work", "node-1", "alice"))
+                assert code == UNAUTHENTICATED
+                assert "re-keyed" in msg
+                assert not (await new.acquire_lease("work", "node-1", "alice")).HasField("task")
+        async with cp.operator() as admin:
+            (info,) = await admin.list_nodes()
+        assert (info.keyid, info.status) == (new_key.keyid, "active")
+
+
+async def test_revoked_node_is_refused_and_cannot_re_enrol(tmp_path: Path) -> None:
+    """A revoked node's certificate is refused at once, and it cannot renew or re-enrol."""
+    async with start_control(tmp_path) as cp:
+        key = SigningKey.generate()
+        node = await cp.node_client("node-1", key)
+        async with node:
+            async with cp.operator() as admin:
+                info = await admin.revoke_node("node-1", "key compromised")
+            assert info.status == "revoked"
+            code, msg = await refused(node.acquire_lease("work", "node-1", "alice"))
+            assert code == UNAUTHENTICATED
+            assert "revoked" in msg
+        channel, stub = enroll_stub(cp)
+        async with channel:
+            code, msg = await refused(honest_register(stub, "node-1", key))
+            assert code == PERMISSION_DENIED
+            assert "key compromised" in msg
+
+
+@contextlib.contextmanager
+def fresh_postgres() -> Iterator[str]:
+    """A fresh `tether_test_<random>` database on the test PostgreSQL server; dropped after."""
+    psycopg = pytest.importorskip("psycopg")
+    from psycopg import sql
+
+    admin = os.environ.get(
+        "TETHER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+    )
+    try:
+        psycopg.connect(admin, connect_timeout=3).close()
+    except psycopg.Error as err:
+        pytest.skip(f"PostgreSQL server cannot be reached: {err}")
+    name = f"tether_test_{secrets.token_hex(6)}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield urlsplit(admin)._replace(path=f"/{name}").geturl()
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+@pytest.mark.postgres
+async def test_revocation_holds_on_every_replica(tmp_path: Path) -> None:
+    """A node revoked through one replica is refused by both replicas of one PostgreSQL store."""
+    key = SigningKey.generate()
+    pki = tmp_path / "pki"
+    with fresh_postgres() as url:
+        async with (
+            start_control(tmp_path / "r1", key=key, db=url, pki_dir=pki, vault=False) as r1,
+            start_control(tmp_path / "r2", key=key, db=url, pki_dir=pki, vault=False) as r2,
+        ):
+            node_key = SigningKey.generate()
+            tls_key = generate_tls_key()
+            async with ControlClient(r1.enroll_address, tls=r1.pki.anonymous_tls) as anon:
+                reg = await anon.register_node(
+                    "node-1", node_key, await r1.join_token("node-1"), tls_key
+                )
+            tls = node_client_tls(cert_pem(r1.pki.ca.cert), reg, tls_key)
+            on_r1 = ControlClient(r1.address, tls=tls)
+            on_r2 = ControlClient(r2.address, tls=tls)  # the same certificate, the other replica
+            async with on_r1, on_r2:
+                for client in (on_r1, on_r2):
+                    assert not (await client.acquire_lease("work", "node-1", "a")).HasField("task")
+                async with r2.operator() as admin:
+                    await admin.revoke_node("node-1", "decommissioned")
+                for client in (on_r1, on_r2):
+                    code, msg = await refused(client.acquire_lease("work", "node-1", "a"))
+                    assert code == UNAUTHENTICATED
+                    assert "revoked" in msg
+            for replica in (r1, r2):
+                channel, stub = enroll_stub(replica)
+                async with channel:
+                    code, _ = await refused(honest_register(stub, "node-1", node_key))
+                    assert code == PERMISSION_DENIED
