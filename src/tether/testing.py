@@ -38,6 +38,29 @@ from tether.grpcutil.tls import ClientTLS, ServerTLS
 
 TEST_TRUST_DOMAIN = "test.tether.local"
 
+TEST_QUEUES = ("work", "q", "q2", "pq", "other", "crash", "still-ok", "lp", "default", "bench")
+TEST_AGENTS = (
+    "alice", "bob", "carol", "a", "a1", "a2", "agent", "agent-1", "agent-2", "agent-3",
+    "agent-a", "agent-b", "x",
+)  # fmt: skip
+
+
+def default_test_policy(
+    queues: Sequence[str] = TEST_QUEUES, agents: Sequence[str] = TEST_AGENTS
+) -> str:
+    """A policy declaring the queues and agents the tests use (no tools).
+
+    The control plane refuses submissions to and claims from undeclared queues
+    and claims by agents the policy does not name, so test control planes start
+    with this policy in force; tests about tools apply their own.
+    """
+    lines = ["version = 1", ""]
+    for agent in agents:
+        lines += [f"[agents.{agent}]", f"queues = {list(queues)!r}".replace("'", '"'), ""]
+    for queue in queues:
+        lines += [f"[queues.{queue}]", 'memory_scope = "agent"', ""]
+    return "\n".join(lines)
+
 
 @dataclass(frozen=True)
 class TestPKI:
@@ -196,10 +219,11 @@ async def start_control(
     vault: bool = True,
     db: str | None = None,
     pki_dir: Path | None = None,
-    allowed_node_keys: Sequence[bytes] = (),
+    allowed_node_keys: Sequence[tuple[str, bytes]] = (),
     node_cert_ttl_ms: int | None = None,
     metrics_listen: str | None = None,
     checkpoint_interval_ms: int | None = DEFAULT_CHECKPOINT_INTERVAL_MS,
+    policy: str | None = None,
 ) -> AsyncIterator[ControlHandle]:
     """Starts the real control plane over mTLS; yields a handle; stops it on exit.
 
@@ -220,7 +244,7 @@ async def start_control(
         auth = Auth(
             ca=pki.ca,
             trust_domain=TEST_TRUST_DOMAIN,
-            allowed_node_keys=frozenset(allowed_node_keys),
+            allowed_node_keys=tuple(allowed_node_keys),
             node_cert_ttl_ms=node_cert_ttl_ms or DEFAULT_NODE_CERT_TTL_MS,
         )
     store_db: Path | str = db if db is not None else tmp_path / db_name
@@ -240,6 +264,8 @@ async def start_control(
     )
     ep = ControlEndpoint(running.address, running.enroll_address, pki)
     _ENDPOINTS[running.address] = ep
+    if await running.store.get_policy(0) is None:
+        await running.service.put_policy(policy if policy is not None else default_test_policy())
     client = ControlClient(
         running.address, tls=None if auth.insecure else pki.operator_tls(Role.ADMIN)
     )
@@ -278,6 +304,25 @@ def sync_join_token(ep: ControlEndpoint, node_id: str) -> str:
             if err.code() != grpc.StatusCode.ALREADY_EXISTS:
                 raise
         return str(stub.RekeyNode(pb.RekeyNodeRequest(node_id=node_id), timeout=10).token)
+
+
+def ensure_policy(ep: ControlEndpoint, document: str) -> None:
+    """Puts `document` in force unless a policy already is (a blocking call)."""
+    import grpc
+
+    from tether.v1 import control_pb2 as pb
+    from tether.v1 import control_pb2_grpc as pb_grpc
+
+    tls = ep.pki.operator_tls(Role.ADMIN)
+    creds = grpc.ssl_channel_credentials(tls.ca_pem, tls.key_pem, tls.cert_pem)
+    with grpc.secure_channel(ep.address, creds) as ch:
+        stub = pb_grpc.ControlServiceStub(ch)
+        try:
+            stub.GetPolicy(pb.GetPolicyRequest(), timeout=10)
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            stub.PutPolicy(pb.PutPolicyRequest(document=document), timeout=10)
 
 
 def ensure_kek_file(path: Path) -> Path:
@@ -347,7 +392,8 @@ def spawn_control_cli(
     while time.monotonic() < deadline:
         if ready.exists():
             address, enroll = [*ready.read_text().splitlines(), "", ""][:2]
-            _ENDPOINTS[address] = ControlEndpoint(address, enroll, pki)
+            _ENDPOINTS[address] = ep = ControlEndpoint(address, enroll, pki)
+            ensure_policy(ep, default_test_policy())
             return proc, address
         if proc.poll() is not None:
             raise RuntimeError(

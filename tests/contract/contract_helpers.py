@@ -16,9 +16,12 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from tether.core.leases import Lease
+from tether.crypto.leases import decode_lease, sign_lease
+from tether.crypto.signing import Envelope, SigningKey
 from tether.store import postgres as postgres_store
 from tether.store import sqlite as sqlite_store
-from tether.store.base import NewTask, Store, TaskRecord
+from tether.store.base import LeaseSigner, NewTask, Store, TaskRecord
 from tether.store.postgres import PostgresStore, redact_url
 from tether.store.sqlite import SqliteStore
 
@@ -52,6 +55,55 @@ async def lease(store: Store, queue: str = "q", node: str = "n1", now: int = NOW
     )
     assert got is not None
     return got[0]
+
+
+def lease_signer(control: SigningKey, now: int = NOW) -> LeaseSigner:
+    """A lease signer like the control plane's: the task's real Lease, signed by `control`."""
+
+    def sign_task(task: TaskRecord) -> bytes:
+        lease = Lease(
+            lease_id=task.lease_id,
+            task_id=task.task_id,
+            attempt=task.attempt,
+            node_id=task.node_id,
+            agent_id=task.agent_id,
+            fencing_token=task.fencing_token,
+            issued_unix_ms=now,
+            expires_unix_ms=task.lease_expires_unix_ms,
+            queue=task.queue,
+        )
+        return sign_lease(lease, control).to_json_bytes()
+
+    return sign_task
+
+
+async def grant_lease(
+    store: Store,
+    control: SigningKey,
+    task_id: str,
+    node_id: str,
+    *,
+    agent_id: str = "a",
+    now: int = NOW,
+    ttl: int = 30_000,
+) -> Lease:
+    """Submits `task_id` (in a queue of its own) and leases it to `node_id` through the store.
+
+    The lease is signed by `control` as the control plane would; returns it as stored.
+    """
+    queue = f"queue-{task_id}"
+    await submit(store, task_id, queue, ttl=ttl, now=now)
+    got = await store.acquire_lease(
+        queue=queue,
+        node_id=node_id,
+        agent_id=agent_id,
+        lease_id=f"lease-{task_id}",
+        now_ms=now,
+        sign=lease_signer(control, now),
+    )
+    assert got is not None
+    assert got[0].task_id == task_id
+    return decode_lease(Envelope.from_json_bytes(got[1]).payload)
 
 
 ADMIN_URL = os.environ.get(

@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Sequence
 
 import pytest
-from contract_helpers import same_database
+from contract_helpers import grant_lease, same_database
 
 from tether.control.ledger import Ledger
 from tether.core.clock import FakeClock
-from tether.core.errors import AlreadyExists, InvalidArgument, NotFound, VerificationError
+from tether.core.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    NotOwner,
+    VerificationError,
+)
+from tether.core.leases import Lease
 from tether.core.receipts import Receipt, ReceiptKind
 from tether.crypto import merkle
 from tether.crypto.certs import issue_cert
@@ -25,26 +33,32 @@ CONTROL = seeded_key("ledger/control")
 NODE_KEYS = {n: seeded_key(f"ledger/{n}") for n in ("n1", "n2")}
 
 
-def _receipt(task: str, i: int) -> Receipt:
+def _receipt(lease: Lease, i: int) -> Receipt:
     return Receipt(
         kind=ReceiptKind.TOOL_CALL,
         node_id="",
-        task_id=task,
-        attempt=1,
-        fencing_token=1,
-        agent_id="a",
-        lease_id="L",
-        lease_issued_unix_ms=T0,
-        lease_expires_unix_ms=T0 + 30_000,
+        task_id=lease.task_id,
+        attempt=lease.attempt,
+        fencing_token=lease.fencing_token,
+        agent_id=lease.agent_id,
+        lease_id=lease.lease_id,
+        lease_issued_unix_ms=lease.issued_unix_ms,
+        lease_expires_unix_ms=lease.expires_unix_ms,
         time_unix_ms=T0 + i,
         tool="t",
         status="ok",
     )
 
 
-def _chain(node: str, n: int, task: str = "task") -> list[tuple[int, bytes]]:
+def _chain(node: str, leases: Sequence[Lease]) -> list[tuple[int, bytes]]:
+    """The node's chain from seq 1: one receipt about each of `leases`, in order."""
     chain = ReceiptChain(node, NODE_KEYS[node])
-    return [(i + 1, chain.sign(dataclasses.replace(_receipt(task, i)))) for i in range(n)]
+    return [(i + 1, chain.sign(_receipt(lease, i))) for i, lease in enumerate(leases)]
+
+
+async def _grant(store: Store, task_id: str, node: str) -> Lease:
+    """Task `task_id`, created and leased to `node` through the store (signed by CONTROL)."""
+    return await grant_lease(store, CONTROL, task_id, node, now=T0)
 
 
 @pytest.fixture
@@ -65,7 +79,7 @@ async def _ledger(store: Store) -> Ledger:
 async def test_ingest_dedupes_identical_resends(nodes: Store) -> None:
     """A replayed batch is acknowledged again without new leaves."""
     ledger = await _ledger(nodes)
-    chain = _chain("n1", 5)
+    chain = _chain("n1", [await _grant(nodes, "task", "n1")] * 5)
     assert await ledger.ingest("n1", chain[:3]) == (3, 2)
     assert await ledger.ingest("n1", chain[:3]) == (3, 2)
     assert await ledger.ingest("n1", chain[1:]) == (5, 4)
@@ -75,17 +89,17 @@ async def test_ingest_dedupes_identical_resends(nodes: Store) -> None:
 async def test_ingest_refuses_forks_gaps_and_bad_signatures(nodes: Store) -> None:
     """Same seq with other bytes, a skipped seq, a foreign key or an unknown node are refused."""
     ledger = await _ledger(nodes)
-    chain = _chain("n1", 4)
+    task, other, x = [await _grant(nodes, t, "n1") for t in ("task", "other", "x")]
+    chain = _chain("n1", [task] * 4)
     await ledger.ingest("n1", chain[:2])
-    other = _chain("n1", 2, task="other")
     with pytest.raises(AlreadyExists, match="fork"):
-        await ledger.ingest("n1", other)
+        await ledger.ingest("n1", _chain("n1", [other] * 2))
     with pytest.raises(InvalidArgument, match="gap"):
         await ledger.ingest("n1", chain[3:])
     with pytest.raises(InvalidArgument, match="prev"):
-        await ledger.ingest("n1", _chain("n1", 3, task="x")[2:])
+        await ledger.ingest("n1", _chain("n1", [x] * 3)[2:])
     with pytest.raises(VerificationError, match="not signed"):
-        await ledger.ingest("n2", _chain("n1", 1))
+        await ledger.ingest("n2", _chain("n1", [task]))
     with pytest.raises(VerificationError):
         await ledger.ingest("n1", [(3, chain[1][1])])
     with pytest.raises(NotFound):
@@ -94,10 +108,33 @@ async def test_ingest_refuses_forks_gaps_and_bad_signatures(nodes: Store) -> Non
     assert await ledger.ingest("n1", chain[2:]) == (4, 3)
 
 
+async def test_ingest_refuses_receipts_about_tasks_never_leased_to_the_node(
+    nodes: Store,
+) -> None:
+    """Receipts about another node's task or a made-up task are refused, appending nothing."""
+    ledger = await _ledger(nodes)
+    mine, theirs = await _grant(nodes, "mine", "n1"), await _grant(nodes, "theirs", "n2")
+    made_up = dataclasses.replace(mine, lease_id="lease-ghost", task_id="ghost")  # no such task
+    assert await ledger.ingest("n1", _chain("n1", [mine] * 2)) == (2, 1)
+    size, root = ledger.size, (await ledger.checkpoint(fresh=True)).root_hash
+    for bad in (theirs, made_up):
+        chain = _chain("n1", [mine, mine, mine, bad])  # seq 3 is fine, seq 4 is not
+        with pytest.raises(NotOwner, match=r"seq 4.*never leased to this node") as err:
+            await ledger.ingest("n1", chain[2:])
+        assert err.value.metadata == {"seq": "4"}
+        assert ledger.size == size
+    reopened = await _ledger(nodes)
+    assert reopened.size == size
+    assert (await reopened.checkpoint(fresh=True)).root_hash == root
+    # n1's chain is untouched: it goes on from seq 2 as if nothing had been sent.
+    assert await ledger.ingest("n1", _chain("n1", [mine] * 3)[2:]) == (3, 2)
+
+
 async def test_proofs_checkpoints_and_restart(nodes: Store) -> None:
     """Checkpoints verify, proofs check against them, and a reopened ledger keeps its tree."""
     ledger = await _ledger(nodes)
-    a, b = _chain("n1", 6), _chain("n2", 3)
+    a = _chain("n1", [await _grant(nodes, "task-1", "n1")] * 6)
+    b = _chain("n2", [await _grant(nodes, "task-2", "n2")] * 3)
     await ledger.ingest("n1", a[:3])
     first = await ledger.checkpoint(fresh=True)
     await ledger.ingest("n2", b)
@@ -121,14 +158,14 @@ async def test_proofs_checkpoints_and_restart(nodes: Store) -> None:
 async def test_export_holds_full_chains_and_verifies(nodes: Store) -> None:
     """An exported bundle carries each node's whole chain and passes every ledger check."""
     ledger = await _ledger(nodes)
-    await ledger.ingest("n1", _chain("n1", 4, task="t1"))
-    await ledger.ingest("n2", _chain("n2", 2, task="t2"))
+    await ledger.ingest("n1", _chain("n1", [await _grant(nodes, "t1", "n1")] * 4))
+    await ledger.ingest("n2", _chain("n2", [await _grant(nodes, "t2", "n2")] * 2))
     bundle = await ledger.export(["t1"])
     assert len(bundle.entries) == 4
     assert len(bundle.node_certificates) == 1
     report = verify_bundle(bundle, [CONTROL.public])
-    # No leases were granted through this store, and the task never finished:
-    assert report.checks_failed() == {"lease.missing", "task.final"}
+    # The bundle carries the granted leases; only the task never finished:
+    assert report.checks_failed() == {"task.final"}
     assert len((await ledger.export()).entries) == 6
     assert len((await ledger.export(since_unix_ms=T0 + 10_001)).entries) == 0
 
@@ -139,7 +176,9 @@ async def test_two_ledgers_on_one_database_stay_one_tree(nodes: Store) -> None:
     await other.open()
     try:
         a, b = await _ledger(nodes), await _ledger(other)
-        n1, n2 = _chain("n1", 9), _chain("n2", 4)
+        task1, other1 = [await _grant(nodes, t, "n1") for t in ("task-1", "other")]
+        task2 = await _grant(nodes, "task-2", "n2")
+        n1, n2 = _chain("n1", [task1] * 9), _chain("n2", [task2] * 4)
         assert await a.ingest("n1", n1[:3]) == (3, 2)
         assert await b.ingest("n2", n2[:2]) == (2, 4)  # b's tree caught up on a's leaves
         assert b.size == 5
@@ -151,7 +190,7 @@ async def test_two_ledgers_on_one_database_stay_one_tree(nodes: Store) -> None:
         with pytest.raises(InvalidArgument, match="gap"):  # b's cached head is stale too
             await b.ingest("n1", n1[8:])
         with pytest.raises(AlreadyExists, match="fork"):
-            await b.ingest("n1", _chain("n1", 7, task="other")[6:])
+            await b.ingest("n1", _chain("n1", [other1] * 7)[6:])
         # Concurrent appends for different nodes through both ledgers.
         await asyncio.gather(a.ingest("n2", n2[2:]), b.ingest("n1", n1[7:]))
         cp_b = await b.checkpoint(fresh=True)
@@ -164,7 +203,7 @@ async def test_two_ledgers_on_one_database_stay_one_tree(nodes: Store) -> None:
         for ledger in (a, b):
             bundle = await ledger.export()
             report = verify_bundle(bundle, [CONTROL.public])
-            assert report.checks_failed() == {"lease.missing", "task.final"}
+            assert report.checks_failed() == {"task.final"}  # the tasks never finished
             assert sorted(e.leaf_index for e in bundle.entries) == list(range(13))
     finally:
         await other.close()

@@ -93,7 +93,7 @@ async def test_operator_commands_submit_list_and_show(tmp_path: Path) -> None:
     try:
         ep = endpoint(address)
         out = await asyncio.to_thread(
-            _cli, "submit", *operator_args(ep), "--queue", "ops", "--payload", '{"x":1}'
+            _cli, "submit", *operator_args(ep), "--queue", "work", "--payload", '{"x":1}'
         )
         assert out.returncode == 0, out.stderr
         task_id = out.stdout.strip()

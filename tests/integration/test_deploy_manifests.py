@@ -259,7 +259,8 @@ def control(tmp_path: Path) -> Iterator[tuple[str, str, Path, Path]]:
     node_key = tmp_path / "node" / "node.key"
     SigningKey.generate().save(node_key, node_key.with_suffix(".pub"))
     proc, address = spawn_control_cli(
-        tmp_path / "control", extra_args=["--allow-node-key", str(node_key.with_suffix(".pub"))]
+        tmp_path / "control",
+        extra_args=["--allow-node-key", f"research-agent-*={node_key.with_suffix('.pub')}"],
     )
     ep = endpoint(address)
     try:

@@ -8,19 +8,33 @@ from pathlib import Path
 
 import pytest
 
+from tether.control.client import ControlClient
 from tether.control.ledger import Ledger
 from tether.core.errors import VerificationError
-from tether.testing import start_control
+from tether.core.receipts import ReceiptKind
+from tether.crypto.envelopes import from_proto
+from tether.crypto.leases import verify_lease
+from tether.testing import ControlHandle, start_control
 from tether.verify.builder import BundleBuilder
 
+PER_TASK = 10  # receipts about each leased task
 
-def _receipts(n: int) -> tuple[list[bytes], BundleBuilder]:
-    b = BundleBuilder(seed="ledger-pipeline")
-    i = 0
+
+async def _receipts(
+    cp: ControlHandle, node: ControlClient, b: BundleBuilder, n: int
+) -> list[bytes]:
+    """`n` chained receipts of node-a, PER_TASK about each task it leased from `cp`."""
     while len(b.ledger) < n:
-        b.task(f"task-{i:04d}", node_id="node-a")
-        i += 1
-    return b.ledger[:n], b
+        await cp.client.submit("work", b"{}")
+        resp = await node.acquire_lease("work", "node-a", "alice")
+        assert resp.HasField("task")
+        lease = verify_lease(from_proto(resp.lease), {cp.key.keyid: cp.key.public})
+        t = lease.issued_unix_ms
+        b.receipt(ReceiptKind.LEASE_GRANTED, lease, t)
+        b.receipt(ReceiptKind.TASK_STARTED, lease, t + 1)
+        for i in range(PER_TASK - 2):
+            b.receipt(ReceiptKind.TOOL_CALL, lease, t + 10 + i, tool="http.get", status="ok")
+    return b.ledger[:n]
 
 
 async def _batches(
@@ -35,10 +49,13 @@ async def test_pooled_pipelined_ingest_acks_in_order_and_refuses_a_bad_signature
 ) -> None:
     """Large batches checked in worker processes are acked in order, each after its commit,
     and a bad signature in a later batch is refused only after the earlier batches' acks."""
-    envelopes, b = _receipts(400)
+    b = BundleBuilder(seed="ledger-pipeline")
     async with start_control(tmp_path) as cp:
         node = await cp.node_client("node-a", key=b.node("node-a").key)
-        await node.close()
+        try:  # the receipts are about real leases granted to node-a
+            envelopes = await _receipts(cp, node, b, 400)
+        finally:
+            await node.close()
         ledger = Ledger(cp.service.store, cp.key, workers=2)
         await ledger.open()
         try:

@@ -143,8 +143,10 @@ class _FlakyStream:
 async def test_stream_replays_into_ledger_without_duplicates(tmp_path: Path) -> None:
     """After broken streams and a spool restart, the ledger holds each receipt once, in order."""
     from tether.control.ledger import Ledger
+    from tether.core.leases import Lease
     from tether.crypto.certs import issue_cert
-    from tether.store.base import NodeRecord
+    from tether.crypto.leases import sign_lease
+    from tether.store.base import NewTask, NodeRecord, TaskRecord
     from tether.store.sqlite import SqliteStore
 
     store = SqliteStore(tmp_path / "control.db")
@@ -152,6 +154,32 @@ async def test_stream_replays_into_ledger_without_duplicates(tmp_path: Path) -> 
     control = seeded_key("spool/control")
     _, cert = issue_cert(control, "n1", KEY.public.raw, T0 - 1)
     await store.put_node(NodeRecord("n1", KEY.public.raw, cert.to_json_bytes(), T0))
+
+    def sign(task: TaskRecord) -> bytes:
+        lease = Lease(
+            lease_id=task.lease_id,
+            task_id=task.task_id,
+            attempt=task.attempt,
+            node_id=task.node_id,
+            agent_id=task.agent_id,
+            fencing_token=task.fencing_token,
+            issued_unix_ms=T0,
+            expires_unix_ms=task.lease_expires_unix_ms,
+            queue=task.queue,
+        )
+        return sign_lease(lease, control).to_json_bytes()
+
+    # The lease the receipts are about: task t, token 1, held by n1 (the ledger checks it).
+    await store.submit_task(NewTask("q", b"{}", max_attempts=1, lease_ttl_ms=30_000), "t", T0)
+    got = await store.acquire_lease(
+        queue="q", node_id="n1", agent_id="a", lease_id="L", now_ms=T0, sign=sign
+    )
+    assert got is not None
+    assert (got[0].task_id, got[0].fencing_token, got[0].lease_expires_unix_ms) == (
+        "t",
+        1,
+        T0 + 30_000,
+    )
     ledger = Ledger(store, control)
     await ledger.open()
     spool = ReceiptSpool(tmp_path / "spool.db", "n1", KEY)

@@ -148,7 +148,7 @@ async def test_known_public_key_without_its_private_key_is_refused(tmp_path: Pat
     """A statement naming an allow-listed public key but signed by another key enrols nobody."""
     victim = SigningKey.generate()
     attacker = SigningKey.generate()
-    async with start_control(tmp_path, allowed_node_keys=[victim.public.raw]) as cp:
+    async with start_control(tmp_path, allowed_node_keys=[("node-v", victim.public.raw)]) as cp:
         channel, stub = enroll_stub(cp)
         async with channel:
             challenge = await get_challenge(stub, "node-v")
@@ -268,9 +268,10 @@ async def test_enrolled_node_id_cannot_be_taken_over_with_a_second_join_token(
             owner = SigningKey.generate()
             await honest_register(stub, "node-1", owner, first)
             attacker = SigningKey.generate()
+            # The enrolment voided every other outstanding token of the node.
             code, msg = await refused(honest_register(stub, "node-1", attacker, second))
-            assert code == PERMISSION_DENIED
-            assert "already enrolled" in msg
+            assert code == UNAUTHENTICATED
+            assert "join token refused" in msg
             # Without a token, a new key for the enrolled id is refused as well.
             code, msg = await refused(honest_register(stub, "node-1", attacker))
             assert code == PERMISSION_DENIED
@@ -705,3 +706,120 @@ async def test_revocation_holds_on_every_replica(tmp_path: Path) -> None:
                 async with channel:
                     code, _ = await refused(honest_register(stub, "node-1", node_key))
                     assert code == PERMISSION_DENIED
+
+
+# -- found by red-teaming the first cut: each was a way through ------------------------
+
+
+async def test_allow_listed_key_enrols_only_its_node_ids_and_dies_with_a_revocation(
+    tmp_path: Path,
+) -> None:
+    """An allow-listed key enrols only ids matching its glob, and once a node enrolled with it
+    is revoked the key cannot come back under any other id."""
+    key = SigningKey.generate()
+    async with start_control(tmp_path, allowed_node_keys=[("pod-*", key.public.raw)]) as cp:
+        channel, stub = enroll_stub(cp)
+        async with channel:
+            await honest_register(stub, "pod-1", key)
+            for other in ("node-b", "admin", "pod"):
+                code, _ = await refused(honest_register(stub, other, key))
+                assert code == UNAUTHENTICATED, other
+            async with cp.operator() as admin:
+                await admin.revoke_node("pod-1", "key compromised")
+            code, msg = await refused(honest_register(stub, "pod-2", key))
+            assert code == PERMISSION_DENIED
+            assert "revoked" in msg
+            # Another key allow-listed for the same ids is unaffected.
+
+
+async def test_join_tokens_die_with_revocation_and_with_a_newer_rekey_token(
+    tmp_path: Path,
+) -> None:
+    """A re-key token issued before a revocation, or superseded by a newer one, enrols nobody."""
+    async with start_control(tmp_path) as cp:
+        node = await cp.node_client("node-1")
+        await node.close()
+        channel, stub = enroll_stub(cp)
+        async with channel, cp.operator() as admin:
+            leaked = (await admin.rekey_node("node-1")).token
+            await admin.revoke_node("node-1", "compromised")
+            code, _ = await refused(honest_register(stub, "node-1", SigningKey.generate(), leaked))
+            assert code == UNAUTHENTICATED
+            assert [n.status for n in await admin.list_nodes()] == ["revoked"]
+            first = (await admin.rekey_node("node-1")).token
+            second = (await admin.rekey_node("node-1")).token
+            code, _ = await refused(honest_register(stub, "node-1", SigningKey.generate(), first))
+            assert code == UNAUTHENTICATED
+            new_key = SigningKey.generate()
+            await honest_register(stub, "node-1", new_key, second)  # the newest one works
+            code, _ = await refused(honest_register(stub, "node-1", SigningKey.generate(), second))
+            assert code == UNAUTHENTICATED  # used: single use
+
+
+async def test_node_cannot_write_receipts_about_tasks_it_never_held(tmp_path: Path) -> None:
+    """Receipts naming another node's task (or a made-up one) are refused at ingest, so the
+    append-only ledger and every honest export stay verifiable."""
+    from tether.core.receipts import Receipt, ReceiptKind
+    from tether.crypto.receipts import sign_receipt
+
+    async with start_control(tmp_path) as cp:
+        task = (await cp.client.submit("work", b"{}")).task
+        key_a = SigningKey.generate()
+        node_a = await cp.node_client("node-a", key_a)
+        node_b = await cp.node_client("node-b")
+        async with node_a, node_b:
+            got = await node_b.acquire_lease("work", "node-b", "alice")
+            assert got.task.task_id == task.task_id
+            before = (await cp.client.export_bundle([])).entries
+            for task_id in (task.task_id, "t_000000000000_0000000000000000"):
+                forged = Receipt(
+                    kind=ReceiptKind.TASK_FINISHED, node_id="node-a", task_id=task_id,
+                    attempt=1, fencing_token=1, agent_id="alice", lease_id="l_x",
+                    lease_issued_unix_ms=1, lease_expires_unix_ms=2, time_unix_ms=1, seq=1,
+                    final_state=int(State.FAILED), status="error",
+                )  # fmt: skip
+                stream = node_a.stub.StreamReceipts(
+                    iter(
+                        [
+                            pb.StreamReceiptsRequest(
+                                node_id="node-a",
+                                receipts=[
+                                    pb.SpooledReceipt(seq=1, envelope=sign_receipt(forged, key_a))
+                                ],
+                            )
+                        ]
+                    ),
+                    timeout=10,
+                )
+                code, msg = await refused(_drain(stream))
+                assert code == PERMISSION_DENIED
+                assert "never leased to this node" in msg
+            after = (await cp.client.export_bundle([])).entries
+            assert len(after) == len(before)
+
+
+async def test_plaintext_is_refused_on_a_network_address(tmp_path: Path) -> None:
+    """--insecure-plaintext serves loopback or a Unix socket only, never a network address."""
+    from tether.control.server import start_server
+    from tether.control.service import Auth
+    from tether.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="loopback or a Unix socket only"):
+        await start_server(
+            db=tmp_path / "c.db", listen="0.0.0.0:0", key=SigningKey.generate(),
+            auth=Auth(insecure=True),
+        )  # fmt: skip
+
+
+def test_secret_files_are_not_written_through_a_planted_temporary(tmp_path: Path) -> None:
+    """A file planted where a naive writer would put its temporary gets none of the secret."""
+    from tether.crypto.pki import write_private
+
+    target = tmp_path / "join.token"
+    planted = tmp_path / "join.token.tmp"
+    planted.write_bytes(b"")
+    planted.chmod(0o666)
+    write_private(target, b"tj_secret\n")
+    assert planted.read_bytes() == b""
+    assert target.read_bytes() == b"tj_secret\n"
+    assert target.stat().st_mode & 0o777 == 0o600

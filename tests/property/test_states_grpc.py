@@ -22,9 +22,11 @@ from tether.core.clock import FakeClock
 from tether.core.states import HOLDER_EVENTS, TRANSITIONS, Event, State, next_state
 from tether.crypto.pki import Role
 from tether.grpcutil.tls import ClientTLS
-from tether.testing import start_control
+from tether.testing import default_test_policy, start_control
 from tether.v1 import control_pb2 as pb
 from tether.v1 import control_pb2_grpc as pb_grpc
+
+MAX_QUEUES = 1000
 
 T = TypeVar("T")
 TTL_MS = 1000
@@ -54,7 +56,10 @@ class Harness:
     def _run(self, tmp: Path) -> None:
         async def main() -> None:
             self._stop = asyncio.Event()
-            async with start_control(tmp, clock=self.clock) as cp:
+            # Every pair runs alone in a fresh queue; the policy must declare them all.
+            queues = [f"q{i}" for i in range(MAX_QUEUES)]
+            policy = default_test_policy(queues=queues, agents=["a"])
+            async with start_control(tmp, clock=self.clock, policy=policy) as cp:
                 node = await cp.node_client(NODE)
                 await node.close()
                 assert node.tls is not None
@@ -101,7 +106,9 @@ class Harness:
 
     def task_in(self, state: State) -> pb.Task:
         """A new task (alone in its queue) brought to `state` through real RPCs."""
-        queue = f"q{next(self.queues)}"
+        n = next(self.queues)
+        assert n < MAX_QUEUES, "raise MAX_QUEUES: the policy declares too few queues"
+        queue = f"q{n}"
         task = self.stub.SubmitTask(
             pb.SubmitTaskRequest(queue=queue, payload=b"{}", max_attempts=1, lease_ttl_ms=TTL_MS)
         ).task

@@ -91,9 +91,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--allow-node-key",
         action="append",
         default=[],
-        metavar="PUBKEY_PEM_FILE",
-        help="a node public key that may enrol without a join token, still proving "
-        "possession of its private key (repeatable)",
+        metavar="NODE_GLOB=PUBKEY_PEM_FILE",
+        help="a node public key that may enrol, without a join token but still proving "
+        "possession of its private key, node ids matching NODE_GLOB (e.g. "
+        "'research-agent-*=node.pub'); repeatable. Revoking a node revokes its key",
     )
     p.add_argument(
         "--kek-file",
@@ -404,6 +405,16 @@ def _cmd_nodes_list(args: argparse.Namespace) -> int:
     return _run_client(args, fn)
 
 
+def _allowed_key(item: str) -> tuple[str, bytes]:
+    glob, sep, path = item.partition("=")
+    if not sep or not glob or not path:
+        raise ConfigError(
+            f"--allow-node-key {item!r} must be NODE_GLOB=PUBKEY_PEM_FILE, e.g. "
+            "'research-agent-*=node.pub' (a key is allow-listed for node ids, not for any id)"
+        )
+    return glob, VerifyKey.load(Path(path)).raw
+
+
 def _beside(key: str, given: str | None, name: str) -> Path:
     return Path(given) if given else Path(key).parent / name
 
@@ -420,7 +431,7 @@ def _cmd_control(args: argparse.Namespace) -> int:
         raise ConfigError("--checkpoint-interval-ms must be positive")
     if not 60 <= args.node_cert_ttl_s <= 30 * 86_400:
         raise ConfigError("--node-cert-ttl-s must be between 60 and 2592000")
-    allowed = frozenset(VerifyKey.load(Path(f)).raw for f in args.allow_node_key)
+    allowed = tuple(_allowed_key(item) for item in args.allow_node_key)
     tls = None
     if args.insecure_plaintext:
         auth = Auth(allowed_node_keys=allowed, insecure=True)

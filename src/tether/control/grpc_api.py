@@ -394,8 +394,10 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         )
         if got is None:
             return pb.AcquireLeaseResponse()
-        task, env = got
-        return pb.AcquireLeaseResponse(task=task_to_proto(task), lease=to_proto(env))
+        task, env, waited_ms = got
+        return pb.AcquireLeaseResponse(
+            task=task_to_proto(task), lease=to_proto(env), waited_ms=waited_ms
+        )
 
     @handle_errors
     async def RenewLease(

@@ -32,10 +32,12 @@ from tether.core.errors import (
     AlreadyExists,
     InvalidArgument,
     NotFound,
+    NotOwner,
     Unavailable,
     VerificationError,
 )
 from tether.crypto.certs import verify_cert
+from tether.crypto.leases import decode_lease
 from tether.crypto.manifest import manifest_for, sign_manifest
 from tether.crypto.merkle import MerkleTree, leaf_hash
 from tether.crypto.note import CheckpointBody, sign_checkpoint
@@ -61,6 +63,7 @@ class _Checked(NamedTuple):
     envelope: bytes
     task_id: str
     prev: str
+    fencing_token: int
 
 
 class _Refused(NamedTuple):
@@ -75,7 +78,7 @@ class _Refused(NamedTuple):
 
 def _check_batch(
     public_keys: tuple[bytes, ...], node_id: str, batch: Sequence[tuple[int, bytes]]
-) -> list[tuple[str, str]] | _Refused:
+) -> list[tuple[str, str, int]] | _Refused:
     """Checks each envelope's signature by a key of the node and its receipt (runs in a worker).
 
     `public_keys`: every key the node was certified for (a chain switches keys
@@ -91,7 +94,7 @@ def _check_batch(
                 _KEYS.clear()
             key = _KEYS[raw] = VerifyKey.from_raw(raw)
         keys[key.keyid] = key
-    out: list[tuple[str, str]] = []
+    out: list[tuple[str, str, int]] = []
     for seq, data in batch:
         try:  # what verify_receipt does, with the verifier's faster envelope parser
             env = parse_canonical_envelope(data)
@@ -105,7 +108,7 @@ def _check_batch(
             return _Refused(
                 f"envelope for seq {seq} is receipt {r.node_id}/{r.seq}", {"seq": str(seq)}
             )
-        out.append((r.task_id, r.prev))
+        out.append((r.task_id, r.prev, r.fencing_token))
     return out
 
 
@@ -151,6 +154,7 @@ class Ledger:
         self._latest: CheckpointInfo | None = None
         self._recorded_certs: set[str] = set()
         self._node_key_cache: dict[str, tuple[bytes, ...]] = {}  # node -> (current, *earlier)
+        self._lease_holders: dict[tuple[str, int], str] = {}  # (task, token) -> node
         self._workers = workers if workers is not None else (os.cpu_count() or 1)
         self._executor: ProcessPoolExecutor | None = None
         self._ready: list[Future[None]] = []
@@ -297,7 +301,9 @@ class Ledger:
             got = _check_batch(keys, node_id, batch)
             if isinstance(got, _Refused):
                 raise got.error()
-            return [_Checked(s, d, *facts) for (s, d), facts in zip(batch, got, strict=True)]
+            checked = [_Checked(s, d, *facts) for (s, d), facts in zip(batch, got, strict=True)]
+            await self._check_leases(node_id, checked)
+            return checked
         # Ed25519 holds the GIL: check in worker processes, split so each core
         # takes a part, while the event loop serves other calls (or commits).
         loop = asyncio.get_running_loop()
@@ -308,12 +314,45 @@ class Ledger:
                 for i in range(0, len(batch), step)
             )
         )
-        facts: list[tuple[str, str]] = []
+        facts: list[tuple[str, str, int]] = []
         for got in parts:  # in batch order: the first bad receipt is the one reported
             if isinstance(got, _Refused):
                 raise got.error()
             facts += got
-        return [_Checked(s, d, *f) for (s, d), f in zip(batch, facts, strict=True)]
+        checked = [_Checked(s, d, *f) for (s, d), f in zip(batch, facts, strict=True)]
+        await self._check_leases(node_id, checked)
+        return checked
+
+    async def _check_leases(self, node_id: str, checked: Sequence[_Checked]) -> None:
+        """Each receipt must be about a lease the control plane granted to `node_id`.
+
+        A node may only speak for tasks it held: receipts naming another node's
+        task (or a made-up one) would put that task's export beyond verification
+        for good, since the ledger is append-only.
+
+        Raises:
+            NotOwner: a receipt names a (task, fencing token) never leased to the node.
+        """
+        for c in checked:
+            key = (c.task_id, c.fencing_token)
+            holder = self._lease_holders.get(key)
+            if holder is None:
+                raw = await self.store.lease_envelope(c.task_id, c.fencing_token)
+                holder = (
+                    ""
+                    if raw is None
+                    else decode_lease(Envelope.from_json_bytes(raw).payload).node_id
+                )
+                if holder:
+                    if len(self._lease_holders) > 100_000:
+                        self._lease_holders.clear()
+                    self._lease_holders[key] = holder
+            if holder != node_id:
+                raise NotOwner(
+                    f"node {node_id} seq {c.seq}: the receipt names task {c.task_id} with "
+                    f"fencing token {c.fencing_token}, which was never leased to this node",
+                    metadata={"seq": str(c.seq)},
+                )
 
     def _pool(self) -> ProcessPoolExecutor | None:
         """The signature-checking processes, or None while they start (check inline then).

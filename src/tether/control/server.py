@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import signal
 from dataclasses import dataclass
@@ -53,6 +54,19 @@ def grpc_target(listen: str, what: str = "listen address") -> str:
     if int(port) > 65535:
         raise ConfigError(f"{what} {listen!r}: port must be 0..65535")
     return listen
+
+
+def is_local(target: str) -> bool:
+    """True for a Unix socket or a loopback host (127.0.0.0/8, ::1, localhost)."""
+    if target.startswith("unix:"):
+        return True
+    host = target.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -130,6 +144,12 @@ async def start_server(
         raise ConfigError(
             "the control plane serves TLS only: give --tls-cert/--tls-key/--client-ca "
             "(or run `tether keys init`), or --insecure-plaintext for local development"
+        )
+    if tls is None and not is_local(target):
+        raise ConfigError(
+            f"refusing to serve plaintext on {listen}: --insecure-plaintext is for loopback "
+            "or a Unix socket only (it makes every caller admin and any node); serve TLS "
+            "(`tether keys init`) on a network address"
         )
     if tls is not None and auth.ca is None:
         raise ConfigError("TLS needs the CA (--ca-cert/--ca-key) to issue node certificates")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import fnmatch
 import hashlib
 import hmac
 import json
@@ -97,7 +98,9 @@ class Auth:
 
     ca: CertificateAuthority | None = None
     trust_domain: str = DEFAULT_TRUST_DOMAIN
-    allowed_node_keys: frozenset[bytes] = frozenset()
+    allowed_node_keys: tuple[tuple[str, bytes], ...] = ()
+    """(node id glob, raw Ed25519 key) pairs: the key may enrol, without a join token,
+    node ids matching the glob (e.g. "research-agent-*" for a Deployment's pods)."""
     node_cert_ttl_ms: int = DEFAULT_NODE_CERT_TTL_MS
     insecure: bool = False
     """--insecure-plaintext: no TLS, no identities; every caller is trusted (development only)."""
@@ -204,6 +207,35 @@ class ControlService:
             raise NotFound("no policy stored" if not version else f"no policy version {version}")
         return rec
 
+    def declared_queue(self, queue: str) -> Policy:
+        """The policy in force, if it declares `queue`.
+
+        Raises:
+            PolicyDenied: no policy in force, or `queue` is not one of its queues.
+        """
+        policy = self._policy
+        if policy is None:
+            raise PolicyDenied(
+                f"queue {queue!r} is not declared: no policy is in force; apply one with "
+                "`tether policy apply`",
+                metadata={"queue": queue},
+            )
+        if queue not in policy.queues:
+            known = ", ".join(sorted(policy.queues)) or "none"
+            raise PolicyDenied(
+                f"queue {queue!r} is not declared by the policy in force (declared: {known}); "
+                f"add [queues.{queue}]",
+                metadata={"queue": queue},
+            )
+        return policy
+
+    @staticmethod
+    def _grants(policy: Policy, agent: str) -> str:
+        spec = policy.agents.get(agent)
+        if spec is None:
+            return "nothing (no [agents." + agent + "] section)"
+        return "queues " + (", ".join(spec.queues) or "none")
+
     def policy_for(self, queue: str) -> PolicyView:
         """Tools, TTL and attempts the policy in force gives `queue`."""
         if self._policy is None:
@@ -230,7 +262,12 @@ class ControlService:
         lease_ttl_ms: int = 0,
         budget_limit_micros: int = 0,
     ) -> tuple[TaskRecord, bool]:
-        """Queues a task; a repeat with the same idempotency key returns the first."""
+        """Queues a task; a repeat with the same idempotency key returns the first.
+
+        Raises:
+            PolicyDenied: no policy is in force, or it declares no such queue.
+        """
+        self.declared_queue(queue)
         pol = self.policy_for(queue)
         task = NewTask(
             queue=queue,
@@ -299,13 +336,26 @@ class ControlService:
 
     async def acquire(
         self, *, queue: str, node_id: str, agent_id: str, wait_ms: int = 0, start: bool = False
-    ) -> tuple[TaskRecord, Envelope] | None:
+    ) -> tuple[TaskRecord, Envelope, int] | None:
         """Leases the oldest ready task of `queue`, waiting up to `wait_ms` for one.
 
         `start` grants it already RUNNING (LEASE then START in one store write).
+        Returns the task, its signed lease and how long it waited (ms, monotonic).
+
+        Raises:
+            PolicyDenied: the queue is not declared, or the policy does not let
+                `agent_id` claim from it ([agents.NAME].queues).
         """
+        policy = self.declared_queue(queue)
+        if not policy.may_claim(agent_id, queue):
+            raise PolicyDenied(
+                f"agent {agent_id!r} may not claim from queue {queue!r}: the policy in force "
+                f"grants it {self._grants(policy, agent_id)}",
+                metadata={"agent": agent_id, "queue": queue},
+            )
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + wait_ms / 1000
+        began = loop.time()
+        deadline = began + wait_ms / 1000
         while True:
             now = self.clock.now_ms()
             signed: list[Envelope] = []
@@ -329,7 +379,7 @@ class ControlService:
                         "fencing_token": task.fencing_token,
                     },
                 )
-                return task, signed[0]
+                return task, signed[0], int((loop.time() - began) * 1000)
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return None
@@ -646,17 +696,30 @@ class ControlService:
                     "(tether nodes token create)"
                 )
             purpose = rec.purpose
+            # One enrolment per token issue: any other outstanding token is moot now.
+            await self.store.void_join_tokens(node_id, now)
             if purpose == "enroll" and existing is not None:
                 raise Forbidden(
                     f"node {node_id!r} is already enrolled; a join token cannot re-key it "
                     "(an operator runs `tether nodes rekey`)"
                 )
         elif existing is None:
-            if public_key not in self.auth.allowed_node_keys:
+            allowed = any(
+                fnmatch.fnmatchcase(node_id, glob) and hmac.compare_digest(key, public_key)
+                for glob, key in self.auth.allowed_node_keys
+            )
+            if not allowed:
                 raise Unauthenticated(
                     f"node {node_id!r} is not enrolled: present a join token "
-                    "(tether nodes token create) or use an allow-listed key"
+                    "(tether nodes token create) or a key allow-listed for this node id"
                 )
+            # A revocation holds for the key, not only for the node id it had.
+            for other in await self.store.list_nodes():
+                if other.status == "revoked" and hmac.compare_digest(other.public_key, public_key):
+                    raise Forbidden(
+                        f"the key of node {node_id!r} was revoked with node {other.node_id!r}; "
+                        "an allow-listed key cannot come back under another id"
+                    )
         else:
             if existing.status != "active":
                 raise Forbidden(
@@ -776,6 +839,8 @@ class ControlService:
                 "to give it a new key"
             )
         now = self.clock.now_ms()
+        if rekey:  # only the newest re-key token of a node is ever valid
+            await self.store.void_join_tokens(node_id, now)
         token = JOIN_TOKEN_PREFIX + secrets.token_urlsafe(32)
         expires = now + (ttl_ms or DEFAULT_JOIN_TOKEN_TTL_MS)
         await self.store.put_join_token(
@@ -795,9 +860,13 @@ class ControlService:
         Raises:
             NotFound: no such node.
         """
-        rec = await self.store.set_node_status(node_id, "revoked", reason, self.clock.now_ms())
+        now = self.clock.now_ms()
+        rec = await self.store.set_node_status(node_id, "revoked", reason, now)
         if rec is None:
             raise NotFound(f"node {node_id!r} is not enrolled")
+        voided = await self.store.void_join_tokens(node_id, now)  # no way back in by a token
+        if voided:
+            log.warning("join tokens voided by revocation", extra={"node_id": node_id})
         log.warning("node revoked", extra={"node_id": node_id, "reason": reason})
         return rec
 

@@ -7,10 +7,18 @@ from typing import Protocol
 
 
 class Clock(Protocol):
-    """Source of wall time in Unix milliseconds."""
+    """Source of wall time in Unix milliseconds, and of monotonic time."""
 
     def now_ms(self) -> int:
         """Returns the current time in Unix milliseconds."""
+        ...
+
+    def monotonic_ms(self) -> int:
+        """Milliseconds on a clock that never jumps (only differences mean anything).
+
+        Deadlines a process keeps for itself (a sidecar's lease validity) use this,
+        so a wall-clock step or skew changes nothing.
+        """
         ...
 
 
@@ -20,6 +28,9 @@ class SystemClock:
     def now_ms(self) -> int:
         return time.time_ns() // 1_000_000
 
+    def monotonic_ms(self) -> int:
+        return time.monotonic_ns() // 1_000_000
+
 
 class FakeClock:
     """A clock that moves only when told to; for tests."""
@@ -28,6 +39,9 @@ class FakeClock:
         self._now = start_ms
 
     def now_ms(self) -> int:
+        return self._now
+
+    def monotonic_ms(self) -> int:
         return self._now
 
     def advance(self, ms: int) -> None:

@@ -16,10 +16,12 @@ no gRPC, no I/O beyond the explicit load/save helpers.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import os
 import re
+import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -528,13 +530,24 @@ def identity_from_pem(pem: bytes, trust_domain: str) -> Identity:
 
 
 def write_private(path: Path, data: bytes) -> None:
-    """Writes a secret file with mode 0600 (created so, never world-readable)."""
+    """Writes a secret file with mode 0600 (created so, never world-readable).
+
+    The temporary file has an unpredictable name and is created exclusively
+    (mkstemp: O_EXCL, mode 0600), so nobody who can write the directory can
+    plant it beforehand and read the secret.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def write_public(path: Path, data: bytes) -> None:

@@ -92,7 +92,10 @@ class SidecarConfig:
     receipt_ack_timeout_ms: int = 2_000
     """How long CompleteTask waits for the ledger's ack before answering receipts_pending."""
     max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES
-    """Artifact size limit when the policy sets none."""
+    """Artifact size limit (the queue's max_artifact_bytes lowers it)."""
+    spool_max_unacked: int = 100_000
+    """Receipts the spool holds unacknowledged before it refuses new actions (each tool
+    call reserves its receipt's room before it runs, so a full spool refuses it first)."""
     default_queue: str = ""
     """Queue used when ClaimTask names none; empty: a queue is required."""
     ready_file: Path | None = None
@@ -125,6 +128,7 @@ _SCALARS: dict[str, tuple[str, str]] = {
     "uplink_timeout_ms": ("TETHER_UPLINK_TIMEOUT_MS", "int"),
     "receipt_ack_timeout_ms": ("TETHER_RECEIPT_ACK_TIMEOUT_MS", "int"),
     "max_artifact_bytes": ("TETHER_MAX_ARTIFACT_BYTES", "int"),
+    "spool_max_unacked": ("TETHER_SPOOL_MAX_UNACKED", "int"),
     "default_queue": ("TETHER_DEFAULT_QUEUE", "str"),
     "ready_file": ("TETHER_READY_FILE", "path"),
     "policy_file": ("TETHER_POLICY_FILE", "path"),
@@ -151,6 +155,7 @@ _RANGES = {
     "uplink_timeout_ms": (100, 600_000),
     "receipt_ack_timeout_ms": (0, 600_000),
     "max_artifact_bytes": (1, 1 << 40),
+    "spool_max_unacked": (10, 10_000_000),
 }
 
 

@@ -10,6 +10,7 @@ with a `retry_after_ms` hint (see `tether.sidecar.uplink`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -25,6 +26,7 @@ import grpc
 
 from tether.core import errors as E
 from tether.core.clock import Clock
+from tether.core.policy import QueueSpec
 from tether.core.receipts import ReceiptKind
 from tether.core.states import Event, State
 from tether.crypto.envelopes import from_proto
@@ -32,7 +34,7 @@ from tether.grpcutil.status import handle_errors
 from tether.sidecar.config import NAME_RE
 from tether.sidecar.identity import AgentRegistry
 from tether.sidecar.leases import HeldLease, LeaseTable
-from tether.sidecar.mediation import Mediator
+from tether.sidecar.mediation import Mediator, PolicySource
 from tether.sidecar.memory import MAX_KEY_CHARS, MAX_VALUE_BYTES, MemoryStore, Scope
 from tether.sidecar.receipts import ReceiptSink, sha256_hex
 from tether.sidecar.uplink import Uplink
@@ -68,6 +70,12 @@ class BrokerDeps:
     # How long CompleteTask waits for the ledger to acknowledge the task's
     # receipts before answering receipts_pending=true (they stay spooled).
     receipt_ack_timeout_ms: int = 2_000
+    # The policies leases were granted under (by digest); None only in unit tests
+    # that run without a policy, where scope checks fall back to the narrowest.
+    policies: PolicySource | None = None
+
+
+_BACKGROUND: set[asyncio.Future[None]] = set()
 
 
 def task_view(held: HeldLease) -> bpb.TaskView:
@@ -161,28 +169,130 @@ class BrokerServicer(bpb_grpc.BrokerServiceServicer):
                 "sidecar is shutting down; retry on another node in 1000 ms",
                 metadata={"retry_after_ms": "1000"},
             )
-        response: pb.AcquireLeaseResponse = await self.d.uplink.call(
-            "AcquireLease",
-            pb.AcquireLeaseRequest(
-                queue=queue, node_id=self.d.node_id, agent_id=agent, wait_ms=request.wait_ms
-            ),
-            safe_to_repeat=False,
-            extra_timeout_ms=request.wait_ms,
+        sent = self.d.clock.monotonic_ms()  # the lease is valid from here, not from arrival
+        acquire = asyncio.ensure_future(
+            self.d.uplink.call(
+                "AcquireLease",
+                pb.AcquireLeaseRequest(
+                    queue=queue, node_id=self.d.node_id, agent_id=agent, wait_ms=request.wait_ms
+                ),
+                safe_to_repeat=False,
+                extra_timeout_ms=request.wait_ms,
+            )
         )
+        try:
+            response: pb.AcquireLeaseResponse = await asyncio.shield(acquire)
+        except asyncio.CancelledError:
+            # The agent went away (deadline, disconnect): whatever is granted goes back
+            # at once instead of sitting on the lease until its TTL.
+            acquire.add_done_callback(self._give_back_orphan)
+            raise
         if not response.HasField("task"):
             return bpb.ClaimTaskResponse()
         try:
-            held = await self.d.leases.add(response.task, from_proto(response.lease), agent)
+            held = await self.d.leases.add(
+                response.task,
+                from_proto(response.lease),
+                agent,
+                sent_mono_ms=sent + response.waited_ms,  # the grant is no earlier than this
+            )
         except E.VerificationError as err:
             log.error(
                 "refusing a lease that failed verification: %s",
                 err.message,
                 extra={"task_id": response.task.task_id},
             )
+            await self._release(response.task.task_id, response.task.fencing_token, "bad lease")
             raise E.TetherError(
                 "the control plane sent a lease that failed verification; see the sidecar log"
             ) from err
+        except E.ResourceExhausted as err:  # no spool room to keep the lease on record
+            await self._release(response.task.task_id, response.task.fencing_token, err.message)
+            raise
+        except E.LeaseExpired as err:
+            await self._release(response.task.task_id, response.task.fencing_token, err.message)
+            raise E.Unavailable(
+                f"{err.message}; claim again", metadata={"retry_after_ms": "0"}
+            ) from err
+        if context.done():
+            await self._give_back(held, "the claiming agent went away before the reply")
+            raise E.Unavailable("the claim was abandoned by its caller")
+        await self._check_claim(held, agent, queue)
         return bpb.ClaimTaskResponse(task=task_view(held))
+
+    async def _check_claim(self, held: HeldLease, agent: str, queue: str) -> None:
+        """The sidecar's own check of the agent->queue grant, on the signed lease's fields.
+
+        Raises:
+            PolicyDenied: the lease is for another queue, or its policy does not let
+                `agent` claim from the queue (the lease is handed back at once).
+        """
+        problem = ""
+        if held.queue != queue:
+            problem = f"the lease is for queue {held.queue!r}, not {queue!r}"
+        elif self.d.policies is not None:
+            try:
+                policy = await self.d.policies.get(
+                    held.lease.policy_digest, held.task_id, held.lease.fencing_token
+                )
+            except E.PolicyDenied as err:
+                problem = err.message
+            else:
+                if not policy.may_claim(agent, held.queue):
+                    problem = f"the policy does not let agent {agent!r} claim from {queue!r}"
+        if problem:
+            await self._give_back(held, f"claim refused: {problem}")
+            raise E.PolicyDenied(problem, metadata={"agent": agent, "queue": queue})
+
+    async def _release(self, task_id: str, fencing_token: int, why: str) -> None:
+        """Hands a just-granted lease back (best effort; otherwise it lapses)."""
+        request = pb.TransitionTaskRequest(
+            task_id=task_id,
+            fencing_token=fencing_token,
+            event=int(Event.RELEASE),  # type: ignore[arg-type]
+            error=why[:512],
+            node_id=self.d.node_id,
+        )
+        try:
+            await self.d.uplink.call("TransitionTask", request, retry_budget_ms=1000)
+        except E.TetherError as err:
+            log.warning("could not hand back task %s: %s", task_id, err.message)
+
+    async def _give_back(self, held: HeldLease, why: str) -> None:
+        await self._release(held.task_id, held.lease.fencing_token, why)
+        await self.d.leases.mark_lost(held, why)
+
+    def _give_back_orphan(self, fut: asyncio.Future[Any]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        response = fut.result()
+        if response.HasField("task"):
+            task = response.task
+            job = asyncio.ensure_future(
+                self._release(task.task_id, task.fencing_token, "claiming agent went away")
+            )
+            _BACKGROUND.add(job)  # keep a reference until it ends (asyncio holds weak ones)
+            job.add_done_callback(_BACKGROUND.discard)
+
+    async def _queue_spec(self, held: HeldLease) -> QueueSpec | None:
+        """The lease's queue as its signed policy declares it (None without a policy source)."""
+        if self.d.policies is None:
+            return None
+        policy = await self.d.policies.get(
+            held.lease.policy_digest, held.task_id, held.lease.fencing_token
+        )
+        return policy.queue(held.queue)
+
+    async def _check_memory_scope(self, held: HeldLease, scope: Scope) -> None:
+        """`memory_scope = "task"` allows task memory only; "agent" allows both."""
+        spec = await self._queue_spec(held)
+        widest = spec.memory_scope if spec is not None else "task"
+        if scope is Scope.AGENT and widest != "agent":
+            raise E.PolicyDenied(
+                f"queue {held.queue!r} has memory_scope = {widest!r}: agent-scoped memory "
+                "is not granted",
+                metadata={"queue": held.queue, "scope": "agent"},
+            )
 
     @handle_errors
     async def StartTask(
@@ -247,6 +357,7 @@ class BrokerServicer(bpb_grpc.BrokerServiceServicer):
         if len(request.value) > MAX_VALUE_BYTES:
             raise E.InvalidArgument("value", "larger than 1 MiB")
         agent, held = await self._held(context, request.task_id)
+        await self._check_memory_scope(held, scope)
         owner = held.task_id if scope is Scope.TASK else agent
         now = self.d.clock.now_ms()
         digest = await self.d.memory.put(scope, owner, request.key, request.value, now)
@@ -266,6 +377,7 @@ class BrokerServicer(bpb_grpc.BrokerServiceServicer):
     ) -> bpb.RecallResponse:
         scope = self._memory_args(request.scope, request.key)
         agent, held = await self._held(context, request.task_id)
+        await self._check_memory_scope(held, scope)
         owner = held.task_id if scope is Scope.TASK else agent
         value = await self.d.memory.get(scope, owner, request.key)
         if value is None:
@@ -306,7 +418,8 @@ class BrokerServicer(bpb_grpc.BrokerServiceServicer):
                 result_sha256=sha256_hex(request.result),
                 status="ok" if succeeded else "error",
                 reason=request.error[:512],
-            )
+            ),
+            held.end_slot,
         )
         log.info(
             "task finished: %s",
@@ -342,6 +455,15 @@ class BrokerServicer(bpb_grpc.BrokerServiceServicer):
         if not ARTIFACT_NAME_RE.match(header.name) or header.name in (".", ".."):
             raise E.InvalidArgument("name", "must match [A-Za-z0-9._-]{1,200}")
         _, held = await self._held(context, header.task_id)
+        limit = self.d.max_artifact_bytes
+        spec = await self._queue_spec(held)
+        if spec is not None:
+            if spec.filesystem_scope == "none":
+                raise E.PolicyDenied(
+                    f'queue {held.queue!r} has filesystem_scope = "none": no artifacts',
+                    metadata={"queue": held.queue},
+                )
+            limit = min(limit, spec.max_artifact_bytes)
         folder = self.d.artifacts_dir / held.task_id
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".{header.name}.{secrets.token_hex(6)}.part"
@@ -355,9 +477,10 @@ class BrokerServicer(bpb_grpc.BrokerServiceServicer):
                     if len(message.chunk) > MAX_CHUNK_BYTES:
                         raise E.InvalidArgument("chunk", "larger than 1 MiB")
                     size += len(message.chunk)
-                    if size > self.d.max_artifact_bytes:
+                    if size > limit:
                         raise E.ResourceExhausted(
-                            f"artifact larger than the limit of {self.d.max_artifact_bytes} bytes"
+                            f"artifact larger than the limit of {limit} bytes (the queue's "
+                            "max_artifact_bytes or the sidecar's)"
                         )
                     digest.update(message.chunk)
                     out.write(message.chunk)

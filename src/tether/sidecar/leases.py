@@ -5,8 +5,12 @@ Rules:
 * A lease is trusted only after its envelope verifies against the control
   plane's key and names this node, the claiming agent and the task's current
   fencing token.
-* Expiry is the one the control plane signed, checked against local time at
-  every call; at or past it the task is fenced locally.
+* Validity is judged by this sidecar's own monotonic clock, never by comparing
+  its wall clock with the control plane's: a lease is usable until (monotonic
+  time when the acquire or renew request was *sent*) + TTL - a safety margin,
+  which is always earlier than the control plane's expiry of that grant. Every
+  call checks it before any side effect; at or past it the task is fenced
+  locally. A wall-clock step or skew on either side changes nothing.
 * The keeper renews a lease every TTL / `renew_divisor` while its agent is
   alive (made a Broker call within the liveness window, default one TTL). Once
   the agent goes silent the keeper stops renewing and the lease lapses.
@@ -33,7 +37,7 @@ from tether.core.receipts import Receipt, ReceiptKind
 from tether.core.states import State
 from tether.crypto.envelopes import from_proto
 from tether.crypto.signing import Envelope
-from tether.sidecar.receipts import ReceiptSink
+from tether.sidecar.receipts import ReceiptSink, Slot
 from tether.sidecar.uplink import Uplink
 from tether.v1 import control_pb2 as pb
 
@@ -41,6 +45,16 @@ log = logging.getLogger("tether.sidecar.leases")
 
 LeaseVerifier = Callable[[Envelope], Lease]
 FORGET_MS = 10 * 60_000  # finished/lost leases answer "finished"/"lease lost" this long
+
+
+def safety_margin_ms(ttl_ms: int) -> int:
+    """How much earlier than TTL the sidecar stops using a grant (a tenth, 100 ms..2 s).
+
+    Covers the request's time in flight to the control plane and scheduling
+    delays between the check and the side effect.
+    """
+    return max(100, min(2_000, ttl_ms // 10))
+
 
 # Refusals after which a lease is gone for good (anything else is retried until expiry).
 _FATAL = (
@@ -64,7 +78,11 @@ class HeldLease:
     payload: bytes
     state: State
     renewed_local_ms: int
+    """Monotonic ms of the last successful grant or renewal (schedules renewals)."""
     last_agent_call_ms: int
+    """Monotonic ms of the agent's last Broker call (liveness)."""
+    valid_until_mono_ms: int = 0
+    """Monotonic ms after which this sidecar no longer acts under the lease."""
     lost_reason: str = ""
     finished: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -75,6 +93,9 @@ class HeldLease:
     # Run when the credentials are dropped: whatever still holds one (e.g. an MCP
     # server with a secret in its env) is stopped. Keyed so a tool registers once.
     on_end: dict[str, Callable[[], None]] = field(default_factory=dict, repr=False)
+    # Spool room promised at grant for the lease's closing receipt (task_finished or
+    # lease_lost), so a full spool can never leave a lease without its end on record.
+    end_slot: Slot | None = field(default=None, repr=False)
 
     @property
     def task_id(self) -> str:
@@ -83,6 +104,14 @@ class HeldLease:
     @property
     def ttl_ms(self) -> int:
         return self.lease.expires_unix_ms - self.lease.issued_unix_ms
+
+    def remaining_ms(self, clock: Clock) -> int:
+        """Milliseconds this sidecar may still act under the lease (by its monotonic clock)."""
+        return self.valid_until_mono_ms - clock.monotonic_ms()
+
+    def usable(self, clock: Clock) -> bool:
+        """Neither lost nor finished, and still valid by the monotonic clock."""
+        return not self.lost_reason and not self.finished and self.remaining_ms(clock) > 0
 
     def drop_credentials(self) -> None:
         """Forgets every credential issued under this lease (the lease has ended)."""
@@ -171,28 +200,63 @@ class LeaseTable:
                 raise E.VerificationError(f"lease names {what} {got!r}, expected {want!r}")
         return lease
 
-    async def add(self, task: pb.Task, envelope: Envelope, agent: str) -> HeldLease:
-        """Starts holding a freshly acquired lease and keeping it alive."""
+    def valid_until(self, sent_mono_ms: int, lease: Lease) -> int:
+        """Monotonic deadline of a grant whose request left at `sent_mono_ms`."""
+        ttl = lease.expires_unix_ms - lease.issued_unix_ms
+        return sent_mono_ms + ttl - safety_margin_ms(ttl)
+
+    async def add(
+        self, task: pb.Task, envelope: Envelope, agent: str, sent_mono_ms: int | None = None
+    ) -> HeldLease:
+        """Starts holding a freshly acquired lease and keeping it alive.
+
+        `sent_mono_ms` is when the AcquireLease request was sent (monotonic);
+        the lease is valid from there for its TTL minus the safety margin.
+
+        Raises:
+            VerificationError: the lease does not verify or is not the one asked for.
+            LeaseExpired: the grant arrived after its validity ended (a slow or
+                paused claim); it is not used.
+        """
         lease = self.trust(
             envelope, task_id=task.task_id, agent=agent, fencing_token=task.fencing_token
         )
+        mono = self._clock.monotonic_ms()
+        sent = mono if sent_mono_ms is None else sent_mono_ms
+        valid_until = self.valid_until(sent, lease)
+        if valid_until <= mono:
+            raise E.LeaseExpired(
+                f"the lease on task {task.task_id!r} arrived after its validity ended "
+                f"({mono - sent} ms after the claim was sent); it is not used"
+            )
         now = self._clock.now_ms()
+        # Room for the grant's receipt and for the lease's closing one, promised
+        # now: a full spool refuses the claim rather than an action later.
+        grant_slot = self._sink.reserve()
+        try:
+            end_slot = self._sink.reserve()
+        except E.ResourceExhausted:
+            grant_slot.release()
+            raise
         held = HeldLease(
             lease=lease,
             envelope=envelope,
             agent=agent,
-            queue=task.queue or lease.queue,
+            # The signed lease names the queue; the unsigned task message does not count.
+            queue=lease.queue,
             payload=bytes(task.payload),
             state=State.LEASED,
-            renewed_local_ms=now,
-            last_agent_call_ms=now,
+            renewed_local_ms=sent,
+            last_agent_call_ms=mono,
+            valid_until_mono_ms=valid_until,
+            end_slot=end_slot,
         )
         old = self._held.get(task.task_id)
         if old is not None:
             await self.forget(old)
-        self._prune(now)
+        self._prune(mono)
         self._held[task.task_id] = held
-        await self._sink.emit(held.receipt(ReceiptKind.LEASE_GRANTED, now))
+        await self._sink.emit(held.receipt(ReceiptKind.LEASE_GRANTED, now), grant_slot)
         held.keeper = asyncio.create_task(self._keep(held), name=f"keep-{task.task_id}")
         log.info(
             "lease granted",
@@ -222,9 +286,11 @@ class LeaseTable:
             )
         if held.finished:
             raise E.InvalidTransition(f"task {task_id!r} is already finished")
-        now = self._clock.now_ms()
-        if not held.lost_reason and now >= held.lease.expires_unix_ms:
-            await self.mark_lost(held, "lease lapsed (its signed expiry has passed)")
+        now = self._clock.monotonic_ms()
+        if not held.lost_reason and now >= held.valid_until_mono_ms:
+            await self.mark_lost(
+                held, "lease lapsed (its validity by this sidecar's monotonic clock has ended)"
+            )
         if held.lost_reason:
             raise E.LeaseLost(
                 f"lease lost on task {task_id!r}: {held.lost_reason}; do not continue this task",
@@ -249,7 +315,8 @@ class LeaseTable:
             },
         )
         await self._sink.emit(
-            held.receipt(ReceiptKind.LEASE_LOST, self._clock.now_ms(), reason=reason)
+            held.receipt(ReceiptKind.LEASE_LOST, self._clock.now_ms(), reason=reason),
+            held.end_slot,
         )
         self._stop_keeper(held)
         self._ended(held)
@@ -263,6 +330,8 @@ class LeaseTable:
 
     async def forget(self, held: HeldLease) -> None:
         """Drops a lease from the table (finished or lost long ago)."""
+        if held.end_slot is not None:
+            held.end_slot.release()  # a no-op when its closing receipt took it
         held.drop_credentials()
         self._stop_keeper(held)
         self._held.pop(held.task_id, None)
@@ -279,15 +348,19 @@ class LeaseTable:
         if task is not None and task is not asyncio.current_task():
             task.cancel()
 
-    def adopt(self, held: HeldLease, envelope: Envelope, lease: Lease) -> None:
-        """Replaces a held lease with its renewal."""
+    def adopt(self, held: HeldLease, envelope: Envelope, lease: Lease, sent_mono_ms: int) -> None:
+        """Replaces a held lease with its renewal, whose request left at `sent_mono_ms`."""
         held.lease = lease
         held.envelope = envelope
-        held.renewed_local_ms = self._clock.now_ms()
+        held.renewed_local_ms = sent_mono_ms
+        held.valid_until_mono_ms = max(
+            held.valid_until_mono_ms, self.valid_until(sent_mono_ms, lease)
+        )
 
     def renew_due(self, held: HeldLease) -> bool:
         """True when a renewal is due (a third of the TTL, by default, since the last)."""
-        return self._clock.now_ms() - held.renewed_local_ms >= held.ttl_ms // self._divisor
+        elapsed = self._clock.monotonic_ms() - held.renewed_local_ms
+        return elapsed >= held.ttl_ms // self._divisor
 
     async def renew(self, held: HeldLease, *, retry_budget_ms: int | None = None) -> None:
         """Renews at the control plane; a refusal fences the task.
@@ -302,6 +375,7 @@ class LeaseTable:
             request = pb.RenewLeaseRequest(
                 task_id=held.task_id, fencing_token=held.lease.fencing_token, node_id=self._node_id
             )
+            sent = self._clock.monotonic_ms()
             try:
                 response: pb.RenewLeaseResponse = await self._uplink.call(
                     "RenewLease", request, retry_budget_ms=retry_budget_ms
@@ -318,7 +392,7 @@ class LeaseTable:
             except (*_FATAL, E.VerificationError) as err:
                 await self.mark_lost(held, f"renewal refused: {err.message}")
                 raise E.LeaseLost(f"lease lost on task {held.task_id!r}: {err.message}") from err
-            self.adopt(held, envelope, lease)
+            self.adopt(held, envelope, lease, sent)
 
     def _alive(self, held: HeldLease, now: int) -> bool:
         window = self._liveness_ms or held.ttl_ms
@@ -328,8 +402,8 @@ class LeaseTable:
         """Renews while the agent is alive; fences at expiry otherwise."""
         try:
             while not held.finished and not held.lost_reason:
-                now = self._clock.now_ms()
-                expires = held.lease.expires_unix_ms
+                now = self._clock.monotonic_ms()
+                expires = held.valid_until_mono_ms
                 if now >= expires:
                     await self.mark_lost(held, "lease lapsed (not renewed before its expiry)")
                     return

@@ -81,7 +81,7 @@ from tether.core.clock import Clock
 from tether.core.policy import Policy, ToolSpec, load_policy, parse_policy
 from tether.core.receipts import ReceiptKind
 from tether.sidecar.leases import HeldLease, LeaseTable
-from tether.sidecar.receipts import ReceiptSink, sha256_hex
+from tether.sidecar.receipts import ReceiptSink, Slot, sha256_hex
 from tether.sidecar.redaction import Redactor
 from tether.sidecar.tools import Tool, ToolContext, ToolResult, build_tool, run_tool
 from tether.v1 import control_pb2 as pb
@@ -271,6 +271,8 @@ class _Call:
     arguments: dict[str, Any]
     args_digest: str
     key: str
+    slot: Slot | None = None
+    """The tool_call receipt's promised spool room, taken before the tool runs."""
 
     @property
     def tool(self) -> str:
@@ -458,12 +460,13 @@ class Mediator:
                 cost_micros=outcome.cost_micros,
                 status=final,
                 idempotency_key=call.key,
-            )
+            ),
+            call.slot,
         )
 
     def _fence(self, held: HeldLease, tool: str) -> None:
-        """Refuses unless the lease is live right now (local signed expiry)."""
-        if held.lost_reason or held.finished or self._clock.now_ms() >= held.lease.expires_unix_ms:
+        """Refuses unless the lease is live right now (by this sidecar's monotonic clock)."""
+        if not held.usable(self._clock):
             raise E.LeaseLost(
                 f"lease lost on task {held.task_id!r}: "
                 f"{held.lost_reason or 'finished or lapsed'}; tool {tool!r} did not run",
@@ -675,7 +678,8 @@ class Mediator:
         out: dict[str, bytes] = {}
         for name in names:
             cached = held.credentials.get(name)
-            if cached is not None and self._clock.now_ms() < cached[1]:
+            if cached is not None and held.usable(self._clock):
+                # Dropped when the lease ends; valid while it is (monotonic clock).
                 out[name] = cached[0]
                 continue
             response = await self._remote(
@@ -697,7 +701,23 @@ class Mediator:
         return out
 
     async def _execute(self, call: _Call) -> ToolOutcome:
-        """Hold budget, issue, mark STARTED, run, settle, record + receipt."""
+        """Reserve the receipt, then hold budget, issue, mark STARTED, run, settle, record.
+
+        The receipt's spool room is promised first: with a full spool the call is
+        refused before anything happens, and a call that ran always gets its receipt.
+        """
+        try:
+            call.slot = self._sink.reserve()
+        except E.ResourceExhausted as err:
+            raise E.ResourceExhausted(
+                f"tool {call.tool!r} did not run: {err.message}", metadata=err.metadata
+            ) from err
+        try:
+            return await self._execute_reserved(call)
+        finally:
+            call.slot.release()  # a no-op once the receipt took it
+
+    async def _execute_reserved(self, call: _Call) -> ToolOutcome:
         held, spec, key = call.held, call.spec, call.key
         assert self._runner is not None
         token = held.lease.fencing_token
@@ -1019,7 +1039,15 @@ class PolicyToolRunner:
         policy = await self._policies.get(
             held.lease.policy_digest, held.task_id, held.lease.fencing_token
         )
-        return policy.granted_tool(held.queue, tool)
+        spec = policy.granted_tool(held.queue, tool)
+        queue = policy.queue(held.queue)
+        if queue.filesystem_scope == "none" and spec.adapter in ("exec", "mcp"):
+            raise E.PolicyDenied(
+                f"tool {tool!r} needs a workspace, and queue {held.queue!r} has "
+                'filesystem_scope = "none"',
+                metadata={"tool": tool, "queue": held.queue},
+            )
+        return spec
 
     async def run(
         self,
@@ -1047,7 +1075,7 @@ class PolicyToolRunner:
                 held.drop_credentials()
         workspace = self._workspaces / held.task_id
         workspace.mkdir(parents=True, exist_ok=True, mode=0o700)
-        left_s = (held.lease.expires_unix_ms - self._clock.now_ms()) / 1000
+        left_s = held.remaining_ms(self._clock) / 1000
         queue = policy.queues.get(held.queue)
         ctx = ToolContext(
             task_id=held.task_id,

@@ -15,11 +15,30 @@ from typing import Protocol
 from tether.core.receipts import Receipt
 
 
+class Slot(Protocol):
+    """Room promised for one receipt (see `ReceiptSink.reserve`)."""
+
+    def take(self) -> bool: ...
+
+    def release(self) -> None: ...
+
+
 class ReceiptSink(Protocol):
     """Takes receipts from the sidecar and keeps them durably."""
 
-    async def emit(self, receipt: Receipt) -> int:
-        """Signs, chains and stores `receipt`; durable before it returns; returns its seq."""
+    async def emit(self, receipt: Receipt, slot: Slot | None = None) -> int:
+        """Signs, chains and stores `receipt`; durable before it returns; returns its seq.
+
+        With a `slot` from `reserve`, the receipt is never refused for space.
+        """
+        ...
+
+    def reserve(self) -> Slot:
+        """Promises room for one receipt before the action it records happens.
+
+        Raises:
+            ResourceExhausted: no room; the action must not happen.
+        """
         ...
 
     async def pending(self) -> int:

@@ -146,7 +146,9 @@ class Sidecar:
 
         state = cfg.state_dir
         state.mkdir(parents=True, exist_ok=True)
-        sink = self._sink or ReceiptSpool(state / "spool.db", cfg.node_id, node_key)
+        sink = self._sink or ReceiptSpool(
+            state / "spool.db", cfg.node_id, node_key, max_unacked=cfg.spool_max_unacked
+        )
         self._sink = sink
         if isinstance(sink, ReceiptSpool):
             self._receipts_task = asyncio.create_task(
@@ -161,9 +163,8 @@ class Sidecar:
             agent_liveness_ms=cfg.agent_liveness_ms,
             renew_divisor=cfg.renew_divisor,
         )
-        runner = self._runner or PolicyToolRunner(
-            PolicySource(uplink, cfg.policy_file), state / "workspaces", self.clock
-        )
+        policies = PolicySource(uplink, cfg.policy_file)
+        runner = self._runner or PolicyToolRunner(policies, state / "workspaces", self.clock)
         self.deps = deps = BrokerDeps(
             node_id=cfg.node_id,
             uplink=uplink,
@@ -179,6 +180,7 @@ class Sidecar:
             max_artifact_bytes=cfg.max_artifact_bytes,
             default_queue=cfg.default_queue,
             receipt_ack_timeout_ms=cfg.receipt_ack_timeout_ms,
+            policies=policies,
         )
 
         await self._serve(BrokerServicer(deps), cfg.socket_path, cfg.listen_tcp)
@@ -306,7 +308,8 @@ class Sidecar:
             held.lost_reason = reason
             held.drop_credentials()
             await deps.sink.emit(
-                held.receipt(ReceiptKind.LEASE_LOST, self.clock.now_ms(), reason=reason)
+                held.receipt(ReceiptKind.LEASE_LOST, self.clock.now_ms(), reason=reason),
+                held.end_slot,
             )
             log.info(reason, extra={"task_id": held.task_id})
 

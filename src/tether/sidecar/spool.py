@@ -30,12 +30,32 @@ from tether.core.errors import ResourceExhausted, TetherError
 from tether.core.receipts import Receipt
 from tether.crypto.receipts import ReceiptChain, envelope_digest
 from tether.crypto.signing import SigningKey
+from tether.sidecar.receipts import Slot
 
 log = logging.getLogger("tether.sidecar.spool")
 
 DEFAULT_MAX_UNACKED = 100_000
 DEFAULT_BATCH = 256
 DEFAULT_RETAIN_ACKED = 10_000
+
+
+class ReceiptSlot:
+    """Room promised for one receipt; `take` it when appending, `release` it otherwise."""
+
+    def __init__(self, spool: ReceiptSpool) -> None:
+        self._spool: ReceiptSpool | None = spool
+
+    def take(self) -> bool:
+        """Uses the slot (once); True if it was still promised."""
+        spool, self._spool = self._spool, None
+        if spool is None:
+            return False
+        spool._reserved -= 1
+        return True
+
+    def release(self) -> None:
+        """Gives the room back (the action did not happen); idempotent."""
+        self.take()
 
 
 class ReceiptSpool:
@@ -60,7 +80,7 @@ class ReceiptSpool:
         # disagreeing (the write finishes, and the chain with it).
         self._tlock = threading.Lock()
         self._new = asyncio.Event()
-        self._queue: list[tuple[Receipt, asyncio.Future[int]]] = []
+        self._queue: list[tuple[Receipt, asyncio.Future[int], bool]] = []
         self._writer: asyncio.Task[None] | None = None
         self._acked = asyncio.Condition()
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -93,13 +113,33 @@ class ReceiptSpool:
         self._count = self._db.execute(
             "SELECT COUNT(*) FROM spool WHERE seq > ?", (self.acked_seq,)
         ).fetchone()[0]
+        self._reserved = 0  # slots promised to calls about to act (receipt before effect)
+
+    def reserve(self) -> ReceiptSlot:
+        """Promises room for one receipt, before the action it will record.
+
+        A tool call reserves its receipt's slot before it runs, so a full spool
+        refuses the call *before* its side effect rather than after it (an
+        effect with no receipt). Release the slot if the action does not happen.
+
+        Raises:
+            ResourceExhausted: the spool (counting promised slots) is full.
+        """
+        if self._count + self._reserved >= self.max_unacked:
+            raise ResourceExhausted(
+                f"receipt spool is full ({self._count} unacknowledged envelopes, "
+                f"{self._reserved} promised); the control plane is not acknowledging "
+                "receipts, so nothing that needs a receipt may run"
+            )
+        self._reserved += 1
+        return ReceiptSlot(self)
 
     @property
     def last_seq(self) -> int:
         """Seq of the last envelope signed (and stored)."""
         return self._chain.last_seq
 
-    async def append(self, receipt: Receipt) -> int:
+    async def append(self, receipt: Receipt, slot: Slot | None = None) -> int:
         """Signs, chains and durably stores `receipt`; returns its seq.
 
         Group commit: receipts appended while a write is in progress are signed
@@ -107,11 +147,15 @@ class ReceiptSpool:
         batch), so concurrent callers share the cost of durability and each
         still returns only after its envelope is committed.
 
+        With `slot` (from `reserve`) the receipt uses the promised room and is
+        never refused for space.
+
         Raises:
             ResourceExhausted: the spool holds `max_unacked` unacknowledged envelopes.
         """
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._queue.append((receipt, future))
+        promised = slot is not None and slot.take()
+        self._queue.append((receipt, future, promised))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._drain(), name="spool-writer")
         return await future
@@ -121,10 +165,10 @@ class ReceiptSpool:
         while self._queue:
             batch, self._queue = self._queue, []
             try:
-                results = await asyncio.to_thread(self._store, [r for r, _ in batch])
+                results = await asyncio.to_thread(self._store, [(r, p) for r, _, p in batch])
             except BaseException as err:  # the whole batch failed; tell every caller
                 results = [err] * len(batch)
-            for (_, future), result in zip(batch, results, strict=True):
+            for (_, future, _), result in zip(batch, results, strict=True):
                 if future.done():
                     continue  # its caller was cancelled; the envelope is stored anyway
                 if isinstance(result, BaseException):
@@ -133,14 +177,19 @@ class ReceiptSpool:
                     future.set_result(result)
             self._new.set()
 
-    def _store(self, receipts: list[Receipt]) -> list[int | BaseException]:
-        """Signs and commits `receipts` in one transaction (worker thread)."""
+    def _store(self, receipts: list[tuple[Receipt, bool]]) -> list[int | BaseException]:
+        """Signs and commits `receipts` in one transaction (worker thread).
+
+        A receipt whose room was promised (`reserve`) is never refused; others
+        are refused when the stored, batched and promised ones fill the spool.
+        """
         out: list[int | BaseException] = []
         with self._tlock:
             before = (self._chain.last_seq, self._chain.last_digest)
             rows: list[tuple[int, bytes, str]] = []
-            for receipt in receipts:
-                if self._count + len(rows) >= self.max_unacked:
+            promised_now = self._reserved
+            for receipt, promised in receipts:
+                if not promised and self._count + len(rows) + promised_now >= self.max_unacked:
                     out.append(
                         ResourceExhausted(
                             f"receipt spool is full ({self._count} unacknowledged envelopes); "
@@ -169,9 +218,9 @@ class ReceiptSpool:
             self._count += len(rows)
             return out
 
-    async def emit(self, receipt: Receipt) -> int:
+    async def emit(self, receipt: Receipt, slot: Slot | None = None) -> int:
         """`ReceiptSink.emit`: append, durable before returning; returns the seq."""
-        return await self.append(receipt)
+        return await self.append(receipt, slot)
 
     async def pending(self) -> int:
         """Envelopes stored but not acknowledged."""

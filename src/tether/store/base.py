@@ -415,6 +415,11 @@ class Store(Protocol):
         """
         ...
 
+    async def void_join_tokens(self, node_id: str, now_ms: int) -> int:
+        """Marks every unused join token of `node_id` used (a revocation, a new re-key
+        token, or a completed enrolment makes them moot); returns how many."""
+        ...
+
     async def put_policy(self, document: str, digest: str, now_ms: int) -> PolicyRecord:
         """Stores the next policy version."""
         ...

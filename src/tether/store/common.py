@@ -357,10 +357,10 @@ def task_not_found(task_id: str) -> NotFound:
 def idempotent_submit(existing: TaskRecord, task: NewTask) -> TaskRecord:
     """`existing` if it is what `task` (same idempotency key) asks for, else a conflict."""
     if existing.queue != task.queue or existing.payload != task.payload:
+        # The other task's id is not told: whoever chose the same key need not own it.
         raise IdempotencyConflict(
-            f"idempotency key {task.idempotency_key!r} already names task "
-            f"{existing.task_id} with another queue or payload",
-            metadata={"task_id": existing.task_id},
+            f"idempotency key {task.idempotency_key!r} already names a task with another "
+            "queue or payload; choose another key"
         )
     return existing
 

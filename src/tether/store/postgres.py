@@ -640,6 +640,17 @@ class PostgresStore:
         row = await self._tx(fn)
         return None if row is None else row_to_join_token(row)
 
+    async def void_join_tokens(self, node_id: str, now_ms: int) -> int:
+        async def fn(conn: Conn) -> int:
+            cur = await conn.execute(
+                "UPDATE join_tokens SET used_unix_ms = %s WHERE node_id = %s"
+                " AND used_unix_ms IS NULL",
+                (now_ms, node_id),
+            )
+            return int(cur.rowcount)
+
+        return await self._tx(fn)
+
     async def put_policy(self, document: str, digest: str, now_ms: int) -> PolicyRecord:
         async def fn(conn: Conn) -> PolicyRecord:
             # Serializes version assignment across replicas (max()+1 would race).

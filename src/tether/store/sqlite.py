@@ -528,6 +528,18 @@ class SqliteStore:
         )
         return None if row is None else row_to_join_token(row)
 
+    async def void_join_tokens(self, node_id: str, now_ms: int) -> int:
+        count: int = await self._tx(
+            lambda c: (
+                c.execute(
+                    "UPDATE join_tokens SET used_unix_ms = ?"
+                    " WHERE node_id = ? AND used_unix_ms IS NULL",
+                    (now_ms, node_id),
+                ).rowcount
+            )
+        )
+        return count
+
     async def put_policy(self, document: str, digest: str, now_ms: int) -> PolicyRecord:
         def fn(conn: sqlite3.Connection) -> PolicyRecord:
             row = conn.execute(

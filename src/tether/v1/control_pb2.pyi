@@ -883,6 +883,14 @@ class AcquireLeaseResponse(_message.Message):
 
     TASK_FIELD_NUMBER: _builtins.int
     LEASE_FIELD_NUMBER: _builtins.int
+    WAITED_MS_FIELD_NUMBER: _builtins.int
+    waited_ms: _builtins.int
+    """How long the control plane waited (long poll) before granting, by its own
+    monotonic clock. A sidecar dates the grant as (its monotonic time when it
+    sent the request) + waited_ms, never comparing wall clocks: the lease is
+    usable until that + TTL - a safety margin, which is always before the
+    control plane's expiry.
+    """
     @_builtins.property
     def task(self) -> Global___Task:
         """The task, now leased; unset when no task was ready in time."""
@@ -896,10 +904,11 @@ class AcquireLeaseResponse(_message.Message):
         *,
         task: Global___Task | None = ...,
         lease: _receipt_pb2.Envelope | None = ...,
+        waited_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease", "task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease", "task", b"task", "waited_ms", b"waited_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
