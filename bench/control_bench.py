@@ -22,7 +22,7 @@ from tether.control.client import ControlClient
 from tether.core.states import Event, State
 from tether.crypto.signing import SigningKey
 from tether.store.sqlite import SqliteStore
-from tether.testing import endpoint, spawn_control_cli
+from tether.testing import default_test_policy, endpoint, spawn_control_cli
 from tether.v1 import control_pb2 as pb
 
 QUEUE = "bench"
@@ -67,6 +67,12 @@ def fill_queue(path: Path, n: int, queue: str = QUEUE, *, ttl_ms: int = 60_000) 
     db.close()
 
 
+def bench_policy(agents: int = 256) -> str:
+    """The benchmark's queues, claimable by agent-0 .. agent-N (no tools)."""
+    names = [f"agent-{i}" for i in range(agents)] + ["alice", "a"]
+    return default_test_policy(queues=[QUEUE, "work", "q"], agents=names)
+
+
 class Control:
     """A control plane subprocess over a prepared database."""
 
@@ -77,7 +83,9 @@ class Control:
         self.address = ""
 
     def __enter__(self) -> Control:
-        self.proc, self.address = spawn_control_cli(self.tmp, db=self.db, vault=False)
+        self.proc, self.address = spawn_control_cli(
+            self.tmp, db=self.db, vault=False, policy=bench_policy()
+        )
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -342,6 +342,7 @@ def spawn_control_cli(
     extra_args: Sequence[str] = (),
     timeout_s: float = 20.0,
     vault: bool = True,
+    policy: str | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Starts `python -m tether.cli control` on 127.0.0.1:0; returns (process, address).
 
@@ -393,7 +394,7 @@ def spawn_control_cli(
         if ready.exists():
             address, enroll = [*ready.read_text().splitlines(), "", ""][:2]
             _ENDPOINTS[address] = ep = ControlEndpoint(address, enroll, pki)
-            ensure_policy(ep, default_test_policy())
+            ensure_policy(ep, policy if policy is not None else default_test_policy())
             return proc, address
         if proc.poll() is not None:
             raise RuntimeError(

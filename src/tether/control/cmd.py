@@ -97,6 +97,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "'research-agent-*=node.pub'); repeatable. Revoking a node revokes its key",
     )
     p.add_argument(
+        "--sqlite-synchronous",
+        choices=["full", "normal"],
+        default="full",
+        help="SQLite durability (default full: every acknowledged write survives power loss, "
+        "with group commit). normal skips the fsync per commit: a process crash loses "
+        "nothing, but power loss or an OS crash may roll back the last acknowledged lease "
+        "grants, tool-call records, budget reservations and ledger appends",
+    )
+    p.add_argument(
         "--kek-file",
         help="key-encryption keys of the credential vault (from `tether secrets init-kek`, "
         "mode 0600); re-read when it changes, so `secrets rotate-kek` needs no restart. "
@@ -474,6 +483,7 @@ def _cmd_control(args: argparse.Namespace) -> int:
             metrics_listen=args.metrics_listen,
             tls=tls,
             enroll_listen=enroll_listen,
+            sqlite_synchronous=args.sqlite_synchronous.upper(),
         )
         await serve_forever(running, Path(args.ready_file) if args.ready_file else None)
 

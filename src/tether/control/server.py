@@ -119,6 +119,7 @@ async def start_server(
     metrics_listen: str | None = None,
     tls: ServerTLS | None = None,
     enroll_listen: str | None = None,
+    sqlite_synchronous: str = "FULL",
 ) -> RunningControl:
     """Opens the store and starts serving on `listen` ("host:port", port 0 ok, or "unix:/path").
 
@@ -162,7 +163,7 @@ async def start_server(
         else:
             enroll_target = f"{target.rpartition(':')[0]}:0"
     vault = Vault(kek_file) if kek_file is not None else None  # ConfigError before any I/O
-    store = store or store_from_url(db)
+    store = store or store_from_url(db, sqlite_synchronous=sqlite_synchronous)
     await store.open()
     service = ControlService(store, key, clock, config=config, auth=auth, vault=vault)
     if vault is None:

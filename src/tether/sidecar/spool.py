@@ -113,6 +113,11 @@ class ReceiptSpool:
         self._count = self._db.execute(
             "SELECT COUNT(*) FROM spool WHERE seq > ?", (self.acked_seq,)
         ).fetchone()[0]
+        # Readers (the uplink, exports) use their own connection: under WAL it sees
+        # only committed rows, never those of the writer's open transaction, so an
+        # envelope whose commit then fails is never streamed (no fork of a seq).
+        self._rdb = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._rdb.execute("PRAGMA query_only=ON")
         self._reserved = 0  # slots promised to calls about to act (receipt before effect)
 
     def reserve(self) -> ReceiptSlot:
@@ -231,7 +236,7 @@ class ReceiptSpool:
     ) -> list[tuple[int, bytes]]:
         """Up to `limit` (seq, envelope) pairs after `after` (default: the acked seq)."""
         start = self.acked_seq if after is None else max(after, self.acked_seq)
-        rows = self._db.execute(
+        rows = self._rdb.execute(
             "SELECT seq, envelope FROM spool WHERE seq > ? ORDER BY seq LIMIT ?", (start, limit)
         ).fetchall()
         return [(int(s), bytes(e)) for s, e in rows]
@@ -239,9 +244,9 @@ class ReceiptSpool:
     def envelopes(self, task_id: str | None = None) -> list[bytes]:
         """Stored envelopes in seq order (optionally one task's): unacked plus retained acked."""
         if task_id is None:
-            rows = self._db.execute("SELECT envelope FROM spool ORDER BY seq").fetchall()
+            rows = self._rdb.execute("SELECT envelope FROM spool ORDER BY seq").fetchall()
         else:
-            rows = self._db.execute(
+            rows = self._rdb.execute(
                 "SELECT envelope FROM spool WHERE task_id = ? ORDER BY seq", (task_id,)
             ).fetchall()
         return [bytes(r[0]) for r in rows]
@@ -312,6 +317,7 @@ class ReceiptSpool:
         def close() -> None:
             with self._tlock:
                 self._db.close()
+                self._rdb.close()
 
         await asyncio.to_thread(close)
 

@@ -12,11 +12,12 @@ def is_postgres_url(url_or_path: str | Path) -> bool:
     return isinstance(url_or_path, str) and url_or_path.startswith(("postgresql://", "postgres://"))
 
 
-def store_from_url(url_or_path: str | Path) -> Store:
+def store_from_url(url_or_path: str | Path, *, sqlite_synchronous: str = "FULL") -> Store:
     """The store a --db value names, not yet opened.
 
     `postgresql://user@host:port/dbname` selects PostgreSQL (several replicas may
-    share it); any other value is the path of an SQLite database file.
+    share it); any other value is the path of an SQLite database file, opened
+    with `sqlite_synchronous` ("FULL", the durable default, or "NORMAL").
     """
     if is_postgres_url(url_or_path):
         # Imported lazily: psycopg is an optional dependency (extra "postgres").
@@ -25,7 +26,7 @@ def store_from_url(url_or_path: str | Path) -> Store:
         return PostgresStore(str(url_or_path))
     from tether.store.sqlite import SqliteStore
 
-    return SqliteStore(url_or_path)
+    return SqliteStore(url_or_path, synchronous=sqlite_synchronous)
 
 
 async def open_store(url_or_path: str | Path) -> Store:

@@ -1,19 +1,29 @@
 """SQLite store: one aiosqlite connection, WAL, numbered migrations.
 
 Each transaction runs as ONE synchronous function, so it never interleaves with
-another coroutine's statements and needs no asyncio lock. With
-synchronous=NORMAL (the default: no fsync per commit) that function runs
-inline on the event loop: a lease's few indexed statements take tens of
-microseconds, less than the hop to a worker thread and back, which cost ~30%
-of lease throughput (bench/, docs/performance.md). With synchronous=FULL every
-commit fsyncs, so transactions run on aiosqlite's worker thread instead and
-never stall the loop. WAL with
-synchronous=NORMAL keeps every committed write across a process kill (SIGKILL);
-only an OS crash or power loss may drop the last commits.
+another coroutine's statements and needs no asyncio lock.
+
+Durable by default: synchronous=FULL, so an acknowledged write (a lease grant,
+a tool call's STARTED record, a budget reservation, a ledger append) survives
+power loss or an OS crash. Every commit fsyncs, so transactions run on
+aiosqlite's worker thread and are **group-committed**: the transactions that
+arrive while a commit is in flight run together in the next one, each inside
+its own SAVEPOINT (a failing one rolls back alone), and share one fsync; each
+caller is answered only after that COMMIT. Throughput holds because concurrent
+callers share the cost of durability.
+
+The opt-out, synchronous=NORMAL (`tether control --sqlite-synchronous normal`),
+runs each transaction inline on the event loop with no fsync per commit: it
+keeps every committed write across a process kill (SIGKILL), but an OS crash or
+power loss may roll back the last acknowledged writes, so a fencing token may be
+handed out twice, a non-idempotent tool may run again, a budget may be
+overspent, and a node's receipt stream may be stuck on a gap.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import sqlite3
 import time
 from collections.abc import Callable
@@ -192,16 +202,63 @@ WHERE task_id = ?4 AND state IN {in_states(sources(Event.LAPSE))} AND fencing_to
 """
 
 
+class _Failed:
+    """One transaction of a group that raised (and was rolled back to its savepoint)."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+def _run_group(
+    conn: sqlite3.Connection, fns: list[Callable[[sqlite3.Connection], Any]]
+) -> list[Any]:
+    """Runs each function in its own SAVEPOINT of one transaction; one COMMIT (one fsync).
+
+    A function that raises is rolled back alone (its result is a `_Failed`);
+    the others commit. If the COMMIT fails the caller tells every function's
+    caller, since none of them is durable.
+    """
+    out: list[Any] = []
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for fn in fns:
+            conn.execute("SAVEPOINT tx")
+            try:
+                out.append(fn(conn))
+            except BaseException as err:
+                conn.execute("ROLLBACK TO tx")
+                conn.execute("RELEASE tx")
+                if isinstance(err, sqlite3.Error):
+                    err = StorageError(f"database error: {err}")
+                out.append(_Failed(err))
+                continue
+            conn.execute("RELEASE tx")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return out
+
+
 class SqliteStore:
     """The embedded default `Store`, for one control-plane process."""
 
-    def __init__(self, path: Path | str, *, synchronous: str = "NORMAL") -> None:
+    def __init__(self, path: Path | str, *, synchronous: str = "FULL") -> None:
         if synchronous not in ("NORMAL", "FULL"):
             raise ValueError("synchronous must be NORMAL or FULL")
         self.path = Path(path)
         self._synchronous = synchronous
         self._inline = synchronous == "NORMAL"  # no fsync per commit: run on the loop
         self._db: aiosqlite.Connection | None = None
+        # Group commit (FULL): transactions waiting for the next COMMIT.
+        self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
+        self._committer: asyncio.Task[None] | None = None
+
+    @property
+    def synchronous(self) -> str:
+        """The durability setting in force: "FULL" (default) or "NORMAL"."""
+        return self._synchronous
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -217,6 +274,8 @@ class SqliteStore:
             raise StorageError(f"cannot open database {self.path}: {err}") from err
 
     async def close(self) -> None:
+        if self._committer is not None and not self._committer.done():
+            await self._committer  # answer every transaction already accepted
         if self._db is not None:
             db, self._db = self._db, None
             await db.close()
@@ -238,6 +297,39 @@ class SqliteStore:
             raise StorageError(f"database error: {err}") from err
 
     async def _tx(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Runs `fn(conn)` as one transaction: all of it commits, or none (on error).
+
+        FULL: group-committed with whatever else is waiting (see the module
+        docstring); answered only after the COMMIT that made it durable.
+        """
+        if not self._inline:
+            future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+            self._pending.append((fn, future))
+            if self._committer is None or self._committer.done():
+                self._committer = asyncio.create_task(self._commit_groups(), name="sqlite-commit")
+            return await future
+        return await self._tx_inline(fn)
+
+    async def _commit_groups(self) -> None:
+        """Commits pending transactions, a group per COMMIT, until none are left."""
+        while self._pending:
+            group, self._pending = self._pending, []
+            try:
+                fns = [f for f, _ in group]
+                results = await self._run(functools.partial(_run_group, fns=fns))
+            except BaseException as err:  # the COMMIT itself failed: nothing is durable
+                results = [err] * len(group)
+            for (_, future), result in zip(group, results, strict=True):
+                if future.done():
+                    continue
+                if isinstance(result, _Failed):
+                    future.set_exception(result.error)
+                elif isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
+
+    async def _tx_inline(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Runs `fn(conn)` inside BEGIN IMMEDIATE ... COMMIT (rolled back on error)."""
 
         def body(conn: sqlite3.Connection) -> T:
