@@ -22,11 +22,23 @@ CANARY = "TETHER_TEST_CANARY_VALUE_31337"
 needs_landlock = pytest.mark.skipif(landlock_abi() < 1, reason="kernel without Landlock")
 
 
+# Fixed (policy-owned) code: a tool that holds a secret must not run the agent's code.
+SECRET_TOOL_CODE = """\
+import base64, json, os, sys, urllib.parse
+if sys.argv[1] == "env":
+    print(json.dumps(dict(os.environ)))
+    print(os.getcwd())
+else:
+    s = os.environ["DB_PASSWORD"].encode()
+    print(s.decode(), base64.b64encode(b"user:" + s).decode(), s.hex(), urllib.parse.quote(s))
+    print(s.decode(), file=sys.stderr)
+"""
+
+
 def _tool(extra: str = "", timeout_ms: int = 10000) -> Any:
+    """Runs the agent's code: no secret in its environment (policy refuses that)."""
     policy = parse_policy(f"""\
 version = 1
-[credentials.db]
-tools = ["py"]
 [tools.py]
 adapter = "exec"
 timeout_ms = {timeout_ms}
@@ -35,12 +47,30 @@ argv = ["python3", "-c", "{{code}}", "{{file}}"]
 params = ["code", "file"]
 path_params = ["file"]
 env = {{ LANG = "C.UTF-8" }}
-secret_env = {{ DB_PASSWORD = "db" }}
 {extra}
 [queues.q]
 tools = ["py"]
 """)
     return build_tool(policy.tool("py"))
+
+
+def _secret_tool() -> Any:
+    """Runs fixed code with DB_PASSWORD in its environment; the agent picks only a mode."""
+    policy = parse_policy(f"""\
+version = 1
+[credentials.db]
+tools = ["report"]
+[tools.report]
+adapter = "exec"
+[tools.report.exec]
+argv = ["python3", "-c", {json.dumps(SECRET_TOOL_CODE)}, "{{mode}}"]
+params = ["mode"]
+env = {{ LANG = "C.UTF-8" }}
+secret_env = {{ DB_PASSWORD = "db" }}
+[queues.q]
+tools = ["report"]
+""")
+    return build_tool(policy.tool("report"))
 
 
 def _ctx(workspace: Path, **kw: Any) -> ToolContext:
@@ -76,15 +106,11 @@ async def test_env_holds_only_declared_vars_and_secret_is_redacted(
 ) -> None:
     """The child sees only policy env + injected secrets, never the sidecar's environment."""
     monkeypatch.setenv("TETHER_CANARY", CANARY)
-    result = await _run(
-        _tool(),
-        tmp_path,
-        "import os, json, sys; print(json.dumps(dict(os.environ))); print(os.getcwd())",
-    )
+    result = await run_tool(_secret_tool(), _ctx(tmp_path), {"mode": "env"}, Redactor())
     assert result.status == "ok", result.value
     lines = result.value["stdout"].splitlines()
     env = json.loads(lines[0])
-    assert set(env) == {"LANG", "DB_PASSWORD"}
+    assert set(env) == {"LANG", "DB_PASSWORD", "TETHER_TASK_ID", "TETHER_FENCING_TOKEN"}
     assert env["DB_PASSWORD"] == "[REDACTED]"
     assert CANARY not in result.value["stdout"]
     assert _same_dir(lines[1], tmp_path)
@@ -92,12 +118,7 @@ async def test_env_holds_only_declared_vars_and_secret_is_redacted(
 
 async def test_secret_used_by_child_but_not_returned(tmp_path: Path) -> None:
     """The child can use its secret (hash it, encode it) yet no form of it reaches the caller."""
-    code = (
-        "import os, base64, urllib.parse; s = os.environ['DB_PASSWORD'].encode();"
-        "print(s.decode(), base64.b64encode(b'user:' + s).decode(), s.hex(),"
-        " urllib.parse.quote(s)); import sys; print(s.decode(), file=sys.stderr)"
-    )
-    result = await _run(_tool(), tmp_path, code)
+    result = await run_tool(_secret_tool(), _ctx(tmp_path), {"mode": "encode"}, Redactor())
     assert result.status == "ok"
     assert not Redactor([SECRET]).contains_secret(result.value)
     assert result.value["stdout"].count("[REDACTED]") == 4

@@ -114,6 +114,7 @@ base_url = "http://127.0.0.1:{port}/api"
 allowed_methods = ["GET", "POST"]
 max_response_bytes = 2000
 follow_redirects = {"true" if follow else "false"}
+allowed_headers = ["Content-Type", "X-Trace"]
 {extra}
 [queues.q]
 tools = ["fetch"]

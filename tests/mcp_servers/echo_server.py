@@ -17,7 +17,18 @@ import sys
 import time
 from typing import Any
 
-TOOLS = ("echo", "env", "b64env", "sha256env", "whoami", "sleep", "fail", "crash", "garbage")
+TOOLS = (
+    "echo",
+    "env",
+    "b64env",
+    "sha256env",
+    "whoami",
+    "sleep",
+    "fail",
+    "crash",
+    "garbage",
+    "meta",
+)
 
 
 def _text(value: Any, *, error: bool = False) -> dict[str, Any]:
@@ -25,7 +36,9 @@ def _text(value: Any, *, error: bool = False) -> dict[str, Any]:
     return {"content": [{"type": "text", "text": text}], "isError": error}
 
 
-def _call(name: str, args: dict[str, Any]) -> dict[str, Any]:
+def _call(name: str, args: dict[str, Any], meta: Any = None) -> dict[str, Any]:
+    if name == "meta":  # what the client sent in the request's _meta
+        return _text(meta)
     if name == "echo":
         return {**_text(args), "structuredContent": {"args": args}}
     if name == "env":
@@ -76,7 +89,7 @@ def _handle(msg: dict[str, Any]) -> dict[str, Any] | None:
                 "id": rid,
                 "error": {"code": -32602, "message": f"Unknown tool: {params.get('name')}"},
             }
-        result = _call(params["name"], params.get("arguments") or {})
+        result = _call(params["name"], params.get("arguments") or {}, params.get("_meta"))
     else:
         return {
             "jsonrpc": "2.0",

@@ -40,7 +40,7 @@ auth_template = "{secret}"
 adapter = "exec"
 timeout_ms = 5000
 [tools.run.exec]
-argv = ["python3", "-c", "{code}"]
+argv = ["python3", "/opt/report.py", "{code}"]
 params = ["code"]
 env = { LANG = "C.UTF-8" }
 secret_env = { DB_PASSWORD = "db_password" }
@@ -168,14 +168,14 @@ def test_granted_tool_denial_names_the_tool() -> None:
             'auth_template = "Bearer"',
         ),
         (
-            'argv = ["python3", "-c", "{code}"]',
-            'argv = ["python3", "-c", "{script}"]',
+            'argv = ["python3", "/opt/report.py", "{code}"]',
+            'argv = ["python3", "/opt/report.py", "{script}"]',
             "tools.run.exec.argv",
             "{script}",
         ),
         (
-            'argv = ["python3", "-c", "{code}"]',
-            'argv = ["python3", "-c", "x={code}"]',
+            'argv = ["python3", "/opt/report.py", "{code}"]',
+            'argv = ["python3", "/opt/report.py", "x={code}"]',
             "tools.run.exec.argv",
             "x={code}",
         ),

@@ -97,6 +97,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "'research-agent-*=node.pub'); repeatable. Revoking a node revokes its key",
     )
     p.add_argument(
+        "--log-origin",
+        default="",
+        help="the receipt ledger's checkpoint origin, its log identity in C2SP notes "
+        "(default: TRUST_DOMAIN/ledger); `tether keys vkey` prints the matching verifier key",
+    )
+    p.add_argument(
         "--sqlite-synchronous",
         choices=["full", "normal"],
         default="full",
@@ -149,6 +155,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     ki.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN, help="SPIFFE trust domain name")
     ki.set_defaults(func=_cmd_keys_init)
+    kv = ksub.add_parser(
+        "vkey",
+        help="print the C2SP verifier key of the ledger's checkpoints (for note/witness tools)",
+        description="Prints NAME+HASH+KEY, the verifier key with which any C2SP signed-note "
+        "reader (Go's sumdb/note, witnesses) checks the ledger's checkpoints.",
+    )
+    kv.add_argument("--key", required=True, help="control public key (PEM) or trust.pem")
+    kv.add_argument(
+        "--origin",
+        help="the log origin the control plane runs with (default: the CA's TRUST_DOMAIN/"
+        "ledger when --key is a trust.pem, else required)",
+    )
+    kv.set_defaults(func=_cmd_keys_vkey)
 
     def operator(parser: argparse.ArgumentParser) -> None:
         add_client_args(parser)
@@ -315,6 +334,20 @@ def _cmd_keys_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_keys_vkey(args: argparse.Namespace) -> int:
+    from tether.crypto.note import verifier_key
+
+    bundle = TrustBundle.load(Path(args.key), need_ca=False)
+    origin = args.origin
+    if not origin:
+        if not bundle.ca_certs:
+            raise ConfigError("--origin is required when --key holds no CA certificate")
+        origin = f"{trust_domain_of(bundle.ca_certs[0])}/ledger"
+    for key in bundle.control_keys:
+        print(verifier_key(origin, key))
+    return 0
+
+
 def _cmd_operators_add(args: argparse.Namespace) -> int:
     d = Path(args.dir)
     out = Path(args.out) if args.out else d
@@ -430,7 +463,7 @@ def _beside(key: str, given: str | None, name: str) -> Path:
 
 def _cmd_control(args: argparse.Namespace) -> int:
     from tether.control.server import serve_forever, start_server
-    from tether.control.service import Auth
+    from tether.control.service import Auth, ControlConfig
     from tether.grpcutil.tls import ServerTLS
 
     key = SigningKey.load(Path(args.key))
@@ -484,6 +517,7 @@ def _cmd_control(args: argparse.Namespace) -> int:
             tls=tls,
             enroll_listen=enroll_listen,
             sqlite_synchronous=args.sqlite_synchronous.upper(),
+            config=ControlConfig(log_origin=args.log_origin),
         )
         await serve_forever(running, Path(args.ready_file) if args.ready_file else None)
 

@@ -567,7 +567,12 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         async with lock:  # two first callers must not open two ledgers (two trees)
             ledger = getattr(self, "_ledger_obj", None)
             if ledger is None:
-                ledger = Ledger(self.service.store, self.service.key, self.service.clock)
+                ledger = Ledger(
+                    self.service.store,
+                    self.service.key,
+                    self.service.clock,
+                    origin=self.service.log_origin,
+                )
                 await ledger.open()
                 self._ledger_obj = ledger
         return ledger

@@ -85,6 +85,9 @@ class ControlConfig:
     """How often a waiting AcquireLease re-checks for tasks whose backoff ended."""
     cert_validity_ms: int = DEFAULT_CERT_VALIDITY_MS
     """Validity of node certificates."""
+    log_origin: str = ""
+    """The ledger's C2SP checkpoint origin (its log identity); "" means
+    "<trust domain>/ledger", so each deployment names its own log."""
 
 
 @dataclass(frozen=True)
@@ -170,6 +173,11 @@ class ControlService:
         self.auth = auth or Auth()
         self._waiters = _Waiters()
         self._policy: Policy | None = None
+
+    @property
+    def log_origin(self) -> str:
+        """The checkpoint origin: configured, or derived from the trust domain."""
+        return self.config.log_origin or f"{self.auth.trust_domain}/ledger"
 
     async def start(self) -> None:
         """Loads the policy in force (if any); call once the store is open."""

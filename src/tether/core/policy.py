@@ -25,6 +25,36 @@ from tether.core.errors import ConfigError, PolicyDenied
 POLICY_VERSION = 1
 ADAPTERS = ("http", "exec", "python", "mcp")
 HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+DEFAULT_HTTP_ALLOWED_HEADERS = ("Content-Type",)
+# Request headers no agent may set, whatever `allowed_headers` says (lower case): the
+# credential and cookies, message framing and hop-by-hop headers, method overrides
+# (they would bypass allowed_methods), and headers that change how the response is
+# represented (an encoded, partial or re-charset body slips past redaction).
+HTTP_RESERVED_HEADERS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "expect",
+        "accept-encoding",
+        "accept-charset",
+        "range",
+        "if-range",
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+    }
+)
+HTTP_RESERVED_HEADER_PREFIX = "x-tether-"  # the fencing token and whatever Tether adds later
 MEMORY_SCOPES = ("task", "agent")
 FILESYSTEM_SCOPES = ("workspace", "none")
 
@@ -37,6 +67,8 @@ DEFAULT_MAX_ARTIFACT_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_RESPONSE_BYTES = 1024 * 1024
 DEFAULT_MAX_OUTPUT_BYTES = 1024 * 1024
 DEFAULT_MCP_STARTUP_TIMEOUT_MS = 10_000
+DEFAULT_MAX_PROCESSES = 256
+RESERVED_ENV_PREFIX = "TETHER_"  # TETHER_TASK_ID, TETHER_FENCING_TOKEN: set by the sidecar
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 PLACEHOLDER_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -78,6 +110,8 @@ class HttpSpec:
     auth_template: str = "Bearer {secret}"
     max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
     follow_redirects: bool = False
+    allowed_headers: tuple[str, ...] = DEFAULT_HTTP_ALLOWED_HEADERS
+    """Request headers an agent may set (case-insensitive); any other one is refused."""
 
     @property
     def host(self) -> str:
@@ -105,6 +139,8 @@ class ExecSpec:
     memory_mb: int = 512
     file_size_mb: int = 16
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+    max_processes: int = DEFAULT_MAX_PROCESSES
+    """RLIMIT_NPROC: processes and threads of the tool's whole tree (its own user namespace)."""
 
 
 @dataclass(frozen=True)
@@ -125,6 +161,8 @@ class McpSpec:
     memory_mb: int = 512
     file_size_mb: int = 16
     max_output_bytes: int = DEFAULT_MAX_OUTPUT_BYTES
+    max_processes: int = DEFAULT_MAX_PROCESSES
+    """RLIMIT_NPROC: processes and threads of the server's whole tree."""
 
 
 @dataclass(frozen=True)
@@ -710,6 +748,7 @@ def _parse_http(c: _Checker, tbl: dict[str, Any], path: tuple[str, ...]) -> Http
             "auth_template",
             "max_response_bytes",
             "follow_redirects",
+            "allowed_headers",
         ),
     )
     if "base_url" not in tbl:
@@ -743,6 +782,20 @@ def _parse_http(c: _Checker, tbl: dict[str, Any], path: tuple[str, ...]) -> Http
         raise c.fail(
             (*path, "auth_template"), "must contain {secret} exactly once and no other placeholder"
         )
+    headers = _opt(tbl, "allowed_headers", DEFAULT_HTTP_ALLOWED_HEADERS, c.strings, path)
+    for i, header in enumerate(headers):
+        lower = header.lower()
+        if not _HEADER_RE.match(header):
+            why = "is not a valid HTTP header name"
+        elif lower in HTTP_RESERVED_HEADERS or lower.startswith(HTTP_RESERVED_HEADER_PREFIX):
+            why = "is set by the sidecar (or never sent); no agent may set it"
+        elif lower == auth_header.lower():
+            why = "is the auth_header, which carries the credential"
+        elif lower in (h.lower() for h in headers[:i]):
+            why = "is repeated"
+        else:
+            continue
+        raise c.fail((*path, "allowed_headers"), f"item {i} ({header!r}) {why}")
     return HttpSpec(
         base_url=base_url,
         allowed_methods=methods,
@@ -756,6 +809,7 @@ def _parse_http(c: _Checker, tbl: dict[str, Any], path: tuple[str, ...]) -> Http
             path,
         ),
         follow_redirects=_opt(tbl, "follow_redirects", False, c.boolean, path),
+        allowed_headers=headers,
     )
 
 
@@ -774,6 +828,7 @@ def _parse_exec(c: _Checker, tbl: dict[str, Any], path: tuple[str, ...]) -> Exec
             "memory_mb",
             "file_size_mb",
             "max_output_bytes",
+            "max_processes",
         ),
     )
     if "argv" not in tbl:
@@ -802,6 +857,17 @@ def _parse_exec(c: _Checker, tbl: dict[str, Any], path: tuple[str, ...]) -> Exec
         if param not in params:
             raise c.fail((*path, "path_params"), f"item {i} ({param!r}) is not declared in params")
     env, secret_env = _parse_env(c, tbl, path)
+    code = agent_code_element(argv)
+    if secret_env and code is not None:
+        index, runner = code
+        raise c.fail(
+            (*path, "secret_env"),
+            f"argv item {index} ({argv[index]!r}) is code the agent supplies to {runner}, so "
+            "a secret in this tool's environment is one print away from the agent; redaction "
+            "is a safety net, not a boundary (a reversed or split string passes it). Give "
+            "secrets only to tools that run fixed code, with agent input as data after the "
+            'script (e.g. argv = ["python3", "/opt/tool.py", "{query}"])',
+        )
     read_paths = _parse_read_paths(c, tbl, path)
     return ExecSpec(
         argv=argv,
@@ -826,7 +892,98 @@ def _parse_exec(c: _Checker, tbl: dict[str, Any], path: tuple[str, ...]) -> Exec
             lambda v, p: c.integer(v, p, lo=1),
             path,
         ),
+        max_processes=_max_processes(c, tbl, path),
     )
+
+
+def _max_processes(c: _Checker, tbl: Mapping[str, Any], path: tuple[str, ...]) -> int:
+    return _opt(
+        tbl,
+        "max_processes",
+        DEFAULT_MAX_PROCESSES,
+        lambda v, p: c.integer(v, p, lo=1, hi=1 << 16),
+        path,
+    )
+
+
+# Programs that run code named in their arguments, and the options whose next element is
+# that code. Their first positional argument (the script, awk's program, jq's filter) is
+# code too. Shells, language runtimes and text tools with an exec or env feature.
+_CODE_RUNNERS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("python", "pypy"), ("-c", "-m")),
+    **dict.fromkeys(("sh", "bash", "dash", "zsh", "ksh", "mksh", "ash", "csh", "tcsh"), ("-c",)),
+    "fish": ("-c", "--command"),
+    **dict.fromkeys(("node", "nodejs", "bun"), ("-e", "--eval", "-p", "--print", "-r")),
+    "deno": ("eval", "run"),
+    "perl": ("-e", "-E"),
+    **dict.fromkeys(("ruby", "lua", "luajit", "Rscript", "R", "osascript", "elixir"), ("-e",)),
+    "php": ("-r",),
+    "julia": ("-e", "-E", "--eval", "--print"),
+    **dict.fromkeys(("pwsh", "powershell"), ("-c", "-command", "-encodedcommand", "-ec")),
+    **dict.fromkeys(("awk", "gawk", "mawk", "nawk", "jq", "tclsh", "wish"), ()),
+    "sed": ("-e", "--expression"),
+}
+_RUNNER_RE = re.compile(r"^([A-Za-z]+?)(?:[0-9][0-9.]*)?(?:\.exe)?$")
+
+
+def agent_code_element(argv: tuple[str, ...]) -> tuple[int, str] | None:
+    """(index, program) of an argv placeholder that a known interpreter runs as code.
+
+    Catches the common shapes: a placeholder after an interpreter's code option
+    (`python3 -c {code}`, `sh -c {cmd}`, `node -e {js}`), in its script position
+    (`python3 {file}`, `awk {prog}`), as the program of `env`, or before the
+    script among options (`python3 -u {x} tool.py`). A literal right after an
+    option may be that option's value, so the script counts only when it
+    follows the program, `--` or another positional. It cannot see a fixed
+    program that runs files the agent wrote (`make`, `npm test`): that is the
+    policy author's call.
+    """
+    start = 0
+    if argv and argv[0].rsplit("/", 1)[-1] == "env":
+        start = 1
+        while start < len(argv) and _PLACEHOLDER_RE.fullmatch(argv[start]) is None:
+            if not (argv[start].startswith("-") or "=" in argv[start]):
+                break
+            start += 1
+        if start >= len(argv):
+            return None
+        if _PLACEHOLDER_RE.fullmatch(argv[start]):
+            return start, "env"
+    match = _RUNNER_RE.match(argv[start].rsplit("/", 1)[-1])
+    runner = match.group(1) if match else ""
+    flags = _CODE_RUNNERS.get(runner)
+    if flags is None:
+        return None
+    fold = runner in ("pwsh", "powershell")
+    code_next = script_seen = after_option = False
+    for i in range(start + 1, len(argv)):
+        element = argv[i]
+        key = element.lower() if fold else element
+        if _PLACEHOLDER_RE.fullmatch(element):
+            if code_next or not script_seen:
+                return i, runner
+            continue
+        if script_seen:
+            continue
+        if code_next:  # fixed code: what follows is its data
+            code_next, script_seen = False, True
+        elif element == "--":
+            after_option = False
+            continue
+        elif key in flags or (
+            element.startswith("-")
+            and not element.startswith("--")
+            and any(len(f) == 2 and f[0] == "-" and element.endswith(f[1]) for f in flags)
+        ):
+            code_next = True
+            continue
+        elif element.startswith("-") and element != "-":
+            after_option = "=" not in element
+            continue
+        elif not after_option:
+            script_seen = True
+        after_option = False
+    return None
 
 
 def _parse_env(
@@ -839,6 +996,12 @@ def _parse_env(
         sub = "env" if key in env else "secret_env"
         if not _ENV_RE.match(key):
             raise c.fail((*path, sub, key), "is not a valid environment variable name")
+        if key.upper().startswith(RESERVED_ENV_PREFIX):
+            raise c.fail(
+                (*path, sub, key),
+                f"{RESERVED_ENV_PREFIX}* variables are set by the sidecar "
+                "(TETHER_TASK_ID, TETHER_FENCING_TOKEN)",
+            )
     for key in secret_env:
         if key in env:
             raise c.fail((*path, "secret_env", key), "is also set in env")
@@ -870,6 +1033,7 @@ def _parse_mcp(c: _Checker, tbl: dict[str, Any], path: tuple[str, ...], name: st
             "memory_mb",
             "file_size_mb",
             "max_output_bytes",
+            "max_processes",
         ),
     )
     if "argv" not in tbl:
@@ -913,6 +1077,7 @@ def _parse_mcp(c: _Checker, tbl: dict[str, Any], path: tuple[str, ...], name: st
             lambda v, p: c.integer(v, p, lo=1024, hi=1 << 30),
             path,
         ),
+        max_processes=_max_processes(c, tbl, path),
     )
 
 

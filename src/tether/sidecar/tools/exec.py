@@ -2,11 +2,13 @@
 
 Only declared parameters are substituted, each as exactly one argv element (no
 shell). The child runs with cwd = the task workspace, an environment holding
-only the policy's `env` plus the injected `secret_env` credentials, rlimits for
-CPU, address space and file size, and in its own process group (killed as a
-whole at the end and at the timeout). Filesystem confinement is Linux Landlock,
-applied by the `tether.sidecar.sandbox` launcher: system directories are
-read-only, the workspace is the only writable place, the rest is invisible.
+only the policy's `env`, the injected `secret_env` credentials and
+`TETHER_TASK_ID`/`TETHER_FENCING_TOKEN` (so what the tool acts on can fence),
+and rlimits for CPU, address space, file size and processes. The
+`tether.sidecar.sandbox` launcher supervises it: own user/mount/network
+namespaces (only the workspace is writable, no other path exists, no network
+but the allowlist's proxy), Landlock, and its whole process tree killed at the
+end of the call, at the timeout and when the lease ends.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import shutil
 import signal
 import sys
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,56 @@ from tether.sidecar.tools.base import ToolContext, ToolResult
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 SANDBOX_SCRIPT = str(Path(sandbox.__file__).resolve())
 _SYSTEM_PREFIXES = ("/usr/", "/bin/", "/sbin/", "/lib/", "/lib64/")
+STOP_GRACE_S = 5.0  # the launcher's sweep after SIGTERM; then its group is SIGKILLed
+MAX_ENDED = 4096  # leases remembered as ended, so a late call cannot start under one
+TASK_ID_ENV = "TETHER_TASK_ID"
+FENCING_TOKEN_ENV = "TETHER_FENCING_TOKEN"
+
+LeaseKey = tuple[str, int]  # (task_id, fencing_token)
+
+
+def fencing_env(ctx: ToolContext) -> dict[bytes, bytes]:
+    """The variables that tell a tool which task and lease it acts for."""
+    return {
+        TASK_ID_ENV.encode(): ctx.task_id.encode(),
+        FENCING_TOKEN_ENV.encode(): str(ctx.fencing_token).encode(),
+    }
+
+
+def launcher_command(config: Mapping[str, Any], program: str, args: list[str]) -> list[str]:
+    """The argv that runs `program` under the sandbox launcher."""
+    return [sys.executable, "-I", "-S", SANDBOX_SCRIPT, json.dumps(config), program, *args]
+
+
+def signal_launcher(pid: int) -> None:
+    """Asks a launcher to stop its tool: it kills and reaps the whole tree, then exits."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGTERM)
+
+
+def kill_launcher_group(pid: int) -> None:
+    """The last resort: SIGKILL the launcher's process group (no sweep)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+async def stop_launcher(proc: asyncio.subprocess.Process, grace_s: float = STOP_GRACE_S) -> None:
+    """Stops a launcher and waits until it is reaped.
+
+    SIGTERM first, so the launcher sweeps every descendant (including ones that
+    left the process group); SIGKILL to the group if it has not exited in time.
+    """
+    if proc.returncode is None:
+        signal_launcher(proc.pid)
+        try:
+            await asyncio.wait_for(asyncio.shield(proc.wait()), grace_s)
+        except TimeoutError:
+            pass  # the launcher is stuck: the group kill below
+        except BaseException:  # cancelled again while waiting: do not leave it running
+            kill_launcher_group(proc.pid)
+            raise
+    kill_launcher_group(proc.pid)
+    await proc.wait()
 
 
 def _inside(workspace: str, value: str) -> bool:
@@ -76,37 +129,65 @@ def sandbox_config(
     cpu_seconds: int,
     memory_mb: int,
     file_size_mb: int,
-    require_landlock: bool,
+    max_processes: int,
+    require_confinement: bool,
 ) -> dict[str, Any]:
     """The confinement handed to `sandbox.py` for a child of the exec or mcp adapter.
 
     The workspace is the only writable path; a program outside the system
-    prefixes is added to the read-only paths so it can be executed.
+    prefixes is added to the read-only paths so it can be executed. The queue's
+    network allowlist becomes the launcher's proxy grants (`proxy_allow`);
+    `tcp_ports` is used only where confinement was opted out and no network
+    namespace exists.
     """
     readable = list(read_paths)
     if not os.path.realpath(program).startswith(_SYSTEM_PREFIXES):
         readable.append(program)
+    workspace = os.path.realpath(ctx.workspace)
     return {
-        "write_paths": [os.path.realpath(ctx.workspace)],
+        "workspace": workspace,
+        "write_paths": [workspace],
         "read_paths": readable,
         "cpu_seconds": cpu_seconds,
         "memory_bytes": memory_mb * 1024 * 1024,
         "file_size_bytes": file_size_mb * 1024 * 1024,
+        "max_processes": max_processes,
+        "proxy_allow": allowlist_grants(ctx.network_allowlist),
         "tcp_ports": tcp_ports(ctx.network_allowlist),
         "env_names": env_names,
-        "require_landlock": require_landlock,
+        "require_confinement": require_confinement,
+        "parent_pid": os.getpid(),
     }
 
 
-def tcp_ports(allowlist: tuple[str, ...]) -> list[int]:
-    """TCP ports an exec child may connect to (Landlock filters ports, not hosts)."""
-    ports: set[int] = set()
+def allowlist_grants(allowlist: tuple[str, ...]) -> list[tuple[str, int | None]]:
+    """(host, port or None for any port) per allowlist entry, as the launcher's proxy reads them.
+
+    Same reading as the http adapter: "host" means any port, "host:port" that
+    port, "[v6]" and "[v6]:port" for IPv6 literals.
+    """
+    grants: list[tuple[str, int | None]] = []
     for entry in allowlist:
-        host, sep, port = entry.rpartition(":")
-        if sep and port.isdigit() and not host.endswith(":"):
-            ports.add(int(port))
+        entry = entry.lower()
+        if entry.startswith("["):
+            name, _, rest = entry[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else ""
+        elif entry.count(":") == 1:
+            name, port = entry.split(":")
         else:
+            name, port = entry, ""
+        grants.append((name, int(port) if port else None))
+    return grants
+
+
+def tcp_ports(allowlist: tuple[str, ...]) -> list[int]:
+    """TCP ports a child outside a network namespace may connect to (Landlock: ports only)."""
+    ports: set[int] = set()
+    for _, port in allowlist_grants(allowlist):
+        if port is None:
             ports.update((80, 443))
+        else:
+            ports.add(port)
     return sorted(ports)
 
 
@@ -121,6 +202,35 @@ class ExecTool:
         self.name = spec.name
         self.timeout_ms = spec.timeout_ms
         self.require_confinement = require_confinement
+        self._running: dict[LeaseKey, set[asyncio.subprocess.Process]] = {}
+        self._ended: OrderedDict[LeaseKey, None] = OrderedDict()
+        self._stopped: set[asyncio.subprocess.Process] = set()  # by release_lease
+
+    def release_lease(self, task_id: str, fencing_token: int) -> None:
+        """Stops every running call of the lease and refuses new ones under it.
+
+        Synchronous so it can run wherever the lease's grants are dropped: each
+        launcher gets SIGTERM and kills its tool's whole tree; the call that
+        awaited it ends with PolicyDenied.
+        """
+        key = (task_id, fencing_token)
+        self._ended[key] = None
+        while len(self._ended) > MAX_ENDED:
+            self._ended.popitem(last=False)
+        for proc in self._running.get(key, ()):
+            if proc.returncode is None:
+                self._stopped.add(proc)
+                signal_launcher(proc.pid)
+
+    def running(self, task_id: str, fencing_token: int) -> list[int]:
+        """Launcher pids of the lease's calls still running (diagnostics and tests)."""
+        return [p.pid for p in self._running.get((task_id, fencing_token), ())]
+
+    def _lease_ended(self, ctx: ToolContext) -> PolicyDenied:
+        return PolicyDenied(
+            f"tool {self.name!r}: the lease on task {ctx.task_id!r} has ended",
+            metadata={"tool": self.name, "task_id": ctx.task_id},
+        )
 
     def build_argv(self, workspace: Path, args: Mapping[str, Any]) -> list[str]:
         """The argv with declared parameters substituted.
@@ -176,21 +286,30 @@ class ExecTool:
             cpu_seconds=self.exec.cpu_seconds,
             memory_mb=self.exec.memory_mb,
             file_size_mb=self.exec.file_size_mb,
-            require_landlock=self.require_confinement,
+            max_processes=self.exec.max_processes,
+            require_confinement=self.require_confinement,
         )
 
     async def call(self, ctx: ToolContext, args: Mapping[str, Any]) -> ToolResult:
-        """Runs the child to completion and returns its exit status and output."""
+        """Runs the child to completion and returns its exit status and output.
+
+        Raises:
+            PolicyDenied: the lease ended (before or during the call), or the
+                sandbox refused to start the tool (the message says why).
+        """
+        key = (ctx.task_id, ctx.fencing_token)
+        if key in self._ended:
+            raise self._lease_ended(ctx)
         ctx.workspace.mkdir(parents=True, exist_ok=True, mode=0o700)
         argv = self.build_argv(ctx.workspace, args)
         program = self._program()
         env: dict[bytes, bytes] = {k.encode(): v.encode() for k, v in self.exec.env.items()}
         for env_name, cred in self.exec.secret_env.items():
             env[env_name.encode()] = ctx.credential(cred)
+        env.update(fencing_env(ctx))
         config = self._sandbox_config(ctx, program, sorted(k.decode() for k in env))
-        cmd = [sys.executable, "-I", "-S", SANDBOX_SCRIPT, json.dumps(config), program, *argv[1:]]
         proc = await asyncio.create_subprocess_exec(
-            *cmd,
+            *launcher_command(config, program, argv[1:]),
             cwd=ctx.workspace,
             env=env,
             stdin=asyncio.subprocess.DEVNULL,
@@ -198,6 +317,11 @@ class ExecTool:
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
         )
+        running = self._running.setdefault(key, set())
+        running.add(proc)
+        if key in self._ended:  # the lease ended while the launcher was starting
+            self._stopped.add(proc)
+            signal_launcher(proc.pid)
         cap = self.exec.max_output_bytes
         assert proc.stdout is not None
         assert proc.stderr is not None
@@ -210,17 +334,26 @@ class ExecTool:
             done, _ = await asyncio.wait([waiter, *readers], return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
                 task.result()  # re-raise ResourceExhausted from a reader
-            rc = await waiter
-            _kill_group(proc.pid)
+            rc = await waiter  # the launcher exits only after its whole tree is gone
             stdout, stderr = await asyncio.gather(*readers)
+        except BaseException:
+            self._stopped.discard(proc)
+            raise
         finally:
-            _kill_group(proc.pid)
+            running.discard(proc)
+            if not running:
+                self._running.pop(key, None)
             for task in readers:
                 task.cancel()
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-                await proc.wait()
+            await stop_launcher(proc)
+        stopped = proc in self._stopped
+        self._stopped.discard(proc)
+        if stopped and rc == -signal.SIGKILL:  # one that finished on its own keeps its outcome
+            raise PolicyDenied(
+                f"tool {self.name!r}: the lease on task {ctx.task_id!r} ended while the "
+                "tool ran; its processes were stopped",
+                metadata={"tool": self.name, "task_id": ctx.task_id},
+            )
         err_text = stderr.decode("utf-8", "replace")
         if rc == sandbox.SETUP_FAILED and err_text.startswith("tether-sandbox:"):
             raise PolicyDenied(
@@ -245,8 +378,3 @@ async def _read_capped(stream: asyncio.StreamReader, cap: int, tool: str) -> byt
                 f"tool {tool!r}: output exceeds {cap} bytes", metadata={"tool": tool}
             )
     return bytes(buf)
-
-
-def _kill_group(pgid: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)

@@ -2,17 +2,19 @@
 
 The sidecar starts the server on a lease's first call (cwd = the task
 workspace; env = only the policy's `env` plus the `secret_env` credentials;
-confined by the same `tether.sidecar.sandbox` launcher as exec tools, in its
-own process group), performs the `initialize` handshake and then forwards each
-call as `tools/call` with the agent's arguments. Messages are newline-delimited
-JSON-RPC 2.0 on stdin/stdout (MCP stdio transport); stderr is drained and its
-tail kept for error messages.
+confined and supervised by the same `tether.sidecar.sandbox` launcher as exec
+tools), performs the `initialize` handshake and then forwards each call as
+`tools/call` with the agent's arguments and `_meta = {"tether/task_id": ...,
+"tether/fencing_token": ...}`, so what the server acts on can fence. Messages
+are newline-delimited JSON-RPC 2.0 on stdin/stdout (MCP stdio transport);
+stderr is drained and its tail kept for error messages.
 
 A server that exits, or a reply that is not JSON-RPC, is the tool's error
 outcome (never a hang): pending calls end at once and the next call starts a
-fresh server. A call cancelled by the timeout kills the whole process group,
-since the server's state is unknown. When the lease ends the mediation layer
-calls `release_lease`, which kills the server holding the lease's secrets.
+fresh server. A call cancelled by the timeout stops the server's whole process
+tree (the launcher kills every descendant, including ones that left the process
+group), since the server's state is unknown. When the lease ends the mediation
+layer calls `release_lease`, which stops the server holding the lease's secrets.
 """
 
 from __future__ import annotations
@@ -21,9 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import signal
-import sys
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -33,11 +33,20 @@ from tether.core.errors import ConfigError, InvalidArgument, PolicyDenied, Resou
 from tether.core.policy import McpSpec, ToolSpec
 from tether.sidecar import sandbox
 from tether.sidecar.tools.base import ToolContext, ToolResult
-from tether.sidecar.tools.exec import SANDBOX_SCRIPT, resolve_program, sandbox_config
+from tether.sidecar.tools.exec import (
+    STOP_GRACE_S,
+    kill_launcher_group,
+    launcher_command,
+    resolve_program,
+    sandbox_config,
+    signal_launcher,
+)
 
 log = logging.getLogger("tether.sidecar.tools.mcp")
 
 PROTOCOL_VERSION = "2025-06-18"
+META_TASK_ID = "tether/task_id"
+META_FENCING_TOKEN = "tether/fencing_token"
 STDERR_TAIL_BYTES = 2048
 CLOSE_GRACE_S = 1.0
 MAX_ENDED = 4096  # leases remembered as ended, so a late call cannot restart their server
@@ -75,6 +84,7 @@ class _Session:
         self.stopping = ""
         self.protocol_version = ""
         self.server_info: dict[str, Any] = {}
+        self._last_resort: asyncio.TimerHandle | None = None
         self._stderr_task = asyncio.ensure_future(self._drain_stderr())
         self._reader = asyncio.ensure_future(self._read())
 
@@ -240,11 +250,27 @@ class _Session:
                 future.set_exception(self.failure)
 
     def kill(self, reason: str = "") -> None:
-        """Kills the server's whole process group now (synchronous: safe in any callback)."""
+        """Stops the server's whole process tree now (synchronous: safe in any callback).
+
+        The launcher gets SIGTERM and kills every descendant itself; should it
+        not have exited after STOP_GRACE_S its process group is SIGKILLed.
+        """
         if reason and not self.stopping:
             self.stopping = reason
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.proc.returncode is not None:
+            return
+        signal_launcher(self.proc.pid)
+        if self._last_resort is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop to wait on (interpreter shutdown): no grace
+                self._kill_group()
+                return
+            self._last_resort = loop.call_later(STOP_GRACE_S, self._kill_group)
+
+    def _kill_group(self) -> None:
+        if self.proc.returncode is None:
+            kill_launcher_group(self.proc.pid)
 
     async def aclose(self, reason: str, grace_s: float = CLOSE_GRACE_S) -> None:
         """Closes stdin (the MCP stdio shutdown), waits briefly, then kills the group."""
@@ -257,6 +283,8 @@ class _Session:
                 await asyncio.wait_for(asyncio.shield(self.proc.wait()), grace_s)
         self.kill()
         await self.proc.wait()
+        if self._last_resort is not None:
+            self._last_resort.cancel()
         # Both pipes reach EOF once the group is dead; wait (not cancel) so they close.
         await asyncio.wait({self._reader, self._stderr_task}, timeout=CLOSE_GRACE_S)
 
@@ -322,8 +350,9 @@ class McpTool:
         session: _Session | None = None
         try:
             session = await self._session(ctx, key)
+            meta = {META_TASK_ID: ctx.task_id, META_FENCING_TOKEN: ctx.fencing_token}
             result = await session.request(
-                "tools/call", {"name": self.mcp.tool, "arguments": arguments}
+                "tools/call", {"name": self.mcp.tool, "arguments": arguments, "_meta": meta}
             )
         except ServerFailed as err:
             self._forget(key, session)
@@ -398,7 +427,8 @@ class McpTool:
             cpu_seconds=self.mcp.cpu_seconds,
             memory_mb=self.mcp.memory_mb,
             file_size_mb=self.mcp.file_size_mb,
-            require_landlock=self.require_confinement,
+            max_processes=self.mcp.max_processes,
+            require_confinement=self.require_confinement,
         )
 
     async def _start(self, ctx: ToolContext) -> _Session:
@@ -414,17 +444,8 @@ class McpTool:
         for env_name, cred in self.mcp.secret_env.items():
             env[env_name.encode()] = ctx.credential(cred)
         config = self._sandbox_config(ctx, program, sorted(k.decode() for k in env))
-        cmd = [
-            sys.executable,
-            "-I",
-            "-S",
-            SANDBOX_SCRIPT,
-            json.dumps(config),
-            program,
-            *self.mcp.argv[1:],
-        ]
         proc = await asyncio.create_subprocess_exec(
-            *cmd,
+            *launcher_command(config, program, list(self.mcp.argv[1:])),
             cwd=ctx.workspace,
             env=env,
             stdin=asyncio.subprocess.PIPE,
