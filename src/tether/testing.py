@@ -35,6 +35,7 @@ from tether.crypto.pki import (
 )
 from tether.crypto.signing import SigningKey
 from tether.grpcutil.tls import ClientTLS, ServerTLS
+from tether.store.base import Store
 
 TEST_TRUST_DOMAIN = "test.tether.local"
 
@@ -224,6 +225,7 @@ async def start_control(
     metrics_listen: str | None = None,
     checkpoint_interval_ms: int | None = DEFAULT_CHECKPOINT_INTERVAL_MS,
     policy: str | None = None,
+    store: Store | None = None,
 ) -> AsyncIterator[ControlHandle]:
     """Starts the real control plane over mTLS; yields a handle; stops it on exit.
 
@@ -261,6 +263,7 @@ async def start_control(
         tls=None if auth.insecure else pki.server_tls,
         metrics_listen=metrics_listen,
         checkpoint_interval_ms=checkpoint_interval_ms,
+        store=store,
     )
     ep = ControlEndpoint(running.address, running.enroll_address, pki)
     _ENDPOINTS[running.address] = ep

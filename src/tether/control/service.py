@@ -387,7 +387,10 @@ class ControlService:
                         "fencing_token": task.fencing_token,
                     },
                 )
-                return task, signed[0], int((loop.time() - began) * 1000)
+                # The envelope the store committed with the grant: a transaction the
+                # store retried signed once per attempt, and only the last one counts.
+                stored = Envelope.from_json_bytes(got[1])
+                return task, stored, int((loop.time() - began) * 1000)
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return None
@@ -399,7 +402,7 @@ class ControlService:
         """Extends a live lease by the task's TTL; same token, new expiry."""
         now = self.clock.now_ms()
         signed: list[Envelope] = []
-        task, _ = await self.store.renew_lease(
+        task, stored = await self.store.renew_lease(
             task_id=task_id,
             fencing_token=fencing_token,
             node_id=node_id,
@@ -407,7 +410,7 @@ class ControlService:
             sign=self._signer(now, signed),
         )
         metrics.LEASES_RENEWED.inc()
-        return task, signed[0]
+        return task, Envelope.from_json_bytes(stored)  # the committed one (see acquire)
 
     async def transition(
         self,
