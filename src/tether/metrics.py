@@ -71,6 +71,12 @@ DENIALS = Counter(
     ["reason"],
     registry=COUNTERS,
 )
+DENIALS_UNRECORDED = Counter(
+    "tether_denials_unrecorded",
+    "Tool calls refused past denied_receipts_per_minute for their task and agent: answered "
+    "RESOURCE_EXHAUSTED and left without a tool_denied receipt.",
+    registry=COUNTERS,
+)
 BUDGET_SPENT = Counter(
     "tether_budget_spent_micros",
     "Cost charged for tool calls, micro-units, by tool.",

@@ -20,6 +20,11 @@ TOML file form (every key optional; arguments and env override it)::
     grace_period_ms = 10000
     agent_liveness_ms = 0                # 0: the lease TTL
     renew_divisor = 3
+    memory_max_keys = 1000               # quotas (see docs/operations.md, "Quotas")
+    memory_max_bytes = 16777216
+    artifact_max_task_bytes = 1073741824
+    workspace_max_bytes = 1073741824
+    denied_receipts_per_minute = 60
     [agents.alice]
     token_file = "alice.token"
     socket = "alice.sock"
@@ -38,6 +43,8 @@ from tether.core.errors import ConfigError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 DEFAULT_MAX_ARTIFACT_BYTES = 64 * 1024 * 1024
+MIB = 1024 * 1024
+GIB = 1024 * MIB
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,21 @@ class SidecarConfig:
     """Local copy of the policy (TOML); used when its digest matches a lease's."""
     metrics_listen: str | None = None
     """Serve Prometheus metrics on http://host:port/metrics; absent: off."""
+    memory_max_keys: int = 1_000
+    """Memory keys one owner may hold (a task's task-scoped memory, or an agent's
+    agent-scoped memory); a Remember adding one more is RESOURCE_EXHAUSTED."""
+    memory_max_bytes: int = 16 * MIB
+    """Bytes (keys plus values) one memory owner may hold; a Remember that would
+    exceed it is RESOURCE_EXHAUSTED and writes nothing."""
+    artifact_max_task_bytes: int = GIB
+    """Artifact bytes one task may store on this node in total (max_artifact_bytes
+    limits each artifact); an upload crossing it is refused while streaming."""
+    workspace_max_bytes: int = GIB
+    """Size one task's workspace may reach; once a measurement (after each exec or
+    mcp call) finds it over, the task's next exec or mcp call is refused before it runs."""
+    denied_receipts_per_minute: int = 60
+    """Refused tool calls one (task, agent) may have on record per minute (a token
+    bucket with this burst); past it a refusal is RESOURCE_EXHAUSTED with no receipt."""
 
     def agent(self, name: str) -> AgentSpec | None:
         """Returns the agent called `name`, if known."""
@@ -133,6 +155,11 @@ _SCALARS: dict[str, tuple[str, str]] = {
     "ready_file": ("TETHER_READY_FILE", "path"),
     "policy_file": ("TETHER_POLICY_FILE", "path"),
     "metrics_listen": ("TETHER_METRICS_LISTEN", "str"),
+    "memory_max_keys": ("TETHER_MEMORY_MAX_KEYS", "int"),
+    "memory_max_bytes": ("TETHER_MEMORY_MAX_BYTES", "int"),
+    "artifact_max_task_bytes": ("TETHER_ARTIFACT_MAX_TASK_BYTES", "int"),
+    "workspace_max_bytes": ("TETHER_WORKSPACE_MAX_BYTES", "int"),
+    "denied_receipts_per_minute": ("TETHER_DENIED_RECEIPTS_PER_MINUTE", "int"),
 }
 ENV_VARS: frozenset[str] = frozenset(
     {var for var, _ in _SCALARS.values()} | {"TETHER_AGENTS", "TETHER_AGENT_SOCKETS"}
@@ -156,6 +183,11 @@ _RANGES = {
     "receipt_ack_timeout_ms": (0, 600_000),
     "max_artifact_bytes": (1, 1 << 40),
     "spool_max_unacked": (10, 10_000_000),
+    "memory_max_keys": (1, 10_000_000),
+    "memory_max_bytes": (1, 1 << 40),
+    "artifact_max_task_bytes": (1, 1 << 50),
+    "workspace_max_bytes": (1, 1 << 50),
+    "denied_receipts_per_minute": (1, 1_000_000),
 }
 
 

@@ -17,8 +17,9 @@ import logging
 import os
 import re
 import secrets
+import stat
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,42 @@ class BrokerDeps:
     # The policies leases were granted under (by digest); None only in unit tests
     # that run without a policy, where scope checks fall back to the narrowest.
     policies: PolicySource | None = None
+    # Artifact bytes one task may store on this node in total.
+    artifact_max_task_bytes: int = 1 << 30
+    # Per task with uploads in flight: its stored bytes and the bytes streaming.
+    artifact_usage: dict[str, _ArtifactUsage] = field(default_factory=dict)
+
+
+@dataclass
+class _ArtifactUsage:
+    """One task's artifact bytes while it has uploads in flight (dropped after the last)."""
+
+    stored: int
+    """Bytes of the task's artifact folder, measured when the first upload began,
+    then kept up to date as uploads land."""
+    streaming: int = 0
+    """Bytes received by the task's uploads still in flight."""
+    uploads: int = 0
+
+
+def _file_bytes(path: Path) -> int:
+    """Size of a regular file at `path`; 0 when there is none."""
+    try:
+        st = path.stat(follow_symlinks=False)
+    except FileNotFoundError:
+        return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
+
+
+def _folder_bytes(folder: Path) -> int:
+    """Bytes of the regular files in an artifact folder (unfinished parts included)."""
+    total = 0
+    with contextlib.suppress(FileNotFoundError), os.scandir(folder) as entries:
+        for entry in entries:
+            with contextlib.suppress(FileNotFoundError):
+                if entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+    return total
 
 
 _BACKGROUND: set[asyncio.Future[None]] = set()
@@ -466,10 +503,17 @@ class BrokerServicer(bpb_grpc.BrokerServiceServicer):
             limit = min(limit, spec.max_artifact_bytes)
         folder = self.d.artifacts_dir / held.task_id
         folder.mkdir(parents=True, exist_ok=True)
+        usage = self.d.artifact_usage.get(held.task_id)
+        if usage is None:  # no upload of the task in flight: the folder is all there is
+            usage = self.d.artifact_usage[held.task_id] = _ArtifactUsage(_folder_bytes(folder))
+        usage.uploads += 1
+        target = folder / header.name
         tmp = folder / f".{header.name}.{secrets.token_hex(6)}.part"
         digest = hashlib.sha256()
         size = 0
         try:
+            replaced = _file_bytes(target)
+            quota = self.d.artifact_max_task_bytes
             with tmp.open("wb") as out:
                 async for message in request_iterator:
                     if message.WhichOneof("part") != "chunk":
@@ -477,10 +521,18 @@ class BrokerServicer(bpb_grpc.BrokerServiceServicer):
                     if len(message.chunk) > MAX_CHUNK_BYTES:
                         raise E.InvalidArgument("chunk", "larger than 1 MiB")
                     size += len(message.chunk)
+                    usage.streaming += len(message.chunk)
                     if size > limit:
                         raise E.ResourceExhausted(
                             f"artifact larger than the limit of {limit} bytes (the queue's "
                             "max_artifact_bytes or the sidecar's)"
+                        )
+                    if usage.stored - replaced + usage.streaming > quota:
+                        raise E.ResourceExhausted(
+                            f"artifact quota: task {held.task_id!r} would store more than "
+                            f"artifact_max_task_bytes = {quota} bytes of artifacts on this "
+                            "node; nothing was stored",
+                            metadata={"quota": "artifact_max_task_bytes", "limit": str(quota)},
                         )
                     digest.update(message.chunk)
                     out.write(message.chunk)
@@ -488,9 +540,15 @@ class BrokerServicer(bpb_grpc.BrokerServiceServicer):
                 os.fsync(out.fileno())
             # Fencing at the point of action: the artifact lands only under a live lease.
             await self.d.leases.for_agent(held.agent, held.task_id)
-            os.replace(tmp, folder / header.name)
+            replaced = _file_bytes(target)  # as it is now (another upload may have replaced it)
+            os.replace(tmp, target)
+            usage.stored += size - replaced
         finally:
             tmp.unlink(missing_ok=True)
+            usage.streaming -= size
+            usage.uploads -= 1
+            if usage.uploads == 0:
+                self.d.artifact_usage.pop(held.task_id, None)
         hexdigest = digest.hexdigest()
         await self.d.sink.emit(
             held.receipt(

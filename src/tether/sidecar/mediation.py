@@ -8,7 +8,11 @@
    it fences the task at once (FAILED_PRECONDITION "lease lost").
 2. **Grant**: the tool must be in the lease's signed scope and granted by the
    exact policy the lease names; otherwise PERMISSION_DENIED naming the tool
-   and a TOOL_DENIED receipt.
+   and a TOOL_DENIED receipt. An exec or mcp tool of a task whose workspace was
+   last measured over `workspace_max_bytes` is refused the same way with
+   RESOURCE_EXHAUSTED. Refusal receipts are rationed per (task, agent)
+   (`denied_receipts_per_minute`); past that a refusal is RESOURCE_EXHAUSTED
+   "too many refused calls" with no receipt (`tether.sidecar.quotas`).
 3. **Budget slice**: a priced tool's declared cost is taken from the lease's
    budget slice, spent locally. The slice is reserved at the control plane with
    `ReserveBudget` (one atomic conditional write, so overspend stays
@@ -81,6 +85,7 @@ from tether.core.clock import Clock
 from tether.core.policy import Policy, ToolSpec, load_policy, parse_policy
 from tether.core.receipts import ReceiptKind
 from tether.sidecar.leases import HeldLease, LeaseTable
+from tether.sidecar.quotas import DenialLimiter, WorkspaceQuota
 from tether.sidecar.receipts import ReceiptSink, Slot, sha256_hex
 from tether.sidecar.redaction import Redactor
 from tether.sidecar.tools import Tool, ToolContext, ToolResult, build_tool, run_tool
@@ -93,6 +98,7 @@ MAX_UNRECORDED = 1024  # outcomes kept for retries while the control plane is un
 MAX_SLICE_CALLS = 64  # a budget refill reserves at most this many calls' cost
 STARTED = pb.TOOL_CALL_PHASE_STARTED
 COMPLETED = pb.TOOL_CALL_PHASE_COMPLETED
+WORKSPACE_ADAPTERS = ("exec", "mcp")  # tools that run in the task's workspace
 REFUSED_KEY = "tether_refused"  # marks a recorded adapter refusal, replayed as the same error
 _LOST = (E.StaleFencingToken, E.LeaseExpired, E.NotOwner, E.LeaseLost)
 
@@ -119,6 +125,7 @@ class ToolRunner(Protocol):
 
         Raises:
             PolicyDenied: the policy does not grant the tool to the lease's queue.
+            ResourceExhausted: a quota refuses the tool now (e.g. the workspace's).
         """
         ...
 
@@ -290,9 +297,11 @@ class Mediator:
         runner: ToolRunner | None = None,
         control: MediationControl | None = None,
         leases: LeaseTable | None = None,
+        denied_receipts_per_minute: int = 60,
     ) -> None:
         self._sink = sink
         self._clock = clock
+        self._denials = DenialLimiter(denied_receipts_per_minute, clock)
         self._runner = runner
         self._control = control
         self._leases = leases
@@ -429,7 +438,26 @@ class Mediator:
     async def _deny(
         self, held: HeldLease, tool: str, args_digest: str, key: str, err: E.TetherError
     ) -> E.TetherError:
+        """Records a refused call (`tool_denied`) and returns the error to raise.
+
+        Past `denied_receipts_per_minute` for the lease's (task, agent) the call is
+        refused with RESOURCE_EXHAUSTED instead and leaves no receipt, so refusals
+        cannot be spammed into the spool and the ledger.
+        """
         metrics.DENIALS.labels(err.reason).inc()
+        if not self._denials.allow(held.task_id, held.agent):
+            metrics.DENIALS_UNRECORDED.inc()
+            return E.ResourceExhausted(
+                f"too many refused calls on task {held.task_id!r} (more than "
+                f"{self._denials.per_minute} a minute); tool {tool!r} was refused "
+                f"({err.reason}: {err.message[:200]}) and not recorded",
+                metadata={
+                    "quota": "denied_receipts_per_minute",
+                    "limit": str(self._denials.per_minute),
+                    "tool": tool,
+                    "refusal": err.reason,
+                },
+            )
         await self._sink.emit(
             held.receipt(
                 ReceiptKind.TOOL_DENIED,
@@ -514,6 +542,8 @@ class Mediator:
             OutcomeUnknown: an earlier run with the key has an unknown outcome and
                 the tool is not idempotent.
             BudgetExhausted: the task's budget does not cover the call.
+            ResourceExhausted: a quota refuses the call (the workspace's, the spool's,
+                or too many refused calls of this task and agent in the last minute).
             Unavailable: the control plane is unreachable (the message says
                 whether the tool ran).
         """
@@ -547,7 +577,7 @@ class Mediator:
             )
         try:
             spec = await self._runner.spec(held, tool)
-        except E.PolicyDenied as err:
+        except (E.PolicyDenied, E.ResourceExhausted) as err:  # not granted; over a quota
             raise await self._deny(held, tool, digest, idempotency_key, err) from err
         except E.Unavailable as err:
             raise _unavailable(err, tool, ran=False) from err
@@ -780,8 +810,10 @@ class Mediator:
                 idempotency_key=key,
             )
         except E.TetherError as err:
-            await self._after_failure(call, err, hold, started)
-            raise
+            final = await self._after_failure(call, err, hold, started)
+            if final is err:
+                raise
+            raise final from err
         duration_ms = int((time.monotonic() - started) * 1000)
         cost = spec.cost_micros if result.cost_micros is None else result.cost_micros
         if hold is not None and cost > spec.cost_micros:
@@ -877,8 +909,11 @@ class Mediator:
 
     async def _after_failure(
         self, call: _Call, err: E.TetherError, hold: _Hold | None, started: float
-    ) -> None:
-        """Settles, records and receipts a run that ended in a TetherError."""
+    ) -> E.TetherError:
+        """Settles, records and receipts a run that ended in a TetherError.
+
+        Returns the error to raise: `err`, or what `_deny` makes of a refusal.
+        """
         held, key = call.held, call.key
         duration_ms = int((time.monotonic() - started) * 1000)
         ran = not isinstance(err, E.PolicyDenied | E.InvalidArgument | E.ConfigError)
@@ -893,7 +928,7 @@ class Mediator:
                 cost_micros=actual,
             )
             await self._tool_call_receipt(call, outcome, duration_ms, status=err.reason)
-            return
+            return err
         if key and self._control is not None and not isinstance(err, E.LeaseLost):
             refusal = json.dumps({REFUSED_KEY: {"reason": err.reason, "message": err.message}})
             try:
@@ -926,8 +961,8 @@ class Mediator:
                 cost_micros=actual,
             )
             await self._tool_call_receipt(call, outcome, duration_ms, status=err.reason)
-        else:
-            await self._deny(held, call.tool, call.args_digest, key, err)
+            return err
+        return await self._deny(held, call.tool, call.args_digest, key, err)
 
     def _keep_unrecorded(self, held: HeldLease, key: str, pending: _Unrecorded) -> None:
         """Keeps an outcome for a retry (bounded; finished tasks need none)."""
@@ -1027,13 +1062,26 @@ class PolicySource:
 
 
 class PolicyToolRunner:
-    """Runs a granted tool through its policy adapter (`tether.sidecar.tools`)."""
+    """Runs a granted tool through its policy adapter (`tether.sidecar.tools`).
 
-    def __init__(self, policies: PolicySource, workspaces: Path, clock: Clock) -> None:
+    Tools that use the task's workspace (exec, mcp) are held to
+    `workspace_max_bytes`: the workspace is measured after each of their calls,
+    and a task found over the quota has the next one refused before it runs.
+    """
+
+    def __init__(
+        self,
+        policies: PolicySource,
+        workspaces: Path,
+        clock: Clock,
+        *,
+        workspace_max_bytes: int = 1 << 30,
+    ) -> None:
         self._policies = policies
         self._workspaces = workspaces
         self._clock = clock
         self._tools: dict[tuple[str, str], Tool] = {}
+        self.workspace_quota = WorkspaceQuota(workspace_max_bytes)
 
     async def spec(self, held: HeldLease, tool: str) -> ToolSpec:
         policy = await self._policies.get(
@@ -1041,12 +1089,16 @@ class PolicyToolRunner:
         )
         spec = policy.granted_tool(held.queue, tool)
         queue = policy.queue(held.queue)
-        if queue.filesystem_scope == "none" and spec.adapter in ("exec", "mcp"):
+        if queue.filesystem_scope == "none" and spec.adapter in WORKSPACE_ADAPTERS:
             raise E.PolicyDenied(
                 f"tool {tool!r} needs a workspace, and queue {held.queue!r} has "
                 'filesystem_scope = "none"',
                 metadata={"tool": tool, "queue": held.queue},
             )
+        if spec.adapter in WORKSPACE_ADAPTERS:
+            quota = self.workspace_quota
+            held.on_end.setdefault("workspace-quota", lambda: quota.forget(held.task_id))
+            await quota.check(held.task_id, self._workspaces / held.task_id, tool)
         return spec
 
     async def run(
@@ -1089,4 +1141,8 @@ class PolicyToolRunner:
             tool_name=spec.name,
             idempotency_key=idempotency_key,
         )
-        return await run_tool(adapter, ctx, arguments, redactor)
+        try:
+            return await run_tool(adapter, ctx, arguments, redactor)
+        finally:
+            if spec.adapter in WORKSPACE_ADAPTERS and not (held.finished or held.lost_reason):
+                await self.workspace_quota.measure(held.task_id, workspace)

@@ -164,20 +164,32 @@ class Sidecar:
             renew_divisor=cfg.renew_divisor,
         )
         policies = PolicySource(uplink, cfg.policy_file)
-        runner = self._runner or PolicyToolRunner(policies, state / "workspaces", self.clock)
+        runner = self._runner or PolicyToolRunner(
+            policies, state / "workspaces", self.clock, workspace_max_bytes=cfg.workspace_max_bytes
+        )
         self.deps = deps = BrokerDeps(
             node_id=cfg.node_id,
             uplink=uplink,
             leases=leases,
             registry=registry,
-            memory=MemoryStore(state / "memory.db"),
+            memory=MemoryStore(
+                state / "memory.db",
+                max_keys=cfg.memory_max_keys,
+                max_bytes=cfg.memory_max_bytes,
+            ),
             sink=sink,
             mediator=Mediator(
-                sink=sink, clock=self.clock, runner=runner, control=uplink, leases=leases
+                sink=sink,
+                clock=self.clock,
+                runner=runner,
+                control=uplink,
+                leases=leases,
+                denied_receipts_per_minute=cfg.denied_receipts_per_minute,
             ),
             clock=self.clock,
             artifacts_dir=state / "artifacts",
             max_artifact_bytes=cfg.max_artifact_bytes,
+            artifact_max_task_bytes=cfg.artifact_max_task_bytes,
             default_queue=cfg.default_queue,
             receipt_ack_timeout_ms=cfg.receipt_ack_timeout_ms,
             policies=policies,
