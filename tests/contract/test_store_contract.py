@@ -264,6 +264,23 @@ async def test_release_requeues_for_another_holder(store: Store) -> None:
     assert [h.outcome for h in await store.lease_history("t1")] == ["released", "active"]
 
 
+async def test_release_counts_against_max_attempts(store: Store) -> None:
+    """A released attempt counts like a lapsed one: with attempts spent the task expires
+    instead of running once more (a graceful restart releases every lease)."""
+    await submit(store, "t1", max_attempts=1)
+    await lease(store)
+    back = await store.transition(
+        task_id="t1", event=Event.RELEASE, fencing_token=1, node_id="n1", now_ms=NOW + 1
+    )
+    assert (back.state, back.attempt, back.max_attempts) == (State.EXPIRED, 1, 1)
+    assert (
+        await store.acquire_lease(
+            queue="q", node_id="n2", agent_id="a", lease_id="l2", now_ms=NOW + 2, sign=sign
+        )
+        is None
+    )
+
+
 async def test_only_one_of_concurrent_conflicting_writers_wins(store: Store) -> None:
     """Of many concurrent SUCCEED/FAIL/RELEASE calls on one running task, exactly one wins."""
     await submit(store, "t1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 from tether.agent import AgentClient
 from tether.core import errors as E
 from tether.core.states import State
-from tether.testing import endpoint, spawn_control_cli, spawn_sidecar_cli
+from tether.testing import endpoint, spawn_control_cli, spawn_sidecar_cli, sync_join_token
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "python_agent.py"
 
@@ -198,3 +199,46 @@ async def test_control_plane_killed_and_restarted_loses_nothing(
     async with endpoint(address).admin() as client:
         tasks = await client.list_all_tasks(queue="work")
         assert Counter(t.state for t in tasks) == {State.SUCCEEDED: n}
+
+
+async def test_sidecar_started_during_an_outage_waits_and_reports_not_serving(
+    tmp_path: Path, procs: Procs
+) -> None:
+    """A sidecar started while the control plane is down keeps retrying instead of exiting,
+    serves once it is back, and its health says NOT_SERVING while it cannot reach it."""
+    control, address = spawn_control_cli(tmp_path)
+    procs.add(control)
+    enroll = endpoint(address).enroll_address
+    token = sync_join_token(endpoint(address), "n1")
+    control.terminate()
+    control.wait()
+    started = asyncio.get_running_loop().run_in_executor(
+        None,
+        lambda: spawn_sidecar_cli(
+            tmp_path, address, node_id="n1", agents=("alice",), join_token=token, timeout_s=60
+        ),
+    )
+    await asyncio.sleep(3)  # several failed attempts: the process must still be alive
+    assert not started.done()
+    restarted, _ = spawn_control_cli(
+        tmp_path, extra_args=["--listen", address, "--enroll-listen", enroll]
+    )
+    procs.add(restarted)
+    side, sock, _ = await started
+    procs.add(side)
+    log = (tmp_path / "n1" / "sidecar.log").read_text()
+    assert "unreachable at start-up" in log
+
+    def health() -> int:
+        return subprocess.run(
+            [sys.executable, "-m", "tether.cli", "health", "--socket", str(sock)],
+            capture_output=True, check=False, timeout=30,
+        ).returncode  # fmt: skip
+
+    assert await asyncio.to_thread(health) == 0
+    restarted.kill()
+    restarted.wait()
+    async with AgentClient(sock, token=(tmp_path / "n1" / "alice.token").read_text().strip()) as a:
+        with contextlib.suppress(Exception):
+            await a.claim("work")  # finds the control plane gone
+    await wait_for(lambda: health() == 1, timeout_s=15)

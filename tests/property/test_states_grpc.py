@@ -109,8 +109,12 @@ class Harness:
         n = next(self.queues)
         assert n < MAX_QUEUES, "raise MAX_QUEUES: the policy declares too few queues"
         queue = f"q{n}"
+        # A released attempt counts against max_attempts: QUEUED-with-a-token needs two.
+        attempts = 2 if state is State.QUEUED else 1
         task = self.stub.SubmitTask(
-            pb.SubmitTaskRequest(queue=queue, payload=b"{}", max_attempts=1, lease_ttl_ms=TTL_MS)
+            pb.SubmitTaskRequest(
+                queue=queue, payload=b"{}", max_attempts=attempts, lease_ttl_ms=TTL_MS
+            )
         ).task
         if state is State.QUEUED:
             task = self.acquire(queue).task

@@ -43,7 +43,8 @@ class Event(enum.IntEnum):
 
 TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.EXPIRED, State.CANCELED})
 
-# LAPSE leads to QUEUED while attempts remain, else EXPIRED (see `next_state`).
+# LAPSE and RELEASE lead to QUEUED while attempts remain, else EXPIRED (see
+# `next_state`): a released attempt counts against max_attempts like a lapsed one.
 TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.QUEUED, Event.LEASE): State.LEASED,
     (State.QUEUED, Event.CANCEL): State.CANCELED,
@@ -87,7 +88,7 @@ def next_state(state: State, event: Event, *, attempt: int = 0, max_attempts: in
             f"cannot {event.name.lower()} a task that is {state.name.lower()}",
             metadata={"state": state.name, "event": event.name},
         )
-    if event is Event.LAPSE and attempt >= max_attempts:
+    if event in (Event.LAPSE, Event.RELEASE) and attempt >= max_attempts:
         return State.EXPIRED
     return target
 

@@ -605,6 +605,7 @@ class Mediator:
                 self._unrecorded.pop((held.task_id, key), None)  # cannot be recorded any more
                 raise
             outcome = replace(pending.outcome, replayed=True, cost_micros=0)
+            self._fence(held, call.tool)  # the lookup took time: still ours before we answer
             await self._tool_call_receipt(call, outcome, 0)
             return outcome
         return await self._execute(call)
@@ -637,6 +638,8 @@ class Mediator:
             if refused is not None:
                 raise await self._deny(call.held, call.tool, call.args_digest, call.key, refused)
             outcome = ToolOutcome(result_json=result_json, status=record.status, replayed=True)
+            # A remote lookup took time: re-check the lease before the receipt and reply.
+            self._fence(call.held, call.tool)
             await self._tool_call_receipt(call, outcome, 0)
             return outcome
         if call.spec.idempotent:

@@ -46,7 +46,7 @@ from tether.sidecar.mediation import Mediator, PolicySource, PolicyToolRunner, T
 from tether.sidecar.memory import MemoryStore
 from tether.sidecar.receipts import ReceiptSink
 from tether.sidecar.spool import GrpcReceiptStream, ReceiptSpool, stream_receipts
-from tether.sidecar.uplink import Uplink
+from tether.sidecar.uplink import Registration, Uplink
 from tether.v1 import broker_pb2 as bpb
 from tether.v1 import broker_pb2_grpc as bpb_grpc
 from tether.v1 import control_pb2 as pb
@@ -103,6 +103,8 @@ class Sidecar:
         self._receipts_stop = asyncio.Event()
         self._receipts_task: asyncio.Task[None] | None = None
         self.metrics: MetricsServer | None = None
+        self._healths: list[health.aio.HealthServicer] = []
+        self._health_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Registers the node and starts serving.
@@ -137,7 +139,7 @@ class Sidecar:
             retry_budget_ms=cfg.uplink_retry_budget_ms,
             timeout_ms=cfg.uplink_timeout_ms,
         )
-        registration = await uplink.register()
+        registration = await self._register_until_reachable(uplink)
         self.certificate = registration.certificate
         trust = _TrustedKeys(bundle_path, bundle)
 
@@ -269,7 +271,63 @@ class Sidecar:
         os.chmod(path, SOCKET_MODE)
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         await health_servicer.set("tether.v1.BrokerService", health_pb2.HealthCheckResponse.SERVING)
+        self._healths.append(health_servicer)
         self._servers.append((server, path))
+        if self._health_task is None:
+            self._health_task = asyncio.create_task(self._watch_health(), name="tether-health")
+
+    async def _set_health(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for servicer in self._healths:
+            await servicer.set("", status)
+            await servicer.set("tether.v1.BrokerService", status)
+
+    async def _watch_health(self) -> None:
+        """NOT_SERVING while the control plane is unreachable or the sidecar drains.
+
+        Calls under leases already held keep working meanwhile (until each lease's
+        validity ends); health tells orchestrators not to send new work here.
+        """
+        serving = True
+        while not self._stopped.is_set():
+            uplink, deps = self.uplink, self.deps
+            now = bool(
+                uplink is not None
+                and uplink.reachable
+                and deps is not None
+                and deps.accepting_claims
+            )
+            if now != serving:
+                serving = now
+                await self._set_health(serving)
+                log.warning("health: %s", "SERVING" if serving else "NOT_SERVING")
+            await asyncio.sleep(0.5)
+
+    async def _register_until_reachable(self, uplink: Uplink) -> Registration:
+        """Enrols, retrying with backoff (capped at 30 s) while the control plane is down.
+
+        A sidecar restarted during an outage keeps its spool and waits, instead of
+        exiting; a refusal (bad token, revoked node) is fatal and says why.
+        """
+        delay = 0.5
+        while True:
+            try:
+                return await uplink.register()
+            except E.Unavailable as err:
+                cause = err.__cause__
+                detail = getattr(cause, "details", lambda: "")() if cause is not None else ""
+                log.warning(
+                    "control plane %s unreachable at start-up (%s); retrying in %.1f s",
+                    uplink.enroll_address,
+                    detail or err.message,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
 
     async def stop(self, grace_ms: int | None = None) -> None:
         """Graceful stop: no new claims, calls finish, leases go back, receipts flush."""
@@ -279,6 +337,9 @@ class Sidecar:
         deps = self.deps
         if deps is not None:
             deps.accepting_claims = False
+        await self._set_health(False)  # draining: tell probes first
+        if self._health_task is not None:
+            self._health_task.cancel()
         await asyncio.gather(*(server.stop(grace) for server, _ in self._servers))
         if self.metrics is not None:
             self.metrics.close()

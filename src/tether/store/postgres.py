@@ -187,8 +187,11 @@ def _transition_sql(event: Event) -> tuple[str, str | None]:
         )
     else:
         sets = ", lease_expires_unix_ms = 0, result = %(result)s, error = %(error)s"
+    state = str(int(target))
+    if outcome == "released":  # a released attempt counts against max_attempts
+        state = f"CASE WHEN attempt >= max_attempts THEN {int(State.EXPIRED)} ELSE {state} END"
     sql = (
-        f"UPDATE tasks SET state = {int(target)}, updated_unix_ms = %(now)s{sets} {where}"
+        f"UPDATE tasks SET state = {state}, updated_unix_ms = %(now)s{sets} {where}"
         f" RETURNING {TASK_COLS}"
     )
     return sql, outcome
