@@ -42,10 +42,12 @@ def test_pool_and_raw_chunks_match_inline_on_tampered_bundles() -> None:
 
 
 def test_irregular_compact_file_takes_the_full_parser() -> None:
-    """A compact file that strays from the fast grammar (a numeric leafIndex) still verifies."""
+    """A compact file that strays from the fast grammar (a numeric leafIndex) is refused alike."""
     b = _bundle()
     data = encode_bundle(b.build())
     loose = data.replace(b'"leafIndex":"3"', b'"leafIndex":3', 2)
     assert loose != data
-    assert verify_bundle(loose, [b.control.public]).ok
-    assert verify_bundle(loose, [b.control.public], threads=2).ok
+    for threads in (1, 2):
+        report = verify_bundle(loose, [b.control.public], threads=threads)
+        assert report.checks_failed() == {"bundle.format"}
+        assert "canonical encoding" in report.failures[0].why

@@ -77,9 +77,19 @@ def verify_cert(envelope: Envelope, trusted_keys: dict[str, VerifyKey]) -> NodeC
             keyid that does not match the key.
     """
     verify_envelope(envelope, trusted_keys, NODE_CERT_PAYLOAD_TYPE)
+    return decode_cert(envelope.payload)
+
+
+def decode_cert(payload: bytes) -> NodeCertificate:
+    """Parses certificate payload bytes (call only after the signature checked).
+
+    Raises:
+        VerificationError: not a valid NodeCertificate, or a keyid that does
+            not match its key.
+    """
     msg = receipt_pb2.NodeCertificate()
     try:
-        msg.ParseFromString(envelope.payload)
+        msg.ParseFromString(payload)
         cert = NodeCertificate(
             node_id=msg.node_id,
             public_key=bytes(msg.public_key),

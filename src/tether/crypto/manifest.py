@@ -105,9 +105,19 @@ def verify_manifest(envelope: Envelope, trusted_keys: dict[str, VerifyKey]) -> E
             unknown version, or nodes that are unsorted, repeated or invalid.
     """
     verify_envelope(envelope, trusted_keys, MANIFEST_PAYLOAD_TYPE)
+    return decode_manifest(envelope.payload)
+
+
+def decode_manifest(payload: bytes) -> ExportManifest:
+    """Parses manifest payload bytes strictly (call only after the signature checked).
+
+    Raises:
+        VerificationError: malformed payload, an unknown version, or nodes
+            that are unsorted, repeated or invalid.
+    """
     msg = receipt_pb2.ExportManifest()
     try:
-        msg.ParseFromString(envelope.payload)
+        msg.ParseFromString(payload)
     except DecodeError as err:
         raise VerificationError(f"malformed export manifest: {err}") from err
     if msg.version != MANIFEST_VERSION:

@@ -220,8 +220,8 @@ def parse_statement(payload: bytes) -> Receipt:
     """
     try:
         doc = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise VerificationError(f"statement is not JSON: {err}") from err
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:  # deep nesting: RecursionError
+        raise VerificationError(f"statement is not JSON: {str(err)[:200]}") from err
     if not isinstance(doc, dict) or set(doc) != {
         "_type",
         "subject",

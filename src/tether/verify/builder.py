@@ -175,7 +175,8 @@ class BundleBuilder:
         root = tree.root()
         body = CheckpointBody(self.origin, tree.size, root)
         ts = exported_unix_ms if exported_unix_ms is not None else T0 + DAY_MS
-        cp = CheckpointInfo(self.origin, tree.size, root, ts, sign_checkpoint(body, self.control))
+        # A bundle carries no checkpoint time (the note does not sign one).
+        cp = CheckpointInfo(self.origin, tree.size, root, 0, sign_checkpoint(body, self.control))
         entries = [
             Entry.of(self.ledger[i], i, i, tree.size, tree.inclusion_proof(i))
             for i in self.exported

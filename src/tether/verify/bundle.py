@@ -3,23 +3,26 @@
 A 100,000-receipt bundle is a few hundred MB of JSON; parsing it with
 `json.loads` and plain dicts is several times faster than protobuf's JSON
 parser, and keeps the verifier's hot path free of message objects. The reader
-is strict (unknown fields, wrong types and non-canonical base64 are refused)
-and accepts both the lowerCamelCase and the proto field names, as proto3 JSON
-parsers must.
+is strict and bounded (see `Limits` and `tether.verify.strictjson`): unknown
+or repeated fields, wrong types, non-canonical base64 or decimals, and a
+checkpoint time (which nothing signs) are refused, so every byte of a bundle
+is either authenticated by a signature or hash, or rejected. It accepts both
+the lowerCamelCase and the proto field names, as proto3 JSON parsers must.
 """
 
 from __future__ import annotations
 
-import base64
 import binascii
+import dataclasses
 import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 from tether.core.errors import VerificationError
 from tether.crypto.signing import Envelope
+from tether.verify import strictjson
 
 BUNDLE_VERSION = 1
 
@@ -28,6 +31,29 @@ class BundleFormatError(VerificationError):
     """The bundle file is not a well-formed version-1 bundle."""
 
     reason = "BUNDLE_FORMAT"
+
+
+class BundleTooLarge(VerificationError):
+    """The input is larger than the verifier was allowed to read (`Limits.max_bytes`)."""
+
+    reason = "BUNDLE_TOO_LARGE"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what the verifier reads, so its work and memory follow its input's size."""
+
+    max_bytes: int = 1 << 30
+    """Largest bundle accepted (1 GiB, about 400,000 receipts); `tether verify --max-bytes`."""
+    max_depth: int = 16
+    """Deepest JSON nesting accepted, in the file and in each receipt statement (real
+    bundles nest 5 deep); `tether verify --max-depth`."""
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < 1:
+            raise ValueError("max_bytes must be positive")
+        if not 1 <= self.max_depth <= 512:
+            raise ValueError("max_depth must be between 1 and 512")
 
 
 @dataclass(frozen=True)
@@ -93,33 +119,49 @@ class Bundle:
 
 
 def _b64(v: Any, what: str) -> bytes:
+    """Decodes canonical standard base64 only (RFC 4648 §4, padded, zero trailing bits).
+
+    proto3 JSON readers also take URL-safe or unpadded base64; this one does
+    not, so that one byte string has exactly one text and no character of it
+    goes unauthenticated.
+    """
     if type(v) is not str:
         raise BundleFormatError(f"{what}: expected a base64 string")
     try:
-        return binascii.a2b_base64(v, strict_mode=True)
-    except binascii.Error:
-        pass
-    try:  # proto3 JSON also allows URL-safe base64 and omitted padding
-        raw = base64.urlsafe_b64decode(v + "=" * (-len(v) % 4))
-    except (binascii.Error, ValueError) as err:
-        raise BundleFormatError(f"{what}: not base64") from err
+        raw = binascii.a2b_base64(v, strict_mode=True)
+    except binascii.Error as err:
+        raise BundleFormatError(f"{what}: not standard base64") from err
+    if binascii.b2a_base64(raw, newline=False).decode() != v:
+        raise BundleFormatError(f"{what}: base64 is not canonical")
     return raw
 
 
-def _uint(v: Any, what: str) -> int:
-    if type(v) is str and v.isascii() and v.isdigit():
-        v = int(v)
-    if type(v) is not int or not 0 <= v < 1 << 64:
-        raise BundleFormatError(f"{what}: expected an unsigned integer")
+_DECIMAL = re.compile(r"0|-?[1-9][0-9]*")
+
+
+def _decimal(v: Any, what: str) -> int:
+    """An integer given as a JSON number or a decimal string, without leading zeros."""
+    if type(v) is str:
+        if len(v) > 20 or _DECIMAL.fullmatch(v) is None:
+            raise BundleFormatError(f"{what}: not a canonical decimal integer")
+        return int(v)
+    if type(v) is not int:
+        raise BundleFormatError(f"{what}: expected an integer")
     return v
+
+
+def _uint(v: Any, what: str) -> int:
+    n = _decimal(v, what)
+    if not 0 <= n < 1 << 64:
+        raise BundleFormatError(f"{what}: expected an unsigned 64-bit integer")
+    return n
 
 
 def _int(v: Any, what: str) -> int:
-    if type(v) is str and v.isascii() and v.lstrip("-").isdigit():
-        v = int(v)
-    if type(v) is not int or not -(1 << 63) <= v < 1 << 63:
-        raise BundleFormatError(f"{what}: expected an integer")
-    return v
+    n = _decimal(v, what)
+    if not -(1 << 63) <= n < 1 << 63:
+        raise BundleFormatError(f"{what}: expected a signed 64-bit integer")
+    return n
 
 
 def _obj(v: Any, what: str, names: Iterable[str]) -> dict[str, Any]:
@@ -212,8 +254,10 @@ def _entries(items: list[Any]) -> list[Entry]:
             ok = _HASHES_B64.fullmatch("".join(hashes)) is not None
         except TypeError:
             ok = False
-        if not ok:  # not canonical: decode each to say what is wrong, then re-encode
-            hashes = [_e64(_b64(h, what + ".proof.hashes")) for h in hashes]
+        if not ok:  # say which one is wrong: not base64, not canonical, or not 32 bytes
+            for j, h in enumerate(hashes):
+                if len(_b64(h, f"{what}.proof.hashes[{j}]")) != 32:
+                    raise BundleFormatError(f"{what}.proof.hashes[{j}]: not a 32-byte hash")
         out.append(
             Entry(
                 envelope=_b64(env, what + ".envelope"),
@@ -226,17 +270,96 @@ def _entries(items: list[Any]) -> list[Entry]:
     return out
 
 
-def decode_bundle(data: bytes) -> Bundle:
-    """Parses a bundle file strictly.
+def read_bundle(stream: IO[bytes], limits: Limits | None = None) -> bytes:
+    """Reads a bundle from a file or pipe, stopping early at anything that is not JSON.
+
+    Binary garbage (a file of zeros, an image) is refused at its first block,
+    and nothing past `limits.max_bytes` is read.
 
     Raises:
-        BundleFormatError: not JSON, unknown fields, wrong types, or a version
-            other than 1.
+        BundleFormatError: the input cannot be a bundle (it does not start with
+            "{", or holds a byte JSON never holds).
+        BundleTooLarge: more than `limits.max_bytes` bytes.
     """
+    limits = limits or Limits()
+    parts: list[bytes] = []
+    total = 0
+    started = False  # the first byte after leading whitespace was seen
+    while True:
+        block = stream.read(min(1 << 20, limits.max_bytes + 1 - total))
+        if not block:
+            break
+        if not started:
+            head = block.lstrip(b" \t\n\r")
+            if head:
+                started = True
+                if head[:1] != b"{":
+                    raise BundleFormatError("not a bundle: a bundle file is a JSON object")
+        at = strictjson.control_byte(block)
+        if at >= 0:
+            raise BundleFormatError(
+                f"not a bundle: control byte 0x{block[at]:02x} at offset {total + at}"
+            )
+        parts.append(block)
+        total += len(block)
+        if total > limits.max_bytes:
+            raise BundleTooLarge(
+                f"bundle is larger than {limits.max_bytes} bytes (the --max-bytes limit)"
+            )
+    return b"".join(parts)
+
+
+def decode_bundle(data: bytes, limits: Limits | None = None, *, canonical: bool = True) -> Bundle:
+    """Parses a bundle file strictly and within `limits`.
+
+    With `canonical` (the default, and what the verifier uses) the file must
+    be byte for byte what `encode_bundle` writes for its content: compact,
+    lowerCamelCase, fields in order, 64-bit integers as strings, non-ASCII
+    escaped, one final newline. So a bundle has exactly one encoding, and no
+    byte of it (not even a space) goes unauthenticated. `canonical=False`
+    also reads what other proto3 JSON writers emit (proto field names,
+    numbers for 64-bit integers, any whitespace), for tools, not for verdicts.
+
+    Raises:
+        BundleFormatError: not strict JSON (see `tether.verify.strictjson`),
+            unknown or repeated fields, wrong types, non-canonical encodings,
+            a checkpoint time, a version other than 1, over the limits, or
+            (with `canonical`) not the canonical encoding.
+    """
+    bundle = _decode(data, limits or Limits())
+    if canonical:
+        again = encode_bundle(bundle)
+        if again != data:
+            at = _first_difference(again, data)
+            raise BundleFormatError(
+                f"bundle is not in its canonical encoding (as `tether receipts export` "
+                f"writes it): first difference at byte {at}"
+            )
+    return bundle
+
+
+def _first_difference(a: bytes, b: bytes) -> int:
+    """The offset of the first byte where `a` and `b` differ (they do), by bisection."""
+    va, vb = memoryview(a), memoryview(b)
+    lo, hi = 0, min(len(a), len(b))
+    if va[:hi] == vb[:hi]:
+        return hi
+    while hi - lo > 1:  # va[:lo] == vb[:lo] and va[:hi] != vb[:hi]
+        mid = (lo + hi) // 2
+        if va[:mid] == vb[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def _decode(data: bytes, limits: Limits) -> Bundle:
+    if len(data) > limits.max_bytes:
+        raise BundleFormatError(f"bundle is larger than {limits.max_bytes} bytes")
     try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise BundleFormatError(f"bundle is not JSON: {err}") from err
+        doc = strictjson.loads(data, limits.max_depth)
+    except strictjson.StrictJSONError as err:
+        raise BundleFormatError(f"bundle is not strict JSON: {err.message}") from err
     d = _obj(
         doc,
         "bundle",
@@ -264,11 +387,16 @@ def decode_bundle(data: bytes) -> Bundle:
         origin, note = c.get("origin", ""), c.get("note", "")
         if type(origin) is not str or type(note) is not str:
             raise BundleFormatError("checkpoint: origin and note must be strings")
+        if _int(c.get("timestamp_unix_ms", 0), "checkpoint.timestamp_unix_ms") != 0:
+            # The note does not sign a time, so a bundle must not claim one.
+            raise BundleFormatError(
+                "checkpoint.timestampUnixMs is signed by nothing; a bundle must not carry it"
+            )
         cp = CheckpointInfo(
             origin=origin,
             tree_size=_uint(c.get("tree_size", 0), "checkpoint.tree_size"),
             root_hash=_b64(c.get("root_hash", ""), "checkpoint.root_hash"),
-            timestamp_unix_ms=_int(c.get("timestamp_unix_ms", 0), "checkpoint.timestamp"),
+            timestamp_unix_ms=0,
             note=note,
         )
     keyids = _list(d.get("control_keyids", []), "control_keyids")
@@ -328,12 +456,11 @@ def bundle_to_dict(b: Bundle) -> dict[str, Any]:
         "exportedUnixMs": str(b.exported_unix_ms),
     }
     if b.checkpoint is not None:
-        c = b.checkpoint
+        c = b.checkpoint  # without its time: the note does not sign one (see decode_bundle)
         doc["checkpoint"] = {
             "origin": c.origin,
             "treeSize": str(c.tree_size),
             "rootHash": _e64(c.root_hash),
-            "timestampUnixMs": str(c.timestamp_unix_ms),
             "note": c.note,
         }
     if b.manifest is not None:
@@ -402,7 +529,10 @@ def bundle_to_proto(b: Bundle) -> Any:
         exported_unix_ms=b.exported_unix_ms,
     )
     if b.checkpoint is not None:
-        msg.checkpoint.CopyFrom(checkpoint_to_proto(b.checkpoint))
+        # A bundle carries no checkpoint time: nothing signs it (see decode_bundle).
+        msg.checkpoint.CopyFrom(
+            checkpoint_to_proto(dataclasses.replace(b.checkpoint, timestamp_unix_ms=0))
+        )
     if b.manifest is not None:
         msg.manifest.CopyFrom(to_proto(b.manifest))
     return msg

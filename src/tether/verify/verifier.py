@@ -5,6 +5,21 @@ failed. All failures are collected, not only the first, and reported in
 bundle order. The verifier rejects by default: no trusted key, no checkpoint,
 no certificate, no lease or no final receipt is a failure, never a pass.
 
+Strict and bounded: every byte of a bundle is either authenticated (by a
+signature, a hash chain or an inclusion proof, or by equality with something
+that is) or rejected: keyids must name the key whose signature verifies,
+base64 and decimals must be canonical, signed protobuf payloads must be their
+message's canonical encoding, and the bundle's own fields must equal what the
+signed manifest and checkpoint say. Input size and JSON nesting are capped
+(`Limits`), and work follows the input's size, never a number it claims.
+
+Time is compared like with like. Lease windows and certificate validity are
+stamped and signed by the control plane; a receipt's time is stamped by its
+node's clock. So a receipt time outside its window by at most the clock-skew
+bound (`max_clock_skew_ms`, default 5 s) is a warning, not a failure; beyond
+it, a failure. The lease window a receipt names (control-stamped) must equal
+a signed one exactly.
+
 Speed: a 100,000-receipt bundle is dominated by Ed25519 verification, which
 does NOT release the GIL (cryptography 42+, measured: two threads verify no
 faster than one), so large bundles are checked by a pool of worker
@@ -20,9 +35,12 @@ memo of authenticated subtree hashes.
 from __future__ import annotations
 
 import binascii
+import bisect
 import contextlib
+import functools
 import gc
 import hashlib
+import itertools
 import json
 import multiprocessing
 import os
@@ -38,22 +56,38 @@ from tether.core.errors import VerificationError
 from tether.core.leases import Lease
 from tether.core.receipts import Receipt, ReceiptKind
 from tether.core.states import state_name
-from tether.crypto.certs import NodeCertificate, verify_cert
-from tether.crypto.leases import verify_lease
-from tether.crypto.manifest import ExportManifest, verify_manifest
-from tether.crypto.note import CheckpointBody, verify_checkpoint
-from tether.crypto.receipts import parse_statement
-from tether.crypto.signing import INTOTO_PAYLOAD_TYPE, Envelope, VerifyKey, pae
-from tether.verify.bundle import Bundle, BundleFormatError, decode_bundle
+from tether.crypto.certs import NodeCertificate, decode_cert, encode_cert
+from tether.crypto.leases import decode_lease, encode_lease
+from tether.crypto.manifest import ExportManifest, decode_manifest, encode_manifest
+from tether.crypto.note import CheckpointBody, key_hash, open_checkpoint
+from tether.crypto.receipts import (
+    PREDICATE_TYPE,
+    STATEMENT_TYPE,
+    receipt_from_predicate,
+    subject_for,
+)
+from tether.crypto.signing import (
+    INTOTO_PAYLOAD_TYPE,
+    LEASE_PAYLOAD_TYPE,
+    MANIFEST_PAYLOAD_TYPE,
+    NODE_CERT_PAYLOAD_TYPE,
+    Envelope,
+    VerifyKey,
+    pae,
+)
+from tether.verify import strictjson
+from tether.verify.bundle import Bundle, BundleFormatError, Limits, decode_bundle
 
 CHECKS: dict[str, str] = {
     "bundle.format": "the file is a well-formed version-1 bundle",
     "checkpoint": "the checkpoint note is signed by a trusted control key and matches its fields",
     "manifest": "the export manifest is signed by a trusted control key, names the bundle's "
-    "checkpoint, and for every node gives the bundle's last seq, that envelope's digest and "
-    "the task ids (so no receipt was cut from the end of a chain)",
+    "checkpoint and export time, and for every node gives the bundle's last seq, that "
+    "envelope's digest and the task ids (so no receipt was cut from the end of a chain)",
+    "control.keyids": "the bundle's controlKeyids are sorted, distinct ids of trusted keys "
+    "that signed something in it",
     "certificate": "every node certificate is signed by a trusted control key; each receipt "
-    "has a certificate for its node, valid at the receipt's time",
+    "has a certificate for its node, valid at the receipt's time (within the clock-skew bound)",
     "lease.signature": "every lease is signed by a trusted control key",
     "envelope.format": "each entry is a canonical compact DSSE JSON envelope of an in-toto payload",
     "signature": "each receipt is signed by the certified key of the node it names",
@@ -67,7 +101,8 @@ CHECKS: dict[str, str] = {
     "chain.prev": "each receipt's prev is the digest of its node's previous envelope",
     "lease.missing": "each receipt has a signed lease with its task and fencing token",
     "lease.executor": "each receipt's node, agent and attempt are the lease holder's",
-    "lease.window": "each action happened inside a window of its lease",
+    "lease.window": "each receipt names a window its signed lease has, and its time lies "
+    "inside a window of the lease (within the clock-skew bound)",
     "task.final": "each task has exactly one task_finished receipt",
 }
 _RANK = {name: i for i, name in enumerate(CHECKS)}
@@ -75,6 +110,7 @@ _RANK = {name: i for i, name in enumerate(CHECKS)}
 # Kinds that need not lie inside the lease window: the node learns of a lost
 # lease after the fact.
 _WINDOW_EXEMPT = frozenset({ReceiptKind.LEASE_LOST})
+DEFAULT_MAX_CLOCK_SKEW_MS = 5_000
 _LIST_CHUNK = 1024  # parsed entries per job sent to a worker process
 _POOL_MIN_ENTRIES = 4096  # below this a pool's start-up (~0.1 s) costs more than it saves
 _POOL_MIN_BYTES = 8 << 20  # the same for a bundle file's entries (about 3,000 typical ones)
@@ -116,7 +152,12 @@ class TaskReport:
 
 @dataclass
 class Report:
-    """The verifier's verdict: valid when `failures` is empty."""
+    """The verifier's verdict: valid when `failures` is empty.
+
+    `warnings` name what holds but is worth knowing (node clocks skewed within
+    the bound, checkpoint lines by unknown cosigners); they never make a bundle
+    invalid.
+    """
 
     failures: list[Failure]
     entries: int = 0
@@ -125,6 +166,8 @@ class Report:
     origin: str = ""
     tree_size: int = 0
     seconds: float = 0.0
+    warnings: list[Failure] = field(default_factory=list)
+    max_clock_skew_ms: int = DEFAULT_MAX_CLOCK_SKEW_MS
 
     @property
     def ok(self) -> bool:
@@ -158,6 +201,8 @@ class Report:
             ],
             "checkpoint": {"origin": self.origin, "tree_size": self.tree_size},
             "failures": [f.to_dict() for f in self.failures],
+            "warnings": [w.to_dict() for w in self.warnings],
+            "max_clock_skew_ms": self.max_clock_skew_ms,
             "seconds": round(self.seconds, 3),
         }
 
@@ -182,6 +227,9 @@ class _Item(NamedTuple):
     final_state: int
     digest: str  # hex sha256 of the envelope bytes
     detail: str  # the timeline line
+    lease_id: str  # the lease window the receipt names (control-stamped, copied by the node)
+    lease_issued: int
+    lease_expires: int
 
     @property
     def ref(self) -> str:
@@ -302,14 +350,99 @@ def parse_canonical_envelope(data: bytes) -> Envelope:
     return env
 
 
+class _Windows:
+    """Half-open time windows [lo, hi): how far a time lies from the nearest, in O(log n).
+
+    Renewals and re-registrations give one lease or node key several windows;
+    duplicates collapse, and a lookup never scans them all, so a bundle cannot
+    make the checks quadratic by repeating windows.
+    """
+
+    def __init__(self, spans: Iterable[tuple[int, int]]) -> None:
+        ordered = sorted(set(spans))
+        self.starts = [lo for lo, _ in ordered]
+        self.reach = list(itertools.accumulate((hi for _, hi in ordered), max))
+
+    def distance(self, t: int) -> int:
+        """0 inside a window, else milliseconds to the nearest one."""
+        i = bisect.bisect_right(self.starts, t)
+        best = 1 << 64
+        if i:
+            reach = self.reach[i - 1]
+            if t < reach:
+                return 0
+            best = t - reach + 1
+        if i < len(self.starts):
+            best = min(best, self.starts[i] - t)
+        return best
+
+
+# Signature checks are a pure function of (key, signature, message), so their
+# results are memoized per process (bounded, messages up to 16 KiB): verifying
+# bundles that share envelopes (successive exports, a bundle and its variants)
+# costs one Ed25519 check per distinct signature.
+_MEMO_MAX_MESSAGE = 16 << 10
+
+
+@functools.lru_cache(maxsize=256)
+def _verify_key(raw: bytes) -> VerifyKey:
+    return VerifyKey.from_raw(raw)
+
+
+@functools.lru_cache(maxsize=2048)
+def _verified_memo(raw: bytes, sig: bytes, message: bytes) -> bool:
+    return _verify_key(raw).verify(sig, message)
+
+
+def _verified(raw: bytes, sig: bytes, message: bytes) -> bool:
+    """True when `sig` is the Ed25519 signature of the 32-byte key `raw` over `message`."""
+    if len(message) > _MEMO_MAX_MESSAGE:
+        return _verify_key(raw).verify(sig, message)
+    return _verified_memo(raw, sig, message)
+
+
+def _short(keyid: str) -> str:
+    """A keyid as diagnostics show it: its first 16 hex digits."""
+    return keyid[:16] if re.fullmatch(r"[0-9a-f]{64}", keyid) else repr(keyid[:70])
+
+
+def _statement(payload: bytes, max_depth: int) -> Receipt:
+    """Parses an in-toto Statement of a Tether receipt, strictly and within `max_depth`.
+
+    What `tether.crypto.receipts.parse_statement` checks, on strict JSON: a
+    repeated key (which JSON readers resolve differently) is refused.
+
+    Raises:
+        VerificationError: not a valid Tether receipt statement.
+    """
+    try:
+        doc = strictjson.loads(payload, max_depth)
+    except strictjson.StrictJSONError as err:
+        raise VerificationError(f"statement: {err.message}") from err
+    if type(doc) is not dict or doc.keys() != {"_type", "subject", "predicateType", "predicate"}:
+        raise VerificationError(
+            "statement must hold exactly _type, subject, predicateType, predicate"
+        )
+    if doc["_type"] != STATEMENT_TYPE:
+        raise VerificationError("statement _type is not in-toto Statement v1")
+    if doc["predicateType"] != PREDICATE_TYPE:
+        raise VerificationError("statement predicateType is not a Tether receipt")
+    r = receipt_from_predicate(doc["predicate"])
+    if doc["subject"] != [subject_for(r)]:
+        raise VerificationError("statement subject does not match the receipt")
+    return r
+
+
 # (node_id, raw public key, issued_unix_ms, expires_unix_ms) of a verified certificate
 _Cert = tuple[str, bytes, int, int]
 # (envelope, leaf_index, proof leaf_index, proof tree_size, proof hashes as base64)
 _EntryFacts = tuple[bytes, int, int, int, tuple[str, ...]]
 # (position, check, ref or "" for "entry[i]", why)
 _Fail = tuple[int, str, str, str]
-# (leaf indexes, parsed items, failures) of one chunk of entries
-_ChunkResult = tuple[list[int], list[_Item], list[_Fail]]
+# (check, node_id, milliseconds outside, receipt ref): a node-stamped time off by clock skew
+_Skew = tuple[str, str, int, str]
+# (leaf indexes, parsed items, failures, skews) of one chunk of entries
+_ChunkResult = tuple[list[int], list[_Item], list[_Fail], list[_Skew]]
 
 
 @dataclass(frozen=True)
@@ -318,9 +451,11 @@ class _Context:
 
     token: bytes  # one verification run; workers rebuild their state when it changes
     certs: dict[str, tuple[_Cert, ...]]  # keyid -> the verified certificates with that key
-    certified: frozenset[str]  # nodes with at least one verified certificate
+    node_keyids: dict[str, tuple[str, ...]]  # node -> keyids of its certified keys
     tree_size: int
     root: bytes | None  # None: the checkpoint failed, so inclusion is not checked
+    skew_ms: int
+    max_depth: int
 
 
 class _Irregular(Exception):
@@ -329,8 +464,8 @@ class _Irregular(Exception):
 
 # One entry exactly as `encode_bundle` writes it; anything else takes the full parser.
 _RAW_ENTRY = re.compile(
-    rb'\{"envelope":"([A-Za-z0-9+/]*={0,2})","leafIndex":"([0-9]{1,20})",'
-    rb'"proof":\{"leafIndex":"([0-9]{1,20})","treeSize":"([0-9]{1,20})",'
+    rb'\{"envelope":"([A-Za-z0-9+/]*={0,2})","leafIndex":"(0|[1-9][0-9]{0,19})",'
+    rb'"proof":\{"leafIndex":"(0|[1-9][0-9]{0,19})","treeSize":"(0|[1-9][0-9]{0,19})",'
     rb'"hashes":\[([^\]]*)\]\}\}'
 )
 _H = rb'"[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]="'  # canonical base64 of 32 bytes
@@ -346,11 +481,12 @@ def _raw_entries(chunk: bytes) -> list[_EntryFacts]:
     """Parses compact entries separated by commas, as `bundle._entries` would.
 
     Raises:
-        _Irregular: anything the strict fast grammar does not cover.
+        _Irregular: anything the strict fast grammar does not cover (then the
+            full parser decides, and names what is wrong).
     """
     out: list[_EntryFacts] = []
     match = _RAW_ENTRY.match
-    a2b = binascii.a2b_base64
+    a2b, b2a = binascii.a2b_base64, binascii.b2a_base64
     pos, n = 0, len(chunk)
     while True:
         m = match(chunk, pos)
@@ -360,6 +496,8 @@ def _raw_entries(chunk: bytes) -> list[_EntryFacts]:
             envelope = a2b(m[1], strict_mode=True)
         except binascii.Error as err:
             raise _Irregular from err
+        if b2a(envelope, newline=False) != m[1]:
+            raise _Irregular  # not canonical base64
         leaf, pidx, psize = int(m[2]), int(m[3]), int(m[4])
         if leaf >= _U64 or pidx >= _U64 or psize >= _U64:
             raise _Irregular
@@ -379,7 +517,7 @@ def _raw_entries(chunk: bytes) -> list[_EntryFacts]:
         pos += 1
 
 
-def _split_raw(data: bytes) -> tuple[Bundle, list[tuple[int, int]]] | None:
+def _split_raw(data: bytes, limits: Limits) -> tuple[Bundle, list[tuple[int, int]]] | None:
     """(the bundle without entries, byte spans of entry chunks) for compact bundles.
 
     Only the bundle's small remainder is decoded here; the entries (nearly all
@@ -394,11 +532,11 @@ def _split_raw(data: bytes) -> tuple[Bundle, list[tuple[int, int]]] | None:
     if end < start:
         return None
     tail = data[end + 4 :]
-    # A second "entries" member would win in json.loads: leave that to the full parser.
+    # A second "entries" member: leave it to the full parser, which refuses it.
     if b'"entries"' in tail:
         return None
     try:
-        header = decode_bundle(_RAW_HEAD + b"]" + tail)
+        header = decode_bundle(_RAW_HEAD + b"]" + tail, limits)
     except BundleFormatError:
         return None
     stop = end + 3
@@ -423,20 +561,37 @@ class _Checker:
 
     def __init__(self, ctx: _Context) -> None:
         self.ctx = ctx
-        self.keys: dict[bytes, VerifyKey] = {}
         self.inclusion = _Inclusion(ctx.tree_size, ctx.root) if ctx.root is not None else None
+        self.validity: dict[tuple[str, str], _Windows] = {}  # (keyid, node) -> cert windows
 
     def run(self, base: int, src: bytes | list[_EntryFacts]) -> _ChunkResult:
         entries = _raw_entries(src) if isinstance(src, bytes) else src
         leaves: list[int] = []
         items: list[_Item] = []
         fails: list[_Fail] = []
+        skews: list[_Skew] = []
         for rel, e in enumerate(entries):
             leaves.append(e[1])
-            self._entry(base | rel, e, items, fails)
-        return leaves, items, fails
+            self._entry(base | rel, e, items, fails, skews)
+        return leaves, items, fails, skews
 
-    def _entry(self, pos: int, e: _EntryFacts, items: list[_Item], fails: list[_Fail]) -> None:
+    def _windows(self, keyid: str, node: str, cands: tuple[_Cert, ...]) -> _Windows | None:
+        w = self.validity.get((keyid, node))
+        if w is None:
+            spans = [(c[2], c[3]) for c in cands if c[0] == node]
+            if not spans:
+                return None
+            w = self.validity[(keyid, node)] = _Windows(spans)
+        return w
+
+    def _entry(
+        self,
+        pos: int,
+        e: _EntryFacts,
+        items: list[_Item],
+        fails: list[_Fail],
+        skews: list[_Skew],
+    ) -> None:
         envelope, leaf_index, proof_index, proof_size, proof = e
         ref = ""  # the main process writes "entry[i]"
         try:
@@ -444,25 +599,23 @@ class _Checker:
         except VerificationError as err:
             fails.append((pos, "envelope.format", ref, err.message))
             env = None
-        # Verify before parsing: the keyid hint picks the certified key, whose
+        if env is not None and len(env.signatures) != 1:
+            why = f"a receipt envelope carries one signature, this one {len(env.signatures)}"
+            fails.append((pos, "envelope.format", ref, why))
+            env = None
+        # Verify before parsing: the keyid names the certified key, whose
         # signature over the raw payload is checked whatever the payload says.
         cands: tuple[_Cert, ...] = ()
+        keyid = ""
         sig_ok = True
         r = None
         if env is not None:
-            certs = self.ctx.certs
-            for k, s in env.signatures:
-                found = certs.get(k)
-                if found:
-                    cands = found
-                    raw = found[0][1]
-                    key = self.keys.get(raw)
-                    if key is None:
-                        key = self.keys[raw] = VerifyKey.from_raw(raw)
-                    sig_ok = key.verify(s, pae(env.payload_type, env.payload))
-                    break
+            keyid, sig = env.signatures[0]
+            cands = self.ctx.certs.get(keyid, ())
+            if cands:
+                sig_ok = _verified(cands[0][1], sig, pae(env.payload_type, env.payload))
             try:
-                r = parse_statement(env.payload)
+                r = _statement(env.payload, self.ctx.max_depth)
             except VerificationError as err:
                 fails.append((pos, "receipt.format", ref, err.message))
         if r is not None:
@@ -479,11 +632,16 @@ class _Checker:
                     fails.append((pos, "inclusion", ref, why))
         if env is not None:
             if not cands:
-                if r is not None and r.node_id not in self.ctx.certified:
+                if r is not None and r.node_id not in self.ctx.node_keyids:
                     why = f"no valid certificate for node {r.node_id!r}"
                     fails.append((pos, "certificate", ref, why))
                 else:
-                    fails.append((pos, "signature", ref, "no signature by a certified node key"))
+                    want = self.ctx.node_keyids.get(r.node_id, ()) if r is not None else ()
+                    why = (
+                        f"signed by keyid {_short(keyid)}, expected one of "
+                        f"{', '.join(_short(k) for k in want) or 'the certified node keys'}"
+                    )
+                    fails.append((pos, "signature", ref, why))
             if r is not None:
                 items.append(
                     _Item(
@@ -500,19 +658,32 @@ class _Checker:
                         r.final_state,
                         hashlib.sha256(envelope).hexdigest(),
                         _detail(r),
+                        r.lease_id,
+                        r.lease_issued_unix_ms,
+                        r.lease_expires_unix_ms,
                     )
                 )
                 if cands:
-                    mine = [c for c in cands if c[0] == r.node_id]
-                    t = r.time_unix_ms
-                    if not mine:
-                        why = f"signed with the key of node {cands[0][0]!r}"
+                    windows = self._windows(keyid, r.node_id, cands)
+                    if windows is None:
+                        why = (
+                            f"signed with the key of node {cands[0][0]!r}, not of "
+                            f"{r.node_id!r} (keyid {_short(keyid)})"
+                        )
                         fails.append((pos, "signature", ref, why))
-                    elif not any(c[2] <= t < c[3] for c in mine):
-                        why = "receipt time is outside the certificate's validity"
-                        fails.append((pos, "certificate", ref, why))
+                    else:
+                        off = windows.distance(r.time_unix_ms)
+                        if off > self.ctx.skew_ms:
+                            why = (
+                                f"receipt time is {off} ms outside the node certificate's "
+                                f"validity (clock-skew bound {self.ctx.skew_ms} ms)"
+                            )
+                            fails.append((pos, "certificate", ref, why))
+                        elif off:
+                            skews.append(("certificate", r.node_id, off, ref))
         if not sig_ok:
-            fails.append((pos, "signature", ref, "signature does not verify with the node's key"))
+            why = f"signature by keyid {_short(keyid)} does not verify with the node's key"
+            fails.append((pos, "signature", ref, why))
 
 
 _WORKER: list[_Checker] = []  # this worker process's checker for the current run
@@ -521,8 +692,8 @@ _WORKER: list[_Checker] = []  # this worker process's checker for the current ru
 def _check_job(ctx: _Context, base: int, src: bytes | list[_EntryFacts]) -> _ChunkResult | None:
     """Checks one chunk of entries in a worker process; None if a raw chunk is irregular.
 
-    The checker (parsed keys, memo of authenticated subtrees) is kept between
-    the chunks of one run.
+    The checker (memo of authenticated subtrees, certificate windows) is kept
+    between the chunks of one run.
     """
     if not _WORKER or _WORKER[0].ctx.token != ctx.token:
         _WORKER[:] = [_Checker(ctx)]
@@ -566,33 +737,45 @@ def verify_bundle(
     *,
     allow_open: bool = False,
     threads: int | None = None,
+    max_clock_skew_ms: int = DEFAULT_MAX_CLOCK_SKEW_MS,
+    limits: Limits | None = None,
 ) -> Report:
     """Verifies a bundle offline against trusted control-plane keys.
 
     Args:
         bundle: a parsed bundle or the bundle file's bytes.
-        trusted: control-plane public keys; certificates, leases and the
-            checkpoint must be signed by one of them.
+        trusted: control-plane public keys; certificates, leases, the manifest
+            and the checkpoint must be signed by one of them.
         allow_open: accept tasks without a task_finished receipt (still running).
         threads: worker processes that parse and check the entries (default:
             CPU count, at most 4, for bundles of 4,096 entries or about 8 MiB
             of entries or more; 1 checks inline; 2 or more always use a pool).
+        max_clock_skew_ms: how far a node-stamped receipt time may lie outside
+            the control-stamped lease window or certificate validity before it
+            fails (inside the bound it is a warning).
+        limits: input size and JSON nesting caps (file bytes only).
 
     Raises:
-        ValueError: no trusted key was given (rejecting by default).
+        ValueError: no trusted key was given (rejecting by default), or a
+            negative clock-skew bound.
     """
     if not trusted:
         raise ValueError("at least one trusted control-plane key is required")
+    if max_clock_skew_ms < 0:
+        raise ValueError("max_clock_skew_ms must not be negative")
     started = time.perf_counter()
     # Millions of small, acyclic objects: cyclic GC passes would only cost time.
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
         with contextlib.ExitStack() as stack:
-            report = _verify(bundle, trusted, allow_open, threads, stack)
+            report = _verify(
+                bundle, trusted, allow_open, threads, max_clock_skew_ms, limits or Limits(), stack
+            )
     finally:
         if gc_was_enabled:
             gc.enable()
+    report.max_clock_skew_ms = max_clock_skew_ms
     report.seconds = time.perf_counter() - started
     return report
 
@@ -602,6 +785,8 @@ def _verify(
     trusted: Sequence[VerifyKey],
     allow_open: bool,
     threads: int | None,
+    skew_ms: int,
+    limits: Limits,
     stack: contextlib.ExitStack,
 ) -> Report:
     keys = {k.keyid: k for k in trusted}
@@ -620,19 +805,29 @@ def _verify(
                 pool.append(p)
         return pool[0]
 
+    def verifier(b: Bundle) -> _Verifier:
+        return _Verifier(b, keys, allow_open, skew_ms, limits.max_depth)
+
     if isinstance(bundle, bytes | bytearray):
         data = bytes(bundle)
+        if len(data) > limits.max_bytes:
+            why = f"bundle is {len(data)} bytes, over the {limits.max_bytes}-byte limit"
+            return Report([Failure("bundle.format", "bundle", why)])
+        at = strictjson.control_byte(data)
+        if at >= 0:
+            why = f"not a bundle: control byte 0x{data[at]:02x} at offset {at}"
+            return Report([Failure("bundle.format", "bundle", why)])
         if data.startswith(_RAW_HEAD) and len(data) >= _POOL_MIN_BYTES:
             executor(True)
-        raw = _split_raw(data)
+        raw = _split_raw(data, limits)
         if raw is not None:
             header, spans = raw
             big = spans[-1][1] - spans[0][0] >= _POOL_MIN_BYTES
-            v = _Verifier(header, keys, allow_open)
+            v = verifier(header)
             if v.run(executor(big), (data[a:b] for a, b in spans)):
                 return v.report()
         try:
-            bundle = decode_bundle(data)
+            bundle = decode_bundle(data, limits)
         except BundleFormatError as err:
             return Report([Failure("bundle.format", "bundle", err.message)])
     if not bundle.entries:
@@ -642,25 +837,97 @@ def _verify(
         (e.envelope, e.leaf_index, e.proof_index, e.proof_size, e.proof_b64) for e in bundle.entries
     ]
     chunks = (facts[i : i + _LIST_CHUNK] for i in range(0, len(facts), _LIST_CHUNK))
-    v = _Verifier(bundle, keys, allow_open)
+    v = verifier(bundle)
     v.run(executor(len(facts) >= _POOL_MIN_ENTRIES), chunks)
     return v.report()
 
 
+@dataclass
+class _LeaseFacts:
+    """The signed leases of one (task, fencing token): holder, windows, exact windows named."""
+
+    holder: Lease
+    windows: _Windows
+    named: frozenset[tuple[str, int, int]]  # (lease_id, issued, expires) of each grant/renewal
+
+
 class _Verifier:
-    def __init__(self, bundle: Bundle, keys: dict[str, VerifyKey], allow_open: bool) -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        keys: dict[str, VerifyKey],
+        allow_open: bool,
+        skew_ms: int,
+        max_depth: int,
+    ) -> None:
         self.b = bundle  # its entries may be left out (they come in chunks to `run`)
         self.keys = keys
         self.allow_open = allow_open
+        self.skew_ms = skew_ms
+        self.max_depth = max_depth
         self.failures: list[tuple[int, Failure]] = []  # (sort position, failure)
+        self.warnings: list[Failure] = []
+        self.skews: dict[tuple[str, str], list[Any]] = {}  # (check, node) -> [n, max, ref]
         self.items: list[_Item] = []
         self.entries = 0
         self.checkpoint: CheckpointBody | None = None
+        self.signers: set[str] = set()  # keyids of trusted keys that signed something here
+        self.manifest: ExportManifest | None = None
 
     def fail(self, pos: int, check: str, ref: str, why: str) -> None:
         self.failures.append((pos, Failure(check, ref, why)))
 
+    def skew(self, check: str, node: str, off: int, ref: str) -> None:
+        s = self.skews.setdefault((check, node), [0, 0, ref])
+        s[0] += 1
+        s[1] = max(s[1], off)
+
     # -- top-level objects --------------------------------------------------
+
+    def _signed(self, env: Envelope, payload_type: str) -> bytes:
+        """Checks a control-plane envelope strictly; returns the payload.
+
+        Every signature must name a trusted key by its keyid and verify with
+        it: a keyid that names another key (or none) is a byte nobody
+        authenticated, so it fails even when the signature itself is good.
+
+        Raises:
+            VerificationError: wrong payload type, or a signature not as above.
+        """
+        if env.payload_type != payload_type:
+            raise VerificationError(
+                f"payload type is {env.payload_type[:80]!r}, expected {payload_type!r}"
+            )
+        if not env.signatures:
+            raise VerificationError("envelope carries no signature")
+        if len(env.signatures) > len(self.keys):
+            raise VerificationError(
+                f"{len(env.signatures)} signatures, more than the {len(self.keys)} trusted keys"
+            )
+        message = pae(env.payload_type, env.payload)
+        expected = ", ".join(sorted(_short(k) for k in self.keys))
+        seen: set[str] = set()
+        for keyid, sig in env.signatures:
+            key = self.keys.get(keyid)
+            if key is None:
+                actual = [k for k in self.keys.values() if _verified(k.raw, sig, message)]
+                hint = (
+                    f" (the signature is by trusted key {_short(actual[0].keyid)})"
+                    if actual
+                    else ""
+                )
+                raise VerificationError(
+                    f"signed by keyid {_short(keyid)}, expected one of {expected}{hint}"
+                )
+            if keyid in seen:
+                raise VerificationError(f"keyid {_short(keyid)} signs twice")
+            seen.add(keyid)
+            if not _verified(key.raw, sig, message):
+                raise VerificationError(
+                    f"signature by keyid {_short(keyid)} does not verify with that trusted key"
+                )
+        self.signers |= seen
+        return env.payload
 
     def _checkpoint(self) -> tuple[int, bytes] | None:
         cp = self.b.checkpoint
@@ -668,11 +935,25 @@ class _Verifier:
             self.fail(-3, "checkpoint", "checkpoint", "bundle has no checkpoint")
             return None
         try:
-            body = verify_checkpoint(cp.note, list(self.keys.values()))
+            body, opened = open_checkpoint(cp.note, list(self.keys.values()))
         except VerificationError as err:
             self.fail(-3, "checkpoint", "checkpoint", err.message)
             return None
         self.checkpoint = body
+        for sig in opened.verified:
+            self.signers |= {
+                k.keyid for k in self.keys.values() if key_hash(sig.name, k.raw) == sig.key_hash
+            }
+        if opened.unknown:
+            names = ", ".join(dict.fromkeys(s.ident for s in opened.unknown))
+            self.warnings.append(
+                Failure(
+                    "checkpoint",
+                    "checkpoint",
+                    f"{len(opened.unknown)} signature line(s) by keys not trusted here "
+                    f"(ignored, as C2SP signed-note requires): {names}",
+                )
+            )
         bad = [
             name
             for name, a, b in (
@@ -693,23 +974,42 @@ class _Verifier:
         certs: dict[str, list[NodeCertificate]] = defaultdict(list)
         for i, env in enumerate(self.b.node_certificates):
             try:
-                cert = verify_cert(env, self.keys)
+                payload = self._signed(env, NODE_CERT_PAYLOAD_TYPE)
+                cert = decode_cert(payload)
+                if encode_cert(cert) != payload:
+                    raise VerificationError("payload is not the certificate's canonical encoding")
+                signer = env.signatures[0][0]
+                if cert.issuer_keyid != signer:
+                    raise VerificationError(
+                        f"names issuer {_short(cert.issuer_keyid)} but is signed by "
+                        f"{_short(signer)}"
+                    )
             except VerificationError as err:
                 self.fail(-2, "certificate", f"certificate[{i}]", err.message)
                 continue
             certs[cert.node_id].append(cert)
         return certs
 
-    def _leases(self) -> dict[tuple[str, int], list[Lease]]:
-        leases: dict[tuple[str, int], list[Lease]] = defaultdict(list)
+    def _leases(self) -> dict[tuple[str, int], _LeaseFacts]:
+        grants: dict[tuple[str, int], list[Lease]] = defaultdict(list)
         for i, env in enumerate(self.b.leases):
             try:
-                lease = verify_lease(env, self.keys)
+                payload = self._signed(env, LEASE_PAYLOAD_TYPE)
+                lease = decode_lease(payload)
+                if encode_lease(lease) != payload:
+                    raise VerificationError("payload is not the lease's canonical encoding")
             except VerificationError as err:
                 self.fail(-1, "lease.signature", f"lease[{i}]", err.message)
                 continue
-            leases[(lease.task_id, lease.fencing_token)].append(lease)
-        return leases
+            grants[(lease.task_id, lease.fencing_token)].append(lease)
+        return {
+            key: _LeaseFacts(
+                holder=ls[0],
+                windows=_Windows((g.issued_unix_ms, g.expires_unix_ms) for g in ls),
+                named=frozenset((g.lease_id, g.issued_unix_ms, g.expires_unix_ms) for g in ls),
+            )
+            for key, ls in grants.items()
+        }
 
     # -- entries --------------------------------------------------------------
 
@@ -721,19 +1021,21 @@ class _Verifier:
         """
         tree = self._checkpoint()
         by_keyid: dict[str, list[_Cert]] = defaultdict(list)
-        certified = set()
+        node_keyids: dict[str, set[str]] = defaultdict(set)
         for node, cs in self._certificates().items():
-            certified.add(node)
             for c in cs:
                 by_keyid[c.keyid].append(
                     (c.node_id, c.public_key, c.issued_unix_ms, c.expires_unix_ms)
                 )
+                node_keyids[node].add(c.keyid)
         ctx = _Context(
             token=os.urandom(16),
-            certs={k: tuple(v) for k, v in by_keyid.items()},
-            certified=frozenset(certified),
+            certs={k: tuple(dict.fromkeys(v)) for k, v in by_keyid.items()},
+            node_keyids={n: tuple(sorted(ks)) for n, ks in node_keyids.items()},
             tree_size=tree[0] if tree else 0,
             root=tree[1] if tree else None,
+            skew_ms=self.skew_ms,
+            max_depth=self.max_depth,
         )
         futures = [pool.submit(_check_job, ctx, k << _SHIFT, src) for k, src in enumerate(chunks)]
         leases = self._leases()  # here, while the workers check the entries
@@ -746,7 +1048,7 @@ class _Verifier:
                 for f in futures:
                     f.cancel()
                 return False
-            leaves, items, fails = res
+            leaves, items, fails, skews = res
             bases.append(total)
             base = k << _SHIFT
             for rel, leaf in enumerate(leaves):
@@ -759,6 +1061,8 @@ class _Verifier:
             self.items += items
             for pos, check, ref, why in fails:
                 self.fail(pos, check, ref or f"entry[{bases[pos >> _SHIFT] + (pos & _MASK)}]", why)
+            for check, node, off, ref in skews:
+                self.skew(check, node, off, ref)
         self.entries = total
         if not total:
             # Reject by default: "nothing to check" must never read as "valid".
@@ -767,9 +1071,15 @@ class _Verifier:
         self._chains()
         self._manifest()
         self._tasks(leases)
+        self._control_keyids()
         return True
 
     def _chains(self) -> None:
+        """Gaps, forks, duplicates, order and prev links per node.
+
+        Work follows the entries: gaps come from the sorted seqs present,
+        never from counting up to a seq a receipt claims.
+        """
         by_node: dict[str, list[_Item]] = defaultdict(list)
         for it in self.items:
             by_node[it.node_id].append(it)
@@ -789,14 +1099,16 @@ class _Verifier:
                     self.fail(it.pos, "chain.order", ref, f"seq {seq} comes after seq {top}")
                 seen[seq] = it
                 top = max(top, seq)
-            missing = [s for s in range(1, top + 1) if s not in seen]
-            for lo, hi in _ranges(missing):
-                where = f"{node}#{lo}" if lo == hi else f"{node}#{lo}-{hi}"
-                pos = seen[hi + 1].pos if hi + 1 in seen else (items[-1].pos if items else 0)
-                self.fail(pos, "chain.gap", where, "missing from the bundle")
+            before = 0
+            for seq in sorted(seen):
+                if seq > before + 1:
+                    lo, hi = before + 1, seq - 1
+                    where = f"{node}#{lo}" if lo == hi else f"{node}#{lo}-{hi}"
+                    self.fail(seen[seq].pos, "chain.gap", where, "missing from the bundle")
+                before = seq
             for seq, it in seen.items():
-                before = seen.get(seq - 1)
-                if before is not None and it.prev != before.digest:
+                prev = seen.get(seq - 1)
+                if prev is not None and it.prev != prev.digest:
                     self.fail(
                         it.pos,
                         "chain.prev",
@@ -811,10 +1123,14 @@ class _Verifier:
             self.fail(-3, "manifest", "manifest", "bundle has no export manifest")
             return
         try:
-            m: ExportManifest = verify_manifest(env, self.keys)
+            payload = self._signed(env, MANIFEST_PAYLOAD_TYPE)
+            m = decode_manifest(payload)
+            if encode_manifest(m) != payload:
+                raise VerificationError("payload is not the manifest's canonical encoding")
         except VerificationError as err:
             self.fail(-3, "manifest", "manifest", err.message)
             return
+        self.manifest = m
         cp = self.b.checkpoint
         if cp is not None and (m.origin, m.tree_size, m.root_hash) != (
             cp.origin,
@@ -822,6 +1138,14 @@ class _Verifier:
             cp.root_hash,
         ):
             self.fail(-3, "manifest", "manifest", "manifest is for another checkpoint")
+        if m.exported_unix_ms != self.b.exported_unix_ms:
+            self.fail(
+                -3,
+                "manifest",
+                "manifest",
+                f"the bundle's exportedUnixMs {self.b.exported_unix_ms} is not the "
+                f"manifest's {m.exported_unix_ms}",
+            )
         by_node: dict[str, list[_Item]] = defaultdict(list)
         for it in self.items:
             by_node[it.node_id].append(it)
@@ -878,12 +1202,31 @@ class _Verifier:
                     f"task ids differ from the manifest's: {', '.join(diff)}",
                 )
 
-    def _tasks(self, leases: dict[tuple[str, int], list[Lease]]) -> None:
+    def _control_keyids(self) -> None:
+        """controlKeyids must be sorted, distinct ids of trusted keys that signed here."""
+        ids = list(self.b.control_keyids)
+        why = ""
+        if not ids:
+            why = "no controlKeyids: the bundle must name the control keys that signed it"
+        elif ids != sorted(set(ids)):
+            why = "controlKeyids are not sorted and distinct"
+        else:
+            stray = [k for k in ids if k not in self.signers]
+            if stray:
+                why = (
+                    f"controlKeyids name {_short(stray[0])}, which signed nothing in the "
+                    f"bundle; the signers are "
+                    f"{', '.join(sorted(_short(k) for k in self.signers)) or 'none'}"
+                )
+        if why:
+            self.fail(-3, "control.keyids", "bundle", why)
+
+    def _tasks(self, leases: dict[tuple[str, int], _LeaseFacts]) -> None:
         by_task: dict[str, list[_Item]] = defaultdict(list)
         for it in self.items:
             by_task[it.task_id].append(it)
-            grants = leases.get((it.task_id, it.fencing_token))
-            if not grants:
+            facts = leases.get((it.task_id, it.fencing_token))
+            if facts is None:
                 self.fail(
                     it.pos,
                     "lease.missing",
@@ -891,7 +1234,7 @@ class _Verifier:
                     f"no signed lease for task {it.task_id!r} token {it.fencing_token}",
                 )
                 continue
-            holder = grants[0]
+            holder = facts.holder
             if (it.node_id, it.agent_id, it.attempt) != (
                 holder.node_id,
                 holder.agent_id,
@@ -905,17 +1248,30 @@ class _Verifier:
                     f"lease holder {holder.node_id}/{holder.agent_id} "
                     f"attempt {holder.attempt}",
                 )
-            if it.kind in _WINDOW_EXEMPT:
-                continue
-            t = it.time_unix_ms
-            if not any(g.issued_unix_ms <= t < g.expires_unix_ms for g in grants):
-                last = max(g.expires_unix_ms for g in grants)
+            # Control-stamped against control-signed: the window the receipt names
+            # must be one the control plane signed, to the millisecond.
+            if (it.lease_id, it.lease_issued, it.lease_expires) not in facts.named:
                 self.fail(
                     it.pos,
                     "lease.window",
                     it.ref,
-                    f"time {t} is outside every window of its lease (last expiry {last})",
+                    f"names lease {it.lease_id!r} window [{it.lease_issued}, "
+                    f"{it.lease_expires}), which no signed lease of the task has",
                 )
+            if it.kind in _WINDOW_EXEMPT:
+                continue
+            # Node-stamped against control-stamped: within the clock-skew bound.
+            off = facts.windows.distance(it.time_unix_ms)
+            if off > self.skew_ms:
+                self.fail(
+                    it.pos,
+                    "lease.window",
+                    it.ref,
+                    f"time {it.time_unix_ms} is {off} ms outside every window of its lease "
+                    f"(clock-skew bound {self.skew_ms} ms)",
+                )
+            elif off:
+                self.skew("lease.window", it.node_id, off, it.ref)
         for task, items in by_task.items():
             finals = [it for it in items if it.kind == _TASK_FINISHED]
             if len(finals) > 1:
@@ -936,6 +1292,17 @@ class _Verifier:
 
     def report(self) -> Report:
         self.failures.sort(key=lambda pf: (pf[0], _RANK[pf[1].check]))
+        warnings = list(self.warnings)
+        for (check, node), (n, worst, ref) in sorted(self.skews.items()):
+            what = "lease windows" if check == "lease.window" else "node certificate's validity"
+            warnings.append(
+                Failure(
+                    check,
+                    ref,
+                    f"{n} receipt time(s) of node {node} lie up to {worst} ms outside their "
+                    f"{what}: accepted as clock skew, within the {self.skew_ms} ms bound",
+                )
+            )
         tasks: dict[str, TaskReport] = {}
         for it in sorted(self.items, key=lambda x: (x.time_unix_ms, x.pos)):
             tr = tasks.get(it.task_id)
@@ -951,6 +1318,7 @@ class _Verifier:
             tasks=sorted(tasks.values(), key=lambda t: t.task_id),
             origin=self.checkpoint.origin if self.checkpoint else "",
             tree_size=self.checkpoint.tree_size if self.checkpoint else 0,
+            warnings=warnings,
         )
 
 
@@ -975,13 +1343,3 @@ def _detail(r: Receipt) -> str:
     if r.kind == ReceiptKind.TASK_FINISHED:
         parts.append(f"final={state_name(r.final_state, str(r.final_state))}")
     return " ".join(parts)
-
-
-def _ranges(nums: list[int]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for n in nums:
-        if out and out[-1][1] == n - 1:
-            out[-1] = (out[-1][0], n)
-        else:
-            out.append((n, n))
-    return out
