@@ -69,7 +69,7 @@ def fill_queue(path: Path, n: int, queue: str = QUEUE, *, ttl_ms: int = 60_000) 
 
 def bench_policy(agents: int = 256) -> str:
     """The benchmark's queues, claimable by agent-0 .. agent-N (no tools)."""
-    names = [f"agent-{i}" for i in range(agents)] + ["alice", "a"]
+    names = [f"agent-{i}" for i in range(agents)] + ["alice", "a", "agent"]
     return default_test_policy(queues=[QUEUE, "work", "q"], agents=names)
 
 
@@ -188,12 +188,18 @@ async def claim_latency(tmp: Path, depth: int, claims: int) -> dict[str, float]:
 
 
 async def ingest_run(
-    tmp: Path, envelopes: list[bytes], node_id: str, key: SigningKey, batch: int = 500
+    tmp: Path,
+    envelopes: list[bytes],
+    node_id: str,
+    key: SigningKey,
+    leases: list[bytes],
+    batch: int = 500,
 ) -> dict[str, float]:
     """StreamReceipts of one node's chained envelopes, pipelined; timed to the last ack."""
     tmp.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - set-up, before timing
     db = tmp / "control.db"
     await create_db(db)
+    store_leases(db, leases)
     with Control(tmp, db) as control:
         client = await control.node(node_id, key)
         try:
@@ -230,8 +236,10 @@ async def ingest_run(
     return {"per_s": len(envelopes) / elapsed, "rss_mb": rss}
 
 
-def receipts_for_ingest(n: int) -> tuple[list[bytes], str, SigningKey]:
-    """`n` real chained receipts of one node (typical task runs), with its key."""
+def receipts_for_ingest(n: int) -> tuple[list[bytes], str, SigningKey, list[bytes]]:
+    """`n` real chained receipts of one node (typical task runs), with its key and the
+    signed leases they were made under (the ledger takes receipts only about leases it
+    granted to the node, so the benchmark stores those leases first)."""
     from tether.verify.builder import BundleBuilder
 
     b = BundleBuilder(seed="bench-ingest")
@@ -239,7 +247,26 @@ def receipts_for_ingest(n: int) -> tuple[list[bytes], str, SigningKey]:
     while len(b.ledger) < n:
         b.task(f"task-{i:07d}", node_id="node-a")
         i += 1
-    return b.ledger[:n], "node-a", b.node("node-a").key
+    leases = [env.to_json_bytes() for env in b.leases]
+    return b.ledger[:n], "node-a", b.node("node-a").key, leases
+
+
+def store_leases(path: Path, leases: list[bytes]) -> None:
+    """Writes granted leases into the lease history in one transaction (set-up, untimed)."""
+    from tether.crypto.leases import decode_lease
+    from tether.crypto.signing import Envelope
+
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("BEGIN")
+    for raw in leases:
+        lease = decode_lease(Envelope.from_json_bytes(raw).payload)
+        db.execute(
+            "INSERT INTO lease_history (task_id, lease_id, fencing_token, kind, envelope,"
+            " outcome, created_unix_ms) VALUES (?, ?, ?, 'grant', ?, 'finished', ?)",
+            (lease.task_id, lease.lease_id, lease.fencing_token, raw, lease.issued_unix_ms),
+        )
+    db.execute("COMMIT")
+    db.close()
 
 
 def clean(path: Path) -> None:

@@ -94,8 +94,8 @@ def run(quick: bool, only: set[str] | None = None) -> dict[str, Any]:
                 results["claim_p50_ms_1m"] / results["claim_p50_ms_1k"], 3
             )
         if want("ingest"):
-            envs, node_id, key = control_bench.receipts_for_ingest(n["ingest"])
-            ing = asyncio.run(control_bench.ingest_run(tmp / "ingest", envs, node_id, key))
+            envs, node_id, key, leases = control_bench.receipts_for_ingest(n["ingest"])
+            ing = asyncio.run(control_bench.ingest_run(tmp / "ingest", envs, node_id, key, leases))
             results["receipts_ingested_per_s"] = round(ing["per_s"], 1)
             results["receipts_ingested"] = len(envs)
         if want("mediation"):
