@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BUF := node_modules/.bin/buf
 
-.PHONY: setup proto proto-check lint test demo bench bench-quick clean
+.PHONY: setup proto proto-check lint test fuzz demo bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -34,6 +34,13 @@ lint: $(STAMP) $(BUF)
 test: $(STAMP)
 	PYTHON=$(BIN)/python scripts/check-proto.sh
 	$(BIN)/pytest -q
+
+# The fuzzing suite's long mode: 20,000 generated requests per server (`make test` runs
+# 2,000). TETHER_FUZZ_SEED=<seed> replays a run; TETHER_FUZZ_REQUESTS=<n> changes the count.
+FUZZ_REQUESTS ?= 20000
+fuzz: $(STAMP)
+	TETHER_FUZZ_REQUESTS=$${TETHER_FUZZ_REQUESTS:-$(FUZZ_REQUESTS)} $(BIN)/pytest -q -s \
+		--timeout 3600 tests/fuzz/test_fuzz_control.py tests/fuzz/test_fuzz_broker.py
 
 demo: $(STAMP)
 	$(BIN)/tether demo

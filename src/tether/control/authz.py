@@ -19,6 +19,7 @@ import grpc
 
 from tether.core.errors import Forbidden, TetherError, Unauthenticated, VerificationError
 from tether.crypto.pki import Identity, Role, identity_from_pem
+from tether.grpcutil.guard import guard_handler
 from tether.grpcutil.status import abort as abort_with
 from tether.metrics import AUTH_REFUSALS
 
@@ -185,6 +186,9 @@ class AuthzInterceptor(grpc.aio.ServerInterceptor):
         return principal
 
     def _wrap(self, handler: Any, rpc: str) -> Any:
+        # Undecodable requests reach the behavior as UNDECODABLE (INVALID_ARGUMENT once
+        # the caller is authorized), never as a grpcio UNKNOWN/INTERNAL with a traceback.
+        handler = guard_handler(handler)
         check = self._check
         if handler.unary_unary is not None:
             inner_uu = handler.unary_unary

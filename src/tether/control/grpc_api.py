@@ -51,6 +51,13 @@ MAX_ATTEMPTS_LIMIT = 100
 MAX_WAIT_MS = 60_000
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
+MAX_INT64 = (1 << 63) - 1
+"""The largest integer a store column holds (SQLite INTEGER, PostgreSQL BIGINT): a
+uint64 field above it is refused here, never left to overflow in the store."""
+MAX_MICROS = (1 << 53) - 1
+"""The largest amount of money (micro-units) a request may name: exact in JSON, and
+no sum of a few of them overflows a store column."""
+MAX_EXPORT_TASKS = 10_000
 
 _ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _KEY_RE = re.compile(r"[A-Za-z0-9._:-]{1,256}")
@@ -100,9 +107,29 @@ def check_text(field: str, value: str, limit: int = MAX_TEXT_CHARS) -> str:
 
 
 def check_token(field: str, value: int) -> int:
-    """A fencing token (> 0)."""
+    """A fencing token (1..2^63-1)."""
     if value <= 0:
         raise InvalidArgument(field, "must be a positive fencing token")
+    if value > MAX_INT64:
+        raise InvalidArgument(field, f"must be at most {MAX_INT64}, got {value}")
+    return value
+
+
+def check_uint(field: str, value: int, hi: int = MAX_INT64) -> int:
+    """A non-negative integer no larger than `hi` (a uint64 field a store will hold)."""
+    if not 0 <= value <= hi:
+        raise InvalidArgument(field, f"must be between 0 and {hi}, got {value}")
+    return value
+
+
+def check_micros(field: str, value: int, *, positive: bool = False) -> int:
+    """An amount of money in micro-units: 0 (or 1 when `positive`) up to MAX_MICROS."""
+    if positive and value <= 0:
+        raise InvalidArgument(field, "must be positive")
+    if value < 0:
+        raise InvalidArgument(field, "must not be negative")
+    if value > MAX_MICROS:
+        raise InvalidArgument(field, f"must be at most {MAX_MICROS}, got {value}")
     return value
 
 
@@ -323,15 +350,14 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             raise InvalidArgument("idempotency_key", "must match [A-Za-z0-9._:-]{1,256}")
         attempts = check_range("max_attempts", request.max_attempts, 1, MAX_ATTEMPTS_LIMIT)
         ttl = check_range("lease_ttl_ms", request.lease_ttl_ms, MIN_TTL_MS, MAX_TTL_MS)
-        if request.budget_limit_micros < 0:
-            raise InvalidArgument("budget_limit_micros", "must not be negative")
+        budget = check_micros("budget_limit_micros", request.budget_limit_micros)
         task, created = await self.service.submit(
             queue=queue,
             payload=payload,
             idempotency_key=key,
             max_attempts=attempts,
             lease_ttl_ms=ttl,
-            budget_limit_micros=request.budget_limit_micros,
+            budget_limit_micros=budget,
         )
         return pb.SubmitTaskResponse(task=task_to_proto(task), created=created)
 
@@ -458,8 +484,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         task_id = check_id("task_id", request.task_id)
         token = check_token("fencing_token", request.fencing_token)
         reservation_id = check_key("reservation_id", request.reservation_id)
-        if request.amount_micros <= 0:
-            raise InvalidArgument("amount_micros", "must be positive")
+        amount = check_micros("amount_micros", request.amount_micros, positive=True)
         node_id = check_id("node_id", request.node_id)
         await self._node(context, node_id)
         state = await self.service.reserve_budget(
@@ -467,7 +492,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             fencing_token=token,
             node_id=node_id,
             reservation_id=reservation_id,
-            amount_micros=request.amount_micros,
+            amount_micros=amount,
         )
         return pb.ReserveBudgetResponse(remaining_micros=state.remaining_micros)
 
@@ -478,8 +503,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         task_id = check_id("task_id", request.task_id)
         token = check_token("fencing_token", request.fencing_token)
         reservation_id = check_key("reservation_id", request.reservation_id)
-        if request.actual_micros < 0:
-            raise InvalidArgument("actual_micros", "must not be negative")
+        actual = check_micros("actual_micros", request.actual_micros)
         node_id = check_id("node_id", request.node_id)
         await self._node(context, node_id)
         state = await self.service.settle_budget(
@@ -487,7 +511,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             fencing_token=token,
             node_id=node_id,
             reservation_id=reservation_id,
-            actual_micros=request.actual_micros,
+            actual_micros=actual,
         )
         return pb.SettleBudgetResponse(remaining_micros=state.remaining_micros)
 
@@ -512,8 +536,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
                     raise InvalidArgument(field, "must be empty for phase STARTED")
         elif not _STATUS_RE.fullmatch(request.status):
             raise InvalidArgument("status", "must match [A-Za-z0-9._-]{1,64} for COMPLETED")
-        if request.cost_micros < 0:
-            raise InvalidArgument("cost_micros", "must not be negative")
+        cost = check_micros("cost_micros", request.cost_micros)
         node_id = check_id("node_id", request.node_id)
         await self._node(context, node_id)
         record, existed = await self.service.record_tool_call(
@@ -527,7 +550,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
                 phase=phase,
                 result=result,
                 status=request.status,
-                cost_micros=request.cost_micros,
+                cost_micros=cost,
             )
         )
         return pb.RecordToolCallResponse(record=tool_call_to_proto(record), existed=existed)
@@ -591,7 +614,13 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
                     await self._node(context, node_id)
                 elif request.node_id != node_id:
                     raise InvalidArgument("node_id", "must not change within one stream")
-                yield node_id, [(r.seq, bytes(r.envelope)) for r in request.receipts]
+                yield (
+                    node_id,
+                    [
+                        (check_uint("receipts.seq", r.seq), bytes(r.envelope))
+                        for r in request.receipts
+                    ],
+                )
 
         # Pipelined: the next batch's signatures are checked while this one commits.
         async for acked, index in ledger.ingest_stream(batches()):
@@ -604,24 +633,31 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
 
     @handle_errors
     async def GetInclusionProof(self, request: Any, context: Any) -> Any:
+        leaf_index = check_uint("leaf_index", request.leaf_index)
+        tree_size = check_uint("tree_size", request.tree_size)
         ledger = await self._ledger()
-        size, hashes = await ledger.inclusion_proof(request.leaf_index, request.tree_size)
+        size, hashes = await ledger.inclusion_proof(leaf_index, tree_size)
         return pb.GetInclusionProofResponse(
-            proof=receipt_pb2.InclusionProof(
-                leaf_index=request.leaf_index, tree_size=size, hashes=hashes
-            )
+            proof=receipt_pb2.InclusionProof(leaf_index=leaf_index, tree_size=size, hashes=hashes)
         )
 
     @handle_errors
     async def GetConsistencyProof(self, request: Any, context: Any) -> Any:
+        first = check_uint("first_size", request.first_size)
+        second = check_uint("second_size", request.second_size)
         ledger = await self._ledger()
-        hashes = await ledger.consistency_proof(request.first_size, request.second_size)
+        hashes = await ledger.consistency_proof(first, second)
         return pb.GetConsistencyProofResponse(hashes=hashes)
 
     @handle_errors
     async def ExportBundle(self, request: Any, context: Any) -> Any:
+        if len(request.task_ids) > MAX_EXPORT_TASKS:
+            raise InvalidArgument(
+                "task_ids", f"names {len(request.task_ids)} tasks; the limit is {MAX_EXPORT_TASKS}"
+            )
         task_ids = [check_id("task_ids", t) for t in request.task_ids]
-        bundle = await (await self._ledger()).export(task_ids, request.since_unix_ms)
+        since = check_uint("since_unix_ms", request.since_unix_ms)
+        bundle = await (await self._ledger()).export(task_ids, since)
         return pb.ExportBundleResponse(bundle=bundle_to_proto(bundle))
 
     @handle_errors
@@ -648,7 +684,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             await self.service.check_node(principal.name)
             rec = await self.service.lease_policy_record(task_id, token, principal.name)
         else:
-            rec = await self.service.get_policy(request.version)
+            rec = await self.service.get_policy(check_uint("version", request.version))
         return pb.GetPolicyResponse(document=rec.document, version=rec.version, digest=rec.digest)
 
     @handle_errors

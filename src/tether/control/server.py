@@ -22,6 +22,7 @@ from tether.control.vault import Vault
 from tether.core.clock import Clock
 from tether.core.errors import ConfigError
 from tether.crypto.signing import SigningKey
+from tether.grpcutil.guard import DecodeGuard
 from tether.grpcutil.tls import ServerTLS
 from tether.metrics import MetricsServer, TasksCollector
 from tether.metrics import serve as serve_metrics
@@ -177,7 +178,8 @@ async def start_server(
     server = grpc.aio.server(
         options=options,
         interceptors=[
-            AuthzInterceptor(f"/{SERVICE_NAME}/", auth.trust_domain, insecure=auth.insecure)
+            AuthzInterceptor(f"/{SERVICE_NAME}/", auth.trust_domain, insecure=auth.insecure),
+            DecodeGuard(),  # health and reflection too: garbage is INVALID_ARGUMENT everywhere
         ],
     )
     servicer = ControlServicer(service)

@@ -912,7 +912,8 @@ def decode_page_token(token: str, queue: str, state: State | None) -> int:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         doc = json.loads(raw)
         seq, filt = doc["a"], doc["f"]
-        if not isinstance(seq, int) or seq < 0 or not isinstance(filt, str):
+        # A store column holds at most 2^63-1: a forged cursor beyond it is malformed.
+        if not isinstance(seq, int) or not 0 <= seq < 1 << 63 or not isinstance(filt, str):
             raise ValueError("bad fields")
     except (ValueError, KeyError, TypeError) as err:
         raise InvalidArgument("page_token", "not a token this server issued") from err

@@ -858,7 +858,12 @@ class Mediator:
         return outcome
 
     def _redactor(self, held: HeldLease, credentials: Mapping[str, bytes]) -> Redactor:
-        """A redactor for every credential of the lease, compiled once per set of secrets."""
+        """A redactor for every credential of the lease, built once per set of secrets.
+
+        Built on the event loop: set-up is linear in the secrets' size, with no
+        regular expression to compile (about 20 ms for a 64 KiB secret; see
+        `tether.sidecar.redaction`).
+        """
         values = frozenset(v for v, _ in held.credentials.values()) | frozenset(
             credentials.values()
         )

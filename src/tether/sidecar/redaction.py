@@ -7,20 +7,38 @@ URL-encoded (`quote`, `quote_plus`, lower-case escapes), hex, or JSON-escaped.
 Every such form is replaced by `[REDACTED]`. Base64 fragments at an unaligned
 offset cover only the characters fully determined by the secret, so at most a
 few bits at each edge stay visible.
+
+Set-up and scanning stay linear in the size of the secrets, so a large secret
+(the vault allows 64 KiB) cannot stall the event loop: the forms are searched
+for literally with `str.find` / `bytes.find` (linear-time two-way search),
+never compiled into one regular expression (which took seconds for 64 KiB).
 """
 
 from __future__ import annotations
 
 import base64
+import heapq
 import json
-import re
 from collections.abc import Iterable, Mapping
-from typing import Any
-from urllib.parse import quote, quote_plus
+from typing import Any, Generic, TypeVar
 
 REDACTED = "[REDACTED]"
 _MIN_FRAGMENT = 6
-_ESCAPE_RE = re.compile(r"%[0-9A-F]{2}")
+_URL_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~")
+# `str.translate` tables over latin-1 text giving `urllib.parse.quote(s, safe="")`, with
+# upper- and lower-case escapes: C speed, where quote() loops in Python once per byte.
+_QUOTE_UPPER = [chr(b) if b in _URL_SAFE else f"%{b:02X}" for b in range(256)]
+_QUOTE_LOWER = [chr(b) if b in _URL_SAFE else f"%{b:02x}" for b in range(256)]
+
+
+def _url_forms(secret: bytes) -> set[str]:
+    """`quote(s, safe="")`, `quote(s)` and `quote_plus(s)`, with upper- and lower-case escapes."""
+    latin = secret.decode("latin-1")
+    out: set[str] = set()
+    for table, slash, space in ((_QUOTE_UPPER, "%2F", "%20"), (_QUOTE_LOWER, "%2f", "%20")):
+        text = latin.translate(table)
+        out.update((text, text.replace(slash, "/"), text.replace(space, "+")))
+    return out
 
 
 def _b64_fragments(secret: bytes) -> set[str]:
@@ -50,9 +68,7 @@ def secret_forms(secret: bytes) -> set[bytes]:
     """Every encoded form of `secret` that the redactor looks for."""
     forms: set[bytes] = {secret}
     forms.update(f.encode() for f in _b64_fragments(secret))
-    for text in (quote(secret, safe=""), quote(secret), quote_plus(secret)):
-        forms.add(text.encode())
-        forms.add(_ESCAPE_RE.sub(lambda m: m.group(0).lower(), text).encode())
+    forms.update(text.encode("ascii") for text in _url_forms(secret))
     forms.add(secret.hex().encode())
     forms.add(secret.hex().upper().encode())
     try:
@@ -64,6 +80,52 @@ def secret_forms(secret: bytes) -> set[bytes]:
         forms.add(json.dumps(as_text, ensure_ascii=False)[1:-1].encode("utf-8"))
     forms.discard(b"")
     return forms
+
+
+S = TypeVar("S", str, bytes)
+
+
+class _Matcher(Generic[S]):
+    """Replaces every occurrence of any of its forms in one left-to-right pass.
+
+    The earliest occurrence of any form is replaced (the longest form when
+    several start there) and the scan resumes after it: what `re.sub` does with
+    the forms as one alternation, longest first, but without compiling one (a
+    pattern of a 64 KiB secret's forms takes seconds to compile). Each form is
+    found with `find` (linear-time search); a heap keeps each form's next
+    occurrence, searched again only when a replacement passed over it.
+    """
+
+    def __init__(self, forms: Iterable[S], replacement: S) -> None:
+        self._forms: tuple[S, ...] = tuple(forms)
+        self._replacement: S = replacement
+
+    def sub(self, value: S) -> S:
+        """`value` with every occurrence replaced."""
+        heap: list[tuple[int, int, S]] = []  # (next occurrence, -length, form)
+        for form in self._forms:
+            at = value.find(form)
+            if at >= 0:
+                heap.append((at, -len(form), form))
+        if not heap:
+            return value
+        heapq.heapify(heap)
+        pieces: list[S] = []
+        pos = 0
+        while heap:
+            at, neg_len, form = heap[0]
+            if at < pos:  # passed over by the last replacement: look again from here
+                again = value.find(form, pos)
+                if again < 0:
+                    heapq.heappop(heap)
+                else:
+                    heapq.heapreplace(heap, (again, neg_len, form))
+                continue
+            pieces.append(value[pos:at])
+            pieces.append(self._replacement)
+            pos = at - neg_len
+        pieces.append(value[pos:])
+        return value[:0].join(pieces)
 
 
 class Redactor:
@@ -78,16 +140,12 @@ class Redactor:
         forms: set[bytes] = set()
         for secret in self._secrets:
             forms.update(secret_forms(secret))
-        ordered = sorted(forms, key=lambda f: (-len(f), f))
-        self._bytes_re: re.Pattern[bytes] | None = None
-        self._text_re: re.Pattern[str] | None = None
-        if ordered:
-            self._bytes_re = re.compile(b"|".join(re.escape(f) for f in ordered))
-            texts = sorted(
-                {f.decode("utf-8", "surrogateescape") for f in ordered},
-                key=lambda t: (-len(t), t),
-            )
-            self._text_re = re.compile("|".join(re.escape(t) for t in texts))
+        self._bytes: _Matcher[bytes] | None = None
+        self._text: _Matcher[str] | None = None
+        if forms:
+            self._bytes = _Matcher(forms, REDACTED.encode())
+            texts = {f.decode("utf-8", "surrogateescape") for f in forms}
+            self._text = _Matcher(texts, REDACTED)
 
     def __repr__(self) -> str:
         return f"Redactor(<{len(self._secrets)} secrets>)"
@@ -104,22 +162,22 @@ class Redactor:
 
     def redact_text(self, value: str) -> str:
         """Redacts a string."""
-        if self._text_re is None:
+        if self._text is None:
             return value
-        return self._text_re.sub(REDACTED, value)
+        return self._text.sub(value)
 
     def redact_bytes(self, value: bytes) -> bytes:
         """Redacts a byte string."""
-        if self._bytes_re is None:
+        if self._bytes is None:
             return value
-        return self._bytes_re.sub(REDACTED.encode(), value)
+        return self._bytes.sub(value)
 
     def redact(self, value: Any) -> Any:
         """Redacts str, bytes and JSON-like structures (dict keys and values, lists).
 
         Numbers whose decimal form contains a secret become the `[REDACTED]` string.
         """
-        if self._text_re is None:
+        if self._text is None:
             return value
         return self._walk(value)
 

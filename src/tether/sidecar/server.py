@@ -36,6 +36,7 @@ from tether.core.states import Event
 from tether.crypto.leases import verify_lease
 from tether.crypto.pki import TrustBundle
 from tether.crypto.signing import Envelope, SigningKey
+from tether.grpcutil.guard import DecodeGuard
 from tether.metrics import MetricsServer, SpoolCollector
 from tether.metrics import serve as serve_metrics
 from tether.sidecar.config import SidecarConfig
@@ -248,7 +249,10 @@ class Sidecar:
 
     async def _serve(self, servicer: BrokerServicer, path: Path, tcp: str | None) -> None:
         prepare_socket(path)
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 2 * 1024 * 1024)])
+        server = grpc.aio.server(
+            options=[("grpc.max_receive_message_length", 2 * 1024 * 1024)],
+            interceptors=[DecodeGuard()],  # undecodable requests: INVALID_ARGUMENT
+        )
         bpb_grpc.add_BrokerServiceServicer_to_server(servicer, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
