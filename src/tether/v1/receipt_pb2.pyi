@@ -131,8 +131,9 @@ class Signature(_message.Message):
     KEYID_FIELD_NUMBER: _builtins.int
     SIG_FIELD_NUMBER: _builtins.int
     keyid: _builtins.str
-    """Hex SHA-256 of the raw 32-byte Ed25519 public key. A hint only: a verifier
-    never trusts a key because of its keyid.
+    """Hex SHA-256 of the raw 32-byte Ed25519 public key. It never makes a key
+    trusted (only the verifier's keys are), but it must name the key that made
+    the signature: `tether verify` refuses a keyid that does not.
     """
     sig: _builtins.bytes
     """Ed25519 signature over PAE(payload_type, payload)."""
@@ -445,7 +446,10 @@ class Checkpoint(_message.Message):
     root_hash: _builtins.bytes
     """RFC 6962 root hash (32 bytes)."""
     timestamp_unix_ms: _builtins.int
-    """When the checkpoint was signed, Unix milliseconds (informational)."""
+    """When the checkpoint was signed, Unix milliseconds. Returned by
+    GetCheckpoint only; no signature covers it, so exported bundles omit it and
+    `tether verify` refuses a bundle that carries it.
+    """
     note: _builtins.str
     """The full signed note text (body, blank line, signature lines)."""
     def __init__(
@@ -549,7 +553,9 @@ class Bundle(_message.Message):
     version: _builtins.int
     """Bundle format version; currently 1."""
     exported_unix_ms: _builtins.int
-    """When the bundle was exported, Unix milliseconds."""
+    """When the bundle was exported, Unix milliseconds; must equal the signed
+    manifest's exported_unix_ms.
+    """
     @_builtins.property
     def entries(self) -> _containers.RepeatedCompositeFieldContainer[Global___BundleEntry]:
         """Receipts in ledger order."""
@@ -569,7 +575,9 @@ class Bundle(_message.Message):
     @_builtins.property
     def control_keyids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """keyids of the control-plane keys that signed the certificates, leases and
-        checkpoint. Hints only: trust comes from the keys given to the verifier.
+        checkpoint, sorted and distinct. Trust comes only from the keys given to
+        the verifier; `tether verify` refuses a list that names a key that signed
+        nothing here.
         """
 
     @_builtins.property
