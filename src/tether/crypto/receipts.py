@@ -212,6 +212,19 @@ def validate(r: Receipt) -> None:
         raise VerificationError("artifact receipt needs artifact_name and artifact_sha256")
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"repeated key {key[:64]!r}")
+        out[key] = value
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse_statement(payload: bytes) -> Receipt:
     """Parses and checks an in-toto Statement carrying a Tether receipt.
 
@@ -219,7 +232,9 @@ def parse_statement(payload: bytes) -> Receipt:
         VerificationError: not a Tether receipt statement, or invalid.
     """
     try:
-        doc = json.loads(payload)
+        # Strict like the verifier: a repeated key or a non-finite number is refused
+        # here too, so the ledger never accepts a statement `tether verify` rejects.
+        doc = json.loads(payload, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError, RecursionError) as err:  # deep nesting: RecursionError
         raise VerificationError(f"statement is not JSON: {str(err)[:200]}") from err
     if not isinstance(doc, dict) or set(doc) != {
