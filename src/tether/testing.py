@@ -11,8 +11,8 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -289,17 +289,26 @@ async def start_control(
         await running.stop(grace_s=0.5)
 
 
-def sync_join_token(ep: ControlEndpoint, node_id: str) -> str:
-    """A join token from a blocking call (for helpers called outside an event loop's coroutine)."""
+@contextmanager
+def _sync_admin(ep: ControlEndpoint) -> Iterator[Any]:
+    """A blocking admin ControlService stub (for helpers called outside a coroutine)."""
     import grpc
 
-    from tether.v1 import control_pb2 as pb
     from tether.v1 import control_pb2_grpc as pb_grpc
 
     tls = ep.pki.operator_tls(Role.ADMIN)
     creds = grpc.ssl_channel_credentials(tls.ca_pem, tls.key_pem, tls.cert_pem)
     with grpc.secure_channel(ep.address, creds) as ch:
-        stub = pb_grpc.ControlServiceStub(ch)
+        yield pb_grpc.ControlServiceStub(ch)
+
+
+def sync_join_token(ep: ControlEndpoint, node_id: str) -> str:
+    """A join token from a blocking call (a re-key token if the node is enrolled)."""
+    import grpc
+
+    from tether.v1 import control_pb2 as pb
+
+    with _sync_admin(ep) as stub:
         try:
             made = stub.CreateJoinToken(pb.CreateJoinTokenRequest(node_id=node_id), timeout=10)
             return str(made.token)
@@ -314,12 +323,8 @@ def ensure_policy(ep: ControlEndpoint, document: str) -> None:
     import grpc
 
     from tether.v1 import control_pb2 as pb
-    from tether.v1 import control_pb2_grpc as pb_grpc
 
-    tls = ep.pki.operator_tls(Role.ADMIN)
-    creds = grpc.ssl_channel_credentials(tls.ca_pem, tls.key_pem, tls.cert_pem)
-    with grpc.secure_channel(ep.address, creds) as ch:
-        stub = pb_grpc.ControlServiceStub(ch)
+    with _sync_admin(ep) as stub:
         try:
             stub.GetPolicy(pb.GetPolicyRequest(), timeout=10)
         except grpc.RpcError as err:

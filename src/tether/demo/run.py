@@ -31,6 +31,7 @@ from typing import Any
 
 from tether.control.client import ControlClient
 from tether.core.states import TERMINAL, state_name
+from tether.crypto.pki import write_private
 from tether.crypto.signing import SigningKey
 from tether.demo.api import DemoApi
 from tether.grpcutil.tls import ClientTLS
@@ -135,9 +136,7 @@ class Demo:
         self.root.chmod(0o700)
 
     def write_private(self, path: Path, data: str) -> Path:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(data)
+        write_private(path, data.encode())  # mode 0600, never through a guessable temporary
         return path
 
     def policy(self, api: DemoApi) -> str:
