@@ -255,6 +255,13 @@ class BrokerServicer(bpb_grpc.BrokerServiceServicer):
             await self._give_back(held, "the claiming agent went away before the reply")
             raise E.Unavailable("the claim was abandoned by its caller")
         await self._check_claim(held, agent, queue)
+        try:  # the policy check may have taken time: hand over only a live lease
+            await self.d.leases.check_live(held)
+        except E.LeaseLost as err:
+            await self._release(held.task_id, held.lease.fencing_token, err.message)
+            raise E.Unavailable(
+                f"{err.message}; claim again", metadata={"retry_after_ms": "0"}
+            ) from err
         return bpb.ClaimTaskResponse(task=task_view(held))
 
     async def _check_claim(self, held: HeldLease, agent: str, queue: str) -> None:
@@ -344,6 +351,7 @@ class BrokerServicer(bpb_grpc.BrokerServiceServicer):
         if held.state is State.RUNNING:
             return
         held.state = await self._transition(held, Event.START)
+        await self.d.leases.check_live(held)  # the round trip took time: still ours?
         await self.d.sink.emit(held.receipt(ReceiptKind.TASK_STARTED, self.d.clock.now_ms()))
 
     @handle_errors
@@ -356,6 +364,7 @@ class BrokerServicer(bpb_grpc.BrokerServiceServicer):
             # the keeper keeps trying; the agent sees the unchanged expiry.
             with contextlib.suppress(E.Unavailable):
                 await self.d.leases.renew(held, retry_budget_ms=0)
+            await self.d.leases.check_live(held)  # never "alive" for a lease that lapsed meanwhile
         return bpb.HeartbeatResponse(lease_expires_unix_ms=held.lease.expires_unix_ms)
 
     @handle_errors
@@ -395,6 +404,7 @@ class BrokerServicer(bpb_grpc.BrokerServiceServicer):
             raise E.InvalidArgument("value", "larger than 1 MiB")
         agent, held = await self._held(context, request.task_id)
         await self._check_memory_scope(held, scope)
+        await self.d.leases.check_live(held)  # the point of action, after the policy lookup
         owner = held.task_id if scope is Scope.TASK else agent
         now = self.d.clock.now_ms()
         digest = await self.d.memory.put(scope, owner, request.key, request.value, now)
@@ -417,6 +427,7 @@ class BrokerServicer(bpb_grpc.BrokerServiceServicer):
         await self._check_memory_scope(held, scope)
         owner = held.task_id if scope is Scope.TASK else agent
         value = await self.d.memory.get(scope, owner, request.key)
+        await self.d.leases.check_live(held)  # nothing is answered under a lapsed lease
         if value is None:
             return bpb.RecallResponse(found=False)
         return bpb.RecallResponse(found=True, value=value)
@@ -439,6 +450,9 @@ class BrokerServicer(bpb_grpc.BrokerServiceServicer):
             if succeeded:
                 await self._start_locked(held)  # succeed needs running; start implicitly
             await self.d.mediator.end_lease(held)  # unspent budget back before the end
+            # The calls above took time: the final transition is sent only under a
+            # lease still valid here, which the control plane's expiry outlasts.
+            await self.d.leases.check_live(held)
             state = await self._transition(
                 held,
                 Event.SUCCEED if succeeded else Event.FAIL,

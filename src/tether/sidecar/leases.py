@@ -284,10 +284,26 @@ class LeaseTable:
             raise E.NotOwner(
                 f"task {task_id!r} is leased to another agent; agent {agent!r} may not touch it"
             )
+        await self.check_live(held)
+        held.last_agent_call_ms = self._clock.monotonic_ms()
+        return held
+
+    async def check_live(self, held: HeldLease) -> None:
+        """Raises unless the lease is usable right now, by this sidecar's monotonic clock.
+
+        Every Broker path calls it after its last await and before it emits a
+        receipt or answers success under the lease: a pause or a slow remote
+        call between the first check and the reply must not let a receipt or a
+        reply out after the lease ended. A lease found lapsed is fenced here.
+
+        Raises:
+            InvalidTransition: the task is already finished.
+            LeaseLost: the lease was lost or has lapsed.
+        """
+        task_id = held.task_id
         if held.finished:
             raise E.InvalidTransition(f"task {task_id!r} is already finished")
-        now = self._clock.monotonic_ms()
-        if not held.lost_reason and now >= held.valid_until_mono_ms:
+        if not held.lost_reason and self._clock.monotonic_ms() >= held.valid_until_mono_ms:
             await self.mark_lost(
                 held, "lease lapsed (its validity by this sidecar's monotonic clock has ended)"
             )
@@ -296,8 +312,6 @@ class LeaseTable:
                 f"lease lost on task {task_id!r}: {held.lost_reason}; do not continue this task",
                 metadata={"task_id": task_id, "fencing_token": str(held.lease.fencing_token)},
             )
-        held.last_agent_call_ms = now
-        return held
 
     async def mark_lost(self, held: HeldLease, reason: str) -> None:
         """Fences the task locally, once: receipt, log, keeper stopped."""

@@ -444,6 +444,10 @@ class Mediator:
         refused with RESOURCE_EXHAUSTED instead and leaves no receipt, so refusals
         cannot be spammed into the spool and the ledger.
         """
+        if not held.usable(self._clock):
+            # A refusal decided after a remote call may come after the lease ended:
+            # then it is "lease lost", with no receipt outside the lease's window.
+            return self._lost(held, tool)
         metrics.DENIALS.labels(err.reason).inc()
         if not self._denials.allow(held.task_id, held.agent):
             metrics.DENIALS_UNRECORDED.inc()
@@ -492,14 +496,20 @@ class Mediator:
             call.slot,
         )
 
-    def _fence(self, held: HeldLease, tool: str) -> None:
-        """Refuses unless the lease is live right now (by this sidecar's monotonic clock)."""
+    def _fence(self, held: HeldLease, tool: str, *, ran: str = "") -> None:
+        """Refuses unless the lease is live right now (by this sidecar's monotonic clock).
+
+        `ran`: what became of a call that already ran (else "did not run" is said).
+        """
         if not held.usable(self._clock):
-            raise E.LeaseLost(
-                f"lease lost on task {held.task_id!r}: "
-                f"{held.lost_reason or 'finished or lapsed'}; tool {tool!r} did not run",
-                metadata={"task_id": held.task_id, "fencing_token": str(held.lease.fencing_token)},
-            )
+            raise self._lost(held, tool, ran=ran)
+
+    def _lost(self, held: HeldLease, tool: str, *, ran: str = "") -> E.LeaseLost:
+        return E.LeaseLost(
+            f"lease lost on task {held.task_id!r}: "
+            f"{held.lost_reason or 'finished or lapsed'}; tool {tool!r} {ran or 'did not run'}",
+            metadata={"task_id": held.task_id, "fencing_token": str(held.lease.fencing_token)},
+        )
 
     async def _remote(self, held: HeldLease, what: str, op: Awaitable[T]) -> T:
         """Awaits a control-plane call; a refusal of the fencing token fences the task."""
@@ -835,6 +845,8 @@ class Mediator:
         )
         if not key:
             await self._tool_call_receipt(call, outcome, duration_ms)
+            # The effect is on record; its result goes out only under a live lease.
+            self._fence(held, call.tool, ran="ran (its receipt is recorded)")
             return outcome
         pending = _Unrecorded(call.tool, call.args_digest, outcome, token, actual)
         receipt, record = await asyncio.gather(
@@ -855,6 +867,13 @@ class Mediator:
             ) from record
         if isinstance(record, BaseException):
             raise record
+        # Recorded: a retry with the key under a new lease gets this outcome.
+        self._fence(
+            held,
+            call.tool,
+            ran="ran and its outcome is recorded; retry with the same idempotency key "
+            "under a new lease to get it",
+        )
         return outcome
 
     def _redactor(self, held: HeldLease, credentials: Mapping[str, bytes]) -> Redactor:
