@@ -26,6 +26,10 @@ CONTEXT_FIELDS = (
     "keyid",
     "rekey",
     "expires_unix_ms",
+    # Replicas: leader elections and the checkpoints a leader signs.
+    "replica",
+    "epoch",
+    "tree_size",
 )
 
 

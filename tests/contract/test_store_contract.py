@@ -509,7 +509,7 @@ async def test_upgrade_from_0005_keeps_nodes_as_active(
         new = make_store()
         await new.open()
         try:
-            assert (await new.applied_migrations())[-1] == 6
+            assert (await new.applied_migrations())[:6] == [1, 2, 3, 4, 5, 6]
             assert await new.list_nodes() == [
                 NodeRecord("n1", b"k" * 32, b"cert-n1", NOW, "active", "", 0),
                 NodeRecord("n2", b"k" * 32, b"cert-n2", NOW, "active", "", 0),

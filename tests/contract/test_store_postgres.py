@@ -17,6 +17,7 @@ from tether.crypto.signing import SigningKey
 from tether.store import open_store, store_from_url
 from tether.store.base import NewTask, TaskRecord
 from tether.store.postgres import PostgresStore, migration_files, redact_url
+from tether.store.postgres_settings import PostgresSettings
 from tether.testing import start_control
 
 pytestmark = pytest.mark.postgres
@@ -37,7 +38,9 @@ def test_urls_are_redacted_in_messages() -> None:
 
 async def test_unreachable_server_is_a_storage_error() -> None:
     """Opening a store whose server does not answer fails with StorageError, no password shown."""
-    store = PostgresStore("postgresql://u:hunter2@127.0.0.1:1/x", connect_timeout_s=1)
+    store = PostgresStore(
+        "postgresql://u:hunter2@127.0.0.1:1/x", PostgresSettings(connect_timeout_s=1)
+    )
     with pytest.raises(StorageError) as exc:
         await store.open()
     assert "hunter2" not in str(exc.value)
@@ -46,7 +49,7 @@ async def test_unreachable_server_is_a_storage_error() -> None:
 async def test_replicas_starting_together_migrate_once() -> None:
     """Several stores opening a fresh database at once apply each migration exactly once."""
     with fresh_database() as url:
-        stores = [PostgresStore(url, max_connections=2) for _ in range(4)]
+        stores = [PostgresStore(url, PostgresSettings(pool_min=1, pool_max=2)) for _ in range(4)]
         await asyncio.gather(*(s.open() for s in stores))
         try:
             expected = [v for v, _, _ in migration_files()]

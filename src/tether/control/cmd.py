@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from tether import runtime
+from tether.control.leader import DEFAULT_LEADER_TTL_MS
+from tether.control.policy_sync import DEFAULT_POLICY_MAX_STALENESS_MS
 from tether.core.errors import ConfigError, InvalidArgument
 from tether.core.states import State
 from tether.crypto.pki import (
@@ -38,6 +40,7 @@ from tether.crypto.pki import (
 )
 from tether.crypto.signing import SigningKey, VerifyKey
 from tether.grpcutil.tls import ENV_CA, ENV_CERT, ENV_CONTROL, ENV_KEY, client_tls_from_env
+from tether.store.postgres_settings import PostgresSettings, warn_password_in_url
 from tether.v1 import control_pb2 as pb
 
 log = logging.getLogger("tether.control.cmd")
@@ -50,7 +53,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--db",
         required=True,
-        help="SQLite database file, or postgresql://user@host:port/dbname (several replicas)",
+        help="SQLite database file, or postgresql://user@host:port/dbname (several replicas; "
+        "give the password by PGPASSWORD or ~/.pgpass, never in the URL: it shows in ps)",
     )
     p.add_argument("--listen", default="127.0.0.1:7400", help="host:port (port 0 ok) or unix:/path")
     p.add_argument("--key", required=True, help="control-plane Ed25519 private key (PEM, 0600)")
@@ -116,6 +120,61 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="key-encryption keys of the credential vault (from `tether secrets init-kek`, "
         "mode 0600); re-read when it changes, so `secrets rotate-kek` needs no restart. "
         "Without it the vault is off",
+    )
+    pg = PostgresSettings()
+    p.add_argument(
+        "--db-pool-min", type=int, default=pg.pool_min, help="PostgreSQL connections kept open"
+    )
+    p.add_argument(
+        "--db-pool-max",
+        type=int,
+        default=pg.pool_max,
+        help=f"most PostgreSQL connections of this replica (default {pg.pool_max})",
+    )
+    p.add_argument(
+        "--db-connect-timeout-s",
+        type=int,
+        default=pg.connect_timeout_s,
+        help="PostgreSQL: longest wait to connect or for a free pooled connection",
+    )
+    p.add_argument(
+        "--db-statement-timeout-ms",
+        type=int,
+        default=pg.statement_timeout_ms,
+        help="PostgreSQL statement_timeout: a longer statement is canceled (UNAVAILABLE)",
+    )
+    p.add_argument(
+        "--db-lock-timeout-ms",
+        type=int,
+        default=pg.lock_timeout_ms,
+        help="PostgreSQL lock_timeout: longest wait for a row or the ledger's lock",
+    )
+    p.add_argument(
+        "--db-idle-in-transaction-timeout-ms",
+        type=int,
+        default=pg.idle_in_transaction_timeout_ms,
+        help="PostgreSQL idle_in_transaction_session_timeout: a replica paused inside a "
+        "transaction loses its session (and locks) after this long; the bound on how long "
+        "it can stall the other replicas",
+    )
+    p.add_argument(
+        "--policy-max-staleness-ms",
+        type=int,
+        default=DEFAULT_POLICY_MAX_STALENESS_MS,
+        help="with replicas: a lease is never granted under a view of the policy older than "
+        "this (a new version is normally seen at once, by LISTEN/NOTIFY)",
+    )
+    p.add_argument(
+        "--leader-ttl-ms",
+        type=int,
+        default=DEFAULT_LEADER_TTL_MS,
+        help="term of the replica leading a singleton job (sweeper, checkpoint signer); a "
+        "dead or paused leader is replaced within about this long",
+    )
+    p.add_argument(
+        "--replica-id",
+        default="",
+        help="this replica's name in leader elections (default host:pid:random)",
     )
     p.add_argument("--sweep-interval-ms", type=int, default=1000, help="lapsed-lease sweep period")
     p.add_argument(
@@ -465,8 +524,23 @@ def _cmd_control(args: argparse.Namespace) -> int:
     from tether.control.server import serve_forever, start_server
     from tether.control.service import Auth, ControlConfig
     from tether.grpcutil.tls import ServerTLS
+    from tether.store import is_postgres_url
 
     key = SigningKey.load(Path(args.key))
+    postgres = PostgresSettings(
+        pool_min=args.db_pool_min,
+        pool_max=args.db_pool_max,
+        connect_timeout_s=args.db_connect_timeout_s,
+        statement_timeout_ms=args.db_statement_timeout_ms,
+        lock_timeout_ms=args.db_lock_timeout_ms,
+        idle_in_transaction_timeout_ms=args.db_idle_in_transaction_timeout_ms,
+    )
+    if is_postgres_url(args.db):
+        warn_password_in_url(args.db)
+    if args.policy_max_staleness_ms < 50:
+        raise ConfigError("--policy-max-staleness-ms must be at least 50")
+    if args.leader_ttl_ms < 300:
+        raise ConfigError("--leader-ttl-ms must be at least 300")
     if args.sweep_interval_ms <= 0:
         raise ConfigError("--sweep-interval-ms must be positive")
     if args.checkpoint_interval_ms <= 0:
@@ -517,7 +591,13 @@ def _cmd_control(args: argparse.Namespace) -> int:
             tls=tls,
             enroll_listen=enroll_listen,
             sqlite_synchronous=args.sqlite_synchronous.upper(),
-            config=ControlConfig(log_origin=args.log_origin),
+            config=ControlConfig(
+                log_origin=args.log_origin,
+                policy_max_staleness_ms=args.policy_max_staleness_ms,
+                leader_ttl_ms=args.leader_ttl_ms,
+                replica_id=args.replica_id,
+            ),
+            postgres=postgres,
         )
         await serve_forever(running, Path(args.ready_file) if args.ready_file else None)
 

@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import NamedTuple
 
+from tether.control.leader import Leadership
 from tether.core.clock import Clock, SystemClock
 from tether.core.errors import (
     AlreadyExists,
@@ -470,29 +471,43 @@ class Ledger:
         self._latest = cp = CheckpointInfo(self.origin, size, root, now, note)
         return cp
 
-    async def run_checkpointer(self, stop: asyncio.Event, interval_s: float = 10.0) -> None:
+    async def run_checkpointer(
+        self, stop: asyncio.Event, interval_s: float = 10.0, leader: Leadership | None = None
+    ) -> None:
         """Signs a checkpoint every `interval_s` while the tree grew, until `stop`.
 
         The tree includes what other replicas appended; one a replica already
         signed for the same size is reused. A failed signing is logged and
-        retried at the next tick, never fatal.
+        retried at the next tick, never fatal. With `leader`, only the replica
+        leading the "checkpointer" job signs on schedule.
         """
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval_s)
             if stop.is_set():
                 return
+            if leader is not None and not leader.is_leader():
+                continue
             try:
                 async with self._lock:
                     await self._catch_up()
                     latest = self._latest
                     if latest is not None and latest.tree_size == self._tree.size:
                         continue
+                    if leader is not None and not leader.is_leader():
+                        continue  # the term ran out while catching up
                     cp = await self._sign()
             except Exception as err:
                 log.error("scheduled checkpoint failed: %r", err)
                 continue
-            log.debug("checkpoint signed", extra={"tree_size": cp.tree_size})
+            log.info(
+                "checkpoint signed",
+                extra={
+                    "tree_size": cp.tree_size,
+                    "replica": leader.holder if leader else "",
+                    "epoch": leader.epoch if leader else 0,
+                },
+            )
 
     async def inclusion_proof(self, leaf_index: int, tree_size: int = 0) -> tuple[int, list[bytes]]:
         """(tree size, audit path) for a leaf; size 0 means the latest checkpoint's.

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from tether.control.authz import AuthzInterceptor
 from tether.control.grpc_api import ControlServicer
+from tether.control.leader import CHECKPOINTER, SWEEPER, Leadership
 from tether.control.service import Auth, ControlConfig, ControlService
 from tether.control.sweeper import DEFAULT_SWEEP_INTERVAL_MS, Sweeper
 from tether.control.vault import Vault
@@ -28,6 +29,7 @@ from tether.metrics import MetricsServer, TasksCollector
 from tether.metrics import serve as serve_metrics
 from tether.store import store_from_url
 from tether.store.base import Store
+from tether.store.postgres_settings import PostgresSettings
 from tether.v1 import control_pb2 as pb
 from tether.v1 import control_pb2_grpc as pb_grpc
 
@@ -88,6 +90,8 @@ class RunningControl:
     """The gRPC servicer; owns the ledger and its worker processes."""
     enroll_address: str = ""
     """Where nodes without a certificate yet enrol (TLS, no client certificate)."""
+    leaders: tuple[Leadership, ...] = ()
+    """This replica's campaigns for the singleton jobs (sweeper, checkpointer)."""
 
     async def stop(self, grace_s: float = 2.0) -> None:
         """Stops serving (letting calls finish for `grace_s`), then closes the store."""
@@ -97,6 +101,9 @@ class RunningControl:
         if self.checkpointer is not None and self.checkpointer_stop is not None:
             self.checkpointer_stop.set()
             await self.checkpointer
+        for leader in self.leaders:  # resigned: another replica takes over at once
+            await leader.stop()
+        await self.service.close()
         await self.server.stop(grace_s)
         if self.servicer is not None:
             self.servicer.close_ledger()
@@ -121,6 +128,7 @@ async def start_server(
     tls: ServerTLS | None = None,
     enroll_listen: str | None = None,
     sqlite_synchronous: str = "FULL",
+    postgres: PostgresSettings | None = None,
 ) -> RunningControl:
     """Opens the store and starts serving on `listen` ("host:port", port 0 ok, or "unix:/path").
 
@@ -135,6 +143,10 @@ async def start_server(
     and `enroll_listen` (default: the same host, an ephemeral port) serves TLS
     without one, where only enrolment is allowed. Without `tls`, `auth.insecure`
     must be set: plaintext, no identities (development only).
+
+    The sweeper and the scheduled checkpoint signer run only on the replica
+    that leads each job (elected through the store; see `tether.control.leader`).
+    `postgres`: pool size and timeouts when `db` is a PostgreSQL URL.
 
     Raises:
         ConfigError: bad listen address, the port cannot be bound, or no TLS
@@ -164,7 +176,7 @@ async def start_server(
         else:
             enroll_target = f"{target.rpartition(':')[0]}:0"
     vault = Vault(kek_file) if kek_file is not None else None  # ConfigError before any I/O
-    store = store or store_from_url(db, sqlite_synchronous=sqlite_synchronous)
+    store = store or store_from_url(db, sqlite_synchronous=sqlite_synchronous, postgres=postgres)
     await store.open()
     service = ControlService(store, key, clock, config=config, auth=auth, vault=vault)
     if vault is None:
@@ -218,10 +230,13 @@ async def start_server(
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    cfg = service.config
+    leaders: list[Leadership] = []
     sweeper = None
     if sweep_interval_ms is not None:
-        sweeper = Sweeper(service, sweep_interval_ms)
-        sweeper.start()
+        sweep_leader = Leadership(store, SWEEPER, service.replica_id, cfg.leader_ttl_ms)
+        leaders.append(sweep_leader)
+        sweeper = Sweeper(service, sweep_interval_ms, leader=sweep_leader)
     running = RunningControl(
         address,
         server,
@@ -234,11 +249,19 @@ async def start_server(
     )
     if checkpoint_interval_ms is not None:
         ledger = await servicer.get_ledger()
+        cp_leader = Leadership(store, CHECKPOINTER, service.replica_id, cfg.leader_ttl_ms)
+        leaders.append(cp_leader)
         running.checkpointer_stop = stop = asyncio.Event()
         running.checkpointer = asyncio.create_task(
-            ledger.run_checkpointer(stop, checkpoint_interval_ms / 1000),
+            ledger.run_checkpointer(stop, checkpoint_interval_ms / 1000, leader=cp_leader),
             name="tether-checkpointer",
         )
+    running.leaders = tuple(leaders)
+    for leader in leaders:
+        await leader.campaign_once()  # a lone replica leads from its first tick
+        leader.start()
+    if sweeper is not None:
+        sweeper.start()
     if metrics_listen:
         try:
             running.metrics = serve_metrics(

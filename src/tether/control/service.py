@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from tether import metrics
 from tether.control.authz import current_principal, refuse
+from tether.control.leader import DEFAULT_LEADER_TTL_MS, default_replica_id
+from tether.control.policy_sync import DEFAULT_POLICY_MAX_STALENESS_MS, PolicyInForce
 from tether.core.clock import Clock, SystemClock
 from tether.core.errors import (
     AlreadyExists,
@@ -88,6 +90,14 @@ class ControlConfig:
     log_origin: str = ""
     """The ledger's C2SP checkpoint origin (its log identity); "" means
     "<trust domain>/ledger", so each deployment names its own log."""
+    policy_max_staleness_ms: int = DEFAULT_POLICY_MAX_STALENESS_MS
+    """With replicas: the oldest view of the policy in force a lease may be granted
+    under (a new version is normally seen at once, by LISTEN/NOTIFY)."""
+    replica_id: str = ""
+    """This replica's name in leader elections; "" means host:pid:random."""
+    leader_ttl_ms: int = DEFAULT_LEADER_TTL_MS
+    """Term of a singleton job's leader (sweeper, checkpointer); a dead or paused
+    leader is replaced within about this long."""
 
 
 @dataclass(frozen=True)
@@ -172,7 +182,13 @@ class ControlService:
         self.config = config or ControlConfig()
         self.auth = auth or Auth()
         self._waiters = _Waiters()
-        self._policy: Policy | None = None
+        self.policy_in_force = PolicyInForce(store, self.config.policy_max_staleness_ms)
+        self.replica_id = self.config.replica_id or default_replica_id()
+
+    @property
+    def _policy(self) -> Policy | None:
+        """The policy in force as last confirmed (see `PolicyInForce.current`)."""
+        return self.policy_in_force.policy
 
     @property
     def log_origin(self) -> str:
@@ -180,16 +196,15 @@ class ControlService:
         return self.config.log_origin or f"{self.auth.trust_domain}/ledger"
 
     async def start(self) -> None:
-        """Loads the policy in force (if any); call once the store is open."""
-        rec = await self.store.get_policy(0)
-        if rec is not None:
-            self._set_policy(rec.document, rec.digest)
+        """Loads the policy in force (if any) and follows changes; call once the store is open."""
+        await self.policy_in_force.refresh()
+        self.policy_in_force.start()
+
+    async def close(self) -> None:
+        """Stops following the policy."""
+        await self.policy_in_force.stop()
 
     # -- policy ---------------------------------------------------------------------
-
-    def _set_policy(self, document: str, digest: str) -> None:
-        self._policy = parse_policy(document)
-        self._policies[self._policy.digest] = self._policy
 
     async def put_policy(self, document: str) -> PolicyRecord:
         """Stores a new policy version and puts it in force for new leases.
@@ -199,7 +214,7 @@ class ControlService:
         """
         policy = parse_policy(document)  # raises ConfigError on a bad document
         rec = await self.store.put_policy(document, policy.digest, self.clock.now_ms())
-        self._policy = policy
+        self.policy_in_force.adopt(rec, policy)  # other replicas learn of it by NOTIFY
         self._policies[policy.digest] = policy
         log.info("policy stored: version %d digest %s", rec.version, policy.digest)
         return rec
@@ -275,6 +290,7 @@ class ControlService:
         Raises:
             PolicyDenied: no policy is in force, or it declares no such queue.
         """
+        await self.policy_in_force.current()
         self.declared_queue(queue)
         pol = self.policy_for(queue)
         task = NewTask(
@@ -354,6 +370,7 @@ class ControlService:
             PolicyDenied: the queue is not declared, or the policy does not let
                 `agent_id` claim from it ([agents.NAME].queues).
         """
+        await self.policy_in_force.current()
         policy = self.declared_queue(queue)
         if not policy.may_claim(agent_id, queue):
             raise PolicyDenied(
@@ -365,6 +382,7 @@ class ControlService:
         began = loop.time()
         deadline = began + wait_ms / 1000
         while True:
+            await self.policy_in_force.current()  # a long poll may outlive the bound
             now = self.clock.now_ms()
             signed: list[Envelope] = []
             got = await self.store.acquire_lease(
@@ -400,6 +418,7 @@ class ControlService:
         self, *, task_id: str, fencing_token: int, node_id: str
     ) -> tuple[TaskRecord, Envelope]:
         """Extends a live lease by the task's TTL; same token, new expiry."""
+        await self.policy_in_force.current()  # a renewal is signed under the policy in force
         now = self.clock.now_ms()
         signed: list[Envelope] = []
         task, stored = await self.store.renew_lease(

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 
+from tether.control.leader import Leadership
 from tether.control.service import ControlService
 from tether.core.errors import TetherError
 
@@ -22,15 +23,22 @@ class Sweeper:
     or to expired once `max_attempts` is spent. Renewals and transitions
     already refuse a lapsed lease before the sweeper runs; the sweeper only
     makes the task leasable again.
+
+    With `leader`, only the replica leading the "sweeper" job sweeps (the
+    others wait, ready to take over); without, this process sweeps alone.
     """
 
     def __init__(
-        self, service: ControlService, interval_ms: int = DEFAULT_SWEEP_INTERVAL_MS
+        self,
+        service: ControlService,
+        interval_ms: int = DEFAULT_SWEEP_INTERVAL_MS,
+        leader: Leadership | None = None,
     ) -> None:
         if interval_ms <= 0:
             raise ValueError("sweep interval must be positive")
         self.service = service
         self.interval_ms = interval_ms
+        self.leader = leader
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -50,7 +58,8 @@ class Sweeper:
     async def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                await self.service.sweep()
+                if self.leader is None or self.leader.is_leader():
+                    await self.service.sweep()
             except TetherError as err:  # keep sweeping; the store may recover
                 log.error("sweep failed: %s", err.message)
             except Exception:

@@ -7,14 +7,17 @@ conditional write on (task id, allowed source states from
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from tether.core.states import Event, State
 
 DEFAULT_MAX_ATTEMPTS = 3
+
+# What a shared store announces a new policy version on (see `Notifier`).
+POLICY_CHANNEL = "tether_policy"
 
 
 @dataclass(frozen=True)
@@ -588,4 +591,32 @@ class Store(Protocol):
 
     async def node_certificates(self, node_id: str) -> list[bytes]:
         """Every kept certificate of the node, oldest first."""
+        ...
+
+    # -- singleton jobs (one leader among replicas) ------------------------------------
+
+    async def try_lead(self, job: str, holder: str, ttl_ms: int, now_ms: int) -> int | None:
+        """Takes or renews the leadership of `job` for `ttl_ms`; its epoch, or None.
+
+        Succeeds when `holder` leads already or the last term lapsed; each new
+        term gets a larger epoch. Expiry is judged by the database's clock where
+        the store has one shared by replicas (PostgreSQL); `now_ms` otherwise.
+        """
+        ...
+
+    async def resign(self, job: str, holder: str) -> None:
+        """Ends `holder`'s term of `job` now (a graceful stop hands over at once)."""
+        ...
+
+    async def leader(self, job: str) -> tuple[str, int, int] | None:
+        """(holder, epoch, expires_unix_ms) of the live term of `job`, or None."""
+        ...
+
+
+@runtime_checkable
+class Notifier(Protocol):
+    """A store that announces changes to other processes (PostgreSQL LISTEN/NOTIFY)."""
+
+    def notifications(self, channel: str) -> AsyncIterator[str]:
+        """Payloads announced on `channel`; "" first, once listening."""
         ...

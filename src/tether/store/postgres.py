@@ -12,12 +12,21 @@ run under a session advisory lock, so replicas may start at the same time.
 Cross-replica long-poll wake-ups rely on the control service's periodic
 re-check (`ControlConfig.long_poll_recheck_ms`); a replica wakes its own
 waiters at once.
+
+Every session runs with `lock_timeout`, `statement_timeout` and
+`idle_in_transaction_session_timeout` (`PostgresSettings`), so a replica paused
+or partitioned inside a transaction (holding the ledger's advisory lock, or a
+task row) stalls the others for at most those bounds: the server ends its
+session and the locks go with it. A statement refused by those timeouts, or a
+lost connection, is `Unavailable` (retry), never an internal error; a pooled
+connection found dead before its transaction began is replaced and the
+transaction run on another one.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,10 +36,11 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
-from tether.core.errors import StorageError, TetherError
+from tether.core.errors import StorageError, TetherError, Unavailable
 from tether.core.states import LEASED_STATES, Event, State, sources
 from tether.store import is_postgres_url
 from tether.store.base import (
+    POLICY_CHANNEL,
     BudgetState,
     JoinTokenRecord,
     LapseOutcome,
@@ -105,6 +115,7 @@ from tether.store.common import (
     tool_call_repeat,
     tool_call_row,
 )
+from tether.store.postgres_settings import PostgresSettings
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations" / "postgres"
 
@@ -114,12 +125,63 @@ _LOCK_POLICIES = 0x7465746865720002
 _LOCK_LEDGER = 0x7465746865720003
 _LOCK_SECRETS = 0x74650003  # int4 class; hashtext(name) is the second key
 
+_DB_NOW_MS = "(extract(epoch from clock_timestamp()) * 1000)::bigint"
+
+# Takes the job if free or lapsed, renews it if ours; a new term gets epoch + 1.
+_SQL_LEAD = f"""
+INSERT INTO leaders AS l (job, holder, epoch, expires_unix_ms)
+VALUES (%(job)s, %(holder)s, 1, {_DB_NOW_MS} + %(ttl)s)
+ON CONFLICT (job) DO UPDATE SET holder = EXCLUDED.holder,
+    epoch = l.epoch + CASE WHEN l.holder = EXCLUDED.holder AND l.expires_unix_ms > {_DB_NOW_MS}
+        THEN 0 ELSE 1 END,
+    expires_unix_ms = EXCLUDED.expires_unix_ms
+WHERE l.holder = EXCLUDED.holder OR l.expires_unix_ms <= {_DB_NOW_MS}
+RETURNING epoch
+"""
+
+
+def sql_listen(channel: str) -> str:
+    """LISTEN on a fixed identifier (channels here are constants, never user input)."""
+    if not channel.replace("_", "").isalnum():
+        raise ValueError(f"bad channel name {channel!r}")
+    return f"LISTEN {channel}"
+
+
 # Deadlocks and serialization failures are retried this many times in all.
 _TX_ATTEMPTS = 3
 
 T = TypeVar("T")
 Conn = psycopg.AsyncConnection[TupleRow]
 Row = tuple[Any, ...]
+
+
+# SQLSTATE classes a retry (maybe on another connection) may cure: connection
+# exceptions (08), operator intervention such as pg_terminate_backend (57P01-3),
+# a canceled statement (57014: statement_timeout), a lock not granted in time (55P03).
+_TRANSIENT = (
+    pg_errors.LockNotAvailable,
+    pg_errors.QueryCanceled,
+    pg_errors.AdminShutdown,
+    pg_errors.CrashShutdown,
+    pg_errors.CannotConnectNow,
+    pg_errors.IdleInTransactionSessionTimeout,
+)
+
+
+def _transient(err: psycopg.Error) -> bool:
+    """True for errors that say "busy or unreachable", not "wrong"."""
+    if isinstance(err, _TRANSIENT):
+        return True
+    return isinstance(err, psycopg.OperationalError) and (
+        err.sqlstate is None or err.sqlstate.startswith("08")
+    )
+
+
+def _unavailable(err: psycopg.Error) -> Unavailable:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return Unavailable(
+        f"database busy or unreachable ({first}); retry", metadata={"retry_after_ms": "500"}
+    )
 
 
 def redact_url(url: str) -> str:
@@ -223,6 +285,15 @@ WHERE task_id = %(task_id)s AND state IN {in_states(sources(Event.LAPSE))}
 """
 
 
+def conn_broken(err: psycopg.Error) -> bool:
+    """True when the error came from a connection that is gone (not a refused statement)."""
+    return isinstance(err, psycopg.OperationalError) and (
+        err.sqlstate is None
+        or err.sqlstate.startswith("08")
+        or isinstance(err, pg_errors.AdminShutdown)
+    )
+
+
 async def _one(conn: Conn, sql: str, params: Any = None) -> Row | None:
     cur = await conn.execute(sql, params)
     return await cur.fetchone()
@@ -242,20 +313,11 @@ async def _exec(conn: Conn, sql: str, params: Any = None) -> int:
 class PostgresStore:
     """The `Store` for several control-plane replicas sharing one PostgreSQL database."""
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        min_connections: int = 1,
-        max_connections: int = 10,
-        connect_timeout_s: float = 10.0,
-    ) -> None:
+    def __init__(self, url: str, settings: PostgresSettings | None = None) -> None:
         if not is_postgres_url(url):
             raise ValueError("a PostgreSQL store needs a postgresql:// URL")
         self.url = url  # may hold a password: never log it (see `redact_url`)
-        self._min = min_connections
-        self._max = max_connections
-        self._timeout = connect_timeout_s
+        self.settings = settings or PostgresSettings()
         self._pool: AsyncConnectionPool[Conn] | None = None
 
     def __repr__(self) -> str:
@@ -265,17 +327,18 @@ class PostgresStore:
 
     async def open(self) -> None:
         where = redact_url(self.url)
+        cfg = self.settings
         pool: AsyncConnectionPool[Conn] = AsyncConnectionPool(
             self.url,
-            min_size=self._min,
-            max_size=self._max,
-            kwargs={"autocommit": True},
-            timeout=self._timeout,
+            min_size=cfg.pool_min,
+            max_size=cfg.pool_max,
+            kwargs=self.connect_kwargs(),
+            timeout=cfg.connect_timeout_s,
             open=False,
             name="tether-store",
         )
         try:
-            await pool.open(wait=True, timeout=self._timeout)
+            await pool.open(wait=True, timeout=cfg.connect_timeout_s)
             async with pool.connection() as conn:
                 await self._migrate(conn)
         except psycopg.Error as err:
@@ -291,6 +354,35 @@ class PostgresStore:
             pool, self._pool = self._pool, None
             await pool.close()
 
+    def connect_kwargs(self) -> dict[str, Any]:
+        """Connection arguments beside the URL: autocommit, timeouts, keepalives."""
+        cfg = self.settings
+        return {
+            "autocommit": True,
+            "connect_timeout": cfg.connect_timeout_s,
+            "options": cfg.session_options(),
+            "application_name": "tether-control",
+            # A peer that vanished (host down, cable cut) is noticed in ~20 s, not hours.
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 2,
+        }
+
+    async def connect(self, purpose: str) -> Conn:
+        """A dedicated connection outside the pool (e.g. a listener); caller closes.
+
+        Its application_name is "tether-control-<purpose>" (pg_stat_activity shows it).
+
+        Raises:
+            Unavailable: the database cannot be reached.
+        """
+        kwargs = self.connect_kwargs() | {"application_name": f"tether-control-{purpose}"}
+        try:
+            return await psycopg.AsyncConnection.connect(self.url, **kwargs)
+        except psycopg.Error as err:
+            raise _unavailable(err) from err
+
     def _require_pool(self) -> AsyncConnectionPool[Conn]:
         if self._pool is None:
             raise StorageError("store is not open")
@@ -303,32 +395,51 @@ class PostgresStore:
         it calls (lease signers, sealers) must have no effect outside the database.
         """
         pool = self._require_pool()
-        for attempt in range(_TX_ATTEMPTS):
+        attempt = stale = 0
+        while True:
+            began = False
             try:
                 async with pool.connection() as conn, conn.transaction():
+                    began = True
                     return await fn(conn)
             except (pg_errors.DeadlockDetected, pg_errors.SerializationFailure) as err:
-                if attempt == _TX_ATTEMPTS - 1:
-                    raise StorageError(f"database error after {attempt + 1} tries: {err}") from err
+                attempt += 1
+                if attempt == _TX_ATTEMPTS:
+                    raise StorageError(f"database error after {attempt} tries: {err}") from err
             except TetherError:
                 raise
             except psycopg.Error as err:
+                # A pooled connection the server ended (pg_terminate_backend, restart,
+                # idle timeout) fails at BEGIN, before `fn` ran: run it on another one.
+                if not began and _transient(err) and stale < self.settings.pool_max:
+                    stale += 1
+                    continue
+                if _transient(err):
+                    raise _unavailable(err) from err
                 raise StorageError(f"database error: {err}") from err
-        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _read(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
         """Runs `fn(conn)` in autocommit mode (each statement sees the latest commits)."""
         pool = self._require_pool()
-        try:
-            async with pool.connection() as conn:
-                return await fn(conn)
-        except TetherError:
-            raise
-        except psycopg.Error as err:
-            raise StorageError(f"database error: {err}") from err
+        for stale in range(self.settings.pool_max + 1):
+            try:
+                async with pool.connection() as conn:
+                    return await fn(conn)
+            except TetherError:
+                raise
+            except psycopg.Error as err:
+                # Reads change nothing: one that met a dead pooled connection is repeated.
+                if _transient(err) and stale < self.settings.pool_max and conn_broken(err):
+                    continue
+                if _transient(err):
+                    raise _unavailable(err) from err
+                raise StorageError(f"database error: {err}") from err
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _migrate(self, conn: Conn) -> None:
         """Applies pending migrations, one transaction each, under an advisory lock."""
+        # Migrations may run long and wait for another replica's: no timeouts here.
+        await conn.execute("SET statement_timeout = 0; SET lock_timeout = 0")
         await conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_MIGRATIONS,))
         try:
             await conn.execute(
@@ -348,6 +459,7 @@ class PostgresStore:
                     )
         finally:
             await conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_MIGRATIONS,))
+            await conn.execute("RESET statement_timeout; RESET lock_timeout")
 
     async def applied_migrations(self) -> list[int]:
         """Versions recorded in schema_migrations, ascending."""
@@ -666,6 +778,8 @@ class PostgresStore:
                 (document, digest, now_ms),
             )
             assert row is not None
+            # Delivered at COMMIT to every replica LISTENing (see `notifications`).
+            await conn.execute("SELECT pg_notify(%s, %s)", (POLICY_CHANNEL, str(row[0])))
             return PolicyRecord(row[0], document, digest, now_ms)
 
         return await self._tx(fn)
@@ -690,6 +804,59 @@ class PostgresStore:
             )
         )
         return None if row is None else row_to_policy(row)
+
+    async def notifications(self, channel: str) -> AsyncIterator[str]:
+        """Payloads NOTIFYed on `channel`, on a dedicated LISTEN connection.
+
+        Yields "" once the LISTEN is in place (a caller re-reads what it follows
+        then, since changes before that moment were not announced to it).
+
+        Raises:
+            Unavailable: the connection could not be made or was lost.
+        """
+        conn = await self.connect("listen")
+        try:
+            await conn.execute(sql_listen(channel))
+            yield ""
+            async for note in conn.notifies():
+                yield note.payload
+        except psycopg.Error as err:
+            raise _unavailable(err) from err
+        finally:
+            await conn.close()
+
+    async def try_lead(self, job: str, holder: str, ttl_ms: int, now_ms: int) -> int | None:
+        # The database's clock judges expiry (`now_ms`, the caller's, is not used):
+        # replicas never compare their own clocks.
+        async def fn(conn: Conn) -> Row | None:
+            return await _one(
+                conn,
+                _SQL_LEAD,
+                {"job": job, "holder": holder, "ttl": ttl_ms},
+            )
+
+        row = await self._tx(fn)
+        return None if row is None else int(row[0])
+
+    async def resign(self, job: str, holder: str) -> None:
+        async def fn(conn: Conn) -> None:
+            await conn.execute(
+                "UPDATE leaders SET expires_unix_ms = 0 WHERE job = %s AND holder = %s",
+                (job, holder),
+            )
+
+        await self._tx(fn)
+
+    async def leader(self, job: str) -> tuple[str, int, int] | None:
+        row = await self._read(
+            lambda c: _one(
+                c,
+                f"SELECT holder, epoch, expires_unix_ms FROM leaders WHERE job = %s"
+                f" AND expires_unix_ms > {_DB_NOW_MS}",
+                (job,),
+            )
+        )
+        return None if row is None else (str(row[0]), int(row[1]), int(row[2]))
 
     @staticmethod
     async def _next_secret_version(conn: Conn, name: str) -> int:

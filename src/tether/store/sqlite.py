@@ -976,6 +976,43 @@ class SqliteStore:
             )
         )
 
+    async def try_lead(self, job: str, holder: str, ttl_ms: int, now_ms: int) -> int | None:
+        # One process owns an SQLite database: its own clock is the only one.
+        def fn(conn: sqlite3.Connection) -> int | None:
+            row = conn.execute(
+                "INSERT INTO leaders AS l (job, holder, epoch, expires_unix_ms)"
+                " VALUES (:job, :holder, 1, :now + :ttl)"
+                " ON CONFLICT (job) DO UPDATE SET holder = excluded.holder,"
+                " epoch = l.epoch + CASE WHEN l.holder = excluded.holder"
+                " AND l.expires_unix_ms > :now THEN 0 ELSE 1 END,"
+                " expires_unix_ms = excluded.expires_unix_ms"
+                " WHERE l.holder = excluded.holder OR l.expires_unix_ms <= :now"
+                " RETURNING epoch",
+                {"job": job, "holder": holder, "now": now_ms, "ttl": ttl_ms},
+            ).fetchone()
+            return None if row is None else int(row[0])
+
+        return await self._tx(fn)
+
+    async def resign(self, job: str, holder: str) -> None:
+        await self._tx(
+            lambda c: c.execute(
+                "UPDATE leaders SET expires_unix_ms = 0 WHERE job = ? AND holder = ?",
+                (job, holder),
+            )
+        )
+
+    async def leader(self, job: str) -> tuple[str, int, int] | None:
+        now = time.time_ns() // 1_000_000
+        row = await self._run(
+            lambda c: c.execute(
+                "SELECT holder, epoch, expires_unix_ms FROM leaders WHERE job = ?"
+                " AND expires_unix_ms > ?",
+                (job, now),
+            ).fetchone()
+        )
+        return None if row is None else (str(row[0]), int(row[1]), int(row[2]))
+
     async def latest_checkpoint(self) -> StoredCheckpoint | None:
         row = await self._run(
             lambda c: c.execute(
