@@ -345,12 +345,13 @@ def ensure_kek_file(path: Path) -> Path:
 def spawn_control_cli(
     tmp_path: Path,
     *,
-    db: Path | None = None,
+    db: Path | str | None = None,
     key_path: Path | None = None,
     extra_args: Sequence[str] = (),
     timeout_s: float = 20.0,
     vault: bool = True,
     policy: str | None = None,
+    log_name: str = "control.log",
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Starts `python -m tether.cli control` on 127.0.0.1:0; returns (process, address).
 
@@ -358,6 +359,8 @@ def spawn_control_cli(
     (tmp_path/pki) when they do not exist yet, so a restart on the same
     tmp_path reuses both; likewise the KEK file tmp_path/control.kek (with
     `vault`). Waits for --ready-file. Registers the endpoint for `endpoint()`.
+    `db` may be a postgresql:// URL; replicas started on one tmp_path share the
+    key, trust domain and KEK, each logging to its own `log_name`.
 
     Raises:
         RuntimeError: the process exited or did not become ready in time.
@@ -368,7 +371,7 @@ def spawn_control_cli(
     pki = make_pki(tmp_path / "pki", [SigningKey.load(key_path)])
     db = db or tmp_path / "control.db"
     ready = tmp_path / f"ready-{time.monotonic_ns()}"
-    log_path = tmp_path / "control.log"
+    log_path = tmp_path / log_name
     argv = [
         sys.executable,
         "-m",
