@@ -21,7 +21,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -43,6 +43,18 @@ MEMORY_SCOPES = {"task": bpb.MEMORY_SCOPE_TASK, "agent": bpb.MEMORY_SCOPE_AGENT}
 
 
 @dataclass(frozen=True)
+class McpAccess:
+    """How to reach this task's lease through the sidecar's MCP server (docs/mcp.md)."""
+
+    token: str = field(repr=False)
+    """Bearer token bound to the lease: a secret, valid only while the lease lasts."""
+    url: str = ""
+    """Streamable HTTP endpoint on loopback TCP ("" when only the Unix socket is served)."""
+    unix_socket: str = ""
+    """The MCP Unix socket (HTTP over it, path /mcp; "" when not served)."""
+
+
+@dataclass(frozen=True)
 class Task:
     """What the agent knows about a claimed task (no credential, ever)."""
 
@@ -54,6 +66,8 @@ class Task:
     lease_expires_unix_ms: int
     tools: tuple[str, ...]
     state: str
+    mcp: McpAccess | None = None
+    """Set on a claim when the sidecar serves MCP."""
 
     def json(self) -> Any:
         """The payload decoded as JSON."""
@@ -71,8 +85,12 @@ class ToolResult:
     budget_remaining_micros: int
 
 
-def _task(view: bpb.TaskView) -> Task:
+def _task(view: bpb.TaskView, mcp: bpb.McpAccess | None = None) -> Task:
+    access = None
+    if mcp is not None and mcp.token:
+        access = McpAccess(token=mcp.token, url=mcp.url, unix_socket=mcp.unix_socket)
     return Task(
+        mcp=access,
         task_id=view.task_id,
         queue=view.queue,
         payload=bytes(view.payload),
@@ -134,7 +152,9 @@ class AgentClient:
         response = await self._call(
             self._stub.ClaimTask, bpb.ClaimTaskRequest(queue=queue, wait_ms=wait_ms), wait_ms / 1000
         )
-        return _task(response.task) if response.HasField("task") else None
+        if not response.HasField("task"):
+            return None
+        return _task(response.task, response.mcp if response.HasField("mcp") else None)
 
     async def start(self, task_id: str) -> Task:
         """Marks the task running (leased -> running)."""

@@ -250,3 +250,69 @@ def test_quoted_keys_and_inline_tables_are_located() -> None:
     err = _error(text)
     assert err.metadata["key"] == "agents.bob.queues"
     assert err.metadata["line"] == "7"
+
+
+SCHEMA_POLICY = """\
+version = 1
+[tools.echo]
+adapter = "python"
+description = "Echo the text back"
+{schema}
+[tools.echo.python]
+entrypoint = "tether.sidecar.tools.builtin:echo"
+[queues.q]
+tools = ["echo"]
+"""
+
+
+def test_input_schema_as_a_table_or_a_json_string() -> None:
+    """A tool's input_schema parses from a TOML table and from a string of JSON alike."""
+    table = SCHEMA_POLICY.format(
+        schema='[tools.echo.input_schema]\ntype = "object"\nrequired = ["text"]\n'
+        '[tools.echo.input_schema.properties.text]\ntype = "string"'
+    )
+    text = SCHEMA_POLICY.format(
+        schema='input_schema = \'\'\'{"type": "object", "required": ["text"], '
+        '"properties": {"text": {"type": "string"}}}\'\'\''
+    )
+    expected = {"type": "object", "required": ["text"], "properties": {"text": {"type": "string"}}}
+    for doc in (table, text):
+        spec = parse_policy(doc).tools["echo"]
+        assert spec.input_schema == expected
+        assert spec.description == "Echo the text back"
+    assert parse_policy(SCHEMA_POLICY.format(schema="")).tools["echo"].input_schema is None
+
+
+@pytest.mark.parametrize(
+    ("schema", "needle"),
+    [
+        ('input_schema = "not json"', "not valid JSON"),
+        ("input_schema = 3", "must be a table"),
+        ('input_schema = \'{"type": "string"}\'', '"type" = "object"'),
+        ('input_schema = \'{"type": "object", "properties": 3}\'', "not a valid JSON Schema"),
+        (
+            'input_schema = \'{"type": "object", "$ref": "https://example.com/s.json"}\'',
+            "is not local",
+        ),
+        (
+            'input_schema = \'{"type": "object", "description": "' + "x" * 70_000 + "\"}'",
+            "larger than",
+        ),
+    ],
+)
+def test_bad_input_schema_is_refused_naming_the_key(schema: str, needle: str) -> None:
+    """A malformed, non-object, remote-referencing or huge input_schema refuses the policy."""
+    with pytest.raises(ConfigError) as err:
+        parse_policy(SCHEMA_POLICY.format(schema=schema))
+    assert "tools.echo.input_schema" in err.value.message
+    assert needle in err.value.message
+
+
+def test_argument_problem_names_where() -> None:
+    """Arguments are checked against the schema; the first problem names its path."""
+    from tether.core.toolschema import argument_problem
+
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    assert argument_problem(schema, {"n": 3}) is None
+    assert "at /n" in (argument_problem(schema, {"n": "x"}) or "")
+    assert "'n' is a required property" in (argument_problem(schema, {}) or "")

@@ -58,6 +58,10 @@ ENFORCED: dict[str, tuple[str, ...]] = {
         f"{ENFORCE}::test_credential_not_listing_the_tool_is_refused_at_apply_and_at_issue",
     ),
     # --- tools
+    "ToolSpec.input_schema": (
+        "tests/integration/test_mcp_front.py::"
+        "test_sdk_client_lists_calls_and_is_refused_with_receipts",
+    ),
     "ToolSpec.cost_micros": (
         f"{MEDIATION}::test_budget_allows_exactly_ten_of_twenty_concurrent_calls",
         f"{SLICES}::test_budget_exhaustion_is_exact_across_slices",
@@ -172,7 +176,7 @@ NOT_GRANTS: dict[str, str] = {
     "CredentialSpec.description": "documentation only",
     "ToolSpec.name": "the table key [tools.NAME]; queues grant it through `QueueSpec.tools`",
     "ToolSpec.adapter": "picks which one adapter section applies; that section's fields are mapped",
-    "ToolSpec.description": "documentation only",
+    "ToolSpec.description": "shown to MCP clients in tools/list; grants nothing",
     "QueueSpec.description": "documentation only",
 }
 

@@ -21,6 +21,7 @@ from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from tether.core.errors import ConfigError, PolicyDenied
+from tether.core.toolschema import parse_input_schema
 
 POLICY_VERSION = 1
 ADAPTERS = ("http", "exec", "python", "mcp")
@@ -184,6 +185,10 @@ class ToolSpec:
     timeout_ms: int = DEFAULT_TIMEOUT_MS
     credential: str | None = None
     description: str = ""
+    """Shown to MCP clients in `tools/list` (what the tool does, for a model to read)."""
+    input_schema: Mapping[str, Any] | None = None
+    """JSON Schema (2020-12, an object) of the arguments: shown in `tools/list`, and
+    every call's arguments must satisfy it (refused before anything runs otherwise)."""
     http: HttpSpec | None = None
     exec: ExecSpec | None = None
     python: PythonSpec | None = None
@@ -684,6 +689,7 @@ def _parse_tool(c: _Checker, name: str, raw: Any) -> ToolSpec:
             "timeout_ms",
             "credential",
             "description",
+            "input_schema",
             *ADAPTERS,
         ),
     )
@@ -730,6 +736,13 @@ def _parse_tool(c: _Checker, name: str, raw: Any) -> ToolSpec:
         ),
         credential=credential,
         description=_opt(tbl, "description", "", c.string, path),
+        input_schema=(
+            parse_input_schema(
+                tbl["input_schema"], lambda problem: c.fail((*path, "input_schema"), problem)
+            )
+            if "input_schema" in tbl
+            else None
+        ),
         http=http,
         exec=exec_,
         python=python,

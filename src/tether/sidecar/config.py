@@ -17,6 +17,9 @@ TOML file form (every key optional; arguments and env override it)::
     socket = "tether.sock"
     listen_tcp = "127.0.0.1:7300"
     metrics_listen = "127.0.0.1:9464"     # Prometheus /metrics; absent: off
+    mcp = true                           # serve MCP (docs/mcp.md) on mcp_socket
+    mcp_socket = "tether-mcp.sock"       # default: "<socket stem>-mcp.sock" beside socket
+    mcp_listen = "127.0.0.1:7801"        # also on loopback TCP (loopback only); implies mcp
     grace_period_ms = 10000
     agent_liveness_ms = 0                # 0: the lease TTL
     renew_divisor = 3
@@ -126,6 +129,13 @@ class SidecarConfig:
     denied_receipts_per_minute: int = 60
     """Refused tool calls one (task, agent) may have on record per minute (a token
     bucket with this burst); past it a refusal is RESOURCE_EXHAUSTED with no receipt."""
+    mcp: bool = False
+    """Serve the MCP front door (Streamable HTTP, docs/mcp.md) for agents that speak MCP."""
+    mcp_socket: Path | None = None
+    """The MCP Unix socket (HTTP over it, path /mcp); set whenever `mcp` is on (default:
+    "<socket stem>-mcp.sock" beside the Broker socket)."""
+    mcp_listen: str | None = None
+    """Also serve MCP on this loopback TCP address ("127.0.0.1:PORT"; port 0 picks one)."""
 
     def agent(self, name: str) -> AgentSpec | None:
         """Returns the agent called `name`, if known."""
@@ -160,6 +170,9 @@ _SCALARS: dict[str, tuple[str, str]] = {
     "artifact_max_task_bytes": ("TETHER_ARTIFACT_MAX_TASK_BYTES", "int"),
     "workspace_max_bytes": ("TETHER_WORKSPACE_MAX_BYTES", "int"),
     "denied_receipts_per_minute": ("TETHER_DENIED_RECEIPTS_PER_MINUTE", "int"),
+    "mcp": ("TETHER_MCP", "bool"),
+    "mcp_socket": ("TETHER_MCP_SOCKET", "path"),
+    "mcp_listen": ("TETHER_MCP_LISTEN", "str"),
 }
 ENV_VARS: frozenset[str] = frozenset(
     {var for var, _ in _SCALARS.values()} | {"TETHER_AGENTS", "TETHER_AGENT_SOCKETS"}
@@ -194,6 +207,15 @@ _RANGES = {
 def _coerce(key: str, kind: str, value: Any, base: Path) -> Any:
     if value is None:
         return None
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off", ""):
+            return False
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if kind == "int":
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
@@ -284,11 +306,18 @@ def load(
         raise ConfigError("agents: at least one agent is required (--agent NAME=TOKEN_FILE)")
     if values.get("listen_tcp"):
         check_loopback_listen(values["listen_tcp"])
+    if values.get("mcp_listen"):
+        check_loopback_listen(values["mcp_listen"], "mcp_listen")
+    if values.get("mcp_listen") or values.get("mcp_socket"):
+        values["mcp"] = True
+    if values.get("mcp") and not values.get("mcp_socket"):
+        socket = values.get("socket") or SidecarConfig.socket_path
+        values["mcp_socket"] = socket.with_name(f"{socket.stem}-mcp.sock")
     kwargs = {_FIELD_OF.get(k, k): v for k, v in values.items() if v is not None}
     return SidecarConfig(agents=agents, **kwargs)
 
 
-def check_loopback_listen(address: str) -> None:
+def check_loopback_listen(address: str, key: str = "listen_tcp") -> None:
     """The agent Broker's TCP listener carries agent tokens in clear: loopback only.
 
     In a pod, agent and sidecar share the network namespace, so 127.0.0.1 is
@@ -303,7 +332,7 @@ def check_loopback_listen(address: str) -> None:
     host, sep, port = address.rpartition(":")
     host = host.strip("[]")
     if not sep or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"listen_tcp: {address!r} is not host:port")
+        raise ConfigError(f"{key}: {address!r} is not host:port")
     if host == "localhost":
         return
     try:
@@ -312,7 +341,7 @@ def check_loopback_listen(address: str) -> None:
         loopback = False
     if not loopback:
         raise ConfigError(
-            f"listen_tcp: {address!r} is not a loopback address; the agent API carries agent "
+            f"{key}: {address!r} is not a loopback address; the agent API carries agent "
             "tokens without TLS, so it listens on 127.0.0.1 or ::1 only (agents in the same "
             "pod reach it there)"
         )

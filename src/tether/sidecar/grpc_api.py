@@ -21,7 +21,7 @@ import stat
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -42,6 +42,9 @@ from tether.sidecar.uplink import Uplink
 from tether.v1 import broker_pb2 as bpb
 from tether.v1 import broker_pb2_grpc as bpb_grpc
 from tether.v1 import control_pb2 as pb
+
+if TYPE_CHECKING:
+    from tether.sidecar.mcp_front import McpFront
 
 log = logging.getLogger("tether.sidecar.broker")
 
@@ -78,6 +81,8 @@ class BrokerDeps:
     artifact_max_task_bytes: int = 1 << 30
     # Per task with uploads in flight: its stored bytes and the bytes streaming.
     artifact_usage: dict[str, _ArtifactUsage] = field(default_factory=dict)
+    # The MCP front door (docs/mcp.md), when served: mints a lease's token at claim.
+    mcp: McpFront | None = None
 
 
 @dataclass
@@ -262,7 +267,13 @@ class BrokerServicer(bpb_grpc.BrokerServiceServicer):
             raise E.Unavailable(
                 f"{err.message}; claim again", metadata={"retry_after_ms": "0"}
             ) from err
-        return bpb.ClaimTaskResponse(task=task_view(held))
+        claimed = bpb.ClaimTaskResponse(task=task_view(held))
+        if self.d.mcp is not None:
+            grant = self.d.mcp.grant(held)
+            claimed.mcp.CopyFrom(
+                bpb.McpAccess(token=grant.token, url=grant.url, unix_socket=grant.unix_socket)
+            )
+        return claimed
 
     async def _check_claim(self, held: HeldLease, agent: str, queue: str) -> None:
         """The sidecar's own check of the agent->queue grant, on the signed lease's fields.

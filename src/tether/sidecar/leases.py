@@ -178,6 +178,10 @@ class LeaseTable:
     def __iter__(self) -> Iterator[HeldLease]:
         return iter(list(self._held.values()))
 
+    def get(self, task_id: str) -> HeldLease | None:
+        """The lease this sidecar holds (or held, until forgotten) on `task_id`, if any."""
+        return self._held.get(task_id)
+
     def active(self) -> list[HeldLease]:
         """Leases neither finished nor lost."""
         return [h for h in self._held.values() if not h.finished and not h.lost_reason]

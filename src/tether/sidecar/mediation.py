@@ -8,11 +8,13 @@
    it fences the task at once (FAILED_PRECONDITION "lease lost").
 2. **Grant**: the tool must be in the lease's signed scope and granted by the
    exact policy the lease names; otherwise PERMISSION_DENIED naming the tool
-   and a TOOL_DENIED receipt. An exec or mcp tool of a task whose workspace was
-   last measured over `workspace_max_bytes` is refused the same way with
-   RESOURCE_EXHAUSTED. Refusal receipts are rationed per (task, agent)
-   (`denied_receipts_per_minute`); past that a refusal is RESOURCE_EXHAUSTED
-   "too many refused calls" with no receipt (`tether.sidecar.quotas`).
+   and a TOOL_DENIED receipt. Arguments that break the tool's declared
+   `input_schema` are INVALID_ARGUMENT (naming where) with a TOOL_DENIED
+   receipt. An exec or mcp tool of a task whose workspace was last measured
+   over `workspace_max_bytes` is refused the same way with RESOURCE_EXHAUSTED.
+   Refusal receipts are rationed per (task, agent) (`denied_receipts_per_minute`);
+   past that a refusal is RESOURCE_EXHAUSTED "too many refused calls" with no
+   receipt (`tether.sidecar.quotas`).
 3. **Budget slice**: a priced tool's declared cost is taken from the lease's
    budget slice, spent locally. The slice is reserved at the control plane with
    `ReserveBudget` (one atomic conditional write, so overspend stays
@@ -84,6 +86,7 @@ from tether.core import errors as E
 from tether.core.clock import Clock
 from tether.core.policy import Policy, ToolSpec, load_policy, parse_policy
 from tether.core.receipts import ReceiptKind
+from tether.core.toolschema import argument_problem
 from tether.sidecar.leases import HeldLease, LeaseTable
 from tether.sidecar.quotas import DenialLimiter, WorkspaceQuota
 from tether.sidecar.receipts import ReceiptSink, Slot, sha256_hex
@@ -591,6 +594,19 @@ class Mediator:
             raise await self._deny(held, tool, digest, idempotency_key, err) from err
         except E.Unavailable as err:
             raise _unavailable(err, tool, ran=False) from err
+        if spec.input_schema is not None:
+            problem = argument_problem(spec.input_schema, arguments)
+            if problem is not None:
+                raise await self._deny(
+                    held,
+                    tool,
+                    digest,
+                    idempotency_key,
+                    E.InvalidArgument(
+                        "arguments_json",
+                        f"the arguments of tool {tool!r} break its input_schema {problem}",
+                    ),
+                )
         call = _Call(held, spec, arguments, digest, idempotency_key)
         if not idempotency_key:
             return await self._execute(call)

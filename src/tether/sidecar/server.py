@@ -198,6 +198,14 @@ class Sidecar:
             policies=policies,
         )
 
+        if cfg.mcp:
+            from tether.sidecar.mcp_front import McpFront  # the MCP SDK loads only when used
+
+            mcp_socket = cfg.mcp_socket or cfg.socket_path.with_name(
+                f"{cfg.socket_path.stem}-mcp.sock"
+            )
+            deps.mcp = McpFront(deps, socket_path=mcp_socket, listen=cfg.mcp_listen)
+            await deps.mcp.start()
         await self._serve(BrokerServicer(deps), cfg.socket_path, cfg.listen_tcp)
         for agent in cfg.agents:
             if agent.socket_path is not None:
@@ -344,7 +352,10 @@ class Sidecar:
         await self._set_health(False)  # draining: tell probes first
         if self._health_task is not None:
             self._health_task.cancel()
-        await asyncio.gather(*(server.stop(grace) for server, _ in self._servers))
+        stops = [server.stop(grace) for server, _ in self._servers]
+        if deps is not None and deps.mcp is not None:
+            stops.append(deps.mcp.stop())
+        await asyncio.gather(*stops)
         if self.metrics is not None:
             self.metrics.close()
         if deps is not None:

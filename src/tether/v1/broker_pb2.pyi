@@ -159,22 +159,69 @@ class ClaimTaskResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TASK_FIELD_NUMBER: _builtins.int
+    MCP_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def task(self) -> Global___TaskView:
         """The task; unset when no task was ready in time."""
+
+    @_builtins.property
+    def mcp(self) -> Global___McpAccess:
+        """How the claiming agent reaches this lease through the sidecar's MCP server
+        (docs/mcp.md); unset when the sidecar serves no MCP or no task was claimed.
+        """
 
     def __init__(
         self,
         *,
         task: Global___TaskView | None = ...,
+        mcp: Global___McpAccess | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["mcp", b"mcp", "task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["mcp", b"mcp", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ClaimTaskResponse: _TypeAlias = ClaimTaskResponse  # noqa: Y015
+
+@_typing.final
+class McpAccess(_message.Message):
+    """McpAccess is one lease's way in to the sidecar's MCP server. It is handed out
+    once, with the claim, to the agent that holds the lease.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    UNIX_SOCKET_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """Bearer token bound to this lease and its agent (send it as
+    "Authorization: Bearer <token>"). A secret: it works only for this lease and
+    only while it lasts; the sidecar keeps only its SHA-256.
+    """
+    url: _builtins.str
+    """Streamable HTTP endpoint on loopback TCP, e.g. "http://127.0.0.1:7801/mcp";
+    empty when the sidecar serves MCP on its Unix socket only.
+    """
+    unix_socket: _builtins.str
+    """Absolute path of the MCP Unix socket (HTTP over it, path "/mcp"); empty when
+    the sidecar serves MCP on loopback TCP only.
+    """
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        url: _builtins.str = ...,
+        unix_socket: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["token", b"token", "unix_socket", b"unix_socket", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___McpAccess: _TypeAlias = McpAccess  # noqa: Y015
 
 @_typing.final
 class StartTaskRequest(_message.Message):

@@ -1,0 +1,377 @@
+"""The sidecar's MCP server: an unmodified MCP client is an agent, under the same rules.
+
+Agents that speak MCP (the Model Context Protocol, current revision, and the
+earlier handshake revisions the official SDK still serves) reach the sidecar
+over Streamable HTTP, on a Unix socket beside the Broker socket and optionally
+on loopback TCP; `tether mcp` bridges stdio clients to it. Built on the
+official MCP Python SDK's low-level server.
+
+Binding: every request carries `Authorization: Bearer <token>`, a per-lease
+token minted at `ClaimTask` for the claiming agent and handed back once
+(`McpAccess`). The sidecar keeps only its SHA-256. A token names exactly one
+lease of one agent: `tools/list` shows what that lease grants (descriptions and
+input schemas from the lease's policy), `tools/call` runs through
+`Mediator.call_tool` exactly as `CallTool` does (fencing, grant, schema,
+budget, credentials, idempotency through `_meta["tether/idempotencyKey"]`,
+redaction, receipts), and a refusal comes back as an MCP tool error
+(`isError`) naming the reason. Once the lease ends, lists are empty and calls
+are refused; once the sidecar forgets the lease (a new lease on the task, or
+ten minutes later) the token is unknown and the request is 401. The SDK binds
+a stateful session to the principal (agent, task, fencing token) that opened
+it, so one session never serves two leases.
+
+Listeners are loopback or Unix only (`check_loopback_listen`), with the SDK's
+Host/Origin checks against DNS rebinding.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mcp_types as types
+import uvicorn
+from mcp.server.auth.provider import AccessToken
+from mcp.server.auth.settings import AuthSettings
+from mcp.server.context import ServerRequestContext
+from mcp.server.lowlevel.server import Server
+from mcp.server.transport_security import TransportSecuritySettings
+from pydantic import AnyHttpUrl
+
+from tether.core import errors as E
+from tether.sidecar.leases import HeldLease
+
+if TYPE_CHECKING:
+    from tether.sidecar.grpc_api import BrokerDeps
+
+log = logging.getLogger("tether.sidecar.mcp")
+
+TOKEN_PREFIX = "tmcp_"
+IDEMPOTENCY_META_KEY = "tether/idempotencyKey"
+MCP_PATH = "/mcp"
+SOCKET_MODE = 0o660
+MAX_TOOL_NAME = 128
+MAX_KEY = 256
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class McpGrant:
+    """One lease's way in: the token (secret) and where to send it."""
+
+    token: str = field(repr=False)
+    url: str = ""
+    unix_socket: str = ""
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn inside the sidecar's loop: the sidecar owns SIGTERM/SIGINT, not uvicorn."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _tcp_socket(address: str) -> socket.socket:
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    if host == "localhost":
+        host = "127.0.0.1"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, int(port)))
+    except OSError as err:
+        sock.close()
+        raise E.ConfigError(f"mcp_listen: cannot listen on {address}: {err.strerror}") from err
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def _unix_socket(path: Path) -> socket.socket:
+    from tether.sidecar.server import prepare_socket
+
+    prepare_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o117)  # born 0660, never briefly wider
+    try:
+        sock.bind(str(path))
+    except OSError as err:
+        sock.close()
+        raise E.ConfigError(f"mcp_socket: cannot bind {path}: {err.strerror}") from err
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, SOCKET_MODE)
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+class McpFront:
+    """Serves MCP for the sidecar's leases; `start()`, then `grant()` per claim, `stop()`."""
+
+    def __init__(
+        self, deps: BrokerDeps, *, socket_path: Path | None, listen: str | None = None
+    ) -> None:
+        self.d = deps
+        self.socket_path = socket_path.resolve() if socket_path is not None else None
+        self.listen = listen
+        self.url = ""
+        self._tokens: dict[str, HeldLease] = {}
+        self._server: _QuietServer | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._mcp: Server[Any] = Server(
+            "tether",
+            version="0.1.0",
+            title="Tether sidecar",
+            instructions=(
+                "Tools of your current Tether task. Calls are mediated: credentials are "
+                "injected, results redacted, every call is on the record."
+            ),
+            on_list_tools=self._list_tools,
+            on_call_tool=self._call_tool,
+        )
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Binds the listeners and starts serving.
+
+        Raises:
+            ConfigError: a listener cannot be bound (a live socket, a taken port).
+        """
+        sockets: list[socket.socket] = []
+        if self.listen:
+            tcp = _tcp_socket(self.listen)
+            sockets.append(tcp)
+            host, port = tcp.getsockname()[:2]
+            shown = f"[{host}]" if ":" in host else host
+            self.url = f"http://{shown}:{port}{MCP_PATH}"
+        if self.socket_path is not None:
+            sockets.append(_unix_socket(self.socket_path))
+        hosts = ["127.0.0.1:*", "localhost:*", "[::1]:*", "127.0.0.1", "localhost", "[::1]"]
+        app = self._mcp.streamable_http_app(
+            streamable_http_path=MCP_PATH,
+            transport_security=TransportSecuritySettings(
+                enable_dns_rebinding_protection=True,
+                allowed_hosts=hosts,
+                allowed_origins=["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"],
+            ),
+            # The SDK's bearer middleware, with our per-lease tokens; the issuer is
+            # this sidecar (no OAuth endpoints are served).
+            auth=AuthSettings(issuer_url=AnyHttpUrl("http://127.0.0.1"), resource_server_url=None),
+            token_verifier=self,
+        )
+        config = uvicorn.Config(
+            app,
+            lifespan="on",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            proxy_headers=False,
+            timeout_graceful_shutdown=2,
+        )
+        server = self._server = _QuietServer(config)
+        self._task = asyncio.create_task(server.serve(sockets=sockets), name="tether-mcp")
+        while not server.started:
+            if self._task.done():
+                self._task.result()
+                raise E.ConfigError("the MCP server stopped while starting")
+            await asyncio.sleep(0.01)
+        log.info(
+            "MCP serving",
+            extra={"mcp_url": self.url, "mcp_socket": str(self.socket_path or "")},
+        )
+
+    async def stop(self) -> None:
+        """Stops serving (in-flight calls get the server's grace) and removes the socket."""
+        server, task = self._server, self._task
+        if server is not None and task is not None:
+            server.should_exit = True
+            try:
+                await asyncio.wait_for(asyncio.shield(task), 5)
+            except TimeoutError:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            except Exception:
+                log.exception("MCP server stopped with an error")
+        self._tokens.clear()
+        if self.socket_path is not None:
+            with contextlib.suppress(OSError):
+                self.socket_path.unlink()
+
+    # -- tokens ----------------------------------------------------------------------------
+
+    def grant(self, held: HeldLease) -> McpGrant:
+        """Mints the lease's token (kept as its SHA-256 only) and says where to use it."""
+        self._prune()
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        self._tokens[_digest(token)] = held
+        return McpGrant(
+            token=token,
+            url=self.url,
+            unix_socket=str(self.socket_path) if self.socket_path is not None else "",
+        )
+
+    def resolve(self, token: str) -> HeldLease | None:
+        """The lease a token was minted for, while this sidecar still knows that lease."""
+        if not token.startswith(TOKEN_PREFIX) or len(token) > 256:
+            return None
+        digest = _digest(token)  # looked up by a hash the caller cannot aim
+        held = self._tokens.get(digest)
+        if held is None:
+            return None
+        if self.d.leases.get(held.task_id) is not held:  # replaced or forgotten
+            self._tokens.pop(digest, None)
+            return None
+        return held
+
+    def _prune(self) -> None:
+        for digest, held in list(self._tokens.items()):
+            if self.d.leases.get(held.task_id) is not held:
+                del self._tokens[digest]
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        """The SDK's TokenVerifier: the principal is (agent, task, fencing token)."""
+        held = self.resolve(token)
+        if held is None:
+            return None
+        return AccessToken(
+            token="",  # the SDK keeps this object per request; it needs no secret
+            client_id=held.agent,
+            scopes=[],
+            subject=f"{held.task_id}#{held.lease.fencing_token}",
+        )
+
+    def _held(self, ctx: ServerRequestContext[Any, Any]) -> HeldLease:
+        request = ctx.request
+        header = request.headers.get("authorization", "") if request is not None else ""
+        held = self.resolve(header[7:]) if header[:7].lower() == "bearer " else None
+        if held is None:  # the bearer middleware refused it already; never reached
+            raise E.Unauthenticated("unknown or expired MCP token")
+        return held
+
+    # -- the protocol ----------------------------------------------------------------------
+
+    async def _live(self, held: HeldLease) -> HeldLease:
+        """Checks the lease as the Broker does (owner, lapse, finish) and marks the agent alive.
+
+        Raises:
+            LeaseLost: the lease ended (finished, lost, lapsed or replaced).
+        """
+        try:
+            current = await self.d.leases.for_agent(held.agent, held.task_id)
+        except (E.InvalidTransition, E.NotFound, E.NotOwner) as err:
+            raise E.LeaseLost(
+                f"the lease on task {held.task_id!r} has ended ({err.message}); "
+                "nothing runs under it any more",
+                metadata={"task_id": held.task_id},
+            ) from err
+        if current is not held:
+            raise E.LeaseLost(
+                f"the lease on task {held.task_id!r} this token was issued for has ended",
+                metadata={"task_id": held.task_id},
+            )
+        return held
+
+    async def _list_tools(
+        self, ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListToolsResult:
+        held = self._held(ctx)
+        try:
+            await self._live(held)
+        except E.LeaseLost:
+            return types.ListToolsResult(tools=[])
+        policy = None
+        if self.d.policies is not None:
+            with contextlib.suppress(E.TetherError):
+                policy = await self.d.policies.get(
+                    held.lease.policy_digest, held.task_id, held.lease.fencing_token
+                )
+        tools = []
+        for name in held.lease.tools:
+            spec = None
+            if policy is not None:
+                if name not in policy.tools_for_queue(held.queue):
+                    continue  # the signed scope and the policy must both grant it
+                spec = policy.tools.get(name)
+            schema = dict(spec.input_schema) if spec and spec.input_schema else {"type": "object"}
+            tools.append(
+                types.Tool(
+                    name=name,
+                    description=(spec.description if spec else "") or None,
+                    input_schema=schema,
+                )
+            )
+        return types.ListToolsResult(tools=tools)
+
+    async def _call_tool(
+        self, ctx: ServerRequestContext[Any, Any], params: types.CallToolRequestParams
+    ) -> types.CallToolResult:
+        held = self._held(ctx)
+        key = _meta_value(params.meta, IDEMPOTENCY_META_KEY)
+        try:
+            if not params.name or len(params.name) > MAX_TOOL_NAME:
+                raise E.InvalidArgument("name", f"must be 1..{MAX_TOOL_NAME} characters")
+            if not isinstance(key, str) or len(key) > MAX_KEY:
+                raise E.InvalidArgument(
+                    f"_meta.{IDEMPOTENCY_META_KEY}", f"must be a string of at most {MAX_KEY}"
+                )
+            await self._live(held)
+            outcome = await self.d.mediator.call_tool(
+                held.agent, held, params.name, json.dumps(params.arguments or {}), key
+            )
+        except E.TetherError as err:
+            return _refusal(err)
+        try:
+            value = json.loads(outcome.result_json)
+        except ValueError:
+            value = outcome.result_json
+        return types.CallToolResult(
+            content=[types.TextContent(type="text", text=outcome.result_json)],
+            structured_content=value if isinstance(value, dict) else {"result": value},
+            is_error=outcome.status != "ok",
+            _meta={
+                "tether/status": outcome.status,
+                "tether/replayed": outcome.replayed,
+                "tether/costMicros": outcome.cost_micros,
+                "tether/budgetRemainingMicros": outcome.budget_remaining_micros,
+            },
+        )
+
+
+def _meta_value(meta: Any, key: str) -> Any:
+    """`_meta[key]` from the SDK's params meta (a mapping or a model with extras); "" if absent."""
+    if meta is None:
+        return ""
+    if isinstance(meta, dict):
+        return meta.get(key, "")
+    extra = getattr(meta, "model_extra", None) or {}
+    return extra.get(key, getattr(meta, key, ""))
+
+
+def _refusal(err: E.TetherError) -> types.CallToolResult:
+    """A refusal as an MCP tool error: the model reads why; nothing secret is in it."""
+    body = {"error": err.reason, "message": err.message}
+    return types.CallToolResult(
+        content=[types.TextContent(type="text", text=f"{err.reason}: {err.message}")],
+        structured_content=body,
+        is_error=True,
+        _meta={"tether/status": err.reason},
+    )
