@@ -478,7 +478,10 @@ async def start_sidecar(
     key_path = base / "node.key"
     if not key_path.exists():
         SigningKey.generate().save(key_path, key_path.with_suffix(".pub"))
-    ep = endpoint(control_address)
+    # Several replicas ("a,b"): one deployment; the first known one is asked for tokens
+    # (a test may list an address where nothing runs).
+    addresses = [a for a in control_address.split(",") if a]
+    ep = endpoint(next((a for a in addresses if a in _ENDPOINTS), addresses[0]))
     if enrollment_token is None:
         enrollment_token = await ep.join_token(node_id)
     enroll = base / "join.token"
@@ -498,7 +501,8 @@ async def start_sidecar(
         node_id=node_id,
         node_key_path=key_path,
         trust_bundle_path=overrides.pop("trust_bundle_path", ep.pki.trust_bundle),
-        enroll_address=overrides.pop("enroll_address", ep.enroll_address),
+        enroll_address=overrides.pop("enroll_address", None)
+        or ",".join(endpoint(a).enroll_address for a in addresses),
         enrollment_token_file=enroll,
         state_dir=base / "state",
         socket_path=socket_path,

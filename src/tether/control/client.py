@@ -8,6 +8,7 @@ certificate of the channel (`ClientTLS`): an operator's, or a node's after
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
@@ -31,8 +32,20 @@ from tether.v1 import receipt_pb2 as rpb
 R = TypeVar("R")
 
 
+_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+
+
 class ControlClient:
-    """One channel to a control plane at `address` ("host:port" or "unix:/path")."""
+    """One channel to a control plane at `address` ("host:port" or "unix:/path").
+
+    `address` may list several replicas, comma-separated: entering the client
+    (`async with`) picks the first whose health service answers SERVING, and a
+    call that finds its replica UNAVAILABLE moves to the next healthy one and
+    is repeated there.
+    """
 
     def __init__(
         self,
@@ -41,21 +54,56 @@ class ControlClient:
         tls: ClientTLS | None = None,
         timeout_s: float = 30.0,
     ) -> None:
-        self.address = address
+        self.addresses = tuple(a.strip() for a in address.split(",") if a.strip()) or (address,)
+        self.address = self.addresses[0]
         self.tls = tls
         self.timeout_s = timeout_s
-        self._channel = open_channel(
-            address,
-            tls,
-            [
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ],
-        )
+        self._channel = open_channel(self.address, tls, _OPTIONS)
         self.stub = pb_grpc.ControlServiceStub(self._channel)
 
     async def __aenter__(self) -> ControlClient:
+        if len(self.addresses) > 1:
+            await self.use_healthy()
         return self
+
+    def _rebinder(self, method: Any) -> Callable[[], Any] | None:
+        """How to get `method` (a stub callable) again on the current channel, if known."""
+        path = getattr(method, "_method", b"")  # b"/package.Service/Rpc" on grpc.aio callables
+        parts = (path.decode() if isinstance(path, bytes) else str(path)).split("/")
+        if len(parts) != 3:
+            return None
+        service, rpc = parts[1], parts[2]
+        if service == "grpc.health.v1.Health":
+            return lambda: getattr(health_pb2_grpc.HealthStub(self._channel), rpc)
+        return lambda: getattr(self.stub, rpc)
+
+    async def _serving(self, address: str) -> bool:
+        channel = self._channel if address == self.address else open_channel(address, self.tls)
+        try:
+            stub = health_pb2_grpc.HealthStub(channel)
+            check = stub.Check  # type: ignore[attr-defined]
+            resp = await check(health_pb2.HealthCheckRequest(), timeout=1.0)
+            return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+        except grpc.RpcError:
+            return False
+        finally:
+            if channel is not self._channel:
+                await channel.close()
+
+    async def use_healthy(self, skip: str = "") -> bool:
+        """Moves to the first listed replica reporting SERVING (not `skip`); False if none."""
+        candidates = [a for a in self.addresses if a != skip]
+        serving = await asyncio.gather(*(self._serving(a) for a in candidates))
+        for address, ok in zip(candidates, serving, strict=True):
+            if ok:
+                if address != self.address:
+                    old = self._channel
+                    self.address = address
+                    self._channel = open_channel(address, self.tls, _OPTIONS)
+                    self.stub = pb_grpc.ControlServiceStub(self._channel)
+                    await old.close()
+                return True
+        return False
 
     async def __aexit__(
         self,
@@ -75,10 +123,24 @@ class ControlClient:
         *,
         timeout_s: float | None = None,
     ) -> R:
-        try:
-            return await method(request, timeout=timeout_s or self.timeout_s)
-        except grpc.RpcError as err:
-            raise from_rpc_error(err) from err
+        tried = 1
+        while True:
+            try:
+                return await method(request, timeout=timeout_s or self.timeout_s)
+            except grpc.RpcError as err:
+                code = err.code() if isinstance(err, grpc.aio.AioRpcError) else None
+                # UNAVAILABLE: the call did not get through; another replica may take it.
+                rebind = self._rebinder(method)
+                if (
+                    code == grpc.StatusCode.UNAVAILABLE
+                    and rebind is not None
+                    and tried < len(self.addresses)
+                    and await self.use_healthy(skip=self.address)
+                ):
+                    tried += 1
+                    method = rebind()
+                    continue
+                raise from_rpc_error(err) from err
 
     # -- nodes -----------------------------------------------------------------------
 

@@ -610,7 +610,8 @@ def add_client_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--control",
         default=os.environ.get(ENV_CONTROL),
-        help=f"control plane address (env {ENV_CONTROL})",
+        help=f"control plane address (env {ENV_CONTROL}); several replicas comma-separated: "
+        "the first healthy one is used",
     )
     parser.add_argument("--tls-ca", help=f"trust bundle or CA certificate (env {ENV_CA})")
     parser.add_argument(
@@ -635,8 +636,11 @@ def client_from_args(args: argparse.Namespace) -> Any:
 
     if not args.control:
         raise ConfigError(f"no control plane address: give --control or set {ENV_CONTROL}")
+    # Several replicas: "a:7400,b:7400" (the client uses the first healthy one).
+    targets = [a.strip() for a in args.control.split(",") if a.strip()]
+    target = ",".join(grpc_target(a, what="--control") for a in targets)
     if args.insecure_plaintext:
-        return ControlClient(grpc_target(args.control, what="--control"), tls=None)
+        return ControlClient(target, tls=None)
     tls = client_tls_from_env(args.tls_ca, args.tls_cert, args.tls_key)
     if tls is None:
         raise ConfigError(
@@ -648,7 +652,7 @@ def client_from_args(args: argparse.Namespace) -> Any:
             f"no operator certificate: give --tls-cert/--tls-key (or {ENV_CERT}/{ENV_KEY}) "
             "from `tether operators add`"
         )
-    return ControlClient(grpc_target(args.control, what="--control"), tls=tls)
+    return ControlClient(target, tls=tls)
 
 
 def _run_client(args: argparse.Namespace, fn: Any) -> int:

@@ -21,7 +21,12 @@ def register(subparsers: Any) -> None:
         description="Serve BrokerService on a Unix socket, talking to the control plane "
         "as a registered node. Arguments override TETHER_* env, which overrides --config.",
     )
-    p.add_argument("--control", help="control plane address (host:port or unix:/path)")
+    p.add_argument(
+        "--control",
+        action="append",
+        help="control plane address (host:port or unix:/path); several replicas: repeat it or "
+        "separate them by commas, the sidecar fails over between them",
+    )
     p.add_argument("--socket", help="shared Broker socket path (default ./tether.sock)")
     p.add_argument("--node-id", dest="node_id", help="this node's id")
     p.add_argument("--key", help="node Ed25519 private key (PEM, mode 0600)")
@@ -40,7 +45,9 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--enroll",
-        help="control plane enrolment address (default: the --control port + 1)",
+        action="append",
+        help="control plane enrolment address (default: each --control port + 1); with "
+        "several replicas, one per --control address, in the same order",
     )
     p.add_argument(
         "--agent",
@@ -94,6 +101,9 @@ def config_from_args(args: argparse.Namespace) -> sidecar_config.SidecarConfig:
         "metrics_listen",
     )
     values: dict[str, Any] = {k: getattr(args, k, None) for k in keys}
+    for key in ("control", "enroll"):  # repeated flags: one comma-separated list
+        if values[key] is not None:
+            values[key] = ",".join(values[key])
     values["agent_tokens"] = sidecar_config.parse_agent_pairs("--agent", args.agent)
     values["agent_sockets"] = sidecar_config.parse_agent_pairs("--agent-socket", args.agent_socket)
     return sidecar_config.load(values, os.environ, args.config)

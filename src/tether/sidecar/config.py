@@ -7,7 +7,7 @@ never the secrets themselves.
 
 TOML file form (every key optional; arguments and env override it)::
 
-    control = "127.0.0.1:7233"
+    control = "127.0.0.1:7233"           # several replicas: "a:7233,b:7233" (fails over)
     enroll = "127.0.0.1:7234"            # enrolment address (default: control port + 1)
     trust_bundle = "trust.pem"           # CA certificate(s) + control public key(s), pinned
     node_id = "node-1"
@@ -67,7 +67,8 @@ class SidecarConfig:
     """Everything `tether sidecar` needs to run."""
 
     control_address: str
-    """Control plane address: "host:port" or "unix:/path"."""
+    """Control plane address: "host:port" or "unix:/path"; several replicas separated by
+    commas, which the sidecar fails over between (see `control_addresses`)."""
     node_id: str
     """This node's id, [A-Za-z0-9._-]{1,128}."""
     node_key_path: Path
@@ -77,7 +78,8 @@ class SidecarConfig:
     certificate must chain to and the control key(s) leases must be signed by.
     Required: no trust on first use. Several of each allow rotation."""
     enroll_address: str | None = None
-    """Enrolment address (TLS without a client certificate); default: control port + 1."""
+    """Enrolment address (TLS without a client certificate); default: control port + 1.
+    With several control addresses: as many, comma-separated, in the same order."""
     enrollment_token_file: Path | None = None
     """File with the node's single-use join token (`tether nodes token create`);
     needed for the first enrolment only, absent when the key is allow-listed."""
@@ -136,6 +138,11 @@ class SidecarConfig:
     "<socket stem>-mcp.sock" beside the Broker socket)."""
     mcp_listen: str | None = None
     """Also serve MCP on this loopback TCP address ("127.0.0.1:PORT"; port 0 picks one)."""
+
+    @property
+    def control_addresses(self) -> tuple[str, ...]:
+        """Every control-plane replica to use, in order of preference."""
+        return split_addresses(self.control_address)
 
     def agent(self, name: str) -> AgentSpec | None:
         """Returns the agent called `name`, if known."""
@@ -238,6 +245,11 @@ def _coerce(key: str, kind: str, value: Any, base: Path) -> Any:
     return text
 
 
+def split_addresses(text: str) -> tuple[str, ...]:
+    """ "a:1, b:2" -> ("a:1", "b:2"): a list of control-plane replicas."""
+    return tuple(a.strip() for a in text.split(",") if a.strip())
+
+
 def parse_agent_pairs(key: str, items: Any) -> dict[str, str]:
     """Parses "NAME=VALUE" items (a list, or a comma-separated string from env)."""
     if isinstance(items, str):
@@ -313,6 +325,16 @@ def load(
     if values.get("mcp") and not values.get("mcp_socket"):
         socket = values.get("socket") or SidecarConfig.socket_path
         values["mcp_socket"] = socket.with_name(f"{socket.stem}-mcp.sock")
+    controls = split_addresses(values["control"])
+    if not controls:
+        raise ConfigError("control: no address given")
+    if len(set(controls)) != len(controls):
+        raise ConfigError("control: an address is listed twice")
+    if values.get("enroll") and len(split_addresses(values["enroll"])) != len(controls):
+        raise ConfigError(
+            f"enroll: {len(split_addresses(values['enroll']))} enrolment addresses for "
+            f"{len(controls)} control addresses; give one per control address, in order"
+        )
     kwargs = {_FIELD_OF.get(k, k): v for k, v in values.items() if v is not None}
     return SidecarConfig(agents=agents, **kwargs)
 

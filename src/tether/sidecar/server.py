@@ -39,7 +39,7 @@ from tether.crypto.signing import Envelope, SigningKey
 from tether.grpcutil.guard import DecodeGuard
 from tether.metrics import MetricsServer, SpoolCollector
 from tether.metrics import serve as serve_metrics
-from tether.sidecar.config import SidecarConfig
+from tether.sidecar.config import SidecarConfig, split_addresses
 from tether.sidecar.grpc_api import BrokerDeps, BrokerServicer
 from tether.sidecar.identity import AgentRegistry, read_token_file
 from tether.sidecar.leases import LeaseTable
@@ -130,11 +130,17 @@ class Sidecar:
                 "it trusts no control plane on first use"
             )
         bundle = TrustBundle.load(bundle_path)
+        controls = cfg.control_addresses
+        enrolls = (
+            split_addresses(cfg.enroll_address)
+            if cfg.enroll_address
+            else tuple(default_enroll_address(c) for c in controls)
+        )
         self.uplink = uplink = Uplink(
-            cfg.control_address,
+            controls,
             cfg.node_id,
             node_key,
-            enroll_address=cfg.enroll_address or default_enroll_address(cfg.control_address),
+            enroll_address=enrolls,
             ca_pem=bundle.ca_pem,
             enrollment_token=enrollment,
             retry_budget_ms=cfg.uplink_retry_budget_ms,
@@ -228,13 +234,18 @@ class Sidecar:
             return await GrpcReceiptStream.open(uplink.stub, self.config.node_id, ())
 
         async def on_error(err: BaseException) -> None:
-            if (
-                isinstance(err, grpc.aio.AioRpcError)
-                and err.code() == grpc.StatusCode.UNAUTHENTICATED
-            ):
+            code = err.code() if isinstance(err, grpc.aio.AioRpcError) else None
+            if code == grpc.StatusCode.UNAUTHENTICATED:
                 await uplink._reregister()
+            elif code in _UNREACHABLE or isinstance(err, TimeoutError):
+                await uplink.failover()  # a replica gone or paused: stream to another
 
-        await stream_receipts(spool, open_stream, self._receipts_stop, on_error=on_error)
+        # With replicas, an ack that does not come means a paused replica: give up on it
+        # sooner than a lone control plane, which has nowhere else to go.
+        ack_timeout_s = 10.0 if len(uplink.addresses) > 1 else 30.0
+        await stream_receipts(
+            spool, open_stream, self._receipts_stop, on_error=on_error, ack_timeout_s=ack_timeout_s
+        )
 
     async def _flush_receipts(self, timeout_s: float) -> None:
         """Lets the uplink deliver what is spooled (bounded); the rest replays on restart."""
@@ -403,6 +414,9 @@ class Sidecar:
 
     async def wait_stopped(self) -> None:
         await self._stopped.wait()
+
+
+_UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 def default_enroll_address(control: str) -> str:

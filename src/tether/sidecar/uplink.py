@@ -20,6 +20,15 @@ Outage behaviour (documented, not accidental):
   node enrols again once and repeats the call.
 * Calls under a lease the sidecar still holds keep working locally until that
   lease's expiry (never past it); that rule lives in `tether.sidecar.leases`.
+* Several replicas (`--control a,b,c`): every replica serves the same state, so
+  the node's certificate (issued by the shared CA) works on all of them. When a
+  call finds its replica unreachable (UNAVAILABLE, or a lost deadline: a paused
+  replica answers nothing), the uplink asks the others' health service (on
+  their enrolment addresses, which need no client certificate) in order and
+  moves to the first SERVING one, then repeats the call there if it is safe to
+  repeat. Leases held and spooled receipts are not tied to a replica: renewals
+  and the receipt stream simply continue on the new one. The control plane
+  counts as down only when no replica answers.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tether.control.client import enroll, node_client_tls
 from tether.core import errors as E
@@ -71,31 +81,49 @@ class Registration:
     spiffe_id: str
 
 
+HEALTH_PROBE_TIMEOUT_S = 1.0
+
+
 class Uplink:
-    """ControlService client for one node: auth metadata, retries, outage state."""
+    """ControlService client for one node: auth metadata, retries, failover, outage state."""
 
     def __init__(
         self,
-        address: str,
+        address: str | tuple[str, ...],
         node_id: str,
         node_key: SigningKey,
         *,
-        enroll_address: str,
+        enroll_address: str | tuple[str, ...],
         ca_pem: bytes,
         enrollment_token: str = "",
         retry_budget_ms: int = 3_000,
         timeout_ms: int = 5_000,
     ) -> None:
-        self.address = address
-        self.enroll_address = enroll_address
+        """`address`/`enroll_address`: one replica, or several (same order) to fail over."""
+        self.addresses = (address,) if isinstance(address, str) else tuple(address)
+        enrolls = (enroll_address,) if isinstance(enroll_address, str) else tuple(enroll_address)
+        if not self.addresses or len(enrolls) != len(self.addresses):
+            raise E.ConfigError("one enrolment address per control-plane address is needed")
+        self.enroll_addresses = enrolls
+        self._index = 0
+        self.generation = 0
+        """Counts moves to another replica (callers that saw an older one retry)."""
+        self.failovers = 0
+        self._failover_lock = asyncio.Lock()
+        self.address = self.addresses[0]
+        self.enroll_address = enrolls[0]
         self.node_id = node_id
         self._node_key = node_key
         self._enrollment_token = enrollment_token
         self._ca_pem = ca_pem
         self.retry_budget_ms = retry_budget_ms
         self.timeout_ms = timeout_ms
-        self._enroll_channel = open_channel(enroll_address, ClientTLS(ca_pem), CHANNEL_OPTIONS)
+        self._enroll_channels = [
+            open_channel(a, ClientTLS(ca_pem), CHANNEL_OPTIONS) for a in enrolls
+        ]
+        self._enroll_channel = self._enroll_channels[0]
         self._enroll_stub = pb_grpc.ControlServiceStub(self._enroll_channel)
+        self._tls: ClientTLS | None = None
         self._channel: grpc.aio.Channel | None = None
         self._retired: list[tuple[float, grpc.aio.Channel]] = []
         self.stub: pb_grpc.ControlServiceAsyncStub = self._enroll_stub  # until enrolled
@@ -118,7 +146,8 @@ class Uplink:
             await ch.close()
         if self._channel is not None:
             await self._channel.close()
-        await self._enroll_channel.close()
+        for ch in self._enroll_channels:
+            await ch.close()
 
     async def register(self) -> Registration:
         """Enrols (or renews) the node: proof of possession, then a fresh mTLS channel.
@@ -161,8 +190,23 @@ class Uplink:
             tls_expires_unix_ms=response.tls_expires_unix_ms,
             spiffe_id=response.spiffe_id,
         )
-        tls = node_client_tls(self._ca_pem, response, tls_key)
-        channel = open_channel(self.address, tls, CHANNEL_OPTIONS)
+        self._tls = node_client_tls(self._ca_pem, response, tls_key)
+        await self._open_node_channel()
+        log.info(
+            "node certificate issued",
+            extra={
+                "spiffe_id": response.spiffe_id,
+                "expires_unix_ms": response.tls_expires_unix_ms,
+            },
+        )
+        if self._renewer is None:
+            self._renewer = asyncio.create_task(self._renew_forever(), name="tether-cert-renewal")
+        return self.registration
+
+    async def _open_node_channel(self) -> None:
+        """An mTLS channel to the current replica with the node's certificate."""
+        assert self._tls is not None
+        channel = open_channel(self.address, self._tls, CHANNEL_OPTIONS)
         old, self._channel = self._channel, channel
         self.stub = pb_grpc.ControlServiceStub(channel)
         now = time.monotonic()
@@ -176,16 +220,51 @@ class Uplink:
             else:
                 keep.append((since, ch))
         self._retired = keep
-        log.info(
-            "node certificate issued",
-            extra={
-                "spiffe_id": response.spiffe_id,
-                "expires_unix_ms": response.tls_expires_unix_ms,
-            },
-        )
-        if self._renewer is None:
-            self._renewer = asyncio.create_task(self._renew_forever(), name="tether-cert-renewal")
-        return self.registration
+
+    async def healthy(self, index: int) -> bool:
+        """Whether replica `index` answers its health check SERVING (within a second)."""
+        stub = health_pb2_grpc.HealthStub(self._enroll_channels[index])
+        check = stub.Check  # type: ignore[attr-defined]
+        try:
+            resp = await check(health_pb2.HealthCheckRequest(), timeout=HEALTH_PROBE_TIMEOUT_S)
+        except grpc.RpcError:
+            return False
+        return bool(resp.status == health_pb2.HealthCheckResponse.SERVING)
+
+    async def failover(self, seen_generation: int | None = None) -> bool:
+        """Moves to the next replica that reports SERVING; True if the uplink moved.
+
+        `seen_generation`: the generation the caller's failed attempt ran on; if
+        another caller moved since, this one does not move again (True: retry).
+        """
+        if len(self.addresses) < 2:
+            return False
+        async with self._failover_lock:
+            if seen_generation is not None and seen_generation != self.generation:
+                return True
+            n = len(self.addresses)
+            candidates = [(self._index + k) % n for k in range(1, n)]
+            healthy = await asyncio.gather(*(self.healthy(i) for i in candidates))
+            for index, ok in zip(candidates, healthy, strict=True):
+                if ok:
+                    await self._switch(index)
+                    return True
+            return False
+
+    async def _switch(self, index: int) -> None:
+        old = self.address
+        self._index = index
+        self.address = self.addresses[index]
+        self.enroll_address = self.enroll_addresses[index]
+        self._enroll_channel = self._enroll_channels[index]
+        self._enroll_stub = pb_grpc.ControlServiceStub(self._enroll_channel)
+        if self._tls is not None:
+            await self._open_node_channel()
+        else:
+            self.stub = self._enroll_stub
+        self.generation += 1
+        self.failovers += 1
+        log.warning("control plane %s unreachable: failed over to %s", old, self.address)
 
     async def _renew_forever(self) -> None:
         """Renews the client certificate at two thirds of its remaining life."""
@@ -218,9 +297,9 @@ class Uplink:
             TetherError: the control plane's refusal, mapped back to its class.
             Unavailable: unreachable within the retry budget (carries retry_after_ms).
         """
-        method = getattr(self.stub, name)
 
         def attempt(md: tuple[tuple[str, str], ...], timeout: float) -> Awaitable[Any]:
+            method = getattr(self.stub, name)  # the current replica's (failover moves it)
             return method(request, metadata=md, timeout=timeout)  # type: ignore[no-any-return]
 
         return await self._call(
@@ -247,8 +326,10 @@ class Uplink:
         deadline = time.monotonic() + budget_ms / 1000
         delay = 0.05
         reregistered = False
+        moves = 0  # replicas tried after the first, this call
         timeout = (self.timeout_ms + extra_timeout_ms) / 1000
         while True:
+            generation = self.generation
             try:
                 result = await attempt(self._metadata() if authed else (), timeout)
             except grpc.RpcError as err:
@@ -259,6 +340,17 @@ class Uplink:
                     log.warning("control plane refused our certificate; enrolling again")
                     await self._reregister()
                     continue
+                unreachable = code in _RETRYABLE or code in _RETRYABLE_IF_SAFE
+                # A replica gone or paused: move on (the next calls go there too) and
+                # repeat this one there if that is safe.
+                if (
+                    unreachable
+                    and moves < len(self.addresses) - 1
+                    and await self.failover(generation)
+                ):
+                    moves += 1
+                    if retryable:
+                        continue
                 if not retryable:
                     self._mark_up()
                     raise from_rpc_error(err) from err
