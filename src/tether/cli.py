@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "tether.verify.cmd",
     "tether.demo.cmd",
     "tether.healthcheck",
+    "tether.runner.cmd",
 )
 
 

@@ -1,0 +1,1 @@
+"""Any program as a Tether agent: `tether run` and the `tether mcp` stdio bridge."""
