@@ -144,3 +144,23 @@ def test_settings_refuse_unbounded_or_inverted_values() -> None:
     opts = PostgresSettings().session_options()
     assert "lock_timeout=3000" in opts
     assert "idle_in_transaction_session_timeout=5000" in opts
+
+
+def test_a_password_in_the_db_url_is_warned_about_without_showing_it(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`tether control --db` with a password warns (PGPASSWORD/.pgpass advice), never echoing it."""
+    from tether.store.postgres_settings import url_has_password, warn_password_in_url
+
+    assert url_has_password("postgresql://u:hunter2@h/db")
+    assert url_has_password("postgresql://u@h/db?password=hunter2")
+    assert not url_has_password("postgresql://u@h:5432/db?sslmode=require")
+    with caplog.at_level("WARNING"):
+        warn_password_in_url("postgresql://u@h/db")
+        assert not caplog.records
+        warn_password_in_url("postgresql://u:hunter2@h/db")
+    assert len(caplog.records) == 1
+    text = caplog.records[0].getMessage()
+    assert "PGPASSWORD" in text
+    assert ".pgpass" in text
+    assert "hunter2" not in text
