@@ -30,6 +30,7 @@ MAX_QUEUES = 1000
 
 T = TypeVar("T")
 TTL_MS = 1000
+DEADLINE_MS = 2000
 NODE = "prop-node"
 
 
@@ -104,8 +105,11 @@ class Harness:
             )
         ).task
 
-    def task_in(self, state: State) -> pb.Task:
-        """A new task (alone in its queue) brought to `state` through real RPCs."""
+    def task_in(self, state: State, *, deadline: bool = False) -> pb.Task:
+        """A new task (alone in its queue) brought to `state` through real RPCs.
+
+        With `deadline`, its lease outlives a deadline of DEADLINE_MS (TIME_OUT's pairs).
+        """
         n = next(self.queues)
         assert n < MAX_QUEUES, "raise MAX_QUEUES: the policy declares too few queues"
         queue = f"q{n}"
@@ -113,7 +117,11 @@ class Harness:
         attempts = 2 if state is State.QUEUED else 1
         task = self.stub.SubmitTask(
             pb.SubmitTaskRequest(
-                queue=queue, payload=b"{}", max_attempts=attempts, lease_ttl_ms=TTL_MS
+                queue=queue,
+                payload=b"{}",
+                max_attempts=attempts,
+                lease_ttl_ms=10 * DEADLINE_MS if deadline else TTL_MS,
+                deadline_ms=DEADLINE_MS if deadline else 0,
             )
         ).task
         if state is State.QUEUED:
@@ -129,12 +137,12 @@ class Harness:
         if state is State.CANCELED:
             return self.stub.CancelTask(pb.CancelTaskRequest(task_id=task.task_id)).task
         if state is State.EXPIRED:
-            self.lapse()
+            self.lapse(10 * DEADLINE_MS if deadline else TTL_MS)
             return self.get(task.task_id)
         return task
 
-    def lapse(self) -> None:
-        self.clock.advance(TTL_MS)
+    def lapse(self, ms: int = TTL_MS) -> None:
+        self.clock.advance(ms)
         self.call(self.svc.sweep())
 
 
@@ -157,7 +165,7 @@ def _reason(err: grpc.RpcError) -> str:
 
 def check_pair(harness: Harness, state: State, event: Event) -> None:
     """Applies `event` to a fresh task in `state` through its real entry point and checks it."""
-    task = harness.task_in(state)
+    task = harness.task_in(state, deadline=event is Event.TIME_OUT)
     assert task.state == state
     allowed = (state, event) in TRANSITIONS
     expected = (
@@ -182,6 +190,8 @@ def check_pair(harness: Harness, state: State, event: Event) -> None:
             assert _reason(refused) in {"INVALID_TRANSITION", "LEASE_EXPIRED"}
     elif event is Event.LEASE:  # AcquireLease leases the task only if it is queued
         assert harness.acquire(task.queue).HasField("task") == allowed
+    elif event is Event.TIME_OUT:  # the sweeper's too: let the deadline pass and sweep
+        harness.lapse(DEADLINE_MS)
     else:  # LAPSE belongs to the sweeper: let the lease run out and sweep
         harness.lapse()
     assert harness.get(task.task_id).state == expected

@@ -11,6 +11,8 @@ current key) and to the tasks it holds.
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,11 +25,27 @@ from tether.control.service import (
     MAX_JOIN_TOKEN_TTL_MS,
     MIN_JOIN_TOKEN_TTL_MS,
     ControlService,
+    RetryRequest,
 )
 from tether.control.vault import MAX_SECRET_BYTES
-from tether.core.errors import ConfigError, InvalidArgument, VerificationError
+from tether.core.errors import (
+    ConfigError,
+    InvalidArgument,
+    InvalidTransition,
+    LeaseExpired,
+    VerificationError,
+)
 from tether.core.leases import MAX_TTL_MS, MIN_TTL_MS
+from tether.core.policy import FAILURE_TYPE_RE
 from tether.core.states import HOLDER_EVENTS, Event, State
+from tether.core.timeouts import (
+    MAX_COEFFICIENT,
+    MAX_INTERVAL_MS,
+    MAX_LIMIT_MS,
+    MAX_NON_RETRYABLE,
+    MIN_LIMIT_MS,
+    RetryPolicy,
+)
 from tether.crypto.envelopes import from_proto, json_to_proto, to_proto
 from tether.crypto.signing import keyid_of
 from tether.grpcutil.status import handle_errors
@@ -58,6 +76,8 @@ MAX_MICROS = (1 << 53) - 1
 """The largest amount of money (micro-units) a request may name: exact in JSON, and
 no sum of a few of them overflows a store column."""
 MAX_EXPORT_TASKS = 10_000
+
+log = logging.getLogger("tether.control")
 
 _ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _KEY_RE = re.compile(r"[A-Za-z0-9._:-]{1,256}")
@@ -232,7 +252,64 @@ def task_to_proto(t: TaskRecord) -> pb.Task:
         idempotency_key=t.idempotency_key,
         budget_limit_micros=t.budget_limit_micros,
         budget_spent_micros=t.budget_spent_micros,
+        attempt_timeout_ms=t.attempt_timeout_ms,
+        deadline_unix_ms=t.deadline_unix_ms,
+        schedule_to_start_timeout_ms=t.schedule_to_start_ms,
+        retry_policy=retry_to_proto(t.retry_policy()),
+        end_reason=t.end_reason,  # type: ignore[arg-type]
+        attempt_started_unix_ms=t.attempt_started_unix_ms,
     )
+
+
+def retry_to_proto(r: RetryPolicy) -> pb.RetryPolicy:
+    """The wire form of a resolved retry policy."""
+    return pb.RetryPolicy(
+        initial_interval_ms=r.initial_interval_ms,
+        backoff_coefficient=r.backoff_coefficient,
+        maximum_interval_ms=r.maximum_interval_ms,
+        maximum_attempts=r.maximum_attempts,
+        non_retryable_reasons=list(r.non_retryable_reasons),
+        retry_failures=r.retry_failures,
+    )
+
+
+def check_failure_type(field: str, value: str) -> str:
+    """A failure type: empty, or [A-Za-z0-9._-]{1,64}."""
+    if value and not FAILURE_TYPE_RE.match(value):
+        raise InvalidArgument(field, "must match [A-Za-z0-9._-]{1,64}")
+    return value
+
+
+def check_retry(msg: pb.RetryPolicy, attempts: int) -> tuple[RetryRequest, int]:
+    """A submitted retry policy, and the attempts it and max_attempts agree on."""
+    f = "retry_policy."
+    initial = check_range(f + "initial_interval_ms", msg.initial_interval_ms, 1, MAX_INTERVAL_MS)
+    maximum = check_range(f + "maximum_interval_ms", msg.maximum_interval_ms, 1, MAX_INTERVAL_MS)
+    coefficient = msg.backoff_coefficient
+    if coefficient and not (math.isfinite(coefficient) and 1.0 <= coefficient <= MAX_COEFFICIENT):
+        raise InvalidArgument(
+            f + "backoff_coefficient", f"must be between 1 and {MAX_COEFFICIENT:g} (or 0)"
+        )
+    if initial and maximum and maximum < initial:
+        raise InvalidArgument(f + "maximum_interval_ms", "must be at least initial_interval_ms")
+    most = check_range(f + "maximum_attempts", msg.maximum_attempts, 1, MAX_ATTEMPTS_LIMIT)
+    if most and attempts and most != attempts:
+        raise InvalidArgument(f + "maximum_attempts", "differs from max_attempts; set one of them")
+    reasons = tuple(msg.non_retryable_reasons)
+    if len(reasons) > MAX_NON_RETRYABLE:
+        raise InvalidArgument(f + "non_retryable_reasons", f"at most {MAX_NON_RETRYABLE} types")
+    for i, reason in enumerate(reasons):
+        if not reason:
+            raise InvalidArgument(f"{f}non_retryable_reasons[{i}]", "must not be empty")
+        check_failure_type(f"{f}non_retryable_reasons[{i}]", reason)
+    ask = RetryRequest(
+        initial_interval_ms=initial,
+        backoff_coefficient=coefficient,
+        maximum_interval_ms=maximum,
+        non_retryable_reasons=reasons,
+        retry_failures=msg.retry_failures if msg.HasField("retry_failures") else None,
+    )
+    return ask, attempts or most
 
 
 def node_to_proto(n: NodeRecord) -> pb.NodeInfo:
@@ -351,6 +428,11 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         attempts = check_range("max_attempts", request.max_attempts, 1, MAX_ATTEMPTS_LIMIT)
         ttl = check_range("lease_ttl_ms", request.lease_ttl_ms, MIN_TTL_MS, MAX_TTL_MS)
         budget = check_micros("budget_limit_micros", request.budget_limit_micros)
+        limits = {
+            name: check_range(name, getattr(request, name), MIN_LIMIT_MS, MAX_LIMIT_MS)
+            for name in ("attempt_timeout_ms", "deadline_ms", "schedule_to_start_timeout_ms")
+        }
+        retry, attempts = check_retry(request.retry_policy, attempts)
         task, created = await self.service.submit(
             queue=queue,
             payload=payload,
@@ -358,6 +440,8 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             max_attempts=attempts,
             lease_ttl_ms=ttl,
             budget_limit_micros=budget,
+            retry=retry,
+            **limits,
         )
         return pb.SubmitTaskResponse(task=task_to_proto(task), created=created)
 
@@ -433,7 +517,21 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         token = check_token("fencing_token", request.fencing_token)
         node_id = check_id("node_id", request.node_id)
         await self._node(context, node_id)
-        _, env = await self.service.renew(task_id=task_id, fencing_token=token, node_id=node_id)
+        try:
+            _, env = await self.service.renew(task_id=task_id, fencing_token=token, node_id=node_id)
+        except (LeaseExpired, InvalidTransition) as err:
+            ended = await self.service.lease_end(task_id, token, node_id)
+            if ended is None:
+                raise
+            reason, state = ended
+            log.info(
+                "renewal answered with the end reason",
+                extra={"task_id": task_id, "end_reason": reason.label, "refusal": err.reason},
+            )
+            return pb.RenewLeaseResponse(
+                end_reason=int(reason),  # type: ignore[arg-type]
+                task_state=int(state),  # type: ignore[arg-type]
+            )
         return pb.RenewLeaseResponse(lease=to_proto(env))
 
     @handle_errors
@@ -446,6 +544,12 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         result = check_bytes("result", request.result)
         error = check_text("error", request.error)
         node_id = check_id("node_id", request.node_id)
+        failure_type = check_failure_type("failure_type", request.failure_type)
+        if (request.non_retryable or failure_type) and event is not Event.FAIL:
+            raise InvalidArgument(
+                "non_retryable" if request.non_retryable else "failure_type",
+                "applies to FAIL only",
+            )
         await self._node(context, node_id)
         task = await self.service.transition(
             task_id=task_id,
@@ -454,6 +558,8 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             event=event,
             result=result,
             error=error,
+            non_retryable=request.non_retryable,
+            failure_type=failure_type,
         )
         return pb.TransitionTaskResponse(task=task_to_proto(task))
 

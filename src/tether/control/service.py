@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import fnmatch
 import hashlib
@@ -37,6 +38,11 @@ from tether.core.errors import (
 from tether.core.leases import DEFAULT_TTL_MS, Lease
 from tether.core.policy import Policy, parse_policy
 from tether.core.states import Event, State
+from tether.core.timeouts import (
+    DEFAULT_BACKOFF_COEFFICIENT,
+    EndReason,
+    RetryPolicy,
+)
 from tether.crypto.certs import DEFAULT_CERT_VALIDITY_MS, issue_cert, verify_cert
 from tether.crypto.enrollment import check_challenge, make_challenge, verify_statement
 from tether.crypto.leases import decode_lease, sign_lease
@@ -159,6 +165,30 @@ class PolicyView:
     tools: tuple[str, ...] = ()
     lease_ttl_ms: int = 0
     max_attempts: int = 0
+    attempt_timeout_ms: int = 0
+    deadline_ms: int = 0
+    schedule_to_start_timeout_ms: int = 0
+    retry: RetryPolicy | None = None
+
+
+@dataclass(frozen=True)
+class RetryRequest:
+    """A submitter's retry policy; 0, None or empty means "the queue's default"."""
+
+    initial_interval_ms: int = 0
+    backoff_coefficient: float = 0.0
+    maximum_interval_ms: int = 0
+    non_retryable_reasons: tuple[str, ...] = ()
+    retry_failures: bool | None = None
+
+
+# The lease-history outcome of each end the control plane decides, as a holder's
+# RenewLease is told it (a lapse it judged itself stays an error).
+_ENDED_BY_CONTROL = {
+    "attempt_timeout": EndReason.ATTEMPT_TIMEOUT,
+    "deadline": EndReason.DEADLINE,
+    "canceled": EndReason.CANCELED,
+}
 
 
 class ControlService:
@@ -184,6 +214,9 @@ class ControlService:
         self._waiters = _Waiters()
         self.policy_in_force = PolicyInForce(store, self.config.policy_max_staleness_ms)
         self.replica_id = self.config.replica_id or default_replica_id()
+        # Ends the control plane decided (time limits, cancels), for whoever records
+        # them; bounded so an unread list never grows without end.
+        self.ended: collections.deque[LapseOutcome] = collections.deque(maxlen=10_000)
 
     @property
     def _policy(self) -> Policy | None:
@@ -271,6 +304,44 @@ class ControlService:
             tools=spec.tools,
             lease_ttl_ms=spec.lease_ttl_ms,
             max_attempts=spec.max_attempts,
+            attempt_timeout_ms=spec.attempt_timeout_ms,
+            deadline_ms=spec.deadline_ms,
+            schedule_to_start_timeout_ms=spec.schedule_to_start_timeout_ms,
+            retry=spec.retry,
+        )
+
+    def _resolve_retry(self, pol: PolicyView, ask: RetryRequest, attempts: int) -> RetryPolicy:
+        """Each retry field: the submitter's, else the queue's, else the control plane's.
+
+        Raises:
+            InvalidArgument: the result is inconsistent (maximum below initial).
+        """
+        q = pol.retry
+        initial = ask.initial_interval_ms or (
+            q.initial_interval_ms if q else self.config.backoff_base_ms
+        )
+        maximum = ask.maximum_interval_ms or (
+            q.maximum_interval_ms if q else self.config.backoff_cap_ms
+        )
+        if ask.maximum_interval_ms and ask.maximum_interval_ms < initial:
+            raise InvalidArgument(
+                "retry_policy.maximum_interval_ms",
+                f"must be at least the initial interval ({initial} ms)",
+            )
+        maximum = max(maximum, initial)
+        return RetryPolicy(
+            initial_interval_ms=initial,
+            backoff_coefficient=ask.backoff_coefficient
+            or (q.backoff_coefficient if q else DEFAULT_BACKOFF_COEFFICIENT),
+            maximum_interval_ms=maximum,
+            maximum_attempts=attempts,
+            non_retryable_reasons=ask.non_retryable_reasons
+            or (q.non_retryable_reasons if q else ()),
+            retry_failures=(
+                ask.retry_failures
+                if ask.retry_failures is not None
+                else (q.retry_failures if q else False)
+            ),
         )
 
     # -- tasks ----------------------------------------------------------------------
@@ -284,22 +355,34 @@ class ControlService:
         max_attempts: int = 0,
         lease_ttl_ms: int = 0,
         budget_limit_micros: int = 0,
+        attempt_timeout_ms: int = 0,
+        deadline_ms: int = 0,
+        schedule_to_start_timeout_ms: int = 0,
+        retry: RetryRequest | None = None,
     ) -> tuple[TaskRecord, bool]:
         """Queues a task; a repeat with the same idempotency key returns the first.
 
+        Limits and retry fields not given take the queue's defaults (tether.core.timeouts).
+
         Raises:
             PolicyDenied: no policy is in force, or it declares no such queue.
+            InvalidArgument: the retry policy is inconsistent.
         """
         await self.policy_in_force.current()
         self.declared_queue(queue)
         pol = self.policy_for(queue)
+        attempts = max_attempts or pol.max_attempts or self.config.default_max_attempts
         task = NewTask(
             queue=queue,
             payload=payload,
             idempotency_key=idempotency_key,
-            max_attempts=max_attempts or pol.max_attempts or self.config.default_max_attempts,
+            max_attempts=attempts,
             lease_ttl_ms=lease_ttl_ms or pol.lease_ttl_ms or self.config.default_lease_ttl_ms,
             budget_limit_micros=budget_limit_micros,
+            attempt_timeout_ms=attempt_timeout_ms or pol.attempt_timeout_ms,
+            deadline_ms=deadline_ms or pol.deadline_ms,
+            schedule_to_start_ms=schedule_to_start_timeout_ms or pol.schedule_to_start_timeout_ms,
+            retry=self._resolve_retry(pol, retry or RetryRequest(), attempts),
         )
         now = self.clock.now_ms()
         record, created = await self.store.submit_task(task, new_id("t", now), now)
@@ -330,6 +413,21 @@ class ControlService:
         """Cancels a task that has not finished; its lease (if any) dies with it."""
         task = await self.store.cancel_task(task_id, reason, self.clock.now_ms())
         log.info("task canceled", extra={"task_id": task_id})
+        self.ended.append(
+            LapseOutcome(
+                task.task_id,
+                task.fencing_token,
+                task.state,
+                task.updated_unix_ms,
+                reason=EndReason.CANCELED,
+                limit_unix_ms=task.updated_unix_ms,
+                decided_unix_ms=task.updated_unix_ms,
+                attempt=task.attempt,
+                node_id=task.node_id,
+                agent_id=task.agent_id,
+                lease_id=task.lease_id,
+            )
+        )
         return task
 
     # -- leases ---------------------------------------------------------------------
@@ -431,6 +529,28 @@ class ControlService:
         metrics.LEASES_RENEWED.inc()
         return task, Envelope.from_json_bytes(stored)  # the committed one (see acquire)
 
+    async def lease_end(
+        self, task_id: str, fencing_token: int, node_id: str
+    ) -> tuple[EndReason, State] | None:
+        """Why the control plane ended the lease (task, token) of `node_id`, if it did.
+
+        A time limit or a cancel (not a lapse, which the holder judges itself);
+        None when the lease is not `node_id`'s or ended otherwise.
+        """
+        entries = [
+            h for h in await self.store.lease_history(task_id) if h.fencing_token == fencing_token
+        ]
+        if not entries:
+            return None
+        reason = _ENDED_BY_CONTROL.get(entries[-1].outcome)
+        if reason is None:
+            return None
+        holder = decode_lease(Envelope.from_json_bytes(entries[-1].envelope).payload).node_id
+        if holder != node_id and not current_principal().insecure:
+            return None
+        task = await self.store.get_task(task_id)
+        return reason, task.state
+
     async def transition(
         self,
         *,
@@ -440,8 +560,14 @@ class ControlService:
         event: Event,
         result: bytes = b"",
         error: str = "",
+        non_retryable: bool = False,
+        failure_type: str = "",
     ) -> TaskRecord:
-        """Applies a holder event (START/SUCCEED/FAIL/RELEASE) under the caller's token."""
+        """Applies a holder event (START/SUCCEED/FAIL/RELEASE) under the caller's token.
+
+        A FAIL may be retried by the task's retry policy unless `non_retryable`
+        or its `failure_type` is listed as non-retryable.
+        """
         task = await self.store.transition(
             task_id=task_id,
             event=event,
@@ -450,24 +576,45 @@ class ControlService:
             now_ms=self.clock.now_ms(),
             result=result,
             error=error,
+            non_retryable=non_retryable,
+            failure_type=failure_type,
+            backoff_base_ms=self.config.backoff_base_ms,
+            backoff_cap_ms=self.config.backoff_cap_ms,
         )
         if task.state is State.QUEUED:
             await self._waiters.notify()
         return task
 
     async def sweep(self) -> list[LapseOutcome]:
-        """Ends lapsed leases now: back to queued with backoff, or expired."""
+        """Ends what the clock ended now: lapsed leases, then the time limits.
+
+        A lapsed or timed-out attempt goes back to queued after its retry delay
+        (or expires when attempts are spent); a deadline or schedule-to-start
+        timeout expires the task. One clock decides all: this service's.
+        """
+        now = self.clock.now_ms()
         out = await self.store.sweep_lapsed(
-            now_ms=self.clock.now_ms(),
+            now_ms=now,
+            backoff_base_ms=self.config.backoff_base_ms,
+            backoff_cap_ms=self.config.backoff_cap_ms,
+        )
+        out += await self.store.sweep_limits(
+            now_ms=now,
             backoff_base_ms=self.config.backoff_base_ms,
             backoff_cap_ms=self.config.backoff_cap_ms,
         )
         for o in out:
             metrics.LEASES_EXPIRED.labels(o.state.name.lower()).inc()
             log.info(
-                "lease lapsed",
-                extra={"task_id": o.task_id, "fencing_token": o.fencing_token},
+                "lease lapsed" if o.reason is EndReason.HEARTBEAT_TIMEOUT else "time limit",
+                extra={
+                    "task_id": o.task_id,
+                    "fencing_token": o.fencing_token,
+                    "end_reason": o.reason.label,
+                    "state": o.state.name.lower(),
+                },
             )
+        self.ended.extend(o for o in out if o.reason is not EndReason.HEARTBEAT_TIMEOUT)
         if any(o.state is State.QUEUED for o in out):
             await self._waiters.notify()
         return out

@@ -77,6 +77,18 @@ class LeaseLost(TetherError):
     reason = "LEASE_LOST"
 
 
+class TaskTimedOut(LeaseLost):
+    """The control plane ended the task or attempt at a time limit (metadata end_reason)."""
+
+    reason = "TASK_TIMED_OUT"
+
+
+class TaskCanceled(LeaseLost):
+    """An operator canceled the task; its lease ended with it."""
+
+    reason = "TASK_CANCELED"
+
+
 class PolicyDenied(TetherError):
     """The policy does not grant the tool, host, path or scope."""
 

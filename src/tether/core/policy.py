@@ -21,6 +21,14 @@ from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from tether.core.errors import ConfigError, PolicyDenied
+from tether.core.timeouts import (
+    MAX_COEFFICIENT,
+    MAX_INTERVAL_MS,
+    MAX_LIMIT_MS,
+    MAX_NON_RETRYABLE,
+    MIN_LIMIT_MS,
+    RetryPolicy,
+)
 from tether.core.toolschema import parse_input_schema
 
 POLICY_VERSION = 1
@@ -77,6 +85,8 @@ _PLACEHOLDER_RE = PLACEHOLDER_RE
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _HEADER_RE = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~\-]+$")
 _HOST_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.\-]+)(:([0-9]{1,5}))?$")
+_FAILURE_TYPE_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+FAILURE_TYPE_RE = _FAILURE_TYPE_RE
 _ENTRYPOINT_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 
 
@@ -218,9 +228,18 @@ class QueueSpec:
     memory_scope: Literal["task", "agent"] = "task"
     budget_micros: int = 0
     lease_ttl_ms: int = DEFAULT_LEASE_TTL_MS
+    """The heartbeat timeout: a lease not renewed within it lapses."""
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES
     description: str = ""
+    attempt_timeout_ms: int = 0
+    """Start-to-close default for the queue's tasks; 0: none."""
+    deadline_ms: int = 0
+    """Schedule-to-close default (from submission); 0: none."""
+    schedule_to_start_timeout_ms: int = 0
+    """How long a task may wait ready for a lease; 0: none."""
+    retry: RetryPolicy | None = None
+    """The [queues.NAME.retry] table; None: the control plane's backoff, failures final."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -637,6 +656,10 @@ def _parse_queue(c: _Checker, name: str, raw: Any) -> QueueSpec:
             "max_attempts",
             "max_artifact_bytes",
             "description",
+            "attempt_timeout_ms",
+            "deadline_ms",
+            "schedule_to_start_timeout_ms",
+            "retry",
         ),
     )
     hosts: tuple[str, ...] = _opt(tbl, "network_allowlist", (), c.strings, path)
@@ -652,6 +675,7 @@ def _parse_queue(c: _Checker, name: str, raw: Any) -> QueueSpec:
     mem = _opt(tbl, "memory_scope", "task", c.string, path)
     if mem not in MEMORY_SCOPES:
         raise c.fail((*path, "memory_scope"), f"must be one of {', '.join(MEMORY_SCOPES)}")
+    _limit = _limit_checker(c)
     return QueueSpec(
         name=name,
         tools=_opt(tbl, "tools", (), c.strings, path),
@@ -673,6 +697,87 @@ def _parse_queue(c: _Checker, name: str, raw: Any) -> QueueSpec:
             tbl, "max_artifact_bytes", DEFAULT_MAX_ARTIFACT_BYTES, c.integer, path
         ),
         description=_opt(tbl, "description", "", c.string, path),
+        attempt_timeout_ms=_opt(tbl, "attempt_timeout_ms", 0, _limit, path),
+        deadline_ms=_opt(tbl, "deadline_ms", 0, _limit, path),
+        schedule_to_start_timeout_ms=_opt(tbl, "schedule_to_start_timeout_ms", 0, _limit, path),
+        retry=_parse_retry(c, tbl, path),
+    )
+
+
+def _limit_checker(c: _Checker) -> Any:
+    def check(value: Any, path: tuple[str, ...]) -> int:
+        return c.integer(value, path, lo=MIN_LIMIT_MS, hi=MAX_LIMIT_MS)
+
+    return check
+
+
+def _parse_retry(
+    c: _Checker, queue: Mapping[str, Any], path: tuple[str, ...]
+) -> RetryPolicy | None:
+    """The queue's [retry] table (None when absent); maximum_attempts is max_attempts."""
+    if "retry" not in queue:
+        return None
+    sub = (*path, "retry")
+    tbl = c.table(queue["retry"], sub)
+    c.keys(
+        tbl,
+        sub,
+        (
+            "initial_interval_ms",
+            "backoff_coefficient",
+            "maximum_interval_ms",
+            "maximum_attempts",
+            "non_retryable_reasons",
+            "retry_failures",
+        ),
+    )
+    attempts = queue.get("max_attempts", DEFAULT_MAX_ATTEMPTS)
+    if "maximum_attempts" in tbl:
+        attempts = c.integer(tbl["maximum_attempts"], (*sub, "maximum_attempts"), lo=1)
+        if "max_attempts" in queue and queue["max_attempts"] != attempts:
+            raise c.fail(
+                (*sub, "maximum_attempts"), "differs from the queue's max_attempts; set one of them"
+            )
+    initial = _opt(
+        tbl,
+        "initial_interval_ms",
+        1_000,
+        lambda v, p: c.integer(v, p, lo=1, hi=MAX_INTERVAL_MS),
+        sub,
+    )
+    coefficient = 2.0
+    if "backoff_coefficient" in tbl:
+        raw = tbl["backoff_coefficient"]
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            raise c.fail((*sub, "backoff_coefficient"), f"must be a number, got {_kind(raw)}")
+        if not 1.0 <= float(raw) <= MAX_COEFFICIENT:
+            raise c.fail(
+                (*sub, "backoff_coefficient"), f"must be between 1 and {MAX_COEFFICIENT:g}"
+            )
+        coefficient = float(raw)
+    maximum = _opt(
+        tbl,
+        "maximum_interval_ms",
+        max(60_000, initial),
+        lambda v, p: c.integer(v, p, lo=initial, hi=MAX_INTERVAL_MS),
+        sub,
+    )
+    reasons: tuple[str, ...] = _opt(tbl, "non_retryable_reasons", (), c.strings, sub)
+    if len(reasons) > MAX_NON_RETRYABLE:
+        raise c.fail((*sub, "non_retryable_reasons"), f"at most {MAX_NON_RETRYABLE} types")
+    for i, reason in enumerate(reasons):
+        if not _FAILURE_TYPE_RE.match(reason):
+            raise c.fail(
+                (*sub, "non_retryable_reasons"),
+                f"item {i} ({reason!r}) is not a failure type ([A-Za-z0-9._-]{{1,64}})",
+            )
+    return RetryPolicy(
+        initial_interval_ms=initial,
+        backoff_coefficient=coefficient,
+        maximum_interval_ms=maximum,
+        maximum_attempts=attempts,
+        non_retryable_reasons=reasons,
+        retry_failures=_opt(tbl, "retry_failures", False, c.boolean, sub),
     )
 
 

@@ -39,6 +39,7 @@ class Event(enum.IntEnum):
     RELEASE = 5
     LAPSE = 6
     CANCEL = 7
+    TIME_OUT = 8
 
 
 TERMINAL = frozenset({State.SUCCEEDED, State.FAILED, State.EXPIRED, State.CANCELED})
@@ -58,10 +59,18 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.RUNNING, Event.RELEASE): State.QUEUED,
     (State.RUNNING, Event.LAPSE): State.QUEUED,
     (State.RUNNING, Event.CANCEL): State.CANCELED,
+    # A limit the control plane enforces that ends the task whatever its state (the
+    # deadline, the schedule-to-start timeout); see tether.core.timeouts.
+    (State.QUEUED, Event.TIME_OUT): State.EXPIRED,
+    (State.LEASED, Event.TIME_OUT): State.EXPIRED,
+    (State.RUNNING, Event.TIME_OUT): State.EXPIRED,
 }
 
+# A FAIL the task's retry policy retries (attempts permitting) leads here instead.
+RETRY_STATE = State.QUEUED
+
 # Events a lease holder may send through TransitionTask; the rest belong to
-# AcquireLease (LEASE), the sweeper (LAPSE) and operators (CANCEL).
+# AcquireLease (LEASE), the sweeper (LAPSE, TIME_OUT) and operators (CANCEL).
 HOLDER_EVENTS = frozenset({Event.START, Event.SUCCEED, Event.FAIL, Event.RELEASE})
 
 # States in which a lease is live (and a fencing token must match).
@@ -76,8 +85,13 @@ def state_name(value: int, default: str = "unspecified") -> str:
         return default
 
 
-def next_state(state: State, event: Event, *, attempt: int = 0, max_attempts: int = 1) -> State:
+def next_state(
+    state: State, event: Event, *, attempt: int = 0, max_attempts: int = 1, retry: bool = False
+) -> State:
     """Returns where `event` takes a task in `state`.
+
+    LAPSE and RELEASE requeue while attempts remain; FAIL requeues only with
+    `retry` (the retry policy retries this failure) while attempts remain.
 
     Raises:
         InvalidTransition: the pair is not in the table.
@@ -90,6 +104,8 @@ def next_state(state: State, event: Event, *, attempt: int = 0, max_attempts: in
         )
     if event in (Event.LAPSE, Event.RELEASE) and attempt >= max_attempts:
         return State.EXPIRED
+    if event is Event.FAIL and retry and attempt < max_attempts:
+        return RETRY_STATE
     return target
 
 

@@ -34,6 +34,8 @@ STATUS_OF: dict[type[E.TetherError], grpc.StatusCode] = {
     E.LeaseExpired: grpc.StatusCode.FAILED_PRECONDITION,
     E.PreconditionFailed: grpc.StatusCode.FAILED_PRECONDITION,
     E.LeaseLost: grpc.StatusCode.FAILED_PRECONDITION,
+    E.TaskTimedOut: grpc.StatusCode.DEADLINE_EXCEEDED,
+    E.TaskCanceled: grpc.StatusCode.CANCELLED,
     E.PolicyDenied: grpc.StatusCode.PERMISSION_DENIED,
     E.NotOwner: grpc.StatusCode.PERMISSION_DENIED,
     E.Forbidden: grpc.StatusCode.PERMISSION_DENIED,

@@ -13,6 +13,13 @@ from enum import IntEnum
 from typing import Protocol, runtime_checkable
 
 from tether.core.states import Event, State
+from tether.core.timeouts import (
+    DEFAULT_BACKOFF_COEFFICIENT,
+    DEFAULT_INITIAL_INTERVAL_MS,
+    DEFAULT_MAXIMUM_INTERVAL_MS,
+    EndReason,
+    RetryPolicy,
+)
 
 DEFAULT_MAX_ATTEMPTS = 3
 
@@ -30,6 +37,14 @@ class NewTask:
     lease_ttl_ms: int
     idempotency_key: str = ""
     budget_limit_micros: int = 0
+    attempt_timeout_ms: int = 0
+    """Start-to-close; 0: none."""
+    deadline_ms: int = 0
+    """Schedule-to-close, counted from submission; 0: none."""
+    schedule_to_start_ms: int = 0
+    """How long the task may wait ready for a lease; 0: none."""
+    retry: RetryPolicy | None = None
+    """None: the control plane's defaults (lapses retried, failures not)."""
 
 
 @dataclass(frozen=True)
@@ -57,6 +72,33 @@ class TaskRecord:
     budget_limit_micros: int
     budget_spent_micros: int
     seq: int = 0
+    attempt_timeout_ms: int = 0
+    deadline_unix_ms: int = 0
+    schedule_to_start_ms: int = 0
+    retry_initial_ms: int = 0
+    retry_coefficient: float = 0.0
+    retry_max_interval_ms: int = 0
+    retry_failures: bool = False
+    non_retryable: tuple[str, ...] = ()
+    attempt_started_unix_ms: int = 0
+    end_reason: int = 0
+    """A `tether.core.timeouts.EndReason` value; 0 while no attempt has ended."""
+
+    def retry_policy(
+        self,
+        base_ms: int = DEFAULT_INITIAL_INTERVAL_MS,
+        cap_ms: int = DEFAULT_MAXIMUM_INTERVAL_MS,
+    ) -> RetryPolicy:
+        """The task's retry policy; fields stored as 0 (older rows) take the defaults given."""
+        initial = self.retry_initial_ms or base_ms
+        return RetryPolicy(
+            initial_interval_ms=initial,
+            backoff_coefficient=self.retry_coefficient or DEFAULT_BACKOFF_COEFFICIENT,
+            maximum_interval_ms=max(self.retry_max_interval_ms or cap_ms, initial),
+            maximum_attempts=max(self.max_attempts, 1),
+            non_retryable_reasons=self.non_retryable,
+            retry_failures=self.retry_failures,
+        )
 
 
 @dataclass(frozen=True)
@@ -147,12 +189,25 @@ class SealedSecret:
 
 @dataclass(frozen=True)
 class LapseOutcome:
-    """A lease the sweeper ended: the task went back to queued or expired."""
+    """A lease or task the sweeper ended: the task went back to queued or expired.
+
+    `reason` says which limit: the heartbeat timeout (a lapsed lease), the
+    attempt timeout, the schedule-to-start timeout or the deadline.
+    """
 
     task_id: str
     fencing_token: int
     state: State
     not_before_unix_ms: int
+    reason: EndReason = EndReason.HEARTBEAT_TIMEOUT
+    limit_unix_ms: int = 0
+    """When the limit fell due (by the deciding clock)."""
+    decided_unix_ms: int = 0
+    """When the sweeper ended it (by the same clock)."""
+    attempt: int = 0
+    node_id: str = ""
+    agent_id: str = ""
+    lease_id: str = ""
 
 
 class ToolCallPhase(IntEnum):
@@ -348,8 +403,16 @@ class Store(Protocol):
         now_ms: int,
         result: bytes = b"",
         error: str = "",
+        non_retryable: bool = False,
+        failure_type: str = "",
+        backoff_base_ms: int = DEFAULT_INITIAL_INTERVAL_MS,
+        backoff_cap_ms: int = DEFAULT_MAXIMUM_INTERVAL_MS,
     ) -> TaskRecord:
         """Applies a lease holder's event under its fencing token.
+
+        A FAIL the task's retry policy retries (`RetryPolicy.retries_failure`,
+        attempts permitting) sends the task back to queued after the policy's
+        delay (end reason FAILED), else to failed (FAILED or NON_RETRYABLE).
 
         Raises:
             NotFound, StaleFencingToken, LeaseExpired, NotOwner, InvalidTransition.
@@ -367,7 +430,24 @@ class Store(Protocol):
     async def sweep_lapsed(
         self, *, now_ms: int, backoff_base_ms: int, backoff_cap_ms: int, limit: int = 1000
     ) -> list[LapseOutcome]:
-        """Ends every lease that lapsed at `now_ms` (LAPSE event), at most `limit`."""
+        """Ends every lease that lapsed at `now_ms` (LAPSE event), at most `limit`.
+
+        The backoff is the task's retry policy (base/cap stand in for fields
+        stored as 0).
+        """
+        ...
+
+    async def sweep_limits(
+        self, *, now_ms: int, backoff_base_ms: int, backoff_cap_ms: int, limit: int = 1000
+    ) -> list[LapseOutcome]:
+        """Ends what a time limit ended at `now_ms`, at most `limit` of each kind.
+
+        Deadline (TIME_OUT: expired from queued, leased or running), then the
+        schedule-to-start timeout (TIME_OUT from queued), then the attempt timeout
+        (LAPSE: queued again after the retry delay, or expired). Each is one
+        conditional write; the lease (if any) is fenced at once and its history
+        row records the reason.
+        """
         ...
 
     async def next_lease_expiry(self) -> int | None:

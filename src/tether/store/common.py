@@ -29,6 +29,7 @@ from tether.core.errors import (
     TetherError,
 )
 from tether.core.states import LEASED_STATES, TERMINAL, Event, State, next_state, sources
+from tether.core.timeouts import EndReason, RetryPolicy, decode_reasons, encode_reasons
 from tether.store.base import (
     NODE_STATUSES,
     BudgetState,
@@ -57,8 +58,18 @@ TASK_COLS = (
     "task_id, queue, state, payload, attempt, max_attempts, fencing_token, node_id, agent_id,"
     " lease_id, lease_expires_unix_ms, lease_ttl_ms, result, error, created_unix_ms,"
     " updated_unix_ms, not_before_unix_ms, idempotency_key, budget_limit_micros,"
-    " budget_spent_micros, seq"
+    " budget_spent_micros, seq, attempt_timeout_ms, deadline_unix_ms, schedule_to_start_ms,"
+    " retry_initial_ms, retry_coefficient, retry_max_interval_ms, retry_failures, non_retryable,"
+    " attempt_started_unix_ms, end_reason"
 )
+# The columns a SubmitTask inserts, in `new_task_row` order.
+NEW_TASK_COLS = (
+    "task_id, queue, state, payload, max_attempts, lease_ttl_ms, created_unix_ms,"
+    " updated_unix_ms, not_before_unix_ms, idempotency_key, budget_limit_micros,"
+    " attempt_timeout_ms, deadline_unix_ms, schedule_to_start_ms, retry_initial_ms,"
+    " retry_coefficient, retry_max_interval_ms, retry_failures, non_retryable"
+)
+NEW_TASK_ARITY = NEW_TASK_COLS.count(",") + 1
 NODE_COLS = (
     "node_id, public_key, certificate, registered_unix_ms, status, status_reason, updated_unix_ms"
 )
@@ -72,7 +83,13 @@ TOOL_CALL_COLS = (
     " fencing_token, cost_micros, updated_unix_ms"
 )
 LEASE_HISTORY_COLS = "task_id, lease_id, fencing_token, kind, envelope, outcome, created_unix_ms"
-LAPSED_COLS = "task_id, state, attempt, max_attempts, fencing_token"
+LAPSED_COLS = (
+    "task_id, state, attempt, max_attempts, fencing_token, retry_initial_ms, retry_coefficient,"
+    " retry_max_interval_ms, node_id, agent_id, lease_id"
+)
+# History outcomes of a lease the control plane ended on its clock while the task
+# went on (or expired): a later call under its token is told the lease expired.
+LAPSED_OUTCOMES = ("lapsed", "attempt_timeout", "deadline")
 CHECKPOINT_COLS = "tree_size, root_hash, timestamp_unix_ms, note"
 LEDGER_HEAD_COLS = "seq, digest, leaf_index"
 # Budget columns of a task, in the order `budget_state` reads them.
@@ -149,15 +166,22 @@ def row_to_task(row: Row) -> TaskRecord:
         budget_limit_micros=row[18],
         budget_spent_micros=row[19],
         seq=row[20],
+        attempt_timeout_ms=row[21],
+        deadline_unix_ms=row[22],
+        schedule_to_start_ms=row[23],
+        retry_initial_ms=row[24],
+        retry_coefficient=float(row[25]),
+        retry_max_interval_ms=row[26],
+        retry_failures=bool(row[27]),
+        non_retryable=decode_reasons(row[28]),
+        attempt_started_unix_ms=row[29],
+        end_reason=row[30],
     )
 
 
 def new_task_row(task: NewTask, task_id: str, now_ms: int) -> tuple[Any, ...]:
-    """Values of a newly queued task, in the stores' INSERT INTO tasks column order.
-
-    (task_id, queue, state, payload, max_attempts, lease_ttl_ms, created_unix_ms,
-    updated_unix_ms, not_before_unix_ms, idempotency_key, budget_limit_micros)
-    """
+    """Values of a newly queued task, in `NEW_TASK_COLS` order."""
+    retry = task.retry
     return (
         task_id,
         task.queue,
@@ -170,6 +194,14 @@ def new_task_row(task: NewTask, task_id: str, now_ms: int) -> tuple[Any, ...]:
         now_ms,
         task.idempotency_key,
         task.budget_limit_micros,
+        task.attempt_timeout_ms,
+        now_ms + task.deadline_ms if task.deadline_ms else 0,
+        task.schedule_to_start_ms,
+        retry.initial_interval_ms if retry else 0,
+        retry.backoff_coefficient if retry else 0.0,
+        retry.maximum_interval_ms if retry else 0,
+        int(retry.retry_failures) if retry else 0,
+        encode_reasons(retry.non_retryable_reasons) if retry else "",
     )
 
 
@@ -378,19 +410,124 @@ def backoff_ms(attempt: int, base_ms: int, cap_ms: int) -> int:
     return int(min(base_ms * (2 ** max(min(attempt - 1, 62), 0)), cap_ms))
 
 
-def lapse_outcome(row: Row, now_ms: int, backoff_base_ms: int, backoff_cap_ms: int) -> LapseOutcome:
-    """What a lapsed lease (a `LAPSED_COLS` row) makes of its task.
+def lapse_outcome(
+    row: Row,
+    now_ms: int,
+    backoff_base_ms: int,
+    backoff_cap_ms: int,
+    *,
+    reason: EndReason = EndReason.HEARTBEAT_TIMEOUT,
+    due_ms: int = 0,
+) -> LapseOutcome:
+    """What a lapsed lease or timed-out attempt (a `LAPSED_COLS` row) makes of its task.
 
-    Queued again after a backoff, or expired when its attempts are spent.
+    Queued again after the task's retry delay, or expired when its attempts are
+    spent. Rows stored without a retry policy (0s) back off min(base*2**(n-1), cap).
     """
-    task_id, state, attempt, max_attempts, token = row
+    task_id, state, attempt, max_attempts, token = row[:5]
+    initial, coefficient, maximum, node_id, agent_id, lease_id = row[5:11]
     target = next_state(State(state), Event.LAPSE, attempt=attempt, max_attempts=max_attempts)
-    not_before = (
-        now_ms + backoff_ms(attempt, backoff_base_ms, backoff_cap_ms)
-        if target is State.QUEUED
-        else now_ms
+    not_before = now_ms
+    if target is State.QUEUED:
+        not_before += retry_delay_ms(
+            attempt, initial, coefficient, maximum, backoff_base_ms, backoff_cap_ms
+        )
+    return LapseOutcome(
+        task_id,
+        token,
+        target,
+        not_before,
+        reason=reason,
+        limit_unix_ms=due_ms,
+        decided_unix_ms=now_ms,
+        attempt=attempt,
+        node_id=node_id,
+        agent_id=agent_id,
+        lease_id=lease_id,
     )
-    return LapseOutcome(task_id, token, target, not_before)
+
+
+def retry_delay_ms(
+    attempt: int,
+    initial_ms: int,
+    coefficient: float,
+    maximum_ms: int,
+    backoff_base_ms: int,
+    backoff_cap_ms: int,
+) -> int:
+    """The task's retry delay after `attempt`; a row without a retry policy uses base/cap."""
+    if not initial_ms:
+        return backoff_ms(attempt, backoff_base_ms, backoff_cap_ms)
+    policy = RetryPolicy(
+        initial_interval_ms=initial_ms,
+        backoff_coefficient=float(coefficient) or 2.0,
+        maximum_interval_ms=max(maximum_ms, initial_ms),
+    )
+    return policy.delay_ms(attempt)
+
+
+def timeout_outcome(task: TaskRecord, reason: EndReason, now_ms: int) -> LapseOutcome:
+    """A task a TIME_OUT (deadline, schedule-to-start) ends: expired, lease fenced."""
+    due = {
+        EndReason.DEADLINE: task.deadline_unix_ms,
+        EndReason.SCHEDULE_TO_START_TIMEOUT: task.not_before_unix_ms + task.schedule_to_start_ms,
+    }[reason]
+    return LapseOutcome(
+        task.task_id,
+        task.fencing_token,
+        next_state(task.state, Event.TIME_OUT),
+        now_ms,
+        reason=reason,
+        limit_unix_ms=due,
+        decided_unix_ms=now_ms,
+        attempt=task.attempt,
+        node_id=task.node_id if task.state in LEASED_STATES else "",
+        agent_id=task.agent_id if task.state in LEASED_STATES else "",
+        lease_id=task.lease_id if task.state in LEASED_STATES else "",
+    )
+
+
+def timeout_error(reason: EndReason, due_ms: int) -> str:
+    """The error text a limit leaves on a task."""
+    return f"{reason.label.replace('_', ' ')}: the limit fell due at {due_ms} (Unix ms)"
+
+
+def fail_plan(
+    task: TaskRecord,
+    now_ms: int,
+    *,
+    non_retryable: bool,
+    failure_type: str,
+    backoff_base_ms: int,
+    backoff_cap_ms: int,
+) -> tuple[State, int, EndReason]:
+    """Where a holder's FAIL takes `task`: (state, not_before, end reason).
+
+    Queued again after the retry delay when the retry policy retries this
+    failure and attempts remain; otherwise failed (NON_RETRYABLE when the
+    failure is marked so or its type is listed, else FAILED).
+    """
+    policy = task.retry_policy(backoff_base_ms, backoff_cap_ms)
+    retry = policy.retries_failure(failure_type, non_retryable)
+    target = next_state(
+        task.state, Event.FAIL, attempt=task.attempt, max_attempts=task.max_attempts, retry=retry
+    )
+    if target is State.QUEUED:
+        return target, now_ms + policy.delay_ms(task.attempt), EndReason.FAILED
+    listed = non_retryable or failure_type in policy.non_retryable_reasons
+    return target, now_ms, EndReason.NON_RETRYABLE if listed else EndReason.FAILED
+
+
+def holder_end_reason(event: Event) -> int:
+    """The end reason a holder event records (0 for START: the attempt goes on).
+
+    FAIL's is FAILED unless `fail_plan` says NON_RETRYABLE.
+    """
+    return {
+        Event.SUCCEED: int(EndReason.SUCCEEDED),
+        Event.FAIL: int(EndReason.FAILED),
+        Event.RELEASE: int(EndReason.RELEASED),
+    }.get(event, 0)
 
 
 def _token_meta(task_id: str, task: TaskRecord) -> dict[str, str]:

@@ -38,6 +38,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from tether.core.errors import StorageError, TetherError, Unavailable
 from tether.core.states import LEASED_STATES, Event, State, sources
+from tether.core.timeouts import EndReason
 from tether.store import is_postgres_url
 from tether.store.base import (
     POLICY_CHANNEL,
@@ -65,8 +66,11 @@ from tether.store.common import (
     HOLDER_EVENTS,
     JOIN_TOKEN_COLS,
     LAPSED_COLS,
+    LAPSED_OUTCOMES,
     LEASE_HISTORY_COLS,
     LEDGER_HEAD_COLS,
+    NEW_TASK_ARITY,
+    NEW_TASK_COLS,
     NODE_COLS,
     NODE_WRITE_COLS,
     POLICY_COLS,
@@ -85,7 +89,9 @@ from tether.store.common import (
     contiguous_leaf_hashes,
     diagnose_lease,
     diagnose_unleased,
+    fail_plan,
     grant_state,
+    holder_end_reason,
     holder_entry,
     holder_outcome,
     idempotent_submit,
@@ -111,6 +117,8 @@ from tether.store.common import (
     secret_row,
     target_state,
     task_not_found,
+    timeout_error,
+    timeout_outcome,
     tool_call_completion,
     tool_call_repeat,
     tool_call_row,
@@ -200,7 +208,8 @@ _SQL_ACQUIRE = {
 UPDATE tasks SET state = {int(grant_state(start))},
     attempt = attempt + 1, fencing_token = fencing_token + 1,
     node_id = %(node_id)s, agent_id = %(agent_id)s, lease_id = %(lease_id)s,
-    lease_expires_unix_ms = %(now)s + lease_ttl_ms, updated_unix_ms = %(now)s
+    lease_expires_unix_ms = %(now)s + lease_ttl_ms, updated_unix_ms = %(now)s,
+    attempt_started_unix_ms = %(now)s
 WHERE seq = (
     SELECT seq FROM tasks
     WHERE queue = %(queue)s AND state IN {in_states(sources(Event.LEASE))}
@@ -231,9 +240,12 @@ UPDATE lease_history SET outcome = %s WHERE task_id = %s AND fencing_token = %s
 """
 
 
-def _transition_sql(event: Event) -> tuple[str, str | None]:
-    """The conditional UPDATE for a holder event and the lease outcome it records."""
-    target = target_state(event)
+def _transition_sql(event: Event, retry: bool = False) -> tuple[str, str | None]:
+    """The conditional UPDATE for a holder event and the lease outcome it records.
+
+    `retry`: the FAIL the retry policy retries (queued again at not_before).
+    """
+    target = State.QUEUED if retry else target_state(event)
     outcome = holder_outcome(target)
     src = in_states(sources(event))
     where = (
@@ -245,26 +257,31 @@ def _transition_sql(event: Event) -> tuple[str, str | None]:
     elif outcome == "released":
         sets = (
             ", node_id = '', agent_id = '', lease_id = '', lease_expires_unix_ms = 0,"
-            " not_before_unix_ms = %(now)s, error = %(error)s"
+            " not_before_unix_ms = %(not_before)s, error = %(error)s,"
+            " end_reason = %(end_reason)s"
         )
     else:
-        sets = ", lease_expires_unix_ms = 0, result = %(result)s, error = %(error)s"
+        sets = (
+            ", lease_expires_unix_ms = 0, result = %(result)s, error = %(error)s,"
+            " end_reason = %(end_reason)s"
+        )
     state = str(int(target))
-    if outcome == "released":  # a released attempt counts against max_attempts
+    if outcome == "released" and not retry:  # a released attempt counts against max_attempts
         state = f"CASE WHEN attempt >= max_attempts THEN {int(State.EXPIRED)} ELSE {state} END"
     sql = (
         f"UPDATE tasks SET state = {state}, updated_unix_ms = %(now)s{sets} {where}"
         f" RETURNING {TASK_COLS}"
     )
-    return sql, outcome
+    return sql, "failed" if retry else outcome
 
 
 _SQL_TRANSITION = {e: _transition_sql(e) for e in HOLDER_EVENTS}
+_SQL_FAIL_RETRY = _transition_sql(Event.FAIL, retry=True)
 
 _CANCELED = target_state(Event.CANCEL)
 _SQL_CANCEL = f"""
 UPDATE tasks SET state = {int(_CANCELED)}, error = %(reason)s, updated_unix_ms = %(now)s,
-    lease_expires_unix_ms = 0
+    lease_expires_unix_ms = 0, end_reason = {int(EndReason.CANCELED)}
 WHERE task_id = %(task_id)s AND state IN {in_states(sources(Event.CANCEL))}
 RETURNING {TASK_COLS}
 """
@@ -279,9 +296,61 @@ ORDER BY lease_expires_unix_ms LIMIT %s FOR UPDATE SKIP LOCKED
 _SQL_LAPSE = f"""
 UPDATE tasks SET state = %(state)s, not_before_unix_ms = %(not_before)s, node_id = '',
     agent_id = '', lease_id = '', lease_expires_unix_ms = 0, updated_unix_ms = %(now)s,
-    error = 'lease lapsed'
+    error = 'lease lapsed', end_reason = {int(EndReason.HEARTBEAT_TIMEOUT)}
 WHERE task_id = %(task_id)s AND state IN {in_states(sources(Event.LAPSE))}
   AND fencing_token = %(token)s AND lease_expires_unix_ms <= %(now)s
+"""
+
+# -- time limits (tether.core.timeouts), enforced by the sweeper ---------------------
+# SKIP LOCKED as for lapses: replicas' sweepers split the work.
+_SQL_DEADLINE_DUE = f"""
+SELECT {TASK_COLS} FROM tasks
+WHERE deadline_unix_ms > 0 AND deadline_unix_ms <= %s
+  AND state IN {in_states(sources(Event.TIME_OUT))}
+ORDER BY deadline_unix_ms LIMIT %s FOR UPDATE SKIP LOCKED
+"""
+
+_SQL_SCHEDULE_TO_START_DUE = f"""
+SELECT {TASK_COLS} FROM tasks
+WHERE schedule_to_start_ms > 0 AND state = {int(State.QUEUED)}
+  AND not_before_unix_ms + schedule_to_start_ms <= %s
+ORDER BY not_before_unix_ms LIMIT %s FOR UPDATE SKIP LOCKED
+"""
+
+# The re-checked condition of each TIME_OUT, so a task changed since the select
+# (leased, finished, canceled) is left alone.
+_TIME_OUT_DUE = {
+    EndReason.DEADLINE: "deadline_unix_ms > 0 AND deadline_unix_ms <= %(now)s",
+    EndReason.SCHEDULE_TO_START_TIMEOUT: (
+        f"state = {int(State.QUEUED)} AND schedule_to_start_ms > 0"
+        " AND not_before_unix_ms + schedule_to_start_ms <= %(now)s"
+    ),
+}
+
+_SQL_TIME_OUT = {
+    reason: f"""
+UPDATE tasks SET state = {int(State.EXPIRED)}, end_reason = %(reason)s, error = %(error)s,
+    lease_expires_unix_ms = 0, updated_unix_ms = %(now)s
+WHERE task_id = %(task_id)s AND fencing_token = %(token)s
+  AND state IN {in_states(sources(Event.TIME_OUT))} AND {due}
+"""
+    for reason, due in _TIME_OUT_DUE.items()
+}
+
+_SQL_ATTEMPT_DUE = f"""
+SELECT {LAPSED_COLS}, attempt_started_unix_ms + attempt_timeout_ms FROM tasks
+WHERE attempt_timeout_ms > 0 AND state IN {in_states(sources(Event.LAPSE))}
+  AND attempt_started_unix_ms + attempt_timeout_ms <= %s
+ORDER BY attempt_started_unix_ms LIMIT %s FOR UPDATE SKIP LOCKED
+"""
+
+_SQL_ATTEMPT_TIME_OUT = f"""
+UPDATE tasks SET state = %(state)s, not_before_unix_ms = %(not_before)s, node_id = '',
+    agent_id = '', lease_id = '', lease_expires_unix_ms = 0, updated_unix_ms = %(now)s,
+    error = 'attempt timeout', end_reason = {int(EndReason.ATTEMPT_TIMEOUT)}
+WHERE task_id = %(task_id)s AND state IN {in_states(sources(Event.LAPSE))}
+  AND fencing_token = %(token)s AND attempt_timeout_ms > 0
+  AND attempt_started_unix_ms + attempt_timeout_ms <= %(now)s
 """
 
 
@@ -494,9 +563,7 @@ class PostgresStore:
             # replica) waits for that one to commit, then inserts nothing.
             row = await _one(
                 conn,
-                "INSERT INTO tasks (task_id, queue, state, payload, max_attempts, lease_ttl_ms,"
-                " created_unix_ms, updated_unix_ms, not_before_unix_ms, idempotency_key,"
-                " budget_limit_micros) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                f"INSERT INTO tasks ({NEW_TASK_COLS}) VALUES ({', '.join(['%s'] * NEW_TASK_ARITY)})"
                 " ON CONFLICT (idempotency_key) WHERE idempotency_key <> '' DO NOTHING"
                 f" RETURNING {TASK_COLS}",
                 new_task_row(task, task_id, now_ms),
@@ -608,18 +675,41 @@ class PostgresStore:
         now_ms: int,
         result: bytes = b"",
         error: str = "",
+        non_retryable: bool = False,
+        failure_type: str = "",
+        backoff_base_ms: int = 1_000,
+        backoff_cap_ms: int = 60_000,
     ) -> TaskRecord:
-        sql, outcome = holder_entry(_SQL_TRANSITION, event)
-        params = {
-            "now": now_ms,
-            "task_id": task_id,
-            "token": fencing_token,
-            "node_id": node_id,
-            "result": result,
-            "error": error,
-        }
+        entry = holder_entry(_SQL_TRANSITION, event)
 
         async def fn(conn: Conn) -> TaskRecord:
+            sql, outcome = entry
+            params = {
+                "now": now_ms,
+                "task_id": task_id,
+                "token": fencing_token,
+                "node_id": node_id,
+                "result": result,
+                "error": error,
+                "not_before": now_ms,
+                "end_reason": holder_end_reason(event),
+            }
+            if event is Event.FAIL:
+                current = await _one(
+                    conn, f"SELECT {TASK_COLS} FROM tasks WHERE task_id = %s FOR UPDATE", (task_id,)
+                )
+                if current is not None and row_to_task(current).state in sources(Event.FAIL):
+                    target, not_before, reason = fail_plan(
+                        row_to_task(current),
+                        now_ms,
+                        non_retryable=non_retryable,
+                        failure_type=failure_type,
+                        backoff_base_ms=backoff_base_ms,
+                        backoff_cap_ms=backoff_cap_ms,
+                    )
+                    if target is State.QUEUED:
+                        sql, outcome = _SQL_FAIL_RETRY
+                    params.update(not_before=not_before, end_reason=int(reason))
             row = await _one(conn, sql, params)
             if row is None:
                 raise await _diagnose(conn, task_id, fencing_token, node_id, now_ms, event)
@@ -664,6 +754,62 @@ class PostgresStore:
                 )
                 if changed == 1:
                     await conn.execute(_SQL_HISTORY_CLOSE, ("lapsed", task_id, token))
+                    out.append(lapse)
+            return out
+
+        return await self._tx(fn)
+
+    async def sweep_limits(
+        self, *, now_ms: int, backoff_base_ms: int, backoff_cap_ms: int, limit: int = 1000
+    ) -> list[LapseOutcome]:
+        async def fn(conn: Conn) -> list[LapseOutcome]:
+            out: list[LapseOutcome] = []
+            for reason, select in (
+                (EndReason.DEADLINE, _SQL_DEADLINE_DUE),
+                (EndReason.SCHEDULE_TO_START_TIMEOUT, _SQL_SCHEDULE_TO_START_DUE),
+            ):
+                for row in await _all(conn, select, (now_ms, limit)):
+                    task = row_to_task(row)
+                    end = timeout_outcome(task, reason, now_ms)
+                    changed = await _exec(
+                        conn,
+                        _SQL_TIME_OUT[reason],
+                        {
+                            "reason": int(reason),
+                            "error": timeout_error(reason, end.limit_unix_ms),
+                            "now": now_ms,
+                            "task_id": task.task_id,
+                            "token": task.fencing_token,
+                        },
+                    )
+                    if changed == 1:
+                        await conn.execute(
+                            _SQL_HISTORY_CLOSE, (reason.label, task.task_id, task.fencing_token)
+                        )
+                        out.append(end)
+            for row in await _all(conn, _SQL_ATTEMPT_DUE, (now_ms, limit)):
+                lapse = lapse_outcome(
+                    row[:-1],
+                    now_ms,
+                    backoff_base_ms,
+                    backoff_cap_ms,
+                    reason=EndReason.ATTEMPT_TIMEOUT,
+                    due_ms=row[-1],
+                )
+                task_id, token = lapse.task_id, lapse.fencing_token
+                changed = await _exec(
+                    conn,
+                    _SQL_ATTEMPT_TIME_OUT,
+                    {
+                        "state": int(lapse.state),
+                        "not_before": lapse.not_before_unix_ms,
+                        "now": now_ms,
+                        "task_id": task_id,
+                        "token": token,
+                    },
+                )
+                if changed == 1:
+                    await conn.execute(_SQL_HISTORY_CLOSE, ("attempt_timeout", task_id, token))
                     out.append(lapse)
             return out
 
@@ -1288,7 +1434,7 @@ async def _diagnose(
     lapsed = await _one(
         conn,
         "SELECT 1 FROM lease_history WHERE task_id = %s AND fencing_token = %s"
-        " AND outcome = 'lapsed'",
+        f" AND outcome IN ({', '.join(repr(o) for o in LAPSED_OUTCOMES)})",
         (task_id, fencing_token),
     )
     return diagnose_unleased(task_id, task, fencing_token, event, lapsed is not None)

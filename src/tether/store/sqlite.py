@@ -34,6 +34,7 @@ import aiosqlite
 
 from tether.core.errors import StorageError, TetherError
 from tether.core.states import LEASED_STATES, Event, State, sources
+from tether.core.timeouts import EndReason
 from tether.store.base import (
     BudgetState,
     JoinTokenRecord,
@@ -59,8 +60,11 @@ from tether.store.common import (
     HOLDER_EVENTS,
     JOIN_TOKEN_COLS,
     LAPSED_COLS,
+    LAPSED_OUTCOMES,
     LEASE_HISTORY_COLS,
     LEDGER_HEAD_COLS,
+    NEW_TASK_ARITY,
+    NEW_TASK_COLS,
     NODE_COLS,
     NODE_WRITE_COLS,
     POLICY_COLS,
@@ -79,7 +83,9 @@ from tether.store.common import (
     contiguous_leaf_hashes,
     diagnose_lease,
     diagnose_unleased,
+    fail_plan,
     grant_state,
+    holder_end_reason,
     holder_entry,
     holder_outcome,
     idempotent_submit,
@@ -105,6 +111,8 @@ from tether.store.common import (
     secret_row,
     target_state,
     task_not_found,
+    timeout_error,
+    timeout_outcome,
     tool_call_completion,
     tool_call_repeat,
     tool_call_row,
@@ -124,7 +132,7 @@ _SQL_ACQUIRE = {
 UPDATE tasks SET state = {int(grant_state(start))},
     attempt = attempt + 1, fencing_token = fencing_token + 1,
     node_id = ?1, agent_id = ?2, lease_id = ?3, lease_expires_unix_ms = ?4 + lease_ttl_ms,
-    updated_unix_ms = ?4
+    updated_unix_ms = ?4, attempt_started_unix_ms = ?4
 WHERE seq = (
     SELECT seq FROM tasks
     WHERE queue = ?5 AND state IN {in_states(sources(Event.LEASE))} AND not_before_unix_ms <= ?4
@@ -153,9 +161,12 @@ UPDATE lease_history SET outcome = ?1 WHERE task_id = ?2 AND fencing_token = ?3
 """
 
 
-def _transition_sql(event: Event) -> tuple[str, str | None]:
-    """The conditional UPDATE for a holder event and the lease outcome it records."""
-    target = target_state(event)
+def _transition_sql(event: Event, retry: bool = False) -> tuple[str, str | None]:
+    """The conditional UPDATE for a holder event and the lease outcome it records.
+
+    `retry`: the FAIL the retry policy retries (queued again at :not_before).
+    """
+    target = State.QUEUED if retry else target_state(event)
     outcome = holder_outcome(target)
     src = in_states(sources(event))
     where = (
@@ -167,26 +178,30 @@ def _transition_sql(event: Event) -> tuple[str, str | None]:
     elif outcome == "released":
         sets = (
             ", node_id = '', agent_id = '', lease_id = '', lease_expires_unix_ms = 0,"
-            " not_before_unix_ms = :now, error = :error"
+            " not_before_unix_ms = :not_before, error = :error, end_reason = :end_reason"
         )
     else:
-        sets = ", lease_expires_unix_ms = 0, result = :result, error = :error"
+        sets = (
+            ", lease_expires_unix_ms = 0, result = :result, error = :error,"
+            " end_reason = :end_reason"
+        )
     state = str(int(target))
-    if outcome == "released":  # a released attempt counts against max_attempts
+    if outcome == "released" and not retry:  # a released attempt counts against max_attempts
         state = f"CASE WHEN attempt >= max_attempts THEN {int(State.EXPIRED)} ELSE {state} END"
     sql = (
         f"UPDATE tasks SET state = {state}, updated_unix_ms = :now{sets} {where}"
         f" RETURNING {TASK_COLS}"
     )
-    return sql, outcome
+    return sql, "failed" if retry else outcome
 
 
 _SQL_TRANSITION = {e: _transition_sql(e) for e in HOLDER_EVENTS}
+_SQL_FAIL_RETRY = _transition_sql(Event.FAIL, retry=True)
 
 _CANCELED = target_state(Event.CANCEL)
 _SQL_CANCEL = f"""
 UPDATE tasks SET state = {int(_CANCELED)}, error = ?1, updated_unix_ms = ?2,
-    lease_expires_unix_ms = 0
+    lease_expires_unix_ms = 0, end_reason = {int(EndReason.CANCELED)}
 WHERE task_id = ?3 AND state IN {in_states(sources(Event.CANCEL))}
 RETURNING {TASK_COLS}
 """
@@ -199,9 +214,60 @@ ORDER BY lease_expires_unix_ms LIMIT ?2
 
 _SQL_LAPSE = f"""
 UPDATE tasks SET state = ?1, not_before_unix_ms = ?2, node_id = '', agent_id = '',
-    lease_id = '', lease_expires_unix_ms = 0, updated_unix_ms = ?3, error = 'lease lapsed'
+    lease_id = '', lease_expires_unix_ms = 0, updated_unix_ms = ?3, error = 'lease lapsed',
+    end_reason = {int(EndReason.HEARTBEAT_TIMEOUT)}
 WHERE task_id = ?4 AND state IN {in_states(sources(Event.LAPSE))} AND fencing_token = ?5
   AND lease_expires_unix_ms <= ?3
+"""
+
+# -- time limits (tether.core.timeouts), enforced by the sweeper ---------------------
+_SQL_DEADLINE_DUE = f"""
+SELECT {TASK_COLS} FROM tasks
+WHERE deadline_unix_ms > 0 AND deadline_unix_ms <= ?1
+  AND state IN {in_states(sources(Event.TIME_OUT))}
+ORDER BY deadline_unix_ms LIMIT ?2
+"""
+
+_SQL_SCHEDULE_TO_START_DUE = f"""
+SELECT {TASK_COLS} FROM tasks
+WHERE schedule_to_start_ms > 0 AND state = {int(State.QUEUED)}
+  AND not_before_unix_ms + schedule_to_start_ms <= ?1
+ORDER BY not_before_unix_ms LIMIT ?2
+"""
+
+# The re-checked condition of each TIME_OUT, so a task changed since the select
+# (leased, finished, canceled) is left alone.
+_TIME_OUT_DUE = {
+    EndReason.DEADLINE: "deadline_unix_ms > 0 AND deadline_unix_ms <= ?3",
+    EndReason.SCHEDULE_TO_START_TIMEOUT: (
+        f"state = {int(State.QUEUED)} AND schedule_to_start_ms > 0"
+        " AND not_before_unix_ms + schedule_to_start_ms <= ?3"
+    ),
+}
+
+_SQL_TIME_OUT = {
+    reason: f"""
+UPDATE tasks SET state = {int(State.EXPIRED)}, end_reason = ?1, error = ?2,
+    lease_expires_unix_ms = 0, updated_unix_ms = ?3
+WHERE task_id = ?4 AND fencing_token = ?5 AND state IN {in_states(sources(Event.TIME_OUT))}
+  AND {due}
+"""
+    for reason, due in _TIME_OUT_DUE.items()
+}
+
+_SQL_ATTEMPT_DUE = f"""
+SELECT {LAPSED_COLS}, attempt_started_unix_ms + attempt_timeout_ms FROM tasks
+WHERE attempt_timeout_ms > 0 AND state IN {in_states(sources(Event.LAPSE))}
+  AND attempt_started_unix_ms + attempt_timeout_ms <= ?1
+ORDER BY attempt_started_unix_ms LIMIT ?2
+"""
+
+_SQL_ATTEMPT_TIME_OUT = f"""
+UPDATE tasks SET state = ?1, not_before_unix_ms = ?2, node_id = '', agent_id = '',
+    lease_id = '', lease_expires_unix_ms = 0, updated_unix_ms = ?3,
+    error = 'attempt timeout', end_reason = {int(EndReason.ATTEMPT_TIMEOUT)}
+WHERE task_id = ?4 AND state IN {in_states(sources(Event.LAPSE))} AND fencing_token = ?5
+  AND attempt_timeout_ms > 0 AND attempt_started_unix_ms + attempt_timeout_ms <= ?3
 """
 
 
@@ -395,10 +461,8 @@ class SqliteStore:
                 if row is not None:
                     return idempotent_submit(row_to_task(row), task), False
             row = conn.execute(
-                "INSERT INTO tasks (task_id, queue, state, payload, max_attempts, lease_ttl_ms,"
-                " created_unix_ms, updated_unix_ms, not_before_unix_ms, idempotency_key,"
-                " budget_limit_micros) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                f" RETURNING {TASK_COLS}",
+                f"INSERT INTO tasks ({NEW_TASK_COLS})"
+                f" VALUES ({', '.join('?' * NEW_TASK_ARITY)}) RETURNING {TASK_COLS}",
                 new_task_row(task, task_id, now_ms),
             ).fetchone()
             return row_to_task(row), True
@@ -499,10 +563,15 @@ class SqliteStore:
         now_ms: int,
         result: bytes = b"",
         error: str = "",
+        non_retryable: bool = False,
+        failure_type: str = "",
+        backoff_base_ms: int = 1_000,
+        backoff_cap_ms: int = 60_000,
     ) -> TaskRecord:
-        sql, outcome = holder_entry(_SQL_TRANSITION, event)
+        entry = holder_entry(_SQL_TRANSITION, event)
 
         def fn(conn: sqlite3.Connection) -> TaskRecord:
+            sql, outcome = entry
             params = {
                 "now": now_ms,
                 "task_id": task_id,
@@ -510,7 +579,25 @@ class SqliteStore:
                 "node_id": node_id,
                 "result": result,
                 "error": error,
+                "not_before": now_ms,
+                "end_reason": holder_end_reason(event),
             }
+            if event is Event.FAIL:
+                current = conn.execute(
+                    f"SELECT {TASK_COLS} FROM tasks WHERE task_id = ?", (task_id,)
+                ).fetchone()
+                if current is not None and row_to_task(current).state in sources(Event.FAIL):
+                    target, not_before, reason = fail_plan(
+                        row_to_task(current),
+                        now_ms,
+                        non_retryable=non_retryable,
+                        failure_type=failure_type,
+                        backoff_base_ms=backoff_base_ms,
+                        backoff_cap_ms=backoff_cap_ms,
+                    )
+                    if target is State.QUEUED:
+                        sql, outcome = _SQL_FAIL_RETRY
+                    params.update(not_before=not_before, end_reason=int(reason))
             row = conn.execute(sql, params).fetchone()
             if row is None:
                 raise _diagnose(conn, task_id, fencing_token, node_id, now_ms, event)
@@ -548,6 +635,54 @@ class SqliteStore:
                 )
                 if cur.rowcount == 1:
                     conn.execute(_SQL_HISTORY_CLOSE, ("lapsed", task_id, token))
+                    out.append(lapse)
+            return out
+
+        return await self._tx(fn)
+
+    async def sweep_limits(
+        self, *, now_ms: int, backoff_base_ms: int, backoff_cap_ms: int, limit: int = 1000
+    ) -> list[LapseOutcome]:
+        def fn(conn: sqlite3.Connection) -> list[LapseOutcome]:
+            out: list[LapseOutcome] = []
+            for reason, select in (
+                (EndReason.DEADLINE, _SQL_DEADLINE_DUE),
+                (EndReason.SCHEDULE_TO_START_TIMEOUT, _SQL_SCHEDULE_TO_START_DUE),
+            ):
+                for row in conn.execute(select, (now_ms, limit)).fetchall():
+                    task = row_to_task(row)
+                    end = timeout_outcome(task, reason, now_ms)
+                    cur = conn.execute(
+                        _SQL_TIME_OUT[reason],
+                        (
+                            int(reason),
+                            timeout_error(reason, end.limit_unix_ms),
+                            now_ms,
+                            task.task_id,
+                            task.fencing_token,
+                        ),
+                    )
+                    if cur.rowcount == 1:
+                        conn.execute(
+                            _SQL_HISTORY_CLOSE, (reason.label, task.task_id, task.fencing_token)
+                        )
+                        out.append(end)
+            for row in conn.execute(_SQL_ATTEMPT_DUE, (now_ms, limit)).fetchall():
+                lapse = lapse_outcome(
+                    row[:-1],
+                    now_ms,
+                    backoff_base_ms,
+                    backoff_cap_ms,
+                    reason=EndReason.ATTEMPT_TIMEOUT,
+                    due_ms=row[-1],
+                )
+                task_id, token = lapse.task_id, lapse.fencing_token
+                cur = conn.execute(
+                    _SQL_ATTEMPT_TIME_OUT,
+                    (int(lapse.state), lapse.not_before_unix_ms, now_ms, task_id, token),
+                )
+                if cur.rowcount == 1:
+                    conn.execute(_SQL_HISTORY_CLOSE, ("attempt_timeout", task_id, token))
                     out.append(lapse)
             return out
 
@@ -1099,7 +1234,7 @@ def _diagnose(
         return err
     lapsed = conn.execute(
         "SELECT 1 FROM lease_history WHERE task_id = ? AND fencing_token = ?"
-        " AND outcome = 'lapsed'",
+        f" AND outcome IN ({', '.join(repr(o) for o in LAPSED_OUTCOMES)})",
         (task_id, fencing_token),
     ).fetchone()
     return diagnose_unleased(task_id, task, fencing_token, event, lapsed is not None)

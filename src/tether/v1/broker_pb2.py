@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from tether.v1 import receipt_pb2 as tether_dot_v1_dot_receipt__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tether/v1/broker.proto\x12\ttether.v1\x1a\x17tether/v1/receipt.proto\"\xb6\x01\n\x08TaskView\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05queue\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\x15\n\rfencing_token\x18\x05 \x01(\x04\x12\x1d\n\x15lease_expires_unix_ms\x18\x06 \x01(\x03\x12\r\n\x05tools\x18\x07 \x03(\t\x12#\n\x05state\x18\x08 \x01(\x0e\x32\x14.tether.v1.TaskState\"2\n\x10\x43laimTaskRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0f\n\x07wait_ms\x18\x02 \x01(\r\"Y\n\x11\x43laimTaskResponse\x12!\n\x04task\x18\x01 \x01(\x0b\x32\x13.tether.v1.TaskView\x12!\n\x03mcp\x18\x02 \x01(\x0b\x32\x14.tether.v1.McpAccess\"<\n\tMcpAccess\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x13\n\x0bunix_socket\x18\x03 \x01(\t\"#\n\x10StartTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"6\n\x11StartTaskResponse\x12!\n\x04task\x18\x01 \x01(\x0b\x32\x13.tether.v1.TaskView\"#\n\x10HeartbeatRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"2\n\x11HeartbeatResponse\x12\x1d\n\x15lease_expires_unix_ms\x18\x01 \x01(\x03\"a\n\x0f\x43\x61llToolRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"\x7f\n\x10\x43\x61llToolResponse\x12\x13\n\x0bresult_json\x18\x01 \x01(\t\x12\x10\n\x08replayed\x18\x02 \x01(\x08\x12\x13\n\x0b\x63ost_micros\x18\x03 \x01(\x03\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x1f\n\x17\x62udget_remaining_micros\x18\x05 \x01(\x03\"E\n\x0e\x41rtifactHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\"Z\n\x12PutArtifactRequest\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.tether.v1.ArtifactHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"3\n\x13PutArtifactResponse\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"e\n\x0fRememberRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12%\n\x05scope\x18\x02 \x01(\x0e\x32\x16.tether.v1.MemoryScope\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\x0c\"\"\n\x10RememberResponse\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"T\n\rRecallRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12%\n\x05scope\x18\x02 \x01(\x0e\x32\x16.tether.v1.MemoryScope\x12\x0b\n\x03key\x18\x03 \x01(\t\".\n\x0eRecallResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x0c\"n\n\x13\x43ompleteTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\'\n\x07outcome\x18\x02 \x01(\x0e\x32\x16.tether.v1.TaskOutcome\x12\x0e\n\x06result\x18\x03 \x01(\x0c\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"U\n\x14\x43ompleteTaskResponse\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.tether.v1.TaskState\x12\x18\n\x10receipts_pending\x18\x02 \x01(\x08*Z\n\x0bMemoryScope\x12\x1c\n\x18MEMORY_SCOPE_UNSPECIFIED\x10\x00\x12\x15\n\x11MEMORY_SCOPE_TASK\x10\x01\x12\x16\n\x12MEMORY_SCOPE_AGENT\x10\x02*`\n\x0bTaskOutcome\x12\x1c\n\x18TASK_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16TASK_OUTCOME_SUCCEEDED\x10\x01\x12\x17\n\x13TASK_OUTCOME_FAILED\x10\x02\x32\xd1\x04\n\rBrokerService\x12\x46\n\tClaimTask\x12\x1b.tether.v1.ClaimTaskRequest\x1a\x1c.tether.v1.ClaimTaskResponse\x12\x46\n\tStartTask\x12\x1b.tether.v1.StartTaskRequest\x1a\x1c.tether.v1.StartTaskResponse\x12\x46\n\tHeartbeat\x12\x1b.tether.v1.HeartbeatRequest\x1a\x1c.tether.v1.HeartbeatResponse\x12\x43\n\x08\x43\x61llTool\x12\x1a.tether.v1.CallToolRequest\x1a\x1b.tether.v1.CallToolResponse\x12N\n\x0bPutArtifact\x12\x1d.tether.v1.PutArtifactRequest\x1a\x1e.tether.v1.PutArtifactResponse(\x01\x12\x43\n\x08Remember\x12\x1a.tether.v1.RememberRequest\x1a\x1b.tether.v1.RememberResponse\x12=\n\x06Recall\x12\x18.tether.v1.RecallRequest\x1a\x19.tether.v1.RecallResponse\x12O\n\x0c\x43ompleteTask\x12\x1e.tether.v1.CompleteTaskRequest\x1a\x1f.tether.v1.CompleteTaskResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tether/v1/broker.proto\x12\ttether.v1\x1a\x17tether/v1/receipt.proto\"\xb6\x01\n\x08TaskView\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05queue\x18\x02 \x01(\t\x12\x0f\n\x07payload\x18\x03 \x01(\x0c\x12\x0f\n\x07\x61ttempt\x18\x04 \x01(\r\x12\x15\n\rfencing_token\x18\x05 \x01(\x04\x12\x1d\n\x15lease_expires_unix_ms\x18\x06 \x01(\x03\x12\r\n\x05tools\x18\x07 \x03(\t\x12#\n\x05state\x18\x08 \x01(\x0e\x32\x14.tether.v1.TaskState\"2\n\x10\x43laimTaskRequest\x12\r\n\x05queue\x18\x01 \x01(\t\x12\x0f\n\x07wait_ms\x18\x02 \x01(\r\"Y\n\x11\x43laimTaskResponse\x12!\n\x04task\x18\x01 \x01(\x0b\x32\x13.tether.v1.TaskView\x12!\n\x03mcp\x18\x02 \x01(\x0b\x32\x14.tether.v1.McpAccess\"<\n\tMcpAccess\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x13\n\x0bunix_socket\x18\x03 \x01(\t\"#\n\x10StartTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"6\n\x11StartTaskResponse\x12!\n\x04task\x18\x01 \x01(\x0b\x32\x13.tether.v1.TaskView\"#\n\x10HeartbeatRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\\\n\x11HeartbeatResponse\x12\x1d\n\x15lease_expires_unix_ms\x18\x01 \x01(\x03\x12(\n\nend_reason\x18\x02 \x01(\x0e\x32\x14.tether.v1.EndReason\"a\n\x0f\x43\x61llToolRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"\x7f\n\x10\x43\x61llToolResponse\x12\x13\n\x0bresult_json\x18\x01 \x01(\t\x12\x10\n\x08replayed\x18\x02 \x01(\x08\x12\x13\n\x0b\x63ost_micros\x18\x03 \x01(\x03\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x1f\n\x17\x62udget_remaining_micros\x18\x05 \x01(\x03\"E\n\x0e\x41rtifactHeader\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\"Z\n\x12PutArtifactRequest\x12+\n\x06header\x18\x01 \x01(\x0b\x32\x19.tether.v1.ArtifactHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"3\n\x13PutArtifactResponse\x12\x0e\n\x06sha256\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\"e\n\x0fRememberRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12%\n\x05scope\x18\x02 \x01(\x0e\x32\x16.tether.v1.MemoryScope\x12\x0b\n\x03key\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\x0c\"\"\n\x10RememberResponse\x12\x0e\n\x06sha256\x18\x01 \x01(\t\"T\n\rRecallRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12%\n\x05scope\x18\x02 \x01(\x0e\x32\x16.tether.v1.MemoryScope\x12\x0b\n\x03key\x18\x03 \x01(\t\".\n\x0eRecallResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x0c\"\x9b\x01\n\x13\x43ompleteTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\'\n\x07outcome\x18\x02 \x01(\x0e\x32\x16.tether.v1.TaskOutcome\x12\x0e\n\x06result\x18\x03 \x01(\x0c\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x15\n\rnon_retryable\x18\x05 \x01(\x08\x12\x14\n\x0c\x66\x61ilure_type\x18\x06 \x01(\t\"U\n\x14\x43ompleteTaskResponse\x12#\n\x05state\x18\x01 \x01(\x0e\x32\x14.tether.v1.TaskState\x12\x18\n\x10receipts_pending\x18\x02 \x01(\x08*Z\n\x0bMemoryScope\x12\x1c\n\x18MEMORY_SCOPE_UNSPECIFIED\x10\x00\x12\x15\n\x11MEMORY_SCOPE_TASK\x10\x01\x12\x16\n\x12MEMORY_SCOPE_AGENT\x10\x02*`\n\x0bTaskOutcome\x12\x1c\n\x18TASK_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16TASK_OUTCOME_SUCCEEDED\x10\x01\x12\x17\n\x13TASK_OUTCOME_FAILED\x10\x02\x32\xd1\x04\n\rBrokerService\x12\x46\n\tClaimTask\x12\x1b.tether.v1.ClaimTaskRequest\x1a\x1c.tether.v1.ClaimTaskResponse\x12\x46\n\tStartTask\x12\x1b.tether.v1.StartTaskRequest\x1a\x1c.tether.v1.StartTaskResponse\x12\x46\n\tHeartbeat\x12\x1b.tether.v1.HeartbeatRequest\x1a\x1c.tether.v1.HeartbeatResponse\x12\x43\n\x08\x43\x61llTool\x12\x1a.tether.v1.CallToolRequest\x1a\x1b.tether.v1.CallToolResponse\x12N\n\x0bPutArtifact\x12\x1d.tether.v1.PutArtifactRequest\x1a\x1e.tether.v1.PutArtifactResponse(\x01\x12\x43\n\x08Remember\x12\x1a.tether.v1.RememberRequest\x1a\x1b.tether.v1.RememberResponse\x12=\n\x06Recall\x12\x18.tether.v1.RecallRequest\x1a\x19.tether.v1.RecallResponse\x12O\n\x0c\x43ompleteTask\x12\x1e.tether.v1.CompleteTaskRequest\x1a\x1f.tether.v1.CompleteTaskResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tether.v1.broker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MEMORYSCOPE']._serialized_start=1550
-  _globals['_MEMORYSCOPE']._serialized_end=1640
-  _globals['_TASKOUTCOME']._serialized_start=1642
-  _globals['_TASKOUTCOME']._serialized_end=1738
+  _globals['_MEMORYSCOPE']._serialized_start=1638
+  _globals['_MEMORYSCOPE']._serialized_end=1728
+  _globals['_TASKOUTCOME']._serialized_start=1730
+  _globals['_TASKOUTCOME']._serialized_end=1826
   _globals['_TASKVIEW']._serialized_start=63
   _globals['_TASKVIEW']._serialized_end=245
   _globals['_CLAIMTASKREQUEST']._serialized_start=247
@@ -51,29 +51,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEARTBEATREQUEST']._serialized_start=545
   _globals['_HEARTBEATREQUEST']._serialized_end=580
   _globals['_HEARTBEATRESPONSE']._serialized_start=582
-  _globals['_HEARTBEATRESPONSE']._serialized_end=632
-  _globals['_CALLTOOLREQUEST']._serialized_start=634
-  _globals['_CALLTOOLREQUEST']._serialized_end=731
-  _globals['_CALLTOOLRESPONSE']._serialized_start=733
-  _globals['_CALLTOOLRESPONSE']._serialized_end=860
-  _globals['_ARTIFACTHEADER']._serialized_start=862
-  _globals['_ARTIFACTHEADER']._serialized_end=931
-  _globals['_PUTARTIFACTREQUEST']._serialized_start=933
-  _globals['_PUTARTIFACTREQUEST']._serialized_end=1023
-  _globals['_PUTARTIFACTRESPONSE']._serialized_start=1025
-  _globals['_PUTARTIFACTRESPONSE']._serialized_end=1076
-  _globals['_REMEMBERREQUEST']._serialized_start=1078
-  _globals['_REMEMBERREQUEST']._serialized_end=1179
-  _globals['_REMEMBERRESPONSE']._serialized_start=1181
-  _globals['_REMEMBERRESPONSE']._serialized_end=1215
-  _globals['_RECALLREQUEST']._serialized_start=1217
-  _globals['_RECALLREQUEST']._serialized_end=1301
-  _globals['_RECALLRESPONSE']._serialized_start=1303
-  _globals['_RECALLRESPONSE']._serialized_end=1349
-  _globals['_COMPLETETASKREQUEST']._serialized_start=1351
-  _globals['_COMPLETETASKREQUEST']._serialized_end=1461
-  _globals['_COMPLETETASKRESPONSE']._serialized_start=1463
-  _globals['_COMPLETETASKRESPONSE']._serialized_end=1548
-  _globals['_BROKERSERVICE']._serialized_start=1741
-  _globals['_BROKERSERVICE']._serialized_end=2334
+  _globals['_HEARTBEATRESPONSE']._serialized_end=674
+  _globals['_CALLTOOLREQUEST']._serialized_start=676
+  _globals['_CALLTOOLREQUEST']._serialized_end=773
+  _globals['_CALLTOOLRESPONSE']._serialized_start=775
+  _globals['_CALLTOOLRESPONSE']._serialized_end=902
+  _globals['_ARTIFACTHEADER']._serialized_start=904
+  _globals['_ARTIFACTHEADER']._serialized_end=973
+  _globals['_PUTARTIFACTREQUEST']._serialized_start=975
+  _globals['_PUTARTIFACTREQUEST']._serialized_end=1065
+  _globals['_PUTARTIFACTRESPONSE']._serialized_start=1067
+  _globals['_PUTARTIFACTRESPONSE']._serialized_end=1118
+  _globals['_REMEMBERREQUEST']._serialized_start=1120
+  _globals['_REMEMBERREQUEST']._serialized_end=1221
+  _globals['_REMEMBERRESPONSE']._serialized_start=1223
+  _globals['_REMEMBERRESPONSE']._serialized_end=1257
+  _globals['_RECALLREQUEST']._serialized_start=1259
+  _globals['_RECALLREQUEST']._serialized_end=1343
+  _globals['_RECALLRESPONSE']._serialized_start=1345
+  _globals['_RECALLRESPONSE']._serialized_end=1391
+  _globals['_COMPLETETASKREQUEST']._serialized_start=1394
+  _globals['_COMPLETETASKREQUEST']._serialized_end=1549
+  _globals['_COMPLETETASKRESPONSE']._serialized_start=1551
+  _globals['_COMPLETETASKRESPONSE']._serialized_end=1636
+  _globals['_BROKERSERVICE']._serialized_start=1829
+  _globals['_BROKERSERVICE']._serialized_end=2422
 # @@protoc_insertion_point(module_scope)

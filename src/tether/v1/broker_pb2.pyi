@@ -293,21 +293,28 @@ Global___HeartbeatRequest: _TypeAlias = HeartbeatRequest  # noqa: Y015
 
 @_typing.final
 class HeartbeatResponse(_message.Message):
-    """HeartbeatResponse reports the new lease expiry."""
+    """HeartbeatResponse reports the new lease expiry, or why the task must stop."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     LEASE_EXPIRES_UNIX_MS_FIELD_NUMBER: _builtins.int
+    END_REASON_FIELD_NUMBER: _builtins.int
     lease_expires_unix_ms: _builtins.int
-    """New lease expiry, Unix milliseconds."""
+    """New lease expiry, Unix milliseconds; 0 when end_reason is set."""
+    end_reason: _receipt_pb2.EndReason.ValueType
+    """Set when the control plane ended the lease for a time limit or a cancel: the
+    agent must stop now; its tool calls in flight were stopped and further calls
+    are refused (DEADLINE_EXCEEDED for a limit, CANCELLED for a cancel).
+    """
     def __init__(
         self,
         *,
         lease_expires_unix_ms: _builtins.int = ...,
+        end_reason: _receipt_pb2.EndReason.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease_expires_unix_ms", b"lease_expires_unix_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_reason", b"end_reason", "lease_expires_unix_ms", b"lease_expires_unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -595,6 +602,8 @@ class CompleteTaskRequest(_message.Message):
     OUTCOME_FIELD_NUMBER: _builtins.int
     RESULT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    NON_RETRYABLE_FIELD_NUMBER: _builtins.int
+    FAILURE_TYPE_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """Task id."""
     outcome: Global___TaskOutcome.ValueType
@@ -603,6 +612,12 @@ class CompleteTaskRequest(_message.Message):
     """Result, at most 1 MiB."""
     error: _builtins.str
     """Error text for a failure."""
+    non_retryable: _builtins.bool
+    """FAILED only: never retry this failure, whatever the retry policy says."""
+    failure_type: _builtins.str
+    """FAILED only: the failure's type, [A-Za-z0-9._-]{0,64}, matched against the
+    retry policy's non_retryable_reasons.
+    """
     def __init__(
         self,
         *,
@@ -610,10 +625,12 @@ class CompleteTaskRequest(_message.Message):
         outcome: Global___TaskOutcome.ValueType = ...,
         result: _builtins.bytes = ...,
         error: _builtins.str = ...,
+        non_retryable: _builtins.bool = ...,
+        failure_type: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "outcome", b"outcome", "result", b"result", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "failure_type", b"failure_type", "non_retryable", b"non_retryable", "outcome", b"outcome", "result", b"result", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

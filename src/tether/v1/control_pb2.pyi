@@ -53,6 +53,10 @@ class _TaskEventEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TaskEvent.V
     """leased|running -> queued or expired: the lease lapsed (sweeper only)."""
     TASK_EVENT_CANCEL: _TaskEvent.ValueType  # 7
     """queued|leased|running -> canceled."""
+    TASK_EVENT_TIME_OUT: _TaskEvent.ValueType  # 8
+    """queued|leased|running -> expired: the deadline or the schedule-to-start
+    timeout passed (sweeper only).
+    """
 
 class TaskEvent(_TaskEvent, metaclass=_TaskEventEnumTypeWrapper):
     """TaskEvent is an input to the task state machine."""
@@ -73,6 +77,10 @@ TASK_EVENT_LAPSE: TaskEvent.ValueType  # 6
 """leased|running -> queued or expired: the lease lapsed (sweeper only)."""
 TASK_EVENT_CANCEL: TaskEvent.ValueType  # 7
 """queued|leased|running -> canceled."""
+TASK_EVENT_TIME_OUT: TaskEvent.ValueType  # 8
+"""queued|leased|running -> expired: the deadline or the schedule-to-start
+timeout passed (sweeper only).
+"""
 Global___TaskEvent: _TypeAlias = TaskEvent  # noqa: Y015
 
 class _ToolCallPhase:
@@ -100,6 +108,67 @@ TOOL_CALL_PHASE_COMPLETED: ToolCallPhase.ValueType  # 2
 Global___ToolCallPhase: _TypeAlias = ToolCallPhase  # noqa: Y015
 
 @_typing.final
+class RetryPolicy(_message.Message):
+    """RetryPolicy says when and how often a task is tried again (Temporal's model).
+    The delay before attempt n+1 is min(initial_interval_ms *
+    backoff_coefficient^(n-1), maximum_interval_ms), counted from when attempt n
+    ended. A lapsed lease or an attempt timeout is always retried while attempts
+    remain; a failure only with retry_failures and unless it is non-retryable.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INITIAL_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    BACKOFF_COEFFICIENT_FIELD_NUMBER: _builtins.int
+    MAXIMUM_INTERVAL_MS_FIELD_NUMBER: _builtins.int
+    MAXIMUM_ATTEMPTS_FIELD_NUMBER: _builtins.int
+    NON_RETRYABLE_REASONS_FIELD_NUMBER: _builtins.int
+    RETRY_FAILURES_FIELD_NUMBER: _builtins.int
+    initial_interval_ms: _builtins.int
+    """Delay after the first attempt, milliseconds (1..86400000); 0 means the
+    queue's (or the control plane's) default.
+    """
+    backoff_coefficient: _builtins.float
+    """Growth of the delay per attempt (1..100); 0 means the default (2)."""
+    maximum_interval_ms: _builtins.int
+    """Longest delay, milliseconds (>= the initial interval, at most 86400000); 0
+    means the default.
+    """
+    maximum_attempts: _builtins.int
+    """Attempts in all (1..100); 0 means the task's max_attempts. When both are
+    set they must agree.
+    """
+    retry_failures: _builtins.bool
+    """Whether a failure the holder reports is retried (attempts permitting);
+    unset means the queue's setting (false unless the policy says so).
+    """
+    @_builtins.property
+    def non_retryable_reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Failure types (TransitionTask failure_type) never retried, each
+        [A-Za-z0-9._-]{1,64}, at most 32; empty means the queue's list.
+        """
+
+    def __init__(
+        self,
+        *,
+        initial_interval_ms: _builtins.int = ...,
+        backoff_coefficient: _builtins.float = ...,
+        maximum_interval_ms: _builtins.int = ...,
+        maximum_attempts: _builtins.int = ...,
+        non_retryable_reasons: _abc.Iterable[_builtins.str] | None = ...,
+        retry_failures: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_retry_failures", b"_retry_failures", "retry_failures", b"retry_failures"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_retry_failures", b"_retry_failures", "backoff_coefficient", b"backoff_coefficient", "initial_interval_ms", b"initial_interval_ms", "maximum_attempts", b"maximum_attempts", "maximum_interval_ms", b"maximum_interval_ms", "non_retryable_reasons", b"non_retryable_reasons", "retry_failures", b"retry_failures"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__retry_failures: _TypeAlias = _typing.Literal["retry_failures"]  # noqa: Y015
+    _WhichOneofArgType__retry_failures: _TypeAlias = _typing.Literal["_retry_failures", b"_retry_failures"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__retry_failures) -> _WhichOneofReturnType__retry_failures | None: ...
+
+Global___RetryPolicy: _TypeAlias = RetryPolicy  # noqa: Y015
+
+@_typing.final
 class Task(_message.Message):
     """Task is the control plane's view of a task."""
 
@@ -124,6 +193,12 @@ class Task(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     BUDGET_LIMIT_MICROS_FIELD_NUMBER: _builtins.int
     BUDGET_SPENT_MICROS_FIELD_NUMBER: _builtins.int
+    ATTEMPT_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    DEADLINE_UNIX_MS_FIELD_NUMBER: _builtins.int
+    SCHEDULE_TO_START_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    RETRY_POLICY_FIELD_NUMBER: _builtins.int
+    END_REASON_FIELD_NUMBER: _builtins.int
+    ATTEMPT_STARTED_UNIX_MS_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """Server-assigned id."""
     queue: _builtins.str
@@ -162,6 +237,24 @@ class Task(_message.Message):
     """Spend limit in micro-units; 0 means the policy's default."""
     budget_spent_micros: _builtins.int
     """Spend so far (settled plus reserved), micro-units."""
+    attempt_timeout_ms: _builtins.int
+    """Attempt timeout (start-to-close), milliseconds; 0 means none. The heartbeat
+    timeout is lease_ttl_ms.
+    """
+    deadline_unix_ms: _builtins.int
+    """Deadline (schedule-to-close) as a time, Unix milliseconds; 0 means none."""
+    schedule_to_start_timeout_ms: _builtins.int
+    """Schedule-to-start timeout, milliseconds; 0 means none."""
+    end_reason: _receipt_pb2.EndReason.ValueType
+    """Why the task ended; while it is not terminal, why its previous attempt
+    ended (UNSPECIFIED before any attempt ended).
+    """
+    attempt_started_unix_ms: _builtins.int
+    """When the current (or last) attempt's lease was granted, Unix milliseconds."""
+    @_builtins.property
+    def retry_policy(self) -> Global___RetryPolicy:
+        """The retry policy in force for the task, every field resolved."""
+
     def __init__(
         self,
         *,
@@ -184,10 +277,16 @@ class Task(_message.Message):
         idempotency_key: _builtins.str = ...,
         budget_limit_micros: _builtins.int = ...,
         budget_spent_micros: _builtins.int = ...,
+        attempt_timeout_ms: _builtins.int = ...,
+        deadline_unix_ms: _builtins.int = ...,
+        schedule_to_start_timeout_ms: _builtins.int = ...,
+        retry_policy: Global___RetryPolicy | None = ...,
+        end_reason: _receipt_pb2.EndReason.ValueType = ...,
+        attempt_started_unix_ms: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["retry_policy", b"retry_policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "attempt", b"attempt", "budget_limit_micros", b"budget_limit_micros", "budget_spent_micros", b"budget_spent_micros", "created_unix_ms", b"created_unix_ms", "error", b"error", "fencing_token", b"fencing_token", "idempotency_key", b"idempotency_key", "lease_expires_unix_ms", b"lease_expires_unix_ms", "lease_ttl_ms", b"lease_ttl_ms", "max_attempts", b"max_attempts", "node_id", b"node_id", "not_before_unix_ms", b"not_before_unix_ms", "payload", b"payload", "queue", b"queue", "result", b"result", "state", b"state", "task_id", b"task_id", "updated_unix_ms", b"updated_unix_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "attempt", b"attempt", "attempt_started_unix_ms", b"attempt_started_unix_ms", "attempt_timeout_ms", b"attempt_timeout_ms", "budget_limit_micros", b"budget_limit_micros", "budget_spent_micros", b"budget_spent_micros", "created_unix_ms", b"created_unix_ms", "deadline_unix_ms", b"deadline_unix_ms", "end_reason", b"end_reason", "error", b"error", "fencing_token", b"fencing_token", "idempotency_key", b"idempotency_key", "lease_expires_unix_ms", b"lease_expires_unix_ms", "lease_ttl_ms", b"lease_ttl_ms", "max_attempts", b"max_attempts", "node_id", b"node_id", "not_before_unix_ms", b"not_before_unix_ms", "payload", b"payload", "queue", b"queue", "result", b"result", "retry_policy", b"retry_policy", "schedule_to_start_timeout_ms", b"schedule_to_start_timeout_ms", "state", b"state", "task_id", b"task_id", "updated_unix_ms", b"updated_unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -609,6 +708,10 @@ class SubmitTaskRequest(_message.Message):
     MAX_ATTEMPTS_FIELD_NUMBER: _builtins.int
     LEASE_TTL_MS_FIELD_NUMBER: _builtins.int
     BUDGET_LIMIT_MICROS_FIELD_NUMBER: _builtins.int
+    ATTEMPT_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    DEADLINE_MS_FIELD_NUMBER: _builtins.int
+    SCHEDULE_TO_START_TIMEOUT_MS_FIELD_NUMBER: _builtins.int
+    RETRY_POLICY_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     """Queue name, [A-Za-z0-9._-]{1,128}."""
     payload: _builtins.bytes
@@ -616,11 +719,32 @@ class SubmitTaskRequest(_message.Message):
     idempotency_key: _builtins.str
     """Optional key making the submission idempotent: a repeat returns the same task."""
     max_attempts: _builtins.int
-    """Attempts allowed (1..100); 0 means the default (3)."""
+    """Attempts allowed (1..100); 0 means the queue's default (3 without one)."""
     lease_ttl_ms: _builtins.int
-    """Lease TTL in milliseconds (1000..3600000); 0 means the default (30000)."""
+    """Lease TTL, which is the heartbeat timeout, in milliseconds (1000..3600000):
+    a lease not renewed within it lapses. 0 means the queue's default (30000).
+    """
     budget_limit_micros: _builtins.int
     """Spend limit in micro-units; 0 means the policy's default for the queue."""
+    attempt_timeout_ms: _builtins.int
+    """Attempt timeout (start-to-close), milliseconds (1000..2592000000): each
+    attempt's lease ends this long after its grant however often it is renewed.
+    0 means the queue's default (none without one).
+    """
+    deadline_ms: _builtins.int
+    """Deadline (schedule-to-close), milliseconds after submission
+    (1000..2592000000): past it the task ends expired with reason DEADLINE,
+    whatever its state. 0 means the queue's default (none without one).
+    """
+    schedule_to_start_timeout_ms: _builtins.int
+    """Schedule-to-start timeout, milliseconds (1000..2592000000): a task ready in
+    the queue this long without a lease ends expired. 0 means the queue's
+    default (none without one).
+    """
+    @_builtins.property
+    def retry_policy(self) -> Global___RetryPolicy:
+        """Retry policy; unset fields take the queue's defaults."""
+
     def __init__(
         self,
         *,
@@ -630,10 +754,14 @@ class SubmitTaskRequest(_message.Message):
         max_attempts: _builtins.int = ...,
         lease_ttl_ms: _builtins.int = ...,
         budget_limit_micros: _builtins.int = ...,
+        attempt_timeout_ms: _builtins.int = ...,
+        deadline_ms: _builtins.int = ...,
+        schedule_to_start_timeout_ms: _builtins.int = ...,
+        retry_policy: Global___RetryPolicy | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["retry_policy", b"retry_policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["budget_limit_micros", b"budget_limit_micros", "idempotency_key", b"idempotency_key", "lease_ttl_ms", b"lease_ttl_ms", "max_attempts", b"max_attempts", "payload", b"payload", "queue", b"queue"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_timeout_ms", b"attempt_timeout_ms", "budget_limit_micros", b"budget_limit_micros", "deadline_ms", b"deadline_ms", "idempotency_key", b"idempotency_key", "lease_ttl_ms", b"lease_ttl_ms", "max_attempts", b"max_attempts", "payload", b"payload", "queue", b"queue", "retry_policy", b"retry_policy", "schedule_to_start_timeout_ms", b"schedule_to_start_timeout_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -946,23 +1074,36 @@ Global___RenewLeaseRequest: _TypeAlias = RenewLeaseRequest  # noqa: Y015
 
 @_typing.final
 class RenewLeaseResponse(_message.Message):
-    """RenewLeaseResponse returns the renewed signed lease."""
+    """RenewLeaseResponse returns the renewed signed lease, or says why the control
+    plane ended it.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     LEASE_FIELD_NUMBER: _builtins.int
+    END_REASON_FIELD_NUMBER: _builtins.int
+    TASK_STATE_FIELD_NUMBER: _builtins.int
+    end_reason: _receipt_pb2.EndReason.ValueType
+    """Set when the control plane itself ended this lease (a time limit or a
+    cancel): the holder must stop at once. Other refusals (a stale token, a
+    lease lapsed on the holder's side) stay errors.
+    """
+    task_state: _receipt_pb2.TaskState.ValueType
+    """The task's state after the end (with end_reason)."""
     @_builtins.property
     def lease(self) -> _receipt_pb2.Envelope:
-        """Signed Lease envelope with the new expiry."""
+        """Signed Lease envelope with the new expiry; unset when end_reason is set."""
 
     def __init__(
         self,
         *,
         lease: _receipt_pb2.Envelope | None = ...,
+        end_reason: _receipt_pb2.EndReason.ValueType = ...,
+        task_state: _receipt_pb2.TaskState.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_reason", b"end_reason", "lease", b"lease", "task_state", b"task_state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -980,6 +1121,8 @@ class TransitionTaskRequest(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     NODE_ID_FIELD_NUMBER: _builtins.int
+    NON_RETRYABLE_FIELD_NUMBER: _builtins.int
+    FAILURE_TYPE_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """Task id."""
     fencing_token: _builtins.int
@@ -992,6 +1135,12 @@ class TransitionTaskRequest(_message.Message):
     """Error text (FAIL/RELEASE)."""
     node_id: _builtins.str
     """Node holding the lease."""
+    non_retryable: _builtins.bool
+    """FAIL only: never retry this failure, whatever the retry policy says."""
+    failure_type: _builtins.str
+    """FAIL only: the failure's type, [A-Za-z0-9._-]{0,64}; a type the retry
+    policy lists in non_retryable_reasons is never retried.
+    """
     def __init__(
         self,
         *,
@@ -1001,10 +1150,12 @@ class TransitionTaskRequest(_message.Message):
         result: _builtins.bytes = ...,
         error: _builtins.str = ...,
         node_id: _builtins.str = ...,
+        non_retryable: _builtins.bool = ...,
+        failure_type: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "event", b"event", "fencing_token", b"fencing_token", "node_id", b"node_id", "result", b"result", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "event", b"event", "failure_type", b"failure_type", "fencing_token", b"fencing_token", "node_id", b"node_id", "non_retryable", b"non_retryable", "result", b"result", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

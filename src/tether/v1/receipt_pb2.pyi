@@ -70,6 +70,77 @@ TASK_STATE_CANCELED: TaskState.ValueType  # 7
 """Canceled by an operator (terminal)."""
 Global___TaskState: _TypeAlias = TaskState  # noqa: Y015
 
+class _EndReason:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _EndReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EndReason.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    END_REASON_UNSPECIFIED: _EndReason.ValueType  # 0
+    """Not ended (or ended before reasons were recorded)."""
+    END_REASON_SUCCEEDED: _EndReason.ValueType  # 1
+    """The holder reported success (succeeded)."""
+    END_REASON_FAILED: _EndReason.ValueType  # 2
+    """The holder reported a failure (failed; queued again when the retry policy
+    retries failures and attempts remain).
+    """
+    END_REASON_NON_RETRYABLE: _EndReason.ValueType  # 3
+    """The holder reported a failure marked non-retryable, or of a type the retry
+    policy lists as non-retryable (failed, never retried).
+    """
+    END_REASON_HEARTBEAT_TIMEOUT: _EndReason.ValueType  # 4
+    """The lease was not renewed within the heartbeat timeout (the lease TTL):
+    queued again after a backoff, or expired when attempts are spent.
+    """
+    END_REASON_ATTEMPT_TIMEOUT: _EndReason.ValueType  # 5
+    """The attempt held its lease past the attempt timeout (start-to-close):
+    queued again after a backoff, or expired when attempts are spent.
+    """
+    END_REASON_SCHEDULE_TO_START_TIMEOUT: _EndReason.ValueType  # 6
+    """The task waited ready in the queue past its schedule-to-start timeout (expired)."""
+    END_REASON_DEADLINE: _EndReason.ValueType  # 7
+    """The task outlived its deadline (schedule-to-close), whatever its state (expired)."""
+    END_REASON_CANCELED: _EndReason.ValueType  # 8
+    """An operator canceled the task (canceled)."""
+    END_REASON_RELEASED: _EndReason.ValueType  # 9
+    """The holder released the task with no attempts left (expired)."""
+
+class EndReason(_EndReason, metaclass=_EndReasonEnumTypeWrapper):
+    """EndReason says why a task, or its latest attempt, ended. The limits are
+    judged by the control plane's clock (the database's with PostgreSQL); see
+    docs/policy.md for the state each reason leaves a task in.
+    """
+
+END_REASON_UNSPECIFIED: EndReason.ValueType  # 0
+"""Not ended (or ended before reasons were recorded)."""
+END_REASON_SUCCEEDED: EndReason.ValueType  # 1
+"""The holder reported success (succeeded)."""
+END_REASON_FAILED: EndReason.ValueType  # 2
+"""The holder reported a failure (failed; queued again when the retry policy
+retries failures and attempts remain).
+"""
+END_REASON_NON_RETRYABLE: EndReason.ValueType  # 3
+"""The holder reported a failure marked non-retryable, or of a type the retry
+policy lists as non-retryable (failed, never retried).
+"""
+END_REASON_HEARTBEAT_TIMEOUT: EndReason.ValueType  # 4
+"""The lease was not renewed within the heartbeat timeout (the lease TTL):
+queued again after a backoff, or expired when attempts are spent.
+"""
+END_REASON_ATTEMPT_TIMEOUT: EndReason.ValueType  # 5
+"""The attempt held its lease past the attempt timeout (start-to-close):
+queued again after a backoff, or expired when attempts are spent.
+"""
+END_REASON_SCHEDULE_TO_START_TIMEOUT: EndReason.ValueType  # 6
+"""The task waited ready in the queue past its schedule-to-start timeout (expired)."""
+END_REASON_DEADLINE: EndReason.ValueType  # 7
+"""The task outlived its deadline (schedule-to-close), whatever its state (expired)."""
+END_REASON_CANCELED: EndReason.ValueType  # 8
+"""An operator canceled the task (canceled)."""
+END_REASON_RELEASED: EndReason.ValueType  # 9
+"""The holder released the task with no attempts left (expired)."""
+Global___EndReason: _TypeAlias = EndReason  # noqa: Y015
+
 class _ReceiptKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
