@@ -28,8 +28,9 @@ from typing import Any, TypeVar
 
 import grpc
 
-from tether.core.errors import LeaseLost, TetherError
+from tether.core.errors import LeaseLost, TaskCanceled, TaskTimedOut, TetherError
 from tether.core.states import state_name
+from tether.core.timeouts import end_reason_label
 from tether.grpcutil.status import from_rpc_error
 from tether.v1 import broker_pb2 as bpb
 from tether.v1 import broker_pb2_grpc as bpb_grpc
@@ -137,9 +138,16 @@ class AgentClient:
         """Closes the connection."""
         await self._channel.close()
 
-    async def _call(self, fn: Callable[..., Any], request: Any, extra_s: float = 0.0) -> Any:
+    async def _call(
+        self,
+        fn: Callable[..., Any],
+        request: Any,
+        extra_s: float = 0.0,
+        timeout_s: float | None = None,
+    ) -> Any:
+        timeout = self._timeout + extra_s if timeout_s is None else timeout_s
         try:
-            return await fn(request, metadata=self._metadata, timeout=self._timeout + extra_s)
+            return await fn(request, metadata=self._metadata, timeout=timeout)
         except grpc.RpcError as err:
             raise from_rpc_error(err) from err
 
@@ -165,9 +173,19 @@ class AgentClient:
         """Tells the sidecar the agent is alive; returns the lease expiry (Unix ms).
 
         Raises:
+            TaskTimedOut: the control plane ended the task at a time limit (the
+                error's metadata["end_reason"] names it); stop working on it.
+            TaskCanceled: an operator canceled the task; stop working on it.
             LeaseLost: the lease is gone; stop working on the task.
         """
         response = await self._call(self._stub.Heartbeat, bpb.HeartbeatRequest(task_id=task_id))
+        if response.end_reason:
+            label = end_reason_label(response.end_reason) or str(response.end_reason)
+            meta = {"task_id": task_id, "end_reason": label}
+            message = f"task {task_id!r} ended at the control plane ({label}); stop working on it"
+            if label == "canceled":
+                raise TaskCanceled(message, metadata=meta)
+            raise TaskTimedOut(message, metadata=meta)
         return int(response.lease_expires_unix_ms)
 
     @contextlib.asynccontextmanager
@@ -212,8 +230,12 @@ class AgentClient:
         tool: str,
         args: dict[str, Any] | None = None,
         idempotency_key: str | None = None,
+        timeout_s: float | None = None,
     ) -> ToolResult:
         """Calls a tool the task's policy grants; returns its (redacted) result.
+
+        `timeout_s` is the call's gRPC deadline (default: the client's timeout);
+        the sidecar stops the tool by then, as by its policy timeout.
 
         Raises:
             PolicyDenied: the tool is not granted.
@@ -228,6 +250,7 @@ class AgentClient:
                 arguments_json=json.dumps(args or {}),
                 idempotency_key=idempotency_key or "",
             ),
+            timeout_s=timeout_s,
         )
         return ToolResult(
             result=json.loads(response.result_json) if response.result_json else None,
@@ -283,9 +306,19 @@ class AgentClient:
         return bytes(response.value) if response.found else None
 
     async def complete(
-        self, task_id: str, *, result: bytes = b"", succeeded: bool = True, error: str = ""
+        self,
+        task_id: str,
+        *,
+        result: bytes = b"",
+        succeeded: bool = True,
+        error: str = "",
+        non_retryable: bool = False,
+        failure_type: str = "",
     ) -> tuple[str, bool]:
         """Finishes the task; returns (final state, receipts_pending).
+
+        A failure may be retried by the task's retry policy (the state is then
+        "queued"); `non_retryable`, or a `failure_type` the policy lists, prevents it.
 
         Raises:
             LeaseLost: the lease was lost first; another holder owns the task now.
@@ -295,7 +328,14 @@ class AgentClient:
         outcome = bpb.TASK_OUTCOME_SUCCEEDED if succeeded else bpb.TASK_OUTCOME_FAILED
         response = await self._call(
             self._stub.CompleteTask,
-            bpb.CompleteTaskRequest(task_id=task_id, outcome=outcome, result=result, error=error),
+            bpb.CompleteTaskRequest(
+                task_id=task_id,
+                outcome=outcome,
+                result=result,
+                error=error,
+                non_retryable=non_retryable,
+                failure_type=failure_type,
+            ),
         )
         return state_name(response.state), bool(response.receipts_pending)
 

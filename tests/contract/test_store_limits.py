@@ -51,7 +51,7 @@ async def outcome(store: Store, task_id: str, token: int) -> str:
 
 
 async def test_limits_and_retry_policy_round_trip(store: Store) -> None:
-    """Submitted limits and retry fields come back from the store as given; the deadline is absolute."""
+    """Submitted limits and retry fields come back as given; the deadline is absolute."""
     retry = RetryPolicy(500, 3.0, 4_000, 4, ("bad-input", "quota"), True)
     await new(
         store, "t1", attempts=4, attempt_timeout=2_000, deadline=9_000, to_start=3_000, retry=retry
@@ -127,7 +127,7 @@ async def test_attempt_timeout_requeues_with_the_retry_delay_then_expires(store:
 
 
 async def test_schedule_to_start_expires_a_task_left_waiting(store: Store) -> None:
-    """A ready task not leased within its schedule-to-start timeout expires; a leased one does not."""
+    """A ready task not leased within its schedule-to-start timeout expires; a leased one not."""
     await new(store, "waits", to_start=1_000)
     await new(store, "taken", to_start=1_000)
     taken = await lease(store)  # the older of the two by submission order

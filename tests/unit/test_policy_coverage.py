@@ -44,6 +44,7 @@ BUDGET = "tests/integration/test_control_budget.py"
 VAULT = "tests/integration/test_control_vault.py"
 BROKER = "tests/integration/test_sidecar_broker.py"
 ENFORCE = "tests/integration/test_policy_enforcement.py"
+TIMEOUTS = "tests/integration/test_timeouts.py"
 
 ENFORCED: dict[str, tuple[str, ...]] = {
     # --- the document
@@ -165,6 +166,21 @@ ENFORCED: dict[str, tuple[str, ...]] = {
     ),
     "QueueSpec.max_attempts": (f"{ENFORCE}::test_queue_max_attempts_expires_the_task",),
     "QueueSpec.max_artifact_bytes": (f"{HOSTILE}::test_filesystem_scope_and_max_artifact_bytes",),
+    "QueueSpec.attempt_timeout_ms": (
+        f"{TIMEOUTS}::test_attempt_timeout_retries_on_the_queue_schedule_then_expires",
+    ),
+    "QueueSpec.deadline_ms": (
+        f"{TIMEOUTS}::test_a_slow_http_write_is_cut_off_at_the_queue_deadline",
+    ),
+    "QueueSpec.schedule_to_start_timeout_ms": (
+        f"{TIMEOUTS}::test_schedule_to_start_expires_a_task_nobody_claims",
+    ),
+    # [queues.NAME.retry] (a tether.core.timeouts.RetryPolicy): delays and cap, attempts,
+    # failure retries and non-retryable types.
+    "QueueSpec.retry": (
+        f"{TIMEOUTS}::test_attempt_timeout_retries_on_the_queue_schedule_then_expires",
+        f"{TIMEOUTS}::test_failures_retry_by_policy_and_a_non_retryable_one_is_not",
+    ),
 }
 
 NOT_GRANTS: dict[str, str] = {

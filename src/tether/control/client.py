@@ -363,7 +363,12 @@ class ControlClient:
         max_attempts: int = 0,
         lease_ttl_ms: int = 0,
         budget_limit_micros: int = 0,
+        attempt_timeout_ms: int = 0,
+        deadline_ms: int = 0,
+        schedule_to_start_timeout_ms: int = 0,
+        retry_policy: pb.RetryPolicy | None = None,
     ) -> pb.SubmitTaskResponse:
+        """Submits a task; limits and retry fields left 0/unset take the queue's defaults."""
         return await self._call(
             self.stub.SubmitTask,
             pb.SubmitTaskRequest(
@@ -373,6 +378,10 @@ class ControlClient:
                 max_attempts=max_attempts,
                 lease_ttl_ms=lease_ttl_ms,
                 budget_limit_micros=budget_limit_micros,
+                attempt_timeout_ms=attempt_timeout_ms,
+                deadline_ms=deadline_ms,
+                schedule_to_start_timeout_ms=schedule_to_start_timeout_ms,
+                retry_policy=retry_policy,
             ),
         )
 

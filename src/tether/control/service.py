@@ -10,6 +10,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import dataclasses
 import fnmatch
 import hashlib
 import hmac
@@ -426,6 +427,7 @@ class ControlService:
                 node_id=task.node_id,
                 agent_id=task.agent_id,
                 lease_id=task.lease_id,
+                clock="control-plane",
             )
         )
         return task
@@ -585,14 +587,26 @@ class ControlService:
             await self._waiters.notify()
         return task
 
+    async def sweep_clock(self) -> tuple[int, str]:
+        """Now by the clock that judges time limits, and its name.
+
+        The database's (PostgreSQL), so replicas never compare their own clocks;
+        else this service's. An injected (test) clock is always used as is.
+        """
+        if isinstance(self.clock, SystemClock):
+            db = await self.store.database_now_ms()
+            if db is not None:
+                return db, "database"
+        return self.clock.now_ms(), "control-plane"
+
     async def sweep(self) -> list[LapseOutcome]:
         """Ends what the clock ended now: lapsed leases, then the time limits.
 
         A lapsed or timed-out attempt goes back to queued after its retry delay
         (or expires when attempts are spent); a deadline or schedule-to-start
-        timeout expires the task. One clock decides all: this service's.
+        timeout expires the task. One clock decides all (`sweep_clock`).
         """
-        now = self.clock.now_ms()
+        now, clock = await self.sweep_clock()
         out = await self.store.sweep_lapsed(
             now_ms=now,
             backoff_base_ms=self.config.backoff_base_ms,
@@ -603,6 +617,7 @@ class ControlService:
             backoff_base_ms=self.config.backoff_base_ms,
             backoff_cap_ms=self.config.backoff_cap_ms,
         )
+        out = [dataclasses.replace(o, clock=clock) for o in out]
         for o in out:
             metrics.LEASES_EXPIRED.labels(o.state.name.lower()).inc()
             log.info(

@@ -21,7 +21,7 @@ from google.protobuf import json_format
 
 from tether.core.errors import VerificationError
 from tether.core.receipts import RECEIPT_VERSION, Receipt, ReceiptKind
-from tether.core.states import TERMINAL
+from tether.core.states import TERMINAL, State
 from tether.crypto.signing import INTOTO_PAYLOAD_TYPE, Envelope, SigningKey, VerifyKey, pae
 from tether.v1 import receipt_pb2
 
@@ -204,8 +204,12 @@ def validate(r: Receipt) -> None:
         if value and not is_hex_digest(value):
             raise VerificationError(f"{name} is not a hex sha256")
     if r.kind == ReceiptKind.TASK_FINISHED:
-        if r.final_state not in TERMINAL_STATES:
-            raise VerificationError("task_finished needs a terminal final_state")
+        # queued: a failed attempt the task's retry policy retries (status "error").
+        retried = r.final_state == int(State.QUEUED) and r.status == "error"
+        if r.final_state not in TERMINAL_STATES and not retried:
+            raise VerificationError(
+                "task_finished needs a terminal final_state (or queued for a retried failure)"
+            )
     elif r.final_state != 0:
         raise VerificationError("final_state is only for task_finished")
     if r.kind == ReceiptKind.ARTIFACT and not (r.artifact_name and r.artifact_sha256):

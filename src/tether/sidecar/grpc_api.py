@@ -30,6 +30,7 @@ from tether.core.clock import Clock
 from tether.core.policy import QueueSpec
 from tether.core.receipts import ReceiptKind
 from tether.core.states import Event, State
+from tether.core.timeouts import end_reason_from_label
 from tether.crypto.envelopes import from_proto
 from tether.grpcutil.status import handle_errors
 from tether.sidecar.config import NAME_RE
@@ -160,7 +161,14 @@ class BrokerServicer(bpb_grpc.BrokerServiceServicer):
         return agent, held
 
     async def _transition(
-        self, held: HeldLease, event: Event, *, result: bytes = b"", error: str = ""
+        self,
+        held: HeldLease,
+        event: Event,
+        *,
+        result: bytes = b"",
+        error: str = "",
+        non_retryable: bool = False,
+        failure_type: str = "",
     ) -> State:
         """Applies `event` under the held lease; a refusal that means loss fences it.
 
@@ -180,6 +188,8 @@ class BrokerServicer(bpb_grpc.BrokerServiceServicer):
             result=result,
             error=error,
             node_id=self.d.node_id,
+            non_retryable=non_retryable,
+            failure_type=failure_type,
         )
         try:
             response: pb.TransitionTaskResponse = await self.d.uplink.call(
@@ -187,8 +197,8 @@ class BrokerServicer(bpb_grpc.BrokerServiceServicer):
             )
         except E.InvalidTransition as err:
             same_token = err.metadata.get("current_fencing_token") == str(held.lease.fencing_token)
-            if same_token and err.metadata.get("state") == target.name:
-                return target
+            if same_token and err.metadata.get("state") in (target.name, State.QUEUED.name):
+                return target if err.metadata.get("state") == target.name else State.QUEUED
             raise
         except _LOST as err:
             await self.d.leases.mark_lost(
@@ -369,13 +379,20 @@ class BrokerServicer(bpb_grpc.BrokerServiceServicer):
     async def Heartbeat(
         self, request: bpb.HeartbeatRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> bpb.HeartbeatResponse:
-        _, held = await self._held(context, request.task_id)
-        if self.d.leases.renew_due(held):
-            # Unreachable control plane: the lease stays held until its expiry,
-            # the keeper keeps trying; the agent sees the unchanged expiry.
-            with contextlib.suppress(E.Unavailable):
-                await self.d.leases.renew(held, retry_budget_ms=0)
-            await self.d.leases.check_live(held)  # never "alive" for a lease that lapsed meanwhile
+        try:
+            _, held = await self._held(context, request.task_id)
+            if self.d.leases.renew_due(held):
+                # Unreachable control plane: the lease stays held until its expiry,
+                # the keeper keeps trying; the agent sees the unchanged expiry.
+                with contextlib.suppress(E.Unavailable):
+                    await self.d.leases.renew(held, retry_budget_ms=0)
+                await self.d.leases.check_live(held)  # never "alive" once it lapsed meanwhile
+        except (E.TaskTimedOut, E.TaskCanceled) as err:
+            # The control plane ended the task: say why, so a cooperative agent stops.
+            reason = end_reason_from_label(err.metadata.get("end_reason", ""))
+            if reason is None:  # pragma: no cover - both errors always carry it
+                raise
+            return bpb.HeartbeatResponse(end_reason=int(reason))  # type: ignore[arg-type]
         return bpb.HeartbeatResponse(lease_expires_unix_ms=held.lease.expires_unix_ms)
 
     @handle_errors
@@ -388,7 +405,12 @@ class BrokerServicer(bpb_grpc.BrokerServiceServicer):
             raise E.InvalidArgument("idempotency_key", "must be at most 256 characters")
         agent, held = await self._held(context, request.task_id)
         outcome = await self.d.mediator.call_tool(
-            agent, held, request.tool, request.arguments_json, request.idempotency_key
+            agent,
+            held,
+            request.tool,
+            request.arguments_json,
+            request.idempotency_key,
+            deadline_s=context.time_remaining(),  # None without a client deadline
         )
         return bpb.CallToolResponse(
             result_json=outcome.result_json,
@@ -453,6 +475,8 @@ class BrokerServicer(bpb_grpc.BrokerServiceServicer):
             raise E.InvalidArgument("result", "larger than 1 MiB")
         if len(request.error) > 4096:
             raise E.InvalidArgument("error", "longer than 4096 characters")
+        if len(request.failure_type) > 64:
+            raise E.InvalidArgument("failure_type", "longer than 64 characters")
         _, held = await self._held(context, request.task_id)
         succeeded = request.outcome == bpb.TASK_OUTCOME_SUCCEEDED
         async with held.lock:
@@ -469,6 +493,8 @@ class BrokerServicer(bpb_grpc.BrokerServiceServicer):
                 Event.SUCCEED if succeeded else Event.FAIL,
                 result=request.result,
                 error=request.error,
+                non_retryable=request.non_retryable and not succeeded,
+                failure_type="" if succeeded else request.failure_type,
             )
             held.state = state
             await self.d.leases.finish(held)

@@ -35,6 +35,7 @@ from tether.core.clock import Clock
 from tether.core.leases import Lease
 from tether.core.receipts import Receipt, ReceiptKind
 from tether.core.states import State
+from tether.core.timeouts import ENFORCED, EndReason
 from tether.crypto.envelopes import from_proto
 from tether.crypto.signing import Envelope
 from tether.sidecar.receipts import ReceiptSink, Slot
@@ -84,6 +85,8 @@ class HeldLease:
     valid_until_mono_ms: int = 0
     """Monotonic ms after which this sidecar no longer acts under the lease."""
     lost_reason: str = ""
+    end_reason: EndReason | None = None
+    """Set when the control plane ended the lease (a time limit or a cancel)."""
     finished: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     keeper: asyncio.Task[None] | None = None
@@ -96,6 +99,9 @@ class HeldLease:
     # Spool room promised at grant for the lease's closing receipt (task_finished or
     # lease_lost), so a full spool can never leave a lease without its end on record.
     end_slot: Slot | None = field(default=None, repr=False)
+    # Tool calls running under this lease: cancelled the moment it is lost, so a
+    # timeout or a cancel stops them (exec trees are killed by their adapter).
+    inflight: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)
 
     @property
     def task_id(self) -> str:
@@ -112,6 +118,17 @@ class HeldLease:
     def usable(self, clock: Clock) -> bool:
         """Neither lost nor finished, and still valid by the monotonic clock."""
         return not self.lost_reason and not self.finished and self.remaining_ms(clock) > 0
+
+    def lost_error(self, message: str) -> E.LeaseLost:
+        """The refusal of anything under a lost lease: DEADLINE_EXCEEDED for a time
+        limit, CANCELLED for a cancel, else FAILED_PRECONDITION (lease lost)."""
+        meta = {"task_id": self.task_id, "fencing_token": str(self.lease.fencing_token)}
+        reason = self.end_reason
+        if reason is EndReason.CANCELED:
+            return E.TaskCanceled(message, metadata={**meta, "end_reason": reason.label})
+        if reason is not None and reason in ENFORCED:
+            return E.TaskTimedOut(message, metadata={**meta, "end_reason": reason.label})
+        return E.LeaseLost(message, metadata=meta)
 
     def drop_credentials(self) -> None:
         """Forgets every credential issued under this lease (the lease has ended)."""
@@ -312,9 +329,8 @@ class LeaseTable:
                 held, "lease lapsed (its validity by this sidecar's monotonic clock has ended)"
             )
         if held.lost_reason:
-            raise E.LeaseLost(
-                f"lease lost on task {task_id!r}: {held.lost_reason}; do not continue this task",
-                metadata={"task_id": task_id, "fencing_token": str(held.lease.fencing_token)},
+            raise held.lost_error(
+                f"lease lost on task {task_id!r}: {held.lost_reason}; do not continue this task"
             )
 
     async def mark_lost(self, held: HeldLease, reason: str) -> None:
@@ -322,6 +338,8 @@ class LeaseTable:
         if held.lost_reason or held.finished:
             return
         held.lost_reason = reason
+        for call in list(held.inflight):  # stop what runs under the lease, now
+            call.cancel()
         held.drop_credentials()
         log.warning(
             "LEASE LOST: %s",
@@ -398,6 +416,8 @@ class LeaseTable:
                 response: pb.RenewLeaseResponse = await self._uplink.call(
                     "RenewLease", request, retry_budget_ms=retry_budget_ms
                 )
+                if response.end_reason:
+                    await self._ended_by_control(held, response.end_reason)
                 envelope = from_proto(response.lease)
                 lease = self.trust(
                     envelope,
@@ -405,12 +425,42 @@ class LeaseTable:
                     agent=held.agent,
                     fencing_token=held.lease.fencing_token,
                 )
-            except E.Unavailable:
+            except (E.Unavailable, E.TaskTimedOut, E.TaskCanceled):
                 raise
             except (*_FATAL, E.VerificationError) as err:
                 await self.mark_lost(held, f"renewal refused: {err.message}")
                 raise E.LeaseLost(f"lease lost on task {held.task_id!r}: {err.message}") from err
             self.adopt(held, envelope, lease, sent)
+
+    async def _ended_by_control(self, held: HeldLease, value: int) -> None:
+        """The control plane ended the lease (RenewLease said why): fence and raise.
+
+        Raises:
+            TaskTimedOut: a time limit ended it.
+            TaskCanceled: an operator canceled the task.
+            LeaseLost: a reason this sidecar does not know.
+        """
+        try:
+            reason: EndReason | None = EndReason(value)
+        except ValueError:
+            reason = None
+        held.end_reason = reason
+        label = reason.label if reason is not None else f"reason {value}"
+        await self.mark_lost(held, f"the control plane ended the task ({label})")
+        raise held.lost_error(
+            f"task {held.task_id!r} ended at the control plane ({label}); stop working on it"
+        )
+
+    async def learn_end(self, held: HeldLease) -> None:
+        """After a refusal under the lease, asks the control plane why (one renewal).
+
+        Sets `end_reason` and fences when a time limit or a cancel ended it;
+        never raises (the caller fences with its own reason otherwise).
+        """
+        if held.lost_reason or held.finished:
+            return
+        with contextlib.suppress(E.TetherError):
+            await self.renew(held, retry_budget_ms=0)
 
     def _alive(self, held: HeldLease, now: int) -> bool:
         window = self._liveness_ms or held.ttl_ms

@@ -141,6 +141,7 @@ class ToolRunner(Protocol):
         credentials: Mapping[str, bytes],
         redactor: Redactor,
         idempotency_key: str = "",
+        deadline_s: float | None = None,
     ) -> ToolResult:
         """Runs the tool once; the result and any error are already redacted."""
         ...
@@ -281,6 +282,8 @@ class _Call:
     arguments: dict[str, Any]
     args_digest: str
     key: str
+    deadline_s: float | None = None
+    """What was left of the caller's own deadline when the call arrived."""
     slot: Slot | None = None
     """The tool_call receipt's promised spool room, taken before the tool runs."""
 
@@ -508,10 +511,9 @@ class Mediator:
             raise self._lost(held, tool, ran=ran)
 
     def _lost(self, held: HeldLease, tool: str, *, ran: str = "") -> E.LeaseLost:
-        return E.LeaseLost(
+        return held.lost_error(
             f"lease lost on task {held.task_id!r}: "
-            f"{held.lost_reason or 'finished or lapsed'}; tool {tool!r} {ran or 'did not run'}",
-            metadata={"task_id": held.task_id, "fencing_token": str(held.lease.fencing_token)},
+            f"{held.lost_reason or 'finished or lapsed'}; tool {tool!r} {ran or 'did not run'}"
         )
 
     async def _remote(self, held: HeldLease, what: str, op: Awaitable[T]) -> T:
@@ -520,14 +522,12 @@ class Mediator:
             return await op
         except _LOST as err:
             if self._leases is not None:
+                await self._leases.learn_end(held)  # a time limit or cancel says so
                 await self._leases.mark_lost(held, f"control plane refused {what}: {err.message}")
             else:
                 held.lost_reason = held.lost_reason or f"control plane refused {what}"
                 held.drop_credentials()
-            raise E.LeaseLost(
-                f"lease lost on task {held.task_id!r}: {err.message}",
-                metadata={"task_id": held.task_id, "fencing_token": str(held.lease.fencing_token)},
-            ) from err
+            raise held.lost_error(f"lease lost on task {held.task_id!r}: {err.message}") from err
 
     def _need_control(self) -> MediationControl:
         if self._control is None:
@@ -543,8 +543,12 @@ class Mediator:
         tool: str,
         arguments_json: str,
         idempotency_key: str,
+        deadline_s: float | None = None,
     ) -> ToolOutcome:
         """Runs `tool` for `agent` under `held`, refusing before any side effect.
+
+        `deadline_s`: what is left of the caller's own deadline (its gRPC deadline);
+        the tool is stopped by then, as by its policy timeout.
 
         Raises:
             NotOwner: `agent` does not hold the lease.
@@ -607,7 +611,7 @@ class Mediator:
                         f"the arguments of tool {tool!r} break its input_schema {problem}",
                     ),
                 )
-        call = _Call(held, spec, arguments, digest, idempotency_key)
+        call = _Call(held, spec, arguments, digest, idempotency_key, deadline_s)
         if not idempotency_key:
             return await self._execute(call)
         slot = (held.task_id, idempotency_key)
@@ -829,15 +833,29 @@ class Mediator:
             self._left_started.add((held.task_id, token, key))
         redactor = self._redactor(held, credentials)
         started = time.monotonic()
-        try:
-            result = await self._runner.run(
+        run = asyncio.ensure_future(
+            self._runner.run(
                 held,
                 spec,
                 call.arguments,
                 credentials=credentials,
                 redactor=redactor,
                 idempotency_key=key,
+                deadline_s=call.deadline_s,
             )
+        )
+        held.inflight.add(run)
+        try:
+            try:
+                result = await run
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if (current is not None and current.cancelling()) or not held.lost_reason:
+                    raise  # the caller went away (its own deadline or a disconnect)
+                # The lease ended under the call (a time limit, a cancel): it was stopped.
+                raise self._lost(held, call.tool, ran="was stopped when the lease ended") from None
+            finally:
+                held.inflight.discard(run)
         except E.TetherError as err:
             final = await self._after_failure(call, err, hold, started)
             if final is err:
@@ -1153,6 +1171,7 @@ class PolicyToolRunner:
         credentials: Mapping[str, bytes],
         redactor: Redactor,
         idempotency_key: str = "",
+        deadline_s: float | None = None,
     ) -> ToolResult:
         policy = await self._policies.get(
             held.lease.policy_digest, held.task_id, held.lease.fencing_token
@@ -1171,6 +1190,8 @@ class PolicyToolRunner:
         workspace = self._workspaces / held.task_id
         workspace.mkdir(parents=True, exist_ok=True, mode=0o700)
         left_s = held.remaining_ms(self._clock) / 1000
+        if deadline_s is not None:  # the agent's own gRPC deadline reaches the tool
+            left_s = min(left_s, deadline_s)
         queue = policy.queues.get(held.queue)
         ctx = ToolContext(
             task_id=held.task_id,

@@ -208,6 +208,8 @@ class LapseOutcome:
     node_id: str = ""
     agent_id: str = ""
     lease_id: str = ""
+    clock: str = ""
+    """Which clock decided: "database" (PostgreSQL's) or "control-plane"."""
 
 
 class ToolCallPhase(IntEnum):
@@ -447,6 +449,14 @@ class Store(Protocol):
         (LAPSE: queued again after the retry delay, or expired). Each is one
         conditional write; the lease (if any) is fenced at once and its history
         row records the reason.
+        """
+        ...
+
+    async def database_now_ms(self) -> int | None:
+        """The database server's own clock, Unix ms; None for an embedded store.
+
+        With several replicas this one clock judges the time limits, so no
+        replica's clock (or skew between them) decides when a task ends.
         """
         ...
 

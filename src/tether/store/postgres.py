@@ -815,6 +815,12 @@ class PostgresStore:
 
         return await self._tx(fn)
 
+    async def database_now_ms(self) -> int | None:
+        row = await self._read(lambda c: _one(c, f"SELECT {_DB_NOW_MS}"))
+        if row is None:  # pragma: no cover - SELECT of an expression always returns a row
+            raise StorageError("the database did not tell its time")
+        return int(row[0])
+
     async def next_lease_expiry(self) -> int | None:
         row = await self._read(
             lambda c: _one(

@@ -688,6 +688,9 @@ class SqliteStore:
 
         return await self._tx(fn)
 
+    async def database_now_ms(self) -> int | None:
+        return None  # one process owns the file: the control plane's clock is the only one
+
     async def next_lease_expiry(self) -> int | None:
         row = await self._run(
             lambda c: c.execute(

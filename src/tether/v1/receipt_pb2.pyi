@@ -445,7 +445,9 @@ class Receipt(_message.Message):
     reason: _builtins.str
     """Human-readable reason (denials, lease loss, failures). Never a secret."""
     final_state: Global___TaskState.ValueType
-    """Final state (task_finished only)."""
+    """Final state (task_finished only); QUEUED with status "error" when the
+    attempt failed and the task's retry policy retries it (the task goes on).
+    """
     artifact_name: _builtins.str
     """Artifact name (artifact only)."""
     artifact_size: _builtins.int

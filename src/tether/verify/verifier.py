@@ -55,7 +55,7 @@ from typing import Any, NamedTuple
 from tether.core.errors import VerificationError
 from tether.core.leases import Lease
 from tether.core.receipts import Receipt, ReceiptKind
-from tether.core.states import state_name
+from tether.core.states import TERMINAL, state_name
 from tether.crypto.certs import NodeCertificate, decode_cert, encode_cert
 from tether.crypto.leases import decode_lease, encode_lease
 from tether.crypto.manifest import ExportManifest, decode_manifest, encode_manifest
@@ -1273,7 +1273,13 @@ class _Verifier:
             elif off:
                 self.skew("lease.window", it.node_id, off, it.ref)
         for task, items in by_task.items():
-            finals = [it for it in items if it.kind == _TASK_FINISHED]
+            # An attempt whose failure the retry policy retried finishes with
+            # final_state queued: that is not the task's final record.
+            finals = [
+                it
+                for it in items
+                if it.kind == _TASK_FINISHED and it.final_state in {int(s) for s in TERMINAL}
+            ]
             if len(finals) > 1:
                 for it in finals[1:]:
                     self.fail(
