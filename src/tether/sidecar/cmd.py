@@ -72,6 +72,25 @@ def register(subparsers: Any) -> None:
         metavar="HOST:PORT",
         help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)",
     )
+    p.add_argument(
+        "--mcp",
+        action="store_const",
+        const=True,
+        default=None,
+        help="serve MCP (Streamable HTTP) for agents that speak it, on --mcp-socket (docs/mcp.md)",
+    )
+    p.add_argument(
+        "--mcp-socket",
+        dest="mcp_socket",
+        metavar="PATH",
+        help="the MCP Unix socket (default: <socket stem>-mcp.sock beside --socket); implies --mcp",
+    )
+    p.add_argument(
+        "--mcp-listen",
+        dest="mcp_listen",
+        metavar="HOST:PORT",
+        help="also serve MCP on this loopback address (127.0.0.1:PORT; 0 picks); implies --mcp",
+    )
     p.add_argument("--grace-period-ms", dest="grace_period_ms", type=int)
     p.add_argument(
         "--agent-liveness-ms",
@@ -99,6 +118,9 @@ def config_from_args(args: argparse.Namespace) -> sidecar_config.SidecarConfig:
         "agent_liveness_ms",
         "policy_file",
         "metrics_listen",
+        "mcp",
+        "mcp_socket",
+        "mcp_listen",
     )
     values: dict[str, Any] = {k: getattr(args, k, None) for k in keys}
     for key in ("control", "enroll"):  # repeated flags: one comma-separated list
