@@ -311,3 +311,56 @@ async def test_mcp_listener_refuses_non_loopback_and_foreign_hosts(tmp_path: Pat
                 json={"jsonrpc": "2.0", "id": 1, "method": "tools/list"},
             )
         assert response.status_code in (400, 403, 421), response.text
+
+
+async def test_a_session_opened_with_one_lease_token_refuses_another(tmp_path: Path) -> None:
+    """A handshake-era session belongs to the lease whose token opened it: the same session
+    id with another lease's token is answered as if it did not exist (404)."""
+    async with system(tmp_path) as (cp, side):
+        await cp.client.submit("work", b"{}")
+        await cp.client.submit("work", b"{}")
+        alice = await claim(side, "alice")
+        bob = await claim(side, "bob")
+        assert alice.mcp is not None
+        assert bob.mcp is not None
+        base = {
+            "Accept": "application/json, text/event-stream",
+            "Content-Type": "application/json",
+        }
+        async with httpx2.AsyncClient(timeout=30) as http:
+            opened = await http.post(
+                alice.mcp.url,
+                headers={**base, "Authorization": f"Bearer {alice.mcp.token}"},
+                json={
+                    "jsonrpc": "2.0",
+                    "id": 1,
+                    "method": "initialize",
+                    "params": {
+                        "protocolVersion": "2025-11-25",
+                        "capabilities": {},
+                        "clientInfo": {"name": "raw", "version": "1"},
+                    },
+                },
+            )
+            assert opened.status_code == 200, opened.text
+            session = opened.headers["mcp-session-id"]
+            listing = {"jsonrpc": "2.0", "id": 2, "method": "tools/list"}
+            in_session = {**base, "Mcp-Session-Id": session, "Mcp-Protocol-Version": "2025-11-25"}
+            await http.post(
+                alice.mcp.url,
+                headers={**in_session, "Authorization": f"Bearer {alice.mcp.token}"},
+                json={"jsonrpc": "2.0", "method": "notifications/initialized"},
+            )
+            hijack = await http.post(
+                alice.mcp.url,
+                headers={**in_session, "Authorization": f"Bearer {bob.mcp.token}"},
+                json=listing,
+            )
+            assert hijack.status_code == 404, hijack.text
+            own = await http.post(
+                alice.mcp.url,
+                headers={**in_session, "Authorization": f"Bearer {alice.mcp.token}"},
+                json=listing,
+            )
+            assert own.status_code == 200, own.text
+            assert '"echo"' in own.text

@@ -179,14 +179,15 @@ async def test_nonzero_exit_is_failed_with_the_redacted_stderr_tail(tmp_path: Pa
 
 async def test_artifact_is_uploaded_and_a_missing_one_fails_the_task(tmp_path: Path) -> None:
     """A declared artifact the command writes is uploaded (signed artifact receipt); a task
-    whose command did not write it fails."""
+    whose command did not write it fails; with --exit-when-idle the loop ends when the
+    queue is empty."""
     async with system(tmp_path) as (cp, side):
         first = (await cp.client.submit("work", b"report body")).task.task_id
         second = (await cp.client.submit("work", b"")).task.task_id
         script = 'test -s "$TETHER_PAYLOAD_FILE" && cp "$TETHER_PAYLOAD_FILE" report.txt; true'
         code, lines, err = await tether_run(
-            side, tmp_path, "--queue", "work", "--count", "2", "--artifact", "report.txt",
-            "--", "sh", "-c", script,
+            side, tmp_path, "--queue", "work", "--count", "0", "--exit-when-idle",
+            "--wait-ms", "500", "--artifact", "report.txt", "--", "sh", "-c", script,
         )  # fmt: skip
         assert code == 1, err
         by_id = {line["task_id"]: line for line in lines}
