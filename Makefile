@@ -7,11 +7,16 @@ BUF := node_modules/.bin/buf
 
 .PHONY: setup proto proto-check lint test fuzz demo bench bench-quick clean
 
+# One progress line instead of pip's output; the full log stays in $(VENV)/setup.log
+# and its tail is shown when the install fails.
 $(STAMP): pyproject.toml
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	@echo "setting up $(VENV): virtualenv and pip install -e '.[dev]' (a minute or two; log in $(VENV)/setup.log)"
+	@$(PY) -m venv $(VENV)
+	@$(BIN)/pip install --upgrade pip > $(VENV)/setup.log 2>&1 \
+		&& $(BIN)/pip install -e '.[dev]' >> $(VENV)/setup.log 2>&1 \
+		|| { tail -n 40 $(VENV)/setup.log; echo "setup failed: see $(VENV)/setup.log"; exit 1; }
+	@touch $(STAMP)
+	@echo "$(VENV) is ready"
 
 setup: $(STAMP)
 

@@ -1,12 +1,24 @@
-"""Structured JSON logs. Secrets never reach a log: log ids and digests, not values."""
+"""Logs: readable lines on a terminal, JSON lines for machines.
+
+`--log-format auto` (the default; env TETHER_LOG_FORMAT) writes human-readable
+lines when stderr is a terminal and one JSON object per line otherwise (a
+supervisor, a container runtime, a file); `text` and `json` force either. Both
+carry the same context fields. Secrets never reach a log: log ids and digests,
+not values.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
-from typing import Any
+from typing import Any, TextIO
+
+LOG_FORMATS = ("auto", "text", "json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+ENV_LOG_FORMAT = "TETHER_LOG_FORMAT"
 
 # Extra fields a log call may carry (logger.info("...", extra={"task_id": ...})).
 CONTEXT_FIELDS = (
@@ -53,10 +65,54 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
-def setup_logging(level: str = "INFO") -> None:
-    """Sends JSON logs to stderr at `level`."""
+class TextFormatter(logging.Formatter):
+    """`HH:MM:SS.mmm LEVEL logger: message key=value ...`, for a person at a terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = time.strftime("%H:%M:%S", time.localtime(record.created))
+        line = (
+            f"{when}.{int(record.msecs):03d} {record.levelname:<7} {record.name}: "
+            f"{record.getMessage()}"
+        )
+        context = [
+            f"{field}={getattr(record, field)}"
+            for field in CONTEXT_FIELDS
+            if getattr(record, field, None) is not None
+        ]
+        if context:
+            line += "  " + " ".join(context)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def resolve_format(fmt: str, stream: TextIO) -> str:
+    """ "text" or "json": `auto` is text on a terminal, JSON otherwise.
+
+    Raises:
+        ValueError: not one of LOG_FORMATS.
+    """
+    if fmt not in LOG_FORMATS:
+        raise ValueError(f"log format {fmt!r} is not one of {', '.join(LOG_FORMATS)}")
+    if fmt != "auto":
+        return fmt
+    try:
+        return "text" if stream.isatty() else "json"
+    except (AttributeError, ValueError):  # a closed or odd stream
+        return "json"
+
+
+def setup_logging(level: str = "INFO", fmt: str | None = None) -> None:
+    """Sends logs to stderr at `level`, as text or JSON (see the module docstring).
+
+    Raises:
+        ValueError: an unknown level or format.
+    """
+    if level.upper() not in LOG_LEVELS:
+        raise ValueError(f"log level {level!r} is not one of {', '.join(LOG_LEVELS)}")
+    chosen = resolve_format(fmt or os.environ.get(ENV_LOG_FORMAT) or "auto", sys.stderr)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(TextFormatter() if chosen == "text" else JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -109,7 +109,7 @@ async def test_operator_commands_submit_list_and_show(tmp_path: Path) -> None:
         bad = await asyncio.to_thread(
             _cli, "submit", *operator_args(ep), "--queue", "bad queue", "--payload", "{}"
         )
-        assert bad.returncode == 1
+        assert bad.returncode == 2  # INVALID_ARGUMENT from the server is a usage error
         assert "queue" in bad.stderr
     finally:
         _stop(proc)

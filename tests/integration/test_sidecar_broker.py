@@ -321,6 +321,7 @@ async def test_per_agent_socket_binds_identity(tmp_path: Path) -> None:
         SigningKey.generate().save(key)
         enroll = tmp_path / "enroll"
         enroll.write_text(await control.join_token("n1"))
+        enroll.chmod(0o600)  # a join token file others can read is refused
         write_agent_token(tmp_path / "bob.token")
         cfg = SidecarConfig(
             control_address=control.address,

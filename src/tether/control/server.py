@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
 import logging
 import signal
@@ -46,6 +47,11 @@ def grpc_target(listen: str, what: str = "listen address") -> str:
     Raises:
         ConfigError: not such an address, or a port outside 0..65535.
     """
+    if "://" in listen:
+        raise ConfigError(
+            f"{what} {listen!r}: give host:port (e.g. 127.0.0.1:7400) or unix:/path, "
+            "without a scheme such as http://"
+        )
     if listen.startswith("unix:"):
         path = listen[len("unix:") :]
         if not path:
@@ -57,6 +63,37 @@ def grpc_target(listen: str, what: str = "listen address") -> str:
     if int(port) > 65535:
         raise ConfigError(f"{what} {listen!r}: port must be 0..65535")
     return listen
+
+
+def bind_problem(target: str) -> str:
+    """Why gRPC could not bind `target`, in the operating system's words.
+
+    gRPC says only "Failed to bind"; binding a plain socket the same way names
+    the cause (address in use, permission denied, not a local address).
+    """
+    import socket
+
+    hint = "; stop what holds it or choose another address"
+    if target.startswith("unix:"):
+        path = target[len("unix:") :]
+        if Path(path).exists():
+            return f"{path} exists{hint}"
+        return f"cannot create a socket at {path} (does its directory exist and allow it?)"
+    host, _, port = target.rpartition(":")
+    host = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (OSError, ValueError) as err:
+        return f"cannot resolve {host!r}: {getattr(err, 'strerror', None) or err}"
+    for family, kind, proto, _, sockaddr in infos:
+        probe = socket.socket(family, kind, proto)
+        try:
+            probe.bind(sockaddr)
+        except OSError as err:
+            return f"{err.strerror}{hint if err.errno == errno.EADDRINUSE else ''}"
+        finally:
+            probe.close()
+    return "gRPC could not bind it (run with --debug for gRPC's own log)"
 
 
 def is_local(target: str) -> bool:
@@ -181,7 +218,11 @@ async def start_server(
     service = ControlService(store, key, clock, config=config, auth=auth, vault=vault)
     if vault is None:
         log.warning("no --kek-file: the credential vault is off")
-    await service.start()
+    try:
+        await service.start()
+    except BaseException:
+        await store.close()  # a process that cannot serve must be able to exit
+        raise
     options: list[tuple[str, Any]] = [
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -202,14 +243,14 @@ async def start_server(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
 
-    def bind(where: str, creds: grpc.ServerCredentials | None) -> str:
+    def bind(where: str, creds: grpc.ServerCredentials | None, flag: str) -> str:
         try:
             if creds is None:
                 port = server.add_insecure_port(where)
             else:
                 port = server.add_secure_port(where, creds)
         except RuntimeError as err:
-            raise ConfigError(f"cannot listen on {where}: {err}") from err
+            raise ConfigError(f"{flag}: cannot listen on {where}: {bind_problem(where)}") from err
         return where if where.startswith("unix:") else f"{where.rpartition(':')[0]}:{port}"
 
     try:
@@ -219,11 +260,13 @@ async def start_server(
                 "anyone who reaches the port is admin and any node",
                 listen,
             )
-            address = bind(target, None)
+            address = bind(target, None, "--listen")
             enroll_address = ""
         else:
-            address = bind(target, tls.credentials(require_client_cert=True))
-            enroll_address = bind(enroll_target, tls.credentials(require_client_cert=False))
+            address = bind(target, tls.credentials(require_client_cert=True), "--listen")
+            enroll_address = bind(
+                enroll_target, tls.credentials(require_client_cert=False), "--enroll-listen"
+            )
     except ConfigError:
         await store.close()
         raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import Any
 
 from tether import runtime
 from tether.sidecar import config as sidecar_config
+
+log = logging.getLogger("tether.sidecar")
 
 
 def register(subparsers: Any) -> None:
@@ -145,11 +148,22 @@ async def _serve(cfg: sidecar_config.SidecarConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # SIGTERM while start-up waits for the control plane must end the process too.
+    starting = asyncio.create_task(sidecar.start(), name="tether-sidecar-start")
+    stopping = asyncio.create_task(stop.wait(), name="tether-sidecar-stop-signal")
+    done, _ = await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if starting not in done:
+        starting.cancel()
     try:
-        await sidecar.start()
+        await starting
+    except asyncio.CancelledError:
+        log.warning("stopped before the sidecar started serving")
+        await sidecar.stop(0)
+        return 0
     except BaseException:
+        stopping.cancel()
         await sidecar.stop(0)
         raise
-    await stop.wait()
+    await stopping
     await sidecar.stop()
     return 0

@@ -35,6 +35,7 @@ TOML file form (every key optional; arguments and env override it)::
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -316,6 +317,9 @@ def load(
         raise ConfigError("default_queue: must match [A-Za-z0-9._-]{1,128}")
     if not agents:
         raise ConfigError("agents: at least one agent is required (--agent NAME=TOKEN_FILE)")
+    check_dial_address("control", values["control"])
+    if values.get("enroll"):
+        check_dial_address("enroll", values["enroll"])
     if values.get("listen_tcp"):
         check_loopback_listen(values["listen_tcp"])
     if values.get("mcp_listen"):
@@ -336,7 +340,48 @@ def load(
             f"{len(controls)} control addresses; give one per control address, in order"
         )
     kwargs = {_FIELD_OF.get(k, k): v for k, v in values.items() if v is not None}
-    return SidecarConfig(agents=agents, **kwargs)
+    cfg = SidecarConfig(agents=agents, **kwargs)
+    check_socket_path("socket", cfg.socket_path)
+    for agent in agents:
+        if agent.socket_path is not None:
+            check_socket_path(f"agents.{agent.name}.socket", agent.socket_path)
+    return cfg
+
+
+MAX_SOCKET_PATH_BYTES = 107
+"""Longest Unix socket path Linux accepts (sun_path is 108 bytes with the final NUL)."""
+
+
+def check_socket_path(key: str, path: Path) -> None:
+    """A socket path the kernel can bind: at most 107 bytes once made absolute.
+
+    Raises:
+        ConfigError: too long (says by how much, and how to shorten it).
+    """
+    size = len(os.fsencode(os.path.abspath(path)))
+    if size > MAX_SOCKET_PATH_BYTES:
+        raise ConfigError(
+            f"{key}: {path} is {size} bytes long as an absolute path; Unix sockets allow "
+            f"{MAX_SOCKET_PATH_BYTES}: choose a shorter path (e.g. under /run or /tmp)"
+        )
+
+
+def check_dial_address(key: str, address: str) -> None:
+    """A control-plane address is host:port or unix:/path, without a URL scheme.
+
+    Raises:
+        ConfigError: anything else (names the key, shows the expected form).
+    """
+    form = "host:port (e.g. 127.0.0.1:7400) or unix:/path"
+    if "://" in address:
+        raise ConfigError(f"{key}: {address!r} has a URL scheme; give {form}")
+    if address.startswith("unix:"):
+        if len(address) == len("unix:"):
+            raise ConfigError(f"{key}: {address!r} needs a path; give {form}")
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ConfigError(f"{key}: {address!r} is not {form} with a port 1..65535")
 
 
 def check_loopback_listen(address: str, key: str = "listen_tcp") -> None:

@@ -29,19 +29,34 @@ class _Known:
     token: bytes
 
 
-def read_token_file(path: Path, what: str) -> bytes:
+def read_token_file(path: Path, what: str, *, private: bool = False) -> bytes:
     """Reads a token file (whitespace stripped), refusing short or unreadable ones.
 
+    With `private` (a join token: a credential of the node itself) a file that
+    users outside its owner and group may read is refused (a Kubernetes secret
+    projected 0440 with fsGroup is fine); for an agent token file only a
+    warning says so.
+
     Raises:
-        ConfigError: unreadable, empty or shorter than 16 bytes.
+        ConfigError: unreadable, empty, shorter than 16 bytes, or (private) too open.
     """
     try:
+        mode = path.stat().st_mode
         token = path.read_bytes().strip()
     except OSError as err:
         raise ConfigError(f"{what}: cannot read {path}: {err.strerror}") from err
+    if private and mode & 0o007:
+        raise ConfigError(
+            f"{what}: {path} has mode {mode & 0o777:04o}, open to other users; chmod 600 {path}"
+        )
     if len(token) < MIN_TOKEN_BYTES:
-        raise ConfigError(f"{what}: token in {path} is shorter than {MIN_TOKEN_BYTES} bytes")
-    if path.stat().st_mode & 0o007:
+        raise ConfigError(
+            f"{what}: the token in {path} is {len(token)} bytes, shorter than "
+            f"{MIN_TOKEN_BYTES}; write the whole token (`tether nodes token create --out`)"
+            if private
+            else f"{what}: the token in {path} is shorter than {MIN_TOKEN_BYTES} bytes"
+        )
+    if mode & 0o007:
         log.warning("token file %s is readable by others; chmod 600 or 640 it", path)
     return token
 

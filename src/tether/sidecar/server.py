@@ -121,7 +121,7 @@ class Sidecar:
         enrollment = ""
         if cfg.enrollment_token_file is not None:
             enrollment = read_token_file(
-                cfg.enrollment_token_file, "enrollment_token_file"
+                cfg.enrollment_token_file, "enrollment_token_file", private=True
             ).decode()
         bundle_path = cfg.trust_bundle_path
         if bundle_path is None:
@@ -146,6 +146,7 @@ class Sidecar:
             retry_budget_ms=cfg.uplink_retry_budget_ms,
             timeout_ms=cfg.uplink_timeout_ms,
         )
+        self._preflight()  # refuse what cannot work before waiting on the control plane
         registration = await self._register_until_reachable(uplink)
         self.certificate = registration.certificate
         trust = _TrustedKeys(bundle_path, bundle)
@@ -227,6 +228,39 @@ class Sidecar:
         if cfg.ready_file is not None:
             cfg.ready_file.write_text(f"{os.getpid()}\n")
 
+    def _preflight(self) -> None:
+        """Checks the state directory, sockets and TCP ports this sidecar will use.
+
+        A sidecar may wait a long time for the control plane at start-up; a
+        mistake it can find alone must end it at once, with the key to fix.
+
+        Raises:
+            ConfigError: names the key and the problem.
+        """
+        cfg = self.config
+        try:
+            cfg.state_dir.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError) as err:
+            raise E.ConfigError(
+                f"state_dir: {cfg.state_dir} exists and is not a directory"
+            ) from err
+        except OSError as err:
+            raise E.ConfigError(
+                f"state_dir: cannot create {cfg.state_dir}: {err.strerror}"
+            ) from err
+        if not os.access(cfg.state_dir, os.W_OK | os.X_OK):
+            raise E.ConfigError(f"state_dir: {cfg.state_dir} is not writable by this user")
+        prepare_socket(cfg.socket_path)
+        for agent in cfg.agents:
+            if agent.socket_path is not None:
+                prepare_socket(agent.socket_path)
+        for key, address in (
+            ("listen_tcp", cfg.listen_tcp),
+            ("metrics_listen", cfg.metrics_listen),
+        ):
+            if address:
+                check_tcp_free(key, address)
+
     async def _stream_receipts(self, spool: ReceiptSpool, uplink: Uplink) -> None:
         """Streams the spool to the ledger until stop; re-registers if the token is refused."""
 
@@ -283,9 +317,16 @@ class Sidecar:
             ),
             server,
         )
-        server.add_insecure_port(f"unix:{path}")
+        try:
+            server.add_insecure_port(f"unix:{path}")
+        except RuntimeError as err:
+            raise E.ConfigError(f"socket: cannot listen on {path}") from err
         if tcp:
-            self.tcp_port = server.add_insecure_port(tcp)
+            try:
+                self.tcp_port = server.add_insecure_port(tcp)
+            except RuntimeError as err:
+                check_tcp_free("listen_tcp", tcp)  # names the cause when it can
+                raise E.ConfigError(f"listen_tcp: cannot listen on {tcp}") from err
         old_umask = os.umask(0o117)  # the socket is born 0660, never briefly wider
         try:
             await server.start()
@@ -417,6 +458,32 @@ class Sidecar:
 
 
 _UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def check_tcp_free(key: str, address: str) -> None:
+    """Binds `address` ("host:port") once and lets go, to name a busy or bad port early.
+
+    Raises:
+        ConfigError: the address cannot be bound (in the operating system's words).
+    """
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+    except (OSError, ValueError) as err:
+        raise E.ConfigError(f"{key}: cannot resolve {address!r}") from err
+    for family, kind, proto, _, sockaddr in infos[:1]:
+        probe = socket.socket(family, kind, proto)
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(sockaddr)
+        except OSError as err:
+            raise E.ConfigError(
+                f"{key}: cannot listen on {address}: {err.strerror}; stop what holds it or "
+                "choose another port"
+            ) from err
+        finally:
+            probe.close()
 
 
 def default_enroll_address(control: str) -> str:

@@ -23,6 +23,7 @@ overspent, and a node's receipt stream may be stuck on a gap.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import sqlite3
 import time
@@ -333,14 +334,24 @@ class SqliteStore:
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # The connection is used from the loop thread too (see _run), never concurrently.
+        connection = aiosqlite.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
-            # The connection is used from the loop thread too (see _run), never concurrently.
-            self._db = await aiosqlite.connect(
-                self.path, isolation_level=None, check_same_thread=False
-            )
+            self._db = await connection
             await self._run(self._setup)
-        except sqlite3.Error as err:
-            raise StorageError(f"cannot open database {self.path}: {err}") from err
+        except (sqlite3.Error, StorageError) as err:
+            # Stop the connection's worker thread before the loop closes: a live one
+            # keeps the process from exiting, a late one prints "Event loop is closed".
+            if self._db is not None:
+                self._db = None
+                with contextlib.suppress(sqlite3.Error):
+                    await connection.close()
+            await asyncio.to_thread(connection._thread.join, 5.0)
+            why = err.message if isinstance(err, StorageError) else str(err)
+            raise StorageError(
+                f"cannot open database {self.path}: {why.removeprefix('database error: ')} "
+                "(is it a Tether SQLite database, writable by this user? --db names the file)"
+            ) from err
 
     async def close(self) -> None:
         if self._committer is not None and not self._committer.done():
