@@ -317,9 +317,10 @@ def load(
         raise ConfigError("default_queue: must match [A-Za-z0-9._-]{1,128}")
     if not agents:
         raise ConfigError("agents: at least one agent is required (--agent NAME=TOKEN_FILE)")
-    check_dial_address("control", values["control"])
-    if values.get("enroll"):
-        check_dial_address("enroll", values["enroll"])
+    for address in split_addresses(values["control"]):
+        check_dial_address("control", address)
+    for address in split_addresses(values.get("enroll") or ""):
+        check_dial_address("enroll", address)
     if values.get("listen_tcp"):
         check_loopback_listen(values["listen_tcp"])
     if values.get("mcp_listen"):
@@ -342,6 +343,8 @@ def load(
     kwargs = {_FIELD_OF.get(k, k): v for k, v in values.items() if v is not None}
     cfg = SidecarConfig(agents=agents, **kwargs)
     check_socket_path("socket", cfg.socket_path)
+    if cfg.mcp_socket is not None:
+        check_socket_path("mcp_socket", cfg.mcp_socket)
     for agent in agents:
         if agent.socket_path is not None:
             check_socket_path(f"agents.{agent.name}.socket", agent.socket_path)
