@@ -14,6 +14,8 @@ import itertools
 import json
 import select
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -23,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from control_fixtures import operator_args
 
 from tether.agent import AgentClient, Task
 from tether.core import errors as E
-from tether.core.states import State
+from tether.core.states import Event, State
 from tether.core.timeouts import EndReason
 from tether.crypto.envelopes import from_proto
 from tether.crypto.leases import decode_lease
@@ -422,3 +425,107 @@ network_allowlist = ["127.0.0.1:{port}"]
             got = await e.task(task.task_id)
             assert (got.state, got.end_reason) == (State.EXPIRED, EndReason.DEADLINE)
             assert api.abandoned[0] * 1000 >= got.deadline_unix_ms
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "tether.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_cli_submits_limits_shows_the_schedule_and_cancels_a_running_task(
+    tmp_path: Path,
+) -> None:
+    """`tether submit` sets limits and retry policy, `tether task cancel --reason` stops the
+    running agent's tool, and `tether task show` prints limits, retry delays and the end reason."""
+    async with env(tmp_path, policy("", EXEC_TICKER, ("ticker",))) as e:
+        ops = operator_args(e.control)
+        out = await asyncio.to_thread(
+            _cli, "submit", *ops, "--queue", "work", "--payload", "{}",
+            "--max-attempts", "4", "--heartbeat-timeout-ms", "9000",
+            "--attempt-timeout-ms", "60000", "--deadline-ms", "120000",
+            "--retry-initial-ms", "200", "--retry-coefficient", "3",
+            "--retry-max-interval-ms", "1000", "--non-retryable", "bad-input",
+            "--retry-failures",
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        task_id = out.stdout.strip()
+        task = await e.claim()
+        assert task.task_id == task_id
+        call = asyncio.ensure_future(e.agent.call_tool(task_id, "ticker", {}))
+        ticks = e.workspace(task_id) / "ticks.txt"
+
+        async def ticking() -> bool:
+            return size(ticks) > 0
+
+        await until(ticking)
+        cancel = await asyncio.to_thread(
+            _cli, "task", "cancel", task_id, "--reason", "wrong input", *ops
+        )
+        assert cancel.returncode == 0, cancel.stderr
+        with pytest.raises(E.TaskCanceled):
+            await call
+        await tree_gone(ticks)
+        shown = await asyncio.to_thread(_cli, "task", "show", task_id, *ops)
+        assert shown.returncode == 0, shown.stderr
+        lines = shown.stdout.splitlines()
+        assert "limits: heartbeat 9000 ms, attempt 60000 ms, deadline " in shown.stdout
+        assert (
+            "retry: delays 200 ms, 600 ms, 1000 ms; failures retried; never retried: bad-input"
+            in lines
+        )
+        assert "ended: canceled" in lines
+        assert "error: wrong input" in lines
+
+
+# --------------------------------------------------------------------------- the edge
+
+
+@pytest.mark.parametrize(
+    ("fields", "field_name"),
+    [
+        ({"deadline_ms": 5}, "deadline_ms"),
+        ({"attempt_timeout_ms": 4_000_000_000}, "attempt_timeout_ms"),
+        ({"schedule_to_start_timeout_ms": 999}, "schedule_to_start_timeout_ms"),
+        ({"retry_policy": pb.RetryPolicy(backoff_coefficient=0.5)}, "backoff_coefficient"),
+        ({"retry_policy": pb.RetryPolicy(backoff_coefficient=float("nan"))}, "coefficient"),
+        (
+            {"retry_policy": pb.RetryPolicy(initial_interval_ms=500, maximum_interval_ms=100)},
+            "maximum_interval_ms",
+        ),
+        ({"max_attempts": 2, "retry_policy": pb.RetryPolicy(maximum_attempts=3)}, "maximum"),
+        ({"retry_policy": pb.RetryPolicy(non_retryable_reasons=["no spaces"])}, "non_retryable"),
+    ],
+)
+async def test_bad_limits_are_invalid_argument_naming_the_field(
+    tmp_path: Path, fields: dict[str, Any], field_name: str
+) -> None:
+    """SubmitTask refuses out-of-range limits and inconsistent retry policies at the edge."""
+    async with start_control(tmp_path) as control:
+        with pytest.raises(E.InvalidArgument) as err:
+            await control.client.submit("work", b"{}", **fields)
+        assert field_name in err.value.field
+
+
+async def test_non_retryable_is_refused_on_events_other_than_fail(tmp_path: Path) -> None:
+    """TransitionTask with non_retryable or failure_type on SUCCEED is INVALID_ARGUMENT."""
+    async with start_control(tmp_path) as control:
+        await control.client.submit("work", b"{}")
+        async with await control.node_client("node-1") as node:
+            got = await node.acquire_lease("work", "node-1", "alice")
+            with pytest.raises(E.InvalidArgument) as err:
+                await node.transition(
+                    got.task.task_id,
+                    got.task.fencing_token,
+                    Event.START,
+                    "node-1",
+                    non_retryable=True,
+                )
+            assert err.value.field == "non_retryable"

@@ -222,6 +222,8 @@ class ControlClient:
         *,
         result: bytes = b"",
         error: str = "",
+        non_retryable: bool = False,
+        failure_type: str = "",
     ) -> pb.Task:
         resp: pb.TransitionTaskResponse = await self._call(
             self.stub.TransitionTask,
@@ -230,6 +232,8 @@ class ControlClient:
                 fencing_token=fencing_token,
                 event=int(event),  # type: ignore[arg-type]
                 result=result,
+                non_retryable=non_retryable,
+                failure_type=failure_type,
                 error=error,
                 node_id=node_id,
             ),

@@ -281,7 +281,44 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s.add_argument("--queue", required=True)
     s.add_argument("--payload", required=True, help="JSON payload")
     s.add_argument("--key", default="", help="idempotency key")
-    s.add_argument("--max-attempts", type=int, default=0)
+    s.add_argument("--max-attempts", type=int, default=0, help="attempts in all (0: queue's)")
+    s.add_argument(
+        "--heartbeat-timeout-ms",
+        type=int,
+        default=0,
+        help="the lease TTL: a lease not renewed this often lapses (0: queue's)",
+    )
+    s.add_argument(
+        "--attempt-timeout-ms", type=int, default=0, help="start-to-close per attempt (0: queue's)"
+    )
+    s.add_argument(
+        "--deadline-ms",
+        type=int,
+        default=0,
+        help="schedule-to-close: the task ends expired this long after submission (0: queue's)",
+    )
+    s.add_argument(
+        "--schedule-to-start-timeout-ms",
+        type=int,
+        default=0,
+        help="how long the task may wait ready for a lease (0: queue's)",
+    )
+    s.add_argument("--retry-initial-ms", type=int, default=0, help="first retry delay")
+    s.add_argument("--retry-coefficient", type=float, default=0.0, help="delay growth (>= 1)")
+    s.add_argument("--retry-max-interval-ms", type=int, default=0, help="longest retry delay")
+    s.add_argument(
+        "--non-retryable",
+        action="append",
+        default=[],
+        metavar="TYPE",
+        help="a failure type never retried (repeatable)",
+    )
+    s.add_argument(
+        "--retry-failures",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="retry failures the agent reports (default: the queue's setting)",
+    )
     s.set_defaults(func=_cmd_submit)
 
     sec = sub.add_parser("secrets", help="the credential vault (write-only)")
@@ -341,6 +378,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     show.add_argument("task_id")
     operator(show)
     show.set_defaults(func=_cmd_task_show)
+    cancel = tsub.add_parser(
+        "cancel",
+        help="cancel a task; a running agent is stopped within one renewal interval",
+    )
+    cancel.add_argument("task_id")
+    cancel.add_argument("--reason", default="", help="why (recorded on the task)")
+    operator(cancel)
+    cancel.set_defaults(func=_cmd_task_cancel)
 
 
 def _cmd_keys_init(args: argparse.Namespace) -> int:
@@ -683,6 +728,17 @@ def _cmd_submit(args: argparse.Namespace) -> int:
             args.payload.encode(),
             idempotency_key=args.key,
             max_attempts=args.max_attempts,
+            lease_ttl_ms=args.heartbeat_timeout_ms,
+            attempt_timeout_ms=args.attempt_timeout_ms,
+            deadline_ms=args.deadline_ms,
+            schedule_to_start_timeout_ms=args.schedule_to_start_timeout_ms,
+            retry_policy=pb.RetryPolicy(
+                initial_interval_ms=args.retry_initial_ms,
+                backoff_coefficient=args.retry_coefficient,
+                maximum_interval_ms=args.retry_max_interval_ms,
+                non_retryable_reasons=args.non_retryable,
+                retry_failures=args.retry_failures,
+            ),
         )
         print(resp.task.task_id + ("" if resp.created else "  (existing task, same key)"))
         return 0
@@ -723,6 +779,8 @@ def _cmd_task_show(args: argparse.Namespace) -> int:
         resp = await client.get_task(args.task_id)
         t = resp.task
         print(_task_line(t))
+        for line in _limits_lines(t):
+            print(line)
         if t.error:
             print(f"error: {t.error}")
         if t.result:
@@ -749,6 +807,48 @@ def _cmd_task_show(args: argparse.Namespace) -> int:
                 f"  {_ms(r.time_unix_ms)}  {r.node_id}#{r.seq:<5} token {r.fencing_token:<4}"
                 f" {r.kind.name.lower():<14} {what}"
             )
+        return 0
+
+    return _run_client(args, fn)
+
+
+def _limits_lines(t: pb.Task) -> list[str]:
+    """The task's limits, its retry schedule and why it (or its last attempt) ended."""
+    from tether.core.timeouts import RetryPolicy, end_reason_label
+
+    limits = [f"heartbeat {t.lease_ttl_ms} ms"]
+    if t.attempt_timeout_ms:
+        limits.append(f"attempt {t.attempt_timeout_ms} ms")
+    if t.schedule_to_start_timeout_ms:
+        limits.append(f"schedule-to-start {t.schedule_to_start_timeout_ms} ms")
+    if t.deadline_unix_ms:
+        limits.append(f"deadline {_ms(t.deadline_unix_ms)}")
+    lines = ["limits: " + ", ".join(limits)]
+    r = t.retry_policy
+    if r.initial_interval_ms:
+        policy = RetryPolicy(
+            initial_interval_ms=r.initial_interval_ms,
+            backoff_coefficient=r.backoff_coefficient or 2.0,
+            maximum_interval_ms=max(r.maximum_interval_ms, r.initial_interval_ms),
+            maximum_attempts=max(t.max_attempts, 1),
+        )
+        delays = ", ".join(f"{d} ms" for d in policy.schedule_ms()) or "none (one attempt)"
+        failures = "failures retried" if r.retry_failures else "failures final"
+        never = f"; never retried: {', '.join(r.non_retryable_reasons)}"
+        lines.append(
+            f"retry: delays {delays}; {failures}{never if r.non_retryable_reasons else ''}"
+        )
+    label = end_reason_label(t.end_reason)
+    if label:
+        terminal = State(t.state).terminal if t.state else False
+        lines.append(f"{'ended' if terminal else 'last attempt ended'}: {label}")
+    return lines
+
+
+def _cmd_task_cancel(args: argparse.Namespace) -> int:
+    async def fn(client: Any) -> int:
+        task = await client.cancel(args.task_id, args.reason)
+        print(f"{_task_line(task)}  ({args.reason or 'canceled by operator'})")
         return 0
 
     return _run_client(args, fn)
