@@ -28,6 +28,7 @@ from tether import __version__
 # Each registered subcommand sets `func(args) -> int` via `set_defaults`.
 COMMAND_MODULES: tuple[str, ...] = (
     "tether.control.cmd",
+    "tether.control.receipts_cmd",
     "tether.sidecar.cmd",
     "tether.verify.cmd",
     "tether.demo.cmd",

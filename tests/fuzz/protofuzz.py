@@ -478,10 +478,17 @@ class Caller:
 
 
 async def _unary(caller: Caller, method: Method, data: bytes, metadata: Any) -> tuple[str, str]:
-    call = caller.channel.unary_unary(
-        method.path, request_serializer=None, response_deserializer=None
-    )
     try:
+        if method.server_streaming:  # one request, a stream of replies (read to the end)
+            stream = caller.channel.unary_stream(
+                method.path, request_serializer=None, response_deserializer=None
+            )
+            async for _ in stream(data, metadata=metadata, timeout=CALL_TIMEOUT_S):
+                pass
+            return "OK", ""
+        call = caller.channel.unary_unary(
+            method.path, request_serializer=None, response_deserializer=None
+        )
         await call(data, metadata=metadata, timeout=CALL_TIMEOUT_S)
     except grpc.aio.AioRpcError as err:
         return str(err.code().name), err.details() or ""

@@ -55,6 +55,7 @@ RULES: dict[str, frozenset[str]] = {
     "GetInclusionProof": frozenset({ADMIN, AUDITOR}),
     "GetConsistencyProof": frozenset({ADMIN, AUDITOR}),
     "ExportBundle": frozenset({ADMIN, AUDITOR}),
+    "StreamExportBundle": frozenset({ADMIN, AUDITOR}),
     "PutPolicy": frozenset({ADMIN}),
     "PutSecret": frozenset({ADMIN}),
     "CreateJoinToken": frozenset({ADMIN}),
@@ -221,7 +222,23 @@ class AuthzInterceptor(grpc.aio.ServerInterceptor):
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        if handler.unary_stream is not None or handler.stream_unary is not None:
+        if handler.unary_stream is not None:
+            inner_us = handler.unary_stream
+
+            async def unary_stream(request: Any, context: Any) -> AsyncIterator[Any]:
+                try:
+                    check(rpc, context)
+                except TetherError as err:
+                    await abort_with(context, err)
+                async for item in inner_us(request, context):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(
+                unary_stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary is not None:
             # ControlService has no such RPCs; refuse rather than pass unchecked.
             async def refused(request: Any, context: Any) -> Any:
                 await abort_with(context, Forbidden(f"{rpc} has no authorization rule"))

@@ -9,7 +9,7 @@ certificate of the channel (`ClientTLS`): an operator's, or a node's after
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -428,14 +428,53 @@ class ControlClient:
         return resp.task
 
     async def export_bundle(
-        self, task_ids: Sequence[str] = (), since_unix_ms: int = 0
+        self, task_ids: Sequence[str] = (), since_unix_ms: int = 0, previous_tree_size: int = 0
     ) -> rpb.Bundle:
-        """Exports an offline-verifiable bundle (operator RPC)."""
+        """Exports an offline-verifiable bundle in one message (small exports; see
+        `export_stream` for any size)."""
         resp = await self._call(
             self.stub.ExportBundle,
-            pb.ExportBundleRequest(task_ids=list(task_ids), since_unix_ms=since_unix_ms),
+            pb.ExportBundleRequest(
+                task_ids=list(task_ids),
+                since_unix_ms=since_unix_ms,
+                previous_tree_size=previous_tree_size,
+            ),
         )
         return resp.bundle
+
+    async def checkpoint(self, fresh: bool = False) -> rpb.Checkpoint:
+        """The ledger's latest signed checkpoint (a fresh one covering every receipt if asked)."""
+        resp = await self._call(self.stub.GetCheckpoint, pb.GetCheckpointRequest(fresh=fresh))
+        return resp.checkpoint
+
+    async def export_stream(
+        self,
+        task_ids: Sequence[str] = (),
+        since_unix_ms: int = 0,
+        previous_tree_size: int = 0,
+        *,
+        timeout_s: float | None = None,
+    ) -> AsyncIterator[pb.StreamExportBundleResponse]:
+        """Streams a bundle of any size as pages in file order (StreamExportBundle).
+
+        `timeout_s` bounds the whole stream (default: none, an export of a large
+        ledger takes as long as it takes; the server stops when the caller goes).
+        """
+        call = self.stub.StreamExportBundle(
+            pb.StreamExportBundleRequest(
+                task_ids=list(task_ids),
+                since_unix_ms=since_unix_ms,
+                previous_tree_size=previous_tree_size,
+            ),
+            timeout=timeout_s,
+        )
+        try:
+            async for part in call:
+                yield part
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        finally:
+            call.cancel()
 
     async def put_policy(self, document: str) -> pb.PutPolicyResponse:
         return await self._call(self.stub.PutPolicy, pb.PutPolicyRequest(document=document))

@@ -59,7 +59,7 @@ from tether.store.base import (
 from tether.v1 import control_pb2 as pb
 from tether.v1 import control_pb2_grpc as pb_grpc
 from tether.v1 import receipt_pb2
-from tether.verify.bundle import bundle_to_proto
+from tether.verify.bundle import bundle_to_proto, entries_to_proto
 from tether.verify.bundle import checkpoint_to_proto as bundle_to_proto_checkpoint
 
 MAX_PAYLOAD_BYTES = 1 << 20
@@ -755,16 +755,40 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         hashes = await ledger.consistency_proof(first, second)
         return pb.GetConsistencyProofResponse(hashes=hashes)
 
-    @handle_errors
-    async def ExportBundle(self, request: Any, context: Any) -> Any:
+    def _export_selection(self, request: Any) -> tuple[list[str], int, int]:
+        """(task ids, since, previous tree size) of an export request, validated."""
         if len(request.task_ids) > MAX_EXPORT_TASKS:
             raise InvalidArgument(
                 "task_ids", f"names {len(request.task_ids)} tasks; the limit is {MAX_EXPORT_TASKS}"
             )
         task_ids = [check_id("task_ids", t) for t in request.task_ids]
         since = check_uint("since_unix_ms", request.since_unix_ms)
-        bundle = await (await self._ledger()).export(task_ids, since)
+        previous = check_uint("previous_tree_size", request.previous_tree_size)
+        return task_ids, since, previous
+
+    @handle_errors
+    async def ExportBundle(self, request: Any, context: Any) -> Any:
+        task_ids, since, previous = self._export_selection(request)
+        bundle = await (await self._ledger()).export(task_ids, since, previous)
         return pb.ExportBundleResponse(bundle=bundle_to_proto(bundle))
+
+    @handle_errors
+    async def StreamExportBundle(
+        self, request: Any, context: Any
+    ) -> AsyncIterator[pb.StreamExportBundleResponse]:
+        task_ids, since, previous = self._export_selection(request)
+        ledger = await self._ledger()
+        async for part in ledger.export_stream(task_ids, since, previous):
+            if part.entries:
+                yield pb.StreamExportBundleResponse(entries=entries_to_proto(part.entries))
+            elif part.node_certificates:
+                yield pb.StreamExportBundleResponse(
+                    node_certificates=[to_proto(e) for e in part.node_certificates]
+                )
+            elif part.leases:
+                yield pb.StreamExportBundleResponse(leases=[to_proto(e) for e in part.leases])
+            elif part.trailer is not None:
+                yield pb.StreamExportBundleResponse(trailer=bundle_to_proto(part.trailer))
 
     @handle_errors
     async def PutPolicy(

@@ -25,6 +25,7 @@ import multiprocessing
 import os
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from tether.control.leader import Leadership
@@ -39,7 +40,7 @@ from tether.core.errors import (
 )
 from tether.crypto.certs import verify_cert
 from tether.crypto.leases import decode_lease
-from tether.crypto.manifest import manifest_for, sign_manifest
+from tether.crypto.manifest import ManifestAccumulator, sign_manifest
 from tether.crypto.merkle import MerkleTree, leaf_hash
 from tether.crypto.note import CheckpointBody, sign_checkpoint
 from tether.crypto.receipts import envelope_digest, parse_statement
@@ -55,6 +56,10 @@ MAX_BATCH = 1000
 # Batches this large are signature-checked in worker processes; smaller ones
 # inline, where a process round trip would cost more latency than it saves.
 POOL_MIN_BATCH = 64
+# Exports read this many ledger rows per store query, and send entries in pages
+# of about this many bytes (well under the 8 MiB gRPC message limit).
+EXPORT_PAGE_ROWS = 512
+EXPORT_PAGE_BYTES = 1 << 20
 
 
 class _Checked(NamedTuple):
@@ -538,47 +543,119 @@ class Ledger:
             )
         return self._tree.consistency_proof(first, second)
 
-    async def export(self, task_ids: Sequence[str] = (), since_unix_ms: int = 0) -> Bundle:
-        """A self-contained bundle: full node chains for the selected receipts.
+    async def export_stream(
+        self,
+        task_ids: Sequence[str] = (),
+        since_unix_ms: int = 0,
+        previous_tree_size: int = 0,
+    ) -> AsyncIterator[ExportPart]:
+        """A self-contained bundle as pages in file order, read from the store page by page.
 
-        Selection: receipts of `task_ids`, else those stored since
-        `since_unix_ms`, else everything. Every node that signed a selected
-        receipt contributes its chain from seq 1 to its last selected receipt.
+        Selection: with `task_ids`, a per-task export holding those tasks'
+        receipts and no other (the signed manifest lists exactly which (node,
+        seq) they are); else whole node chains (seq 1 to the last receipt
+        stored since `since_unix_ms`, or everything). Every entry carries its
+        inclusion proof against a checkpoint signed first, whose tree size
+        bounds every read, so receipts appended meanwhile are simply not in
+        this export. Memory holds one page plus the manifest's facts (per node
+        its last seq and task ids; in a per-task export, its seqs).
+        `previous_tree_size` puts a consistency proof from that size into the
+        manifest.
+
+        Raises:
+            InvalidArgument: `previous_tree_size` is beyond the tree.
         """
-        rows = await self.store.ledger_export_entries(list(task_ids), since_unix_ms)
-        cp = await self.checkpoint(fresh=True)  # caught up: covers every selected leaf
-        entries = [
-            Entry.of(
-                e.envelope,
-                e.leaf_index,
-                e.leaf_index,
-                cp.tree_size,
-                self._tree.inclusion_proof(e.leaf_index, cp.tree_size),
+        cp = await self.checkpoint(fresh=True)  # caught up: covers every leaf read below
+        size = cp.tree_size
+        if previous_tree_size > size:
+            raise InvalidArgument(
+                "previous_tree_size",
+                f"{previous_tree_size} is beyond the ledger's tree size {size}",
             )
-            for e in rows
-        ]
-        certs: list[Envelope] = []
-        for node in sorted({e.node_id for e in rows}):
-            certs += await self._certificates(node)
-        leases: list[Envelope] = []
-        for task in sorted({e.task_id for e in rows}):
-            leases += [
-                Envelope.from_json_bytes(h.envelope) for h in await self.store.lease_history(task)
-            ]
+        consistency = (
+            self._tree.consistency_proof(previous_tree_size, size)
+            if 0 < previous_tree_size < size
+            else []
+        )
+        tasks = sorted(set(task_ids))
+        heads = None if tasks else await self.store.ledger_export_heads(since_unix_ms, size)
+        acc = ManifestAccumulator(tasks)
+        nodes: set[str] = set()
+        with_receipts: set[str] = set()
+        after = -1
+        while heads is None or heads:
+            rows = await self.store.ledger_export_page(tasks, after, size, EXPORT_PAGE_ROWS)
+            if not rows:
+                break
+            after = rows[-1].leaf_index
+            page: list[Entry] = []
+            page_bytes = 0
+            for e in rows:
+                if heads is not None and e.seq > heads.get(e.node_id, 0):
+                    continue  # a node outside the selection, or past its selected head
+                acc.add(e.node_id, e.seq, e.task_id, envelope_digest(e.envelope))
+                nodes.add(e.node_id)
+                with_receipts.add(e.task_id)
+                i = e.leaf_index
+                page.append(Entry.of(e.envelope, i, i, size, self._tree.inclusion_proof(i, size)))
+                page_bytes += len(e.envelope) + 1024
+                if page_bytes >= EXPORT_PAGE_BYTES:
+                    yield ExportPart(entries=page)
+                    page, page_bytes = [], 0
+            if page:
+                yield ExportPart(entries=page)
+        for node in sorted(nodes):
+            yield ExportPart(node_certificates=await self._certificates(node))
+        for task in sorted(with_receipts):
+            history = await self.store.lease_history(task)
+            for k in range(0, len(history), EXPORT_PAGE_ROWS):
+                yield ExportPart(
+                    leases=[
+                        Envelope.from_json_bytes(h.envelope)
+                        for h in history[k : k + EXPORT_PAGE_ROWS]
+                    ]
+                )
         now = self.clock.now_ms()
-        manifest = manifest_for(
-            cp.origin,
-            cp.tree_size,
-            cp.root_hash,
-            now,
-            ((e.node_id, e.seq, e.task_id, envelope_digest(e.envelope)) for e in rows),
+        manifest = acc.manifest(cp.origin, size, cp.root_hash, now, previous_tree_size, consistency)
+        yield ExportPart(
+            trailer=Bundle(
+                entries=[],
+                node_certificates=[],
+                leases=[],
+                checkpoint=cp,
+                control_keyids=[self.key.keyid],
+                exported_unix_ms=now,
+                manifest=sign_manifest(manifest, self.key),
+            )
         )
-        return Bundle(
-            entries=entries,
-            node_certificates=certs,
-            leases=leases,
-            checkpoint=cp,
-            control_keyids=[self.key.keyid],
-            exported_unix_ms=now,
-            manifest=sign_manifest(manifest, self.key),
-        )
+
+    async def export(
+        self,
+        task_ids: Sequence[str] = (),
+        since_unix_ms: int = 0,
+        previous_tree_size: int = 0,
+    ) -> Bundle:
+        """`export_stream` gathered into one bundle in memory (small exports and tests)."""
+        entries: list[Entry] = []
+        certs: list[Envelope] = []
+        leases: list[Envelope] = []
+        trailer: Bundle | None = None
+        async for part in self.export_stream(task_ids, since_unix_ms, previous_tree_size):
+            entries += part.entries
+            certs += part.node_certificates
+            leases += part.leases
+            trailer = part.trailer or trailer
+        assert trailer is not None  # export_stream always ends with one
+        trailer.entries, trailer.node_certificates, trailer.leases = entries, certs, leases
+        return trailer
+
+
+@dataclass(frozen=True)
+class ExportPart:
+    """One page of an export, in file order; exactly one of the fields is set."""
+
+    entries: list[Entry] = field(default_factory=list)
+    node_certificates: list[Envelope] = field(default_factory=list)
+    leases: list[Envelope] = field(default_factory=list)
+    trailer: Bundle | None = None
+    """The last part: the bundle without its entries, certificates and leases."""

@@ -654,14 +654,22 @@ class Store(Protocol):
         """Leaf hashes with index >= `start`, in index order (a tree catching up)."""
         ...
 
-    async def ledger_export_entries(
-        self, task_ids: list[str], since_unix_ms: int
-    ) -> list[LedgerEntry]:
-        """Full node chains for a selection, ordered by leaf index.
+    async def ledger_export_heads(self, since_unix_ms: int, below: int) -> dict[str, int]:
+        """{node_id: highest seq stored at or after `since_unix_ms`}, over leaf index < `below`.
 
-        Selection: receipts of `task_ids`, else those stored at or after
-        `since_unix_ms`. Each node that signed a selected receipt contributes
-        every receipt from seq 1 to its last selected one.
+        A whole-chain export's selection: each of these nodes contributes seq 1
+        to its head.
+        """
+        ...
+
+    async def ledger_export_page(
+        self, task_ids: list[str], after: int, below: int, limit: int
+    ) -> list[LedgerEntry]:
+        """At most `limit` leaves with `after` < leaf index < `below`, in index order.
+
+        With `task_ids`, only those tasks' leaves (a per-task export); else every
+        leaf in the range. Exports read the ledger page by page with this (keyset
+        pagination on the leaf index), so memory never grows with the ledger.
         """
         ...
 

@@ -1311,22 +1311,31 @@ class PostgresStore:
         )
         return contiguous_leaf_hashes(start, rows)
 
-    async def ledger_export_entries(
-        self, task_ids: list[str], since_unix_ms: int
-    ) -> list[LedgerEntry]:
-        where = "task_id = ANY(%s::text[])" if task_ids else "stored_unix_ms >= %s"
-        # One statement, so one snapshot: every chain is whole.
+    async def ledger_export_heads(self, since_unix_ms: int, below: int) -> dict[str, int]:
         rows = await self._read(
             lambda c: _all(
                 c,
-                "WITH heads AS (SELECT node_id, MAX(seq) AS top FROM ledger_leaves"
-                f" WHERE {where} GROUP BY node_id)"
-                " SELECT l.leaf_index, l.node_id, l.seq, l.task_id, l.envelope"
-                " FROM ledger_leaves l JOIN heads h ON l.node_id = h.node_id AND l.seq <= h.top"
-                " ORDER BY l.leaf_index",
-                (task_ids if task_ids else since_unix_ms,),
+                "SELECT node_id, MAX(seq) FROM ledger_leaves"
+                " WHERE stored_unix_ms >= %s AND leaf_index < %s GROUP BY node_id",
+                (since_unix_ms, below),
             )
         )
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    async def ledger_export_page(
+        self, task_ids: list[str], after: int, below: int, limit: int
+    ) -> list[LedgerEntry]:
+        cols = "SELECT leaf_index, node_id, seq, task_id, envelope FROM ledger_leaves"
+        if task_ids:
+            sql = (
+                f"{cols} WHERE task_id = ANY(%s::text[]) AND leaf_index > %s AND leaf_index < %s"
+                " ORDER BY leaf_index LIMIT %s"
+            )
+            params: tuple[Any, ...] = (task_ids, after, below, limit)
+        else:
+            sql = f"{cols} WHERE leaf_index > %s AND leaf_index < %s ORDER BY leaf_index LIMIT %s"
+            params = (after, below, limit)
+        rows = await self._read(lambda c: _all(c, sql, params))
         return [LedgerEntry(r[0], r[1], r[2], r[3], bytes(r[4])) for r in rows]
 
     async def put_checkpoint(self, cp: StoredCheckpoint) -> None:

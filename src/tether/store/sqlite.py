@@ -1085,35 +1085,34 @@ class SqliteStore:
         )
         return contiguous_leaf_hashes(start, rows)
 
-    async def ledger_export_entries(
-        self, task_ids: list[str], since_unix_ms: int
+    async def ledger_export_heads(self, since_unix_ms: int, below: int) -> dict[str, int]:
+        rows = await self._run(
+            lambda c: c.execute(
+                "SELECT node_id, MAX(seq) FROM ledger_leaves"
+                " WHERE stored_unix_ms >= ? AND leaf_index < ? GROUP BY node_id",
+                (since_unix_ms, below),
+            ).fetchall()
+        )
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    async def ledger_export_page(
+        self, task_ids: list[str], after: int, below: int, limit: int
     ) -> list[LedgerEntry]:
         def fn(conn: sqlite3.Connection) -> list[LedgerEntry]:
+            cols = "SELECT leaf_index, node_id, seq, task_id, envelope FROM ledger_leaves"
             if task_ids:
                 marks = ",".join("?" * len(task_ids))
-                heads = conn.execute(
-                    "SELECT node_id, MAX(seq) FROM ledger_leaves"
-                    f" WHERE task_id IN ({marks}) GROUP BY node_id",
-                    task_ids,
-                ).fetchall()
+                cur = conn.execute(
+                    f"{cols} WHERE task_id IN ({marks}) AND leaf_index > ? AND leaf_index < ?"
+                    " ORDER BY leaf_index LIMIT ?",
+                    (*task_ids, after, below, limit),
+                )
             else:
-                heads = conn.execute(
-                    "SELECT node_id, MAX(seq) FROM ledger_leaves WHERE stored_unix_ms >= ?"
-                    " GROUP BY node_id",
-                    (since_unix_ms,),
-                ).fetchall()
-            out: list[LedgerEntry] = []
-            for node, top in heads:
-                out += [
-                    LedgerEntry(r[0], node, r[1], r[2], bytes(r[3]))
-                    for r in conn.execute(
-                        "SELECT leaf_index, seq, task_id, envelope FROM ledger_leaves"
-                        " WHERE node_id = ? AND seq <= ?",
-                        (node, top),
-                    )
-                ]
-            out.sort(key=lambda e: e.leaf_index)
-            return out
+                cur = conn.execute(
+                    f"{cols} WHERE leaf_index > ? AND leaf_index < ? ORDER BY leaf_index LIMIT ?",
+                    (after, below, limit),
+                )
+            return [LedgerEntry(r[0], r[1], r[2], r[3], bytes(r[4])) for r in cur]
 
         return await self._run(fn)
 

@@ -1797,21 +1797,35 @@ class ExportBundleRequest(_message.Message):
 
     TASK_IDS_FIELD_NUMBER: _builtins.int
     SINCE_UNIX_MS_FIELD_NUMBER: _builtins.int
+    PREVIOUS_TREE_SIZE_FIELD_NUMBER: _builtins.int
     since_unix_ms: _builtins.int
-    """Only receipts stored at or after this time, Unix milliseconds; 0 for all."""
+    """Only receipts stored at or after this time, Unix milliseconds; 0 for all.
+    With task_ids empty, each node that stored a receipt since then contributes
+    its whole chain from seq 1.
+    """
+    previous_tree_size: _builtins.int
+    """A tree size the caller saw before (an earlier checkpoint's); the signed
+    manifest then carries a consistency proof from it to the export's
+    checkpoint (`tether verify --previous-checkpoint`). 0 for none; at most the
+    current tree size.
+    """
     @_builtins.property
     def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Receipts of these tasks (and the node chains they need); empty for all."""
+        """A per-task export: only these tasks' receipts (at most 10,000 ids), each with
+        its inclusion proof, and a manifest listing exactly which (node, seq) belong
+        to them; no receipt or lease of any other task. Empty: whole node chains.
+        """
 
     def __init__(
         self,
         *,
         task_ids: _abc.Iterable[_builtins.str] | None = ...,
         since_unix_ms: _builtins.int = ...,
+        previous_tree_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["since_unix_ms", b"since_unix_ms", "task_ids", b"task_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["previous_tree_size", b"previous_tree_size", "since_unix_ms", b"since_unix_ms", "task_ids", b"task_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1840,6 +1854,87 @@ class ExportBundleResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ExportBundleResponse: _TypeAlias = ExportBundleResponse  # noqa: Y015
+
+@_typing.final
+class StreamExportBundleRequest(_message.Message):
+    """StreamExportBundleRequest selects receipts, exactly as ExportBundleRequest does."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_IDS_FIELD_NUMBER: _builtins.int
+    SINCE_UNIX_MS_FIELD_NUMBER: _builtins.int
+    PREVIOUS_TREE_SIZE_FIELD_NUMBER: _builtins.int
+    since_unix_ms: _builtins.int
+    """As ExportBundleRequest.since_unix_ms."""
+    previous_tree_size: _builtins.int
+    """As ExportBundleRequest.previous_tree_size."""
+    @_builtins.property
+    def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """As ExportBundleRequest.task_ids."""
+
+    def __init__(
+        self,
+        *,
+        task_ids: _abc.Iterable[_builtins.str] | None = ...,
+        since_unix_ms: _builtins.int = ...,
+        previous_tree_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["previous_tree_size", b"previous_tree_size", "since_unix_ms", b"since_unix_ms", "task_ids", b"task_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamExportBundleRequest: _TypeAlias = StreamExportBundleRequest  # noqa: Y015
+
+@_typing.final
+class StreamExportBundleResponse(_message.Message):
+    """StreamExportBundleResponse is one page of a bundle. Pages come in file order:
+    messages with entries (ledger order), then with node_certificates, then with
+    leases, then exactly one with trailer, last. A message sets one of the four.
+    A stream that ends without a trailer is incomplete and must be discarded.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRIES_FIELD_NUMBER: _builtins.int
+    NODE_CERTIFICATES_FIELD_NUMBER: _builtins.int
+    LEASES_FIELD_NUMBER: _builtins.int
+    TRAILER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entries(self) -> _containers.RepeatedCompositeFieldContainer[_receipt_pb2.BundleEntry]:
+        """A page of Bundle.entries, in ledger order."""
+
+    @_builtins.property
+    def node_certificates(self) -> _containers.RepeatedCompositeFieldContainer[_receipt_pb2.Envelope]:
+        """A page of Bundle.node_certificates, sent after every entry."""
+
+    @_builtins.property
+    def leases(self) -> _containers.RepeatedCompositeFieldContainer[_receipt_pb2.Envelope]:
+        """A page of Bundle.leases, sent after every certificate."""
+
+    @_builtins.property
+    def trailer(self) -> _receipt_pb2.Bundle:
+        """The last message: the bundle's other fields (version, control_keyids,
+        exported_unix_ms, checkpoint, manifest), with entries, node_certificates
+        and leases empty.
+        """
+
+    def __init__(
+        self,
+        *,
+        entries: _abc.Iterable[_receipt_pb2.BundleEntry] | None = ...,
+        node_certificates: _abc.Iterable[_receipt_pb2.Envelope] | None = ...,
+        leases: _abc.Iterable[_receipt_pb2.Envelope] | None = ...,
+        trailer: _receipt_pb2.Bundle | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["trailer", b"trailer"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entries", b"entries", "leases", b"leases", "node_certificates", b"node_certificates", "trailer", b"trailer"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamExportBundleResponse: _TypeAlias = StreamExportBundleResponse  # noqa: Y015
 
 @_typing.final
 class PutPolicyRequest(_message.Message):

@@ -151,6 +151,11 @@ class ControlServiceStub:
                 request_serializer=tether_dot_v1_dot_control__pb2.ExportBundleRequest.SerializeToString,
                 response_deserializer=tether_dot_v1_dot_control__pb2.ExportBundleResponse.FromString,
                 _registered_method=True)
+        self.StreamExportBundle = channel.unary_stream(
+                '/tether.v1.ControlService/StreamExportBundle',
+                request_serializer=tether_dot_v1_dot_control__pb2.StreamExportBundleRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_control__pb2.StreamExportBundleResponse.FromString,
+                _registered_method=True)
         self.PutPolicy = channel.unary_unary(
                 '/tether.v1.ControlService/PutPolicy',
                 request_serializer=tether_dot_v1_dot_control__pb2.PutPolicyRequest.SerializeToString,
@@ -329,7 +334,20 @@ class ControlServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ExportBundle(self, request, context):
-        """Exports a self-contained, offline-verifiable bundle.
+        """Exports a self-contained, offline-verifiable bundle in one message.
+        Deprecated: the reply is one gRPC message, so a bundle over the message size
+        limit (8 MiB) cannot be exported this way; use StreamExportBundle, which
+        selects the same receipts and streams the bundle in pages of any size.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamExportBundle(self, request, context):
+        """Exports a bundle of any size as a stream of pages read from the store page by
+        page: entries in ledger order, then node certificates, then leases, then one
+        trailer with the checkpoint and the signed manifest. Concatenated in that
+        order they are exactly the Bundle ExportBundle would return.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -473,6 +491,11 @@ def add_ControlServiceServicer_to_server(servicer, server):
                     servicer.ExportBundle,
                     request_deserializer=tether_dot_v1_dot_control__pb2.ExportBundleRequest.FromString,
                     response_serializer=tether_dot_v1_dot_control__pb2.ExportBundleResponse.SerializeToString,
+            ),
+            'StreamExportBundle': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamExportBundle,
+                    request_deserializer=tether_dot_v1_dot_control__pb2.StreamExportBundleRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_control__pb2.StreamExportBundleResponse.SerializeToString,
             ),
             'PutPolicy': grpc.unary_unary_rpc_method_handler(
                     servicer.PutPolicy,
@@ -1113,6 +1136,33 @@ class ControlService:
             '/tether.v1.ControlService/ExportBundle',
             tether_dot_v1_dot_control__pb2.ExportBundleRequest.SerializeToString,
             tether_dot_v1_dot_control__pb2.ExportBundleResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamExportBundle(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tether.v1.ControlService/StreamExportBundle',
+            tether_dot_v1_dot_control__pb2.StreamExportBundleRequest.SerializeToString,
+            tether_dot_v1_dot_control__pb2.StreamExportBundleResponse.FromString,
             options,
             channel_credentials,
             insecure,

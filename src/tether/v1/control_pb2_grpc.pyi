@@ -18,6 +18,7 @@ from collections import abc as _abc
 from grpc import aio as _aio
 from tether.v1 import control_pb2 as _control_pb2
 import abc as _abc_1
+import builtins as _builtins
 import grpc as _grpc
 import sys
 import typing as _typing
@@ -26,6 +27,11 @@ if sys.version_info >= (3, 11):
     from typing import Self as _Self
 else:
     from typing_extensions import Self as _Self
+
+if sys.version_info >= (3, 13):
+    from warnings import deprecated as _deprecated
+else:
+    from typing_extensions import deprecated as _deprecated
 
 _T = _typing.TypeVar("_T")
 
@@ -92,8 +98,20 @@ class ControlServiceStub:
     """Returns an inclusion proof for one ledger leaf."""
     GetConsistencyProof: _grpc.UnaryUnaryMultiCallable[_control_pb2.GetConsistencyProofRequest, _control_pb2.GetConsistencyProofResponse]
     """Returns a consistency proof between two tree sizes."""
-    ExportBundle: _grpc.UnaryUnaryMultiCallable[_control_pb2.ExportBundleRequest, _control_pb2.ExportBundleResponse]
-    """Exports a self-contained, offline-verifiable bundle."""
+    @_builtins.property
+    @_deprecated("""This method has been marked as deprecated using proto method options.""")
+    def ExportBundle(self) -> _grpc.UnaryUnaryMultiCallable[_control_pb2.ExportBundleRequest, _control_pb2.ExportBundleResponse]:
+        """Exports a self-contained, offline-verifiable bundle in one message.
+        Deprecated: the reply is one gRPC message, so a bundle over the message size
+        limit (8 MiB) cannot be exported this way; use StreamExportBundle, which
+        selects the same receipts and streams the bundle in pages of any size.
+        """
+    StreamExportBundle: _grpc.UnaryStreamMultiCallable[_control_pb2.StreamExportBundleRequest, _control_pb2.StreamExportBundleResponse]
+    """Exports a bundle of any size as a stream of pages read from the store page by
+    page: entries in ledger order, then node certificates, then leases, then one
+    trailer with the checkpoint and the signed manifest. Concatenated in that
+    order they are exactly the Bundle ExportBundle would return.
+    """
     PutPolicy: _grpc.UnaryUnaryMultiCallable[_control_pb2.PutPolicyRequest, _control_pb2.PutPolicyResponse]
     """Stores a new version of the policy document."""
     GetPolicy: _grpc.UnaryUnaryMultiCallable[_control_pb2.GetPolicyRequest, _control_pb2.GetPolicyResponse]
@@ -154,8 +172,20 @@ class ControlServiceAsyncStub(ControlServiceStub):
     """Returns an inclusion proof for one ledger leaf."""
     GetConsistencyProof: _aio.UnaryUnaryMultiCallable[_control_pb2.GetConsistencyProofRequest, _control_pb2.GetConsistencyProofResponse]  # type: ignore[assignment]
     """Returns a consistency proof between two tree sizes."""
-    ExportBundle: _aio.UnaryUnaryMultiCallable[_control_pb2.ExportBundleRequest, _control_pb2.ExportBundleResponse]  # type: ignore[assignment]
-    """Exports a self-contained, offline-verifiable bundle."""
+    @_builtins.property
+    @_deprecated("""This method has been marked as deprecated using proto method options.""")
+    def ExportBundle(self) -> _aio.UnaryUnaryMultiCallable[_control_pb2.ExportBundleRequest, _control_pb2.ExportBundleResponse]:  # type: ignore[override]
+        """Exports a self-contained, offline-verifiable bundle in one message.
+        Deprecated: the reply is one gRPC message, so a bundle over the message size
+        limit (8 MiB) cannot be exported this way; use StreamExportBundle, which
+        selects the same receipts and streams the bundle in pages of any size.
+        """
+    StreamExportBundle: _aio.UnaryStreamMultiCallable[_control_pb2.StreamExportBundleRequest, _control_pb2.StreamExportBundleResponse]  # type: ignore[assignment]
+    """Exports a bundle of any size as a stream of pages read from the store page by
+    page: entries in ledger order, then node certificates, then leases, then one
+    trailer with the checkpoint and the signed manifest. Concatenated in that
+    order they are exactly the Bundle ExportBundle would return.
+    """
     PutPolicy: _aio.UnaryUnaryMultiCallable[_control_pb2.PutPolicyRequest, _control_pb2.PutPolicyResponse]  # type: ignore[assignment]
     """Stores a new version of the policy document."""
     GetPolicy: _aio.UnaryUnaryMultiCallable[_control_pb2.GetPolicyRequest, _control_pb2.GetPolicyResponse]  # type: ignore[assignment]
@@ -346,13 +376,30 @@ class ControlServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_control_pb2.GetConsistencyProofResponse, _abc.Awaitable[_control_pb2.GetConsistencyProofResponse]]:
         """Returns a consistency proof between two tree sizes."""
 
+    @_deprecated("""Exports a self-contained, offline-verifiable bundle in one message.\nDeprecated: the reply is one gRPC message, so a bundle over the message size\nlimit (8 MiB) cannot be exported this way; use StreamExportBundle, which\nselects the same receipts and streams the bundle in pages of any size.""")
     @_abc_1.abstractmethod
     def ExportBundle(
         self,
         request: _control_pb2.ExportBundleRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_control_pb2.ExportBundleResponse, _abc.Awaitable[_control_pb2.ExportBundleResponse]]:
-        """Exports a self-contained, offline-verifiable bundle."""
+        """Exports a self-contained, offline-verifiable bundle in one message.
+        Deprecated: the reply is one gRPC message, so a bundle over the message size
+        limit (8 MiB) cannot be exported this way; use StreamExportBundle, which
+        selects the same receipts and streams the bundle in pages of any size.
+        """
+
+    @_abc_1.abstractmethod
+    def StreamExportBundle(
+        self,
+        request: _control_pb2.StreamExportBundleRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_control_pb2.StreamExportBundleResponse], _abc.AsyncIterator[_control_pb2.StreamExportBundleResponse]]:
+        """Exports a bundle of any size as a stream of pages read from the store page by
+        page: entries in ledger order, then node certificates, then leases, then one
+        trailer with the checkpoint and the signed manifest. Concatenated in that
+        order they are exactly the Bundle ExportBundle would return.
+        """
 
     @_abc_1.abstractmethod
     def PutPolicy(

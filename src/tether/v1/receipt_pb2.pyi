@@ -609,8 +609,10 @@ Global___BundleEntry: _TypeAlias = BundleEntry  # noqa: Y015
 @_typing.final
 class Bundle(_message.Message):
     """Bundle is everything needed to verify a set of receipts offline. Its file
-    form is this message in proto3 JSON. Entries always hold each included
-    node's chain from seq 1 without gaps, so a verifier can judge the chain.
+    form is this message in proto3 JSON. A whole-chain bundle holds each included
+    node's chain from seq 1 without gaps; a per-task bundle (manifest.task_ids
+    set) holds only the exported tasks' receipts, exactly the (node, seq) pairs
+    its signed manifest lists.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -698,6 +700,9 @@ class ExportManifest(_message.Message):
     ROOT_HASH_FIELD_NUMBER: _builtins.int
     EXPORTED_UNIX_MS_FIELD_NUMBER: _builtins.int
     NODES_FIELD_NUMBER: _builtins.int
+    TASK_IDS_FIELD_NUMBER: _builtins.int
+    PREVIOUS_TREE_SIZE_FIELD_NUMBER: _builtins.int
+    CONSISTENCY_PROOF_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """Manifest format version; currently 1."""
     origin: _builtins.str
@@ -708,9 +713,26 @@ class ExportManifest(_message.Message):
     """Root hash of the bundle's checkpoint (32 bytes)."""
     exported_unix_ms: _builtins.int
     """When the bundle was exported, Unix milliseconds (the bundle's value)."""
+    previous_tree_size: _builtins.int
+    """A tree size the exporter was asked to prove consistency from (a checkpoint
+    the auditor saw before); 0 for none. At most tree_size.
+    """
     @_builtins.property
     def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExportManifestNode]:
         """One entry per node with receipts in the bundle, sorted by node_id."""
+
+    @_builtins.property
+    def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The tasks of a per-task export, sorted and distinct: the bundle holds these
+        tasks' receipts and no other, exactly the seqs each node lists. Empty: a
+        whole-chain export (each node's receipts 1..last_seq).
+        """
+
+    @_builtins.property
+    def consistency_proof(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """RFC 9162 §2.1.4 consistency proof from previous_tree_size to tree_size (32
+        bytes each); empty when previous_tree_size is 0 or equals tree_size.
+        """
 
     def __init__(
         self,
@@ -721,10 +743,13 @@ class ExportManifest(_message.Message):
         root_hash: _builtins.bytes = ...,
         exported_unix_ms: _builtins.int = ...,
         nodes: _abc.Iterable[Global___ExportManifestNode] | None = ...,
+        task_ids: _abc.Iterable[_builtins.str] | None = ...,
+        previous_tree_size: _builtins.int = ...,
+        consistency_proof: _abc.Iterable[_builtins.bytes] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["exported_unix_ms", b"exported_unix_ms", "nodes", b"nodes", "origin", b"origin", "root_hash", b"root_hash", "tree_size", b"tree_size", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency_proof", b"consistency_proof", "exported_unix_ms", b"exported_unix_ms", "nodes", b"nodes", "origin", b"origin", "previous_tree_size", b"previous_tree_size", "root_hash", b"root_hash", "task_ids", b"task_ids", "tree_size", b"tree_size", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -732,7 +757,9 @@ Global___ExportManifest: _TypeAlias = ExportManifest  # noqa: Y015
 
 @_typing.final
 class ExportManifestNode(_message.Message):
-    """ExportManifestNode is one node's chain in a bundle: seq 1 to last_seq."""
+    """ExportManifestNode is one node's receipts in a bundle: seq 1 to last_seq in a
+    whole-chain export, exactly `seqs` in a per-task export.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -740,15 +767,23 @@ class ExportManifestNode(_message.Message):
     LAST_SEQ_FIELD_NUMBER: _builtins.int
     LAST_ENVELOPE_SHA256_FIELD_NUMBER: _builtins.int
     TASK_IDS_FIELD_NUMBER: _builtins.int
+    SEQS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """The node that signed the receipts."""
     last_seq: _builtins.int
-    """Highest seq of this node in the bundle (the chain holds 1..last_seq)."""
+    """Highest seq of this node in the bundle (a whole-chain export holds 1..last_seq)."""
     last_envelope_sha256: _builtins.str
     """Hex SHA-256 of the exact envelope bytes of receipt last_seq."""
     @_builtins.property
     def task_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Sorted, distinct task ids of this node's receipts in the bundle."""
+
+    @_builtins.property
+    def seqs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Per-task exports only (ExportManifest.task_ids set): the seqs of this node's
+        receipts in the bundle, strictly ascending, the last one last_seq. Empty in
+        a whole-chain export.
+        """
 
     def __init__(
         self,
@@ -757,10 +792,11 @@ class ExportManifestNode(_message.Message):
         last_seq: _builtins.int = ...,
         last_envelope_sha256: _builtins.str = ...,
         task_ids: _abc.Iterable[_builtins.str] | None = ...,
+        seqs: _abc.Iterable[_builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_envelope_sha256", b"last_envelope_sha256", "last_seq", b"last_seq", "node_id", b"node_id", "task_ids", b"task_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["last_envelope_sha256", b"last_envelope_sha256", "last_seq", b"last_seq", "node_id", b"node_id", "seqs", b"seqs", "task_ids", b"task_ids"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

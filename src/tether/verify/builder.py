@@ -17,7 +17,7 @@ from tether.core.errors import VerificationError
 from tether.core.leases import Lease
 from tether.core.receipts import Receipt, ReceiptKind
 from tether.crypto.certs import issue_cert
-from tether.crypto.leases import sign_lease
+from tether.crypto.leases import decode_lease, sign_lease
 from tether.crypto.manifest import manifest_for, sign_manifest
 from tether.crypto.merkle import MerkleTree, leaf_hash
 from tether.crypto.note import CheckpointBody, sign_checkpoint
@@ -178,17 +178,31 @@ class BundleBuilder:
             )
         return lease
 
-    def build(self, exported_unix_ms: int | None = None) -> Bundle:
-        """Signs a checkpoint over the whole ledger and exports the chosen entries."""
+    def build(
+        self,
+        exported_unix_ms: int | None = None,
+        *,
+        tasks: tuple[str, ...] = (),
+        previous_tree_size: int = 0,
+    ) -> Bundle:
+        """Signs a checkpoint over the whole ledger and exports the chosen entries.
+
+        `tasks` makes a per-task export instead: every receipt of those tasks in
+        the ledger and nothing else, their leases, and a per-task manifest.
+        `previous_tree_size` puts a consistency proof from that size into the
+        manifest.
+        """
         tree = MerkleTree([leaf_hash(x) for x in self.ledger])
         root = tree.root()
         body = CheckpointBody(self.origin, tree.size, root)
         ts = exported_unix_ms if exported_unix_ms is not None else T0 + DAY_MS
         # A bundle carries no checkpoint time (the note does not sign one).
         cp = CheckpointInfo(self.origin, tree.size, root, 0, sign_checkpoint(body, self.control))
+        chosen = self.exported
+        if tasks:
+            chosen = [i for i, data in enumerate(self.ledger) if _task_of(data) in tasks]
         entries = [
-            Entry.of(self.ledger[i], i, i, tree.size, tree.inclusion_proof(i))
-            for i in self.exported
+            Entry.of(self.ledger[i], i, i, tree.size, tree.inclusion_proof(i)) for i in chosen
         ]
         rows = []
         for e in entries:
@@ -198,13 +212,45 @@ class BundleBuilder:
             except VerificationError:  # a deliberately malformed receipt (golden files)
                 node, seq, task = _lenient_facts(e.envelope)
             rows.append((node, seq, task, envelope_digest(e.envelope)))
-        manifest = manifest_for(self.origin, tree.size, root, ts, rows)
+        proof = (
+            tree.consistency_proof(previous_tree_size) if 0 < previous_tree_size < tree.size else []
+        )
+        manifest = manifest_for(
+            self.origin,
+            tree.size,
+            root,
+            ts,
+            rows,
+            task_ids=tasks,
+            previous_tree_size=previous_tree_size,
+            consistency_proof=proof,
+        )
+        leases = list(self.leases)
+        if tasks:
+            leases = [env for env in leases if decode_lease(env.payload).task_id in tasks]
         return Bundle(
             entries=entries,
             node_certificates=[n.cert for n in self.nodes.values()],
-            leases=list(self.leases),
+            leases=leases,
             checkpoint=cp,
             control_keyids=[self.control.keyid],
             exported_unix_ms=ts,
             manifest=sign_manifest(manifest, self.control),
         )
+
+    def checkpoint_note(self, size: int | None = None) -> str:
+        """A checkpoint note over the first `size` leaves (default: all), control-signed."""
+        tree = MerkleTree([leaf_hash(x) for x in self.ledger])
+        n = tree.size if size is None else size
+        return sign_checkpoint(CheckpointBody(self.origin, n, tree.root(n)), self.control)
+
+
+def _task_of(envelope: bytes) -> str:
+    """The task a ledger leaf is about ("" for a leaf that is no receipt at all)."""
+    try:
+        return parse_receipt(envelope)[1].task_id
+    except VerificationError:
+        try:
+            return _lenient_facts(envelope)[2]
+        except (VerificationError, ValueError):
+            return ""

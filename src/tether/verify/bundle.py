@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import binascii
 import dataclasses
+import io
 import json
 import re
 from collections.abc import Iterable
@@ -434,24 +435,21 @@ def _envelope_json(env: Envelope) -> dict[str, Any]:
     }
 
 
-def bundle_to_dict(b: Bundle) -> dict[str, Any]:
-    """The proto3 JSON object of a bundle (lowerCamelCase, 64-bit ints as strings)."""
+def _entry_json(e: Entry) -> dict[str, Any]:
+    return {
+        "envelope": _e64(e.envelope),
+        "leafIndex": str(e.leaf_index),
+        "proof": {
+            "leafIndex": str(e.proof_index),
+            "treeSize": str(e.proof_size),
+            "hashes": list(e.proof_b64),
+        },
+    }
+
+
+def _tail_json(b: Bundle) -> dict[str, Any]:
+    """The members after `leases`, in file order."""
     doc: dict[str, Any] = {
-        "version": b.version,
-        "entries": [
-            {
-                "envelope": _e64(e.envelope),
-                "leafIndex": str(e.leaf_index),
-                "proof": {
-                    "leafIndex": str(e.proof_index),
-                    "treeSize": str(e.proof_size),
-                    "hashes": list(e.proof_b64),
-                },
-            }
-            for e in b.entries
-        ],
-        "nodeCertificates": [_envelope_json(e) for e in b.node_certificates],
-        "leases": [_envelope_json(e) for e in b.leases],
         "controlKeyids": list(b.control_keyids),
         "exportedUnixMs": str(b.exported_unix_ms),
     }
@@ -468,10 +466,99 @@ def bundle_to_dict(b: Bundle) -> dict[str, Any]:
     return doc
 
 
+def bundle_to_dict(b: Bundle) -> dict[str, Any]:
+    """The proto3 JSON object of a bundle (lowerCamelCase, 64-bit ints as strings)."""
+    return {
+        "version": b.version,
+        "entries": [_entry_json(e) for e in b.entries],
+        "nodeCertificates": [_envelope_json(e) for e in b.node_certificates],
+        "leases": [_envelope_json(e) for e in b.leases],
+        **_tail_json(b),
+    }
+
+
+def _compact(v: Any) -> bytes:
+    return json.dumps(v, separators=(",", ":")).encode()
+
+
+class BundleWriter:
+    """Writes a bundle's canonical file form piece by piece, in bounded memory.
+
+    Entries, then certificates, then leases, then the rest (`finish`): the
+    order of the file. The bytes are exactly `encode_bundle`'s for the same
+    bundle (it is built on this writer), so a streamed export is the one
+    canonical encoding `tether verify` accepts. Only the current page is held.
+    """
+
+    _SECTIONS = ("entries", "nodeCertificates", "leases")
+
+    def __init__(self, out: IO[bytes], version: int = BUNDLE_VERSION) -> None:
+        self.out = out
+        self.version = version
+        self.counts = {name: 0 for name in self._SECTIONS}
+        self._section = -1
+        self.bytes_written = 0
+        self._write(b'{"version":' + _compact(version))
+
+    def _write(self, data: bytes) -> None:
+        self.out.write(data)
+        self.bytes_written += len(data)
+
+    def _enter(self, index: int) -> None:
+        if index < self._section:
+            raise ValueError(
+                f"bundle {self._SECTIONS[index]} after {self._SECTIONS[self._section]}"
+            )
+        while self._section < index:
+            if self._section >= 0:
+                self._write(b"]")
+            self._section += 1
+            self._write(b',"' + self._SECTIONS[self._section].encode() + b'":[')
+
+    def _items(self, index: int, docs: Iterable[dict[str, Any]]) -> None:
+        self._enter(index)
+        name = self._SECTIONS[index]
+        parts = []
+        n = self.counts[name]
+        for d in docs:
+            parts.append(_compact(d) if n == 0 else b"," + _compact(d))
+            n += 1
+        self.counts[name] = n
+        self._write(b"".join(parts))
+
+    def entries(self, entries: Iterable[Entry]) -> None:
+        """Appends entries (ledger order)."""
+        self._items(0, (_entry_json(e) for e in entries))
+
+    def node_certificates(self, envelopes: Iterable[Envelope]) -> None:
+        """Appends node certificates (after every entry)."""
+        self._items(1, (_envelope_json(e) for e in envelopes))
+
+    def leases(self, envelopes: Iterable[Envelope]) -> None:
+        """Appends leases (after every certificate)."""
+        self._items(2, (_envelope_json(e) for e in envelopes))
+
+    def finish(self, rest: Bundle) -> None:
+        """Writes the members after `leases` from `rest` (its lists are ignored) and closes."""
+        if rest.version != self.version:
+            raise ValueError(f"bundle version {rest.version}, the writer began {self.version}")
+        self._enter(2)
+        self._write(b"]")
+        tail = _compact(_tail_json(rest))
+        self._write(b"," + tail[1:] + b"\n")  # the tail object's members, then the bundle's "}"
+
+
 def encode_bundle(b: Bundle, indent: int | None = None) -> bytes:
-    """The bundle file bytes (proto3 JSON)."""
-    seps = (",", ":") if indent is None else (",", ": ")
-    return json.dumps(bundle_to_dict(b), indent=indent, separators=seps).encode() + b"\n"
+    """The bundle file bytes (proto3 JSON); canonical (compact) unless `indent`."""
+    if indent is not None:
+        return json.dumps(bundle_to_dict(b), indent=indent, separators=(",", ": ")).encode() + b"\n"
+    out = io.BytesIO()
+    w = BundleWriter(out, b.version)
+    w.entries(b.entries)
+    w.node_certificates(b.node_certificates)
+    w.leases(b.leases)
+    w.finish(b)
+    return out.getvalue()
 
 
 # --- protobuf bridge (for the control plane's ExportBundle) -------------------
@@ -487,16 +574,7 @@ def bundle_from_proto(msg: Any) -> Bundle:
         cp = CheckpointInfo(c.origin, c.tree_size, bytes(c.root_hash), c.timestamp_unix_ms, c.note)
     return Bundle(
         version=msg.version,
-        entries=[
-            Entry.of(
-                bytes(e.envelope),
-                e.leaf_index,
-                e.proof.leaf_index,
-                e.proof.tree_size,
-                (bytes(h) for h in e.proof.hashes),
-            )
-            for e in msg.entries
-        ],
+        entries=entries_from_proto(msg.entries),
         node_certificates=[from_proto(e) for e in msg.node_certificates],
         leases=[from_proto(e) for e in msg.leases],
         checkpoint=cp,
@@ -513,16 +591,7 @@ def bundle_to_proto(b: Bundle) -> Any:
 
     msg = receipt_pb2.Bundle(
         version=b.version,
-        entries=[
-            receipt_pb2.BundleEntry(
-                envelope=e.envelope,
-                leaf_index=e.leaf_index,
-                proof=receipt_pb2.InclusionProof(
-                    leaf_index=e.proof_index, tree_size=e.proof_size, hashes=list(e.proof)
-                ),
-            )
-            for e in b.entries
-        ],
+        entries=entries_to_proto(b.entries),
         node_certificates=[to_proto(e) for e in b.node_certificates],
         leases=[to_proto(e) for e in b.leases],
         control_keyids=list(b.control_keyids),
@@ -536,6 +605,36 @@ def bundle_to_proto(b: Bundle) -> Any:
     if b.manifest is not None:
         msg.manifest.CopyFrom(to_proto(b.manifest))
     return msg
+
+
+def entries_to_proto(entries: Iterable[Entry]) -> list[Any]:
+    """The `tether.v1.BundleEntry` messages of entries."""
+    from tether.v1 import receipt_pb2
+
+    return [
+        receipt_pb2.BundleEntry(
+            envelope=e.envelope,
+            leaf_index=e.leaf_index,
+            proof=receipt_pb2.InclusionProof(
+                leaf_index=e.proof_index, tree_size=e.proof_size, hashes=list(e.proof)
+            ),
+        )
+        for e in entries
+    ]
+
+
+def entries_from_proto(msgs: Iterable[Any]) -> list[Entry]:
+    """Entries from `tether.v1.BundleEntry` messages (bytes as they came)."""
+    return [
+        Entry.of(
+            bytes(e.envelope),
+            e.leaf_index,
+            e.proof.leaf_index,
+            e.proof.tree_size,
+            (bytes(h) for h in e.proof.hashes),
+        )
+        for e in msgs
+    ]
 
 
 def checkpoint_to_proto(c: CheckpointInfo) -> Any:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tether.core.errors import ConfigError
+from tether.crypto.note import MAX_NOTE_BYTES
 from tether.crypto.pki import TrustBundle
 from tether.verify.bundle import BundleFormatError, BundleTooLarge, Limits, read_bundle
 from tether.verify.verifier import (
@@ -107,20 +108,15 @@ def register(sub: Any) -> None:
         help=f"refuse JSON nested deeper than N levels (default {Limits.max_depth}; "
         "bundles nest 5)",
     )
+    p.add_argument(
+        "--previous-checkpoint",
+        type=Path,
+        metavar="FILE",
+        help="a signed checkpoint note seen before (`tether receipts checkpoint`): prove the "
+        "bundle's checkpoint extends it (the bundle must be exported with the same "
+        "--previous-checkpoint, so its signed manifest carries the consistency proof)",
+    )
     p.set_defaults(func=run)
-
-    r = sub.add_parser("receipts", help="receipt ledger commands")
-    rsub = r.add_subparsers(dest="receipts_command", metavar="COMMAND", required=True)
-    e = rsub.add_parser("export", help="export an offline-verifiable bundle")
-    from tether.control.cmd import add_client_args
-
-    add_client_args(e)
-    sel = e.add_mutually_exclusive_group(required=True)
-    sel.add_argument("--task", action="append", default=[], metavar="ID", help="task id (repeat)")
-    sel.add_argument("--since", type=int, metavar="UNIX_MS", help="receipts stored since then")
-    sel.add_argument("--all", action="store_true", help="every receipt in the ledger")
-    e.add_argument("--out", type=Path, required=True, help="bundle file to write")
-    e.set_defaults(func=run_export)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -140,6 +136,20 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"tether verify: {err}", file=sys.stderr)
         return 2
+    previous = None
+    if args.previous_checkpoint is not None:
+        try:
+            with open(args.previous_checkpoint, "rb") as f:
+                raw = f.read(MAX_NOTE_BYTES + 1)
+            previous = raw.decode("utf-8")
+        except OSError as err:
+            print(
+                f"tether verify: cannot read {args.previous_checkpoint}: {err.strerror}",
+                file=sys.stderr,
+            )
+            return 2
+        except UnicodeDecodeError:
+            previous = raw.decode("utf-8", "replace")  # the verifier names it as malformed
     name = "stdin" if args.bundle == "-" else args.bundle
     try:
         if args.bundle == "-":
@@ -163,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
                 allow_open=args.allow_open,
                 max_clock_skew_ms=args.max_clock_skew,
                 limits=limits,
+                previous_checkpoint=previous,
             )
         except Exception as err:  # a verifier bug must still end in a clear, failing exit
             print(
@@ -209,9 +220,18 @@ def render(report: Report, timeline: bool = True) -> str:
         if report.origin
         else "no checkpoint"
     )
+    scope = ""
+    if report.exported_tasks:
+        names = ", ".join(safe(t) for t in report.exported_tasks[:3])
+        more = (
+            f" and {len(report.exported_tasks) - 3} more" if len(report.exported_tasks) > 3 else ""
+        )
+        scope = f"per-task export of {names}{more}, "
+    if report.consistent_with:
+        cp += f" (consistent with the previous checkpoint at size {report.consistent_with})"
     summary = (
-        f"{report.entries} receipts, {report.nodes} nodes, {len(report.tasks)} tasks, {cp}, "
-        f"{report.seconds:.2f}s"
+        f"{report.entries} receipts, {report.nodes} nodes, {len(report.tasks)} tasks, {scope}"
+        f"{cp}, {report.seconds:.2f}s"
     )
     lines: list[str] = []
     if report.ok:
@@ -243,34 +263,3 @@ def render(report: Report, timeline: bool = True) -> str:
                 )
             lines.append("")
     return "\n".join(lines) + "\n"
-
-
-def run_export(args: argparse.Namespace) -> int:
-    """Fetches a bundle from the control plane and writes it (the only networked command here)."""
-    import asyncio
-
-    from tether.control.cmd import client_from_args
-    from tether.grpcutil.status import from_rpc_error
-    from tether.v1 import control_pb2 as pb
-    from tether.verify.bundle import bundle_from_proto, encode_bundle
-
-    async def go() -> Any:
-        import grpc
-
-        async with client_from_args(args) as client:
-            request = pb.ExportBundleRequest(task_ids=args.task, since_unix_ms=args.since or 0)
-            try:
-                return await client.stub.ExportBundle(request, timeout=client.timeout_s)
-            except grpc.RpcError as err:
-                raise from_rpc_error(err) from err
-
-    resp = asyncio.run(go())
-    bundle = bundle_from_proto(resp.bundle)
-    args.out.write_bytes(encode_bundle(bundle))
-    print(
-        f"wrote {args.out}: {len(bundle.entries)} receipts, {len(bundle.node_certificates)} "
-        f"nodes, {len(bundle.leases)} leases, tree size "
-        f"{bundle.checkpoint.tree_size if bundle.checkpoint else 0}",
-        file=sys.stderr,
-    )
-    return 0

@@ -59,6 +59,7 @@ from tether.core.states import TERMINAL, state_name
 from tether.crypto.certs import NodeCertificate, decode_cert, encode_cert
 from tether.crypto.leases import decode_lease, encode_lease
 from tether.crypto.manifest import ExportManifest, decode_manifest, encode_manifest
+from tether.crypto.merkle import verify_consistency
 from tether.crypto.note import CheckpointBody, key_hash, open_checkpoint
 from tether.crypto.receipts import (
     PREDICATE_TYPE,
@@ -81,9 +82,12 @@ from tether.verify.bundle import Bundle, BundleFormatError, Limits, decode_bundl
 CHECKS: dict[str, str] = {
     "bundle.format": "the file is a well-formed version-1 bundle",
     "checkpoint": "the checkpoint note is signed by a trusted control key and matches its fields",
+    "consistency": "the bundle's checkpoint extends the previous checkpoint the verifier was "
+    "given (--previous-checkpoint), by the consistency proof in the signed manifest",
     "manifest": "the export manifest is signed by a trusted control key, names the bundle's "
     "checkpoint and export time, and for every node gives the bundle's last seq, that "
-    "envelope's digest and the task ids (so no receipt was cut from the end of a chain)",
+    "envelope's digest and the task ids (so no receipt was cut from the end of a chain); "
+    "in a per-task export, exactly the seqs the bundle holds, all of the exported tasks",
     "control.keyids": "the bundle's controlKeyids are sorted, distinct ids of trusted keys "
     "that signed something in it",
     "certificate": "every node certificate is signed by a trusted control key; each receipt "
@@ -168,6 +172,10 @@ class Report:
     seconds: float = 0.0
     warnings: list[Failure] = field(default_factory=list)
     max_clock_skew_ms: int = DEFAULT_MAX_CLOCK_SKEW_MS
+    exported_tasks: list[str] = field(default_factory=list)
+    """A per-task export's tasks (from its verified manifest); empty for whole chains."""
+    consistent_with: int = 0
+    """The previous checkpoint's tree size, when its consistency with this one was proven."""
 
     @property
     def ok(self) -> bool:
@@ -204,6 +212,8 @@ class Report:
             "warnings": [w.to_dict() for w in self.warnings],
             "max_clock_skew_ms": self.max_clock_skew_ms,
             "seconds": round(self.seconds, 3),
+            "exported_tasks": list(self.exported_tasks),
+            "consistent_with_tree_size": self.consistent_with,
         }
 
 
@@ -739,6 +749,7 @@ def verify_bundle(
     threads: int | None = None,
     max_clock_skew_ms: int = DEFAULT_MAX_CLOCK_SKEW_MS,
     limits: Limits | None = None,
+    previous_checkpoint: str | None = None,
 ) -> Report:
     """Verifies a bundle offline against trusted control-plane keys.
 
@@ -754,6 +765,9 @@ def verify_bundle(
             the control-stamped lease window or certificate validity before it
             fails (inside the bound it is a warning).
         limits: input size and JSON nesting caps (file bytes only).
+        previous_checkpoint: a signed checkpoint note the auditor saw before;
+            the bundle's checkpoint must be consistent with it (the same tree
+            grown by appends only), proven by the manifest's consistency proof.
 
     Raises:
         ValueError: no trusted key was given (rejecting by default), or a
@@ -770,7 +784,14 @@ def verify_bundle(
     try:
         with contextlib.ExitStack() as stack:
             report = _verify(
-                bundle, trusted, allow_open, threads, max_clock_skew_ms, limits or Limits(), stack
+                bundle,
+                trusted,
+                allow_open,
+                threads,
+                max_clock_skew_ms,
+                limits or Limits(),
+                stack,
+                previous_checkpoint,
             )
     finally:
         if gc_was_enabled:
@@ -788,6 +809,7 @@ def _verify(
     skew_ms: int,
     limits: Limits,
     stack: contextlib.ExitStack,
+    previous_checkpoint: str | None = None,
 ) -> Report:
     keys = {k.keyid: k for k in trusted}
     workers = threads or min(4, os.cpu_count() or 1)
@@ -806,7 +828,7 @@ def _verify(
         return pool[0]
 
     def verifier(b: Bundle) -> _Verifier:
-        return _Verifier(b, keys, allow_open, skew_ms, limits.max_depth)
+        return _Verifier(b, keys, allow_open, skew_ms, limits.max_depth, previous_checkpoint)
 
     if isinstance(bundle, bytes | bytearray):
         data = bytes(bundle)
@@ -859,8 +881,11 @@ class _Verifier:
         allow_open: bool,
         skew_ms: int,
         max_depth: int,
+        previous_checkpoint: str | None = None,
     ) -> None:
         self.b = bundle  # its entries may be left out (they come in chunks to `run`)
+        self.previous_checkpoint = previous_checkpoint
+        self.consistent_with = 0
         self.keys = keys
         self.allow_open = allow_open
         self.skew_ms = skew_ms
@@ -1068,8 +1093,10 @@ class _Verifier:
             # Reject by default: "nothing to check" must never read as "valid".
             self.failures = [(-4, Failure("bundle.format", "bundle", "bundle holds no receipts"))]
             return True
+        self._load_manifest()
         self._chains()
         self._manifest()
+        self._consistency()
         self._tasks(leases)
         self._control_keyids()
         return True
@@ -1078,8 +1105,12 @@ class _Verifier:
         """Gaps, forks, duplicates, order and prev links per node.
 
         Work follows the entries: gaps come from the sorted seqs present,
-        never from counting up to a seq a receipt claims.
+        never from counting up to a seq a receipt claims. A per-task export
+        (a verified per-task manifest) has holes by design: there the
+        manifest's exact list of seqs replaces the gap check (`_manifest`),
+        and prev links are checked where two seqs are consecutive.
         """
+        per_task = self.manifest is not None and self.manifest.per_task
         by_node: dict[str, list[_Item]] = defaultdict(list)
         for it in self.items:
             by_node[it.node_id].append(it)
@@ -1100,7 +1131,7 @@ class _Verifier:
                 seen[seq] = it
                 top = max(top, seq)
             before = 0
-            for seq in sorted(seen):
+            for seq in sorted(seen) if not per_task else ():
                 if seq > before + 1:
                     lo, hi = before + 1, seq - 1
                     where = f"{node}#{lo}" if lo == hi else f"{node}#{lo}-{hi}"
@@ -1116,8 +1147,8 @@ class _Verifier:
                         "prev is not the digest of the previous envelope",
                     )
 
-    def _manifest(self) -> None:
-        """Compares the signed export manifest with what the bundle holds."""
+    def _load_manifest(self) -> None:
+        """Verifies the signed export manifest (compared with the entries in `_manifest`)."""
         env = self.b.manifest
         if env is None:
             self.fail(-3, "manifest", "manifest", "bundle has no export manifest")
@@ -1131,6 +1162,12 @@ class _Verifier:
             self.fail(-3, "manifest", "manifest", err.message)
             return
         self.manifest = m
+
+    def _manifest(self) -> None:
+        """Compares the signed export manifest with what the bundle holds."""
+        m = self.manifest
+        if m is None:
+            return
         cp = self.b.checkpoint
         if cp is not None and (m.origin, m.tree_size, m.root_hash) != (
             cp.origin,
@@ -1153,31 +1190,34 @@ class _Verifier:
         for node in sorted(set(by_node) - set(listed)):
             pos = by_node[node][-1].pos
             self.fail(pos, "manifest", node, "node's receipts are not in the export manifest")
+        if m.per_task:
+            self._per_task(m, by_node)
         for node_id, n in listed.items():
             items = by_node.get(node_id)
             if not items:
                 self.fail(
                     _END,
                     "manifest",
-                    f"{node_id}#1-{n.last_seq}",
+                    f"{node_id}#1-{n.last_seq}" if not m.per_task else _seq_ranges(node_id, n.seqs),
                     "manifest lists the node but the bundle holds none of its receipts",
                 )
                 continue
             last = max(items, key=lambda it: it.seq)
             top = last.seq
             if top < n.last_seq:
-                where = (
-                    f"{node_id}#{n.last_seq}"
-                    if top + 1 == n.last_seq
-                    else (f"{node_id}#{top + 1}-{n.last_seq}")
-                )
-                self.fail(
-                    last.pos,
-                    "manifest",
-                    where,
-                    f"missing from the end of the chain (the manifest says it ends at seq "
-                    f"{n.last_seq}, the bundle at {top})",
-                )
+                if not m.per_task:  # (a per-task export names each missing seq in _per_task)
+                    where = (
+                        f"{node_id}#{n.last_seq}"
+                        if top + 1 == n.last_seq
+                        else (f"{node_id}#{top + 1}-{n.last_seq}")
+                    )
+                    self.fail(
+                        last.pos,
+                        "manifest",
+                        where,
+                        f"missing from the end of the chain (the manifest says it ends at seq "
+                        f"{n.last_seq}, the bundle at {top})",
+                    )
             elif top > n.last_seq:
                 self.fail(
                     last.pos,
@@ -1201,6 +1241,98 @@ class _Verifier:
                     f"{node_id}",
                     f"task ids differ from the manifest's: {', '.join(diff)}",
                 )
+
+    def _per_task(self, m: ExportManifest, by_node: dict[str, list[_Item]]) -> None:
+        """A per-task export holds the listed (node, seq) pairs, all of the exported tasks."""
+        exported = set(m.task_ids)
+        names = ", ".join(m.task_ids[:3]) + (", …" if len(m.task_ids) > 3 else "")
+        for n in m.nodes:
+            items = by_node.get(n.node_id, [])
+            have = {it.seq: it for it in items}
+            want = set(n.seqs)
+            for seq in sorted(set(have) - want):
+                it = have[seq]
+                self.fail(
+                    it.pos,
+                    "manifest",
+                    it.ref,
+                    "receipt is not in the export manifest's list (not one the bundle was "
+                    "exported with)",
+                )
+            missing = sorted(want - set(have))
+            if missing and items:
+                self.fail(
+                    max(items, key=lambda it: it.seq).pos,
+                    "manifest",
+                    _seq_ranges(n.node_id, missing),
+                    f"{len(missing)} receipt(s) listed in the export manifest are missing "
+                    "from the bundle",
+                )
+        for items in by_node.values():
+            for it in items:
+                if it.task_id not in exported:
+                    self.fail(
+                        it.pos,
+                        "manifest",
+                        it.ref,
+                        f"receipt of task {it.task_id!r}, but the bundle was exported for {names}",
+                    )
+
+    def _consistency(self) -> None:
+        """The bundle's checkpoint extends the previous one the auditor saw (RFC 9162 §2.1.4)."""
+        text = self.previous_checkpoint
+        if text is None:
+            return
+        ref = "previous checkpoint"
+        try:
+            prev, _ = open_checkpoint(text, list(self.keys.values()))
+        except VerificationError as err:
+            self.fail(-3, "consistency", ref, f"the previous checkpoint does not verify: {err}")
+            return
+        cp, m = self.checkpoint, self.manifest
+        if cp is None:
+            self.fail(-3, "consistency", ref, "the bundle has no verified checkpoint to compare")
+            return
+        if prev.origin != cp.origin:
+            self.fail(
+                -3,
+                "consistency",
+                ref,
+                f"the previous checkpoint is of log {prev.origin!r}, the bundle's of {cp.origin!r}",
+            )
+            return
+        why = ""
+        if prev.tree_size > cp.tree_size:
+            why = (
+                f"the previous checkpoint (tree size {prev.tree_size}) is newer than the "
+                f"bundle's ({cp.tree_size})"
+            )
+        elif prev.tree_size == cp.tree_size:
+            if prev.root_hash != cp.root_hash:
+                why = (
+                    f"two different roots for tree size {cp.tree_size}: the log forked or was "
+                    "rewritten"
+                )
+        elif m is None:
+            why = "the bundle has no verified manifest to carry a consistency proof"
+        elif m.previous_tree_size != prev.tree_size:
+            why = (
+                f"the bundle carries a consistency proof from tree size "
+                f"{m.previous_tree_size or 'none'}, not from the previous checkpoint's "
+                f"{prev.tree_size} (export it with --previous-checkpoint)"
+            )
+        elif not verify_consistency(
+            prev.tree_size, cp.tree_size, prev.root_hash, cp.root_hash, m.consistency_proof
+        ):
+            why = (
+                f"the consistency proof does not show the tree of size {prev.tree_size} is a "
+                f"prefix of the bundle's tree of size {cp.tree_size}: the log forked or was "
+                "rewritten"
+            )
+        if why:
+            self.fail(-3, "consistency", ref, why)
+        else:
+            self.consistent_with = prev.tree_size
 
     def _control_keyids(self) -> None:
         """controlKeyids must be sorted, distinct ids of trusted keys that signed here."""
@@ -1295,6 +1427,15 @@ class _Verifier:
                     f"task:{task}",
                     "task has no task_finished receipt",
                 )
+        if self.manifest is not None and not self.allow_open:
+            for task in self.manifest.task_ids:
+                if task not in by_task:
+                    self.fail(
+                        _END,
+                        "task.final",
+                        f"task:{task}",
+                        "exported task has no receipts (so no task_finished receipt)",
+                    )
 
     def report(self) -> Report:
         self.failures.sort(key=lambda pf: (pf[0], _RANK[pf[1].check]))
@@ -1323,9 +1464,24 @@ class _Verifier:
             nodes=len({it.node_id for it in self.items}),
             tasks=sorted(tasks.values(), key=lambda t: t.task_id),
             origin=self.checkpoint.origin if self.checkpoint else "",
+            exported_tasks=list(self.manifest.task_ids) if self.manifest else [],
+            consistent_with=self.consistent_with,
             tree_size=self.checkpoint.tree_size if self.checkpoint else 0,
             warnings=warnings,
         )
+
+
+def _seq_ranges(node: str, seqs: Sequence[int], most: int = 4) -> str:
+    """`node#3-5,9` for sorted seqs: the first few runs, then how many more."""
+    runs: list[list[int]] = []
+    for q in seqs:
+        if runs and q == runs[-1][1] + 1:
+            runs[-1][1] = q
+        else:
+            runs.append([q, q])
+    text = ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs[:most])
+    more = f",… ({len(runs) - most} more runs)" if len(runs) > most else ""
+    return f"{node}#{text}{more}"
 
 
 _KIND_NAMES = {int(k): k.name.lower() for k in ReceiptKind}
