@@ -224,7 +224,7 @@ async def test_canceled_task_kills_the_command(tmp_path: Path) -> None:
         code, lines, err = await asyncio.wait_for(run, 60)
         assert code == 1, err
         [line] = lines
-        assert line["stopped"] == "lease_lost"
+        assert line["stopped"] == "canceled"
         assert line["state"] == ""
         task = (await cp.client.get_task(task_id)).task
         assert task.state == int(State.CANCELED)
@@ -268,3 +268,53 @@ async def test_mcp_sdk_agent_under_tether_run_http_and_stdio_bridge(tmp_path: Pa
         assert ("RECEIPT_KIND_TOOL_DENIED", "rm_rf") in calls
         assert calls[-1][0] == "RECEIPT_KIND_TASK_FINISHED"
         assert os.environ.get("TETHER_MCP_TOKEN") is None
+
+
+async def test_control_plane_attempt_timeout_kills_a_hung_command(tmp_path: Path) -> None:
+    """A task submitted with an attempt timeout that its command overruns is ended by the
+    control plane; `tether run` learns it at the next heartbeat and kills the command."""
+    pids = tmp_path / "pids"
+    async with system(tmp_path) as (cp, side):
+        task_id = (await cp.client.submit("short", b"{}", attempt_timeout_ms=1500)).task.task_id
+        code, lines, err = await tether_run(
+            side, tmp_path, "--queue", "short", "--kill-grace", "0.5",
+            "--", "sh", "-c", f"echo $$ > {pids}; sleep 300",
+        )  # fmt: skip
+        assert code == 1, err
+        [line] = lines
+        assert line["task_id"] == task_id
+        assert line["stopped"] == "attempt_timeout"
+        assert line["state"] == ""  # the control plane ended it; not this agent's to complete
+    assert not alive(int(pids.read_text()))
+
+
+async def test_sigterm_stops_the_command_and_leaves_the_task_to_be_retried(
+    tmp_path: Path,
+) -> None:
+    """SIGTERM to `tether run` kills the running command's tree and exits without
+    completing the task, which lapses back to the queue like after a crash."""
+    pids = tmp_path / "pids"
+    async with system(tmp_path) as (cp, side):
+        task_id = (await cp.client.submit("short", b"{}")).task.task_id
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "tether.cli", "run", "--json", "--queue", "short",
+            "--socket", str(side.socket), "--token-file", str(tmp_path / "node-1" / "alice.token"),
+            "--kill-grace", "0.5", "--", "sh", "-c", f"echo $$ > {pids}; sleep 300",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        for _ in range(200):
+            if pids.exists() and pids.read_text().strip():
+                break
+            await asyncio.sleep(0.05)
+        proc.terminate()
+        out, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 1, err
+        [line] = [json.loads(x) for x in out.decode().splitlines() if x.startswith("{")]
+        assert line["stopped"] == "interrupted"
+        assert not alive(int(pids.read_text()))
+        for _ in range(100):  # the lease lapses, the task goes back to the queue
+            task = (await cp.client.get_task(task_id)).task
+            if task.state == int(State.QUEUED):
+                break
+            await asyncio.sleep(0.1)
+        assert task.state == int(State.QUEUED)  # to be retried: its lease lapsed

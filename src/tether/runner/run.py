@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from tether.agent import AgentClient, Task
-from tether.core.errors import LeaseLost, TetherError
+from tether.core.errors import LeaseLost, TaskCanceled, TaskTimedOut, TetherError
 from tether.runner import proctree
 from tether.sidecar.redaction import Redactor
 
@@ -86,7 +86,10 @@ class Outcome:
     """The task's final state as the sidecar reported it; "" when it could not be completed."""
     exit_code: int | None = None
     stopped: str = ""
-    """Why the command was stopped: "timeout", "lease_lost" or "" (it exited)."""
+    """Why the command was stopped: "" (it exited), "timeout" (--timeout), "canceled",
+    a control-plane time limit ("attempt_timeout", "deadline", ...), "lease_lost", or
+    "interrupted" (SIGTERM/SIGINT to `tether run`). Only "timeout" is completed (failed):
+    in every other case the task is no longer this agent's to complete."""
     artifacts: list[dict[str, Any]] = field(default_factory=list)
     error: str = ""
     seconds: float = 0.0
@@ -113,6 +116,15 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
     if not path.is_file():
         return None
     return (st.st_mtime_ns, st.st_ino, st.st_size)
+
+
+def _why(err: LeaseLost) -> str:
+    """Why a lease ended, as `Outcome.stopped` names it."""
+    if isinstance(err, TaskCanceled):
+        return "canceled"
+    if isinstance(err, TaskTimedOut):
+        return str(err.metadata.get("end_reason") or "timed_out")
+    return "lease_lost"
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -172,7 +184,8 @@ class Runner:
         self._stop = asyncio.Event()
 
     def stop(self) -> None:
-        """Ends the loop after the current task (SIGTERM/SIGINT)."""
+        """SIGTERM/SIGINT: stops the current command (its task is left to lapse and be
+        retried, as after a crash) and ends the loop."""
         self._stop.set()
 
     async def run(self) -> list[Outcome]:
@@ -182,6 +195,8 @@ class Runner:
             self.cfg.count == 0 or len(self.outcomes) < self.cfg.count
         ):
             task = await self.client.claim(self.cfg.queue, wait_ms=self.cfg.wait_ms)
+            if task is not None and self._stop.is_set():
+                break  # stopping: the claim lapses back to the queue
             if task is None:
                 if self.cfg.exit_when_idle:
                     break
@@ -215,11 +230,11 @@ class Runner:
             await self.client.start(task.task_id)
             before = {path: _signature(path) for path in self.cfg.artifacts}
             stdout, stderr_tail = await self._execute(task, workdir, outcome)
-            if outcome.stopped != "lease_lost":
+            if outcome.stopped in ("", "timeout"):
                 await self._upload(task, outcome, before)
             await self._complete(task, outcome, stdout, stderr_tail)
         except LeaseLost as err:
-            outcome.stopped = outcome.stopped or "lease_lost"
+            outcome.stopped = outcome.stopped or _why(err)
             outcome.error = err.message
         except TetherError as err:
             if err.reason not in _GONE:
@@ -267,17 +282,22 @@ class Runner:
 
         async def watch() -> str:
             """Returns why the command must stop, when it must."""
-            interval = max((task.lease_expires_unix_ms - time.time() * 1000) / 3000, 0.1)
+            # A third of the lease window by our wall clock, but at least once a second:
+            # a skewed clock must never stretch heartbeats past the lease.
+            window_s = (task.lease_expires_unix_ms - time.time() * 1000) / 1000
+            interval = min(max(window_s / 3, 0.1), 1.0)
             deadline = None if self.cfg.timeout_s is None else time.monotonic() + self.cfg.timeout_s
             while True:
                 wait = interval if deadline is None else min(interval, deadline - time.monotonic())
                 await asyncio.sleep(max(wait, 0))
+                if self._stop.is_set():
+                    return "interrupted"
                 if deadline is not None and time.monotonic() >= deadline:
                     return "timeout"
                 try:
                     await self.client.heartbeat(task.task_id)
-                except LeaseLost:
-                    return "lease_lost"
+                except LeaseLost as err:
+                    return _why(err)
                 except TetherError as err:
                     if err.reason in _GONE:
                         return "lease_lost"
@@ -328,8 +348,8 @@ class Runner:
     async def _complete(
         self, task: Task, outcome: Outcome, stdout: bytes, stderr_tail: bytes
     ) -> None:
-        if outcome.stopped == "lease_lost":
-            outcome.error = "the lease was lost (lapsed, taken over or canceled); not completed"
+        if outcome.stopped not in ("", "timeout"):
+            outcome.error = f"the command was stopped ({outcome.stopped}); task not completed"
             return
         missing = [
             p.name
