@@ -136,3 +136,47 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="out of range"):
         t.root(4)
     assert not merkle.verify_inclusion(b"\x00" * 32, 5, 3, [], b"")
+
+
+def _stored_tree(n: int) -> tuple[list[bytes], dict[tuple[int, int], bytes]]:
+    """A frontier built in two uneven appends, and what a store would keep beside it."""
+    leaves = [merkle.leaf_hash(x) for x in _leaves(n)]
+    frontier, done = merkle.frontier_extend(0, [], leaves[: n // 3])
+    frontier, more = merkle.frontier_extend(n // 3, frontier, leaves[n // 3 :])
+    kept = {(0, i): h for i, h in enumerate(leaves)}
+    kept.update(((height, index), h) for height, index, h in done + more)
+    return frontier, kept
+
+
+def _range(kept: dict[tuple[int, int], bytes], lo: int, hi: int) -> bytes:
+    parts = []
+    for height, index in merkle.perfect_parts(lo, hi):
+        base, first, count = merkle.stored_of(height, index)
+        assert base % merkle.STRIDE == 0
+        assert count <= 2 ** (merkle.STRIDE - 1)
+        parts.append(merkle.perfect_hash([kept[(base, i)] for i in range(first, first + count)]))
+    return merkle.range_hash(parts)
+
+
+@pytest.mark.parametrize("n", [*SIZES, 255, 256, 257, 1000])
+def test_stored_frontier_and_subtrees_give_the_same_root_and_proofs(n: int) -> None:
+    """A tree known only by its frontier and every 4th level of subtrees answers exactly
+    as the naive RFC 6962 definitions do (root, every audit path, consistency proofs)."""
+    d = _leaves(n)
+    frontier, kept = _stored_tree(n)
+    assert merkle.frontier_root(frontier) == _mth(d)
+    assert len(frontier) == bin(n).count("1")
+    assert {h for h, _ in kept if h} <= set(range(merkle.STRIDE, 64, merkle.STRIDE))
+    for size in {1, n // 2 or 1, n}:
+        for m in range(0, size, max(1, size // 7)):
+            got = [_range(kept, *r) for r in merkle.inclusion_ranges(m, size)]
+            assert got == _path(m, d[:size])
+        for old in range(1, size, max(1, size // 7)):
+            got = [_range(kept, *r) for r in merkle.consistency_ranges(old, size)]
+            assert got == _subproof(old, d[:size], True)
+
+
+def test_a_frontier_that_does_not_fit_its_size_is_refused() -> None:
+    """Extending from a frontier of the wrong length is an error, not a wrong tree."""
+    with pytest.raises(ValueError, match="does not fit"):
+        merkle.frontier_extend(3, [b"x" * 32], [b"y" * 32])

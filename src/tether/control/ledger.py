@@ -35,17 +35,28 @@ from tether.core.errors import (
     InvalidArgument,
     NotFound,
     NotOwner,
+    StorageError,
     Unavailable,
     VerificationError,
 )
 from tether.crypto.certs import verify_cert
 from tether.crypto.leases import decode_lease
 from tether.crypto.manifest import ManifestAccumulator, sign_manifest
-from tether.crypto.merkle import MerkleTree, leaf_hash
+from tether.crypto.merkle import (
+    consistency_ranges,
+    frontier_extend,
+    frontier_root,
+    inclusion_ranges,
+    leaf_hash,
+    perfect_hash,
+    perfect_parts,
+    range_hash,
+    stored_of,
+)
 from tether.crypto.note import CheckpointBody, sign_checkpoint
 from tether.crypto.receipts import envelope_digest, parse_statement
 from tether.crypto.signing import Envelope, SigningKey, VerifyKey, pae
-from tether.store.base import LedgerHead, LedgerLeaf, Store, StoredCheckpoint
+from tether.store.base import LedgerFrontier, LedgerHead, LedgerLeaf, Store, StoredCheckpoint
 from tether.verify.bundle import Bundle, CheckpointInfo, Entry
 from tether.verify.verifier import parse_canonical_envelope
 
@@ -127,6 +138,9 @@ def _warm() -> None:
 
 _NO_HEAD = LedgerHead(0, "", -1)
 
+# A ledger stored before frontiers were kept is caught up this many leaves at a time.
+_FRONTIER_CHUNK = 10_000
+
 # A batch whose node head moved underneath (another replica appended) is
 # re-checked against the stored head this many times in all.
 _APPEND_TRIES = 5
@@ -137,8 +151,13 @@ class Ledger:
 
     Several replicas may share one store: the store serializes leaf index
     assignment and re-checks the node's head inside the append transaction,
-    and each replica's in-memory tree catches up from the store before it
+    and each replica's view of the tree catches up from the store before it
     signs a checkpoint or answers a proof.
+
+    Constant memory: the ledger holds only the tree's frontier (one hash per
+    set bit of its size), which the store keeps current with every append;
+    proofs read the O(log n) stored subtree hashes they need on demand
+    (`tether.crypto.merkle`, "a tree kept in a database").
     """
 
     def __init__(
@@ -155,7 +174,8 @@ class Ledger:
         self.clock: Clock = clock or SystemClock()
         self.origin = origin
         self._lock = asyncio.Lock()  # guards the tree, heads cache and latest checkpoint
-        self._tree = MerkleTree([])
+        self._size = 0
+        self._frontier: tuple[bytes, ...] = ()
         self._heads: dict[str, LedgerHead] = {}
         self._latest: CheckpointInfo | None = None
         self._recorded_certs: set[str] = set()
@@ -166,19 +186,22 @@ class Ledger:
         self._ready: list[Future[None]] = []
 
     async def open(self) -> None:
-        """Loads the leaf hashes (O(n)) and the latest checkpoint."""
+        """Loads the stored frontier (O(log n)) and the latest checkpoint.
+
+        A ledger stored before the frontier was kept is caught up once here,
+        reading its leaf hashes in bounded chunks.
+        """
         async with self._lock:
-            self._tree = MerkleTree(await self.store.ledger_leaf_hashes(0))
-            await self._load_checkpoint()
+            await self._catch_up()
 
     @property
     def size(self) -> int:
-        return self._tree.size
+        return self._size
 
     async def _load_checkpoint(self) -> None:
         """Adopts the store's latest checkpoint if it is newer (another replica signed it)."""
         cp = await self.store.latest_checkpoint()
-        if cp is None or cp.tree_size > self._tree.size:
+        if cp is None or cp.tree_size > self._size:
             return
         if self._latest is None or cp.tree_size > self._latest.tree_size:
             self._latest = CheckpointInfo(
@@ -186,10 +209,57 @@ class Ledger:
             )
 
     async def _catch_up(self) -> None:
-        """Appends the leaves other writers stored beyond our tree (call under the lock)."""
-        for h in await self.store.ledger_leaf_hashes(self._tree.size):
-            self._tree.append(h)
+        """Adopts the stored frontier, which covers what other writers appended (under the lock)."""
+        f = await self.store.ledger_frontier()
+        while f.tree_size < f.leaves:  # stored before frontiers were kept: advance it
+            chunk = await self.store.ledger_leaf_hashes(f.tree_size, _FRONTIER_CHUNK)
+            hashes, done = frontier_extend(f.tree_size, f.hashes, chunk)
+            size = f.tree_size + len(chunk)
+            await self.store.ledger_advance_frontier(
+                f.tree_size, LedgerFrontier(size, tuple(hashes), size), done
+            )
+            f = await self.store.ledger_frontier()  # ours, or another replica's progress
+        if f.tree_size > self._size:
+            self._size, self._frontier = f.tree_size, f.hashes
         await self._load_checkpoint()
+
+    async def _proof(self, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+        """The hashes of leaf ranges (proof order), from O(log n) stored subtree hashes."""
+        return (await self._proofs([ranges]))[0]
+
+    async def _proofs(self, many: Sequence[Sequence[tuple[int, int]]]) -> list[list[bytes]]:
+        """`_proof` of several range lists, reading the stored hashes they need at once."""
+        parts = {r: perfect_parts(*r) for ranges in many for r in ranges}
+        want: dict[int, set[int]] = {}
+        for height, index in {p for ps in parts.values() for p in ps}:
+            base, first, count = stored_of(height, index)
+            want.setdefault(base, set()).update(range(first, first + count))
+        got: dict[tuple[int, int], bytes] = {}
+        for base, indexes in want.items():
+            found = await self.store.ledger_nodes(base, sorted(indexes))
+            if len(found) != len(indexes):
+                missing = min(indexes - set(found))
+                raise StorageError(f"ledger subtree {base}/{missing} is missing from the store")
+            got.update(((base, i), h) for i, h in found.items())
+        memo: dict[tuple[int, int], bytes] = {}
+
+        def subtree(height: int, index: int) -> bytes:
+            h = memo.get((height, index))
+            if h is None:
+                base, first, count = stored_of(height, index)
+                h = perfect_hash([got[(base, i)] for i in range(first, first + count)])
+                memo[(height, index)] = h
+            return h
+
+        return [[range_hash([subtree(*p) for p in parts[r]]) for r in ranges] for ranges in many]
+
+    async def _with_proofs(self, page: list[Entry], size: int) -> list[Entry]:
+        """The page's entries with their inclusion proofs in a tree of `size` (one read pass)."""
+        proofs = await self._proofs([inclusion_ranges(e.leaf_index, size) for e in page])
+        return [
+            Entry.of(e.envelope, e.leaf_index, e.leaf_index, size, proof)
+            for e, proof in zip(page, proofs, strict=True)
+        ]
 
     async def record_certificate(self, node_id: str, certificate: Envelope | bytes) -> None:
         """Keeps a certificate issued to `node_id` (idempotent), for later exports."""
@@ -440,9 +510,11 @@ class Ledger:
             indexes = await self.store.ledger_append(node_id, expect, new, self.clock.now_ms())
             if indexes is None:
                 return None
-            if indexes[0] == self._tree.size:
-                for leaf in new:
-                    self._tree.append(leaf.leaf_hash)
+            if indexes[0] == self._size:  # the same extension the store just made
+                hashes, _ = frontier_extend(
+                    self._size, self._frontier, [leaf.leaf_hash for leaf in new]
+                )
+                self._size, self._frontier = self._size + len(new), tuple(hashes)
             else:  # other replicas appended in between: load theirs and ours
                 await self._catch_up()
             ack_index = indexes[-1]
@@ -463,13 +535,13 @@ class Ledger:
         async with self._lock:
             await self._catch_up()
             cp = self._latest
-            if cp is not None and (not fresh or cp.tree_size == self._tree.size):
+            if cp is not None and (not fresh or cp.tree_size == self._size):
                 return cp
             return await self._sign()
 
     async def _sign(self) -> CheckpointInfo:
-        size = self._tree.size
-        root = self._tree.root()
+        size = self._size
+        root = frontier_root(self._frontier)
         now = self.clock.now_ms()
         note = sign_checkpoint(CheckpointBody(self.origin, size, root), self.key)
         await self.store.put_checkpoint(StoredCheckpoint(size, root, now, note))
@@ -497,7 +569,7 @@ class Ledger:
                 async with self._lock:
                     await self._catch_up()
                     latest = self._latest
-                    if latest is not None and latest.tree_size == self._tree.size:
+                    if latest is not None and latest.tree_size == self._size:
                         continue
                     if leader is not None and not leader.is_leader():
                         continue  # the term ran out while catching up
@@ -520,13 +592,13 @@ class Ledger:
         Raises:
             InvalidArgument: the index or size is out of range.
         """
-        if tree_size == 0 or tree_size > self._tree.size:
+        if tree_size == 0 or tree_size > self._size:
             async with self._lock:
                 await self._catch_up()
-        size = tree_size or (self._latest.tree_size if self._latest else self._tree.size)
-        if not 0 <= leaf_index < size <= self._tree.size:
+        size = tree_size or (self._latest.tree_size if self._latest else self._size)
+        if not 0 <= leaf_index < size <= self._size:
             raise InvalidArgument("leaf_index", f"{leaf_index} is not in a tree of size {size}")
-        return size, self._tree.inclusion_proof(leaf_index, size)
+        return size, await self._proof(inclusion_ranges(leaf_index, size))
 
     async def consistency_proof(self, first: int, second: int) -> list[bytes]:
         """RFC 9162 consistency proof between two tree sizes.
@@ -534,14 +606,12 @@ class Ledger:
         Raises:
             InvalidArgument: sizes out of order or beyond the tree.
         """
-        if second > self._tree.size:
+        if second > self._size:
             async with self._lock:
                 await self._catch_up()
-        if not 0 < first <= second <= self._tree.size:
-            raise InvalidArgument(
-                "first_size", f"need 0 < {first} <= {second} <= {self._tree.size}"
-            )
-        return self._tree.consistency_proof(first, second)
+        if not 0 < first <= second <= self._size:
+            raise InvalidArgument("first_size", f"need 0 < {first} <= {second} <= {self._size}")
+        return await self._proof(consistency_ranges(first, second))
 
     async def export_stream(
         self,
@@ -573,7 +643,7 @@ class Ledger:
                 f"{previous_tree_size} is beyond the ledger's tree size {size}",
             )
         consistency = (
-            self._tree.consistency_proof(previous_tree_size, size)
+            await self._proof(consistency_ranges(previous_tree_size, size))
             if 0 < previous_tree_size < size
             else []
         )
@@ -597,13 +667,13 @@ class Ledger:
                 nodes.add(e.node_id)
                 with_receipts.add(e.task_id)
                 i = e.leaf_index
-                page.append(Entry.of(e.envelope, i, i, size, self._tree.inclusion_proof(i, size)))
+                page.append(Entry.of(e.envelope, i, i, size, []))
                 page_bytes += len(e.envelope) + 1024
                 if page_bytes >= EXPORT_PAGE_BYTES:
-                    yield ExportPart(entries=page)
+                    yield ExportPart(entries=await self._with_proofs(page, size))
                     page, page_bytes = [], 0
             if page:
-                yield ExportPart(entries=page)
+                yield ExportPart(entries=await self._with_proofs(page, size))
         for node in sorted(nodes):
             yield ExportPart(node_certificates=await self._certificates(node))
         for task in sorted(with_receipts):

@@ -228,3 +228,137 @@ def verify_consistency(
         fn >>= 1
         sn >>= 1
     return fr == old_root and sr == new_root and sn == 0
+
+
+# -- a tree kept in a database: its frontier and every STRIDE-th level of subtrees ------
+#
+# A ledger that must start in constant memory keeps, beside its leaf hashes, the
+# frontier (the roots of the perfect subtrees a tree of n leaves splits into, one
+# per set bit of n, largest first) and the hash of every complete perfect subtree
+# whose height is a positive multiple of STRIDE. The root and appends need only
+# the frontier; any perfect subtree's hash needs at most 2**(STRIDE-1) stored
+# hashes, so a proof reads O(log n) of them, never every leaf.
+
+STRIDE = 4
+
+
+def frontier_levels(size: int) -> list[int]:
+    """Heights of the frontier's subtrees for `size` leaves, largest first."""
+    return [k for k in range(size.bit_length() - 1, -1, -1) if size >> k & 1]
+
+
+def frontier_root(frontier: Sequence[bytes]) -> bytes:
+    """The RFC 6962 root of a tree given its frontier (largest subtree first)."""
+    if not frontier:
+        return EMPTY_ROOT
+    root = frontier[-1]
+    for h in reversed(frontier[:-1]):
+        root = node_hash(h, root)
+    return root
+
+
+def frontier_extend(
+    size: int, frontier: Sequence[bytes], leaf_hashes: Sequence[bytes]
+) -> tuple[list[bytes], list[tuple[int, int, bytes]]]:
+    """Appends leaf hashes to a tree of `size` leaves known by its frontier.
+
+    Returns the new frontier and the perfect subtrees completed on the way
+    whose height is a positive multiple of STRIDE, as (height, index, hash).
+
+    Raises:
+        ValueError: the frontier does not fit `size`.
+    """
+    levels = frontier_levels(size)
+    if len(levels) != len(frontier):
+        raise ValueError(f"a frontier of {len(frontier)} hashes does not fit size {size}")
+    stack = list(zip(levels, frontier, strict=True))
+    completed: list[tuple[int, int, bytes]] = []
+    for h in leaf_hashes:
+        level, node = 0, h
+        while stack and stack[-1][0] == level:
+            node = node_hash(stack.pop()[1], node)
+            level += 1
+            if level % STRIDE == 0:
+                completed.append((level, size >> level, node))
+        stack.append((level, node))
+        size += 1
+    return [h for _, h in stack], completed
+
+
+def perfect_parts(lo: int, hi: int) -> list[tuple[int, int]]:
+    """The perfect subtrees, as (height, index), whose leaves are [lo, hi) in order.
+
+    `lo` must be a multiple of the largest part (true of every range RFC 6962
+    proofs use, which start at a split boundary).
+    """
+    parts: list[tuple[int, int]] = []
+    while lo < hi:
+        k = (hi - lo).bit_length() - 1
+        while lo & ((1 << k) - 1):
+            k -= 1
+        parts.append((k, lo >> k))
+        lo += 1 << k
+    return parts
+
+
+def stored_of(height: int, index: int) -> tuple[int, int, int]:
+    """Where a perfect subtree's hash comes from: (stored height, first index, count)."""
+    base = height - height % STRIDE
+    span = height - base
+    return base, index << span, 1 << span
+
+
+def perfect_hash(stored: Sequence[bytes]) -> bytes:
+    """The root of 2**k consecutive equal-height stored hashes."""
+    level = list(stored)
+    while len(level) > 1:
+        level = [node_hash(level[i], level[i + 1]) for i in range(0, len(level), 2)]
+    return level[0]
+
+
+def range_hash(parts: Sequence[bytes]) -> bytes:
+    """MTH of consecutive perfect subtrees (largest first), as RFC 6962 splits them."""
+    return frontier_root(parts)
+
+
+def inclusion_ranges(index: int, size: int) -> list[tuple[int, int]]:
+    """The leaf ranges whose hashes make the audit path of `index` in a tree of `size`."""
+    if not 0 <= index < size:
+        raise ValueError(f"leaf index {index} out of range for size {size}")
+    out: list[tuple[int, int]] = []
+    lo, hi = 0, size
+    while hi - lo > 1:
+        k = _split(hi - lo)
+        if index < lo + k:
+            out.append((lo + k, hi))
+            hi = lo + k
+        else:
+            out.append((lo, lo + k))
+            lo = lo + k
+    out.reverse()
+    return out
+
+
+def consistency_ranges(old_size: int, new_size: int) -> list[tuple[int, int]]:
+    """The leaf ranges whose hashes make the RFC 6962 consistency proof old -> new."""
+    if not 0 <= old_size <= new_size:
+        raise ValueError(f"old size {old_size} out of range 0..{new_size}")
+    if old_size in (0, new_size):
+        return []
+    out: list[tuple[int, int]] = []
+    lo, hi, m, whole = 0, new_size, old_size, True
+    while True:
+        size = hi - lo
+        if m == size:
+            if not whole:
+                out.append((lo, hi))
+            break
+        k = _split(size)
+        if m <= k:
+            out.append((lo + k, hi))
+            hi = lo + k
+        else:
+            out.append((lo, lo + k))
+            lo, m, whole = lo + k, m - k, False
+    out.reverse()
+    return out

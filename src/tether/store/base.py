@@ -289,6 +289,16 @@ class LedgerLeaf:
 
 
 @dataclass(frozen=True)
+class LedgerFrontier:
+    """The Merkle frontier of the first `tree_size` leaves (see `tether.crypto.merkle`)."""
+
+    tree_size: int
+    hashes: tuple[bytes, ...]
+    leaves: int = 0
+    """How many leaves are stored (> tree_size while the frontier is behind)."""
+
+
+@dataclass(frozen=True)
 class LedgerEntry:
     """A stored receipt as an export needs it."""
 
@@ -650,8 +660,34 @@ class Store(Protocol):
         """
         ...
 
-    async def ledger_leaf_hashes(self, start: int) -> list[bytes]:
-        """Leaf hashes with index >= `start`, in index order (a tree catching up)."""
+    async def ledger_leaf_hashes(self, start: int, limit: int | None = None) -> list[bytes]:
+        """Leaf hashes with index >= `start` (at most `limit`), in index order."""
+        ...
+
+    async def ledger_frontier(self) -> LedgerFrontier:
+        """The stored Merkle frontier and how many leaves are stored.
+
+        Every append keeps the frontier current; a ledger stored before the
+        frontier existed has it behind (`tree_size < leaves`) until caught up
+        with `ledger_advance_frontier`.
+        """
+        ...
+
+    async def ledger_advance_frontier(
+        self,
+        expect_size: int,
+        frontier: LedgerFrontier,
+        subtrees: list[tuple[int, int, bytes]],
+    ) -> bool:
+        """Stores a frontier computed from `expect_size` onwards, and its completed subtrees.
+
+        A compare-and-set: False (and nothing written) if the stored frontier is
+        no longer at `expect_size` (another writer advanced it).
+        """
+        ...
+
+    async def ledger_nodes(self, height: int, indexes: list[int]) -> dict[int, bytes]:
+        """Stored hashes of perfect subtrees of `height` (0: leaf hashes) by index."""
         ...
 
     async def ledger_export_heads(self, since_unix_ms: int, below: int) -> dict[str, int]:

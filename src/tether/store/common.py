@@ -30,13 +30,16 @@ from tether.core.errors import (
 )
 from tether.core.states import LEASED_STATES, TERMINAL, Event, State, next_state, sources
 from tether.core.timeouts import EndReason, RetryPolicy, decode_reasons, encode_reasons
+from tether.crypto.merkle import HASH_SIZE, frontier_extend
 from tether.store.base import (
     NODE_STATUSES,
     BudgetState,
     JoinTokenRecord,
     LapseOutcome,
     LeaseHistoryEntry,
+    LedgerFrontier,
     LedgerHead,
+    LedgerLeaf,
     NewTask,
     NodeRecord,
     PolicyRecord,
@@ -368,6 +371,31 @@ def row_to_checkpoint(r: Row) -> StoredCheckpoint:
 def checkpoint_row(cp: StoredCheckpoint) -> tuple[Any, ...]:
     """Values for `CHECKPOINT_COLS`."""
     return (cp.tree_size, cp.root_hash, cp.timestamp_unix_ms, cp.note)
+
+
+def frontier_from_row(row: Row | None, leaves: int) -> LedgerFrontier:
+    """The frontier of a (tree_size, hashes) row (absent: the empty tree)."""
+    if row is None:
+        return LedgerFrontier(0, (), leaves)
+    blob = bytes(row[1])
+    hashes = tuple(blob[i : i + HASH_SIZE] for i in range(0, len(blob), HASH_SIZE))
+    return LedgerFrontier(int(row[0]), hashes, leaves)
+
+
+def frontier_after_append(
+    row: Row | None, top: int, leaves: Sequence[LedgerLeaf]
+) -> tuple[LedgerFrontier, list[tuple[int, int, bytes]]] | None:
+    """The frontier after appending `leaves` at index top+1, or None if it is behind.
+
+    A frontier behind the leaves (a ledger from before it existed) is left for
+    the ledger to catch up; appends then leave it alone.
+    """
+    current = frontier_from_row(row, top + 1)
+    if current.tree_size != top + 1:
+        return None
+    hashes, done = frontier_extend(current.tree_size, current.hashes, [x.leaf_hash for x in leaves])
+    size = current.tree_size + len(leaves)
+    return LedgerFrontier(size, tuple(hashes), size), done
 
 
 def contiguous_leaf_hashes(start: int, rows: Sequence[Row]) -> list[bytes]:

@@ -48,6 +48,7 @@ from tether.store.base import (
     LeaseHistoryEntry,
     LeaseSigner,
     LedgerEntry,
+    LedgerFrontier,
     LedgerHead,
     LedgerLeaf,
     NewTask,
@@ -90,6 +91,8 @@ from tether.store.common import (
     diagnose_lease,
     diagnose_unleased,
     fail_plan,
+    frontier_after_append,
+    frontier_from_row,
     grant_state,
     holder_end_reason,
     holder_entry,
@@ -1296,20 +1299,71 @@ class PostgresStore:
                     "digests": [x.digest for x in leaves],
                 },
             )
+            row = await _one(conn, "SELECT tree_size, hashes FROM ledger_frontier WHERE id = 1")
+            after = frontier_after_append(row, top, leaves)
+            if after is not None:
+                await _put_frontier(conn, *after)
             return list(range(top + 1, top + 1 + len(leaves)))
 
         return await self._tx(fn)
 
-    async def ledger_leaf_hashes(self, start: int) -> list[bytes]:
+    async def ledger_leaf_hashes(self, start: int, limit: int | None = None) -> list[bytes]:
         rows = await self._read(
             lambda c: _all(
                 c,
                 "SELECT leaf_index, leaf_hash FROM ledger_leaves WHERE leaf_index >= %s"
-                " ORDER BY leaf_index",
-                (start,),
+                " ORDER BY leaf_index LIMIT %s",
+                (start, limit),
             )
         )
         return contiguous_leaf_hashes(start, rows)
+
+    async def ledger_frontier(self) -> LedgerFrontier:
+        async def fn(conn: Conn) -> LedgerFrontier:
+            # One statement: the frontier and the leaf count from one snapshot.
+            row = await _one(
+                conn,
+                "SELECT f.tree_size, f.hashes, (SELECT COALESCE(MAX(leaf_index), -1) + 1"
+                " FROM ledger_leaves) FROM (SELECT 1) AS one"
+                " LEFT JOIN ledger_frontier f ON f.id = 1",
+            )
+            assert row is not None
+            leaves = int(row[2])
+            return frontier_from_row(None if row[0] is None else row[:2], leaves)
+
+        return await self._read(fn)
+
+    async def ledger_advance_frontier(
+        self,
+        expect_size: int,
+        frontier: LedgerFrontier,
+        subtrees: list[tuple[int, int, bytes]],
+    ) -> bool:
+        async def fn(conn: Conn) -> bool:
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_LEDGER,))
+            row = await _one(conn, "SELECT tree_size FROM ledger_frontier WHERE id = 1")
+            if (0 if row is None else int(row[0])) != expect_size:
+                return False
+            await _put_frontier(conn, frontier, subtrees)
+            return True
+
+        return await self._tx(fn)
+
+    async def ledger_nodes(self, height: int, indexes: list[int]) -> dict[int, bytes]:
+        if height == 0:
+            sql = (
+                "SELECT leaf_index, leaf_hash FROM ledger_leaves"
+                " WHERE leaf_index = ANY(%s::bigint[])"
+            )
+            params: tuple[Any, ...] = (indexes,)
+        else:
+            sql = (
+                "SELECT idx, hash FROM ledger_subtrees"
+                " WHERE height = %s AND idx = ANY(%s::bigint[])"
+            )
+            params = (height, indexes)
+        rows = await self._read(lambda c: _all(c, sql, params))
+        return {int(r[0]): bytes(r[1]) for r in rows}
 
     async def ledger_export_heads(self, since_unix_ms: int, below: int) -> dict[str, int]:
         rows = await self._read(
@@ -1380,6 +1434,22 @@ class PostgresStore:
             )
         )
         return [bytes(r[0]) for r in rows]
+
+
+async def _put_frontier(
+    conn: Conn, frontier: LedgerFrontier, subtrees: list[tuple[int, int, bytes]]
+) -> None:
+    await conn.execute(
+        "INSERT INTO ledger_frontier VALUES (1, %s, %s) ON CONFLICT (id) DO UPDATE"
+        " SET tree_size = EXCLUDED.tree_size, hashes = EXCLUDED.hashes",
+        (frontier.tree_size, b"".join(frontier.hashes)),
+    )
+    if subtrees:
+        async with conn.cursor() as cur:
+            await cur.executemany(
+                "INSERT INTO ledger_subtrees VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                subtrees,
+            )
 
 
 async def _ledger_head(conn: Conn, node_id: str) -> LedgerHead | None:

@@ -43,6 +43,7 @@ from tether.store.base import (
     LeaseHistoryEntry,
     LeaseSigner,
     LedgerEntry,
+    LedgerFrontier,
     LedgerHead,
     LedgerLeaf,
     NewTask,
@@ -85,6 +86,8 @@ from tether.store.common import (
     diagnose_lease,
     diagnose_unleased,
     fail_plan,
+    frontier_after_append,
+    frontier_from_row,
     grant_state,
     holder_end_reason,
     holder_entry,
@@ -309,6 +312,16 @@ def _run_group(
             conn.execute("ROLLBACK")
         raise
     return out
+
+
+def _put_frontier(
+    conn: sqlite3.Connection, frontier: LedgerFrontier, subtrees: list[tuple[int, int, bytes]]
+) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO ledger_frontier VALUES (1, ?, ?)",
+        (frontier.tree_size, b"".join(frontier.hashes)),
+    )
+    conn.executemany("INSERT OR IGNORE INTO ledger_subtrees VALUES (?, ?, ?)", subtrees)
 
 
 class SqliteStore:
@@ -1071,19 +1084,72 @@ class SqliteStore:
                     for i, x in zip(indexes, leaves, strict=True)
                 ],
             )
+            row = conn.execute("SELECT tree_size, hashes FROM ledger_frontier WHERE id = 1")
+            after = frontier_after_append(row.fetchone(), top, leaves)
+            if after is not None:
+                _put_frontier(conn, *after)
             return indexes
 
         return await self._tx(fn)
 
-    async def ledger_leaf_hashes(self, start: int) -> list[bytes]:
+    async def ledger_leaf_hashes(self, start: int, limit: int | None = None) -> list[bytes]:
         rows = await self._run(
             lambda c: c.execute(
                 "SELECT leaf_index, leaf_hash FROM ledger_leaves WHERE leaf_index >= ?"
-                " ORDER BY leaf_index",
-                (start,),
+                " ORDER BY leaf_index LIMIT ?",
+                (start, -1 if limit is None else limit),
             ).fetchall()
         )
         return contiguous_leaf_hashes(start, rows)
+
+    async def ledger_frontier(self) -> LedgerFrontier:
+        def fn(conn: sqlite3.Connection) -> LedgerFrontier:
+            row = conn.execute("SELECT tree_size, hashes FROM ledger_frontier WHERE id = 1")
+            got = row.fetchone()
+            (top,) = conn.execute(
+                "SELECT COALESCE(MAX(leaf_index), -1) FROM ledger_leaves"
+            ).fetchone()
+            return frontier_from_row(got, int(top) + 1)
+
+        return await self._run(fn)
+
+    async def ledger_advance_frontier(
+        self,
+        expect_size: int,
+        frontier: LedgerFrontier,
+        subtrees: list[tuple[int, int, bytes]],
+    ) -> bool:
+        def fn(conn: sqlite3.Connection) -> bool:
+            row = conn.execute("SELECT tree_size FROM ledger_frontier WHERE id = 1").fetchone()
+            if (0 if row is None else int(row[0])) != expect_size:
+                return False
+            _put_frontier(conn, frontier, subtrees)
+            return True
+
+        return await self._tx(fn)
+
+    async def ledger_nodes(self, height: int, indexes: list[int]) -> dict[int, bytes]:
+        def fn(conn: sqlite3.Connection) -> dict[int, bytes]:
+            out: dict[int, bytes] = {}
+            for i in range(0, len(indexes), 500):
+                part = indexes[i : i + 500]
+                marks = ",".join("?" * len(part))
+                if height == 0:
+                    rows = conn.execute(
+                        "SELECT leaf_index, leaf_hash FROM ledger_leaves"
+                        f" WHERE leaf_index IN ({marks})",
+                        part,
+                    )
+                else:
+                    rows = conn.execute(
+                        "SELECT idx, hash FROM ledger_subtrees"
+                        f" WHERE height = ? AND idx IN ({marks})",
+                        [height, *part],
+                    )
+                out.update((int(r[0]), bytes(r[1])) for r in rows)
+            return out
+
+        return await self._run(fn)
 
     async def ledger_export_heads(self, since_unix_ms: int, below: int) -> dict[str, int]:
         rows = await self._run(
