@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import baselines
 import control_bench
+import ledger_bench
 import peers
 import replicas_bench
 import sidecar_bench
@@ -37,12 +38,14 @@ def sizes(quick: bool) -> dict[str, int]:
             "lease_tasks": 2_000, "claim_small": 1_000, "claim_large": 50_000, "claims": 200,
             "ingest": 5_000, "verify": 5_000, "serial_calls": 200, "agents": 64,
             "calls_per_agent": 5, "pg_jobs": 2_000, "replica_tasks": 600,
+            "ledger_small": 1_000, "ledger_large": 20_000,
         }  # fmt: skip
     return {
         "echo": 20_000, "sign": 20_000, "sqlite": 20_000, "concurrency": 32,
         "lease_tasks": 20_000, "claim_small": 1_000, "claim_large": 1_000_000, "claims": 1_000,
         "ingest": 50_000, "verify": 100_000, "serial_calls": 2_000, "agents": 64,
         "calls_per_agent": 40, "pg_jobs": 20_000, "replica_tasks": 6_000,
+        "ledger_small": 10_000, "ledger_large": 500_000,
     }  # fmt: skip
 
 
@@ -122,6 +125,8 @@ def run(quick: bool, only: set[str] | None = None) -> dict[str, Any]:
             results["verify_receipts"] = v["receipts"]
             results["verify_seconds"] = round(v["seconds"], 2)
             results["verify_bundle_mb"] = round(v["bytes"] / 2**20, 1)
+        if want("ledger"):
+            results.update(ledger_bench.ledger_figures(tmp, n["ledger_small"], n["ledger_large"]))
         if want("replicas"):
             rep = replicas_bench.replicas_figures(tmp, n["replica_tasks"], n["concurrency"])
             if "skipped" in rep:
@@ -150,7 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         action="append",
-        choices=["leases", "claims", "ingest", "mediation", "verify", "replicas", "peers"],
+        choices=[
+            "leases",
+            "claims",
+            "ingest",
+            "mediation",
+            "verify",
+            "ledger",
+            "replicas",
+            "peers",
+        ],
         help="run only these groups (repeat; baselines always run)",
     )
     args = parser.parse_args(argv)
