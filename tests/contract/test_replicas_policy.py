@@ -93,7 +93,7 @@ def _kill_listeners(url: str) -> int:
     with psycopg.connect(url, autocommit=True) as conn:
         rows = conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE application_name = 'tether-control-listen' AND datname = current_database()"
+            " WHERE application_name LIKE 'tether-control-listen%' AND datname = current_database()"
         ).fetchall()
     return len(rows)
 

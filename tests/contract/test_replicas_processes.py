@@ -82,7 +82,7 @@ def _sessions(url: str) -> list[tuple[int, str, str, str]]:
     with psycopg.connect(url, autocommit=True) as conn:
         rows = conn.execute(
             "SELECT pid, state, coalesce(wait_event_type, ''), query FROM pg_stat_activity"
-            " WHERE application_name = 'tether-control' AND datname = current_database()"
+            " WHERE application_name LIKE 'tether-control r%' AND datname = current_database()"
         ).fetchall()
     return [(int(r[0]), str(r[1]), str(r[2]), str(r[3])) for r in rows]
 

@@ -164,3 +164,12 @@ def test_a_password_in_the_db_url_is_warned_about_without_showing_it(
     assert "PGPASSWORD" in text
     assert ".pgpass" in text
     assert "hunter2" not in text
+
+
+def test_sessions_name_their_replica() -> None:
+    """pg_stat_activity shows which replica (and which purpose) a session belongs to."""
+    assert PostgresSettings().application_name() == "tether-control"
+    named = PostgresSettings(replica_id="r1")
+    assert named.application_name() == "tether-control r1"
+    assert named.application_name("listen") == "tether-control-listen r1"
+    assert len(PostgresSettings(replica_id="x" * 100).application_name().encode()) == 63

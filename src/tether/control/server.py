@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import ipaddress
 import logging
@@ -17,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from tether.control.authz import AuthzInterceptor
 from tether.control.grpc_api import ControlServicer
-from tether.control.leader import CHECKPOINTER, SWEEPER, Leadership
+from tether.control.leader import CHECKPOINTER, SWEEPER, Leadership, default_replica_id
 from tether.control.service import Auth, ControlConfig, ControlService
 from tether.control.sweeper import DEFAULT_SWEEP_INTERVAL_MS, Sweeper
 from tether.control.vault import Vault
@@ -213,6 +214,12 @@ async def start_server(
         else:
             enroll_target = f"{target.rpartition(':')[0]}:0"
     vault = Vault(kek_file) if kek_file is not None else None  # ConfigError before any I/O
+    # The replica's name is known before the store opens: its sessions carry it.
+    config = config or ControlConfig()
+    if not config.replica_id:
+        config = dataclasses.replace(config, replica_id=default_replica_id())
+    if postgres is not None and not postgres.replica_id:
+        postgres = dataclasses.replace(postgres, replica_id=config.replica_id)
     store = store or store_from_url(db, sqlite_synchronous=sqlite_synchronous, postgres=postgres)
     await store.open()
     service = ControlService(store, key, clock, config=config, auth=auth, vault=vault)

@@ -433,7 +433,7 @@ class PostgresStore:
             "autocommit": True,
             "connect_timeout": cfg.connect_timeout_s,
             "options": cfg.session_options(),
-            "application_name": "tether-control",
+            "application_name": cfg.application_name(),
             # A peer that vanished (host down, cable cut) is noticed in ~20 s, not hours.
             "keepalives": 1,
             "keepalives_idle": 10,
@@ -444,12 +444,14 @@ class PostgresStore:
     async def connect(self, purpose: str) -> Conn:
         """A dedicated connection outside the pool (e.g. a listener); caller closes.
 
-        Its application_name is "tether-control-<purpose>" (pg_stat_activity shows it).
+        Its application_name is "tether-control-<purpose> <replica id>" (pg_stat_activity).
 
         Raises:
             Unavailable: the database cannot be reached.
         """
-        kwargs = self.connect_kwargs() | {"application_name": f"tether-control-{purpose}"}
+        kwargs = self.connect_kwargs() | {
+            "application_name": self.settings.application_name(purpose)
+        }
         try:
             return await psycopg.AsyncConnection.connect(self.url, **kwargs)
         except psycopg.Error as err:

@@ -43,6 +43,9 @@ class PostgresSettings:
     idle_in_transaction_timeout_ms: int = 5_000
     """The server ends a session idle this long inside a transaction (its process paused
     or partitioned), releasing its locks: the bound on how long it stalls other replicas."""
+    replica_id: str = ""
+    """Shown in pg_stat_activity.application_name ("tether-control <replica id>"), so
+    an operator sees which replica holds a session or a lock."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.pool_min <= self.pool_max:
@@ -54,6 +57,13 @@ class PostgresSettings:
                 raise ConfigError(
                     f"PostgreSQL {name} must be at least 100 ms (0 = none is refused)"
                 )
+
+    def application_name(self, purpose: str = "") -> str:
+        """ "tether-control[-purpose][ replica]", cut to PostgreSQL's 63 bytes."""
+        name = "tether-control" + (f"-{purpose}" if purpose else "")
+        if self.replica_id:
+            name += f" {self.replica_id}"
+        return name.encode()[:63].decode(errors="ignore")
 
     def session_options(self) -> str:
         """libpq `options`: the timeouts every session of the pool starts with."""
