@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import baselines
 import control_bench
 import ledger_bench
+import mcp_bench
 import peers
 import replicas_bench
 import sidecar_bench
@@ -119,6 +120,13 @@ def run(quick: bool, only: set[str] | None = None) -> dict[str, Any]:
             results["mediation_agents"] = n["agents"]
             results["sidecar_rss_mb"] = round(med["sidecar_rss_mb"], 1)
             results["control_rss_mb_after_mediation"] = round(med["control_rss_mb"], 1)
+        if want("mcp"):
+            m = asyncio.run(mcp_bench.mcp_run(tmp / "mcp", n["serial_calls"]))
+            for key, value in m.items():
+                results[key] = round(value, 3)
+            results["mcp_current_overhead_vs_calltool_p50_ms"] = round(
+                m["mcp_current_p50_ms"] - m["grpc_calltool_p50_ms"], 3
+            )
         if want("verify"):
             v = verify_bench.verify_run(tmp / "verify", n["verify"])
             results["verify_receipts_per_s"] = round(v["per_s"], 1)
@@ -160,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             "claims",
             "ingest",
             "mediation",
+            "mcp",
             "verify",
             "ledger",
             "replicas",

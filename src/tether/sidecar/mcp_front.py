@@ -167,6 +167,7 @@ class McpFront:
         hosts = ["127.0.0.1:*", "localhost:*", "[::1]:*", "127.0.0.1", "localhost", "[::1]"]
         app = self._mcp.streamable_http_app(
             streamable_http_path=MCP_PATH,
+            json_response=True,  # one JSON body per call: no progress stream is ever sent
             transport_security=TransportSecuritySettings(
                 enable_dns_rebinding_protection=True,
                 allowed_hosts=hosts,
