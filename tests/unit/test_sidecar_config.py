@@ -83,3 +83,16 @@ def test_registry_matches_tokens_and_refuses_others(tmp_path: Path) -> None:
         AgentRegistry([AgentSpec("c", tmp_path / "short")])
     with pytest.raises(ConfigError, match="share one token"):
         AgentRegistry([AgentSpec("x", tmp_path / "a"), AgentSpec("y", tmp_path / "a")])
+
+
+def test_several_control_replicas_are_listed_in_order() -> None:
+    """`control` may list replicas (comma-separated, as --control repeated is joined);
+    enrolment addresses must match them one for one, and a repeat is refused."""
+    cfg = load({**BASE, "control": "a:1, b:1,c:1"}, {})
+    assert cfg.control_addresses == ("a:1", "b:1", "c:1")
+    cfg = load({**BASE, "control": "a:1,b:1", "enroll": "a:2,b:2"}, {})
+    assert cfg.control_addresses == ("a:1", "b:1")
+    with pytest.raises(ConfigError, match="enroll: 1 enrolment addresses for 2"):
+        load({**BASE, "control": "a:1,b:1", "enroll": "a:2"}, {})
+    with pytest.raises(ConfigError, match="listed twice"):
+        load({**BASE, "control": "a:1,a:1"}, {})
