@@ -450,6 +450,12 @@ class ControlService:
                     policy_digest=pol.digest,
                     queue=task.queue,
                     tools=pol.tools,
+                    attempt_deadline_unix_ms=(
+                        task.attempt_started_unix_ms + task.attempt_timeout_ms
+                        if task.attempt_timeout_ms
+                        else 0
+                    ),
+                    task_deadline_unix_ms=task.deadline_unix_ms,
                 ),
                 self.key,
             )

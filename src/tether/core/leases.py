@@ -28,6 +28,10 @@ class Lease:
     policy_digest: str = ""
     queue: str = ""
     tools: tuple[str, ...] = field(default_factory=tuple)
+    attempt_deadline_unix_ms: int = 0
+    """The attempt timeout's due time (control-plane clock); 0: none."""
+    task_deadline_unix_ms: int = 0
+    """The task deadline's due time (control-plane clock); 0: none."""
 
     def __post_init__(self) -> None:
         if self.fencing_token <= 0:

@@ -34,6 +34,8 @@ def encode_lease(lease: Lease) -> bytes:
         policy_digest=lease.policy_digest,
         queue=lease.queue,
         tools=list(lease.tools),
+        attempt_deadline_unix_ms=lease.attempt_deadline_unix_ms,
+        task_deadline_unix_ms=lease.task_deadline_unix_ms,
     ).SerializeToString(deterministic=True)
 
 
@@ -58,6 +60,8 @@ def decode_lease(payload: bytes) -> Lease:
             policy_digest=msg.policy_digest,
             queue=msg.queue,
             tools=tuple(msg.tools),
+            attempt_deadline_unix_ms=msg.attempt_deadline_unix_ms,
+            task_deadline_unix_ms=msg.task_deadline_unix_ms,
         )
     except (DecodeError, ValueError) as err:
         raise VerificationError(f"malformed lease payload: {err}") from err

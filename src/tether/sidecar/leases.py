@@ -84,6 +84,10 @@ class HeldLease:
     """Monotonic ms of the agent's last Broker call (liveness)."""
     valid_until_mono_ms: int = 0
     """Monotonic ms after which this sidecar no longer acts under the lease."""
+    limit_mono_ms: int | None = None
+    """Monotonic ms at which the signed lease's attempt timeout or task deadline
+    falls due (less the safety margin); validity never extends past it."""
+    limit_reason: EndReason | None = None
     lost_reason: str = ""
     end_reason: EndReason | None = None
     """Set when the control plane ended the lease (a time limit or a cancel)."""
@@ -114,6 +118,14 @@ class HeldLease:
     def remaining_ms(self, clock: Clock) -> int:
         """Milliseconds this sidecar may still act under the lease (by its monotonic clock)."""
         return self.valid_until_mono_ms - clock.monotonic_ms()
+
+    def limit_reached(self, clock: Clock) -> bool:
+        """True once the signed attempt timeout or deadline has fallen due here;
+        then `end_reason` names it (calls are refused DEADLINE_EXCEEDED)."""
+        if self.limit_mono_ms is None or clock.monotonic_ms() < self.limit_mono_ms:
+            return False
+        self.end_reason = self.end_reason or self.limit_reason
+        return True
 
     def usable(self, clock: Clock) -> bool:
         """Neither lost nor finished, and still valid by the monotonic clock."""
@@ -221,6 +233,26 @@ class LeaseTable:
                 raise E.VerificationError(f"lease names {what} {got!r}, expected {want!r}")
         return lease
 
+    def limit_until(self, sent_mono_ms: int, lease: Lease) -> tuple[int, EndReason] | None:
+        """Monotonic time at which the lease's earliest signed limit falls due, and which.
+
+        Both due times and `issued_unix_ms` are the control plane's clock, so their
+        difference counts from the request's sending, never comparing clocks.
+        """
+        due = [
+            (t, r)
+            for t, r in (
+                (lease.task_deadline_unix_ms, EndReason.DEADLINE),
+                (lease.attempt_deadline_unix_ms, EndReason.ATTEMPT_TIMEOUT),
+            )
+            if t
+        ]
+        if not due:
+            return None
+        at, reason = min(due)
+        ttl = lease.expires_unix_ms - lease.issued_unix_ms
+        return sent_mono_ms + (at - lease.issued_unix_ms) - safety_margin_ms(ttl), reason
+
     def valid_until(self, sent_mono_ms: int, lease: Lease) -> int:
         """Monotonic deadline of a grant whose request left at `sent_mono_ms`."""
         ttl = lease.expires_unix_ms - lease.issued_unix_ms
@@ -245,6 +277,9 @@ class LeaseTable:
         mono = self._clock.monotonic_ms()
         sent = mono if sent_mono_ms is None else sent_mono_ms
         valid_until = self.valid_until(sent, lease)
+        limit = self.limit_until(sent, lease)
+        if limit is not None:
+            valid_until = min(valid_until, limit[0])
         if valid_until <= mono:
             raise E.LeaseExpired(
                 f"the lease on task {task.task_id!r} arrived after its validity ended "
@@ -270,6 +305,8 @@ class LeaseTable:
             renewed_local_ms=sent,
             last_agent_call_ms=mono,
             valid_until_mono_ms=valid_until,
+            limit_mono_ms=limit[0] if limit is not None else None,
+            limit_reason=limit[1] if limit is not None else None,
             end_slot=end_slot,
         )
         old = self._held.get(task.task_id)
@@ -325,13 +362,25 @@ class LeaseTable:
         if held.finished:
             raise E.InvalidTransition(f"task {task_id!r} is already finished")
         if not held.lost_reason and self._clock.monotonic_ms() >= held.valid_until_mono_ms:
-            await self.mark_lost(
-                held, "lease lapsed (its validity by this sidecar's monotonic clock has ended)"
-            )
+            await self.lapse_locally(held)
         if held.lost_reason:
             raise held.lost_error(
                 f"lease lost on task {task_id!r}: {held.lost_reason}; do not continue this task"
             )
+
+    async def lapse_locally(
+        self,
+        held: HeldLease,
+        why: str = "its validity by this sidecar's monotonic clock has ended",
+    ) -> None:
+        """Fences a lease whose validity ran out here: at a signed time limit
+        (then `end_reason` names it), or a plain lapse."""
+        if held.limit_reached(self._clock) and held.limit_reason is not None:
+            await self.mark_lost(
+                held, f"the task's {held.limit_reason.label.replace('_', ' ')} fell due"
+            )
+        else:
+            await self.mark_lost(held, f"lease lapsed ({why})")
 
     async def mark_lost(self, held: HeldLease, reason: str) -> None:
         """Fences the task locally, once: receipt, log, keeper stopped."""
@@ -392,6 +441,8 @@ class LeaseTable:
         held.valid_until_mono_ms = max(
             held.valid_until_mono_ms, self.valid_until(sent_mono_ms, lease)
         )
+        if held.limit_mono_ms is not None:  # a renewal never extends a time limit
+            held.valid_until_mono_ms = min(held.valid_until_mono_ms, held.limit_mono_ms)
 
     def renew_due(self, held: HeldLease) -> bool:
         """True when a renewal is due (a third of the TTL, by default, since the last)."""
@@ -473,7 +524,7 @@ class LeaseTable:
                 now = self._clock.monotonic_ms()
                 expires = held.valid_until_mono_ms
                 if now >= expires:
-                    await self.mark_lost(held, "lease lapsed (not renewed before its expiry)")
+                    await self.lapse_locally(held, "not renewed before its expiry")
                     return
                 interval = max(held.ttl_ms // self._divisor, 50)
                 due_at = held.renewed_local_ms + interval

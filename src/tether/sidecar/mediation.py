@@ -508,6 +508,7 @@ class Mediator:
         `ran`: what became of a call that already ran (else "did not run" is said).
         """
         if not held.usable(self._clock):
+            held.limit_reached(self._clock)  # names a time limit that fell due
             raise self._lost(held, tool, ran=ran)
 
     def _lost(self, held: HeldLease, tool: str, *, ran: str = "") -> E.LeaseLost:
@@ -858,6 +859,11 @@ class Mediator:
                 held.inflight.discard(run)
         except E.TetherError as err:
             final = await self._after_failure(call, err, hold, started)
+            if isinstance(err, E.ToolTimeout) and held.limit_reached(self._clock):
+                # Cut at the task's signed time limit, not at the tool's own timeout.
+                if self._leases is not None:
+                    await self._leases.lapse_locally(held)
+                raise self._lost(held, call.tool, ran="was stopped at the time limit") from err
             if final is err:
                 raise
             raise final from err

@@ -276,6 +276,8 @@ class Lease(_message.Message):
     POLICY_DIGEST_FIELD_NUMBER: _builtins.int
     QUEUE_FIELD_NUMBER: _builtins.int
     TOOLS_FIELD_NUMBER: _builtins.int
+    ATTEMPT_DEADLINE_UNIX_MS_FIELD_NUMBER: _builtins.int
+    TASK_DEADLINE_UNIX_MS_FIELD_NUMBER: _builtins.int
     lease_id: _builtins.str
     """Unique id of this grant (a renewal keeps the lease_id)."""
     task_id: _builtins.str
@@ -296,6 +298,15 @@ class Lease(_message.Message):
     """Hex SHA-256 of the policy document in force for the task."""
     queue: _builtins.str
     """Queue the task was leased from."""
+    attempt_deadline_unix_ms: _builtins.int
+    """When this attempt's attempt timeout (start-to-close) falls due, Unix
+    milliseconds by the control plane's clock; 0 for none. The holder stops
+    acting under the lease by then, whatever its renewals.
+    """
+    task_deadline_unix_ms: _builtins.int
+    """When the task's deadline (schedule-to-close) falls due, Unix milliseconds
+    by the control plane's clock; 0 for none.
+    """
     @_builtins.property
     def tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Tools the holder may call (the scope of the lease)."""
@@ -314,10 +325,12 @@ class Lease(_message.Message):
         policy_digest: _builtins.str = ...,
         queue: _builtins.str = ...,
         tools: _abc.Iterable[_builtins.str] | None = ...,
+        attempt_deadline_unix_ms: _builtins.int = ...,
+        task_deadline_unix_ms: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "attempt", b"attempt", "expires_unix_ms", b"expires_unix_ms", "fencing_token", b"fencing_token", "issued_unix_ms", b"issued_unix_ms", "lease_id", b"lease_id", "node_id", b"node_id", "policy_digest", b"policy_digest", "queue", b"queue", "task_id", b"task_id", "tools", b"tools"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "attempt", b"attempt", "attempt_deadline_unix_ms", b"attempt_deadline_unix_ms", "expires_unix_ms", b"expires_unix_ms", "fencing_token", b"fencing_token", "issued_unix_ms", b"issued_unix_ms", "lease_id", b"lease_id", "node_id", b"node_id", "policy_digest", b"policy_digest", "queue", b"queue", "task_deadline_unix_ms", b"task_deadline_unix_ms", "task_id", b"task_id", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
