@@ -364,3 +364,26 @@ async def test_a_session_opened_with_one_lease_token_refuses_another(tmp_path: P
             )
             assert own.status_code == 200, own.text
             assert '"echo"' in own.text
+
+
+def test_sidecar_cli_refuses_a_non_loopback_mcp_listener(tmp_path: Path) -> None:
+    """`tether sidecar --mcp-listen 0.0.0.0:PORT` exits 2 naming the key before serving."""
+    import subprocess
+    import sys
+
+    token = tmp_path / "a.token"
+    token.write_text("x" * 32)
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "tether.cli", "sidecar", "--control", "127.0.0.1:1",
+            "--node-id", "n", "--key", str(tmp_path / "k"), "--agent", f"a={token}",
+            "--socket", str(tmp_path / "t.sock"), "--mcp-listen", "0.0.0.0:7801",
+        ],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert b"mcp_listen" in proc.stderr
+    assert b"not a loopback address" in proc.stderr
+    assert not (tmp_path / "t-mcp.sock").exists()
