@@ -223,3 +223,23 @@ async def test_cancel_and_success_record_their_end_reason(store: Store) -> None:
     canceled = await store.cancel_task("c", "operator", NOW)
     assert (done.end_reason, canceled.end_reason) == (EndReason.SUCCEEDED, EndReason.CANCELED)
     assert c.task_id == "c"
+
+
+async def test_limits_are_judged_by_the_databases_clock_on_postgresql(store: Store) -> None:
+    """With a real clock the sweeper asks PostgreSQL for the time (replicas never compare
+    their own clocks); SQLite has none, and the control plane's clock decides."""
+    import time
+
+    from tether.control.service import ControlService
+    from tether.crypto.signing import SigningKey
+    from tether.store.postgres import PostgresStore
+
+    service = ControlService(store, SigningKey.generate())
+    now, clock = await service.sweep_clock()
+    if isinstance(store, PostgresStore):
+        assert clock == "database"
+        assert abs(now - time.time() * 1000) < 60_000  # same host: the same wall time, roughly
+        assert await store.database_now_ms() is not None
+    else:
+        assert clock == "control-plane"
+        assert await store.database_now_ms() is None
