@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BUF := node_modules/.bin/buf
 
-.PHONY: setup proto proto-check lint test fuzz demo bench bench-quick clean
+.PHONY: setup proto proto-check lint test fuzz flood demo bench bench-quick clean
 
 # One progress line instead of pip's output; the full log stays in $(VENV)/setup.log
 # and its tail is shown when the install fails.
@@ -46,6 +46,13 @@ FUZZ_REQUESTS ?= 20000
 fuzz: $(STAMP)
 	TETHER_FUZZ_REQUESTS=$${TETHER_FUZZ_REQUESTS:-$(FUZZ_REQUESTS)} $(BIN)/pytest -q -s \
 		--timeout 3600 tests/fuzz/test_fuzz_control.py tests/fuzz/test_fuzz_broker.py
+
+# The flood test's long mode: 100,000 header-only streams against a sidecar process
+# (`make test` runs 10,000). TETHER_FLOOD_REPORT=<file> collects the figures as JSON lines.
+FLOOD_CALLS ?= 100000
+flood: $(STAMP)
+	TETHER_FLOOD_CALLS=$${TETHER_FLOOD_CALLS:-$(FLOOD_CALLS)} $(BIN)/pytest -q -s \
+		--timeout 3600 tests/flood/test_flood.py
 
 demo: $(STAMP)
 	$(BIN)/tether demo

@@ -24,7 +24,13 @@ from threading import Thread
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, ProcessCollector, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -55,6 +61,23 @@ AUTH_REFUSALS = Counter(
     "certificate: a node certificate of a revoked or re-keyed node; caller: an RPC the "
     "caller's identity or role may not make) and a machine-readable reason.",
     ["kind", "reason"],
+    registry=COUNTERS,
+)
+
+# -- both servers (grpcutil/limits.py) ------------------------------------------------
+SHED = Counter(
+    "tether_shed",
+    "Calls refused with RESOURCE_EXHAUSTED (OVERLOADED) before any work, by server "
+    "(sidecar, control) and reason: concurrency (the server's in-flight limit), "
+    "caller_concurrency (one caller's in-flight limit), rate (one caller's token bucket), "
+    "idle (the request message did not arrive within request_read_timeout_ms).",
+    ["server", "reason"],
+    registry=COUNTERS,
+)
+RPCS_IN_FLIGHT = Gauge(
+    "tether_rpcs_in_flight",
+    "Calls admitted and not yet finished (health checks not counted), by server.",
+    ["server"],
     registry=COUNTERS,
 )
 

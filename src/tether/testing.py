@@ -34,6 +34,7 @@ from tether.crypto.pki import (
     write_public,
 )
 from tether.crypto.signing import SigningKey
+from tether.grpcutil.limits import CONTROL_LIMITS, ServerLimits
 from tether.grpcutil.tls import ClientTLS, ServerTLS
 from tether.store.base import Store
 
@@ -226,6 +227,7 @@ async def start_control(
     checkpoint_interval_ms: int | None = DEFAULT_CHECKPOINT_INTERVAL_MS,
     policy: str | None = None,
     store: Store | None = None,
+    limits: ServerLimits | None = None,
 ) -> AsyncIterator[ControlHandle]:
     """Starts the real control plane over mTLS; yields a handle; stops it on exit.
 
@@ -238,6 +240,7 @@ async def start_control(
     replicas) replaces tmp_path/db_name. With `metrics_listen` ("127.0.0.1:0")
     Prometheus metrics are served at `handle.running.metrics.address`; the
     ledger signs a checkpoint every `checkpoint_interval_ms` while receipts arrive.
+    `limits` replaces the control plane's load-shedding defaults.
     """
     key = key or SigningKey.generate()
     pki = make_pki(pki_dir or tmp_path / "pki", [key])
@@ -264,6 +267,7 @@ async def start_control(
         metrics_listen=metrics_listen,
         checkpoint_interval_ms=checkpoint_interval_ms,
         store=store,
+        limits=limits or CONTROL_LIMITS,
     )
     ep = ControlEndpoint(running.address, running.enroll_address, pki)
     _ENDPOINTS[running.address] = ep

@@ -129,6 +129,43 @@ def principal_of(context: Any, trust_domain: str, insecure: bool) -> Principal:
     return Principal(ident.role.value, ident.name, ident)
 
 
+class CallerNames:
+    """Names the caller of a call for load shedding (`tether.grpcutil.limits`).
+
+    The same identity authorization uses: "node:ID", "ROLE:NAME" for an
+    operator, "anonymous" without a certificate (enrolment). Certificates are
+    parsed once each (a bounded cache keyed by the verified certificate's bytes).
+    """
+
+    MAX_CACHED = 4096
+
+    def __init__(self, trust_domain: str, *, insecure: bool) -> None:
+        self._domain = trust_domain
+        self._insecure = insecure
+        self._names: dict[bytes, str] = {}
+
+    def __call__(self, context: Any) -> str:
+        """The caller's name.
+
+        Raises:
+            Unauthenticated: a certificate naming no identity of this trust domain.
+        """
+        if self._insecure:
+            return "insecure-plaintext"
+        pems = (context.auth_context() or {}).get("x509_pem_cert") or []
+        if not pems:
+            return ANONYMOUS
+        pem = bytes(pems[0])
+        name = self._names.get(pem)
+        if name is None:
+            principal = principal_of(context, self._domain, self._insecure)
+            name = f"{principal.kind}:{principal.name}"
+            if len(self._names) >= self.MAX_CACHED:
+                self._names.clear()
+            self._names[pem] = name
+        return name
+
+
 def authorize(rpc: str, principal: Principal) -> None:
     """Checks the table.
 

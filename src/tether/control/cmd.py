@@ -39,6 +39,7 @@ from tether.crypto.pki import (
     write_public,
 )
 from tether.crypto.signing import SigningKey, VerifyKey
+from tether.grpcutil.limits import CONTROL_LIMITS, add_limit_arguments, limit_values
 from tether.grpcutil.tls import ENV_CA, ENV_CERT, ENV_CONTROL, ENV_KEY, client_tls_from_env
 from tether.store.postgres_settings import PostgresSettings, warn_password_in_url
 from tether.v1 import control_pb2 as pb
@@ -189,6 +190,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="HOST:PORT",
         help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)",
     )
+    add_limit_arguments(p, CONTROL_LIMITS, "node or operator")
     p.set_defaults(func=_cmd_control)
 
     k = sub.add_parser("keys", help="create the trust domain's keys and certificates")
@@ -593,6 +595,7 @@ def _cmd_control(args: argparse.Namespace) -> int:
     if not 60 <= args.node_cert_ttl_s <= 30 * 86_400:
         raise ConfigError("--node-cert-ttl-s must be between 60 and 2592000")
     allowed = tuple(_allowed_key(item) for item in args.allow_node_key)
+    limits = CONTROL_LIMITS.replace(limit_values(args))
     tls = None
     if args.insecure_plaintext:
         auth = Auth(allowed_node_keys=allowed, insecure=True)
@@ -643,6 +646,7 @@ def _cmd_control(args: argparse.Namespace) -> int:
                 replica_id=args.replica_id,
             ),
             postgres=postgres,
+            limits=limits,
         )
         await serve_forever(running, Path(args.ready_file) if args.ready_file else None)
 

@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tether.control.authz import AuthzInterceptor
+from tether.control.authz import AuthzInterceptor, CallerNames
 from tether.control.grpc_api import ControlServicer
 from tether.control.leader import CHECKPOINTER, SWEEPER, Leadership, default_replica_id
 from tether.control.service import Auth, ControlConfig, ControlService
@@ -26,6 +26,7 @@ from tether.core.clock import Clock
 from tether.core.errors import ConfigError
 from tether.crypto.signing import SigningKey
 from tether.grpcutil.guard import DecodeGuard
+from tether.grpcutil.limits import CONTROL_LIMITS, LoadShedder, ServerLimits
 from tether.grpcutil.tls import ServerTLS
 from tether.metrics import MetricsServer, TasksCollector
 from tether.metrics import serve as serve_metrics
@@ -130,6 +131,8 @@ class RunningControl:
     """Where nodes without a certificate yet enrol (TLS, no client certificate)."""
     leaders: tuple[Leadership, ...] = ()
     """This replica's campaigns for the singleton jobs (sweeper, checkpointer)."""
+    shedder: LoadShedder | None = None
+    """Admission of calls (load shedding)."""
 
     async def stop(self, grace_s: float = 2.0) -> None:
         """Stops serving (letting calls finish for `grace_s`), then closes the store."""
@@ -167,6 +170,7 @@ async def start_server(
     enroll_listen: str | None = None,
     sqlite_synchronous: str = "FULL",
     postgres: PostgresSettings | None = None,
+    limits: ServerLimits = CONTROL_LIMITS,
 ) -> RunningControl:
     """Opens the store and starts serving on `listen` ("host:port", port 0 ok, or "unix:/path").
 
@@ -180,7 +184,9 @@ async def start_server(
     With `tls`, `listen` requires a client certificate (nodes and operators)
     and `enroll_listen` (default: the same host, an ephemeral port) serves TLS
     without one, where only enrolment is allowed. Without `tls`, `auth.insecure`
-    must be set: plaintext, no identities (development only).
+    must be set: plaintext, no identities (development only). `limits` bound
+    calls, streams and connections (both listeners share them; the caller of
+    per-caller limits is the node or operator named by the client certificate).
 
     The sweeper and the scheduled checkpoint signer run only on the replica
     that leads each job (elected through the store; see `tether.control.leader`).
@@ -234,10 +240,14 @@ async def start_server(
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.so_reuseport", 0),
+        *limits.grpc_options(),
     ]
+    shedder = LoadShedder(limits, "control")
     server = grpc.aio.server(
         options=options,
         interceptors=[
+            # First: a flood is shed before authorization or decoding costs anything.
+            shedder.interceptor(CallerNames(auth.trust_domain, insecure=auth.insecure)),
             AuthzInterceptor(f"/{SERVICE_NAME}/", auth.trust_domain, insecure=auth.insecure),
             DecodeGuard(),  # health and reflection too: garbage is INVALID_ARGUMENT everywhere
         ],
@@ -296,6 +306,7 @@ async def start_server(
         health_servicer,
         servicer=servicer,
         enroll_address=enroll_address,
+        shedder=shedder,
     )
     if checkpoint_interval_ms is not None:
         ledger = await servicer.get_ledger()

@@ -125,6 +125,14 @@ class ResourceExhausted(TetherError):
     reason = "RESOURCE_EXHAUSTED"
 
 
+class Overloaded(ResourceExhausted):
+    """The server shed the call to protect itself (too many calls in flight, or
+    the caller's rate); nothing ran, so the same call may be retried after
+    `metadata["retry_after_ms"]`."""
+
+    reason = "OVERLOADED"
+
+
 class OutcomeUnknown(TetherError):
     """A non-idempotent call started earlier and its outcome is unknown."""
 

@@ -11,16 +11,21 @@ import functools
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from tether.core import errors as E
 
 DOMAIN = "tether.dev"
+RETRY_AFTER_KEY = "retry_after_ms"
+"""`ErrorInfo.metadata` key of a retry hint (milliseconds), where an error carries one."""
+PUSHBACK_HEADER = "grpc-retry-pushback-ms"
+"""The trailer gRPC clients with a retry policy obey (gRFC A6 server pushback)."""
 log = logging.getLogger("tether.grpc")
 
 STATUS_OF: dict[type[E.TetherError], grpc.StatusCode] = {
@@ -42,6 +47,7 @@ STATUS_OF: dict[type[E.TetherError], grpc.StatusCode] = {
     E.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     E.BudgetExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     E.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    E.Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     E.OutcomeUnknown: grpc.StatusCode.ABORTED,
     E.ToolTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
     E.Unavailable: grpc.StatusCode.UNAVAILABLE,
@@ -80,8 +86,41 @@ def to_status(err: E.TetherError) -> grpc.Status:
         packed = any_pb2.Any()
         packed.Pack(bad)
         details.append(packed)
+    retry_ms = _retry_after_ms(err)
+    if retry_ms is not None:
+        retry = error_details_pb2.RetryInfo(
+            retry_delay=duration_pb2.Duration(
+                seconds=retry_ms // 1000, nanos=(retry_ms % 1000) * 1_000_000
+            )
+        )
+        packed = any_pb2.Any()
+        packed.Pack(retry)
+        details.append(packed)
     status = status_pb2.Status(code=code.value[0], message=err.message, details=details)
-    return rpc_status.to_status(status)
+    rich = rpc_status.to_status(status)
+    if retry_ms is None:
+        return rich
+    # The hint three ways: ErrorInfo metadata (our clients), RetryInfo (the standard
+    # rich-error detail) and the pushback trailer (any gRPC client's retry policy).
+    trailers = (*rich.trailing_metadata, (PUSHBACK_HEADER, str(retry_ms)))
+    return _Status(rich.code, rich.details, trailers)
+
+
+@dataclass(frozen=True)
+class _Status(grpc.Status):
+    """A `grpc.Status` with our trailers beside the rich-error one."""
+
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
+
+
+def _retry_after_ms(err: E.TetherError) -> int | None:
+    """The error's retry hint, when it carries a well-formed one."""
+    raw = err.metadata.get(RETRY_AFTER_KEY)
+    if raw is None or not raw.isdigit():
+        return None
+    return int(raw)
 
 
 def from_rpc_error(err: grpc.RpcError) -> E.TetherError:

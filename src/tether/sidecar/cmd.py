@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tether import runtime
+from tether.grpcutil.limits import SIDECAR_LIMITS, add_limit_arguments, limit_values
 from tether.sidecar import config as sidecar_config
 
 log = logging.getLogger("tether.sidecar")
@@ -101,6 +102,7 @@ def register(subparsers: Any) -> None:
         type=int,
         help="an agent is alive this long after its last call (default: lease TTL)",
     )
+    add_limit_arguments(p, SIDECAR_LIMITS, "agent")
     p.set_defaults(func=run)
 
 
@@ -129,6 +131,7 @@ def config_from_args(args: argparse.Namespace) -> sidecar_config.SidecarConfig:
     for key in ("control", "enroll"):  # repeated flags: one comma-separated list
         if values[key] is not None:
             values[key] = ",".join(values[key])
+    values.update(limit_values(args))
     values["agent_tokens"] = sidecar_config.parse_agent_pairs("--agent", args.agent)
     values["agent_sockets"] = sidecar_config.parse_agent_pairs("--agent-socket", args.agent_socket)
     return sidecar_config.load(values, os.environ, args.config)

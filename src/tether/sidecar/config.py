@@ -28,6 +28,9 @@ TOML file form (every key optional; arguments and env override it)::
     artifact_max_task_bytes = 1073741824
     workspace_max_bytes = 1073741824
     denied_receipts_per_minute = 60
+    max_concurrent_rpcs = 1024           # load shedding (docs/operations.md, "Load shedding")
+    max_rpcs_per_caller = 128            # per agent
+    caller_rate_per_s = 2000             # per agent; 0: off
     [agents.alice]
     token_file = "alice.token"
     socket = "alice.sock"
@@ -44,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from tether.core.errors import ConfigError
+from tether.grpcutil.limits import LIMIT_RANGES, SIDECAR_LIMITS, ServerLimits
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 DEFAULT_MAX_ARTIFACT_BYTES = 64 * 1024 * 1024
@@ -144,6 +148,11 @@ class SidecarConfig:
     def control_addresses(self) -> tuple[str, ...]:
         """Every control-plane replica to use, in order of preference."""
         return split_addresses(self.control_address)
+    limits: ServerLimits = SIDECAR_LIMITS
+    """Load shedding of the Broker servers (every socket together; the caller is the
+    agent): calls in flight, per agent, per-agent rate, streams, connections, keepalive.
+    TOML keys and `TETHER_*` variables are the field names (`max_concurrent_rpcs`,
+    `TETHER_MAX_CONCURRENT_RPCS`, ...)."""
 
     def agent(self, name: str) -> AgentSpec | None:
         """Returns the agent called `name`, if known."""
@@ -181,6 +190,7 @@ _SCALARS: dict[str, tuple[str, str]] = {
     "mcp": ("TETHER_MCP", "bool"),
     "mcp_socket": ("TETHER_MCP_SOCKET", "path"),
     "mcp_listen": ("TETHER_MCP_LISTEN", "str"),
+    **{name: (f"TETHER_{name.upper()}", "limit") for name in LIMIT_RANGES},
 }
 ENV_VARS: frozenset[str] = frozenset(
     {var for var, _ in _SCALARS.values()} | {"TETHER_AGENTS", "TETHER_AGENT_SOCKETS"}
@@ -224,14 +234,14 @@ def _coerce(key: str, kind: str, value: Any, base: Path) -> Any:
         if text in ("0", "false", "no", "off", ""):
             return False
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if kind == "int":
+    if kind in ("int", "limit"):
         if isinstance(value, bool):
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         try:
             number = int(value)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"{key}: expected an integer, got {value!r}") from err
-        low, high = _RANGES[key]
+        low, high = _RANGES.get(key) or LIMIT_RANGES[key]
         if not low <= number <= high:
             raise ConfigError(f"{key}: {number} is outside {low}..{high}")
         return number
@@ -340,8 +350,9 @@ def load(
             f"enroll: {len(split_addresses(values['enroll']))} enrolment addresses for "
             f"{len(controls)} control addresses; give one per control address, in order"
         )
+    limits = SIDECAR_LIMITS.replace({k: values.pop(k) for k in LIMIT_RANGES if k in values})
     kwargs = {_FIELD_OF.get(k, k): v for k, v in values.items() if v is not None}
-    cfg = SidecarConfig(agents=agents, **kwargs)
+    cfg = SidecarConfig(agents=agents, limits=limits, **kwargs)
     check_socket_path("socket", cfg.socket_path)
     if cfg.mcp_socket is not None:
         check_socket_path("mcp_socket", cfg.mcp_socket)

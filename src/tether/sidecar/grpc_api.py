@@ -148,10 +148,17 @@ class BrokerServicer(bpb_grpc.BrokerServiceServicer):
         self.d = deps
         self.bound_agent = bound_agent
 
-    def _agent(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    def agent_of(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        """The calling agent: the socket's bound agent, or the one whose token came.
+
+        Raises:
+            Unauthenticated: no token, or a token no agent has.
+        """
         if self.bound_agent is not None:
             return self.bound_agent
         return self.d.registry.authenticate(context.invocation_metadata())
+
+    _agent = agent_of
 
     async def _held(
         self, context: grpc.aio.ServicerContext[Any, Any], task_id: str

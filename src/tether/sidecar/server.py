@@ -37,6 +37,7 @@ from tether.crypto.leases import verify_lease
 from tether.crypto.pki import TrustBundle
 from tether.crypto.signing import Envelope, SigningKey
 from tether.grpcutil.guard import DecodeGuard
+from tether.grpcutil.limits import LoadShedder
 from tether.metrics import MetricsServer, SpoolCollector
 from tether.metrics import serve as serve_metrics
 from tether.sidecar.config import SidecarConfig, split_addresses
@@ -106,6 +107,8 @@ class Sidecar:
         self.metrics: MetricsServer | None = None
         self._healths: list[health.aio.HealthServicer] = []
         self._health_task: asyncio.Task[None] | None = None
+        self.shedder = LoadShedder(config.limits, "sidecar")
+        """Admission of Broker calls, shared by every socket (limits are per node)."""
 
     async def start(self) -> None:
         """Registers the node and starts serving.
@@ -303,8 +306,14 @@ class Sidecar:
     async def _serve(self, servicer: BrokerServicer, path: Path, tcp: str | None) -> None:
         prepare_socket(path)
         server = grpc.aio.server(
-            options=[("grpc.max_receive_message_length", 2 * 1024 * 1024)],
-            interceptors=[DecodeGuard()],  # undecodable requests: INVALID_ARGUMENT
+            options=[
+                ("grpc.max_receive_message_length", 2 * 1024 * 1024),
+                *self.config.limits.grpc_options(),
+            ],
+            interceptors=[
+                self.shedder.interceptor(servicer.agent_of),  # floods: shed, health exempt
+                DecodeGuard(),  # undecodable requests: INVALID_ARGUMENT
+            ],
         )
         bpb_grpc.add_BrokerServiceServicer_to_server(servicer, server)
         health_servicer = health.aio.HealthServicer()
