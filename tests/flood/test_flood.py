@@ -219,6 +219,7 @@ async def test_sidecar_flood_of_idle_streams(
         "health_checks": len(watch.latencies),
         "health_max_ms": round(max(watch.latencies) * 1000, 1),
         "health_failures": len(watch.failures),
+        "health_failure_kinds": sorted(set(watch.failures))[:3],
         "alice": alice_results,
         "flood_opened_s": done["opened_s"],
         "flooder_max_rss_mb": done["flooder_max_rss_mb"],
@@ -279,6 +280,7 @@ async def test_sidecar_sheds_one_agents_burst_with_retry_hint(
         **outcomes,
         "health_max_ms": round(max(watch.latencies) * 1000, 1),
         "health_failures": len(watch.failures),
+        "health_failure_kinds": sorted(set(watch.failures))[:3],
     }
     record("sidecar_burst_500_in_flight", figures)
     assert outcomes.get("overloaded", 0) > 0, figures
@@ -328,7 +330,7 @@ async def test_control_plane_flood_from_one_node(
         tmp_path,
         address,
         calls,
-        connections=20,
+        connections=20 if FLOOD_CALLS >= 100_000 else 10,
         method="/tether.v1.ControlService/RenewLease",
         ca=tmp_path / "ca.pem",
         cert=tmp_path / "node.crt",
@@ -353,6 +355,7 @@ async def test_control_plane_flood_from_one_node(
         "hinted": done["hinted"],
         "health_max_ms": round(max(watch.latencies) * 1000, 1),
         "health_failures": len(watch.failures),
+        "health_failure_kinds": sorted(set(watch.failures))[:3],
         "other_node": served,
         "control_rss_peak_mb": round(max(watch.rss), 1),
     }

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -46,7 +47,7 @@ import grpc
 
 from tether.core.errors import ConfigError, InvalidArgument, Overloaded, TetherError
 from tether.grpcutil.guard import _respond
-from tether.grpcutil.status import RETRY_AFTER_KEY, abort
+from tether.grpcutil.status import RETRY_AFTER_KEY, abort, to_status
 from tether.metrics import RPCS_IN_FLIGHT, SHED
 
 log = logging.getLogger("tether.grpc.limits")
@@ -251,7 +252,7 @@ class LoadShedder:
             return self._shed(
                 "concurrency",
                 caller,
-                f"the server has {self.in_flight} calls in flight "
+                f"the server is at its limit of calls in flight "
                 f"(max_concurrent_rpcs = {limits.max_concurrent_rpcs})",
                 self._jittered(),
             )
@@ -260,7 +261,7 @@ class LoadShedder:
             return self._shed(
                 "caller_concurrency",
                 caller,
-                f"caller {caller!r} has {mine} calls in flight "
+                f"caller {caller!r} is at its limit of calls in flight "
                 f"(max_rpcs_per_caller = {limits.max_rpcs_per_caller})",
                 self._jittered(),
             )
@@ -345,6 +346,21 @@ class LoadShedder:
         )
 
 
+@functools.lru_cache(maxsize=4096)
+def _shed_status(message: str, reason: str, retry_ms: str) -> grpc.Status:
+    """The rich status of a refusal, built once per distinct refusal: a flood gets the
+    same few answers thousands of times, and building one costs more than the shedding."""
+    return to_status(Overloaded(message, metadata={"reason": reason, RETRY_AFTER_KEY: retry_ms}))
+
+
+async def _shed_call(context: Any, refusal: Overloaded) -> None:
+    """Ends the call with the refusal's status (raises, like `abort`)."""
+    meta = refusal.metadata
+    await context.abort_with_status(
+        _shed_status(refusal.message, meta["reason"], meta[RETRY_AFTER_KEY])
+    )
+
+
 Handler = Any  # grpc.RpcMethodHandler (its stubs are not generic at runtime)
 
 
@@ -375,7 +391,7 @@ class _ShedInterceptor(grpc.aio.ServerInterceptor):
         caller = self._caller(context)
         refusal = self._shedder.admit(caller)
         if refusal is not None:
-            await abort(context, refusal)  # raises: the call ends here
+            await _shed_call(context, refusal)  # raises: the call ends here
         return caller
 
     async def _request(self, requests: AsyncIterator[Any], context: Any, caller: str) -> Any:
@@ -384,7 +400,7 @@ class _ShedInterceptor(grpc.aio.ServerInterceptor):
         try:
             return await asyncio.wait_for(anext(aiter(requests)), timeout_s)
         except TimeoutError:
-            await abort(context, self._shedder.shed_idle(caller))
+            await _shed_call(context, self._shedder.shed_idle(caller))
         except StopAsyncIteration:
             await abort(context, InvalidArgument("request", "the call ended without a request"))
         raise AssertionError("unreachable: abort raises")

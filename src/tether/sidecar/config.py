@@ -143,16 +143,16 @@ class SidecarConfig:
     "<socket stem>-mcp.sock" beside the Broker socket)."""
     mcp_listen: str | None = None
     """Also serve MCP on this loopback TCP address ("127.0.0.1:PORT"; port 0 picks one)."""
-
-    @property
-    def control_addresses(self) -> tuple[str, ...]:
-        """Every control-plane replica to use, in order of preference."""
-        return split_addresses(self.control_address)
     limits: ServerLimits = SIDECAR_LIMITS
     """Load shedding of the Broker servers (every socket together; the caller is the
     agent): calls in flight, per agent, per-agent rate, streams, connections, keepalive.
     TOML keys and `TETHER_*` variables are the field names (`max_concurrent_rpcs`,
     `TETHER_MAX_CONCURRENT_RPCS`, ...)."""
+
+    @property
+    def control_addresses(self) -> tuple[str, ...]:
+        """Every control-plane replica to use, in order of preference."""
+        return split_addresses(self.control_address)
 
     def agent(self, name: str) -> AgentSpec | None:
         """Returns the agent called `name`, if known."""
