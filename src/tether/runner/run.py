@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -36,8 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tether.agent import AgentClient, Task
-from tether.core.errors import LeaseLost, TaskCanceled, TaskTimedOut, TetherError
+from tether.agent import AgentClient, Task, retrying
+from tether.core.errors import LeaseLost, TaskCanceled, TaskTimedOut, TetherError, Unavailable
 from tether.runner import proctree
 from tether.sidecar.redaction import Redactor
 
@@ -194,7 +195,13 @@ class Runner:
         while not self._stop.is_set() and (
             self.cfg.count == 0 or len(self.outcomes) < self.cfg.count
         ):
-            task = await self.client.claim(self.cfg.queue, wait_ms=self.cfg.wait_ms)
+            try:
+                task = await self.client.claim(self.cfg.queue, wait_ms=self.cfg.wait_ms)
+            except Unavailable as err:  # the sidecar or its control plane is away: wait
+                log.warning("claim unavailable (%s); retrying", err.message)
+                delay_ms = int(err.metadata.get("retry_after_ms", "1000") or 1000)
+                await asyncio.sleep(min(max(delay_ms, 200), 5000) / 1000)
+                continue
             if task is not None and self._stop.is_set():
                 break  # stopping: the claim lapses back to the queue
             if task is None:
@@ -342,7 +349,8 @@ class Runner:
             now = _signature(path)
             if now is None or now == before.get(path):
                 continue  # absent, or untouched since the task began: never upload a stale file
-            sha256, size = await self.client.put_artifact(task.task_id, path.name, path)
+            upload = functools.partial(self.client.put_artifact, task.task_id, path.name, path)
+            sha256, size = await retrying(upload)
             outcome.artifacts.append({"name": path.name, "sha256": sha256, "size": size})
 
     async def _complete(
@@ -372,11 +380,13 @@ class Runner:
             error = ""
         if not succeeded:
             error = self._error_text(error, stderr_tail, task)
-        state, _ = await self.client.complete(
-            task.task_id,
-            result=stdout[:MAX_RESULT_BYTES] if succeeded else b"",
-            succeeded=succeeded,
-            error=error,
+        state, _ = await retrying(  # an outage is waited out while the lease is held
+            lambda: self.client.complete(
+                task.task_id,
+                result=stdout[:MAX_RESULT_BYTES] if succeeded else b"",
+                succeeded=succeeded,
+                error=error,
+            )
         )
         outcome.state = state
         outcome.error = error
