@@ -178,3 +178,39 @@ async def test_typescript_sdk_client_lists_calls_is_refused_and_receipted(
             (alone, "RECEIPT_KIND_TOOL_CALL", "noop"),
         ]
     )
+
+
+async def test_typescript_sdk_client_through_the_stdio_bridge(tmp_path: Path) -> None:
+    """With MCP on the Unix socket only, `tether run` hands the TypeScript client a stdio
+    config running `tether mcp`; the client (handshake revision) lists, calls and is
+    refused through the bridge."""
+    request = {
+        "calls": [
+            {"tool": "echo", "arguments": {"text": "via stdio"}, "key": "k-1"},
+            {"tool": "echo", "arguments": {"text": "via stdio"}, "key": "k-1"},
+            {"tool": "drop_tables", "arguments": {}},
+        ],
+        "allow_errors": True,
+    }
+    async with (
+        start_control(tmp_path) as cp,
+        start_sidecar(tmp_path, cp.address, mcp=True) as side,
+    ):
+        await cp.client.put_policy(POLICY)
+        await cp.client.put_secret("api_key", SECRET)
+        task_id = (await cp.client.submit("work", json.dumps(request).encode())).task.task_id
+        code, _out, err = await run(
+            sys.executable, "-m", "tether.cli", "run", "--queue", "work",
+            "--socket", str(side.socket), "--token-file", str(tmp_path / "node-1" / "alice.token"),
+            "--", "node", str(AGENT_DIR / "agent.mjs"),
+        )  # fmt: skip
+        assert code == 0, err
+        task = (await cp.client.get_task(task_id)).task
+    result = json.loads(task.result)
+    assert [t["name"] for t in result["tools"]] == ["echo", "noop"]
+    first, again, refused = result["results"]
+    assert first["result"]["args"] == {"text": "via stdio"}
+    assert first["meta"]["tether/replayed"] is False
+    assert again["meta"]["tether/replayed"] is True  # the _meta key crossed the bridge
+    assert refused["is_error"]
+    assert "drop_tables" in refused["text"]
