@@ -550,3 +550,28 @@ async def test_non_retryable_is_refused_on_events_other_than_fail(tmp_path: Path
                     non_retryable=True,
                 )
             assert err.value.field == "non_retryable"
+
+
+async def test_the_sidecar_stops_at_the_signed_deadline_without_the_sweeper(
+    tmp_path: Path,
+) -> None:
+    """The lease carries the deadline, so the sidecar stops the tool and refuses calls by its
+    own monotonic clock even when the control plane has not (yet) ended the task."""
+    doc = policy("", EXEC_TICKER, ("ticker",))
+    async with (
+        start_control(tmp_path, policy=doc) as control,  # no sweeper: nothing ends it centrally
+        start_sidecar(tmp_path, control.address, agent_liveness_ms=120_000) as side,
+        side.agent("alice") as agent,
+    ):
+        await control.client.submit("work", b"{}", lease_ttl_ms=30_000, deadline_ms=2500)
+        task = await agent.claim("work", wait_ms=5000)
+        assert task is not None
+        with pytest.raises(E.TaskTimedOut) as err:
+            await agent.call_tool(task.task_id, "ticker", {})
+        assert err.value.metadata["end_reason"] == "deadline"
+        await tree_gone(side.state_dir / "workspaces" / task.task_id / "ticks.txt")
+        with pytest.raises(E.TaskTimedOut):
+            await agent.call_tool(task.task_id, "ticker", {})
+        got = (await control.client.get_task(task.task_id)).task
+        assert got.state == State.LEASED  # the control plane has not swept: the sidecar stopped
+        assert time.time() * 1000 >= got.deadline_unix_ms - 1000

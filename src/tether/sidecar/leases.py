@@ -57,6 +57,10 @@ def safety_margin_ms(ttl_ms: int) -> int:
     return max(100, min(2_000, ttl_ms // 10))
 
 
+# How much before a signed time limit the sidecar stops (the check-to-side-effect gap;
+# counting from the request's sending already puts it before the control plane's time).
+LIMIT_MARGIN_MS = 100
+
 # Refusals after which a lease is gone for good (anything else is retried until expiry).
 _FATAL = (
     E.StaleFencingToken,
@@ -250,8 +254,7 @@ class LeaseTable:
         if not due:
             return None
         at, reason = min(due)
-        ttl = lease.expires_unix_ms - lease.issued_unix_ms
-        return sent_mono_ms + (at - lease.issued_unix_ms) - safety_margin_ms(ttl), reason
+        return sent_mono_ms + (at - lease.issued_unix_ms) - LIMIT_MARGIN_MS, reason
 
     def valid_until(self, sent_mono_ms: int, lease: Lease) -> int:
         """Monotonic deadline of a grant whose request left at `sent_mono_ms`."""
