@@ -575,3 +575,33 @@ async def test_the_sidecar_stops_at_the_signed_deadline_without_the_sweeper(
         got = (await control.client.get_task(task.task_id)).task
         assert got.state == State.LEASED  # the control plane has not swept: the sidecar stopped
         assert time.time() * 1000 >= got.deadline_unix_ms - 1000
+
+
+async def test_renew_lease_answers_with_the_reason_the_control_plane_ended_it(
+    tmp_path: Path,
+) -> None:
+    """RenewLease on a lease ended by an attempt timeout or a cancel returns the end reason
+    and the task's state (no lease); another node's renewal of it stays an error."""
+    from tether.core.clock import FakeClock
+
+    clock = FakeClock()
+    async with start_control(tmp_path, clock=clock) as control:
+        timed = (await control.client.submit("work", b"1", attempt_timeout_ms=5000)).task
+        canceled = (await control.client.submit("work", b"2")).task
+        async with (
+            await control.node_client("node-1") as node,
+            await control.node_client("node-2") as other,
+        ):
+            first = (await node.acquire_lease("work", "node-1", "alice")).task
+            second = (await node.acquire_lease("work", "node-1", "alice")).task
+            assert (first.task_id, second.task_id) == (timed.task_id, canceled.task_id)
+            clock.advance(5000)
+            await control.service.sweep()
+            await control.client.cancel(canceled.task_id, "no longer needed")
+            got = await node.renew_lease(first.task_id, first.fencing_token, "node-1")
+            assert not got.HasField("lease")
+            assert (got.end_reason, got.task_state) == (EndReason.ATTEMPT_TIMEOUT, State.QUEUED)
+            got = await node.renew_lease(second.task_id, second.fencing_token, "node-1")
+            assert (got.end_reason, got.task_state) == (EndReason.CANCELED, State.CANCELED)
+            with pytest.raises(E.TetherError):  # not its lease: no reason is told
+                await other.renew_lease(second.task_id, second.fencing_token, "node-2")
