@@ -164,8 +164,8 @@ async def test_export_holds_full_chains_and_verifies(nodes: Store) -> None:
     assert len(bundle.entries) == 4
     assert len(bundle.node_certificates) == 1
     report = verify_bundle(bundle, [CONTROL.public])
-    # The bundle carries the granted leases; only the task never finished:
-    assert report.checks_failed() == {"task.final"}
+    # The bundle carries the granted leases; only the task never finished (nor its lease):
+    assert report.checks_failed() == {"task.final", "lease.closed"}
     assert len((await ledger.export()).entries) == 6
     assert len((await ledger.export(since_unix_ms=T0 + 10_001)).entries) == 0
 
@@ -203,7 +203,8 @@ async def test_two_ledgers_on_one_database_stay_one_tree(nodes: Store) -> None:
         for ledger in (a, b):
             bundle = await ledger.export()
             report = verify_bundle(bundle, [CONTROL.public])
-            assert report.checks_failed() == {"task.final"}  # the tasks never finished
+            # The tasks never finished, nor their leases:
+            assert report.checks_failed() == {"task.final", "lease.closed"}
             assert sorted(e.leaf_index for e in bundle.entries) == list(range(13))
     finally:
         await other.close()

@@ -29,8 +29,10 @@ from tether.core.errors import (
     StaleFencingToken,
 )
 from tether.core.states import Event, State
+from tether.core.timeouts import EndReason
 from tether.store.base import (
     JoinTokenRecord,
+    LapseOutcome,
     NewTask,
     NodeRecord,
     SealedSecret,
@@ -352,6 +354,63 @@ async def test_sweep_requeues_with_backoff_then_expires(store: Store) -> None:
     [out] = await store.sweep_lapsed(now_ms=NOW + 3000, backoff_base_ms=100, backoff_cap_ms=150)
     assert out.state is State.EXPIRED
     assert [h.outcome for h in await store.lease_history("t1")] == ["lapsed", "lapsed"]
+
+
+async def test_lapse_release_and_cancel_each_store_one_control_receipt(store: Store) -> None:
+    """Each end the control plane decides stores the control receipt made of it in the same
+    write, with the ended lease's last signed grant, or none when no lease was live."""
+    ends: list[tuple[LapseOutcome, bytes]] = []
+
+    def sign_end(end: LapseOutcome, lease: bytes) -> bytes:
+        ends.append((end, lease))
+        return f"end:{end.task_id}:{end.reason.name}:{len(ends)}".encode()
+
+    await submit(store, "t1", max_attempts=2)
+    await lease(store)
+    await store.sweep_lapsed(
+        now_ms=NOW + 1000, backoff_base_ms=1, backoff_cap_ms=1, sign_end=sign_end
+    )
+    await lease(store, now=NOW + 2000)
+    await store.transition(
+        task_id="t1",
+        event=Event.RELEASE,
+        fencing_token=2,
+        node_id="n1",
+        now_ms=NOW + 2001,
+        error="shutting down",
+        sign_end=sign_end,
+    )
+    await submit(store, "t2")
+    await store.cancel_task("t2", "never mind", NOW + 3000, sign_end=sign_end)
+    facts = [(e.reason, e.task_id, e.fencing_token, e.state, lease) for e, lease in ends]
+    assert facts == [
+        (EndReason.HEARTBEAT_TIMEOUT, "t1", 1, State.QUEUED, b"lease:t1:1"),
+        (EndReason.RELEASED, "t1", 2, State.EXPIRED, b"lease:t1:2"),
+        (EndReason.CANCELED, "t2", 0, State.CANCELED, b""),
+    ]
+    assert ends[1][0].note == "shutting down"
+    assert ends[2][0].note == "never mind"
+    assert await store.control_receipts("t1") == [
+        b"end:t1:HEARTBEAT_TIMEOUT:1",
+        b"end:t1:RELEASED:2",
+    ]
+    assert await store.control_receipts("t2") == [b"end:t2:CANCELED:3"]
+
+
+async def test_a_refused_end_stores_no_control_receipt(store: Store) -> None:
+    """A release under a stale token changes nothing and stores no control receipt."""
+    await submit(store, "t1")
+    await lease(store)
+    with pytest.raises(StaleFencingToken):
+        await store.transition(
+            task_id="t1",
+            event=Event.RELEASE,
+            fencing_token=7,
+            node_id="n1",
+            now_ms=NOW + 1,
+            sign_end=lambda end, lease: b"x",
+        )
+    assert await store.control_receipts("t1") == []
 
 
 def test_backoff_doubles_and_caps() -> None:

@@ -11,6 +11,8 @@ import sys
 import pytest
 
 from tether.core.receipts import ReceiptKind
+from tether.core.states import State
+from tether.core.timeouts import EndReason
 from tether.crypto.note import CheckpointBody, sign_checkpoint
 from tether.crypto.receipts import parse_receipt, sign_receipt
 from tether.crypto.signing import INTOTO_PAYLOAD_TYPE, Envelope, SigningKey
@@ -26,6 +28,7 @@ def _builder() -> BundleBuilder:
     b.receipt(ReceiptKind.TASK_STARTED, lost, T0 + 5)
     b.foreign_leaf(b"another tenant's leaf")
     b.receipt(ReceiptKind.LEASE_LOST, lost, T0 + 40_000, reason="renewal refused")
+    b.control_receipt(EndReason.HEARTBEAT_TIMEOUT, T0 + 30_500, State.QUEUED, lease=lost)
     b.task("t2", "node-a", "agent-1", tool_calls=2, start=T0 + 50_000)
     renewed = b.task(
         "t1", "node-b", "agent-2", tool_calls=2, attempt=2, token=2, start=T0 + 60_000, finish=False
@@ -248,7 +251,9 @@ def test_lease_and_task_facts() -> None:
     assert got == {
         ("lease.missing", "n#2"),
         ("lease.executor", "n#3"),
+        ("lease.closed", "task:t"),
         ("task.final", "task:t"),
+        ("lease.closed", "task:open"),
         ("task.final", "task:open"),
     }
     assert verify_bundle(b.build(), [b.control.public], allow_open=True).checks_failed() == {

@@ -685,6 +685,11 @@ class Ledger:
                         for h in history[k : k + EXPORT_PAGE_ROWS]
                     ]
                 )
+        # Control receipts (how leases and tasks ended without a node) are few per
+        # task: they travel in the trailer.
+        ends: list[Envelope] = []
+        for task in sorted(with_receipts | set(tasks)):
+            ends += [Envelope.from_json_bytes(d) for d in await self.store.control_receipts(task)]
         now = self.clock.now_ms()
         manifest = acc.manifest(cp.origin, size, cp.root_hash, now, previous_tree_size, consistency)
         yield ExportPart(
@@ -696,6 +701,7 @@ class Ledger:
                 control_keyids=[self.key.keyid],
                 exported_unix_ms=now,
                 manifest=sign_manifest(manifest, self.key),
+                control_receipts=ends,
             )
         )
 

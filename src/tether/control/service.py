@@ -38,6 +38,7 @@ from tether.core.errors import (
 )
 from tether.core.leases import DEFAULT_TTL_MS, Lease
 from tether.core.policy import Policy, parse_policy
+from tether.core.receipts import ControlReceipt
 from tether.core.states import Event, State
 from tether.core.timeouts import (
     DEFAULT_BACKOFF_COEFFICIENT,
@@ -55,10 +56,12 @@ from tether.crypto.pki import (
     load_spki,
     node_spiffe_id,
 )
+from tether.crypto.receipts import sign_control_receipt
 from tether.crypto.signing import Envelope, SigningKey, keyid_of
 from tether.store.base import (
     DEFAULT_MAX_ATTEMPTS,
     BudgetState,
+    EndSigner,
     JoinTokenRecord,
     LapseOutcome,
     LeaseHistoryEntry,
@@ -412,7 +415,9 @@ class ControlService:
 
     async def cancel(self, task_id: str, reason: str) -> TaskRecord:
         """Cancels a task that has not finished; its lease (if any) dies with it."""
-        task = await self.store.cancel_task(task_id, reason, self.clock.now_ms())
+        task = await self.store.cancel_task(
+            task_id, reason, self.clock.now_ms(), sign_end=self.end_signer("control-plane")
+        )
         log.info("task canceled", extra={"task_id": task_id})
         self.ended.append(
             LapseOutcome(
@@ -431,6 +436,39 @@ class ControlService:
             )
         )
         return task
+
+    def end_signer(self, clock: str) -> EndSigner:
+        """Signs the control receipt of an end decided by `clock` (a lapse, a limit, ...).
+
+        Called by the store inside the transaction that applies the change. The
+        ended lease's holder comes from its last signed grant or renewal.
+        """
+
+        def sign(end: LapseOutcome, lease_envelope: bytes) -> bytes:
+            lease = (
+                decode_lease(Envelope.from_json_bytes(lease_envelope).payload)
+                if lease_envelope
+                else None
+            )
+            return sign_control_receipt(
+                ControlReceipt(
+                    end_reason=end.reason,
+                    task_id=end.task_id,
+                    attempt=lease.attempt if lease is not None else end.attempt,
+                    fencing_token=end.fencing_token,
+                    state=int(end.state),
+                    time_unix_ms=end.decided_unix_ms,
+                    reason=_end_text(end)[:512],
+                    lease_id=lease.lease_id if lease is not None else "",
+                    node_id=lease.node_id if lease is not None else "",
+                    agent_id=lease.agent_id if lease is not None else "",
+                    limit_unix_ms=end.limit_unix_ms,
+                    clock=clock,
+                ),
+                self.key,
+            )
+
+        return sign
 
     # -- leases ---------------------------------------------------------------------
 
@@ -588,6 +626,7 @@ class ControlService:
             failure_type=failure_type,
             backoff_base_ms=self.config.backoff_base_ms,
             backoff_cap_ms=self.config.backoff_cap_ms,
+            sign_end=self.end_signer("control-plane"),
         )
         if task.state is State.QUEUED:
             await self._waiters.notify()
@@ -613,15 +652,18 @@ class ControlService:
         timeout expires the task. One clock decides all (`sweep_clock`).
         """
         now, clock = await self.sweep_clock()
+        sign_end = self.end_signer(clock)
         out = await self.store.sweep_lapsed(
             now_ms=now,
             backoff_base_ms=self.config.backoff_base_ms,
             backoff_cap_ms=self.config.backoff_cap_ms,
+            sign_end=sign_end,
         )
         out += await self.store.sweep_limits(
             now_ms=now,
             backoff_base_ms=self.config.backoff_base_ms,
             backoff_cap_ms=self.config.backoff_cap_ms,
+            sign_end=sign_end,
         )
         out = [dataclasses.replace(o, clock=clock) for o in out]
         for o in out:
@@ -1070,6 +1112,17 @@ class ControlService:
 
     async def list_nodes(self) -> list[NodeRecord]:
         return await self.store.list_nodes()
+
+
+def _end_text(end: LapseOutcome) -> str:
+    """The words of a control receipt: which limit and when, or whose decision."""
+    if end.reason is EndReason.HEARTBEAT_TIMEOUT:
+        return "heartbeat timeout: the lease was not renewed before it expired"
+    if end.reason is EndReason.CANCELED:
+        return f"canceled: {end.note}" if end.note else "canceled"
+    if end.reason is EndReason.RELEASED:
+        return f"released by its holder: {end.note}" if end.note else "released by its holder"
+    return f"{end.reason.label.replace('_', ' ')}: the limit fell due at {end.limit_unix_ms}"
 
 
 def new_id(prefix: str, now_ms: int) -> str:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from tether.core.timeouts import EndReason
+
 RECEIPT_VERSION = 1
 
 
@@ -55,4 +57,30 @@ class Receipt:
     artifact_sha256: str = ""
     idempotency_key: str = ""
     memory_key: str = ""
+    version: int = RECEIPT_VERSION
+
+
+@dataclass(frozen=True)
+class ControlReceipt:
+    """How a lease or task ended without its holder, signed by the control plane.
+
+    `end_reason` says what ended it (a `tether.core.timeouts.EndReason` the
+    control plane decides, or RELEASED). `lease_id` (with node and agent) names
+    the lease the event ended; empty when none was live. `state` is the task's
+    state after the event: queued, or a terminal state, which makes this the
+    task's final record. Fields mirror `tether.v1.ControlReceipt`.
+    """
+
+    end_reason: EndReason
+    task_id: str
+    attempt: int
+    fencing_token: int
+    state: int  # tether.core.states.State value
+    time_unix_ms: int
+    reason: str = ""
+    lease_id: str = ""
+    node_id: str = ""
+    agent_id: str = ""
+    limit_unix_ms: int = 0
+    clock: str = ""
     version: int = RECEIPT_VERSION

@@ -20,13 +20,15 @@ from typing import Any
 from google.protobuf import json_format
 
 from tether.core.errors import VerificationError
-from tether.core.receipts import RECEIPT_VERSION, Receipt, ReceiptKind
+from tether.core.receipts import RECEIPT_VERSION, ControlReceipt, Receipt, ReceiptKind
 from tether.core.states import TERMINAL, State
+from tether.core.timeouts import EndReason
 from tether.crypto.signing import INTOTO_PAYLOAD_TYPE, Envelope, SigningKey, VerifyKey, pae
 from tether.v1 import receipt_pb2
 
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PREDICATE_TYPE = "https://tether.dev/receipt/v1"
+CONTROL_PREDICATE_TYPE = "https://tether.dev/control-receipt/v1"
 TASK_SUBJECT_PREFIX = "task:"
 TERMINAL_STATES = frozenset(int(s) for s in TERMINAL)  # from the one transition table
 
@@ -54,8 +56,7 @@ def subject_for(r: Receipt) -> dict[str, Any]:
     """
     if r.kind == ReceiptKind.ARTIFACT:
         return {"name": r.artifact_name, "digest": {"sha256": r.artifact_sha256}}
-    digest = hashlib.sha256(r.task_id.encode()).hexdigest()
-    return {"name": TASK_SUBJECT_PREFIX + r.task_id, "digest": {"sha256": digest}}
+    return _task_subject(r.task_id)
 
 
 def to_proto(r: Receipt) -> receipt_pb2.Receipt:
@@ -322,3 +323,176 @@ class ReceiptChain:
         self.last_seq += 1
         self.last_digest = envelope_digest(data)
         return data
+
+
+# --- control receipts: the same statement form, signed by the control plane ----------
+
+_CONTROL_JSON: dict[str, tuple[str, int]] = {}
+for _f in receipt_pb2.ControlReceipt.DESCRIPTOR.fields:
+    _t = {
+        "version": _U32T,
+        "end_reason": _KIND,
+        "attempt": _U32T,
+        "fencing_token": _U64T,
+        "limit_unix_ms": _I64T,
+        "time_unix_ms": _I64T,
+        "state": _STATE,
+    }.get(_f.name, _STR)
+    _CONTROL_JSON[_f.json_name] = _CONTROL_JSON[_f.name] = (_f.name, _t)
+assert {n for n, _ in _CONTROL_JSON.values()} == {
+    f.name for f in dataclasses.fields(ControlReceipt)
+}, "receipt.proto and tether.core.receipts.ControlReceipt must have the same fields"
+_END_REASONS = {
+    v.name: v.number for v in receipt_pb2.DESCRIPTOR.enum_types_by_name["EndReason"].values
+}
+# The ends a control receipt records (the holder's own are node receipts), and
+# which of them always end a live lease, never do, or may.
+CONTROL_END_REASONS = frozenset(
+    {
+        EndReason.HEARTBEAT_TIMEOUT,
+        EndReason.ATTEMPT_TIMEOUT,
+        EndReason.SCHEDULE_TO_START_TIMEOUT,
+        EndReason.DEADLINE,
+        EndReason.CANCELED,
+        EndReason.RELEASED,
+    }
+)
+_ENDS_A_LEASE = frozenset(
+    {EndReason.HEARTBEAT_TIMEOUT, EndReason.ATTEMPT_TIMEOUT, EndReason.RELEASED}
+)
+_NO_LEASE = frozenset({EndReason.SCHEDULE_TO_START_TIMEOUT})
+# The state each end leaves a task in (None: queued again, or expired when spent).
+_END_STATE = {
+    EndReason.CANCELED: State.CANCELED,
+    EndReason.DEADLINE: State.EXPIRED,
+    EndReason.SCHEDULE_TO_START_TIMEOUT: State.EXPIRED,
+}
+
+
+def control_statement_bytes(c: ControlReceipt) -> bytes:
+    """The in-toto Statement v1 JSON bytes (compact) of a control receipt."""
+    validate_control(c)
+    fields = dataclasses.asdict(c)
+    fields["end_reason"] = int(c.end_reason)
+    predicate = json_format.MessageToDict(receipt_pb2.ControlReceipt(**fields))
+    doc = {
+        "_type": STATEMENT_TYPE,
+        "subject": [_task_subject(c.task_id)],
+        "predicateType": CONTROL_PREDICATE_TYPE,
+        "predicate": predicate,
+    }
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def sign_control_receipt(c: ControlReceipt, key: SigningKey) -> bytes:
+    """Signs a control receipt with the control plane's key; returns the envelope bytes."""
+    return key.sign_envelope(INTOTO_PAYLOAD_TYPE, control_statement_bytes(c)).to_json_bytes()
+
+
+def _task_subject(task_id: str) -> dict[str, Any]:
+    digest = hashlib.sha256(task_id.encode()).hexdigest()
+    return {"name": TASK_SUBJECT_PREFIX + task_id, "digest": {"sha256": digest}}
+
+
+def validate_control(c: ControlReceipt) -> None:
+    """Checks a control receipt's own invariants.
+
+    Raises:
+        VerificationError: the control receipt cannot be valid.
+    """
+    if c.version != RECEIPT_VERSION:
+        raise VerificationError(f"unsupported control receipt version {c.version}")
+    if c.end_reason not in CONTROL_END_REASONS:
+        raise VerificationError(f"end reason {c.end_reason!r} is not the control plane's")
+    reason = EndReason(c.end_reason)
+    if not c.task_id:
+        raise VerificationError("control receipt needs task_id")
+    want = _END_STATE.get(reason)
+    if want is not None and c.state != int(want):
+        raise VerificationError(f"{reason.label} must leave the task {want.name.lower()}")
+    if want is None and c.state not in (int(State.QUEUED), int(State.EXPIRED)):
+        raise VerificationError(f"{reason.label} must leave the task queued or expired")
+    if c.lease_id:
+        if not (c.node_id and c.agent_id and c.fencing_token):
+            raise VerificationError("a control receipt ending a lease names its holder and token")
+        if reason in _NO_LEASE:
+            raise VerificationError(f"{reason.label} ends no lease")
+    elif c.node_id or c.agent_id:
+        raise VerificationError("holder fields without a lease_id")
+    elif reason in _ENDS_A_LEASE:
+        raise VerificationError(f"{reason.label} must name the lease it ended")
+
+
+def control_receipt_from_predicate(predicate: Any) -> ControlReceipt:
+    """Builds a ControlReceipt from its proto3 JSON predicate, strictly.
+
+    Raises:
+        VerificationError: unknown or repeated field, wrong type, or invalid.
+    """
+    if type(predicate) is not dict:
+        raise VerificationError("control receipt predicate is not an object")
+    fields: dict[str, Any] = {name: ("" if t == _STR else 0) for name, t in _CONTROL_JSON.values()}
+    given: set[str] = set()
+    for k, v in predicate.items():
+        spec = _CONTROL_JSON.get(k)
+        if spec is None:
+            raise VerificationError(f"unknown control receipt field {k!r}")
+        name, t = spec
+        if name in given:
+            raise VerificationError(f"control receipt field {name!r} given twice")
+        given.add(name)
+        if v is None:
+            continue
+        tv = type(v)
+        if t == _STR:
+            if tv is not str:
+                raise VerificationError(f"control receipt field {name!r}: not a string")
+        elif t in _RANGES:
+            if tv is str:
+                digits = v[1:] if t == _I64T and v[:1] == "-" else v
+                if not (digits.isascii() and digits.isdigit()):
+                    raise VerificationError(f"control receipt field {name!r}: not an integer")
+                v = int(v)
+            elif tv is not int:
+                raise VerificationError(f"control receipt field {name!r}: not an integer")
+            lo, hi = _RANGES[t]
+            if not lo <= v <= hi:
+                raise VerificationError(f"control receipt field {name!r}: out of range")
+        else:
+            names = _END_REASONS if t == _KIND else _STATES
+            if tv is str and v in names:
+                v = names[v]
+            elif not (tv is int and v in names.values()):
+                raise VerificationError(f"control receipt field {name!r}: unknown enum value {v!r}")
+        fields[name] = v
+    if fields["version"] != RECEIPT_VERSION:
+        raise VerificationError(f"unsupported control receipt version {fields['version']}")
+    if fields["end_reason"] == 0:
+        raise VerificationError("control receipt end_reason is unspecified")
+    fields["end_reason"] = EndReason(fields["end_reason"])
+    c = ControlReceipt(**fields)
+    validate_control(c)
+    return c
+
+
+def parse_control_statement(doc: Any) -> ControlReceipt:
+    """Checks a parsed statement (a JSON object) carrying a control receipt.
+
+    The caller parses the JSON (strictly) and checks the control plane's
+    signature over the exact payload bytes first.
+
+    Raises:
+        VerificationError: not a control receipt statement, or invalid.
+    """
+    if type(doc) is not dict or doc.keys() != {"_type", "subject", "predicateType", "predicate"}:
+        raise VerificationError(
+            "statement must hold exactly _type, subject, predicateType, predicate"
+        )
+    if doc["_type"] != STATEMENT_TYPE:
+        raise VerificationError("statement _type is not in-toto Statement v1")
+    if doc["predicateType"] != CONTROL_PREDICATE_TYPE:
+        raise VerificationError("statement predicateType is not a Tether control receipt")
+    c = control_receipt_from_predicate(doc["predicate"])
+    if doc["subject"] != [_task_subject(c.task_id)]:
+        raise VerificationError("statement subject does not match the control receipt")
+    return c

@@ -210,6 +210,9 @@ class LapseOutcome:
     lease_id: str = ""
     clock: str = ""
     """Which clock decided: "database" (PostgreSQL's) or "control-plane"."""
+    note: str = ""
+    """Words of whoever ended it (an operator's cancel reason, a holder's release
+    reason), for its control receipt."""
 
 
 class ToolCallPhase(IntEnum):
@@ -334,6 +337,13 @@ SecretRewrapFn = Callable[[SealedSecret], SealedSecret | None]
 LeaseSigner = Callable[[TaskRecord], bytes]
 
 
+# Signs an end the control plane decided (a lapse, a time limit, a release, a
+# cancel) as a control receipt: (the end, the last signed grant or renewal of
+# the lease it ended, b"" when none was live) -> DSSE JSON bytes. Called inside
+# the store's transaction, so the receipt commits with the change or not at all.
+EndSigner = Callable[["LapseOutcome", bytes], bytes]
+
+
 class Store(Protocol):
     """Persistence for the control plane. All times are Unix milliseconds."""
 
@@ -419,20 +429,24 @@ class Store(Protocol):
         failure_type: str = "",
         backoff_base_ms: int = DEFAULT_INITIAL_INTERVAL_MS,
         backoff_cap_ms: int = DEFAULT_MAXIMUM_INTERVAL_MS,
+        sign_end: EndSigner | None = None,
     ) -> TaskRecord:
         """Applies a lease holder's event under its fencing token.
 
         A FAIL the task's retry policy retries (`RetryPolicy.retries_failure`,
         attempts permitting) sends the task back to queued after the policy's
         delay (end reason FAILED), else to failed (FAILED or NON_RETRYABLE).
+        A RELEASE stores the control receipt `sign_end` makes of it (if given).
 
         Raises:
             NotFound, StaleFencingToken, LeaseExpired, NotOwner, InvalidTransition.
         """
         ...
 
-    async def cancel_task(self, task_id: str, reason: str, now_ms: int) -> TaskRecord:
-        """Cancels a queued, leased or running task.
+    async def cancel_task(
+        self, task_id: str, reason: str, now_ms: int, sign_end: EndSigner | None = None
+    ) -> TaskRecord:
+        """Cancels a queued, leased or running task, with its control receipt (if `sign_end`).
 
         Raises:
             NotFound, InvalidTransition.
@@ -440,17 +454,30 @@ class Store(Protocol):
         ...
 
     async def sweep_lapsed(
-        self, *, now_ms: int, backoff_base_ms: int, backoff_cap_ms: int, limit: int = 1000
+        self,
+        *,
+        now_ms: int,
+        backoff_base_ms: int,
+        backoff_cap_ms: int,
+        limit: int = 1000,
+        sign_end: EndSigner | None = None,
     ) -> list[LapseOutcome]:
         """Ends every lease that lapsed at `now_ms` (LAPSE event), at most `limit`.
 
         The backoff is the task's retry policy (base/cap stand in for fields
-        stored as 0).
+        stored as 0). Each lapse stores the control receipt `sign_end` makes of
+        it (if given), in the same write.
         """
         ...
 
     async def sweep_limits(
-        self, *, now_ms: int, backoff_base_ms: int, backoff_cap_ms: int, limit: int = 1000
+        self,
+        *,
+        now_ms: int,
+        backoff_base_ms: int,
+        backoff_cap_ms: int,
+        limit: int = 1000,
+        sign_end: EndSigner | None = None,
     ) -> list[LapseOutcome]:
         """Ends what a time limit ended at `now_ms`, at most `limit` of each kind.
 
@@ -458,7 +485,8 @@ class Store(Protocol):
         schedule-to-start timeout (TIME_OUT from queued), then the attempt timeout
         (LAPSE: queued again after the retry delay, or expired). Each is one
         conditional write; the lease (if any) is fenced at once and its history
-        row records the reason.
+        row records the reason; each stores the control receipt `sign_end` makes
+        of it (if given).
         """
         ...
 
@@ -468,6 +496,10 @@ class Store(Protocol):
         With several replicas this one clock judges the time limits, so no
         replica's clock (or skew between them) decides when a task ends.
         """
+        ...
+
+    async def control_receipts(self, task_id: str) -> list[bytes]:
+        """The task's control receipts (DSSE JSON bytes), oldest first."""
         ...
 
     async def next_lease_expiry(self) -> int | None:

@@ -558,6 +558,35 @@ def holder_end_reason(event: Event) -> int:
     }.get(event, 0)
 
 
+def released_outcome(task: TaskRecord, fencing_token: int, why: str, now_ms: int) -> LapseOutcome:
+    """The end of a released lease (`task` as it is after the release), for its receipt."""
+    return LapseOutcome(
+        task.task_id,
+        fencing_token,
+        task.state,
+        task.not_before_unix_ms,
+        reason=EndReason.RELEASED,
+        decided_unix_ms=now_ms,
+        attempt=task.attempt,
+        note=why,
+    )
+
+
+def canceled_outcome(task: TaskRecord, reason: str, now_ms: int) -> LapseOutcome:
+    """The end of a canceled task (`task` as it is after the cancel), for its receipt."""
+    return LapseOutcome(
+        task.task_id,
+        task.fencing_token,
+        task.state,
+        now_ms,
+        reason=EndReason.CANCELED,
+        limit_unix_ms=now_ms,
+        decided_unix_ms=now_ms,
+        attempt=task.attempt,
+        note=reason,
+    )
+
+
 def _token_meta(task_id: str, task: TaskRecord) -> dict[str, str]:
     return {"task_id": task_id, "current_fencing_token": str(task.fencing_token)}
 

@@ -43,6 +43,7 @@ from tether.store import is_postgres_url
 from tether.store.base import (
     POLICY_CHANNEL,
     BudgetState,
+    EndSigner,
     JoinTokenRecord,
     LapseOutcome,
     LeaseHistoryEntry,
@@ -83,6 +84,7 @@ from tether.store.common import (
     budget_limit,
     budget_state,
     cancel_refused,
+    canceled_outcome,
     check_node_status,
     check_sealed,
     check_settlement,
@@ -106,6 +108,7 @@ from tether.store.common import (
     no_live_lease,
     node_row,
     numbered_migrations,
+    released_outcome,
     repeated_reservation,
     rewrap_row,
     row_to_checkpoint,
@@ -240,6 +243,16 @@ INSERT INTO lease_history (task_id, lease_id, fencing_token, kind, envelope, out
 _SQL_HISTORY_CLOSE = """
 UPDATE lease_history SET outcome = %s WHERE task_id = %s AND fencing_token = %s
   AND outcome = 'active'
+"""
+
+_SQL_LAST_LEASE = """
+SELECT envelope FROM lease_history WHERE task_id = %s AND fencing_token = %s
+ORDER BY id DESC LIMIT 1
+"""
+
+_SQL_CONTROL_RECEIPT = """
+INSERT INTO control_receipts (task_id, fencing_token, end_reason, envelope, created_unix_ms)
+VALUES (%s, %s, %s, %s, %s)
 """
 
 
@@ -380,6 +393,28 @@ async def _exec(conn: Conn, sql: str, params: Any = None) -> int:
     """Runs a statement; returns its row count."""
     cur = await conn.execute(sql, params)
     return cur.rowcount
+
+
+async def _record_end(
+    conn: Conn, sign_end: EndSigner | None, end: LapseOutcome, *, closed: bool
+) -> None:
+    """Stores the control receipt of `end`; `closed`: a live lease ended with it."""
+    if sign_end is None:
+        return
+    lease = b""
+    if closed:
+        row = await _one(conn, _SQL_LAST_LEASE, (end.task_id, end.fencing_token))
+        lease = b"" if row is None else bytes(row[0])
+    await conn.execute(
+        _SQL_CONTROL_RECEIPT,
+        (
+            end.task_id,
+            end.fencing_token,
+            int(end.reason),
+            sign_end(end, lease),
+            end.decided_unix_ms,
+        ),
+    )
 
 
 class PostgresStore:
@@ -684,6 +719,7 @@ class PostgresStore:
         failure_type: str = "",
         backoff_base_ms: int = 1_000,
         backoff_cap_ms: int = 60_000,
+        sign_end: EndSigner | None = None,
     ) -> TaskRecord:
         entry = holder_entry(_SQL_TRANSITION, event)
 
@@ -718,13 +754,19 @@ class PostgresStore:
             row = await _one(conn, sql, params)
             if row is None:
                 raise await _diagnose(conn, task_id, fencing_token, node_id, now_ms, event)
+            task = row_to_task(row)
             if outcome is not None:
-                await conn.execute(_SQL_HISTORY_CLOSE, (outcome, task_id, fencing_token))
-            return row_to_task(row)
+                closed = await _exec(conn, _SQL_HISTORY_CLOSE, (outcome, task_id, fencing_token))
+                if outcome == "released":
+                    end = released_outcome(task, fencing_token, error, now_ms)
+                    await _record_end(conn, sign_end, end, closed=closed > 0)
+            return task
 
         return await self._tx(fn)
 
-    async def cancel_task(self, task_id: str, reason: str, now_ms: int) -> TaskRecord:
+    async def cancel_task(
+        self, task_id: str, reason: str, now_ms: int, sign_end: EndSigner | None = None
+    ) -> TaskRecord:
         params = {"reason": reason, "now": now_ms, "task_id": task_id}
 
         async def fn(conn: Conn) -> TaskRecord:
@@ -733,13 +775,23 @@ class PostgresStore:
                 current = await _one(conn, "SELECT state FROM tasks WHERE task_id = %s", (task_id,))
                 cancel_refused(task_id, None if current is None else current[0])
             task = row_to_task(row)
-            await conn.execute(_SQL_HISTORY_CLOSE, ("canceled", task_id, task.fencing_token))
+            closed = await _exec(
+                conn, _SQL_HISTORY_CLOSE, ("canceled", task_id, task.fencing_token)
+            )
+            end = canceled_outcome(task, reason, now_ms)
+            await _record_end(conn, sign_end, end, closed=closed > 0)
             return task
 
         return await self._tx(fn)
 
     async def sweep_lapsed(
-        self, *, now_ms: int, backoff_base_ms: int, backoff_cap_ms: int, limit: int = 1000
+        self,
+        *,
+        now_ms: int,
+        backoff_base_ms: int,
+        backoff_cap_ms: int,
+        limit: int = 1000,
+        sign_end: EndSigner | None = None,
     ) -> list[LapseOutcome]:
         async def fn(conn: Conn) -> list[LapseOutcome]:
             out: list[LapseOutcome] = []
@@ -759,13 +811,20 @@ class PostgresStore:
                 )
                 if changed == 1:
                     await conn.execute(_SQL_HISTORY_CLOSE, ("lapsed", task_id, token))
+                    await _record_end(conn, sign_end, lapse, closed=True)
                     out.append(lapse)
             return out
 
         return await self._tx(fn)
 
     async def sweep_limits(
-        self, *, now_ms: int, backoff_base_ms: int, backoff_cap_ms: int, limit: int = 1000
+        self,
+        *,
+        now_ms: int,
+        backoff_base_ms: int,
+        backoff_cap_ms: int,
+        limit: int = 1000,
+        sign_end: EndSigner | None = None,
     ) -> list[LapseOutcome]:
         async def fn(conn: Conn) -> list[LapseOutcome]:
             out: list[LapseOutcome] = []
@@ -788,9 +847,12 @@ class PostgresStore:
                         },
                     )
                     if changed == 1:
-                        await conn.execute(
-                            _SQL_HISTORY_CLOSE, (reason.label, task.task_id, task.fencing_token)
+                        closed = await _exec(
+                            conn,
+                            _SQL_HISTORY_CLOSE,
+                            (reason.label, task.task_id, task.fencing_token),
                         )
+                        await _record_end(conn, sign_end, end, closed=closed > 0)
                         out.append(end)
             for row in await _all(conn, _SQL_ATTEMPT_DUE, (now_ms, limit)):
                 lapse = lapse_outcome(
@@ -815,6 +877,7 @@ class PostgresStore:
                 )
                 if changed == 1:
                     await conn.execute(_SQL_HISTORY_CLOSE, ("attempt_timeout", task_id, token))
+                    await _record_end(conn, sign_end, lapse, closed=True)
                     out.append(lapse)
             return out
 
@@ -825,6 +888,16 @@ class PostgresStore:
         if row is None:  # pragma: no cover - SELECT of an expression always returns a row
             raise StorageError("the database did not tell its time")
         return int(row[0])
+
+    async def control_receipts(self, task_id: str) -> list[bytes]:
+        rows = await self._read(
+            lambda c: _all(
+                c,
+                "SELECT envelope FROM control_receipts WHERE task_id = %s ORDER BY id",
+                (task_id,),
+            )
+        )
+        return [bytes(r[0]) for r in rows]
 
     async def next_lease_expiry(self) -> int | None:
         row = await self._read(

@@ -38,6 +38,7 @@ from tether.core.states import LEASED_STATES, Event, State, sources
 from tether.core.timeouts import EndReason
 from tether.store.base import (
     BudgetState,
+    EndSigner,
     JoinTokenRecord,
     LapseOutcome,
     LeaseHistoryEntry,
@@ -78,6 +79,7 @@ from tether.store.common import (
     budget_limit,
     budget_state,
     cancel_refused,
+    canceled_outcome,
     check_node_status,
     check_sealed,
     check_settlement,
@@ -101,6 +103,7 @@ from tether.store.common import (
     no_live_lease,
     node_row,
     numbered_migrations,
+    released_outcome,
     repeated_reservation,
     rewrap_row,
     row_to_checkpoint,
@@ -163,6 +166,41 @@ _SQL_HISTORY_CLOSE = """
 UPDATE lease_history SET outcome = ?1 WHERE task_id = ?2 AND fencing_token = ?3
   AND outcome = 'active'
 """
+
+_SQL_LAST_LEASE = """
+SELECT envelope FROM lease_history WHERE task_id = ? AND fencing_token = ? ORDER BY id DESC LIMIT 1
+"""
+
+_SQL_CONTROL_RECEIPT = """
+INSERT INTO control_receipts (task_id, fencing_token, end_reason, envelope, created_unix_ms)
+VALUES (?, ?, ?, ?, ?)
+"""
+
+
+def _record_end(
+    conn: sqlite3.Connection,
+    sign_end: EndSigner | None,
+    end: LapseOutcome,
+    *,
+    closed: bool,
+) -> None:
+    """Stores the control receipt of `end`; `closed`: a live lease ended with it."""
+    if sign_end is None:
+        return
+    lease = b""
+    if closed:
+        row = conn.execute(_SQL_LAST_LEASE, (end.task_id, end.fencing_token)).fetchone()
+        lease = b"" if row is None else bytes(row[0])
+    conn.execute(
+        _SQL_CONTROL_RECEIPT,
+        (
+            end.task_id,
+            end.fencing_token,
+            int(end.reason),
+            sign_end(end, lease),
+            end.decided_unix_ms,
+        ),
+    )
 
 
 def _transition_sql(event: Event, retry: bool = False) -> tuple[str, str | None]:
@@ -591,6 +629,7 @@ class SqliteStore:
         failure_type: str = "",
         backoff_base_ms: int = 1_000,
         backoff_cap_ms: int = 60_000,
+        sign_end: EndSigner | None = None,
     ) -> TaskRecord:
         entry = holder_entry(_SQL_TRANSITION, event)
 
@@ -625,13 +664,19 @@ class SqliteStore:
             row = conn.execute(sql, params).fetchone()
             if row is None:
                 raise _diagnose(conn, task_id, fencing_token, node_id, now_ms, event)
+            task = row_to_task(row)
             if outcome is not None:
-                conn.execute(_SQL_HISTORY_CLOSE, (outcome, task_id, fencing_token))
-            return row_to_task(row)
+                closed = conn.execute(_SQL_HISTORY_CLOSE, (outcome, task_id, fencing_token))
+                if outcome == "released":
+                    end = released_outcome(task, fencing_token, error, now_ms)
+                    _record_end(conn, sign_end, end, closed=closed.rowcount > 0)
+            return task
 
         return await self._tx(fn)
 
-    async def cancel_task(self, task_id: str, reason: str, now_ms: int) -> TaskRecord:
+    async def cancel_task(
+        self, task_id: str, reason: str, now_ms: int, sign_end: EndSigner | None = None
+    ) -> TaskRecord:
         def fn(conn: sqlite3.Connection) -> TaskRecord:
             row = conn.execute(_SQL_CANCEL, (reason, now_ms, task_id)).fetchone()
             if row is None:
@@ -640,13 +685,21 @@ class SqliteStore:
                 ).fetchone()
                 cancel_refused(task_id, None if current is None else current[0])
             task = row_to_task(row)
-            conn.execute(_SQL_HISTORY_CLOSE, ("canceled", task_id, task.fencing_token))
+            closed = conn.execute(_SQL_HISTORY_CLOSE, ("canceled", task_id, task.fencing_token))
+            end = canceled_outcome(task, reason, now_ms)
+            _record_end(conn, sign_end, end, closed=closed.rowcount > 0)
             return task
 
         return await self._tx(fn)
 
     async def sweep_lapsed(
-        self, *, now_ms: int, backoff_base_ms: int, backoff_cap_ms: int, limit: int = 1000
+        self,
+        *,
+        now_ms: int,
+        backoff_base_ms: int,
+        backoff_cap_ms: int,
+        limit: int = 1000,
+        sign_end: EndSigner | None = None,
     ) -> list[LapseOutcome]:
         def fn(conn: sqlite3.Connection) -> list[LapseOutcome]:
             out: list[LapseOutcome] = []
@@ -659,13 +712,20 @@ class SqliteStore:
                 )
                 if cur.rowcount == 1:
                     conn.execute(_SQL_HISTORY_CLOSE, ("lapsed", task_id, token))
+                    _record_end(conn, sign_end, lapse, closed=True)
                     out.append(lapse)
             return out
 
         return await self._tx(fn)
 
     async def sweep_limits(
-        self, *, now_ms: int, backoff_base_ms: int, backoff_cap_ms: int, limit: int = 1000
+        self,
+        *,
+        now_ms: int,
+        backoff_base_ms: int,
+        backoff_cap_ms: int,
+        limit: int = 1000,
+        sign_end: EndSigner | None = None,
     ) -> list[LapseOutcome]:
         def fn(conn: sqlite3.Connection) -> list[LapseOutcome]:
             out: list[LapseOutcome] = []
@@ -687,9 +747,10 @@ class SqliteStore:
                         ),
                     )
                     if cur.rowcount == 1:
-                        conn.execute(
+                        closed = conn.execute(
                             _SQL_HISTORY_CLOSE, (reason.label, task.task_id, task.fencing_token)
                         )
+                        _record_end(conn, sign_end, end, closed=closed.rowcount > 0)
                         out.append(end)
             for row in conn.execute(_SQL_ATTEMPT_DUE, (now_ms, limit)).fetchall():
                 lapse = lapse_outcome(
@@ -707,6 +768,7 @@ class SqliteStore:
                 )
                 if cur.rowcount == 1:
                     conn.execute(_SQL_HISTORY_CLOSE, ("attempt_timeout", task_id, token))
+                    _record_end(conn, sign_end, lapse, closed=True)
                     out.append(lapse)
             return out
 
@@ -714,6 +776,14 @@ class SqliteStore:
 
     async def database_now_ms(self) -> int | None:
         return None  # one process owns the file: the control plane's clock is the only one
+
+    async def control_receipts(self, task_id: str) -> list[bytes]:
+        rows = await self._run(
+            lambda c: c.execute(
+                "SELECT envelope FROM control_receipts WHERE task_id = ? ORDER BY id", (task_id,)
+            ).fetchall()
+        )
+        return [bytes(r[0]) for r in rows]
 
     async def next_lease_expiry(self) -> int | None:
         row = await self._run(

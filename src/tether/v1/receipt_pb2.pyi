@@ -513,6 +513,96 @@ class Receipt(_message.Message):
 Global___Receipt: _TypeAlias = Receipt  # noqa: Y015
 
 @_typing.final
+class ControlReceipt(_message.Message):
+    """ControlReceipt records an end the control plane decided on its own clock,
+    or an operator's cancel: a lease that lapsed (heartbeat timeout), an attempt
+    or task that hit a time limit, a lease its holder released, a task canceled.
+    Nodes sign what they did; only the control plane can say that a lease ended
+    without its holder, so these are signed by the control plane's key, like
+    leases. It is the predicate (predicateType
+    "https://tether.dev/control-receipt/v1") of an in-toto Statement v1, in
+    proto3 JSON form, whose subject is the task (as for a node receipt), carried
+    in a DSSE envelope with payload_type "application/vnd.in-toto+json". It is
+    written in the same transaction as the state change it records, so every
+    such change has exactly one.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    END_REASON_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    FENCING_TOKEN_FIELD_NUMBER: _builtins.int
+    LEASE_ID_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    LIMIT_UNIX_MS_FIELD_NUMBER: _builtins.int
+    TIME_UNIX_MS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    CLOCK_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """Format version; currently 1. Unknown versions are refused."""
+    end_reason: Global___EndReason.ValueType
+    """What ended it: HEARTBEAT_TIMEOUT (a lapsed lease), ATTEMPT_TIMEOUT,
+    SCHEDULE_TO_START_TIMEOUT, DEADLINE, CANCELED or RELEASED. The holder's
+    own ends (SUCCEEDED, FAILED, NON_RETRYABLE) are node receipts, never these.
+    """
+    task_id: _builtins.str
+    """The task."""
+    attempt: _builtins.int
+    """The task's attempt when it ended (the ended lease's attempt)."""
+    fencing_token: _builtins.int
+    """Fencing token of the ended lease, or the task's last token when no lease
+    was live (0 if it was never leased).
+    """
+    lease_id: _builtins.str
+    """The lease this event ended, as its last signed grant or renewal names it;
+    empty when no lease was live (e.g. a queued task canceled or timed out).
+    """
+    node_id: _builtins.str
+    """Holder of the ended lease (empty when lease_id is)."""
+    agent_id: _builtins.str
+    """Agent of the ended lease (empty when lease_id is)."""
+    limit_unix_ms: _builtins.int
+    """When the limit fell due, Unix milliseconds (time limits; else 0)."""
+    time_unix_ms: _builtins.int
+    """When the control plane decided, Unix milliseconds, by `clock`."""
+    state: Global___TaskState.ValueType
+    """The task's state after the event: QUEUED (another attempt follows) or a
+    terminal state (then this receipt is the task's final record).
+    """
+    reason: _builtins.str
+    """Why, for people (e.g. the limit, the release or cancel reason). Never a secret."""
+    clock: _builtins.str
+    """Which clock decided: "database" (PostgreSQL's) or "control-plane"."""
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        end_reason: Global___EndReason.ValueType = ...,
+        task_id: _builtins.str = ...,
+        attempt: _builtins.int = ...,
+        fencing_token: _builtins.int = ...,
+        lease_id: _builtins.str = ...,
+        node_id: _builtins.str = ...,
+        agent_id: _builtins.str = ...,
+        limit_unix_ms: _builtins.int = ...,
+        time_unix_ms: _builtins.int = ...,
+        state: Global___TaskState.ValueType = ...,
+        reason: _builtins.str = ...,
+        clock: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "attempt", b"attempt", "clock", b"clock", "end_reason", b"end_reason", "fencing_token", b"fencing_token", "lease_id", b"lease_id", "limit_unix_ms", b"limit_unix_ms", "node_id", b"node_id", "reason", b"reason", "state", b"state", "task_id", b"task_id", "time_unix_ms", b"time_unix_ms", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlReceipt: _TypeAlias = ControlReceipt  # noqa: Y015
+
+@_typing.final
 class Checkpoint(_message.Message):
     """Checkpoint is a signed statement of the ledger's Merkle tree head, in the
     C2SP tlog-checkpoint format inside a C2SP signed-note.
@@ -638,6 +728,7 @@ class Bundle(_message.Message):
     CONTROL_KEYIDS_FIELD_NUMBER: _builtins.int
     EXPORTED_UNIX_MS_FIELD_NUMBER: _builtins.int
     MANIFEST_FIELD_NUMBER: _builtins.int
+    CONTROL_RECEIPTS_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """Bundle format version; currently 1."""
     exported_unix_ms: _builtins.int
@@ -677,6 +768,13 @@ class Bundle(_message.Message):
         a chain (which prev links alone cannot show). Verifiers require it.
         """
 
+    @_builtins.property
+    def control_receipts(self) -> _containers.RepeatedCompositeFieldContainer[Global___Envelope]:
+        """Control receipts (see ControlReceipt) of the tasks in the bundle: how
+        leases ended without their holder, and how tasks ended that no node
+        finished (expired, canceled). Each is signed by a trusted control key.
+        """
+
     def __init__(
         self,
         *,
@@ -688,10 +786,11 @@ class Bundle(_message.Message):
         control_keyids: _abc.Iterable[_builtins.str] | None = ...,
         exported_unix_ms: _builtins.int = ...,
         manifest: Global___Envelope | None = ...,
+        control_receipts: _abc.Iterable[Global___Envelope] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "manifest", b"manifest"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "control_keyids", b"control_keyids", "entries", b"entries", "exported_unix_ms", b"exported_unix_ms", "leases", b"leases", "manifest", b"manifest", "node_certificates", b"node_certificates", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checkpoint", b"checkpoint", "control_keyids", b"control_keyids", "control_receipts", b"control_receipts", "entries", b"entries", "exported_unix_ms", b"exported_unix_ms", "leases", b"leases", "manifest", b"manifest", "node_certificates", b"node_certificates", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

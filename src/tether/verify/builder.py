@@ -15,13 +15,20 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tether.core.errors import VerificationError
 from tether.core.leases import Lease
-from tether.core.receipts import Receipt, ReceiptKind
+from tether.core.receipts import ControlReceipt, Receipt, ReceiptKind
+from tether.core.states import State
+from tether.core.timeouts import EndReason
 from tether.crypto.certs import issue_cert
 from tether.crypto.leases import decode_lease, sign_lease
 from tether.crypto.manifest import manifest_for, sign_manifest
 from tether.crypto.merkle import MerkleTree, leaf_hash
 from tether.crypto.note import CheckpointBody, sign_checkpoint
-from tether.crypto.receipts import ReceiptChain, envelope_digest, parse_receipt
+from tether.crypto.receipts import (
+    ReceiptChain,
+    envelope_digest,
+    parse_receipt,
+    sign_control_receipt,
+)
 from tether.crypto.signing import Envelope, SigningKey
 from tether.verify.bundle import Bundle, CheckpointInfo, Entry
 
@@ -59,6 +66,7 @@ class BundleBuilder:
     leases: list[Envelope] = field(default_factory=list)
     ledger: list[bytes] = field(default_factory=list)
     exported: list[int] = field(default_factory=list)
+    control_receipts: list[Envelope] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.control = seeded_key(f"{self.seed}/control")
@@ -125,6 +133,35 @@ class BundleBuilder:
             self.exported.append(len(self.ledger))
         self.ledger.append(data)
         return data
+
+    def control_receipt(
+        self,
+        end_reason: EndReason,
+        time_ms: int,
+        state: State,
+        *,
+        lease: Lease | None = None,
+        task_id: str = "",
+        token: int = 0,
+        reason: str = "",
+    ) -> ControlReceipt:
+        """Signs a control receipt (the end of `lease`, or of a task with none live)."""
+        c = ControlReceipt(
+            end_reason=end_reason,
+            task_id=lease.task_id if lease is not None else task_id,
+            attempt=lease.attempt if lease is not None else 0,
+            fencing_token=lease.fencing_token if lease is not None else token,
+            state=int(state),
+            time_unix_ms=time_ms,
+            reason=reason,
+            lease_id=lease.lease_id if lease is not None else "",
+            node_id=lease.node_id if lease is not None else "",
+            agent_id=lease.agent_id if lease is not None else "",
+            clock="control-plane",
+        )
+        data = sign_control_receipt(c, self.control)
+        self.control_receipts.append(Envelope.from_json_bytes(data))
+        return c
 
     def foreign_leaf(self, data: bytes) -> None:
         """Appends a leaf that is in the ledger but not in the bundle (another tenant's)."""
@@ -236,6 +273,7 @@ class BundleBuilder:
             control_keyids=[self.control.keyid],
             exported_unix_ms=ts,
             manifest=sign_manifest(manifest, self.control),
+            control_receipts=list(self.control_receipts),
         )
 
     def checkpoint_note(self, size: int | None = None) -> str:

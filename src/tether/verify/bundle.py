@@ -114,6 +114,8 @@ class Bundle:
     manifest: Envelope | None = None
     """The control plane's signed ExportManifest (see `tether.crypto.manifest`)."""
     version: int = BUNDLE_VERSION
+    control_receipts: list[Envelope] = field(default_factory=list)
+    """Control-signed receipts of lapses, releases and cancels (`ControlReceipt`)."""
 
 
 # --- reading -----------------------------------------------------------------
@@ -373,6 +375,7 @@ def _decode(data: bytes, limits: Limits) -> Bundle:
             "control_keyids",
             "exported_unix_ms",
             "manifest",
+            "control_receipts",
         ),
     )
     version = _uint(d.get("version", 0), "version")
@@ -417,6 +420,10 @@ def _decode(data: bytes, limits: Limits) -> Bundle:
         control_keyids=list(keyids),
         exported_unix_ms=_int(d.get("exported_unix_ms", 0), "exported_unix_ms"),
         manifest=_envelope(d["manifest"], "manifest") if "manifest" in d else None,
+        control_receipts=[
+            _envelope(e, f"control_receipts[{i}]")
+            for i, e in enumerate(_list(d.get("control_receipts", []), "control_receipts"))
+        ],
     )
 
 
@@ -463,6 +470,8 @@ def _tail_json(b: Bundle) -> dict[str, Any]:
         }
     if b.manifest is not None:
         doc["manifest"] = _envelope_json(b.manifest)
+    if b.control_receipts:  # omitted when empty, as proto3 JSON omits empty lists
+        doc["controlReceipts"] = [_envelope_json(e) for e in b.control_receipts]
     return doc
 
 
@@ -581,6 +590,7 @@ def bundle_from_proto(msg: Any) -> Bundle:
         control_keyids=list(msg.control_keyids),
         exported_unix_ms=msg.exported_unix_ms,
         manifest=from_proto(msg.manifest) if msg.HasField("manifest") else None,
+        control_receipts=[from_proto(e) for e in msg.control_receipts],
     )
 
 
@@ -596,6 +606,7 @@ def bundle_to_proto(b: Bundle) -> Any:
         leases=[to_proto(e) for e in b.leases],
         control_keyids=list(b.control_keyids),
         exported_unix_ms=b.exported_unix_ms,
+        control_receipts=[to_proto(e) for e in b.control_receipts],
     )
     if b.checkpoint is not None:
         # A bundle carries no checkpoint time: nothing signs it (see decode_bundle).

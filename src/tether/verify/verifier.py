@@ -54,8 +54,8 @@ from typing import Any, NamedTuple
 
 from tether.core.errors import VerificationError
 from tether.core.leases import Lease
-from tether.core.receipts import Receipt, ReceiptKind
-from tether.core.states import TERMINAL, state_name
+from tether.core.receipts import ControlReceipt, Receipt, ReceiptKind
+from tether.core.states import TERMINAL, State, state_name
 from tether.crypto.certs import NodeCertificate, decode_cert, encode_cert
 from tether.crypto.leases import decode_lease, encode_lease
 from tether.crypto.manifest import ExportManifest, decode_manifest, encode_manifest
@@ -64,6 +64,8 @@ from tether.crypto.note import CheckpointBody, key_hash, open_checkpoint
 from tether.crypto.receipts import (
     PREDICATE_TYPE,
     STATEMENT_TYPE,
+    control_statement_bytes,
+    parse_control_statement,
     receipt_from_predicate,
     subject_for,
 )
@@ -93,6 +95,9 @@ CHECKS: dict[str, str] = {
     "certificate": "every node certificate is signed by a trusted control key; each receipt "
     "has a certificate for its node, valid at the receipt's time (within the clock-skew bound)",
     "lease.signature": "every lease is signed by a trusted control key",
+    "control.receipt": "every control receipt (a lapse, release or cancel) is signed by a "
+    "trusted control key, is a valid control receipt statement in its canonical encoding, "
+    "and the lease it ends is a signed lease with that holder",
     "envelope.format": "each entry is a canonical compact DSSE JSON envelope of an in-toto payload",
     "signature": "each receipt is signed by the certified key of the node it names",
     "receipt.format": "each payload is a valid Tether receipt statement",
@@ -107,7 +112,12 @@ CHECKS: dict[str, str] = {
     "lease.executor": "each receipt's node, agent and attempt are the lease holder's",
     "lease.window": "each receipt names a window its signed lease has, and its time lies "
     "inside a window of the lease (within the clock-skew bound)",
-    "task.final": "each task has exactly one task_finished receipt",
+    "lease.closed": "each lease of a task ends exactly once: by its holder's task_finished "
+    "receipt or by a control receipt (lapse, release, cancel); only --allow-open leaves the "
+    "task's last lease open",
+    "task.final": "each task has exactly one final record, under its last fencing token: its "
+    "holder's task_finished receipt (succeeded or failed) or a control receipt that leaves it "
+    "expired or canceled; only --allow-open accepts a task without one",
 }
 _RANK = {name: i for i, name in enumerate(CHECKS)}
 
@@ -898,6 +908,7 @@ class _Verifier:
         self.checkpoint: CheckpointBody | None = None
         self.signers: set[str] = set()  # keyids of trusted keys that signed something here
         self.manifest: ExportManifest | None = None
+        self.controls: list[tuple[int, ControlReceipt]] = []  # (index, verified control receipt)
 
     def fail(self, pos: int, check: str, ref: str, why: str) -> None:
         self.failures.append((pos, Failure(check, ref, why)))
@@ -1036,6 +1047,27 @@ class _Verifier:
             for key, ls in grants.items()
         }
 
+    def _controls(self) -> list[tuple[int, ControlReceipt]]:
+        """The control receipts that verify: trusted signature, strict statement, canonical."""
+        out: list[tuple[int, ControlReceipt]] = []
+        for i, env in enumerate(self.b.control_receipts):
+            try:
+                payload = self._signed(env, INTOTO_PAYLOAD_TYPE)
+                try:
+                    doc = strictjson.loads(payload, self.max_depth)
+                except strictjson.StrictJSONError as err:
+                    raise VerificationError(f"statement: {err.message}") from err
+                c = parse_control_statement(doc)
+                if control_statement_bytes(c) != payload:
+                    raise VerificationError(
+                        "payload is not the control receipt's canonical encoding"
+                    )
+            except VerificationError as err:
+                self.fail(-1, "control.receipt", f"control[{i}]", err.message)
+                continue
+            out.append((i, c))
+        return out
+
     # -- entries --------------------------------------------------------------
 
     def run(self, pool: Executor, chunks: Iterable[bytes | list[_EntryFacts]]) -> bool:
@@ -1097,6 +1129,7 @@ class _Verifier:
         self._chains()
         self._manifest()
         self._consistency()
+        self.controls = self._controls()
         self._tasks(leases)
         self._control_keyids()
         return True
@@ -1404,37 +1437,130 @@ class _Verifier:
                 )
             elif off:
                 self.skew("lease.window", it.node_id, off, it.ref)
-        for task, items in by_task.items():
-            # An attempt whose failure the retry policy retried finishes with
-            # final_state queued: that is not the task's final record.
-            finals = [
-                it
-                for it in items
-                if it.kind == _TASK_FINISHED and it.final_state in {int(s) for s in TERMINAL}
-            ]
-            if len(finals) > 1:
-                for it in finals[1:]:
-                    self.fail(
-                        it.pos,
-                        "task.final",
-                        it.ref,
-                        f"task {task!r} has {len(finals)} task_finished receipts",
-                    )
-            elif not finals and not self.allow_open:
-                self.fail(
-                    items[-1].pos,
-                    "task.final",
-                    f"task:{task}",
-                    "task has no task_finished receipt",
-                )
+        self._stories(leases, by_task)
         if self.manifest is not None and not self.allow_open:
+            ended = {c.task_id for _, c in self.controls}
             for task in self.manifest.task_ids:
-                if task not in by_task:
+                if task not in by_task and task not in ended:
                     self.fail(
                         _END,
                         "task.final",
                         f"task:{task}",
-                        "exported task has no receipts (so no task_finished receipt)",
+                        "exported task has no receipts (so no final record)",
+                    )
+
+    def _stories(
+        self, leases: dict[tuple[str, int], _LeaseFacts], by_task: dict[str, list[_Item]]
+    ) -> None:
+        """Each lease ends once and each task has one final record (see `lease.closed`).
+
+        A node's task_finished ends its lease and the task; a control receipt
+        ends the lease it names (lapse, release, cancel) and, when it leaves
+        the task expired or canceled, the task.
+        """
+        ctl_by_task: dict[str, list[tuple[int, ControlReceipt]]] = defaultdict(list)
+        for i, c in self.controls:
+            ctl_by_task[c.task_id].append((i, c))
+            if not c.lease_id:
+                continue
+            facts = leases.get((c.task_id, c.fencing_token))
+            if facts is None or (c.lease_id, c.node_id, c.agent_id, c.attempt) != (
+                facts.holder.lease_id,
+                facts.holder.node_id,
+                facts.holder.agent_id,
+                facts.holder.attempt,
+            ):
+                self.fail(
+                    -1,
+                    "control.receipt",
+                    f"control[{i}]",
+                    f"ends lease {c.lease_id!r} of task {c.task_id!r} (token {c.fencing_token}, "
+                    f"holder {c.node_id}/{c.agent_id}), which no signed lease matches",
+                )
+        tokens: dict[str, set[int]] = defaultdict(set)
+        for task, token in leases:
+            tokens[task].add(token)
+        for task in dict.fromkeys([*by_task, *ctl_by_task]):
+            items = by_task.get(task, [])
+            ctls = ctl_by_task.get(task, [])
+            pos = items[-1].pos if items else _END
+            ref = f"task:{task}"
+            # A holder's task_finished ends its lease; it ends the task unless the
+            # retry policy retried the failure (final_state queued).
+            node_ends = [it for it in items if it.kind == _TASK_FINISHED]
+            node_finals = [it for it in node_ends if it.final_state in _FINAL_STATES]
+            leased = tokens.get(task, set())
+            last = max(
+                [*leased, *(it.fencing_token for it in items), *(c.fencing_token for _, c in ctls)],
+                default=0,
+            )
+            top = max(leased, default=0)  # the task's last signed lease: --allow-open's
+            ends: dict[int, list[str]] = defaultdict(list)
+            for it in node_ends:
+                ends[it.fencing_token].append(it.ref)
+            for i, c in ctls:
+                if c.lease_id:
+                    ends[c.fencing_token].append(f"control[{i}]")
+            for token in sorted(leased | set(ends)):
+                got = ends.get(token, [])
+                if len(got) > 1:
+                    self.fail(
+                        pos,
+                        "lease.closed",
+                        ref,
+                        f"lease token {token} ends {len(got)} times ({', '.join(got)})",
+                    )
+                elif not got and token in leased and not (self.allow_open and token == top):
+                    self.fail(
+                        pos,
+                        "lease.closed",
+                        ref,
+                        f"lease token {token} has no end on record: no task_finished receipt of "
+                        "its holder and no control receipt (lapse, release or cancel)",
+                    )
+            finals: list[tuple[int, str, int, int]] = [  # (pos, ref, token, state)
+                (it.pos, it.ref, it.fencing_token, it.final_state) for it in node_finals
+            ]
+            finals += [
+                (_END, f"control[{i}]", c.fencing_token, c.state)
+                for i, c in ctls
+                if c.state in _FINAL_STATES
+            ]
+            if len(finals) > 1:
+                for fpos, fref, _, _ in finals[1:]:
+                    self.fail(
+                        fpos,
+                        "task.final",
+                        fref,
+                        f"task {task!r} has {len(finals)} final records "
+                        f"({', '.join(f[1] for f in finals)})",
+                    )
+            elif not finals:
+                if not self.allow_open:
+                    self.fail(
+                        pos,
+                        "task.final",
+                        ref,
+                        "task has no final record: no task_finished receipt and no control "
+                        "receipt that ends it (expired, canceled)",
+                    )
+            else:
+                fpos, fref, ftoken, fstate = finals[0]
+                if ftoken < last:
+                    self.fail(
+                        fpos,
+                        "task.final",
+                        fref,
+                        f"task {task!r} ends under fencing token {ftoken}, but a lease or "
+                        f"receipt of it has the later token {last}",
+                    )
+                if node_finals and fstate not in _NODE_FINAL_STATES:
+                    self.fail(
+                        fpos,
+                        "task.final",
+                        fref,
+                        f"a node reports only succeeded or failed; "
+                        f"{state_name(fstate, str(fstate))} is the control plane's to record",
                     )
 
     def report(self) -> Report:
@@ -1458,6 +1584,17 @@ class _Verifier:
             tr.events.append(Event(it.time_unix_ms, it.ref, _KIND_NAMES[it.kind], it.detail))
             if it.kind == _TASK_FINISHED:
                 tr.final_state = state_name(it.final_state, str(it.final_state))
+        for i, c in self.controls:
+            tr = tasks.get(c.task_id)
+            if tr is None:
+                tr = tasks[c.task_id] = TaskReport(c.task_id)
+            tr.events.append(
+                Event(c.time_unix_ms, f"control[{i}]", c.end_reason.label, _control_detail(c))
+            )
+            if c.state in _FINAL_STATES:
+                tr.final_state = state_name(c.state)
+        for tr in tasks.values():
+            tr.events.sort(key=lambda e: e.time_unix_ms)  # stable: bundle order on ties
         return Report(
             failures=[f for _, f in self.failures],
             entries=self.entries,
@@ -1486,6 +1623,18 @@ def _seq_ranges(node: str, seqs: Sequence[int], most: int = 4) -> str:
 
 _KIND_NAMES = {int(k): k.name.lower() for k in ReceiptKind}
 _TASK_FINISHED = int(ReceiptKind.TASK_FINISHED)
+_FINAL_STATES = frozenset(int(s) for s in TERMINAL)
+_NODE_FINAL_STATES = frozenset({int(State.SUCCEEDED), int(State.FAILED)})
+
+
+def _control_detail(c: ControlReceipt) -> str:
+    parts = [f"by=control clock={c.clock or '?'} attempt={c.attempt} token={c.fencing_token}"]
+    if c.lease_id:
+        parts.append(f"holder={c.node_id}/{c.agent_id}")
+    parts.append(f"state={state_name(c.state)}")
+    if c.reason:
+        parts.append(f"reason={json.dumps(c.reason)}")
+    return " ".join(parts)
 
 
 def _detail(r: Receipt) -> str:
