@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BUF := node_modules/.bin/buf
 
-.PHONY: setup proto proto-check lint test fuzz flood demo bench bench-quick clean
+.PHONY: setup proto proto-check lint test fuzz flood chaos chaos-ci demo bench bench-quick clean
 
 # One progress line instead of pip's output; the full log stays in $(VENV)/setup.log
 # and its tail is shown when the install fails.
@@ -38,7 +38,7 @@ lint: $(STAMP) $(BUF)
 
 test: $(STAMP)
 	PYTHON=$(BIN)/python scripts/check-proto.sh
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m "not chaos"
 
 # The fuzzing suite's long mode: 20,000 generated requests per server (`make test` runs
 # 2,000). TETHER_FUZZ_SEED=<seed> replays a run; TETHER_FUZZ_REQUESTS=<n> changes the count.
@@ -53,6 +53,16 @@ FLOOD_CALLS ?= 100000
 flood: $(STAMP)
 	TETHER_FLOOD_CALLS=$${TETHER_FLOOD_CALLS:-$(FLOOD_CALLS)} $(BIN)/pytest -q -s \
 		--timeout 3600 tests/flood/test_flood.py
+
+# The chaos suite (tests/chaos/, docs/testing.md): real processes under seeded faults.
+# chaos-ci: the CI mode (a few minutes, one random seed; TETHER_CHAOS_SEED=<seed> replays).
+# chaos: the long mode, at least 200 faults over 400 tasks per seed; CHAOS_SEEDS="1 2 3".
+CHAOS_SEEDS ?= 1 2 3
+chaos-ci: $(STAMP)
+	$(BIN)/pytest -q -s -p no:cacheprovider tests/chaos
+
+chaos: $(STAMP)
+	$(BIN)/python tests/chaos/run_chaos.py $(foreach s,$(CHAOS_SEEDS),--seed $(s))
 
 demo: $(STAMP)
 	$(BIN)/tether demo
@@ -69,4 +79,4 @@ bench-quick: $(STAMP) $(BENCH_STAMP)
 	$(BIN)/python bench/run.py --quick
 
 clean:
-	rm -rf $(VENV) .tether-demo .pytest_cache .mypy_cache .ruff_cache node_modules
+	rm -rf $(VENV) .tether-demo .chaos .pytest_cache .mypy_cache .ruff_cache node_modules

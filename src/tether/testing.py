@@ -158,6 +158,11 @@ _ENDPOINTS: dict[str, ControlEndpoint] = {}
 """Running test control planes by address, so sidecar helpers find how to enrol."""
 
 
+def register_endpoint(ep: ControlEndpoint) -> None:
+    """Makes `ep` known to the sidecar helpers (e.g. a proxy in front of a control plane)."""
+    _ENDPOINTS[ep.address] = ep
+
+
 def endpoint(address: str) -> ControlEndpoint:
     """The test control plane serving `address`.
 
@@ -356,6 +361,7 @@ def spawn_control_cli(
     vault: bool = True,
     policy: str | None = None,
     log_name: str = "control.log",
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """Starts `python -m tether.cli control` on 127.0.0.1:0; returns (process, address).
 
@@ -365,6 +371,7 @@ def spawn_control_cli(
     `vault`). Waits for --ready-file. Registers the endpoint for `endpoint()`.
     `db` may be a postgresql:// URL; replicas started on one tmp_path share the
     key, trust domain and KEK, each logging to its own `log_name`.
+    `env` replaces the process environment (default: this one's).
 
     Raises:
         RuntimeError: the process exited or did not become ready in time.
@@ -403,7 +410,7 @@ def spawn_control_cli(
         *extra_args,
     ]
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=log, env=dict(os.environ))
+        proc = subprocess.Popen(argv, stdout=log, stderr=log, env=env or dict(os.environ))
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if ready.exists():
@@ -534,10 +541,13 @@ def spawn_sidecar_cli(
     extra_args: Sequence[str] = (),
     timeout_s: float = 20.0,
     join_token: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> tuple[subprocess.Popen[bytes], Path, dict[str, Path]]:
     """Starts `python -m tether.cli sidecar`; returns (process, socket, agent token files).
 
     Reuses the node key and token files under tmp_path/node_id on a restart.
+    `env` replaces the process environment (default: this one's), e.g. to
+    preload libfaketime for a skewed clock.
 
     Raises:
         RuntimeError: the process exited or did not become ready in time.
@@ -569,7 +579,7 @@ def spawn_sidecar_cli(
     argv += ["--ready-file", str(ready), *extra_args]
     log_path = base / "sidecar.log"
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=log, env=dict(os.environ))
+        proc = subprocess.Popen(argv, stdout=log, stderr=log, env=env or dict(os.environ))
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if ready.exists():

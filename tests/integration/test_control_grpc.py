@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from pathlib import Path
 from typing import Any
 
@@ -256,6 +257,33 @@ async def test_long_poll_wakes_on_submit(cp: ControlHandle, node: ControlClient)
     task_id = (await cp.client.submit("lp", b"{}")).task.task_id
     resp = await asyncio.wait_for(waiter, 10)
     assert resp.task.task_id == task_id
+
+
+async def test_hung_up_long_polls_do_not_stall_later_claims(tmp_path: Path) -> None:
+    """Long polls cancelled by their callers at any instant (here around every 2 ms
+    re-check) leave the control plane's wake-up intact: a later submit and claim are
+    prompt (found by the chaos suite: a lock left held stalled every claim)."""
+    config = ControlConfig(long_poll_recheck_ms=2)
+    async with start_control(tmp_path, config=config) as cp:
+        node = await cp.node_client("node-1")
+        try:
+            rng = random.Random(4)
+            for _ in range(60):
+                polls = [
+                    asyncio.create_task(node.acquire_lease("lp", "node-1", "a", wait_ms=5_000))
+                    for _ in range(8)
+                ]
+                await asyncio.sleep(rng.uniform(0.0, 0.02))
+                for poll in polls:
+                    poll.cancel()
+                await asyncio.gather(*polls, return_exceptions=True)
+            waiter = asyncio.create_task(node.acquire_lease("lp", "node-1", "a", wait_ms=10_000))
+            await asyncio.sleep(0.1)
+            submitted = await asyncio.wait_for(cp.client.submit("lp", b"{}"), 5)
+            resp = await asyncio.wait_for(waiter, 5)
+            assert resp.task.task_id == submitted.task.task_id
+        finally:
+            await node.close()
 
 
 async def test_unknown_node_is_refused(cp: ControlHandle) -> None:

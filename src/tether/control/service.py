@@ -147,18 +147,24 @@ class Enrollment:
 
 @dataclass
 class _Waiters:
-    """Wakes long-polling AcquireLease calls when work may be ready."""
+    """Wakes long-polling AcquireLease calls when work may be ready.
 
-    cond: asyncio.Condition = field(default_factory=asyncio.Condition)
+    A broadcast by replacing an Event, with no lock: an asyncio.Condition waited on
+    under `wait_for` can, when its caller is cancelled (a client that hung up) just
+    as the timeout fires, re-acquire its lock after the caller left, and hold it
+    forever; every later notify and long poll then hangs (found by the chaos suite).
+    """
+
+    event: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def notify(self) -> None:
-        async with self.cond:
-            self.cond.notify_all()
+        event, self.event = self.event, asyncio.Event()
+        event.set()
 
     async def wait(self, timeout_s: float) -> None:
-        async with self.cond:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.cond.wait(), timeout_s)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self.event.wait()
 
 
 @dataclass(frozen=True)

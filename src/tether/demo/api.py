@@ -5,16 +5,28 @@ write carrying an `X-Tether-Fencing-Token` lower than the highest one it has
 seen for the same resource is refused with 409, so a stale lease holder cannot
 overwrite a newer one even if it slips past the control plane. It records what
 it saw (never the token itself: only whether it matched) for the demo's report.
+
+Run as a process (`python -m tether.demo.api --token-file F --log W`), it is the
+chaos suite's fencing sink: every write, accepted or refused, is appended to the
+JSON-lines log W (resource, fencing token, the body's "key", time, verdict) and
+flushed before the reply, so the log outlives the process and a harness can
+check fencing and exactly-once side effects from it.
 """
 
 from __future__ import annotations
 
+import argparse
 import hmac
 import json
+import os
+import signal
+import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 
 @dataclass
@@ -28,6 +40,14 @@ class ApiState:
     unauthorized: int = 0
     highest_token: dict[str, int] = field(default_factory=dict)
     fencing_tokens_seen: list[int] = field(default_factory=list)
+    log: IO[str] | None = None
+    """Where every write is appended as a JSON line (the chaos sink), if anywhere."""
+
+    def record(self, entry: dict[str, Any]) -> None:
+        """Appends one write to the log and flushes it (call with `lock` held)."""
+        if self.log is not None:
+            self.log.write(json.dumps(entry, separators=(",", ":")) + "\n")
+            self.log.flush()
 
     def summary(self) -> dict[str, Any]:
         with self.lock:
@@ -83,6 +103,7 @@ def _handler(state: ApiState) -> type[BaseHTTPRequestHandler]:
                 self._reply(400, {"error": "X-Tether-Fencing-Token header required"})
                 return
             resource = self.path.split("?")[0]
+            key = _body_key(body)
             with state.lock:
                 state.fencing_tokens_seen.append(token)
                 highest = state.highest_token.get(resource, 0)
@@ -93,6 +114,10 @@ def _handler(state: ApiState) -> type[BaseHTTPRequestHandler]:
                     state.highest_token[resource] = token
                     state.writes.append({"resource": resource, "token": token, "bytes": len(body)})
                     stale = False
+                state.record(
+                    {"resource": resource, "token": token, "key": key, "highest": highest,
+                     "accepted": not stale, "unix_ms": int(time.time() * 1000)}
+                )  # fmt: skip
             if stale:
                 self._reply(
                     409,
@@ -104,11 +129,21 @@ def _handler(state: ApiState) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+def _body_key(body: bytes) -> str:
+    """The "key" field of a JSON object body (what the chaos agents send), or ""."""
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return ""
+    key = doc.get("key") if isinstance(doc, dict) else None
+    return key if isinstance(key, str) else ""
+
+
 class DemoApi:
     """The service on 127.0.0.1 (port 0 picks a free port)."""
 
-    def __init__(self, token: bytes, port: int = 0) -> None:
-        self.state = ApiState(token=token)
+    def __init__(self, token: bytes, port: int = 0, log: IO[str] | None = None) -> None:
+        self.state = ApiState(token=token, log=log)
         self._server = ThreadingHTTPServer(("127.0.0.1", port), _handler(self.state))
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -124,3 +159,30 @@ class DemoApi:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serves until SIGTERM/SIGINT; writes its URL to --ready-file once listening."""
+    p = argparse.ArgumentParser(description="A fencing HTTP sink: refuses stale fencing tokens.")
+    p.add_argument("--token-file", required=True, help="the bearer token callers must present")
+    p.add_argument("--log", required=True, help="JSON-lines file every write is appended to")
+    p.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (0: any free port)")
+    p.add_argument("--ready-file", help="the URL is written here once serving")
+    args = p.parse_args(argv)
+    token = Path(args.token_file).read_bytes().strip()
+    with open(args.log, "a", encoding="utf-8") as log:
+        api = DemoApi(token, args.port, log=log).start()
+        if args.ready_file:
+            tmp = f"{args.ready_file}.tmp"
+            Path(tmp).write_text(api.url + "\n")
+            os.replace(tmp, args.ready_file)
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+        api.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
