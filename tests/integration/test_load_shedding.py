@@ -19,13 +19,13 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from tether.agent import AGENT_TOKEN_HEADER
 from tether.control import cmd as control_cmd
-from tether.core.errors import ConfigError, Overloaded
+from tether.core.errors import ConfigError, Overloaded, Unavailable
 from tether.grpcutil.limits import (
     CONTROL_LIMITS,
     SIDECAR_LIMITS,
@@ -33,7 +33,7 @@ from tether.grpcutil.limits import (
     ServerLimits,
     limit_values,
 )
-from tether.grpcutil.status import from_rpc_error
+from tether.grpcutil.status import from_rpc_error, to_status
 from tether.metrics import COUNTERS
 from tether.sidecar import cmd as sidecar_cmd
 from tether.sidecar.config import load as load_sidecar_config
@@ -363,3 +363,21 @@ def test_token_bucket_refills_at_the_configured_rate() -> None:
     assert shedder.in_flight == 1
     shedder.release("c")
     assert shedder.in_flight == 0
+
+
+def test_every_retry_hint_travels_three_ways() -> None:
+    """Any error with a retry hint (an unreachable control plane's UNAVAILABLE too) carries
+    it as ErrorInfo metadata, a RetryInfo and the grpc-retry-pushback-ms trailer; an error
+    without one carries neither of the last two."""
+    hinted = to_status(
+        Unavailable("control plane unreachable", metadata={"retry_after_ms": "1500"})
+    )
+    status = status_pb2.Status.FromString(dict(hinted.trailing_metadata)["grpc-status-details-bin"])
+    retry = error_details_pb2.RetryInfo()
+    assert any(d.Unpack(retry) for d in status.details if d.Is(retry.DESCRIPTOR))
+    assert (retry.retry_delay.seconds, retry.retry_delay.nanos) == (1, 500_000_000)
+    assert dict(hinted.trailing_metadata)["grpc-retry-pushback-ms"] == "1500"
+    plain = to_status(Unavailable("control plane unreachable"))
+    assert [k for k, _ in plain.trailing_metadata] == ["grpc-status-details-bin"]
+    status = status_pb2.Status.FromString(plain.trailing_metadata[0][1])
+    assert not any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details)
