@@ -318,3 +318,41 @@ async def test_sigterm_stops_the_command_and_leaves_the_task_to_be_retried(
                 break
             await asyncio.sleep(0.1)
         assert task.state == int(State.QUEUED)  # to be retried: its lease lapsed
+
+
+async def test_command_environment_holds_the_task_and_never_the_agent_token(
+    tmp_path: Path,
+) -> None:
+    """The command sees its task and lease in the environment, the MCP settings only when
+    the sidecar serves MCP, and none of `tether run`'s own TETHER_* settings (the agent
+    token file among them)."""
+    script = "env | grep '^TETHER_' | cut -d= -f1 | sort; cat \"$TETHER_PAYLOAD_FILE\""
+    for mcp in (True, False):
+        base = tmp_path / ("mcp" if mcp else "plain")
+        base.mkdir()
+        async with (
+            start_control(base) as cp,
+            start_sidecar(base, cp.address, mcp=mcp) as side,
+        ):
+            await cp.client.put_policy(POLICY)
+            task_id = (await cp.client.submit("work", b"-payload-")).task.task_id
+            token_file = base / "node-1" / "alice.token"
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "tether.cli", "run", "--queue", "work",
+                "--socket", str(side.socket), "--", "sh", "-c", script,
+                env={**os.environ, "TETHER_AGENT_TOKEN_FILE": str(token_file)},
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            _, err = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode == 0, err
+            task = (await cp.client.get_task(task_id)).task
+        names = task.result.decode().split()
+        assert names[-1] == "-payload-"
+        expected = {
+            "TETHER_TASK_ID", "TETHER_QUEUE", "TETHER_ATTEMPT", "TETHER_FENCING_TOKEN",
+            "TETHER_PAYLOAD_FILE",
+        }  # fmt: skip
+        if mcp:
+            expected |= {"TETHER_MCP_TOKEN", "TETHER_MCP_URL", "TETHER_MCP_SOCKET"}
+            expected |= {"TETHER_MCP_CONFIG"}
+        assert set(names[:-1]) == expected
