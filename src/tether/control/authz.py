@@ -58,6 +58,7 @@ RULES: dict[str, frozenset[str]] = {
     "StreamExportBundle": frozenset({ADMIN, AUDITOR}),
     "PutPolicy": frozenset({ADMIN}),
     "PutSecret": frozenset({ADMIN}),
+    "ListSecrets": frozenset({ADMIN, AUDITOR}),  # names and versions, never a value
     "CreateJoinToken": frozenset({ADMIN}),
     "RekeyNode": frozenset({ADMIN}),
     "RevokeNode": frozenset({ADMIN}),

@@ -495,6 +495,13 @@ class ControlClient:
         )
         return int(resp.version)
 
+    async def list_secrets(self) -> list[pb.SecretInfo]:
+        """Names, versions and KEK ids of the stored secrets (never a value)."""
+        resp: pb.ListSecretsResponse = await self._call(
+            self.stub.ListSecrets, pb.ListSecretsRequest()
+        )
+        return list(resp.secrets)
+
     async def health(self, service: str = "") -> int:
         """The grpc.health.v1 status (1 = SERVING) of `service` ("" for the server)."""
         stub = health_pb2_grpc.HealthStub(self._channel)

@@ -17,13 +17,20 @@ import os
 import re
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from tether import runtime
 from tether.control.leader import DEFAULT_LEADER_TTL_MS
 from tether.control.policy_sync import DEFAULT_POLICY_MAX_STALENESS_MS
-from tether.core.errors import ConfigError, InvalidArgument
+from tether.core.errors import (
+    ConfigError,
+    Forbidden,
+    InvalidArgument,
+    Unauthenticated,
+    Unavailable,
+)
 from tether.core.states import State
 from tether.crypto.pki import (
     DEFAULT_TRUST_DOMAIN,
@@ -276,38 +283,66 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     nrv.set_defaults(func=_cmd_nodes_revoke)
     nls = nsub.add_parser("list", help="enrolled nodes, their keys and status")
     operator(nls)
+    add_output_arg(nls)
     nls.set_defaults(func=_cmd_nodes_list)
 
-    s = sub.add_parser("submit", help="submit a task")
+    s = sub.add_parser(
+        "submit",
+        help="submit a task",
+        description="Adds a task to a queue and prints its id. The payload is JSON, given "
+        "inline (--payload) or read from a file or stdin (--payload-file FILE, or - for "
+        "stdin: no command-line length limit; at most 1 MiB).",
+    )
     operator(s)
-    s.add_argument("--queue", required=True)
-    s.add_argument("--payload", required=True, help="JSON payload")
-    s.add_argument("--key", default="", help="idempotency key")
-    s.add_argument("--max-attempts", type=int, default=0, help="attempts in all (0: queue's)")
+    s.add_argument("--queue", required=True, help="queue name, as the policy declares it")
+    what = s.add_mutually_exclusive_group(required=True)
+    what.add_argument("--payload", help="the JSON payload, inline")
+    what.add_argument(
+        "--payload-file", metavar="FILE", help="read the JSON payload from FILE (- for stdin)"
+    )
+    s.add_argument(
+        "--key",
+        default="",
+        help="idempotency key: submitting again with the same key returns the same task",
+    )
+    s.add_argument(
+        "--max-attempts",
+        type=int_in(0, 100),
+        default=0,
+        metavar="N",
+        help="attempts allowed, 1..100 (default 0: the queue's default, 3 without one)",
+    )
     s.add_argument(
         "--heartbeat-timeout-ms",
-        type=int,
+        type=int_in(0, 2**32 - 1),
         default=0,
         help="the lease TTL: a lease not renewed this often lapses (0: queue's)",
     )
     s.add_argument(
-        "--attempt-timeout-ms", type=int, default=0, help="start-to-close per attempt (0: queue's)"
+        "--attempt-timeout-ms",
+        type=int_in(0, 2**32 - 1),
+        default=0,
+        help="start-to-close per attempt (0: queue's)",
     )
     s.add_argument(
         "--deadline-ms",
-        type=int,
+        type=int_in(0, 2**32 - 1),
         default=0,
         help="schedule-to-close: the task ends expired this long after submission (0: queue's)",
     )
     s.add_argument(
         "--schedule-to-start-timeout-ms",
-        type=int,
+        type=int_in(0, 2**32 - 1),
         default=0,
         help="how long the task may wait ready for a lease (0: queue's)",
     )
-    s.add_argument("--retry-initial-ms", type=int, default=0, help="first retry delay")
+    s.add_argument(
+        "--retry-initial-ms", type=int_in(0, 2**32 - 1), default=0, help="first retry delay"
+    )
     s.add_argument("--retry-coefficient", type=float, default=0.0, help="delay growth (>= 1)")
-    s.add_argument("--retry-max-interval-ms", type=int, default=0, help="longest retry delay")
+    s.add_argument(
+        "--retry-max-interval-ms", type=int_in(0, 2**32 - 1), default=0, help="longest retry delay"
+    )
     s.add_argument(
         "--non-retryable",
         action="append",
@@ -354,8 +389,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--db", required=True, help="the control plane's SQLite file or postgresql:// URL"
     )
     sr.set_defaults(func=_cmd_secrets_rotate_kek)
+    sl = ssub.add_parser(
+        "list",
+        help="stored secrets: names, versions and KEKs (never a value; admin, auditor)",
+        description="One line per secret: its latest version, how many versions are "
+        "stored, the KEK its latest version is sealed under, and when it was stored. "
+        "Values cannot be read back by anyone.",
+    )
+    operator(sl)
+    add_output_arg(sl)
+    sl.set_defaults(func=_cmd_secrets_list)
 
-    pol = sub.add_parser("policy", help="apply or show the policy")
+    pol = sub.add_parser("policy", help="validate, compare, apply or show the policy")
     psub = pol.add_subparsers(dest="policy_command", metavar="SUBCOMMAND", required=True)
     pa = psub.add_parser(
         "apply", help="check a policy file and store it as the new version in force"
@@ -365,28 +410,63 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     pa.set_defaults(func=_cmd_policy_apply)
     ps = psub.add_parser("show", help="print the policy in force (or a version)")
     operator(ps)
-    ps.add_argument("--version", type=int, default=0, help="version (default: in force)")
+    ps.add_argument(
+        "--version", type=int_in(0, 2**63 - 1), default=0, help="version (default: in force)"
+    )
+    add_output_arg(ps, table="the TOML document")
     ps.set_defaults(func=_cmd_policy_show)
+    pv = psub.add_parser(
+        "validate",
+        help="check a policy file offline (no control plane needed)",
+        description="Loads FILE as the control plane would. Exit 0 valid (a summary and its "
+        "sha256 on stdout), 1 invalid (the problem, naming the key and line), 2 unreadable.",
+    )
+    pv.add_argument("file", help="policy TOML file")
+    pv.set_defaults(func=_cmd_policy_validate)
+    pd = psub.add_parser(
+        "diff",
+        help="show how a policy file differs from the policy in force",
+        description="A unified diff from the policy in force (or --version) to FILE, which "
+        "is validated first. Exit 0 when they are the same, 1 when they differ (as diff(1)).",
+    )
+    pd.add_argument("file", help="policy TOML file")
+    operator(pd)
+    pd.add_argument(
+        "--version",
+        type=int_in(0, 2**63 - 1),
+        default=0,
+        help="compare with this version (default: the one in force)",
+    )
+    pd.set_defaults(func=_cmd_policy_diff)
 
     t = sub.add_parser("tasks", help="list tasks")
     operator(t)
-    t.add_argument("--queue", default="")
-    t.add_argument("--state", default="", help="queued, leased, running, succeeded, ...")
+    t.add_argument("--queue", default="", help="only this queue (default: every queue)")
+    t.add_argument(
+        "--state",
+        default="",
+        help="only tasks in this state: " + ", ".join(s.name.lower() for s in State),
+    )
+    add_output_arg(t)
     t.set_defaults(func=_cmd_tasks)
 
-    ts = sub.add_parser("task", help="inspect one task")
+    ts = sub.add_parser("task", help="inspect or cancel one task")
     tsub = ts.add_subparsers(dest="task_command", metavar="SUBCOMMAND", required=True)
-    show = tsub.add_parser("show", help="state, attempts and lease history")
-    show.add_argument("task_id")
+    show = tsub.add_parser("show", help="state, attempts, leases and receipts of one task")
+    show.add_argument("task_id", help="the task id (from `tether submit` or `tether tasks`)")
     operator(show)
+    add_output_arg(show)
     show.set_defaults(func=_cmd_task_show)
     cancel = tsub.add_parser(
         "cancel",
         help="cancel a task; a running agent is stopped within one renewal interval",
+        description="Ends the task as canceled, recording --reason; its lease is fenced, so "
+        "its holder's next call under it is refused.",
     )
-    cancel.add_argument("task_id")
+    cancel.add_argument("task_id", help="the task id")
     cancel.add_argument("--reason", default="", help="why (recorded on the task)")
     operator(cancel)
+    add_output_arg(cancel)
     cancel.set_defaults(func=_cmd_task_cancel)
 
 
@@ -540,6 +620,9 @@ def _cmd_nodes_revoke(args: argparse.Namespace) -> int:
 def _cmd_nodes_list(args: argparse.Namespace) -> int:
     async def fn(client: Any) -> int:
         nodes = await client.list_nodes()
+        if args.output == "json":
+            print_json([message_doc(n) for n in nodes])
+            return 0
         for n in nodes:
             print(
                 f"{n.node_id:<24} {n.status:<8} key {n.keyid[:16]}  enrolled "
@@ -705,11 +788,80 @@ def client_from_args(args: argparse.Namespace) -> Any:
 
 
 def _run_client(args: argparse.Namespace, fn: Any) -> int:
+    """Runs `fn(client)`; a refusal or an unreachable control plane says what to check."""
+
     async def go() -> int:
         async with client_from_args(args) as client:
             return int(await fn(client))
 
-    return asyncio.run(go())
+    try:
+        return asyncio.run(go())
+    except Unavailable as err:
+        raise Unavailable(
+            f"cannot reach the control plane at {args.control}: {_first_line(err.message)} "
+            f"(is it running, and are --control/{ENV_CONTROL} and --tls-ca/{ENV_CA} right?)"
+        ) from err
+    except Unauthenticated as err:
+        raise Unauthenticated(
+            f"the control plane did not accept your credential: {_first_line(err.message)} "
+            f"(give an operator certificate from `tether operators add` with --tls-cert/"
+            f"--tls-key or {ENV_CERT}/{ENV_KEY})"
+        ) from err
+    except Forbidden as err:
+        raise Forbidden(
+            f"{_first_line(err.message)} (your operator certificate's role may not do this; "
+            "roles: admin, submitter, auditor, see `tether operators add --help`)"
+        ) from err
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else text
+
+
+OUTPUT_FORMATS = ("table", "json")
+
+
+def add_output_arg(parser: argparse.ArgumentParser, table: str = "aligned text") -> None:
+    """-o/--output table|json: text for people, or one JSON document on stdout for scripts."""
+    parser.add_argument(
+        "-o",
+        "--output",
+        choices=OUTPUT_FORMATS,
+        default="table",
+        help=f"table (default: {table}) or json (one JSON document on stdout; messages "
+        "in the proto3 JSON form of control.proto)",
+    )
+
+
+def print_json(doc: Any) -> None:
+    """Writes `doc` as indented JSON and a newline to stdout."""
+    json.dump(doc, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def message_doc(message: Any) -> dict[str, Any]:
+    """A protobuf message in proto3 JSON form, field names as in the .proto file."""
+    from google.protobuf import json_format
+
+    doc: dict[str, Any] = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return doc
+
+
+def int_in(low: int, high: int) -> Any:
+    """An argparse type: an integer in low..high, refused with the range otherwise."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is outside {low}..{high}")
+        return value
+
+    return parse
 
 
 def _task_line(t: pb.Task) -> str:
@@ -720,16 +872,45 @@ def _task_line(t: pb.Task) -> str:
     )
 
 
-def _cmd_submit(args: argparse.Namespace) -> int:
+MAX_PAYLOAD_BYTES = 1024 * 1024
+
+
+def read_payload(args: argparse.Namespace) -> bytes:
+    """The payload from --payload, --payload-file FILE or --payload-file - (stdin), checked.
+
+    Raises:
+        InvalidArgument: not JSON, or over 1 MiB (names the flag).
+        ConfigError: the file cannot be read.
+    """
+    if args.payload is not None:
+        flag, data = "--payload", args.payload.encode()
+    else:
+        flag = "--payload-file"
+        source = args.payload_file
+        try:
+            if source == "-":
+                data = sys.stdin.buffer.read(MAX_PAYLOAD_BYTES + 1)
+            else:
+                with open(source, "rb") as f:
+                    data = f.read(MAX_PAYLOAD_BYTES + 1)
+        except OSError as err:
+            raise ConfigError(f"--payload-file: cannot read {source}: {err.strerror}") from err
+    if len(data) > MAX_PAYLOAD_BYTES:
+        raise InvalidArgument(flag, f"the payload is over {MAX_PAYLOAD_BYTES} bytes (1 MiB)")
     try:
-        json.loads(args.payload)
+        json.loads(data)
     except ValueError as err:
-        raise InvalidArgument("--payload", f"not JSON: {err}") from err
+        raise InvalidArgument(flag, f"not JSON: {err}") from err
+    return bytes(data)
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    payload = read_payload(args)
 
     async def fn(client: Any) -> int:
         resp = await client.submit(
             args.queue,
-            args.payload.encode(),
+            payload,
             idempotency_key=args.key,
             max_attempts=args.max_attempts,
             lease_ttl_ms=args.heartbeat_timeout_ms,
@@ -756,10 +937,16 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
         try:
             state = int(State[args.state.upper()])
         except KeyError:
-            raise ConfigError(f"unknown state {args.state!r}") from None
+            raise ConfigError(
+                f"--state {args.state!r} is not a state; use one of "
+                + ", ".join(s.name.lower() for s in State)
+            ) from None
 
     async def fn(client: Any) -> int:
         tasks = await client.list_all_tasks(queue=args.queue, state=state)
+        if args.output == "json":
+            print_json([message_doc(t) for t in tasks])
+            return 0
         for t in tasks:
             print(_task_line(t))
         print(f"{len(tasks)} task(s)", file=sys.stderr)
@@ -774,14 +961,70 @@ def _ms(unix_ms: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(secs)) + f".{ms:03d}Z"
 
 
-def _cmd_task_show(args: argparse.Namespace) -> int:
+def lease_summaries(records: Any) -> list[dict[str, Any]]:
+    """One entry per lease (fencing token) from GetTask's history, renewals folded in.
+
+    The history holds a row for the grant and one for each renewal, all under
+    the lease's fencing token; a person (or a script) wants the lease: who held
+    it, from when to its last expiry, how often it was renewed and how it ended.
+    """
     from tether.crypto.envelopes import from_proto
     from tether.crypto.leases import decode_lease
+
+    by_token: dict[int, dict[str, Any]] = {}
+    for rec in records:
+        lease = decode_lease(from_proto(rec.lease).payload)
+        entry = by_token.get(lease.fencing_token)
+        if entry is None:
+            by_token[lease.fencing_token] = {
+                "fencing_token": lease.fencing_token,
+                "attempt": lease.attempt,
+                "lease_id": lease.lease_id,
+                "node_id": lease.node_id,
+                "agent_id": lease.agent_id,
+                "granted_unix_ms": lease.issued_unix_ms,
+                "expires_unix_ms": lease.expires_unix_ms,
+                "renewals": 0,
+                "outcome": rec.outcome,
+            }
+            continue
+        entry["renewals"] += 1
+        entry["expires_unix_ms"] = max(entry["expires_unix_ms"], lease.expires_unix_ms)
+        entry["outcome"] = rec.outcome  # the latest row says how the lease ended
+    return [by_token[token] for token in sorted(by_token)]
+
+
+def _receipt_doc(r: Any) -> dict[str, Any]:
+    doc = {k: v for k, v in vars(r).items() if v not in ("", 0) or k in ("seq", "attempt")}
+    doc["kind"] = r.kind.name.lower()
+    if r.final_state:
+        doc["final_state"] = State(r.final_state).name.lower()
+    return doc
+
+
+def _cmd_task_show(args: argparse.Namespace) -> int:
     from tether.crypto.receipts import parse_receipt
 
     async def fn(client: Any) -> int:
         resp = await client.get_task(args.task_id)
         t = resp.task
+        leases = lease_summaries(resp.leases)
+        bundle = await client.export_bundle([args.task_id])
+        receipts = []
+        for entry in bundle.entries:
+            _, receipt = parse_receipt(bytes(entry.envelope))
+            if receipt.task_id == args.task_id:
+                receipts.append(receipt)
+        receipts.sort(key=lambda r: (r.time_unix_ms, r.node_id, r.seq))
+        if args.output == "json":
+            print_json(
+                {
+                    "task": message_doc(t),
+                    "leases": leases,
+                    "receipts": [_receipt_doc(r) for r in receipts],
+                }
+            )
+            return 0
         print(_task_line(t))
         for line in _limits_lines(t):
             print(line)
@@ -789,21 +1032,17 @@ def _cmd_task_show(args: argparse.Namespace) -> int:
             print(f"error: {t.error}")
         if t.result:
             print(f"result: {t.result.decode(errors='replace')}")
-        print(f"leases ({len(resp.leases)}):")
-        for rec in resp.leases:
-            lease = decode_lease(from_proto(rec.lease).payload)
+        print(f"leases ({len(leases)}):")
+        for lease in leases:
+            renewed = lease["renewals"]
             print(
-                f"  token {lease.fencing_token} attempt {lease.attempt} node {lease.node_id}"
-                f" agent {lease.agent_id} expires {_ms(lease.expires_unix_ms)}  {rec.outcome}"
+                f"  token {lease['fencing_token']} attempt {lease['attempt']} node "
+                f"{lease['node_id']} agent {lease['agent_id']} granted "
+                f"{_ms(lease['granted_unix_ms'])}, last expiry {_ms(lease['expires_unix_ms'])}"
+                f" ({renewed} renewal{'' if renewed == 1 else 's'})  {lease['outcome']}"
             )
-        bundle = await client.export_bundle([args.task_id])
-        receipts = []
-        for entry in bundle.entries:
-            _, receipt = parse_receipt(bytes(entry.envelope))
-            if receipt.task_id == args.task_id:
-                receipts.append(receipt)
         print(f"receipts ({len(receipts)}; `tether receipts export --task` to verify them):")
-        for r in sorted(receipts, key=lambda r: (r.time_unix_ms, r.node_id, r.seq)):
+        for r in receipts:
             what = " ".join(
                 x for x in (r.tool, r.status, r.reason, r.artifact_name, r.memory_key) if x
             )
@@ -852,7 +1091,10 @@ def _limits_lines(t: pb.Task) -> list[str]:
 def _cmd_task_cancel(args: argparse.Namespace) -> int:
     async def fn(client: Any) -> int:
         task = await client.cancel(args.task_id, args.reason)
-        print(f"{_task_line(task)}  ({args.reason or 'canceled by operator'})")
+        if args.output == "json":
+            print_json(message_doc(task))
+        else:
+            print(f"{_task_line(task)}  ({args.reason or 'canceled by operator'})")
         return 0
 
     return _run_client(args, fn)
@@ -909,17 +1151,52 @@ def _cmd_secrets_rotate_kek(args: argparse.Namespace) -> int:
     if not is_postgres_url(args.db) and not Path(args.db).exists():
         raise ConfigError(f"database {args.db} does not exist")
 
-    async def go() -> tuple[str, int]:
+    def by_kek(versions: Any) -> Counter[str]:
+        return Counter(v.kek_id for v in versions)
+
+    async def go() -> tuple[str, int, Counter[str], Counter[str]]:
         store = store_from_url(args.db)
         await store.open()
         try:
-            return await rotate_kek(args.kek_file, store)
+            before = by_kek(await store.list_secret_versions())
+            kek_id, count = await rotate_kek(args.kek_file, store)
+            after = by_kek(await store.list_secret_versions())
+            return kek_id, count, before, after
         finally:
             await store.close()
 
-    kek_id, count = asyncio.run(go())
+    kek_id, count, before, after = asyncio.run(go())
+    keks, _ = load_keks(args.kek_file)
     print(f"active KEK is now {kek_id}; re-wrapped {count} secret version(s)")
+    for kek in [*keks, *sorted(set(before) - set(keks))]:
+        role = "active" if kek == kek_id else "old" if kek in keks else "NOT IN THE FILE"
+        now = after.get(kek, 0)
+        advice = ""
+        if kek != kek_id and kek in keks:
+            advice = (
+                "; no secret is under it: it may be removed from the KEK file"
+                if now == 0
+                else "; still needed: run rotate-kek again"
+            )
+        print(f"  KEK {kek} ({role}): {before.get(kek, 0)} version(s) before, {now} now{advice}")
     return 0
+
+
+def _cmd_secrets_list(args: argparse.Namespace) -> int:
+    async def fn(client: Any) -> int:
+        secrets = await client.list_secrets()
+        if args.output == "json":
+            print_json([message_doc(x) for x in secrets])
+            return 0
+        for x in secrets:
+            print(
+                f"{x.name:<32} version {x.latest_version:<4} ({x.versions} stored)  "
+                f"KEK {x.kek_id}  updated {_ms(x.updated_unix_ms)}"
+            )
+        print(f"{len(secrets)} secret(s); values are write-only", file=sys.stderr)
+        return 0
+
+    return _run_client(args, fn)
 
 
 def _cmd_policy_apply(args: argparse.Namespace) -> int:
@@ -936,13 +1213,60 @@ def _cmd_policy_apply(args: argparse.Namespace) -> int:
 
 
 def _cmd_policy_show(args: argparse.Namespace) -> int:
-    if args.version < 0:
-        raise ConfigError("--version must not be negative")
-
     async def fn(client: Any) -> int:
         resp = await client.get_policy(args.version)
+        if args.output == "json":
+            print_json(message_doc(resp))
+            return 0
         sys.stdout.write(resp.document if resp.document.endswith("\n") else resp.document + "\n")
         print(f"policy version {resp.version} (sha256 {resp.digest})", file=sys.stderr)
         return 0
+
+    return _run_client(args, fn)
+
+
+def _load_policy_file(path: str) -> Any:
+    from tether.core.policy import load_policy
+
+    if not Path(path).is_file():
+        raise ConfigError(f"cannot read policy file {path}: no such file")
+    return load_policy(path)
+
+
+def _cmd_policy_validate(args: argparse.Namespace) -> int:
+    try:
+        policy = _load_policy_file(args.file)
+    except ConfigError as err:
+        if not Path(args.file).is_file():
+            raise
+        print(f"tether: {args.file}: INVALID: {err.message}", file=sys.stderr)
+        return 1
+    print(
+        f"{args.file}: valid: {len(policy.queues)} queue(s), {len(policy.tools)} tool(s), "
+        f"{len(policy.credentials)} credential(s), {len(policy.agents)} agent(s); "
+        f"sha256 {policy.digest}"
+    )
+    return 0
+
+
+def _cmd_policy_diff(args: argparse.Namespace) -> int:
+    import difflib
+
+    policy = _load_policy_file(args.file)
+
+    async def fn(client: Any) -> int:
+        resp = await client.get_policy(args.version)
+        if resp.digest == policy.digest:
+            print(f"no difference: {args.file} is policy version {resp.version}", file=sys.stderr)
+            return 0
+        sys.stdout.writelines(
+            difflib.unified_diff(
+                resp.document.splitlines(keepends=True),
+                policy.text.splitlines(keepends=True),
+                fromfile=f"policy version {resp.version} (sha256 {resp.digest[:12]})",
+                tofile=args.file,
+            )
+        )
+        return 1
 
     return _run_client(args, fn)

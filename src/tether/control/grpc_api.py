@@ -14,7 +14,7 @@ import asyncio
 import logging
 import math
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import grpc
@@ -51,6 +51,7 @@ from tether.crypto.signing import keyid_of
 from tether.grpcutil.status import handle_errors
 from tether.store.base import (
     NodeRecord,
+    SecretVersionInfo,
     TaskRecord,
     ToolCallPhase,
     ToolCallRecord,
@@ -831,3 +832,23 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             )
         version = await self.service.put_secret(name, bytes(request.value))
         return pb.PutSecretResponse(version=version)
+
+    @handle_errors
+    async def ListSecrets(
+        self, request: pb.ListSecretsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListSecretsResponse:
+        return pb.ListSecretsResponse(secrets=secret_infos(await self.service.list_secrets()))
+
+
+def secret_infos(versions: Sequence[SecretVersionInfo]) -> list[pb.SecretInfo]:
+    """One SecretInfo per name from its stored versions (ordered by name, then version)."""
+    out: dict[str, pb.SecretInfo] = {}
+    for v in versions:
+        info = out.setdefault(v.name, pb.SecretInfo(name=v.name))
+        info.versions += 1
+        info.versions_by_kek[v.kek_id] = info.versions_by_kek.get(v.kek_id, 0) + 1
+        if v.version >= info.latest_version:
+            info.latest_version = v.version
+            info.kek_id = v.kek_id
+            info.updated_unix_ms = v.created_unix_ms
+    return [out[name] for name in sorted(out)]

@@ -68,6 +68,7 @@ from tether.store.base import (
     NewTask,
     NodeRecord,
     PolicyRecord,
+    SecretVersionInfo,
     Store,
     TaskRecord,
     ToolCallRecord,
@@ -743,6 +744,13 @@ class ControlService:
         version = await vault.put(self.store, name, value, self.clock.now_ms())
         log.info("secret %s stored as version %d (sealed)", name, version)
         return version
+
+    async def list_secrets(self) -> list[SecretVersionInfo]:
+        """Every stored secret version (name, version, KEK id, time); never a value.
+
+        Works without a KEK file: listing opens nothing.
+        """
+        return await self.store.list_secret_versions()
 
     def _vault(self) -> Vault:
         if self.vault is None:

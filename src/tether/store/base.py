@@ -175,6 +175,16 @@ class PolicyRecord:
 
 
 @dataclass(frozen=True)
+class SecretVersionInfo:
+    """One stored secret version without its sealed bytes (for listings and KEK reports)."""
+
+    name: str
+    version: int
+    kek_id: str
+    created_unix_ms: int
+
+
+@dataclass(frozen=True)
 class SealedSecret:
     """Opaque sealed secret bytes (tether.crypto.sealing decides their meaning)."""
 
@@ -572,6 +582,10 @@ class Store(Protocol):
 
     async def get_secret(self, name: str, version: int = 0) -> SealedSecret | None:
         """A sealed secret version (0: the latest), or None."""
+        ...
+
+    async def list_secret_versions(self) -> list[SecretVersionInfo]:
+        """Every stored secret version, by name then version; never the sealed bytes."""
         ...
 
     async def put_sealed_secret(self, name: str, seal: SecretSealFn) -> int:

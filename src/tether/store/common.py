@@ -81,6 +81,9 @@ NODE_WRITE_COLS = f"{NODE_COLS}, token_sha256"
 JOIN_TOKEN_COLS = "token_sha256, node_id, purpose, created_unix_ms, expires_unix_ms, used_unix_ms"
 POLICY_COLS = "version, document, digest, created_unix_ms"
 SECRET_COLS = "name, version, kek_id, wrapped_dek, nonce, ciphertext, created_unix_ms"
+SQL_LIST_SECRET_VERSIONS = (
+    "SELECT name, version, kek_id, created_unix_ms FROM secrets ORDER BY name, version"
+)
 TOOL_CALL_COLS = (
     "task_id, idempotency_key, tool, arguments_sha256, phase, result, status,"
     " fencing_token, cost_micros, updated_unix_ms"

@@ -58,6 +58,7 @@ from tether.store.base import (
     SealedSecret,
     SecretRewrapFn,
     SecretSealFn,
+    SecretVersionInfo,
     StoredCheckpoint,
     TaskRecord,
     ToolCallRecord,
@@ -77,6 +78,7 @@ from tether.store.common import (
     NODE_WRITE_COLS,
     POLICY_COLS,
     SECRET_COLS,
+    SQL_LIST_SECRET_VERSIONS,
     TASK_BUDGET_COLS,
     TASK_COLS,
     TOOL_CALL_COLS,
@@ -1118,6 +1120,10 @@ class PostgresStore:
             params = (name,)
         row = await self._read(lambda c: _one(c, sql, params))
         return None if row is None else row_to_secret(row)
+
+    async def list_secret_versions(self) -> list[SecretVersionInfo]:
+        rows = await self._read(lambda c: _all(c, SQL_LIST_SECRET_VERSIONS))
+        return [SecretVersionInfo(str(r[0]), int(r[1]), str(r[2]), int(r[3])) for r in rows]
 
     async def put_sealed_secret(self, name: str, seal: SecretSealFn) -> int:
         async def fn(conn: Conn) -> int:

@@ -53,6 +53,7 @@ from tether.store.base import (
     SealedSecret,
     SecretRewrapFn,
     SecretSealFn,
+    SecretVersionInfo,
     StoredCheckpoint,
     TaskRecord,
     ToolCallRecord,
@@ -72,6 +73,7 @@ from tether.store.common import (
     NODE_WRITE_COLS,
     POLICY_COLS,
     SECRET_COLS,
+    SQL_LIST_SECRET_VERSIONS,
     TASK_BUDGET_COLS,
     TASK_COLS,
     TOOL_CALL_COLS,
@@ -915,6 +917,10 @@ class SqliteStore:
             params = (name,)
         row = await self._run(lambda c: c.execute(sql, params).fetchone())
         return None if row is None else row_to_secret(row)
+
+    async def list_secret_versions(self) -> list[SecretVersionInfo]:
+        rows = await self._run(lambda c: c.execute(SQL_LIST_SECRET_VERSIONS).fetchall())
+        return [SecretVersionInfo(str(r[0]), int(r[1]), str(r[2]), int(r[3])) for r in rows]
 
     async def put_sealed_secret(self, name: str, seal: SecretSealFn) -> int:
         def fn(conn: sqlite3.Connection) -> int:

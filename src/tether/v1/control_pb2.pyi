@@ -2094,3 +2094,112 @@ class PutSecretResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PutSecretResponse: _TypeAlias = PutSecretResponse  # noqa: Y015
+
+@_typing.final
+class ListSecretsRequest(_message.Message):
+    """ListSecretsRequest lists the vault's secrets (no filter: the list is small)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSecretsRequest: _TypeAlias = ListSecretsRequest  # noqa: Y015
+
+@_typing.final
+class ListSecretsResponse(_message.Message):
+    """ListSecretsResponse describes every stored secret, ordered by name."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SECRETS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def secrets(self) -> _containers.RepeatedCompositeFieldContainer[Global___SecretInfo]:
+        """One entry per secret name."""
+
+    def __init__(
+        self,
+        *,
+        secrets: _abc.Iterable[Global___SecretInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["secrets", b"secrets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListSecretsResponse: _TypeAlias = ListSecretsResponse  # noqa: Y015
+
+@_typing.final
+class SecretInfo(_message.Message):
+    """SecretInfo describes one secret without its value: what an operator needs
+    to rotate it and to retire a KEK.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class VersionsByKekEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NAME_FIELD_NUMBER: _builtins.int
+    LATEST_VERSION_FIELD_NUMBER: _builtins.int
+    VERSIONS_FIELD_NUMBER: _builtins.int
+    KEK_ID_FIELD_NUMBER: _builtins.int
+    UPDATED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    VERSIONS_BY_KEK_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Credential name, as the policy names it."""
+    latest_version: _builtins.int
+    """Latest version (what IssueCredential hands out)."""
+    versions: _builtins.int
+    """Stored versions (every PutSecret adds one)."""
+    kek_id: _builtins.str
+    """Id of the KEK the latest version's data key is wrapped under."""
+    updated_unix_ms: _builtins.int
+    """When the latest version was stored, Unix milliseconds (control-plane clock)."""
+    @_builtins.property
+    def versions_by_kek(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Stored versions by the id of the KEK that wraps each one's data key; a KEK
+        with no versions here (for every secret) may be removed from the KEK file.
+        """
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        latest_version: _builtins.int = ...,
+        versions: _builtins.int = ...,
+        kek_id: _builtins.str = ...,
+        updated_unix_ms: _builtins.int = ...,
+        versions_by_kek: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kek_id", b"kek_id", "latest_version", b"latest_version", "name", b"name", "updated_unix_ms", b"updated_unix_ms", "versions", b"versions", "versions_by_kek", b"versions_by_kek"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SecretInfo: _TypeAlias = SecretInfo  # noqa: Y015

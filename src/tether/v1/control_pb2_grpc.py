@@ -171,6 +171,11 @@ class ControlServiceStub:
                 request_serializer=tether_dot_v1_dot_control__pb2.PutSecretRequest.SerializeToString,
                 response_deserializer=tether_dot_v1_dot_control__pb2.PutSecretResponse.FromString,
                 _registered_method=True)
+        self.ListSecrets = channel.unary_unary(
+                '/tether.v1.ControlService/ListSecrets',
+                request_serializer=tether_dot_v1_dot_control__pb2.ListSecretsRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_control__pb2.ListSecretsResponse.FromString,
+                _registered_method=True)
 
 
 class ControlServiceServicer:
@@ -374,6 +379,14 @@ class ControlServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListSecrets(self, request, context):
+        """Lists the stored secrets: names, versions and the KEK each is sealed under,
+        never a value (admin, auditor).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControlServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -511,6 +524,11 @@ def add_ControlServiceServicer_to_server(servicer, server):
                     servicer.PutSecret,
                     request_deserializer=tether_dot_v1_dot_control__pb2.PutSecretRequest.FromString,
                     response_serializer=tether_dot_v1_dot_control__pb2.PutSecretResponse.SerializeToString,
+            ),
+            'ListSecrets': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSecrets,
+                    request_deserializer=tether_dot_v1_dot_control__pb2.ListSecretsRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_control__pb2.ListSecretsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1244,6 +1262,33 @@ class ControlService:
             '/tether.v1.ControlService/PutSecret',
             tether_dot_v1_dot_control__pb2.PutSecretRequest.SerializeToString,
             tether_dot_v1_dot_control__pb2.PutSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSecrets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.ControlService/ListSecrets',
+            tether_dot_v1_dot_control__pb2.ListSecretsRequest.SerializeToString,
+            tether_dot_v1_dot_control__pb2.ListSecretsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -118,6 +118,10 @@ class ControlServiceStub:
     """Returns the policy document in force (or a given version)."""
     PutSecret: _grpc.UnaryUnaryMultiCallable[_control_pb2.PutSecretRequest, _control_pb2.PutSecretResponse]
     """Sets or rotates a secret. Write-only: no RPC returns a secret to an operator."""
+    ListSecrets: _grpc.UnaryUnaryMultiCallable[_control_pb2.ListSecretsRequest, _control_pb2.ListSecretsResponse]
+    """Lists the stored secrets: names, versions and the KEK each is sealed under,
+    never a value (admin, auditor).
+    """
 
 @_typing.type_check_only
 class ControlServiceAsyncStub(ControlServiceStub):
@@ -192,6 +196,10 @@ class ControlServiceAsyncStub(ControlServiceStub):
     """Returns the policy document in force (or a given version)."""
     PutSecret: _aio.UnaryUnaryMultiCallable[_control_pb2.PutSecretRequest, _control_pb2.PutSecretResponse]  # type: ignore[assignment]
     """Sets or rotates a secret. Write-only: no RPC returns a secret to an operator."""
+    ListSecrets: _aio.UnaryUnaryMultiCallable[_control_pb2.ListSecretsRequest, _control_pb2.ListSecretsResponse]  # type: ignore[assignment]
+    """Lists the stored secrets: names, versions and the KEK each is sealed under,
+    never a value (admin, auditor).
+    """
 
 class ControlServiceServicer(metaclass=_abc_1.ABCMeta):
     """ControlService is the single source of truth for tasks, leases, policies,
@@ -424,5 +432,15 @@ class ControlServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_control_pb2.PutSecretResponse, _abc.Awaitable[_control_pb2.PutSecretResponse]]:
         """Sets or rotates a secret. Write-only: no RPC returns a secret to an operator."""
+
+    @_abc_1.abstractmethod
+    def ListSecrets(
+        self,
+        request: _control_pb2.ListSecretsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.ListSecretsResponse, _abc.Awaitable[_control_pb2.ListSecretsResponse]]:
+        """Lists the stored secrets: names, versions and the KEK each is sealed under,
+        never a value (admin, auditor).
+        """
 
 def add_ControlServiceServicer_to_server(servicer: ControlServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
