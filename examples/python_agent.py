@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tether.agent import AgentClient, Task, retrying
-from tether.core.errors import LeaseLost, PolicyDenied, TetherError, Unavailable
+from tether.core.errors import LeaseLost, PolicyDenied, TetherError, Unauthenticated, Unavailable
 
 
 def emit(event: str, **facts: Any) -> None:
@@ -54,15 +54,34 @@ async def work_on(client: AgentClient, task: Task, work_seconds: float) -> None:
              state=state, receipts_pending=pending)  # fmt: skip
 
 
+def fail(message: str) -> int:
+    """One line on stderr naming the problem and the fix; exit status 2."""
+    print(f"python_agent: {message}", file=sys.stderr)
+    return 2
+
+
 async def run(args: argparse.Namespace, token: str | None) -> int:
     done = 0
+    told = False
     async with AgentClient(args.socket, token=token) as client:
         while args.count == 0 or done < args.count:
             try:
                 task = await client.claim(args.queue, wait_ms=args.wait_ms)
+            except Unauthenticated as err:
+                return fail(
+                    f"the sidecar refused this agent: {err.message} (check --token-file: it "
+                    "must hold the token the sidecar's --agent NAME=TOKEN_FILE names)"
+                )
             except Unavailable as err:
                 delay = int(err.metadata.get("retry_after_ms", "500") or 500)
-                emit("unavailable", retry_after_ms=delay)
+                emit("unavailable", retry_after_ms=delay, reason=err.message)
+                if not told and not await asyncio.to_thread(Path(args.socket).exists):
+                    told = True  # say it once; keep retrying: the sidecar may be starting
+                    print(
+                        f"python_agent: no sidecar socket at {args.socket} yet (is the sidecar "
+                        "running, and is --socket its --socket?); retrying",
+                        file=sys.stderr,
+                    )
                 await asyncio.sleep(min(delay, 2000) / 1000)
                 continue
             if task is None:
@@ -93,8 +112,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="exit when a claim finds no task")  # fmt: skip
     p.add_argument("--work-seconds", type=float, default=0.0, help="simulated work per task")
     args = p.parse_args(argv)
-    token = Path(args.token_file).read_text().strip() if args.token_file else None
-    return asyncio.run(run(args, token))
+    try:
+        token = Path(args.token_file).read_text().strip() if args.token_file else None
+    except OSError as err:
+        return fail(f"--token-file: cannot read {args.token_file}: {err.strerror}")
+    try:
+        return asyncio.run(run(args, token))
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

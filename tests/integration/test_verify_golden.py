@@ -48,7 +48,10 @@ def test_golden_bundle_cli(name: str) -> None:
 def test_human_output_and_usage_errors(tmp_path: Path) -> None:
     """Human output shows the timeline and the first failure; bad keys and files exit 2."""
     pub = str(BUNDLES / "control.pub")
-    ok = _cli("verify", str(BUNDLES / "valid.json"), "--trust", pub)
+    short = _cli("verify", str(BUNDLES / "valid.json"), "--trust", pub)
+    assert short.returncode == 0
+    assert "task task-1" not in short.stdout  # the verdict alone by default
+    ok = _cli("verify", str(BUNDLES / "valid.json"), "--trust", pub, "--timeline")
     assert ok.returncode == 0
     assert "task task-1  [succeeded]" in ok.stdout
     assert "VALID: 11 receipts" in ok.stdout

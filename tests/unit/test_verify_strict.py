@@ -383,7 +383,7 @@ def test_cli_prints_the_verdict_first_and_reads_stdin() -> None:
     assert proc.returncode == 0, proc.stdout
     assert proc.stdout.startswith("VALID: 11 receipts")
     bad = (BUNDLES / "tampered-deleted.json").read_bytes()
-    proc, _s, _mb = _cli("verify", "-", "--trust", PUB, stdin=bad)
+    proc, _s, _mb = _cli("verify", "-", "--trust", PUB, "--timeline", stdin=bad)
     assert proc.returncode == 1
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("INVALID: 1 failure(s); first: node-a#3: chain.gap")
@@ -405,7 +405,7 @@ def test_cli_escapes_terminal_control_characters(tmp_path: Path) -> None:
     path.write_bytes(encode_bundle(b.build()))
     pub = tmp_path / "control.pub"
     pub.write_bytes(b.control.public.pem())
-    proc, _s, _mb = _cli("verify", str(path), "--trust", str(pub))
+    proc, _s, _mb = _cli("verify", str(path), "--trust", str(pub), "--timeline")
     assert proc.returncode == 0, proc.stdout
     assert "\x1b" not in proc.stdout
     assert "\x07" not in proc.stdout

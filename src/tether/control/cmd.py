@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import re
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -794,8 +796,15 @@ def _run_client(args: argparse.Namespace, fn: Any) -> int:
         async with client_from_args(args) as client:
             return int(await fn(client))
 
-    try:
+    with explain_client_errors(args):
         return asyncio.run(go())
+
+
+@contextlib.contextmanager
+def explain_client_errors(args: argparse.Namespace) -> Iterator[None]:
+    """Adds to an operator command's error what to check: address, CA, credential, role."""
+    try:
+        yield
     except Unavailable as err:
         raise Unavailable(
             f"cannot reach the control plane at {args.control}: {_first_line(err.message)} "

@@ -51,7 +51,12 @@ def register(sub: Any) -> None:
         help="whole chains of the nodes that stored receipts since then",
     )
     sel.add_argument("--all", action="store_true", help="every receipt in the ledger")
-    e.add_argument("--out", type=Path, required=True, help="bundle file to write")
+    e.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="bundle file to write, or - for stdout (e.g. to pipe into `tether verify -`)",
+    )
     e.add_argument(
         "--previous-checkpoint",
         type=Path,
@@ -95,7 +100,10 @@ def run_export(args: argparse.Namespace) -> int:
 
     previous = checkpoint_size(args.previous_checkpoint) if args.previous_checkpoint else 0
     out: Path = args.out
+    to_stdout = str(out) == "-"
     partial = out.with_name(out.name + ".partial")
+    if not to_stdout and not out.parent.is_dir():
+        raise ConfigError(f"--out {out}: the directory {out.parent} does not exist")
 
     async def go() -> Any:
         from tether.verify.bundle import (
@@ -107,7 +115,14 @@ def run_export(args: argparse.Namespace) -> int:
         tty = sys.stderr.isatty()
         async with client_from_args(args) as client:
             # (ASYNC230: the CLI runs this one stream; a page is written before the next is read.)
-            with open(partial, "wb", buffering=1 << 20) as f:  # noqa: ASYNC230
+            # stdout: written as it comes (a reader sees a partial bundle if the stream breaks,
+            # and `tether verify` refuses one without its trailer).
+            sink = (
+                os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=1 << 20)
+                if to_stdout
+                else open(partial, "wb", buffering=1 << 20)  # noqa: ASYNC230, SIM115
+            )
+            with sink as f:
                 w = BundleWriter(f)
                 shown = 0
                 trailer = None
@@ -133,21 +148,28 @@ def run_export(args: argparse.Namespace) -> int:
                     )
                 w.finish(trailer)
                 f.flush()
-                os.fsync(f.fileno())
-            os.replace(partial, out)
+                if not to_stdout:
+                    os.fsync(f.fileno())
+            if not to_stdout:
+                os.replace(partial, out)
             return w, trailer
 
+    from tether.control.cmd import explain_client_errors
+
     try:
-        w, trailer = asyncio.run(go())
+        with explain_client_errors(args):
+            w, trailer = asyncio.run(go())
     except ValueError as err:  # pages out of file order
-        partial.unlink(missing_ok=True)
+        if not to_stdout:
+            partial.unlink(missing_ok=True)
         raise Unavailable(f"the export stream is malformed: {err}") from err
     except BaseException:
-        partial.unlink(missing_ok=True)
+        if not to_stdout:
+            partial.unlink(missing_ok=True)
         raise
     scope = f"tasks {', '.join(sorted(set(args.task)))}" if args.task else "whole chains"
     print(
-        f"wrote {out}: {w.counts['entries']} receipts ({scope}), "
+        f"wrote {'stdout' if to_stdout else out}: {w.counts['entries']} receipts ({scope}), "
         f"{w.counts['nodeCertificates']} node certificates, {w.counts['leases']} leases, "
         f"{w.bytes_written} bytes, tree size "
         f"{trailer.checkpoint.tree_size if trailer.checkpoint else 0}"
@@ -172,7 +194,10 @@ def run_checkpoint(args: argparse.Namespace) -> int:
         async with client_from_args(args) as client:
             return await client.checkpoint(fresh=args.fresh)
 
-    cp = asyncio.run(go())
+    from tether.control.cmd import explain_client_errors
+
+    with explain_client_errors(args):
+        cp = asyncio.run(go())
     args.out.write_text(cp.note, encoding="utf-8")
     print(
         f"wrote {args.out}: checkpoint of {cp.origin} at tree size {cp.tree_size}", file=sys.stderr

@@ -2,8 +2,9 @@
 
 Exit 0 valid, 1 invalid (every failure printed, first first, then the count),
 2 usage error, an unreadable bundle or trust key, or a bundle over the size
-limit. The verdict comes first; the timeline after it is what the receipts
-claim, proven only when the verdict is VALID.
+limit. The verdict comes first, then failures and warnings; with --timeline,
+each task's receipts follow: what the receipts claim, proven only when the
+verdict is VALID.
 """
 
 from __future__ import annotations
@@ -82,7 +83,14 @@ def register(sub: Any) -> None:
         help="accept tasks that have no task_finished receipt yet",
     )
     p.add_argument(
-        "--quiet", action="store_true", help="no timeline: the verdict, failures and warnings"
+        "--timeline",
+        action="store_true",
+        help="after the verdict, list each task's receipts: what happened under which lease",
+    )
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no timeline (the default; kept for scripts that pass it)",
     )
     p.add_argument(
         "--max-clock-skew",
@@ -186,7 +194,9 @@ def run(args: argparse.Namespace) -> int:
         json.dump(report.to_dict(), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        sys.stdout.write(render(report, timeline=not args.quiet))
+        sys.stdout.write(render(report, timeline=args.timeline and not args.quiet))
+        if not args.timeline and report.tasks and sys.stdout.isatty():
+            print("(--timeline lists each task's receipts)")
     return 0 if report.ok else 1
 
 
