@@ -171,7 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args: Any = parser.parse_args(argv)
     if not getattr(args, "func", None):
-        parser.print_help(sys.stderr)
+        parser.print_usage(sys.stderr)
+        _fail("give a COMMAND; `tether --help` lists them")
         return EXIT_USAGE
     from tether.logs import setup_logging
 
