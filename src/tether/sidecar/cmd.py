@@ -95,7 +95,12 @@ def register(subparsers: Any) -> None:
         metavar="HOST:PORT",
         help="also serve MCP on this loopback address (127.0.0.1:PORT; 0 picks); implies --mcp",
     )
-    p.add_argument("--grace-period-ms", dest="grace_period_ms", type=int)
+    p.add_argument(
+        "--grace-period-ms",
+        dest="grace_period_ms",
+        type=int,
+        help="on SIGTERM, how long running calls may take to finish (default 10000)",
+    )
     p.add_argument(
         "--agent-liveness-ms",
         dest="agent_liveness_ms",
