@@ -72,6 +72,9 @@ class Watch:
     failures: list[str] = field(default_factory=list)
     rss: list[float] = field(default_factory=list)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    slow: list[tuple[float, float]] = field(default_factory=list)
+    """(seconds since the watch began, latency) of every probe slower than 200 ms."""
+    t_start: float = field(default_factory=time.monotonic)
 
     async def run(self) -> None:
         """Checks health every 100 ms (deadline 1 s) and samples RSS until stopped."""
@@ -88,7 +91,10 @@ class Watch:
                     resp = await stub.Check(
                         health_pb2.HealthCheckRequest(), timeout=HEALTH_DEADLINE_S
                     )
-                    self.latencies.append(time.monotonic() - t0)
+                    took = time.monotonic() - t0
+                    self.latencies.append(took)
+                    if took > 0.2:  # when, in the flood, health was slow (diagnostics)
+                        self.slow.append((round(t0 - self.t_start, 2), round(took, 3)))
                     if resp.status != health_pb2.HealthCheckResponse.SERVING:
                         self.failures.append(f"status {resp.status}")
                 except grpc.aio.AioRpcError as err:
@@ -358,6 +364,7 @@ async def test_control_plane_flood_from_one_node(
         "health_failure_kinds": sorted(set(watch.failures))[:3],
         "other_node": served,
         "control_rss_peak_mb": round(max(watch.rss), 1),
+        "slow": watch.slow[:20],
     }
     record("control_node_flood", figures)
     assert codes.get("RESOURCE_EXHAUSTED", 0) > 0, figures

@@ -76,8 +76,9 @@ class ServerLimits:
     caller_burst: int = 4000
     """Calls one caller may start at once before `caller_rate_per_s` applies."""
     request_read_timeout_ms: int = 10_000
-    """How long a unary call may take to deliver its request after its headers; then it
-    is shed (reason idle). Streaming requests are not timed (a stream may be quiet)."""
+    """How long a unary call may take to deliver its request after its headers; then (at
+    a random point up to 25 % later) it is shed (reason idle). Streaming requests are not
+    timed (a stream may be quiet)."""
     max_streams_per_connection: int = 256
     """HTTP/2 streams (calls) open at once on one connection (grpc.max_concurrent_streams);
     clients queue further calls on their side."""
@@ -395,8 +396,12 @@ class _ShedInterceptor(grpc.aio.ServerInterceptor):
         return caller
 
     async def _request(self, requests: AsyncIterator[Any], context: Any, caller: str) -> Any:
-        """The one request of a unary call, read within request_read_timeout_ms."""
-        timeout_s = self._shedder.limits.request_read_timeout_ms / 1000
+        """The one request of a unary call, read within request_read_timeout_ms.
+
+        The timeout is stretched by a random 0-25 %, so that a flood's idle calls, which
+        arrived together, are not all shed in the same instant (a stall for everyone).
+        """
+        timeout_s = self._shedder.limits.request_read_timeout_ms * random.uniform(1, 1.25) / 1000
         try:
             return await asyncio.wait_for(anext(aiter(requests)), timeout_s)
         except TimeoutError:
