@@ -7,8 +7,10 @@ output is byte-for-byte reproducible; tests/integration/test_verify_golden.py
 checks that it still is, which pins the receipt and bundle formats. expected.json
 maps each file to the exit code and failing check `tether verify` must report.
 
-Files: valid*.json verify; tampered-*.json are a valid bundle edited the way an
-attacker would (cut, swap, re-sign); crafted-*.json attack the verifier itself
+Files: valid*.json verify (valid-per-task.json is a per-task export: one task's
+receipts out of a chain shared with another task); tampered-*.json are a valid
+bundle edited the way an attacker would (cut, swap, re-sign, slip in another
+task's receipt); crafted-*.json attack the verifier itself
 (seq bombs, deep nesting, duplicate keys, unauthenticated bytes, loose notes).
 Bundles are in their canonical (compact) encoding, the only one `tether verify`
 accepts, except where the encoding is the attack.
@@ -119,6 +121,7 @@ def build_all() -> dict[str, bytes]:
     late.receipt(ReceiptKind.TASK_FINISHED, lease, T0 + 20_000, final_state=4)
     put("tampered-after-lease.json", late.build())
 
+    files.update(_per_task())
     files.update(_crafted(b, valid))
 
     expected = {
@@ -133,6 +136,10 @@ def build_all() -> dict[str, bytes]:
         "tampered-resigned.json": [1, "signature"],
         "tampered-wrong-root.json": [1, "checkpoint"],
         "tampered-after-lease.json": [1, "lease.window"],
+        "valid-per-task.json": [0, ""],
+        "tampered-per-task-slipped.json": [1, "manifest"],
+        "tampered-per-task-dropped.json": [1, "manifest"],
+        "tampered-per-task-unlisted.json": [1, "manifest"],
         "crafted-seq-bomb.json": [1, "chain.gap"],
         "crafted-deep-nesting.json": [1, "bundle.format"],
         "crafted-deep-statement.json": [1, "receipt.format"],
@@ -151,6 +158,43 @@ def build_all() -> dict[str, bytes]:
     assert set(expected) | {"control.pub", "expected.json"} == set(files) | {"expected.json"}
     files["expected.json"] = (json.dumps(expected, indent=1, sort_keys=True) + "\n").encode()
     return files
+
+
+def _per_task() -> dict[str, bytes]:
+    """A per-task export of task-1 from node-a, whose chain interleaves it with task-2's
+    receipts (seqs 1, 2, 4, 6 of 7), and per-task bundles edited as an attacker would."""
+    b = BundleBuilder(seed="golden", origin="tether.golden/ledger")
+    one = b.lease("task-1", "node-a", "agent-1", issued=T0)
+    two = b.lease("task-2", "node-a", "agent-2", issued=T0)
+    b.receipt(ReceiptKind.LEASE_GRANTED, one, T0 + 1)
+    b.receipt(ReceiptKind.TASK_STARTED, one, T0 + 2)
+    b.receipt(ReceiptKind.LEASE_GRANTED, two, T0 + 3)
+    b.receipt(ReceiptKind.TOOL_CALL, one, T0 + 4, tool="http.get", status="ok")
+    b.receipt(ReceiptKind.TASK_STARTED, two, T0 + 5)
+    b.receipt(ReceiptKind.TASK_FINISHED, one, T0 + 6, final_state=4)
+    b.receipt(ReceiptKind.TASK_FINISHED, two, T0 + 7, final_state=4)
+    valid = b.build(tasks=("task-1",))
+    whole = b.build()
+    other = whole.entries[2]  # task-2's lease_granted, with its true inclusion proof
+    assert parse_receipt(other.envelope)[1].task_id == "task-2"
+    assert valid.manifest is not None
+    manifest = verify_manifest(valid.manifest, {b.control.keyid: b.control.public})
+    unlisted = dataclasses.replace(
+        manifest, nodes=(dataclasses.replace(manifest.nodes[0], seqs=(1, 2, 6)),)
+    )
+    out = {
+        "valid-per-task.json": valid,
+        "tampered-per-task-slipped.json": dataclasses.replace(
+            valid, entries=sorted([*valid.entries, other], key=lambda e: e.leaf_index)
+        ),
+        "tampered-per-task-dropped.json": dataclasses.replace(
+            valid, entries=[valid.entries[0], *valid.entries[2:]]
+        ),
+        "tampered-per-task-unlisted.json": dataclasses.replace(
+            valid, manifest=sign_manifest(unlisted, b.control)
+        ),
+    }
+    return {name: encode_bundle(bundle) for name, bundle in out.items()}
 
 
 def _raw_receipt(b: BundleBuilder, node_id: str, statement: bytes) -> bytes:

@@ -20,7 +20,13 @@ from typing import Any
 from tether.core.errors import ConfigError
 from tether.crypto.note import MAX_NOTE_BYTES
 from tether.crypto.pki import TrustBundle
-from tether.verify.bundle import BundleFormatError, BundleTooLarge, Limits, read_bundle
+from tether.verify.bundle import (
+    BundleFormatError,
+    BundleTooLarge,
+    Limits,
+    open_bundle,
+    read_bundle,
+)
 from tether.verify.verifier import (
     DEFAULT_MAX_CLOCK_SKEW_MS,
     Failure,
@@ -163,8 +169,7 @@ def run(args: argparse.Namespace) -> int:
         if args.bundle == "-":
             data = read_bundle(sys.stdin.buffer, limits)
         else:
-            with open(args.bundle, "rb") as f:
-                data = read_bundle(f, limits)
+            data = open_bundle(args.bundle, limits)
     except OSError as err:
         print(f"tether verify: cannot read {name}: {err.strerror}", file=sys.stderr)
         return 2

@@ -21,6 +21,7 @@ before the parser allocates anything for it:
 from __future__ import annotations
 
 import json
+import mmap
 import re
 from typing import Any
 
@@ -46,8 +47,8 @@ _SPARSE_FROM = 1 << 20  # inputs this large must average at least _BYTES_PER_TOK
 _BYTES_PER_TOKEN = 16
 
 
-def control_byte(data: bytes) -> int:
-    """The offset of the first byte that can never appear in JSON text, or -1."""
+def control_byte(data: bytes | bytearray | mmap.mmap) -> int:
+    """The offset of the first byte that can never appear in JSON text, or -1 (1 MiB at a time)."""
     step = (
         1 << 20
     )  # bytes.translate is several times faster than a regex search; slices bound memory

@@ -36,12 +36,14 @@ from __future__ import annotations
 
 import binascii
 import bisect
+import collections
 import contextlib
 import functools
 import gc
 import hashlib
 import itertools
 import json
+import mmap
 import multiprocessing
 import os
 import re
@@ -128,6 +130,7 @@ DEFAULT_MAX_CLOCK_SKEW_MS = 5_000
 _LIST_CHUNK = 1024  # parsed entries per job sent to a worker process
 _POOL_MIN_ENTRIES = 4096  # below this a pool's start-up (~0.1 s) costs more than it saves
 _POOL_MIN_BYTES = 8 << 20  # the same for a bundle file's entries (about 3,000 typical ones)
+_IN_FLIGHT = 12  # chunks submitted ahead of the one being collected (a few per worker)
 
 
 @dataclass(frozen=True)
@@ -537,7 +540,7 @@ def _raw_entries(chunk: bytes) -> list[_EntryFacts]:
         pos += 1
 
 
-def _split_raw(data: bytes, limits: Limits) -> tuple[Bundle, list[tuple[int, int]]] | None:
+def _split_raw(data: BundleBytes, limits: Limits) -> tuple[Bundle, list[tuple[int, int]]] | None:
     """(the bundle without entries, byte spans of entry chunks) for compact bundles.
 
     Only the bundle's small remainder is decoded here; the entries (nearly all
@@ -545,7 +548,7 @@ def _split_raw(data: bytes, limits: Limits) -> tuple[Bundle, list[tuple[int, int
     strict grammar of `_RAW_ENTRY`. None means: not the compact form (or a
     chunk will not parse), so decode the whole file the general way.
     """
-    if not data.startswith(_RAW_HEAD):
+    if data[: len(_RAW_HEAD)] != _RAW_HEAD:
         return None
     end = data.rfind(_RAW_TAIL)
     start = len(_RAW_HEAD)
@@ -751,8 +754,12 @@ class _Inline(Executor):
         return fut
 
 
+BundleBytes = bytes | bytearray | mmap.mmap
+"""A bundle file's bytes: read into memory, or a read-only map of the file (`mmap`)."""
+
+
 def verify_bundle(
-    bundle: Bundle | bytes,
+    bundle: Bundle | BundleBytes,
     trusted: Sequence[VerifyKey],
     *,
     allow_open: bool = False,
@@ -764,7 +771,9 @@ def verify_bundle(
     """Verifies a bundle offline against trusted control-plane keys.
 
     Args:
-        bundle: a parsed bundle or the bundle file's bytes.
+        bundle: a parsed bundle or the bundle file's bytes; a read-only `mmap`
+            of the file keeps the verifier's own memory to a few chunks of it
+            plus what it learns per receipt (the file stays in the page cache).
         trusted: control-plane public keys; certificates, leases, the manifest
             and the checkpoint must be signed by one of them.
         allow_open: accept tasks without a task_finished receipt (still running).
@@ -812,7 +821,7 @@ def verify_bundle(
 
 
 def _verify(
-    bundle: Bundle | bytes,
+    bundle: Bundle | BundleBytes,
     trusted: Sequence[VerifyKey],
     allow_open: bool,
     threads: int | None,
@@ -840,8 +849,8 @@ def _verify(
     def verifier(b: Bundle) -> _Verifier:
         return _Verifier(b, keys, allow_open, skew_ms, limits.max_depth, previous_checkpoint)
 
-    if isinstance(bundle, bytes | bytearray):
-        data = bytes(bundle)
+    if isinstance(bundle, bytes | bytearray | mmap.mmap):
+        data = bundle  # a mapped file stays mapped: only chunks of it are copied, a few at a time
         if len(data) > limits.max_bytes:
             why = f"bundle is {len(data)} bytes, over the {limits.max_bytes}-byte limit"
             return Report([Failure("bundle.format", "bundle", why)])
@@ -849,17 +858,17 @@ def _verify(
         if at >= 0:
             why = f"not a bundle: control byte 0x{data[at]:02x} at offset {at}"
             return Report([Failure("bundle.format", "bundle", why)])
-        if data.startswith(_RAW_HEAD) and len(data) >= _POOL_MIN_BYTES:
+        if data[: len(_RAW_HEAD)] == _RAW_HEAD and len(data) >= _POOL_MIN_BYTES:
             executor(True)
         raw = _split_raw(data, limits)
         if raw is not None:
             header, spans = raw
             big = spans[-1][1] - spans[0][0] >= _POOL_MIN_BYTES
             v = verifier(header)
-            if v.run(executor(big), (data[a:b] for a, b in spans)):
+            if v.run(executor(big), (bytes(data[a:b]) for a, b in spans)):
                 return v.report()
         try:
-            bundle = decode_bundle(data, limits)
+            bundle = decode_bundle(bytes(data), limits)
         except BundleFormatError as err:
             return Report([Failure("bundle.format", "bundle", err.message)])
     if not bundle.entries:
@@ -1094,17 +1103,32 @@ class _Verifier:
             skew_ms=self.skew_ms,
             max_depth=self.max_depth,
         )
-        futures = [pool.submit(_check_job, ctx, k << _SHIFT, src) for k, src in enumerate(chunks)]
+        # A bounded window of chunks in flight: each is a copy of part of the file
+        # (or parsed entries), so submitting all at once would hold the input twice.
+        jobs = enumerate(chunks)
+        futures: collections.deque[Future[_ChunkResult | None]] = collections.deque()
+
+        def top_up() -> None:
+            while len(futures) < _IN_FLIGHT:
+                job = next(jobs, None)
+                if job is None:
+                    return
+                futures.append(pool.submit(_check_job, ctx, job[0] << _SHIFT, job[1]))
+
+        top_up()
         leases = self._leases()  # here, while the workers check the entries
         bases: list[int] = []
         total = 0
         last_leaf = -1
-        for k, fut in enumerate(futures):
-            res = fut.result()
+        k = -1
+        while futures:
+            k += 1
+            res = futures.popleft().result()
             if res is None:
                 for f in futures:
                     f.cancel()
                 return False
+            top_up()
             leaves, items, fails, skews = res
             bases.append(total)
             base = k << _SHIFT
