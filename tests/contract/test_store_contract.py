@@ -791,6 +791,62 @@ async def test_tool_call_records_start_then_complete_once(store: Store) -> None:
     assert await store.lookup_tool_call("t1", "nope") is None
 
 
+async def test_a_lost_lease_still_records_its_own_started_call(store: Store) -> None:
+    """After its lease lapsed, the node that wrote STARTED under token 1 records the outcome it
+    knows (once; a repeat returns it); another node, or another token, cannot."""
+    await submit(store, "t1", max_attempts=2)
+    await lease(store)
+    await store.record_tool_call(_write(ToolCallPhase.STARTED), NOW)
+    await store.sweep_lapsed(now_ms=NOW + 1000, backoff_base_ms=1, backoff_cap_ms=1)
+    done = _write(ToolCallPhase.COMPLETED, result=b"known", status="ok")
+    for late in (done.__class__(**{**done.__dict__, "node_id": "n2"}),):
+        with pytest.raises(LeaseExpired):
+            await store.record_tool_call(late, NOW + 1001)
+    rec, existed = await store.record_tool_call(done, NOW + 1002)
+    assert (rec.phase, rec.result, rec.fencing_token, existed) == (
+        ToolCallPhase.COMPLETED,
+        b"known",
+        1,
+        True,
+    )
+    again, _ = await store.record_tool_call(done, NOW + 1003)
+    assert again.result == b"known"
+    await lease(store, node="n2", now=NOW + 2000)  # attempt 2 finds the outcome
+    found, existed = await store.record_tool_call(
+        _write(ToolCallPhase.STARTED, fencing_token=2, node_id="n2", take_over=True), NOW + 2001
+    )
+    assert (found.phase, found.result, existed) == (ToolCallPhase.COMPLETED, b"known", True)
+
+
+async def test_a_taken_over_call_refuses_the_stale_holder(store: Store) -> None:
+    """Once a new lease took a STARTED key over (it re-runs an idempotent tool), the earlier
+    holder can no longer record an outcome for it; the new holder can."""
+    await submit(store, "t1", max_attempts=3)
+    await lease(store)
+    await store.record_tool_call(_write(ToolCallPhase.STARTED), NOW)
+    await store.sweep_lapsed(now_ms=NOW + 1000, backoff_base_ms=1, backoff_cap_ms=1)
+    await lease(store, node="n2", now=NOW + 2000)
+    mine = _write(ToolCallPhase.STARTED, fencing_token=2, node_id="n2")
+    taken, existed = await store.record_tool_call(
+        mine.__class__(**{**mine.__dict__, "take_over": True}), NOW + 2002
+    )
+    assert (taken.phase, taken.fencing_token, taken.node_id, existed) == (
+        ToolCallPhase.STARTED,
+        2,
+        "n2",
+        True,
+    )
+    with pytest.raises(StaleFencingToken):
+        await store.record_tool_call(
+            _write(ToolCallPhase.COMPLETED, result=b"stale", status="ok"), NOW + 2003
+        )
+    rec, _ = await store.record_tool_call(
+        _write(ToolCallPhase.COMPLETED, fencing_token=2, node_id="n2", result=b"new", status="ok"),
+        NOW + 2004,
+    )
+    assert (rec.result, rec.fencing_token) == (b"new", 2)
+
+
 async def test_concurrent_tool_call_starts_record_once(store: Store) -> None:
     """Concurrent STARTED records of one key insert exactly one row."""
     await submit(store, "t1")

@@ -641,6 +641,8 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             ):
                 if given:
                     raise InvalidArgument(field, "must be empty for phase STARTED")
+        elif request.take_over:
+            raise InvalidArgument("take_over", "is for phase STARTED only")
         elif not _STATUS_RE.fullmatch(request.status):
             raise InvalidArgument("status", "must match [A-Za-z0-9._-]{1,64} for COMPLETED")
         cost = check_micros("cost_micros", request.cost_micros)
@@ -658,6 +660,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
                 result=result,
                 status=request.status,
                 cost_micros=cost,
+                take_over=request.take_over,
             )
         )
         return pb.RecordToolCallResponse(record=tool_call_to_proto(record), existed=existed)

@@ -174,6 +174,7 @@ class MediationControl(Protocol):
         idempotency_key: str,
         tool: str,
         arguments_sha256: str,
+        take_over: bool = False,
     ) -> tuple[pb.ToolCallRecord, bool, bool]: ...
 
     async def record_tool_call(
@@ -320,6 +321,7 @@ class Mediator:
         # (timeout, unrecorded outcome): a later STARTED that finds it must not run.
         self._left_started: set[tuple[str, int, str]] = set()
         self._background: set[asyncio.Task[None]] = set()
+        self._flusher: asyncio.Task[None] | None = None
         self._redactors: dict[tuple[str, int], tuple[frozenset[bytes], Redactor]] = {}
         if leases is not None:
             leases.end_hooks.append(self._lease_ended)
@@ -695,27 +697,73 @@ class Mediator:
         )
 
     async def _flush(self, held: HeldLease, key: str, pending: _Unrecorded) -> None:
-        """Records an outcome the control plane has not acknowledged yet."""
+        """Records an outcome the control plane has not acknowledged yet.
+
+        Under the fencing token the call ran (and wrote STARTED) under: the
+        control plane takes it from that lease's node even after the lease
+        ended, unless another lease took the key over (RecordToolCall). So an
+        outcome known here is recorded, not lost, when the lease is lost
+        between the tool's effect and its record, or the task was re-acquired.
+        A refusal for an earlier lease says nothing about the one held now.
+        """
         control = self._need_control()
-        # Recorded under the lease held now: after a re-acquisition of the task by
-        # this sidecar the outcome is still known here, so it is recorded, not lost.
-        await self._remote(
-            held,
-            "RecordToolCall",
-            control.record_tool_call(
-                task_id=held.task_id,
-                fencing_token=held.lease.fencing_token,
-                idempotency_key=key,
-                tool=pending.tool,
-                arguments_sha256=pending.args_digest,
-                phase=COMPLETED,
-                result=pending.outcome.result_json.encode(),
-                status=pending.outcome.status,
-                cost_micros=pending.actual_micros,
-            ),
+        op = control.record_tool_call(
+            task_id=held.task_id,
+            fencing_token=pending.fencing_token,
+            idempotency_key=key,
+            tool=pending.tool,
+            arguments_sha256=pending.args_digest,
+            phase=COMPLETED,
+            result=pending.outcome.result_json.encode(),
+            status=pending.outcome.status,
+            cost_micros=pending.actual_micros,
         )
+        if pending.fencing_token == held.lease.fencing_token and held.usable(self._clock):
+            await self._remote(held, "RecordToolCall", op)
+        else:
+            await op
         self._unrecorded.pop((held.task_id, key), None)
         self._left_started.discard((held.task_id, pending.fencing_token, key))
+
+    def _flush_later(self) -> None:
+        """Records kept outcomes in the background until the control plane takes them.
+
+        The agent may never retry through this sidecar (its lease was lost and
+        another node takes over), so an outcome kept while the control plane
+        was unreachable is recorded as soon as it is reachable again.
+        """
+        if self._flusher is not None and not self._flusher.done():
+            return
+        self._flusher = asyncio.get_running_loop().create_task(self._flush_kept())
+        self._background.add(self._flusher)
+        self._flusher.add_done_callback(self._background.discard)
+
+    async def _flush_kept(self) -> None:
+        delay = 0.1
+        while self._unrecorded:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+            for slot, pending in list(self._unrecorded.items()):
+                held = pending.held
+                if held is None:
+                    continue
+                lock = self._key_locks.get(slot)
+                if lock is None:
+                    lock = self._key_locks[slot] = asyncio.Lock()
+                async with lock:  # never beside an agent's retry of the same key
+                    if self._unrecorded.get(slot) is not pending:
+                        continue
+                    try:
+                        await self._flush(held, slot[1], pending)
+                    except E.Unavailable:
+                        continue
+                    except E.TetherError as err:
+                        log.warning(
+                            "a tool outcome could not be recorded: %s",
+                            err.message,
+                            extra={"task_id": slot[0], "idempotency_key": slot[1]},
+                        )
+                        self._unrecorded.pop(slot, None)
 
     async def _recorded_instead(self, call: _Call) -> ToolOutcome | None:
         """For a keyed call refused before it started: its recorded outcome, if any.
@@ -899,7 +947,7 @@ class Mediator:
         if isinstance(record, E.Unavailable):
             self._keep_unrecorded(held, key, pending)
             raise _unavailable(record, call.tool, ran=True) from record
-        if isinstance(record, E.LeaseLost):
+        if isinstance(record, _LOST):  # another lease took the key over meanwhile
             raise E.LeaseLost(
                 f"tool {call.tool!r} ran, but the lease on task {held.task_id!r} was lost "
                 f"before its outcome was recorded ({record.message}); do not continue this task",
@@ -955,6 +1003,10 @@ class Mediator:
                 idempotency_key=call.key,
                 tool=call.tool,
                 arguments_sha256=call.args_digest,
+                # An idempotent tool re-runs a key an earlier lease left STARTED: the
+                # key becomes this lease's, so the earlier holder can no longer record
+                # an outcome for it after this one began.
+                take_over=call.spec.idempotent,
             ),
         )
         if not existed:
@@ -1040,6 +1092,7 @@ class Mediator:
         while len(self._unrecorded) >= MAX_UNRECORDED:
             del self._unrecorded[next(iter(self._unrecorded))]
         self._unrecorded[(held.task_id, key)] = pending
+        self._flush_later()
 
 
 def _int(value: str | None) -> int:

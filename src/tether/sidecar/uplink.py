@@ -467,11 +467,14 @@ class Uplink:
         idempotency_key: str,
         tool: str,
         arguments_sha256: str,
+        take_over: bool = False,
     ) -> tuple[pb.ToolCallRecord, bool, bool]:
         """Records STARTED: (the record now, whether one existed, whether the request was resent).
 
         A resent request may find the record its own first attempt wrote, so
         `existed` after a resend is ambiguous; the caller resolves it.
+        `take_over`: an earlier lease's STARTED record becomes this lease's (the
+        caller will run the call again; see RecordToolCallRequest.take_over).
         """
         request = pb.RecordToolCallRequest(
             task_id=task_id,
@@ -481,6 +484,7 @@ class Uplink:
             arguments_sha256=arguments_sha256,
             phase=pb.TOOL_CALL_PHASE_STARTED,
             node_id=self.node_id,
+            take_over=take_over,
         )
         attempts = 0
 

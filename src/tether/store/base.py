@@ -246,6 +246,9 @@ class ToolCallRecord:
     fencing_token: int
     cost_micros: int
     updated_unix_ms: int
+    node_id: str = ""
+    """Node of the lease that wrote (or took over) the record; '' for records
+    written before it was kept."""
 
 
 @dataclass(frozen=True)
@@ -262,6 +265,9 @@ class ToolCallWrite:
     result: bytes = b""
     status: str = ""
     cost_micros: int = 0
+    take_over: bool = False
+    """STARTED only: re-stamp an earlier lease's STARTED record with this lease
+    (the caller runs the call again); see `Store.record_tool_call`."""
 
 
 @dataclass(frozen=True)

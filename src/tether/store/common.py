@@ -86,7 +86,7 @@ SQL_LIST_SECRET_VERSIONS = (
 )
 TOOL_CALL_COLS = (
     "task_id, idempotency_key, tool, arguments_sha256, phase, result, status,"
-    " fencing_token, cost_micros, updated_unix_ms"
+    " fencing_token, cost_micros, updated_unix_ms, node_id"
 )
 LEASE_HISTORY_COLS = "task_id, lease_id, fencing_token, kind, envelope, outcome, created_unix_ms"
 LAPSED_COLS = (
@@ -323,6 +323,7 @@ def row_to_tool_call(row: Row) -> ToolCallRecord:
         fencing_token=row[7],
         cost_micros=row[8],
         updated_unix_ms=row[9],
+        node_id=row[10],
     )
 
 
@@ -339,6 +340,7 @@ def tool_call_row(w: ToolCallWrite, now_ms: int) -> tuple[Any, ...]:
         w.fencing_token,
         w.cost_micros,
         now_ms,
+        w.node_id,
     )
 
 
@@ -780,6 +782,35 @@ def tool_call_repeat(existing: ToolCallRecord, w: ToolCallWrite) -> bool:
             },
         )
     return w.phase is ToolCallPhase.STARTED or existing.phase is ToolCallPhase.COMPLETED
+
+
+def late_completion(existing: ToolCallRecord | None, w: ToolCallWrite) -> bool:
+    """Whether a holder without a live lease may still record `w` (its known outcome).
+
+    Only a COMPLETED write for a record that the same lease started (same
+    fencing token and node, same tool and arguments): the effect happened under
+    that lease, so its outcome is recorded rather than lost. A record another
+    lease took over (`take_over`) carries the new token, so a stale holder can
+    never write an outcome after a new holder began running the key.
+    """
+    return (
+        existing is not None
+        and w.phase is ToolCallPhase.COMPLETED
+        and existing.fencing_token == w.fencing_token
+        and existing.node_id == w.node_id != ""
+        and existing.tool == w.tool
+        and existing.arguments_sha256 == w.arguments_sha256
+    )
+
+
+def takes_over(existing: ToolCallRecord, w: ToolCallWrite) -> bool:
+    """Whether STARTED `w` re-stamps `existing` (an earlier lease's STARTED record)."""
+    return (
+        w.take_over
+        and w.phase is ToolCallPhase.STARTED
+        and existing.phase is ToolCallPhase.STARTED
+        and existing.fencing_token != w.fencing_token
+    )
 
 
 # -- plumbing -------------------------------------------------------------------------------

@@ -61,6 +61,7 @@ from tether.store.base import (
     SecretVersionInfo,
     StoredCheckpoint,
     TaskRecord,
+    ToolCallPhase,
     ToolCallRecord,
     ToolCallWrite,
 )
@@ -106,6 +107,7 @@ from tether.store.common import (
     join_token_exists,
     join_token_row,
     lapse_outcome,
+    late_completion,
     new_task_row,
     no_live_lease,
     node_row,
@@ -123,6 +125,7 @@ from tether.store.common import (
     row_to_task,
     row_to_tool_call,
     secret_row,
+    takes_over,
     target_state,
     task_not_found,
     timeout_error,
@@ -245,6 +248,12 @@ INSERT INTO lease_history (task_id, lease_id, fencing_token, kind, envelope, out
 _SQL_HISTORY_CLOSE = """
 UPDATE lease_history SET outcome = %s WHERE task_id = %s AND fencing_token = %s
   AND outcome = 'active'
+"""
+
+_SQL_TOOL_CALL_COMPLETE = """
+UPDATE tool_calls SET phase = %s, result = %s, status = %s, fencing_token = %s,
+    cost_micros = %s, updated_unix_ms = %s
+WHERE task_id = %s AND idempotency_key = %s AND phase = %s
 """
 
 _SQL_LAST_LEASE = """
@@ -1301,31 +1310,53 @@ class PostgresStore:
 
         async def fn(conn: Conn) -> tuple[ToolCallRecord, bool]:
             # Locking the task row serializes records of one task across replicas.
-            await _live_task(
-                conn,
-                w.task_id,
-                w.fencing_token,
-                w.node_id,
-                now_ms,
-                "record a tool call",
-                lock=True,
-            )
+            await _one(conn, "SELECT 1 FROM tasks WHERE task_id = %s FOR UPDATE", (w.task_id,))
             existing = await _select_tool_call(conn, w.task_id, w.idempotency_key)
+            try:
+                await _live_task(
+                    conn,
+                    w.task_id,
+                    w.fencing_token,
+                    w.node_id,
+                    now_ms,
+                    "record a tool call",
+                    lock=False,
+                )
+            except TetherError:
+                if not late_completion(existing, w):
+                    raise
+                assert existing is not None
+                if existing.phase is ToolCallPhase.STARTED:  # else: its own, already recorded
+                    await conn.execute(_SQL_TOOL_CALL_COMPLETE, tool_call_completion(w, now_ms))
+                    existing = await _select_tool_call(conn, w.task_id, w.idempotency_key)
+                    assert existing is not None
+                return existing, True
             if existing is not None and tool_call_repeat(existing, w):
+                if takes_over(existing, w):
+                    await conn.execute(
+                        "UPDATE tool_calls SET fencing_token = %s, node_id = %s,"
+                        " updated_unix_ms = %s"
+                        " WHERE task_id = %s AND idempotency_key = %s AND phase = %s",
+                        (
+                            w.fencing_token,
+                            w.node_id,
+                            now_ms,
+                            w.task_id,
+                            w.idempotency_key,
+                            int(ToolCallPhase.STARTED),
+                        ),
+                    )
+                    existing = await _select_tool_call(conn, w.task_id, w.idempotency_key)
+                    assert existing is not None
                 return existing, True
             if existing is None:
                 await conn.execute(
                     f"INSERT INTO tool_calls ({TOOL_CALL_COLS})"
-                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                     tool_call_row(w, now_ms),
                 )
-            else:  # STARTED -> COMPLETED, under the current holder's token
-                await conn.execute(
-                    "UPDATE tool_calls SET phase = %s, result = %s, status = %s,"
-                    " fencing_token = %s, cost_micros = %s, updated_unix_ms = %s"
-                    " WHERE task_id = %s AND idempotency_key = %s AND phase = %s",
-                    tool_call_completion(w, now_ms),
-                )
+            else:  # STARTED -> COMPLETED under the live holder's token (the key is its now)
+                await conn.execute(_SQL_TOOL_CALL_COMPLETE, tool_call_completion(w, now_ms))
             rec = await _select_tool_call(conn, w.task_id, w.idempotency_key)
             assert rec is not None
             return rec, existing is not None

@@ -56,6 +56,7 @@ from tether.store.base import (
     SecretVersionInfo,
     StoredCheckpoint,
     TaskRecord,
+    ToolCallPhase,
     ToolCallRecord,
     ToolCallWrite,
 )
@@ -101,6 +102,7 @@ from tether.store.common import (
     join_token_exists,
     join_token_row,
     lapse_outcome,
+    late_completion,
     new_task_row,
     no_live_lease,
     node_row,
@@ -118,6 +120,7 @@ from tether.store.common import (
     row_to_task,
     row_to_tool_call,
     secret_row,
+    takes_over,
     target_state,
     task_not_found,
     timeout_error,
@@ -167,6 +170,12 @@ INSERT INTO lease_history (task_id, lease_id, fencing_token, kind, envelope, out
 _SQL_HISTORY_CLOSE = """
 UPDATE lease_history SET outcome = ?1 WHERE task_id = ?2 AND fencing_token = ?3
   AND outcome = 'active'
+"""
+
+_SQL_TOOL_CALL_COMPLETE = """
+UPDATE tool_calls SET phase = ?, result = ?, status = ?, fencing_token = ?, cost_micros = ?,
+    updated_unix_ms = ?
+WHERE task_id = ? AND idempotency_key = ? AND phase = ?
 """
 
 _SQL_LAST_LEASE = """
@@ -1098,23 +1107,45 @@ class SqliteStore:
         w = write
 
         def fn(conn: sqlite3.Connection) -> tuple[ToolCallRecord, bool]:
-            _live_task(conn, w.task_id, w.fencing_token, w.node_id, now_ms, "record a tool call")
             existing = _select_tool_call(conn, w.task_id, w.idempotency_key)
+            try:
+                _live_task(
+                    conn, w.task_id, w.fencing_token, w.node_id, now_ms, "record a tool call"
+                )
+            except TetherError:
+                if not late_completion(existing, w):
+                    raise
+                assert existing is not None
+                if existing.phase is ToolCallPhase.STARTED:  # else: its own, already recorded
+                    conn.execute(_SQL_TOOL_CALL_COMPLETE, tool_call_completion(w, now_ms))
+                    existing = _select_tool_call(conn, w.task_id, w.idempotency_key)
+                    assert existing is not None
+                return existing, True
             if existing is not None and tool_call_repeat(existing, w):
+                if takes_over(existing, w):
+                    conn.execute(
+                        "UPDATE tool_calls SET fencing_token = ?, node_id = ?, updated_unix_ms = ?"
+                        " WHERE task_id = ? AND idempotency_key = ? AND phase = ?",
+                        (
+                            w.fencing_token,
+                            w.node_id,
+                            now_ms,
+                            w.task_id,
+                            w.idempotency_key,
+                            int(ToolCallPhase.STARTED),
+                        ),
+                    )
+                    existing = _select_tool_call(conn, w.task_id, w.idempotency_key)
+                    assert existing is not None
                 return existing, True
             if existing is None:
                 conn.execute(
                     f"INSERT INTO tool_calls ({TOOL_CALL_COLS})"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     tool_call_row(w, now_ms),
                 )
-            else:  # STARTED -> COMPLETED, under the current holder's token
-                conn.execute(
-                    "UPDATE tool_calls SET phase = ?, result = ?, status = ?, fencing_token = ?,"
-                    " cost_micros = ?, updated_unix_ms = ?"
-                    " WHERE task_id = ? AND idempotency_key = ? AND phase = ?",
-                    tool_call_completion(w, now_ms),
-                )
+            else:  # STARTED -> COMPLETED under the live holder's token (the key is its now)
+                conn.execute(_SQL_TOOL_CALL_COMPLETE, tool_call_completion(w, now_ms))
             rec = _select_tool_call(conn, w.task_id, w.idempotency_key)
             assert rec is not None
             return rec, existing is not None

@@ -1385,6 +1385,7 @@ class RecordToolCallRequest(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     NODE_ID_FIELD_NUMBER: _builtins.int
     COST_MICROS_FIELD_NUMBER: _builtins.int
+    TAKE_OVER_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """Task id."""
     fencing_token: _builtins.int
@@ -1405,6 +1406,13 @@ class RecordToolCallRequest(_message.Message):
     """Node holding the lease."""
     cost_micros: _builtins.int
     """Cost charged, micro-units (COMPLETED only)."""
+    take_over: _builtins.bool
+    """STARTED only: when the key already has a STARTED record of an earlier
+    lease (its outcome unknown), stamp it with this lease's fencing token and
+    node, because the caller is about to run the call again (an idempotent
+    tool). From then on only this lease may complete it: the earlier holder
+    can no longer record an outcome for the key.
+    """
     def __init__(
         self,
         *,
@@ -1418,10 +1426,11 @@ class RecordToolCallRequest(_message.Message):
         status: _builtins.str = ...,
         node_id: _builtins.str = ...,
         cost_micros: _builtins.int = ...,
+        take_over: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments_sha256", b"arguments_sha256", "cost_micros", b"cost_micros", "fencing_token", b"fencing_token", "idempotency_key", b"idempotency_key", "node_id", b"node_id", "phase", b"phase", "result", b"result", "status", b"status", "task_id", b"task_id", "tool", b"tool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments_sha256", b"arguments_sha256", "cost_micros", b"cost_micros", "fencing_token", b"fencing_token", "idempotency_key", b"idempotency_key", "node_id", b"node_id", "phase", b"phase", "result", b"result", "status", b"status", "take_over", b"take_over", "task_id", b"task_id", "tool", b"tool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

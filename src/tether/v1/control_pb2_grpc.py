@@ -297,7 +297,11 @@ class ControlServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RecordToolCall(self, request, context):
-        """Records the start or outcome of an idempotent tool call.
+        """Records the start or outcome of an idempotent tool call. COMPLETED needs the
+        live lease, or else the STARTED record of the same key written (or taken
+        over) under the caller's own fencing token and node: a holder that lost its
+        lease after the tool's effect still records the outcome it knows, unless
+        another lease took the key over in the meantime.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -87,7 +87,12 @@ class ControlServiceStub:
     SettleBudget: _grpc.UnaryUnaryMultiCallable[_control_pb2.SettleBudgetRequest, _control_pb2.SettleBudgetResponse]
     """Settles a reservation with the actual cost."""
     RecordToolCall: _grpc.UnaryUnaryMultiCallable[_control_pb2.RecordToolCallRequest, _control_pb2.RecordToolCallResponse]
-    """Records the start or outcome of an idempotent tool call."""
+    """Records the start or outcome of an idempotent tool call. COMPLETED needs the
+    live lease, or else the STARTED record of the same key written (or taken
+    over) under the caller's own fencing token and node: a holder that lost its
+    lease after the tool's effect still records the outcome it knows, unless
+    another lease took the key over in the meantime.
+    """
     LookupToolCall: _grpc.UnaryUnaryMultiCallable[_control_pb2.LookupToolCallRequest, _control_pb2.LookupToolCallResponse]
     """Looks up the recorded outcome of (task, idempotency key)."""
     StreamReceipts: _grpc.StreamStreamMultiCallable[_control_pb2.StreamReceiptsRequest, _control_pb2.StreamReceiptsResponse]
@@ -165,7 +170,12 @@ class ControlServiceAsyncStub(ControlServiceStub):
     SettleBudget: _aio.UnaryUnaryMultiCallable[_control_pb2.SettleBudgetRequest, _control_pb2.SettleBudgetResponse]  # type: ignore[assignment]
     """Settles a reservation with the actual cost."""
     RecordToolCall: _aio.UnaryUnaryMultiCallable[_control_pb2.RecordToolCallRequest, _control_pb2.RecordToolCallResponse]  # type: ignore[assignment]
-    """Records the start or outcome of an idempotent tool call."""
+    """Records the start or outcome of an idempotent tool call. COMPLETED needs the
+    live lease, or else the STARTED record of the same key written (or taken
+    over) under the caller's own fencing token and node: a holder that lost its
+    lease after the tool's effect still records the outcome it knows, unless
+    another lease took the key over in the meantime.
+    """
     LookupToolCall: _aio.UnaryUnaryMultiCallable[_control_pb2.LookupToolCallRequest, _control_pb2.LookupToolCallResponse]  # type: ignore[assignment]
     """Looks up the recorded outcome of (task, idempotency key)."""
     StreamReceipts: _aio.StreamStreamMultiCallable[_control_pb2.StreamReceiptsRequest, _control_pb2.StreamReceiptsResponse]  # type: ignore[assignment]
@@ -342,7 +352,12 @@ class ControlServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _control_pb2.RecordToolCallRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_control_pb2.RecordToolCallResponse, _abc.Awaitable[_control_pb2.RecordToolCallResponse]]:
-        """Records the start or outcome of an idempotent tool call."""
+        """Records the start or outcome of an idempotent tool call. COMPLETED needs the
+        live lease, or else the STARTED record of the same key written (or taken
+        over) under the caller's own fencing token and node: a holder that lost its
+        lease after the tool's effect still records the outcome it knows, unless
+        another lease took the key over in the meantime.
+        """
 
     @_abc_1.abstractmethod
     def LookupToolCall(

@@ -1,0 +1,175 @@
+"""A tool outcome the sidecar knows is recorded even when the lease is lost between the tool's
+effect and its COMPLETED record, so the next attempt replays it instead of ABORTED (real
+control plane and two real sidecars; the control plane's clock is moved past the lease)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import sqlite3
+import subprocess
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tether.control.service import ControlConfig
+from tether.core import errors as E
+from tether.core.clock import FakeClock
+from tether.core.states import State
+from tether.sidecar.tools.base import ToolContext
+from tether.testing import endpoint, spawn_control_cli, start_control, start_sidecar
+
+TTL_MS = 30_000
+GATE = threading.Event()
+
+
+def append_then_wait(ctx: ToolContext, args: Mapping[str, Any]) -> dict[str, Any]:
+    """Appends a line (the effect), then waits for the test before it reports."""
+    path = Path(str(ctx.config["path"]))
+    with path.open("a") as out:
+        out.write(f"{args['line']}\n")
+    GATE.wait(60)
+    return {"wrote": args["line"]}
+
+
+def policy(effects: Path) -> str:
+    return f"""
+version = 1
+[agents.alice]
+queues = ["work"]
+[agents.bob]
+queues = ["work"]
+[tools.append]
+adapter = "python"
+[tools.append.python]
+entrypoint = "{__name__}:append_then_wait"
+config = {{ path = "{effects}" }}
+[queues.work]
+tools = ["append"]
+lease_ttl_ms = {TTL_MS}
+max_attempts = 2
+"""
+
+
+async def test_outcome_known_after_the_lease_was_lost_is_replayed_next_attempt(
+    tmp_path: Path,
+) -> None:
+    """The lease lapses at the control plane while the tool runs; its COMPLETED record (same
+    node, same token, the key not taken over) is still accepted, and attempt 2 on another node
+    gets the recorded result with the same key: the effect happened once, nothing ABORTED."""
+    GATE.clear()
+    effects = tmp_path / "effects.txt"
+    clock = FakeClock(time.time_ns() // 1_000_000)
+    config = ControlConfig(backoff_base_ms=1, backoff_cap_ms=1)
+    async with start_control(tmp_path, clock=clock, policy=policy(effects), config=config) as cp:
+        tid = (await cp.client.submit("work", b"{}")).task.task_id
+        async with (
+            start_sidecar(tmp_path, cp.address, node_id="node-a") as side_a,
+            start_sidecar(tmp_path, cp.address, node_id="node-b", agents=("bob",)) as side_b,
+            side_a.agent("alice") as alice,
+            side_b.agent("bob") as bob,
+        ):
+            task = await alice.claim("work")
+            assert task is not None
+            assert task.attempt == 1
+            call = asyncio.create_task(
+                alice.call_tool(tid, "append", {"line": "once"}, idempotency_key="k")
+            )
+            for _ in range(600):  # until the effect happened (the tool now waits)
+                if effects.exists() and effects.read_text():
+                    break
+                await asyncio.sleep(0.05)
+            clock.advance(TTL_MS + 1_000)  # the lease lapses by the control plane's clock
+            assert [o.state for o in await cp.service.sweep()] == [State.QUEUED]
+            GATE.set()
+            await asyncio.gather(call, return_exceptions=True)  # its lease is gone either way
+            record = await cp.service.lookup_tool_call(tid, "k")
+            assert record is not None
+            assert (record.phase.name, record.fencing_token) == ("COMPLETED", 1)
+
+            clock.advance(10)
+            task = await bob.claim("work", wait_ms=5_000)
+            assert task is not None
+            assert (task.task_id, task.attempt) == (tid, 2)
+            again = await bob.call_tool(tid, "append", {"line": "once"}, idempotency_key="k")
+            assert again.replayed
+            assert again.result == {"wrote": "once"}
+        assert effects.read_text().splitlines() == ["once"]
+
+
+def phase(db: Path, task_id: str, key: str) -> str:
+    """The phase of a tool-call record, read from the control plane's database file."""
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
+        row = conn.execute(
+            "SELECT phase FROM tool_calls WHERE task_id = ? AND idempotency_key = ?",
+            (task_id, key),
+        ).fetchone()
+    return "" if row is None else {1: "STARTED", 2: "COMPLETED"}[row[0]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def control_procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    procs: list[subprocess.Popen[bytes]] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+async def test_outcome_kept_during_an_outage_is_recorded_without_a_retry(
+    tmp_path: Path, control_procs: list[subprocess.Popen[bytes]]
+) -> None:
+    """The control plane dies while a keyed tool runs: the agent hears UNAVAILABLE ("ran") and
+    never retries here; once the control plane is back, the sidecar records the outcome on its
+    own, so whoever runs the task next finds it."""
+    GATE.set()  # this tool does not wait
+    effects = tmp_path / "effects.txt"
+    listen = (
+        *("--listen", f"127.0.0.1:{free_port()}"),
+        *("--enroll-listen", f"127.0.0.1:{free_port()}"),
+    )
+    proc, address = spawn_control_cli(tmp_path, extra_args=listen)
+    control_procs.append(proc)
+    async with endpoint(address).admin() as client:
+        await client.put_policy(policy(effects))
+        tid = (await client.submit("work", b"{}")).task.task_id
+    async with (
+        start_sidecar(tmp_path, address, uplink_retry_budget_ms=300) as side,
+        side.agent("alice") as agent,
+    ):
+        assert await agent.claim("work") is not None
+        GATE.clear()
+        call = asyncio.create_task(
+            agent.call_tool(tid, "append", {"line": "kept"}, idempotency_key="k")
+        )
+        for _ in range(600):  # until the effect happened (the tool now waits)
+            if effects.exists() and effects.read_text():
+                break
+            await asyncio.sleep(0.05)
+        proc.kill()
+        proc.wait()
+        GATE.set()
+        with pytest.raises(E.Unavailable, match="ran, but the control plane is unreachable"):
+            await call
+        proc2, _ = spawn_control_cli(tmp_path, extra_args=listen)
+        control_procs.append(proc2)
+        recorded = ""
+        for _ in range(300):  # the sidecar's background retry: no agent call
+            recorded = await asyncio.to_thread(phase, tmp_path / "control.db", tid, "k")
+            if recorded == "COMPLETED":
+                break
+            await asyncio.sleep(0.1)
+        assert recorded == "COMPLETED"
+    assert effects.read_text().splitlines() == ["kept"]
