@@ -82,10 +82,10 @@ async def test_expired_task_verifies_strictly_and_a_running_one_does_not(tmp_pat
             assert task is not None
             await alice.start(expiring)
             await wait_state(cp, expiring, State.EXPIRED)  # the agent said nothing more
-            code, out, ends = await export_verify(cp, tmp_path, [expiring])
+            code, out, ends = await export_verify(cp, tmp_path, [expiring], "--json")
             assert code == 0, out
             assert ends == 1
-            assert "expired" in out
+            assert '"final_state": "expired"' in out
 
             task = await alice.claim("long")
             assert task is not None
