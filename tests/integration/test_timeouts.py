@@ -605,3 +605,92 @@ async def test_renew_lease_answers_with_the_reason_the_control_plane_ended_it(
             assert (got.end_reason, got.task_state) == (EndReason.CANCELED, State.CANCELED)
             with pytest.raises(E.TetherError):  # not its lease: no reason is told
                 await other.renew_lease(second.task_id, second.fencing_token, "node-2")
+
+
+# --------------------------------------------------------------------------- on the record
+
+
+async def _export_verify(
+    control: ControlHandle, tmp_path: Path, tasks: list[str], *flags: str
+) -> tuple[int, str]:
+    """Exports `tasks` and runs the real `tether verify` on the file (offline)."""
+    from tether.verify import encode_bundle
+    from tether.verify.bundle import bundle_from_proto
+
+    path = tmp_path / "bundle.json"
+    pub = tmp_path / "control.pub"
+    pub.write_bytes(control.key.public.pem())
+    deadline = time.monotonic() + 20
+    while True:  # receipts stream to the ledger in the background
+        bundle = bundle_from_proto(await control.client.export_bundle(tasks))
+        path.write_bytes(encode_bundle(bundle))
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "tether.cli", "verify", str(path), "--trust", str(pub), *flags],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if done.returncode == 0 or time.monotonic() > deadline:
+            return done.returncode, done.stdout + done.stderr
+        await asyncio.sleep(0.5)
+
+
+async def test_exported_bundle_verifies_and_shows_the_timeout_and_cancel_receipts(
+    tmp_path: Path,
+) -> None:
+    """A task stopped at its deadline mid-call and a task canceled mid-call export to a bundle
+    that `tether verify` accepts strictly, showing each end: which limit, which clock, when."""
+    async with env(tmp_path, policy("", EXEC_TICKER, ("ticker",))) as e:
+        timed = (
+            await e.control.client.submit("work", b"1", lease_ttl_ms=6000, deadline_ms=2500)
+        ).task
+        task = await e.claim()
+        with pytest.raises(E.TaskTimedOut):
+            await e.agent.call_tool(task.task_id, "ticker", {})
+        canceled = (await e.control.client.submit("work", b"2", lease_ttl_ms=3000)).task
+        task = await e.claim()
+        assert task.task_id == canceled.task_id
+        call = asyncio.ensure_future(e.agent.call_tool(task.task_id, "ticker", {}))
+        await asyncio.sleep(0.5)
+        await e.control.client.cancel(task.task_id, "operator stop")
+        with pytest.raises(E.TaskCanceled):
+            await call
+
+        async def ended() -> bool:
+            return (await e.task(timed.task_id)).state == State.EXPIRED
+
+        await until(ended)
+        ids = [timed.task_id, canceled.task_id]
+        code, out = await _export_verify(e.control, tmp_path, ids, "--json")
+        assert code == 0, out
+        report = json.loads(out[out.index("{") :])
+        tasks = {t["task_id"]: t for t in report["tasks"]}
+        ends = {
+            tid: [ev for ev in t["events"] if ev["ref"].startswith("control[")]
+            for tid, t in tasks.items()
+        }
+        (deadline,) = ends[timed.task_id]
+        (cancel,) = ends[canceled.task_id]
+        assert deadline["kind"] == "deadline"
+        assert "clock=control-plane" in deadline["detail"]
+        assert "state=expired" in deadline["detail"]
+        assert cancel["kind"] == "canceled"
+        assert 'reason="canceled: operator stop"' in cancel["detail"]
+        assert (tasks[timed.task_id]["final_state"], tasks[canceled.task_id]["final_state"]) == (
+            "expired",
+            "canceled",
+        )
+        stopped = [
+            ev
+            for ev in tasks[canceled.task_id]["events"]
+            if ev["kind"] == "tool_call" and "status=TASK_CANCELED" in ev["detail"]
+        ]
+        assert len(stopped) == 1  # the call in flight, on the record as stopped by the cancel
+        (limit,) = tasks[timed.task_id]["limits"][:1]
+        assert limit.startswith("deadline=")  # from the signed lease, shown by the verifier
+        assert tasks[timed.task_id]["limits"][1].startswith("attempt 1 granted=")
+        assert tasks[canceled.task_id]["limits"] == []  # no limit was set
+        code, human = await _export_verify(e.control, tmp_path, ids)
+        assert code == 0, human
+        assert "limit (signed lease)  deadline=" in human

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import collections
 import contextlib
 import dataclasses
 import fnmatch
@@ -225,9 +224,6 @@ class ControlService:
         self._waiters = _Waiters()
         self.policy_in_force = PolicyInForce(store, self.config.policy_max_staleness_ms)
         self.replica_id = self.config.replica_id or default_replica_id()
-        # Ends the control plane decided (time limits, cancels), for whoever records
-        # them; bounded so an unread list never grows without end.
-        self.ended: collections.deque[LapseOutcome] = collections.deque(maxlen=10_000)
 
     @property
     def _policy(self) -> Policy | None:
@@ -426,22 +422,6 @@ class ControlService:
             task_id, reason, self.clock.now_ms(), sign_end=self.end_signer("control-plane")
         )
         log.info("task canceled", extra={"task_id": task_id})
-        self.ended.append(
-            LapseOutcome(
-                task.task_id,
-                task.fencing_token,
-                task.state,
-                task.updated_unix_ms,
-                reason=EndReason.CANCELED,
-                limit_unix_ms=task.updated_unix_ms,
-                decided_unix_ms=task.updated_unix_ms,
-                attempt=task.attempt,
-                node_id=task.node_id,
-                agent_id=task.agent_id,
-                lease_id=task.lease_id,
-                clock="control-plane",
-            )
-        )
         return task
 
     def end_signer(self, clock: str) -> EndSigner:
@@ -684,7 +664,6 @@ class ControlService:
                     "state": o.state.name.lower(),
                 },
             )
-        self.ended.extend(o for o in out if o.reason is not EndReason.HEARTBEAT_TIMEOUT)
         if any(o.state is State.QUEUED for o in out):
             await self._waiters.notify()
         return out

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tether.agent import AgentClient, Task, retrying
-from tether.core.errors import BudgetExhausted, LeaseLost, NotOwner, TetherError
+from tether.core.errors import BudgetExhausted, LeaseLost, NotOwner, TaskTimedOut, TetherError
 
 
 def emit(event: str, **facts: Any) -> None:
@@ -45,9 +45,31 @@ async def write(client: AgentClient, task: Task, key: str) -> Any:
     return out
 
 
+async def overrun(client: AgentClient, task: Task) -> None:
+    """Writes once, then works past the task's deadline until the sidecar stops it."""
+    await write(client, task, f"{task.task_id}:before")
+    emit("overrunning", task_id=task.task_id, fencing_token=task.fencing_token)
+    try:
+        while True:  # a cooperative agent: its heartbeat tells it to stop
+            await client.heartbeat(task.task_id)
+            await asyncio.sleep(0.2)
+    except TaskTimedOut as err:
+        stopped = err.metadata.get("end_reason", "")
+    try:  # what an uncooperative agent would do next: refused before any side effect
+        await write(client, task, f"{task.task_id}:after")
+        late = "accepted"
+    except TetherError as err:
+        late = err.reason
+    emit("stopped", task_id=task.task_id, end_reason=stopped, late_write=late)
+
+
 async def handle(client: AgentClient, task: Task) -> None:
     spec = task.json() or {}
     kind = spec.get("kind", "write")
+    if kind == "overrun":
+        await retrying(lambda: client.start(task.task_id))
+        await overrun(client, task)
+        return
     async with client.keepalive(task):
         await retrying(lambda: client.start(task.task_id))
         emit("started", task_id=task.task_id, kind=kind, attempt=task.attempt,

@@ -42,6 +42,7 @@ MCP_AGENT = "mcp-agent"
 MCP_TASKS = 2
 TOOL_COST = 1_000
 LEASE_TTL_MS = 3_000
+OVERRUN_DEADLINE_MS = 4_000
 
 
 @dataclass
@@ -320,6 +321,13 @@ lease_ttl_ms = {LEASE_TTL_MS}
         )
         self.procs["agent-1"].kill()
         self.procs["agent-1"].wait()
+        overrun = (
+            await control.submit(
+                QUEUE, json.dumps({"kind": "overrun"}).encode(), deadline_ms=OVERRUN_DEADLINE_MS
+            )
+        ).task.task_id
+        submitted[overrun] = "overrun"
+        self.say(f"submitted a task whose agent will overrun its {OVERRUN_DEADLINE_MS} ms deadline")
 
         finals = await self.wait_terminal(control, list(submitted), timeout_s=90)
         await asyncio.sleep(0.5)
@@ -470,6 +478,7 @@ lease_ttl_ms = {LEASE_TTL_MS}
             ", ".join(f"{k}: {v}" for k, v in sorted(states.items())),
         )
         # Exactly-once: each task completed by exactly one agent.
+        overruns = [t for t, kind in submitted.items() if kind == "overrun"]
         completions: Counter[str] = Counter()
         tool_results: list[dict[str, Any]] = []
         for i in range(1, self.agents + 1):
@@ -480,9 +489,11 @@ lease_ttl_ms = {LEASE_TTL_MS}
                     tool_results.append(event)
         self.check(
             "each task completed exactly once",
-            all(completions[t] == 1 for t in submitted),
-            f"{sum(completions.values())} completions for {len(submitted)} tasks",
+            all(completions[t] == 1 for t in submitted if t not in overruns),
+            f"{sum(completions.values())} completions for {len(submitted) - len(overruns)} tasks "
+            "(the overrunning one ends at its deadline)",
         )
+        self.check_deadline(finals, overruns, api)
         # Credentials: the API saw the bearer token; agents never did.
         summary = api.state.summary()
         self.check(
@@ -526,6 +537,36 @@ lease_ttl_ms = {LEASE_TTL_MS}
         self.check_mcp_receipts()
         self.audit_secret()
         return self.summary(states, ok_bundle)
+
+    def check_deadline(self, finals: dict[str, Any], overruns: list[str], api: DemoApi) -> None:
+        """The overrunning task: expired at its deadline, its agent told why and refused."""
+        from tether.core.timeouts import end_reason_label
+
+        if not overruns:
+            return
+        task_id = overruns[0]
+        task = finals[task_id]
+        stopped = [
+            e for i in range(1, self.agents + 1) for e in self.agent_events(f"agent-{i}")
+            if e.get("event") == "stopped" and e.get("task_id") == task_id
+        ]  # fmt: skip
+        writes = [
+            w for w in api.state.summary()["writes"] if w["resource"] == f"/records/{task_id}"
+        ]
+        reason = end_reason_label(task.end_reason)
+        late = stopped[0].get("late_write", "") if stopped else ""
+        self.check(
+            "deadline stops a running task",
+            _state_name(task.state) == "expired"
+            and reason == "deadline"
+            and len(stopped) == 1
+            and stopped[0].get("end_reason") == "deadline"
+            and late == "TASK_TIMED_OUT"
+            and len(writes) == 1,
+            f"{_state_name(task.state)} ({reason or 'no reason'}); the agent's heartbeat said "
+            f"{stopped[0].get('end_reason') if stopped else 'nothing'}, its late write was "
+            f"{late or 'not tried'}; {len(writes)} write at the API (before the deadline)",
+        )
 
     def stale_write(self, api: DemoApi, task_id: str, token: int) -> tuple[bool, str]:
         """Replays a delayed write from the killed holder straight at the API."""

@@ -272,6 +272,8 @@ def render(report: Report, timeline: bool = True) -> str:
         for task in report.tasks:
             final = task.final_state or "open"
             lines.append(f"task {safe(task.task_id)}  [{final}]")
+            for limit in task.limits:
+                lines.append(f"  limit (signed lease)  {safe(limit)}")
             for e in task.events:
                 lines.append(
                     f"  {_ts(e.time_unix_ms)}  {safe(e.ref):<20} {e.kind:<14} {safe(e.detail)}"

@@ -165,6 +165,8 @@ class TaskReport:
     task_id: str
     events: list[Event] = field(default_factory=list)
     final_state: str = ""
+    limits: list[str] = field(default_factory=list)
+    """The time limits its signed leases name, one line per attempt and the deadline."""
 
 
 @dataclass
@@ -208,6 +210,7 @@ class Report:
                 {
                     "task_id": t.task_id,
                     "final_state": t.final_state,
+                    "limits": list(t.limits),
                     "events": [
                         {
                             "time_unix_ms": e.time_unix_ms,
@@ -918,6 +921,8 @@ class _Verifier:
         self.signers: set[str] = set()  # keyids of trusted keys that signed something here
         self.manifest: ExportManifest | None = None
         self.controls: list[tuple[int, ControlReceipt]] = []  # (index, verified control receipt)
+        # task -> {attempt: (first grant's issue time, attempt timeout due, task deadline)}
+        self.attempts: dict[str, dict[int, tuple[int, int, int]]] = defaultdict(dict)
 
     def fail(self, pos: int, check: str, ref: str, why: str) -> None:
         self.failures.append((pos, Failure(check, ref, why)))
@@ -1047,6 +1052,13 @@ class _Verifier:
                 self.fail(-1, "lease.signature", f"lease[{i}]", err.message)
                 continue
             grants[(lease.task_id, lease.fencing_token)].append(lease)
+            seen = self.attempts[lease.task_id].get(lease.attempt)
+            if seen is None or lease.issued_unix_ms < seen[0]:
+                self.attempts[lease.task_id][lease.attempt] = (
+                    lease.issued_unix_ms,
+                    lease.attempt_deadline_unix_ms,
+                    lease.task_deadline_unix_ms,
+                )
         return {
             key: _LeaseFacts(
                 holder=ls[0],
@@ -1619,6 +1631,7 @@ class _Verifier:
                 tr.final_state = state_name(c.state)
         for tr in tasks.values():
             tr.events.sort(key=lambda e: e.time_unix_ms)  # stable: bundle order on ties
+            tr.limits = _limit_lines(self.attempts.get(tr.task_id, {}))
         return Report(
             failures=[f for _, f in self.failures],
             entries=self.entries,
@@ -1649,6 +1662,31 @@ _KIND_NAMES = {int(k): k.name.lower() for k in ReceiptKind}
 _TASK_FINISHED = int(ReceiptKind.TASK_FINISHED)
 _FINAL_STATES = frozenset(int(s) for s in TERMINAL)
 _NODE_FINAL_STATES = frozenset({int(State.SUCCEEDED), int(State.FAILED)})
+
+
+def _limit_lines(attempts: dict[int, tuple[int, int, int]]) -> list[str]:
+    """The signed leases' limits: the task deadline, then each attempt's grant and timeout.
+
+    The gap between grants shows the retry delays the control plane kept.
+    """
+    deadlines = {d for _, _, d in attempts.values() if d}
+    lines = [f"deadline={_iso(d)}" for d in sorted(deadlines)]
+    previous = 0
+    for n in sorted(attempts):
+        issued, due, _ = attempts[n]
+        line = f"attempt {n} granted={_iso(issued)}"
+        if previous:
+            line += f" (+{issued - previous} ms after attempt {n - 1}'s grant)"
+        if due:
+            line += f" attempt_timeout_due={_iso(due)}"
+        lines.append(line)
+        previous = issued
+    return lines if deadlines or any(due for _, due, _ in attempts.values()) else []
+
+
+def _iso(unix_ms: int) -> str:
+    secs, ms = divmod(unix_ms, 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{ms:03d}Z"
 
 
 def _control_detail(c: ControlReceipt) -> str:
