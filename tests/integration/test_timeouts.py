@@ -691,6 +691,6 @@ async def test_exported_bundle_verifies_and_shows_the_timeout_and_cancel_receipt
         assert limit.startswith("deadline=")  # from the signed lease, shown by the verifier
         assert tasks[timed.task_id]["limits"][1].startswith("attempt 1 granted=")
         assert tasks[canceled.task_id]["limits"] == []  # no limit was set
-        code, human = await _export_verify(e.control, tmp_path, ids)
+        code, human = await _export_verify(e.control, tmp_path, ids, "--timeline")
         assert code == 0, human
         assert "limit (signed lease)  deadline=" in human
