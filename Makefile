@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BUF := node_modules/.bin/buf
 
-.PHONY: setup proto proto-check lint test fuzz flood chaos chaos-ci demo bench bench-quick clean
+.PHONY: setup proto proto-check lint test fuzz flood chaos chaos-ci chaos-replicas demo bench bench-quick clean
 
 # One progress line instead of pip's output; the full log stays in $(VENV)/setup.log
 # and its tail is shown when the install fails.
@@ -63,6 +63,12 @@ chaos-ci: $(STAMP)
 
 chaos: $(STAMP)
 	$(BIN)/python tests/chaos/run_chaos.py $(foreach s,$(CHAOS_SEEDS),--seed $(s))
+
+# Three replicas on PostgreSQL, four sidecars failing over between them, at least 200
+# faults per seed including replicas paused inside transactions and pg_terminate_backend,
+# a policy update mid-run (docs/operations.md, "Running several replicas").
+chaos-replicas: $(STAMP)
+	$(BIN)/python tests/chaos/run_chaos.py --replicas $(foreach s,$(CHAOS_SEEDS),--seed $(s))
 
 demo: $(STAMP)
 	$(BIN)/tether demo

@@ -42,6 +42,7 @@ CONTEXT_FIELDS = (
     "replica",
     "epoch",
     "tree_size",
+    "signed_unix_ms",
 )
 
 

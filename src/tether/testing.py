@@ -557,7 +557,10 @@ def spawn_sidecar_cli(
     key_path = base / "node.key"
     if not key_path.exists():
         SigningKey.generate().save(key_path, key_path.with_suffix(".pub"))
-    ep = endpoint(control_address)
+    # Several replicas ("a,b"): the first known one serves tokens and the trust bundle.
+    addresses = [a for a in control_address.split(",") if a]
+    ep = endpoint(next((a for a in addresses if a in _ENDPOINTS), addresses[0]))
+    enroll_addresses = ",".join(endpoint(a).enroll_address for a in addresses)
     enroll = base / "join.token"
     token = join_token if join_token is not None else sync_join_token(ep, node_id)
     write_private(enroll, (token + "\n").encode())
@@ -567,7 +570,7 @@ def spawn_sidecar_cli(
         "--control", control_address, "--node-id", node_id, "--key", str(key_path),
         "--socket", str(base / "tether.sock"), "--state-dir", str(base / "state"),
         "--join-token-file", str(enroll), "--trust-bundle", str(ep.pki.trust_bundle),
-        "--enroll", ep.enroll_address,
+        "--enroll", enroll_addresses,
     ]  # fmt: skip
     for name in agents:
         token_file = base / f"{name}.token"

@@ -23,12 +23,22 @@ not every interleaving.
 
 The number of control planes, the store (sqlite, postgres) and the fault kinds are
 parameters (`ChaosConfig`). See docs/testing.md.
+
+Several replicas on PostgreSQL (`make chaos-replicas`) add, with `failover`, one
+proxy per (sidecar, replica) so each sidecar fails over between replicas itself,
+two replica faults (`REPLICA_FAULTS`: `sigstop-control-tx`, a replica SIGSTOPped
+while one of its sessions is inside a transaction, and `pgkill-control`,
+pg_terminate_backend of every session of a replica), a policy update through one
+replica mid-run (every lease signed `policy_bound_ms` after it must carry the new
+digest), one checkpoint signer at a time (from the replicas' logs), and the
+agents' claim errors during replica faults, counted and reported.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import random
@@ -78,6 +88,8 @@ PROCESS_FAULTS = tuple(
 )
 NETWORK_FAULTS = ("partition", "delay")
 ALL_FAULTS = (*PROCESS_FAULTS, *NETWORK_FAULTS, "skew")
+REPLICA_FAULTS = ("sigstop-control-tx", "pgkill-control")
+"""Faults of control-plane replicas on PostgreSQL (store="postgres" only)."""
 TERMINAL_NAMES = frozenset(s.name.lower() for s in TERMINAL)
 
 
@@ -114,11 +126,22 @@ class ChaosConfig:
     postgres_admin_url: str = os.environ.get(
         "TETHER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
     )
+    failover: bool = False
+    """Each sidecar is given every replica (one proxy each) and fails over by itself,
+    instead of one proxy that forwards to any live replica."""
+    policy_update_at_s: float = 0.0
+    """When (into the window) a new policy version is applied through one replica; 0: never."""
+    policy_bound_ms: int = 1_000
+    """The replicas' --policy-max-staleness-ms: leases signed this long after the update
+    must carry the new digest."""
 
     def __post_init__(self) -> None:
-        unknown = set(self.fault_kinds) - set(ALL_FAULTS)
+        known = (*ALL_FAULTS, *REPLICA_FAULTS)
+        unknown = set(self.fault_kinds) - set(known)
         if unknown:
-            raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {ALL_FAULTS}")
+            raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {known}")
+        if set(self.fault_kinds) & set(REPLICA_FAULTS) and self.store != "postgres":
+            raise ValueError(f"{REPLICA_FAULTS} need store='postgres'")
         if self.store not in ("sqlite", "postgres"):
             raise ValueError("store must be sqlite or postgres")
         if self.control_planes > 1 and self.store != "postgres":
@@ -156,7 +179,7 @@ def schedule(cfg: ChaosConfig) -> list[Fault]:
     out = []
     for _ in range(cfg.faults):
         kind = rng.choice(kinds)
-        target_kind = kind.split("-")[-1]
+        target_kind = "control" if "control" in kind.split("-") else kind.split("-")[-1]
         count = {
             "agent": cfg.sidecars * cfg.agents_per_sidecar,
             "control": cfg.control_planes,
@@ -353,6 +376,9 @@ class Outcome:
     """Harness-side events worth knowing that are not invariant violations."""
     seconds: float = 0.0
     root: str = ""
+    replicas: dict[str, Any] = field(default_factory=dict)
+    """With several replicas: pauses inside transactions, checkpoint signers, the policy
+    update and the claim errors during replica faults."""
 
     def to_dict(self) -> dict[str, Any]:
         # Not dataclasses.asdict: it rebuilds a Counter from (key, count) pairs.
@@ -378,6 +404,23 @@ class Outcome:
             f" invariant violations: {len(self.violations)}",
             *[f"   {v}" for v in self.violations[:20]],
         ]
+        if self.replicas:
+            r = self.replicas
+            lines += [
+                f" replicas: {r.get('sigstop_in_tx', 0)} of {r.get('sigstop_tx_faults', 0)}"
+                " tx pauses caught a session inside a transaction; "
+                f"{r.get('pgkill_sessions', 0)} sessions terminated by pgkill",
+                f" checkpoint signings: {r.get('checkpoints_signed', 0)} by "
+                f"{r.get('checkpoint_terms', 0)} terms ({r.get('checkpoint_signers', [])})",
+                f" policy update: {r.get('policy_leases_after_bound', 0)} leases signed after the "
+                f"{self.config.get('policy_bound_ms')} ms bound, all with the new digest"
+                if r.get("policy_updated")
+                else " policy update: none",
+                f" claims: {r.get('claims', 0)} granted, {r.get('claim_errors', 0)} errors, "
+                f"{r.get('claim_errors_in_replica_faults', 0)} during replica faults (while the "
+                f"agent's own sidecar and link were up; {r.get('replica_fault_seconds', 0):.0f}s "
+                "of replica faults)",
+            ]
         if self.incidents:
             lines.append(f" incidents: {len(self.incidents)}")
             lines += [f"   {i}" for i in self.incidents[:10]]
@@ -407,6 +450,14 @@ class Cluster:
         self.sockets: list[Path] = [Path()] * cfg.sidecars
         self.join_tokens: dict[str, str] = {}
         self.proxies: list[tuple[LinkProxy, LinkProxy]] = []
+        self.replica_proxies: list[list[tuple[LinkProxy, LinkProxy]]] = []
+        """With `failover`: per sidecar, one (control, enrol) proxy pair per replica."""
+        self.replica_faults: list[tuple[float, float]] = []
+        """Wall-clock windows of faults on replicas (for the claim-error count)."""
+        self.sidecar_faults: dict[int, list[tuple[float, float]]] = defaultdict(list)
+        """Per sidecar, windows when it (or its link, or the agent) was faulted."""
+        self.policy_t0_ms = 0
+        self.policy_new_digest = ""
         self.agents = [
             Proc(f"agent-{s}-{a}", "agent", s * cfg.agents_per_sidecar + a)
             for s in range(cfg.sidecars)
@@ -454,6 +505,18 @@ class Cluster:
             await admin.put_secret("sink_token", self.sink_token.encode())
         pki = make_pki(self.pki_dir, [])
         for i in range(self.cfg.sidecars):
+            if self.cfg.failover:  # the sidecar itself chooses among the replicas
+                pairs = []
+                for r in range(self.cfg.control_planes):
+                    ctl = LinkProxy(f"control{r}<-{self.node_id(i)}", self._replica(r, False))
+                    enr = LinkProxy(f"enroll{r}<-{self.node_id(i)}", self._replica(r, True))
+                    await ctl.start()
+                    await enr.start()
+                    register_endpoint(ControlEndpoint(ctl.address, enr.address, pki))
+                    pairs.append((ctl, enr))
+                self.replica_proxies.append(pairs)
+                self.proxies.append(pairs[0])
+                continue
             ctl = LinkProxy(f"control<-{self.node_id(i)}", self._control_targets)
             enr = LinkProxy(f"enroll<-{self.node_id(i)}", self._enroll_targets)
             await ctl.start()
@@ -532,6 +595,20 @@ memory_scope = "task"
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
             )
 
+    def _replica(self, r: int, enroll: bool) -> Callable[[], list[str]]:
+        """Replica r's current address (it changes when the replica restarts)."""
+
+        def targets() -> list[str]:
+            addr = (self.enroll_addr if enroll else self.control_addr)[r]
+            return [addr] if addr and self.controls[r].alive() else []
+
+        return targets
+
+    def links(self, sidecar: int) -> list[LinkProxy]:
+        """Every proxy between sidecar `sidecar` and the replicas."""
+        pairs = self.replica_proxies[sidecar] if self.cfg.failover else [self.proxies[sidecar]]
+        return [p for pair in pairs for p in pair]
+
     def _control_targets(self) -> list[str]:
         return [a for p, a in zip(self.controls, self.control_addr, strict=True) if a and p.alive()]
 
@@ -543,7 +620,16 @@ memory_scope = "task"
             spawn_control_cli,
             self.root / "control",
             db=self.db_url or self.root / "control" / "control.db",
-            extra_args=["--sweep-interval-ms", "200", "--checkpoint-interval-ms", "1000"],
+            extra_args=[
+                "--sweep-interval-ms",
+                "200",
+                "--checkpoint-interval-ms",
+                "1000",
+                "--replica-id",
+                proc.name,
+                "--policy-max-staleness-ms",
+                str(self.cfg.policy_bound_ms),
+            ],
             timeout_s=90,
             policy=self.policy,
             log_name=f"{proc.name}.log",
@@ -558,6 +644,11 @@ memory_scope = "task"
         i = proc.index
         node = self.node_id(i)
         ctl, _ = self.proxies[i]
+        control = ctl.address
+        if self.cfg.failover:  # sidecar i prefers replica i mod N: load spread over all
+            pairs = self.replica_proxies[i]
+            k = i % len(pairs)
+            control = ",".join(c.address for c, _ in pairs[k:] + pairs[:k])
         if node not in self.join_tokens:
             ep = ControlEndpoint(
                 self._any_control(), self._any_enroll(), make_pki(self.pki_dir, [])
@@ -569,7 +660,7 @@ memory_scope = "task"
                 popen, sock, _ = await asyncio.to_thread(
                     spawn_sidecar_cli,
                     self.root,
-                    ctl.address,
+                    control,
                     node_id=node,
                     agents=names,
                     timeout_s=90,
@@ -662,20 +753,27 @@ memory_scope = "task"
     async def inject(self, fault: Fault) -> None:
         """Runs one fault to its end (the process is back, the link healed)."""
         if fault.kind in NETWORK_FAULTS:
-            ctl, enr = self.proxies[fault.target]
+            links = self.links(fault.target)
+            began = time.time()
             async with self.sidecars[fault.target].lock:
                 self.log(f"fault {fault.describe()}")
-                if fault.kind == "partition":
-                    ctl.blackhole()
-                    enr.blackhole()
-                else:
-                    ctl.delay_s = enr.delay_s = fault.delay_ms / 1000
+                for link in links:
+                    if fault.kind == "partition":
+                        link.blackhole()
+                    else:
+                        link.delay_s = fault.delay_ms / 1000
                 await asyncio.sleep(fault.hold_s)
-                ctl.heal()
-                enr.heal()
+                for link in links:
+                    link.heal()
+            self.sidecar_faults[fault.target].append((began, time.time()))
+            self.outcome.faults_by_kind[fault.kind] += 1
+            return
+        if fault.kind in REPLICA_FAULTS:
+            await self._replica_fault(fault)
             self.outcome.faults_by_kind[fault.kind] += 1
             return
         proc = self._target(fault)
+        began = time.time()
         async with proc.lock:
             if not proc.alive():
                 self.outcome.incidents.append(f"{fault.describe()}: {proc.name} was not running")
@@ -709,7 +807,168 @@ memory_scope = "task"
                 await asyncio.sleep(fault.restart_after_s)
                 await self._restart(proc)
                 proc.expected_exit = False
+        if proc.kind == "control":
+            self.replica_faults.append((began, time.time()))
+        else:
+            own = proc.index if proc.kind == "sidecar" else self.sidecar_of(proc)
+            self.sidecar_faults[own].append((began, time.time()))
         self.outcome.faults_by_kind[fault.kind] += 1
+
+    # -- replicas ---------------------------------------------------------------------
+
+    def _sessions(self, r: int) -> list[tuple[int, str]]:
+        """(pid, state) of replica r's database sessions (pool and listener)."""
+        import psycopg
+
+        name = self.controls[r].name
+        with psycopg.connect(self.db_url, autocommit=True) as conn:
+            rows = conn.execute(
+                "SELECT pid, coalesce(state, '') FROM pg_stat_activity"
+                " WHERE application_name IN (%s, %s) AND datname = current_database()",
+                (f"tether-control {name}", f"tether-control-listen {name}"),
+            ).fetchall()
+        return [(int(pid), str(state)) for pid, state in rows]
+
+    def _pause_in_append(self, r: int, wait_s: float = 2.5) -> None:
+        """SIGSTOPs replica r once one of its ledger appends waits on the ledger's lock,
+        which this holds meanwhile: released, the append takes the lock and the replica
+        sits paused inside its transaction holding it (or SIGSTOPs anyway after `wait_s`)."""
+        import psycopg
+
+        from tether.store.postgres import LEDGER_LOCK_KEY
+
+        name = f"tether-control {self.controls[r].name}"
+        with psycopg.connect(self.db_url, autocommit=True) as conn:
+            conn.execute("SELECT pg_advisory_lock(%s)", (LEDGER_LOCK_KEY,))
+            try:
+                deadline = time.monotonic() + wait_s
+                while time.monotonic() < deadline:
+                    row = conn.execute(
+                        "SELECT 1 FROM pg_stat_activity WHERE application_name = %s"
+                        " AND wait_event_type = 'Lock' AND datname = current_database()",
+                        (name,),
+                    ).fetchone()
+                    if row is not None:
+                        break
+                    time.sleep(0.005)
+                self.controls[r].signal(signal.SIGSTOP)
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(%s)", (LEDGER_LOCK_KEY,))
+
+    def _terminate(self, r: int) -> int:
+        import psycopg
+
+        pids = [pid for pid, _ in self._sessions(r)]
+        with psycopg.connect(self.db_url, autocommit=True) as conn:
+            for pid in pids:
+                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        return len(pids)
+
+    async def _replica_fault(self, fault: Fault) -> None:
+        """sigstop-control-tx: pause a replica inside a transaction; pgkill-control:
+        pg_terminate_backend every session of a replica (as a database failover would)."""
+        proc = self.controls[fault.target]
+        facts = self.outcome.replicas
+        async with proc.lock:
+            if not proc.alive():
+                await self._restart(proc)
+            began = time.time()
+            self.log(f"fault {fault.describe()} on {proc.name}")
+            if fault.kind == "pgkill-control":
+                n = await asyncio.to_thread(self._terminate, fault.target)
+                facts["pgkill_sessions"] = facts.get("pgkill_sessions", 0) + n
+            else:
+                facts["sigstop_tx_faults"] = facts.get("sigstop_tx_faults", 0) + 1
+                await asyncio.to_thread(self._pause_in_append, fault.target)
+                await asyncio.sleep(0.3)
+                states = {st for _, st in await asyncio.to_thread(self._sessions, fault.target)}
+                if "idle in transaction" in states:  # paused mid-transaction, locks held
+                    facts["sigstop_in_tx"] = facts.get("sigstop_in_tx", 0) + 1
+                await asyncio.sleep(fault.hold_s)
+                proc.signal(signal.SIGCONT)
+            self.replica_faults.append((began, time.time()))
+
+    async def update_policy(self) -> None:
+        """Applies a new policy version (same rules, a new digest) through one replica."""
+        from tether.core.policy import parse_policy
+
+        r = self.rng.randrange(self.cfg.control_planes)
+        text = self.policy + f"\n# revision 2, applied through {self.controls[r].name}\n"
+        pki = make_pki(self.pki_dir, [])
+        async with ControlClient(
+            self.control_addr[r], tls=pki.operator_tls(Role.ADMIN), timeout_s=30
+        ) as admin:
+            await admin.put_policy(text)
+        self.policy_t0_ms = int(time.time() * 1000)
+        self.policy_new_digest = parse_policy(text).digest
+        self.outcome.replicas["policy_updated"] = self.controls[r].name
+        self.log(f"policy revision 2 applied through {self.controls[r].name}")
+
+    def check_replicas(self, leases: list[Any]) -> None:
+        """The policy bound, one checkpoint signer per term, claim errors in replica faults."""
+        out, facts = self.outcome, self.outcome.replicas
+        if self.policy_t0_ms:
+            bound = self.policy_t0_ms + self.cfg.policy_bound_ms
+            late = [lease for lease in leases if lease.issued_unix_ms > bound]
+            stale = [x for x in late if x.policy_digest != self.policy_new_digest]
+            facts["policy_leases_after_bound"] = len(late)
+            for lease in stale[:5]:
+                out.violations.append(
+                    f"lease {lease.task_id}/{lease.fencing_token} signed "
+                    f"{lease.issued_unix_ms - self.policy_t0_ms} ms after the policy update "
+                    f"carries the old digest (bound {self.cfg.policy_bound_ms} ms)"
+                )
+            if len(stale) > 5:
+                out.violations.append(f"{len(stale) - 5} more stale-policy leases")
+        signings: list[tuple[int, str, int]] = []
+        for proc in self.controls:
+            log = self.root / "control" / f"{proc.name}.log"
+            for line in log.read_text().splitlines() if log.exists() else []:
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    doc = json.loads(line)
+                    if doc.get("msg") == "checkpoint signed":
+                        signings.append(
+                            (int(doc["signed_unix_ms"]), str(doc["replica"]), int(doc["epoch"]))
+                        )
+        signings.sort()
+        terms: dict[int, set[str]] = defaultdict(set)
+        for _, replica, epoch in signings:
+            terms[epoch].add(replica)
+        facts["checkpoints_signed"] = len(signings)
+        facts["checkpoint_terms"] = len(terms)
+        facts["checkpoint_signers"] = sorted({r for rs in terms.values() for r in rs})
+        for epoch, replicas in terms.items():
+            if len(replicas) > 1:
+                out.violations.append(f"checkpoint term {epoch} signed by {sorted(replicas)}")
+        epochs = [e for _, _, e in signings]
+        back = [(a, b) for a, b in itertools.pairwise(epochs) if b < a]
+        if back:
+            out.violations.append(
+                f"a checkpoint of an earlier term signed after a later one: terms {back[:3]}"
+            )
+        claims = errors = during = 0
+        for agent in self.agents:
+            log = self.root / "logs" / f"{agent.name}.log"
+            own = self.sidecar_faults[self.sidecar_of(agent)]
+            for line in log.read_text().splitlines() if log.exists() else []:
+                with contextlib.suppress(ValueError):
+                    doc = json.loads(line)
+                    if doc.get("event") == "claimed":
+                        claims += 1
+                    elif doc.get("event") == "claim_failed":
+                        errors += 1
+                        t = float(doc.get("t", 0))
+                        # A replica's fault, not the agent's own sidecar or link being down.
+                        if any(a <= t <= b + 5 for a, b in self.replica_faults) and not any(
+                            a <= t <= b + 10 for a, b in own
+                        ):
+                            during += 1
+        facts.update(
+            claims=claims,
+            claim_errors=errors,
+            claim_errors_in_replica_faults=during,
+            replica_fault_seconds=sum(b - a for a, b in self.replica_faults),
+        )
 
     async def watch(self) -> None:
         """Notes processes that exit without being told to, and restarts them."""
@@ -775,9 +1034,9 @@ memory_scope = "task"
         self._stopping = True
         for group in (self.agents, self.sidecars, self.controls, [self.sink]):
             await self.stop(group)
-        for ctl, enr in self.proxies:
-            await ctl.close()
-            await enr.close()
+        for i in range(len(self.proxies)):
+            for link in self.links(i):
+                await link.close()
         if self._admin is not None:
             await self._admin.close()
         if self.db_url:
@@ -860,9 +1119,13 @@ memory_scope = "task"
                     continue
                 if receipt.kind == ReceiptKind.TASK_FINISHED:
                     finals[receipt.task_id].append(receipt.final_state)
+            leases = []
             for env in bundle.leases:
                 lease = decode_lease(env.payload)
+                leases.append(lease)
                 grants[lease.task_id].append((lease.issued_unix_ms, lease.fencing_token))
+            if self.cfg.control_planes > 1:
+                self.check_replicas(leases)
         out.ledger_entries = sum(ledger.values())
         for tid, t in tasks.items():
             if state_name(t.state) not in TERMINAL_NAMES:
@@ -1000,14 +1263,23 @@ async def run_chaos(cfg: ChaosConfig, progress: Callable[[str], None] = print) -
             except Exception as err:  # a harness failure is reported, not raised
                 cluster.outcome.incidents.append(f"{fault.describe()}: {err!r}"[:300])
 
+        async def update_policy() -> None:
+            await asyncio.sleep(max(0.0, window + cfg.policy_update_at_s - time.monotonic()))
+            try:
+                await cluster.update_policy()
+            except Exception as err:
+                cluster.outcome.incidents.append(f"policy update: {err!r}"[:300])
+
         submitter = asyncio.create_task(cluster.submit_all())
         firing = [asyncio.create_task(fire(f)) for f in plan]
+        if cfg.policy_update_at_s:
+            firing.append(asyncio.create_task(update_policy()))
         await submitter
         await asyncio.gather(*firing)
         progress(f"  faults done ({sum(cluster.outcome.faults_by_kind.values())}); settling")
-        for ctl, enr in cluster.proxies:
-            ctl.heal()
-            enr.heal()
+        for i in range(cfg.sidecars):
+            for link in cluster.links(i):
+                link.heal()
         tasks = await cluster.settle()
         cluster._stopping = True
         watcher.cancel()

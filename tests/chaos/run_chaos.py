@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from chaos_harness import ALL_FAULTS, ChaosConfig, Outcome, run_chaos
+from chaos_harness import ALL_FAULTS, REPLICA_FAULTS, ChaosConfig, Outcome, run_chaos
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,10 +39,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--faults-of",
         default=",".join(ALL_FAULTS),
-        help=f"comma-separated fault kinds (default all: {','.join(ALL_FAULTS)})",
+        help=f"comma-separated fault kinds (default all: {','.join(ALL_FAULTS)}; with "
+        f"--store postgres also {','.join(REPLICA_FAULTS)})",
+    )
+    p.add_argument(
+        "--failover",
+        action="store_true",
+        help="give each sidecar every replica (it fails over by itself)",
+    )
+    p.add_argument(
+        "--policy-update-at",
+        type=float,
+        default=0.0,
+        help="seconds into the window to apply a new policy version through one replica",
+    )
+    p.add_argument(
+        "--replicas",
+        action="store_true",
+        help="the multi-replica scenario: 3 replicas on PostgreSQL, 4 sidecars, failover, "
+        "every fault kind including the replica ones, a policy update mid-run",
     )
     p.add_argument("--root", type=Path, default=Path(".chaos"), help="state directory")
     args = p.parse_args(argv)
+    if args.replicas:
+        args.control_planes, args.sidecars, args.store, args.failover = 3, 4, "postgres", True
+        args.faults_of = ",".join((*ALL_FAULTS, *REPLICA_FAULTS))
+        args.policy_update_at = args.policy_update_at or args.duration / 2
     seeds = args.seed or [1, 2, 3]
     outcomes: list[Outcome] = []
     started = time.monotonic()
@@ -55,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             agents_per_sidecar=args.agents_per_sidecar, control_planes=args.control_planes,
             store=args.store, fault_kinds=tuple(k for k in args.faults_of.split(",") if k),
             settle_timeout_s=max(240.0, args.duration),
+            failover=args.failover, policy_update_at_s=args.policy_update_at,
         )  # fmt: skip
         outcome = asyncio.run(run_chaos(cfg))
         print(outcome.summary(), flush=True)

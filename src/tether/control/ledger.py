@@ -581,6 +581,8 @@ class Ledger:
                 "checkpoint signed",
                 extra={
                     "tree_size": cp.tree_size,
+                    # Taken right after the term check, before signing (no await between).
+                    "signed_unix_ms": cp.timestamp_unix_ms,
                     "replica": leader.holder if leader else "",
                     "epoch": leader.epoch if leader else 0,
                 },

@@ -142,6 +142,9 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations" / "postgres"
 _LOCK_MIGRATIONS = 0x7465746865720001
 _LOCK_POLICIES = 0x7465746865720002
 _LOCK_LEDGER = 0x7465746865720003
+LEDGER_LOCK_KEY = _LOCK_LEDGER
+"""The advisory lock every ledger append takes (chaos tests hold it to pause a replica
+inside its append transaction)."""
 _LOCK_SECRETS = 0x74650003  # int4 class; hashtext(name) is the second key
 
 _DB_NOW_MS = "(extract(epoch from clock_timestamp()) * 1000)::bigint"
