@@ -312,3 +312,34 @@ def test_full_export_of_100k_receipts_streams_in_bounded_memory(ledger: Ledger) 
     assert b'"manifest":{"payload":"' in tail
     assert tail.endswith(b"}}\n")
     assert not (ledger.tmp / "all.json.partial").exists()
+
+
+def test_export_cut_by_a_dying_control_plane_leaves_no_bundle(ledger: Ledger) -> None:
+    """A control plane killed in the middle of a full export: the CLI fails with one line
+    (no traceback), and neither the bundle nor its .partial file is left behind."""
+    # A second control plane process over the same database, so the module's stays up.
+    proc, address = spawn_control_cli(ledger.tmp, vault=False, timeout_s=60)
+    out = ledger.tmp / "cut.json"
+    partial = ledger.tmp / "cut.json.partial"
+    try:
+        cli = subprocess.Popen(
+            [
+                sys.executable, "-m", "tether.cli", "receipts", "export",
+                *operator_args(endpoint(address), Role.AUDITOR), "--all", "--out", str(out),
+            ],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and cli.poll() is None:
+            if partial.exists() and partial.stat().st_size > 20 * 2**20:
+                break
+            time.sleep(0.05)
+        assert cli.poll() is None, "the export ended before it could be cut"
+        proc.kill()
+        _, err = cli.communicate(timeout=60)
+    finally:
+        _stop(proc)
+    assert cli.returncode != 0
+    assert "Traceback" not in err
+    assert not out.exists()
+    assert not partial.exists()
