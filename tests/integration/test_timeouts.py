@@ -694,3 +694,36 @@ async def test_exported_bundle_verifies_and_shows_the_timeout_and_cancel_receipt
         code, human = await _export_verify(e.control, tmp_path, ids, "--timeline")
         assert code == 0, human
         assert "limit (signed lease)  deadline=" in human
+
+
+async def test_heartbeat_timeout_retries_then_expires_with_its_reason(tmp_path: Path) -> None:
+    """An agent that goes silent loses each lease at the heartbeat timeout (the TTL); with
+    attempts spent the task ends expired with reason heartbeat_timeout, the delay between
+    attempts following the retry policy."""
+    queue = """
+lease_ttl_ms = 1000
+max_attempts = 2
+[queues.work.retry]
+initial_interval_ms = 700
+"""
+    async with (
+        start_control(tmp_path, policy=policy(queue), sweep_interval_ms=100) as control,
+        start_sidecar(tmp_path, control.address, agent_liveness_ms=200) as side,
+        side.agent("alice") as agent,
+    ):
+        submitted = (await control.client.submit("work", b"{}")).task
+        for attempt in (1, 2):
+            task = await agent.claim("work", wait_ms=10_000)
+            assert task is not None
+            assert task.attempt == attempt  # then silence: no heartbeat, no call
+
+        async def expired() -> bool:
+            got = (await control.client.get_task(submitted.task_id)).task
+            return got.state == State.EXPIRED
+
+        await until(expired)
+        got = (await control.client.get_task(submitted.task_id)).task
+        assert got.end_reason == EndReason.HEARTBEAT_TIMEOUT
+        (_, first, o1), (_, second, o2) = grants(await attempts(control, submitted.task_id))
+        assert (o1, o2) == ("lapsed", "lapsed")
+        assert second - first >= 1000 + 700  # the TTL ran out, then the retry delay
