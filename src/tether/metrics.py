@@ -107,14 +107,49 @@ BUDGET_SPENT = Counter(
     registry=COUNTERS,
 )
 
+# Series an alert may name exist from the start (at 0), not only after their first event.
+for _outcome in ("queued", "expired"):
+    LEASES_EXPIRED.labels(_outcome)
+for _reason in ("POLICY_DENIED", "BUDGET_EXHAUSTED", "RESOURCE_EXHAUSTED"):
+    DENIALS.labels(_reason)
+
+CONTROL_ONLY = frozenset(
+    {
+        "tether_leases_granted",
+        "tether_leases_renewed",
+        "tether_leases_expired",
+        "tether_auth_refusals",
+    }
+)
+"""Counters only a control plane moves: a sidecar's endpoint does not show them."""
+SIDECAR_ONLY = frozenset(
+    {
+        "tether_tool_calls",
+        "tether_denials",
+        "tether_denials_unrecorded",
+        "tether_budget_spent_micros",
+    }
+)
+"""Counters only a sidecar moves: a control plane's endpoint does not show them."""
+
 SCRAPE_TIMEOUT_S = 2.0
 
 
 class _Shared(Collector):
-    """Re-exports the process-wide counters into one endpoint's registry."""
+    """Re-exports the process-wide counters into one endpoint's registry.
+
+    With `server` ("control" or "sidecar") only that server's counters and the
+    shared ones: a sidecar's /metrics showing a control plane's lease counters at
+    0 would read as "no leases", which is not what it means.
+    """
+
+    def __init__(self, server: str | None = None) -> None:
+        self._hide: frozenset[str] = {"control": SIDECAR_ONLY, "sidecar": CONTROL_ONLY}.get(
+            server or "", frozenset()
+        )
 
     def collect(self) -> Iterable[Any]:
-        return COUNTERS.collect()
+        return [m for m in COUNTERS.collect() if m.name not in self._hide]
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop, make: Callable[[], Awaitable[Any]]) -> Any:
@@ -204,8 +239,12 @@ class MetricsServer:
         self._thread.join(timeout=5)
 
 
-def serve(listen: str, collectors: Iterable[Collector] = ()) -> MetricsServer:
+def serve(
+    listen: str, collectors: Iterable[Collector] = (), server: str | None = None
+) -> MetricsServer:
     """Serves Prometheus text format on http://`listen`/metrics ("host:port", port 0 ok).
+
+    `server` ("control" or "sidecar") leaves out the other server's counters.
 
     Raises:
         ConfigError: `listen` is malformed or cannot be bound.
@@ -215,7 +254,7 @@ def serve(listen: str, collectors: Iterable[Collector] = ()) -> MetricsServer:
     if not sep or not host or not port.isdigit():
         raise ConfigError(f"metrics_listen: {listen!r} is not host:port")
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Shared())
+    registry.register(_Shared(server))
     ProcessCollector(registry=registry)
     for collector in collectors:
         registry.register(collector)

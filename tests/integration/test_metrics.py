@@ -87,6 +87,26 @@ async def test_counters_move_when_a_task_runs(tmp_path: Path) -> None:
     assert after_s["tether_spool_depth"] == 0  # CompleteTask waited for the ledger's ack
     assert after_s["tether_receipt_stream_lag_seconds"] == 0
     assert "process_cpu_seconds_total" in after_s
+    # Each endpoint shows its own server's counters only (and the shared ones).
+    assert not [k for k in after_s if k.startswith(("tether_leases_", "tether_auth_refusals"))]
+    assert not [k for k in after_c if k.startswith(("tether_tool_calls", "tether_denials"))]
+
+
+async def test_alerting_series_exist_before_their_first_event(tmp_path: Path) -> None:
+    """tether_leases_expired_total and tether_denials_total are scraped at 0 from the start,
+    so an alert on them (docs/deploy.md) has a series to watch before anything lapsed."""
+    async with (
+        start_control(tmp_path, metrics_listen="127.0.0.1:0", vault=False) as cp,
+        start_sidecar(tmp_path, cp.address, metrics_listen="127.0.0.1:0") as side,
+    ):
+        assert cp.running.metrics is not None
+        assert side.sidecar.metrics is not None
+        control = await scrape(cp.running.metrics.address)
+        sidecar = await scrape(side.sidecar.metrics.address)
+    for outcome in ("queued", "expired"):
+        assert f'tether_leases_expired_total{{outcome="{outcome}"}}' in control
+    for reason in ("POLICY_DENIED", "BUDGET_EXHAUSTED"):
+        assert f'tether_denials_total{{reason="{reason}"}}' in sidecar
 
 
 def test_bad_metrics_address_is_a_config_error() -> None:

@@ -326,7 +326,9 @@ async def start_server(
     if metrics_listen:
         try:
             running.metrics = serve_metrics(
-                metrics_listen, [TasksCollector(service, asyncio.get_running_loop())]
+                metrics_listen,
+                [TasksCollector(service, asyncio.get_running_loop())],
+                server="control",
             )
         except ConfigError:
             await running.stop(grace_s=0)

@@ -226,7 +226,7 @@ class Sidecar:
             collectors = []
             if isinstance(sink, ReceiptSpool):
                 collectors.append(SpoolCollector(sink, self.clock, asyncio.get_running_loop()))
-            self.metrics = serve_metrics(cfg.metrics_listen, collectors)
+            self.metrics = serve_metrics(cfg.metrics_listen, collectors, server="sidecar")
         log.info("sidecar serving", extra={"node_id": cfg.node_id})
         if cfg.ready_file is not None:
             cfg.ready_file.write_text(f"{os.getpid()}\n")
