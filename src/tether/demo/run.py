@@ -328,8 +328,13 @@ lease_ttl_ms = {LEASE_TTL_MS}
         ).task.task_id
         submitted[overrun] = "overrun"
         self.say(f"submitted a task whose agent will overrun its {OVERRUN_DEADLINE_MS} ms deadline")
+        self.say(
+            f"waiting for its lease to lapse: nobody renews it now, so within the "
+            f"{LEASE_TTL_MS / 1000:.0f} s TTL (the control plane's clock) the sweeper ends it "
+            "and the task is queued again for another agent (takes a few seconds)"
+        )
 
-        finals = await self.wait_terminal(control, list(submitted), timeout_s=90)
+        finals = await self.wait_terminal(control, list(submitted), timeout_s=90, watch=slow)
         await asyncio.sleep(0.5)
         return await self.report(api, control, address, submitted, slow, retry, budget,
                                  first_token, finals, agent_node, sockets)  # fmt: skip
@@ -437,12 +442,23 @@ lease_ttl_ms = {LEASE_TTL_MS}
             self.shown[agent] = len(events)
 
     async def wait_terminal(
-        self, control: ControlClient, ids: list[str], timeout_s: float
+        self, control: ControlClient, ids: list[str], timeout_s: float, watch: str = ""
     ) -> dict[str, Any]:
+        """Polls until every task is terminal, saying what changes (and the `watch` task's
+        attempts and tokens, so a lease lapse and its takeover are visible as they happen)."""
         deadline = time.monotonic() + timeout_s
         last = ""
+        watched = ""
         while True:
             tasks = {tid: (await control.get_task(tid)).task for tid in ids}
+            if watch in tasks:
+                t = tasks[watch]
+                now = (
+                    f"{_state_name(t.state)}, attempt {t.attempt}, fencing token {t.fencing_token}"
+                )
+                if now != watched:
+                    self.say(f"slow task: {now}")
+                    watched = now
             counts = Counter(_state_name(t.state) for t in tasks.values())
             line = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
             self.show_agent_events()
@@ -762,7 +778,16 @@ def run_demo(root: Path, *, agents: int, tasks: int, keep: bool) -> int:
     env_secret = os.environ.get("TETHER_DEMO_SECRET", "")
     secret = env_secret.encode() if env_secret else secrets.token_urlsafe(32).encode()
     demo = Demo(root=root.resolve(), agents=agents, tasks=tasks, keep=keep, secret=secret)
-    code = asyncio.run(demo.run())
+    try:
+        code = asyncio.run(demo.run())
+    except KeyboardInterrupt:
+        demo.stop_all()  # idempotent: the run's own clean-up may have done it already
+        print(
+            f"\ntether demo: interrupted (Ctrl-C); stopped the control plane, sidecars and "
+            f"agents it started. Logs and state so far: {demo.root}",
+            file=sys.stderr,
+        )
+        return 130
     if keep:
         with contextlib.suppress(KeyboardInterrupt):
             signal.pause()
