@@ -32,7 +32,7 @@ def test_demo_holds_every_fact_and_leaks_no_secret(tmp_path: Path) -> None:
     assert "ALL FACTS HELD" in out
     assert "tether verify" in out
     assert "VALID:" in out
-    assert "waiting for its lease to lapse" in out  # it says what the pause is for
+    assert "lease on the slow task to lapse" in out  # it says what the pause is for
     assert "slow task: succeeded, attempt 2" in out
     forms = [
         secret.encode(),

@@ -329,9 +329,9 @@ lease_ttl_ms = {LEASE_TTL_MS}
         submitted[overrun] = "overrun"
         self.say(f"submitted a task whose agent will overrun its {OVERRUN_DEADLINE_MS} ms deadline")
         self.say(
-            f"waiting for its lease to lapse: nobody renews it now, so within the "
-            f"{LEASE_TTL_MS / 1000:.0f} s TTL (the control plane's clock) the sweeper ends it "
-            "and the task is queued again for another agent (takes a few seconds)"
+            "waiting for agent-1's lease on the slow task to lapse: nobody renews it now, so "
+            f"within the {LEASE_TTL_MS / 1000:.0f} s TTL (the control plane's clock) the sweeper "
+            "ends it and the task is queued again for another agent (takes a few seconds)"
         )
 
         finals = await self.wait_terminal(control, list(submitted), timeout_s=90, watch=slow)
