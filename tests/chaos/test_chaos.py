@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import sqlite3
 from pathlib import Path
 from types import SimpleNamespace
@@ -39,6 +40,14 @@ from tether.verify.bundle import encode_bundle
 
 def _seed() -> int:
     return int(os.environ.get("TETHER_CHAOS_SEED") or random.SystemRandom().randrange(1, 10**6))
+
+
+def _state_dir(seed: int) -> Path:
+    """A fresh .chaos/ci-seed-N (or under TETHER_CHAOS_DIR), kept for a post-mortem outside
+    pytest's temporary directories, which later runs prune."""
+    root = Path(os.environ.get("TETHER_CHAOS_DIR", ".chaos")).resolve() / f"ci-seed-{seed}"
+    shutil.rmtree(root, ignore_errors=True)
+    return root
 
 
 def test_schedule_is_a_function_of_the_seed(tmp_path: Path) -> None:
@@ -116,12 +125,13 @@ def test_faketime_skews_python_wall_clock() -> None:
 @pytest.mark.chaos
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-async def test_chaos_ci_mode(tmp_path: Path) -> None:
+async def test_chaos_ci_mode() -> None:
     """Under about 40 seeded faults of every kind, every invariant holds and the export verifies."""
     if faketime_lib() is None:
         pytest.fail("clock-skew faults need libfaketime: apt-get install faketime (.ci/run does)")
     seed = _seed()
-    cfg = ChaosConfig(seed=seed, root=tmp_path / f"chaos-{seed}", tasks=60, faults=40,
+    root = _state_dir(seed)
+    cfg = ChaosConfig(seed=seed, root=root, tasks=60, faults=40,
                       duration_s=90)  # fmt: skip
     outcome = await run_chaos(cfg, progress=print)
     print(outcome.summary())
