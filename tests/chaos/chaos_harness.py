@@ -86,7 +86,7 @@ PROCESS_FAULTS = tuple(
     for sig in ("sigkill", "sigstop", "sigterm")
     for target in ("agent", "sidecar", "control")
 )
-NETWORK_FAULTS = ("partition", "delay")
+NETWORK_FAULTS = ("partition", "delay", "outage")
 ALL_FAULTS = (*PROCESS_FAULTS, *NETWORK_FAULTS, "skew")
 REPLICA_FAULTS = ("sigstop-control-tx", "pgkill-control")
 """Faults of control-plane replicas on PostgreSQL (store="postgres" only)."""
@@ -193,7 +193,7 @@ def schedule(cfg: ChaosConfig) -> list[Fault]:
                     rng.uniform(1.3 * ttl, 2.2 * ttl)
                     if kind.startswith("sigstop")
                     else rng.uniform(1.0, 2.5 * ttl)
-                    if kind == "partition"
+                    if kind in ("partition", "outage")
                     else rng.uniform(2.0, 6.0)
                     if kind == "delay"
                     else 0.0,
@@ -750,8 +750,29 @@ memory_scope = "task"
         else:
             self._spawn_agent(proc)
 
+    async def _outage(self, fault: Fault) -> None:
+        """Every sidecar cut from every control plane at once (the control plane keeps
+        running: it sweeps the lapsed leases while no node can reach it)."""
+        async with contextlib.AsyncExitStack() as stack:
+            for sidecar in self.sidecars:  # in index order: no deadlock with one-lock faults
+                await stack.enter_async_context(sidecar.lock)
+            began = time.time()
+            self.log(f"fault {fault.describe()}")
+            links = [link for i in range(self.cfg.sidecars) for link in self.links(i)]
+            for link in links:
+                link.blackhole()
+            await asyncio.sleep(fault.hold_s)
+            for link in links:
+                link.heal()
+            for i in range(self.cfg.sidecars):
+                self.sidecar_faults[i].append((began, time.time()))
+        self.outcome.faults_by_kind[fault.kind] += 1
+
     async def inject(self, fault: Fault) -> None:
         """Runs one fault to its end (the process is back, the link healed)."""
+        if fault.kind == "outage":
+            await self._outage(fault)
+            return
         if fault.kind in NETWORK_FAULTS:
             links = self.links(fault.target)
             began = time.time()
