@@ -89,10 +89,10 @@ class Env:
 
 
 @contextlib.asynccontextmanager
-async def env(tmp_path: Path, doc: str) -> AsyncIterator[Env]:
+async def env(tmp_path: Path, doc: str, db: str | None = None) -> AsyncIterator[Env]:
     """Both servers under `doc` (sweeper every 100 ms) and alice's client."""
     async with (
-        start_control(tmp_path, policy=doc, sweep_interval_ms=100) as control,
+        start_control(tmp_path, policy=doc, sweep_interval_ms=100, db=db) as control,
         start_sidecar(tmp_path, control.address, agent_liveness_ms=120_000) as side,
         side.agent("alice") as agent,
     ):
@@ -727,3 +727,39 @@ initial_interval_ms = 700
         (_, first, o1), (_, second, o2) = grants(await attempts(control, submitted.task_id))
         assert (o1, o2) == ("lapsed", "lapsed")
         assert second - first >= 1000 + 700  # the TTL ran out, then the retry delay
+
+
+@pytest.mark.postgres
+async def test_on_postgresql_the_databases_clock_decides_and_is_on_the_record(
+    tmp_path: Path,
+) -> None:
+    """With a PostgreSQL store the deadline is judged by the database's clock: the task ends
+    expired/deadline and its control receipt says clock=database."""
+    from test_trust_boundaries import fresh_postgres
+
+    with fresh_postgres() as url:
+        async with env(tmp_path, policy("", EXEC_TICKER, ("ticker",)), db=url) as e:
+            timed = (
+                await e.control.client.submit("work", b"1", lease_ttl_ms=6000, deadline_ms=2500)
+            ).task
+            task = await e.claim()
+            with pytest.raises(E.TaskTimedOut):
+                await e.agent.call_tool(task.task_id, "ticker", {})
+            await tree_gone(e.workspace(task.task_id) / "ticks.txt")
+
+            async def ended() -> bool:
+                return (await e.task(timed.task_id)).state == State.EXPIRED
+
+            await until(ended)
+            assert (await e.task(timed.task_id)).end_reason == EndReason.DEADLINE
+            code, out = await _export_verify(e.control, tmp_path, [timed.task_id], "--json")
+            assert code == 0, out
+            report = json.loads(out[out.index("{") :])
+            (end,) = [
+                ev
+                for t in report["tasks"]
+                for ev in t["events"]
+                if ev["ref"].startswith("control[")
+            ]
+            assert end["kind"] == "deadline"
+            assert "clock=database" in end["detail"]
