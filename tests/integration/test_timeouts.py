@@ -309,6 +309,13 @@ non_retryable_reasons = ["bad-input"]
         assert await e.agent.claim("work", wait_ms=800) is None  # never offered again
         got = await e.task(listed.task_id)
         assert (got.attempt, got.end_reason) == (1, EndReason.NON_RETRYABLE)
+        # Attempt 1's task_finished says queued (retried), attempt 2's failed: one final each.
+        code, out = await _export_verify(
+            e.control, tmp_path, [flaky.task_id, listed.task_id], "--json"
+        )
+        assert code == 0, out
+        finals = {t["task_id"]: t["final_state"] for t in json.loads(out)["tasks"]}
+        assert finals == {flaky.task_id: "failed", listed.task_id: "failed"}
 
 
 # --------------------------------------------------------------------------- schedule-to-start
