@@ -26,6 +26,7 @@ import mcp_bench
 import peers
 import replicas_bench
 import sidecar_bench
+import timeouts_bench
 import verify_bench
 
 HERE = Path(__file__).resolve().parent
@@ -39,14 +40,14 @@ def sizes(quick: bool) -> dict[str, int]:
             "lease_tasks": 2_000, "claim_small": 1_000, "claim_large": 50_000, "claims": 200,
             "ingest": 5_000, "verify": 5_000, "serial_calls": 200, "agents": 64,
             "calls_per_agent": 5, "pg_jobs": 2_000, "replica_tasks": 600,
-            "ledger_small": 1_000, "ledger_large": 20_000,
+            "ledger_small": 1_000, "ledger_large": 20_000, "timeout_rounds": 5,
         }  # fmt: skip
     return {
         "echo": 20_000, "sign": 20_000, "sqlite": 20_000, "concurrency": 32,
         "lease_tasks": 20_000, "claim_small": 1_000, "claim_large": 1_000_000, "claims": 1_000,
         "ingest": 50_000, "verify": 100_000, "serial_calls": 2_000, "agents": 64,
         "calls_per_agent": 40, "pg_jobs": 20_000, "replica_tasks": 6_000,
-        "ledger_small": 10_000, "ledger_large": 500_000,
+        "ledger_small": 10_000, "ledger_large": 500_000, "timeout_rounds": 20,
     }  # fmt: skip
 
 
@@ -127,6 +128,10 @@ def run(quick: bool, only: set[str] | None = None) -> dict[str, Any]:
             results["mcp_current_overhead_vs_calltool_p50_ms"] = round(
                 m["mcp_current_p50_ms"] - m["grpc_calltool_p50_ms"], 3
             )
+        if want("timeouts"):
+            t = asyncio.run(timeouts_bench.timeouts_run(tmp / "timeouts", n["timeout_rounds"]))
+            for key, value in t.items():
+                results[key] = round(value, 1) if isinstance(value, float) else value
         if want("verify"):
             v = verify_bench.verify_run(tmp / "verify", n["verify"])
             results["verify_receipts_per_s"] = round(v["per_s"], 1)
@@ -173,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             "ledger",
             "replicas",
             "peers",
+            "timeouts",
         ],
         help="run only these groups (repeat; baselines always run)",
     )
