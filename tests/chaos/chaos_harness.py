@@ -1126,6 +1126,19 @@ memory_scope = "task"
                     f"(seed {seed})"
                 )
 
+        # What agents were told: one completion per task, matching the control plane.
+        told: dict[str, list[str]] = defaultdict(list)
+        for event in _agent_events(self.root / "logs"):
+            if event.get("event") == "completed":
+                told[str(event.get("task_id"))].append(str(event.get("state")))
+        for tid, states in told.items():
+            final = state_name(tasks[tid].state) if tid in tasks else "unknown"
+            if len(states) > 1 or states[0] != final:
+                out.violations.append(
+                    f"task {tid}: agents were told {states}, the control plane says {final} "
+                    f"(seed {seed})"
+                )
+
         # The ledger: final receipts, leases.
         finals: dict[str, list[int]] = defaultdict(list)
         ledger: Counter[bytes] = Counter()
@@ -1227,6 +1240,17 @@ def _ready_lines(control_dir: Path, address: str) -> str:
         if lines and lines[0] == address and len(lines) > 1:
             return lines[1]
     raise RuntimeError(f"no ready file names {address}")
+
+
+def _agent_events(logs: Path) -> list[dict[str, Any]]:
+    """Every JSON event the agents printed (a line cut short by SIGKILL is skipped)."""
+    events = []
+    for path in sorted(logs.glob("agent-*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                with contextlib.suppress(ValueError):
+                    events.append(json.loads(line))
+    return events
 
 
 def _sink_records(path: Path) -> list[dict[str, Any]]:

@@ -62,7 +62,12 @@ def test_schedule_is_a_function_of_the_seed(tmp_path: Path) -> None:
     assert all(abs(f.skew_s) <= 2.0 for f in a)
 
 
-def _checked(tmp_path: Path, sink: list[dict[str, Any]], spool_extra: bytes = b"") -> list[str]:
+def _checked(
+    tmp_path: Path,
+    sink: list[dict[str, Any]],
+    spool_extra: bytes = b"",
+    told: tuple[str, ...] = ("succeeded",),
+) -> list[str]:
     """Runs the invariant checker on a built ledger (two leases of t1), a sink log and a spool."""
     b = BundleBuilder()
     first = b.lease("t1", "chaos-node-0", "agent-1", token=1, issued=T0)
@@ -78,6 +83,13 @@ def _checked(tmp_path: Path, sink: list[dict[str, Any]], spool_extra: bytes = b"
         db.execute("CREATE TABLE spool (seq INTEGER PRIMARY KEY, envelope BLOB, task_id TEXT)")
         for seq, env in enumerate([*spooled, *([spool_extra] if spool_extra else [])], 1):
             db.execute("INSERT INTO spool VALUES (?, ?, 't1')", (seq, env))
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "agent-0-0.log").write_text(
+        "".join(
+            json.dumps({"event": "completed", "task_id": "t1", "state": t}) + "\n" for t in told
+        )
+        + '{"event": "compl'  # a line cut short by SIGKILL
+    )
     tasks = {"t1": SimpleNamespace(state=int(State.SUCCEEDED), attempt=2)}
     cluster.check(tasks, encode_bundle(b.build()))
     return cluster.outcome.violations
@@ -97,22 +109,25 @@ def test_checker_passes_a_clean_run(tmp_path: Path) -> None:
 
 
 def test_checker_names_each_violation(tmp_path: Path) -> None:
-    """A write with token 1 after token 2 was granted, a write the sink refused, a key run twice
-    and a spooled receipt missing from the ledger are each reported."""
+    """A write with token 1 after token 2 was granted, a write the sink refused, a key run twice,
+    a spooled receipt missing from the ledger and a task completed twice are each reported."""
     sink = [
         _write(1, T0 + 100, "t1:step-0"),
         _write(1, T0 + 6_000, "t1:step-1"),  # token 2 was granted at T0 + 5000
         _write(2, T0 + 6_100, "t1:step-0"),  # step-0 ran again
         _write(1, T0 + 6_200, "t1:step-2", accepted=False, highest=2),
     ]
-    violations = _checked(tmp_path, sink, spool_extra=b'{"not":"in the ledger"}')
+    violations = _checked(
+        tmp_path, sink, spool_extra=b'{"not":"in the ledger"}', told=("succeeded", "failed")
+    )
     text = "\n".join(violations)
     assert "token 1 at " in text
     assert "after lease token 2" in text
     assert "token 1 < 2" in text
     assert "ran 2 times: task t1 key t1:step-0" in text
     assert "1 spooled receipts not in the ledger" in text
-    assert len(violations) == 4, text
+    assert "agents were told ['succeeded', 'failed'], the control plane says succeeded" in text
+    assert len(violations) == 5, text
 
 
 def test_faketime_skews_python_wall_clock() -> None:
