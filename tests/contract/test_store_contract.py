@@ -653,6 +653,21 @@ async def test_rewrap_is_all_or_nothing(store: Store) -> None:
     assert (b.kek_id, b.wrapped_dek, b.ciphertext) == ("new", b"dek2", b"ct2")
 
 
+async def test_secret_versions_are_listed_without_their_sealed_bytes(store: Store) -> None:
+    """list_secret_versions gives name, version, KEK id and time of every version, in order."""
+    assert await store.list_secret_versions() == []
+    await store.put_secret(SealedSecret("b", 0, "k1", b"dek", b"n", b"ct", NOW))
+    await store.put_secret(SealedSecret("a", 0, "k1", b"dek", b"n", b"ct", NOW))
+    await store.put_secret(SealedSecret("a", 0, "k2", b"dek", b"n", b"ct", NOW + 1))
+    listed = await store.list_secret_versions()
+    assert [(v.name, v.version, v.kek_id, v.created_unix_ms) for v in listed] == [
+        ("a", 1, "k1", NOW),
+        ("a", 2, "k2", NOW + 1),
+        ("b", 1, "k1", NOW),
+    ]
+    assert not any(hasattr(v, "ciphertext") or hasattr(v, "wrapped_dek") for v in listed)
+
+
 async def test_check_live_lease_names_why_not(store: Store) -> None:
     """check_live_lease returns the task for the holder and refuses others with the reason."""
     await submit(store, "t1")
