@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -275,8 +276,11 @@ def test_sigterm_ends_a_sidecar_waiting_for_the_control_plane(world: World) -> N
             stdout=out, stderr=out, cwd=world.dir, env=_env(),
         )  # fmt: skip
     try:
-        with pytest.raises(subprocess.TimeoutExpired):
-            proc.wait(3)  # still retrying, not exited
+        deadline = time.monotonic() + DEADLINE_S
+        while "unreachable at start-up" not in log.read_text():  # it retries, not exits
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(DEADLINE_S) == 0, log.read_text()
     finally:
@@ -284,3 +288,41 @@ def test_sigterm_ends_a_sidecar_waiting_for_the_control_plane(world: World) -> N
             proc.kill()
             proc.wait()
     assert "Traceback" not in log.read_text()
+
+
+def test_raw_garbage_requests_are_invalid_argument_and_servers_stay_healthy(world: World) -> None:
+    """Bytes that are no protobuf message, sent to the control plane (mTLS) and the sidecar
+    (its socket), are INVALID_ARGUMENT, and both still answer health checks afterwards."""
+    import grpc
+
+    from tether.crypto.pki import Role
+    from tether.grpcutil.tls import ClientTLS
+
+    ep = endpoint(world.address)
+    tls: ClientTLS = ep.pki.operator_tls(Role.ADMIN)
+    garbage = b"\xff\xff\xff\xff\x0f not protobuf \x00" * 8
+    targets = [
+        (
+            grpc.secure_channel(world.address, tls.credentials()),
+            "/tether.v1.ControlService/SubmitTask",
+        ),
+        (
+            grpc.insecure_channel(f"unix:{world.sidecar_socket}"),
+            "/tether.v1.BrokerService/ClaimTask",
+        ),
+    ]
+    for channel, method in targets:
+        with channel:
+            call = channel.unary_unary(method)  # no serializer: the bytes go as they are
+            with pytest.raises(grpc.RpcError) as info:
+                call(garbage, timeout=30)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    health = run_tether(world, ["health", "--socket", str(world.sidecar_socket)])
+    assert health.returncode == 0, health.stderr
+    op = dict(zip(world.op[::2], world.op[1::2], strict=True))
+    served = run_tether(
+        world,
+        ["health", "--address", world.address, "--tls-ca", op["--tls-ca"],
+         "--tls-cert", op["--tls-cert"], "--tls-key", op["--tls-key"]],
+    )  # fmt: skip
+    assert served.returncode == 0, served.stderr

@@ -196,7 +196,7 @@ async def start_server(
         ConfigError: bad listen address, the port cannot be bound, or no TLS
             without the explicit insecure opt-out.
     """
-    target = grpc_target(listen)
+    target = grpc_target(listen, what="--listen")
     auth = auth or Auth()
     if tls is None and not auth.insecure:
         raise ConfigError(
@@ -214,7 +214,7 @@ async def start_server(
     enroll_target = ""
     if tls is not None:
         if enroll_listen:
-            enroll_target = grpc_target(enroll_listen)
+            enroll_target = grpc_target(enroll_listen, what="--enroll-listen")
         elif target.startswith("unix:"):
             enroll_target = target + ".enroll"
         else:
