@@ -425,7 +425,9 @@ async def test_mcp_cpu_seconds_stops_the_server(tmp_path: Path) -> None:
         assert out.status == "error"
         assert out.result["error"] == "mcp_server_exited"
         assert "SIGXCPU" in out.result["message"] or "SIGKILL" in out.result["message"]
-        assert time.monotonic() - started < 10  # the limit, not the 20 s timeout, ended it
+        # The limit, not the 20 s call timeout, ended it (a loaded CI machine may take a while
+        # to spend one CPU second, so the bound is the timeout, not a guess at the load).
+        assert time.monotonic() - started < 19
 
 
 @needs_sandbox
