@@ -141,3 +141,28 @@ async def test_canceled_and_released_tasks_verify(tmp_path: Path) -> None:
         assert "operator changed their mind" in out
         assert '"kind": "canceled"' in out
         assert '"kind": "released"' in out
+
+
+async def test_time_limits_end_stories_that_verify(tmp_path: Path) -> None:
+    """A deadline and an attempt timeout, decided by the sweeper while the agent still holds its
+    lease: each leaves a control receipt naming the limit and the clock, and the exports verify
+    strictly."""
+    async with start_control(tmp_path, policy=policy(), sweep_interval_ms=100) as cp:
+        late = (await cp.client.submit("long", b"{}", deadline_ms=1_500)).task.task_id
+        slow = (
+            await cp.client.submit("long", b"{}", attempt_timeout_ms=1_000, max_attempts=1)
+        ).task.task_id
+        async with start_sidecar(tmp_path, cp.address) as side, side.agent("alice") as alice:
+            for tid in (late, slow):
+                task = await alice.claim("long")
+                assert task is not None
+                assert task.task_id == tid
+                await alice.start(tid)
+            await wait_state(cp, late, State.EXPIRED)
+            await wait_state(cp, slow, State.EXPIRED)
+        code, out, ends = await export_verify(cp, tmp_path, [late, slow], "--json")
+        assert code == 0, out
+        assert ends == 2
+        assert '"kind": "deadline"' in out
+        assert '"kind": "attempt_timeout"' in out
+        assert "clock=control-plane" in out
