@@ -202,3 +202,21 @@ async def test_tool_result_is_not_returned_after_the_lease_lapsed_mid_call(
             record = await cp.service.lookup_tool_call(task.task_id, "k1")
             assert record is not None
             assert record.phase.name == "COMPLETED"
+
+
+async def test_claim_whose_lease_lapsed_before_the_reply_is_handed_back(
+    tmp_path: Path, clock: PausingClock
+) -> None:
+    """A pause after the grant was checked (while the claim is still being answered): the
+    agent is told to claim again, not handed a lapsed lease, and the task goes back."""
+    async with start_control(tmp_path, policy=policy()) as cp:
+        tid = (await cp.client.submit("work", b"{}")).task.task_id
+        async with (
+            start_sidecar(tmp_path, cp.address, clock=clock) as side,
+            side.agent("alice") as alice,
+        ):
+            clock.pause_after("add")
+            with pytest.raises(E.Unavailable, match="claim again"):
+                await alice.claim("work")
+            got = (await cp.client.get_task(tid)).task
+            assert State(got.state) is State.QUEUED
