@@ -321,13 +321,6 @@ lease_ttl_ms = {LEASE_TTL_MS}
         )
         self.procs["agent-1"].kill()
         self.procs["agent-1"].wait()
-        overrun = (
-            await control.submit(
-                QUEUE, json.dumps({"kind": "overrun"}).encode(), deadline_ms=OVERRUN_DEADLINE_MS
-            )
-        ).task.task_id
-        submitted[overrun] = "overrun"
-        self.say(f"submitted a task whose agent will overrun its {OVERRUN_DEADLINE_MS} ms deadline")
         self.say(
             "waiting for agent-1's lease on the slow task to lapse: nobody renews it now, so "
             f"within the {LEASE_TTL_MS / 1000:.0f} s TTL (the control plane's clock) the sweeper "
@@ -335,6 +328,16 @@ lease_ttl_ms = {LEASE_TTL_MS}
         )
 
         finals = await self.wait_terminal(control, list(submitted), timeout_s=90, watch=slow)
+        # Now that the agents are idle one claims it at once: the deadline (counted from
+        # submission) falls while its agent works, not while it waits in the queue.
+        overrun = (
+            await control.submit(
+                QUEUE, json.dumps({"kind": "overrun"}).encode(), deadline_ms=OVERRUN_DEADLINE_MS
+            )
+        ).task.task_id
+        submitted[overrun] = "overrun"
+        self.say(f"submitted a task whose agent will overrun its {OVERRUN_DEADLINE_MS} ms deadline")
+        finals.update(await self.wait_terminal(control, [overrun], timeout_s=30))
         await asyncio.sleep(0.5)
         return await self.report(api, control, address, submitted, slow, retry, budget,
                                  first_token, finals, agent_node, sockets)  # fmt: skip
