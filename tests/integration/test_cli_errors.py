@@ -326,3 +326,46 @@ def test_raw_garbage_requests_are_invalid_argument_and_servers_stay_healthy(worl
          "--tls-cert", op["--tls-cert"], "--tls-key", op["--tls-key"]],
     )  # fmt: skip
     assert served.returncode == 0, served.stderr
+
+
+def test_read_only_database_exits_at_once(tmp_path: Path) -> None:
+    """A database file this user cannot write: the control plane exits 1 naming the file,
+    instead of serving reads and failing every write. (As root, the control plane runs as
+    nobody through setpriv, for whom the root-owned file is read-only.)"""
+    import shutil
+    import sqlite3
+    import tempfile
+
+    argv = [sys.executable, "-m", "tether.cli"]
+    nobody = 65534
+    if os.geteuid() == 0:
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root without setpriv: cannot make a file read-only")
+        argv = ["setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups", *argv]
+        # pytest's tmp_path is root's 0700 tree: use a directory nobody can reach.
+        d = Path(tempfile.mkdtemp(prefix="tether-ro-", dir="/tmp"))
+        d.chmod(0o755)
+    else:
+        d = tmp_path
+    try:
+        sqlite3.connect(d / "ro.db").close()
+        SigningKey.generate().save(d / "control.key", d / "control.pub")
+        if os.geteuid() == 0:
+            for path in (d, d / "control.key", d / "control.pub"):
+                os.chown(path, nobody, nobody)
+            (d / "ro.db").chmod(0o644)  # root's file: readable, not writable, by nobody
+        else:
+            (d / "ro.db").chmod(0o444)
+        proc = subprocess.run(
+            [*argv, "control", "--db", str(d / "ro.db"), "--key", str(d / "control.key"),
+             "--insecure-plaintext", "--listen", "127.0.0.1:0"],
+            capture_output=True, text=True, timeout=DEADLINE_S, env=_env(), cwd=d, check=False,
+        )  # fmt: skip
+    finally:
+        if d != tmp_path:
+            shutil.rmtree(d, ignore_errors=True)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"tether: cannot open database {d / 'ro.db'}"), proc.stderr
+    assert "not writable" in last

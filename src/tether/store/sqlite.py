@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import sqlite3
 import time
 from collections.abc import Callable
@@ -396,6 +397,15 @@ class SqliteStore:
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # A store it cannot write would open, serve reads and fail every write: refuse it
+        # here, so the process exits at once instead of looking alive (the journal files
+        # need the directory writable too).
+        for where in (self.path, self.path.parent):
+            if where.exists() and not os.access(where, os.W_OK):
+                raise StorageError(
+                    f"cannot open database {self.path}: {where} is not writable by this user "
+                    "(the control plane writes the database and its journal beside it)"
+                )
         # The connection is used from the loop thread too (see _run), never concurrently.
         connection = aiosqlite.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
