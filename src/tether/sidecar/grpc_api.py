@@ -199,8 +199,11 @@ class BrokerServicer(bpb_grpc.BrokerServiceServicer):
             failure_type=failure_type,
         )
         try:
+            # Safe to repeat after a lost answer (a replica paused after its commit): a
+            # repeat finds the event applied under our token, which the except below
+            # takes as done, so the final receipt is never skipped for want of an answer.
             response: pb.TransitionTaskResponse = await self.d.uplink.call(
-                "TransitionTask", request, safe_to_repeat=False
+                "TransitionTask", request, safe_to_repeat=True
             )
         except E.InvalidTransition as err:
             same_token = err.metadata.get("current_fencing_token") == str(held.lease.fencing_token)
