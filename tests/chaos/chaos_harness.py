@@ -910,16 +910,29 @@ memory_scope = "task"
             self.replica_faults.append((began, time.time()))
 
     async def update_policy(self) -> None:
-        """Applies a new policy version (same rules, a new digest) through one replica."""
+        """Applies a new policy version (same rules, a new digest) through one replica.
+
+        A replica that is down or paused at that moment is skipped for another (tries
+        for up to a minute; the faults go on meanwhile).
+        """
         from tether.core.policy import parse_policy
 
-        r = self.rng.randrange(self.cfg.control_planes)
-        text = self.policy + f"\n# revision 2, applied through {self.controls[r].name}\n"
         pki = make_pki(self.pki_dir, [])
-        async with ControlClient(
-            self.control_addr[r], tls=pki.operator_tls(Role.ADMIN), timeout_s=30
-        ) as admin:
-            await admin.put_policy(text)
+        deadline = time.monotonic() + 60
+        while True:
+            r = self.rng.randrange(self.cfg.control_planes)
+            text = self.policy + f"\n# revision 2, applied through {self.controls[r].name}\n"
+            try:
+                async with ControlClient(
+                    self.control_addr[r], tls=pki.operator_tls(Role.ADMIN), timeout_s=5
+                ) as admin:
+                    await admin.put_policy(text)
+                break
+            except TetherError as err:
+                if time.monotonic() > deadline:
+                    raise
+                self.log(f"policy update through {self.controls[r].name}: {err.reason}; retry")
+                await asyncio.sleep(0.5)
         self.policy_t0_ms = int(time.time() * 1000)
         self.policy_new_digest = parse_policy(text).digest
         self.outcome.replicas["policy_updated"] = self.controls[r].name
