@@ -48,8 +48,33 @@ async def _serve_forever(path: str) -> None:
     await server.wait_for_termination()
 
 
-def _spawn_echo_server(path: str) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, __file__, "serve-echo", path])
+async def _serve_tls_forever(pki_dir: str) -> None:
+    """The echo service on 127.0.0.1:0 with mutual TLS, as the control plane listens.
+
+    Writes the bound port to `pki_dir`/port once it serves.
+    """
+    from tether.grpcutil.tls import ServerTLS
+
+    d = Path(pki_dir)
+    tls = ServerTLS.load(d / "server.crt", d / "server.key", d / "ca.crt")
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((_echo_handler(),))
+    port = server.add_secure_port("127.0.0.1:0", tls.credentials(require_client_cert=True))
+    await server.start()
+    (d / "port.tmp").write_text(str(port))
+    os.replace(d / "port.tmp", d / "port")
+    await server.wait_for_termination()
+
+
+def _spawn_echo_server(path: str, mode: str = "serve-echo") -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            __file__,
+            mode,
+            os.path.dirname(path) if mode == "serve-echo-tls" else path,
+        ]
+    )
     deadline = time.monotonic() + 20
     while not os.path.exists(path):
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -59,22 +84,45 @@ def _spawn_echo_server(path: str) -> subprocess.Popen[bytes]:
     return proc
 
 
-async def grpc_echo(concurrency: int, total: int, *, subprocess_server: bool) -> dict[str, float]:
-    """Empty grpc.aio unary echo over a Unix socket.
+def _open_channel(tmp: str, tls: bool) -> grpc.aio.Channel:
+    if not tls:
+        return grpc.aio.insecure_channel(f"unix:{os.path.join(tmp, 'echo.sock')}")
+    from tether.crypto.signing import SigningKey
+    from tether.grpcutil.tls import open_channel
+    from tether.testing import make_pki
+
+    pki = make_pki(Path(tmp), [SigningKey.generate()])
+    port = (Path(tmp) / "port").read_text()
+    return open_channel(f"127.0.0.1:{port}", pki.operator_tls())
+
+
+async def grpc_echo(
+    concurrency: int, total: int, *, subprocess_server: bool, tls: bool = False
+) -> dict[str, float]:
+    """Empty grpc.aio unary echo over a Unix socket, or over TCP with mutual TLS.
 
     With `subprocess_server` the server is its own process, the topology of
     every Tether figure (servers run as their own processes); otherwise client
-    and server share one process and one core.
+    and server share one process and one core. With `tls` the server listens on
+    127.0.0.1 and requires a client certificate from the same kind of CA, key
+    types and channel setup (`open_channel`) as a node's calls to the control
+    plane: the same-transport baseline of the lease and control-plane figures.
     """
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "echo.sock")
         proc: subprocess.Popen[bytes] | None = None
         server: grpc.aio.Server | None = None
-        if subprocess_server:
+        if tls:
+            from tether.crypto.signing import SigningKey
+            from tether.testing import make_pki
+
+            make_pki(Path(tmp), [SigningKey.generate()])
+            proc = _spawn_echo_server(os.path.join(tmp, "port"), "serve-echo-tls")
+        elif subprocess_server:
             proc = _spawn_echo_server(path)
         else:
             server = await start_echo_server(path)
-        async with grpc.aio.insecure_channel(f"unix:{path}") as channel:
+        async with _open_channel(tmp, tls) as channel:
             call = channel.unary_unary(
                 ECHO_METHOD,
                 request_serializer=empty_pb2.Empty.SerializeToString,
@@ -143,3 +191,5 @@ def sqlite_wal_commits(n: int) -> float:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "serve-echo":
         asyncio.run(_serve_forever(sys.argv[2]))
+    elif len(sys.argv) == 3 and sys.argv[1] == "serve-echo-tls":
+        asyncio.run(_serve_tls_forever(sys.argv[2]))

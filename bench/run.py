@@ -62,6 +62,19 @@ def baseline_figures(n: dict[str, int]) -> dict[str, Any]:
     serial = asyncio.run(baselines.grpc_echo(1, n["echo"] // 4, subprocess_server=True))
     r["raw_grpc_serial_p50_ms"] = round(serial["p50_ms"], 3)
     r["raw_grpc_serial_p99_ms"] = round(serial["p99_ms"], 3)
+    # The same echo over TCP with mutual TLS: the transport of every node call to the
+    # control plane, so lease figures are judged against it (the cost of security shows).
+    tls = asyncio.run(
+        baselines.grpc_echo(n["concurrency"], n["echo"], subprocess_server=True, tls=True)
+    )
+    r["raw_grpc_tls_unary_per_s"] = round(tls["per_s"], 1)
+    r["raw_grpc_tls_p50_ms"] = round(tls["p50_ms"], 3)
+    tls_serial = asyncio.run(
+        baselines.grpc_echo(1, n["echo"] // 4, subprocess_server=True, tls=True)
+    )
+    r["raw_grpc_tls_serial_p50_ms"] = round(tls_serial["p50_ms"], 3)
+    r["raw_grpc_tls_serial_p99_ms"] = round(tls_serial["p99_ms"], 3)
+    r["raw_grpc_tls_vs_plaintext"] = round(tls["per_s"] / echo["per_s"], 3)
     sig = baselines.ed25519(n["sign"])
     r["raw_ed25519_sign_per_s"] = round(sig["sign_per_s"], 1)
     r["raw_ed25519_verify_per_s"] = round(sig["verify_per_s"], 1)
@@ -77,6 +90,7 @@ def run(quick: bool, only: set[str] | None = None) -> dict[str, Any]:
     notes: dict[str, str] = {}
     results.update(baseline_figures(n))
     raw_unary = results["raw_grpc_unary_per_s"]
+    raw_tls = results["raw_grpc_tls_unary_per_s"]
     with tempfile.TemporaryDirectory(prefix="tether-bench-") as tmp_s:
         tmp = Path(tmp_s)
         if want("leases"):
@@ -85,6 +99,7 @@ def run(quick: bool, only: set[str] | None = None) -> dict[str, Any]:
             )
             results["lease_grants_per_s"] = round(lease["per_s"], 1)
             results["lease_grants_vs_raw_grpc"] = round(lease["per_s"] / raw_unary, 3)
+            results["lease_grants_vs_raw_grpc_tls"] = round(lease["per_s"] / raw_tls, 3)
             results["lease_grant_p50_ms"] = round(lease["p50_ms"], 3)
             results["control_rss_mb"] = round(lease["rss_mb"], 1)
         if want("claims"):
@@ -118,6 +133,9 @@ def run(quick: bool, only: set[str] | None = None) -> dict[str, Any]:
             results["mediation_plain_overhead_p99_ms"] = round(med["plain_p99_ms"] - serial_p99, 3)
             results["mediated_calls_per_s"] = round(med["full_per_s"], 1)
             results["mediated_plain_calls_per_s"] = round(med["plain_per_s"], 1)
+            # Agents reach their sidecar over a Unix socket: the plaintext echo is the
+            # same transport for the agent's hop.
+            results["mediated_calls_vs_raw_grpc"] = round(med["full_per_s"] / raw_unary, 3)
             results["mediation_agents"] = n["agents"]
             results["sidecar_rss_mb"] = round(med["sidecar_rss_mb"], 1)
             results["control_rss_mb_after_mediation"] = round(med["control_rss_mb"], 1)
@@ -148,11 +166,26 @@ def run(quick: bool, only: set[str] | None = None) -> dict[str, Any]:
                 notes["lease_grants_per_s_pg_replicas"] = rep["skipped"]
             else:
                 results.update(rep)
+                results["lease_grants_pg_2_vs_1_replica"] = round(
+                    rep["lease_grants_per_s_pg_2_replicas"]
+                    / rep["lease_grants_per_s_pg_1_replica"],
+                    3,
+                )
             results["replica_tasks"] = n["replica_tasks"]
         if want("peers"):
             pg = asyncio.run(peers.pgqueuer_run(n["pg_jobs"]))
             if "per_s" in pg:
                 results["pgqueuer_jobs_per_s"] = round(pg["per_s"], 1)
+                results["pgqueuer_version"] = pg["version"]
+                if "lease_grants_per_s" in results:
+                    results["lease_grants_vs_pgqueuer"] = round(
+                        results["lease_grants_per_s"] / pg["per_s"], 3
+                    )
+                if results.get("lease_grants_per_s_pg_1_replica"):
+                    # Same PostgreSQL, same run: Tether's store against the peer's.
+                    results["lease_grants_pg_vs_pgqueuer"] = round(
+                        results["lease_grants_per_s_pg_1_replica"] / pg["per_s"], 3
+                    )
             else:
                 results["pgqueuer_jobs_per_s"] = None
                 notes["pgqueuer_jobs_per_s"] = pg["skipped"]
