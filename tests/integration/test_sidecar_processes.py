@@ -218,7 +218,15 @@ async def test_sidecar_started_during_an_outage_waits_and_reports_not_serving(
             tmp_path, address, node_id="n1", agents=("alice",), join_token=token, timeout_s=60
         ),
     )
-    await asyncio.sleep(3)  # several failed attempts: the process must still be alive
+    log_path = tmp_path / "n1" / "sidecar.log"
+
+    def reported_unreachable() -> bool:
+        return log_path.exists() and "unreachable at start-up" in log_path.read_text()
+
+    # Wait for the sidecar's own report of a failed attempt (a loaded machine may take seconds
+    # just to start the process), then a while longer: it must still be alive, retrying.
+    await wait_for(reported_unreachable, timeout_s=60)
+    await asyncio.sleep(2)
     assert not started.done()
     restarted, _ = spawn_control_cli(
         tmp_path, extra_args=["--listen", address, "--enroll-listen", enroll]
@@ -226,8 +234,7 @@ async def test_sidecar_started_during_an_outage_waits_and_reports_not_serving(
     procs.add(restarted)
     side, sock, _ = await started
     procs.add(side)
-    log = (tmp_path / "n1" / "sidecar.log").read_text()
-    assert "unreachable at start-up" in log
+    assert reported_unreachable()
 
     def health() -> int:
         return subprocess.run(
