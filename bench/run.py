@@ -102,6 +102,17 @@ def run(quick: bool, only: set[str] | None = None) -> dict[str, Any]:
             results["lease_grants_vs_raw_grpc_tls"] = round(lease["per_s"] / raw_tls, 3)
             results["lease_grant_p50_ms"] = round(lease["p50_ms"], 3)
             results["control_rss_mb"] = round(lease["rss_mb"], 1)
+            # The same workers asking for up to 8 tasks per AcquireLease (max_tasks).
+            batched = asyncio.run(
+                control_bench.lease_run(
+                    tmp / "leases-batched", n["lease_tasks"], n["concurrency"], max_tasks=8
+                )
+            )
+            results["lease_grants_per_s_max_tasks_8"] = round(batched["per_s"], 1)
+            results["lease_grants_max_tasks_8_vs_raw_grpc_tls"] = round(
+                batched["per_s"] / raw_tls, 3
+            )
+            results["lease_grants_max_tasks_8_vs_1"] = round(batched["per_s"] / lease["per_s"], 3)
         if want("claims"):
             for label, depth in (("1k", n["claim_small"]), ("1m", n["claim_large"])):
                 c = asyncio.run(
@@ -180,6 +191,9 @@ def run(quick: bool, only: set[str] | None = None) -> dict[str, Any]:
                 if "lease_grants_per_s" in results:
                     results["lease_grants_vs_pgqueuer"] = round(
                         results["lease_grants_per_s"] / pg["per_s"], 3
+                    )
+                    results["lease_grants_max_tasks_8_vs_pgqueuer"] = round(
+                        results["lease_grants_per_s_max_tasks_8"] / pg["per_s"], 3
                     )
                 if results.get("lease_grants_per_s_pg_1_replica"):
                     # Same PostgreSQL, same run: Tether's store against the peer's.

@@ -202,6 +202,39 @@ async def test_acquire_with_start_then_succeed_and_stale_token_refused(
     assert [r.outcome for r in (await cp.client.get_task(task_id)).leases] == ["lapsed", "finished"]
 
 
+async def test_acquire_many_grants_each_task_its_own_signed_lease(
+    cp: ControlHandle, node: ControlClient
+) -> None:
+    """max_tasks grants up to that many ready tasks in one call, oldest first, each with its
+    own fencing token and signed lease, each usable on its own; no more than are ready."""
+    ids = [(await cp.client.submit("q", b"{}")).task.task_id for _ in range(5)]
+    resp = await node.acquire_lease("q", "node-1", "a", start=True, max_tasks=3)
+    grants = [(resp.task, resp.lease)] + [(g.task, g.lease) for g in resp.more_grants]
+    assert [t.task_id for t, _ in grants] == ids[:3]
+    keys = {cp.key.keyid: cp.key.public}
+    for task, env in grants:
+        lease = verify_lease(from_proto(env), keys)
+        assert (lease.task_id, lease.node_id, lease.agent_id) == (task.task_id, "node-1", "a")
+        assert (task.state, task.fencing_token) == (State.RUNNING, 1)
+    for task, _ in grants:
+        done = await node.transition(task.task_id, 1, Event.SUCCEED, "node-1", result=b"ok")
+        assert done.state == State.SUCCEEDED
+    rest = await node.acquire_lease("q", "node-1", "a", max_tasks=64)
+    assert [rest.task.task_id] + [g.task.task_id for g in rest.more_grants] == ids[3:]
+    assert (await node.acquire_lease("q", "node-1", "a", max_tasks=2)).HasField("task") is False
+    one = await node.acquire_lease("q", "node-1", "a", max_tasks=0)
+    assert not one.HasField("task")
+    assert not one.more_grants
+
+
+async def test_acquire_many_bounds_max_tasks(cp: ControlHandle, node: ControlClient) -> None:
+    """max_tasks above 64 is INVALID_ARGUMENT naming the field, and grants nothing."""
+    task_id = (await cp.client.submit("q", b"{}")).task.task_id
+    with pytest.raises(InvalidArgument, match="max_tasks"):
+        await node.acquire_lease("q", "node-1", "a", max_tasks=65)
+    assert (await cp.client.get_task(task_id)).task.state == State.QUEUED
+
+
 async def test_other_node_cannot_touch_a_lease(cp: ControlHandle, node: ControlClient) -> None:
     """A second node cannot renew or use a token it does not hold, nor speak as another node."""
     task_id = (await cp.client.submit("q", b"{}")).task.task_id

@@ -191,16 +191,28 @@ class ControlClient:
         return list(resp.nodes)
 
     async def acquire_lease(
-        self, queue: str, node_id: str, agent_id: str, wait_ms: int = 0, start: bool = False
+        self,
+        queue: str,
+        node_id: str,
+        agent_id: str,
+        wait_ms: int = 0,
+        start: bool = False,
+        max_tasks: int = 0,
     ) -> pb.AcquireLeaseResponse:
         """Leases the next ready task; `resp.HasField("task")` is False when none was.
 
-        `start` grants it already RUNNING, saving the TransitionTask(START) round trip.
+        `start` grants it already RUNNING, saving the TransitionTask(START) round trip;
+        `max_tasks` > 1 also grants up to that many ready tasks in `resp.more_grants`.
         """
         return await self._call(
             self.stub.AcquireLease,
             pb.AcquireLeaseRequest(
-                queue=queue, node_id=node_id, agent_id=agent_id, wait_ms=wait_ms, start=start
+                queue=queue,
+                node_id=node_id,
+                agent_id=agent_id,
+                wait_ms=wait_ms,
+                start=start,
+                max_tasks=max_tasks,
             ),
             timeout_s=self.timeout_s + wait_ms / 1000,
         )

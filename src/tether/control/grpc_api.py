@@ -68,6 +68,8 @@ MAX_TEXT_CHARS = 4096
 MAX_KEY_CHARS = 256
 MAX_ATTEMPTS_LIMIT = 100
 MAX_WAIT_MS = 60_000
+MAX_GRANTS_PER_CALL = 64
+"""AcquireLease's max_tasks bound: one answer stays small and one caller cannot drain a queue."""
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
 MAX_INT64 = (1 << 63) - 1
@@ -499,15 +501,24 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         node_id = check_id("node_id", request.node_id)
         agent_id = check_id("agent_id", request.agent_id)
         wait_ms = check_range("wait_ms", request.wait_ms, 0, MAX_WAIT_MS)
+        max_tasks = max(1, check_range("max_tasks", request.max_tasks, 0, MAX_GRANTS_PER_CALL))
         await self._node(context, node_id)
-        got = await self.service.acquire(
-            queue=queue, node_id=node_id, agent_id=agent_id, wait_ms=wait_ms, start=request.start
+        grants, waited_ms = await self.service.acquire_many(
+            queue=queue,
+            node_id=node_id,
+            agent_id=agent_id,
+            max_tasks=max_tasks,
+            wait_ms=wait_ms,
+            start=request.start,
         )
-        if got is None:
+        if not grants:
             return pb.AcquireLeaseResponse()
-        task, env, waited_ms = got
+        (task, env), rest = grants[0], grants[1:]
         return pb.AcquireLeaseResponse(
-            task=task_to_proto(task), lease=to_proto(env), waited_ms=waited_ms
+            task=task_to_proto(task),
+            lease=to_proto(env),
+            waited_ms=waited_ms,
+            more_grants=[pb.LeaseGrant(task=task_to_proto(t), lease=to_proto(e)) for t, e in rest],
         )
 
     @handle_errors

@@ -489,6 +489,71 @@ class ControlService:
 
         return sign
 
+    async def acquire_many(
+        self,
+        *,
+        queue: str,
+        node_id: str,
+        agent_id: str,
+        max_tasks: int,
+        wait_ms: int = 0,
+        start: bool = False,
+    ) -> tuple[list[tuple[TaskRecord, Envelope]], int]:
+        """Up to `max_tasks` grants for one caller in one call (one round trip).
+
+        The first waits like `acquire`; the rest are tasks ready at once, each its
+        own conditional store write with its own token and signed lease, so each
+        is exactly a grant `acquire` would have made. Returns the grants (empty
+        when none was ready in time) and how long the first waited (ms).
+
+        Raises:
+            PolicyDenied: as `acquire`.
+        """
+        first = await self.acquire(
+            queue=queue, node_id=node_id, agent_id=agent_id, wait_ms=wait_ms, start=start
+        )
+        if first is None:
+            return [], 0
+        task, env, waited_ms = first
+        grants = [(task, env)]
+        while len(grants) < max_tasks:
+            got = await self._grant_once(queue, node_id, agent_id, start)
+            if got is None:
+                break
+            grants.append(got)
+        return grants, waited_ms
+
+    async def _grant_once(
+        self, queue: str, node_id: str, agent_id: str, start: bool
+    ) -> tuple[TaskRecord, Envelope] | None:
+        """One grant of a ready task (policy already checked by the caller), or None."""
+        now = self.clock.now_ms()
+        signed: list[Envelope] = []
+        got = await self.store.acquire_lease(
+            queue=queue,
+            node_id=node_id,
+            agent_id=agent_id,
+            lease_id=new_id("l", now),
+            now_ms=now,
+            sign=self._signer(now, signed),
+            start=start,
+        )
+        if got is None:
+            return None
+        task = got[0]
+        metrics.LEASES_GRANTED.inc()
+        log.info(
+            "lease granted",
+            extra={
+                "task_id": task.task_id,
+                "node_id": node_id,
+                "fencing_token": task.fencing_token,
+            },
+        )
+        # The envelope the store committed with the grant: a transaction the
+        # store retried signed once per attempt, and only the last one counts.
+        return task, Envelope.from_json_bytes(got[1])
+
     async def acquire(
         self, *, queue: str, node_id: str, agent_id: str, wait_ms: int = 0, start: bool = False
     ) -> tuple[TaskRecord, Envelope, int] | None:
@@ -514,32 +579,9 @@ class ControlService:
         deadline = began + wait_ms / 1000
         while True:
             await self.policy_in_force.current()  # a long poll may outlive the bound
-            now = self.clock.now_ms()
-            signed: list[Envelope] = []
-            got = await self.store.acquire_lease(
-                queue=queue,
-                node_id=node_id,
-                agent_id=agent_id,
-                lease_id=new_id("l", now),
-                now_ms=now,
-                sign=self._signer(now, signed),
-                start=start,
-            )
+            got = await self._grant_once(queue, node_id, agent_id, start)
             if got is not None:
-                task = got[0]
-                metrics.LEASES_GRANTED.inc()
-                log.info(
-                    "lease granted",
-                    extra={
-                        "task_id": task.task_id,
-                        "node_id": node_id,
-                        "fencing_token": task.fencing_token,
-                    },
-                )
-                # The envelope the store committed with the grant: a transaction the
-                # store retried signed once per attempt, and only the last one counts.
-                stored = Envelope.from_json_bytes(got[1])
-                return task, stored, int((loop.time() - began) * 1000)
+                return got[0], got[1], int((loop.time() - began) * 1000)
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return None

@@ -972,6 +972,7 @@ class AcquireLeaseRequest(_message.Message):
     AGENT_ID_FIELD_NUMBER: _builtins.int
     WAIT_MS_FIELD_NUMBER: _builtins.int
     START_FIELD_NUMBER: _builtins.int
+    MAX_TASKS_FIELD_NUMBER: _builtins.int
     queue: _builtins.str
     """Queue name."""
     node_id: _builtins.str
@@ -986,6 +987,14 @@ class AcquireLeaseRequest(_message.Message):
     claim and run in one step; the grant is otherwise unchanged (token +1,
     attempt +1, signed lease).
     """
+    max_tasks: _builtins.int
+    """Grant up to this many tasks in one call (0..64; 0 and 1 mean one task, the
+    behaviour before this field). The first grant waits as wait_ms says and
+    comes back in task/lease; the others are only tasks already ready then,
+    in queue order, each with its own fencing token and signed lease for the
+    same agent, returned in more_grants. Every lease's TTL runs from its own
+    grant: ask only for tasks the agent will start now, not a stock to draw on.
+    """
     def __init__(
         self,
         *,
@@ -994,14 +1003,45 @@ class AcquireLeaseRequest(_message.Message):
         agent_id: _builtins.str = ...,
         wait_ms: _builtins.int = ...,
         start: _builtins.bool = ...,
+        max_tasks: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "node_id", b"node_id", "queue", b"queue", "start", b"start", "wait_ms", b"wait_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "max_tasks", b"max_tasks", "node_id", b"node_id", "queue", b"queue", "start", b"start", "wait_ms", b"wait_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AcquireLeaseRequest: _TypeAlias = AcquireLeaseRequest  # noqa: Y015
+
+@_typing.final
+class LeaseGrant(_message.Message):
+    """LeaseGrant is one task granted by AcquireLease and its signed lease."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task(self) -> Global___Task:
+        """The task, now leased."""
+
+    @_builtins.property
+    def lease(self) -> _receipt_pb2.Envelope:
+        """Signed Lease envelope."""
+
+    def __init__(
+        self,
+        *,
+        task: Global___Task | None = ...,
+        lease: _receipt_pb2.Envelope | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease", "task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease", "task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaseGrant: _TypeAlias = LeaseGrant  # noqa: Y015
 
 @_typing.final
 class AcquireLeaseResponse(_message.Message):
@@ -1012,6 +1052,7 @@ class AcquireLeaseResponse(_message.Message):
     TASK_FIELD_NUMBER: _builtins.int
     LEASE_FIELD_NUMBER: _builtins.int
     WAITED_MS_FIELD_NUMBER: _builtins.int
+    MORE_GRANTS_FIELD_NUMBER: _builtins.int
     waited_ms: _builtins.int
     """How long the control plane waited (long poll) before granting, by its own
     monotonic clock. A sidecar dates the grant as (its monotonic time when it
@@ -1027,16 +1068,23 @@ class AcquireLeaseResponse(_message.Message):
     def lease(self) -> _receipt_pb2.Envelope:
         """Signed Lease envelope; unset when no task was ready."""
 
+    @_builtins.property
+    def more_grants(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeaseGrant]:
+        """The grants after the first when max_tasks > 1 (empty otherwise), in grant
+        order; each is dated like the first (request send time + waited_ms).
+        """
+
     def __init__(
         self,
         *,
         task: Global___Task | None = ...,
         lease: _receipt_pb2.Envelope | None = ...,
         waited_ms: _builtins.int = ...,
+        more_grants: _abc.Iterable[Global___LeaseGrant] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease", "task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease", "task", b"task", "waited_ms", b"waited_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lease", b"lease", "more_grants", b"more_grants", "task", b"task", "waited_ms", b"waited_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
