@@ -39,8 +39,8 @@ def sizes(quick: bool) -> dict[str, int]:
             "echo": 2_000, "sign": 2_000, "sqlite": 2_000, "concurrency": 32,
             "lease_tasks": 2_000, "claim_small": 1_000, "claim_large": 50_000, "claims": 200,
             "ingest": 5_000, "verify": 5_000, "serial_calls": 200, "agents": 64,
-            "calls_per_agent": 5, "pg_jobs": 2_000, "replica_tasks": 600,
-            "ledger_small": 1_000, "ledger_large": 20_000, "timeout_rounds": 5,
+            "calls_per_agent": 5, "pg_jobs": 2_000, "replica_tasks": 300,
+            "ledger_small": 1_000, "ledger_large": 10_000, "timeout_rounds": 5,
         }  # fmt: skip
     return {
         "echo": 20_000, "sign": 20_000, "sqlite": 20_000, "concurrency": 32,

@@ -850,7 +850,7 @@ memory_scope = "task"
             ).fetchall()
         return [(int(pid), str(state)) for pid, state in rows]
 
-    def _pause_in_append(self, r: int, wait_s: float = 2.5) -> None:
+    def _pause_in_append(self, r: int, wait_s: float = 4.0) -> None:
         """SIGSTOPs replica r once one of its ledger appends waits on the ledger's lock,
         which this holds meanwhile: released, the append takes the lock and the replica
         sits paused inside its transaction holding it (or SIGSTOPs anyway after `wait_s`)."""
