@@ -22,6 +22,14 @@ it, so one session never serves two leases.
 
 Listeners are loopback or Unix only (`check_loopback_listen`), with the SDK's
 Host/Origin checks against DNS rebinding.
+
+Every HTTP request passes the sidecar's `LoadShedder` first, under the same
+caller key as the agent's Broker calls (its name; an unknown token shares
+UNAUTHENTICATED_CALLER), so MCP and gRPC draw on one per-agent budget of calls
+in flight and rate. A shed request is HTTP 429 with `Retry-After` (seconds,
+rounded up) and a JSON-RPC error (code -32000, `data.reason` OVERLOADED,
+`data.retry_after_ms`); nothing ran. A body over MAX_BODY_BYTES (the Broker's
+message limit) is 413 before it is buffered.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -49,6 +57,8 @@ from mcp.server.transport_security import TransportSecuritySettings
 from pydantic import AnyHttpUrl
 
 from tether.core import errors as E
+from tether.grpcutil.limits import UNAUTHENTICATED_CALLER, LoadShedder
+from tether.grpcutil.status import RETRY_AFTER_KEY
 from tether.sidecar.leases import HeldLease
 
 if TYPE_CHECKING:
@@ -62,6 +72,8 @@ MCP_PATH = "/mcp"
 SOCKET_MODE = 0o660
 MAX_TOOL_NAME = 128
 MAX_KEY = 256
+MAX_BODY_BYTES = 2 * 1024 * 1024
+"""A request body's limit, the Broker's gRPC message limit: the SDK buffers bodies whole."""
 
 
 def _digest(token: str) -> str:
@@ -126,9 +138,15 @@ class McpFront:
     """Serves MCP for the sidecar's leases; `start()`, then `grant()` per claim, `stop()`."""
 
     def __init__(
-        self, deps: BrokerDeps, *, socket_path: Path | None, listen: str | None = None
+        self,
+        deps: BrokerDeps,
+        *,
+        socket_path: Path | None,
+        listen: str | None = None,
+        shedder: LoadShedder | None = None,
     ) -> None:
         self.d = deps
+        self.shedder = shedder
         self.socket_path = socket_path.resolve() if socket_path is not None else None
         self.listen = listen
         self.url = ""
@@ -179,7 +197,7 @@ class McpFront:
             token_verifier=self,
         )
         config = uvicorn.Config(
-            app,
+            _Admission(app, self),
             lifespan="on",
             log_config=None,
             access_log=False,
@@ -242,6 +260,12 @@ class McpFront:
             self._tokens.pop(digest, None)
             return None
         return held
+
+    def caller_of(self, authorization: bytes) -> str:
+        """The load-shedding key of a request: its token's agent, as the Broker names it."""
+        header = authorization.decode("latin-1")
+        held = self.resolve(header[7:]) if header[:7].lower() == "bearer " else None
+        return held.agent if held is not None else UNAUTHENTICATED_CALLER
 
     def _prune(self) -> None:
         for digest, held in list(self._tokens.items()):
@@ -355,6 +379,128 @@ class McpFront:
                 "tether/budgetRemainingMicros": outcome.budget_remaining_micros,
             },
         )
+
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class _Admission:
+    """ASGI middleware before the SDK: load shedding per agent, and a bounded body.
+
+    Runs before authentication, so a flood of guessed tokens is shed too (under
+    UNAUTHENTICATED_CALLER) instead of costing a hash and a 401 each without limit.
+    """
+
+    def __init__(self, app: Any, front: McpFront) -> None:
+        self.app = app
+        self.front = front
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        length = headers.get(b"content-length", b"")
+        if length and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            await _plain(send, 413, f"request body over {MAX_BODY_BYTES} bytes")
+            return
+        shedder = self.front.shedder
+        if shedder is None:
+            await self._bounded(scope, receive, send)
+            return
+        caller = self.front.caller_of(headers.get(b"authorization", b""))
+        refusal = shedder.admit(caller)
+        if refusal is not None:
+            await _shed(send, refusal)
+            return
+        try:
+            await self._bounded(scope, receive, send)
+        finally:
+            shedder.release(caller)
+
+    async def _bounded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Reads the body (at most MAX_BODY_BYTES, chunked or not), then runs the app on it.
+
+        The SDK buffers a body whole anyway; reading it here lets an oversized one be
+        refused 413 before the app has started an answer.
+        """
+        if scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        parts: list[bytes] = []
+        seen = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return
+            chunk = message.get("body", b"")
+            seen += len(chunk)
+            if seen > MAX_BODY_BYTES:
+                await _plain(send, 413, f"request body over {MAX_BODY_BYTES} bytes")
+                return
+            parts.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(parts)
+        replayed = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # after the body: the disconnect, when it comes
+
+        await self.app(scope, replay, send)
+
+
+async def _plain(send: Send, status: int, text: str) -> None:
+    body = text.encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _shed(send: Send, refusal: E.Overloaded) -> None:
+    """HTTP 429 with Retry-After and a JSON-RPC error that carries the millisecond hint."""
+    retry_ms = int(refusal.metadata[RETRY_AFTER_KEY])
+    body = json.dumps(
+        {
+            "jsonrpc": "2.0",
+            "id": None,
+            "error": {
+                "code": -32000,
+                "message": refusal.message,
+                "data": {
+                    "reason": refusal.reason,
+                    "why": refusal.metadata.get("reason", ""),
+                    RETRY_AFTER_KEY: retry_ms,
+                },
+            },
+        }
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 429,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", str(max(1, -(-retry_ms // 1000))).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 def _meta_value(meta: Any, key: str) -> Any:

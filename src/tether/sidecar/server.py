@@ -214,7 +214,9 @@ class Sidecar:
             mcp_socket = cfg.mcp_socket or cfg.socket_path.with_name(
                 f"{cfg.socket_path.stem}-mcp.sock"
             )
-            deps.mcp = McpFront(deps, socket_path=mcp_socket, listen=cfg.mcp_listen)
+            deps.mcp = McpFront(
+                deps, socket_path=mcp_socket, listen=cfg.mcp_listen, shedder=self.shedder
+            )
             await deps.mcp.start()
         await self._serve(BrokerServicer(deps), cfg.socket_path, cfg.listen_tcp)
         for agent in cfg.agents:
