@@ -60,7 +60,8 @@ async def system(tmp_path: Path, limits: ServerLimits) -> AsyncIterator[tuple[An
         await cp.client.submit("work", b"{}")
         async with side.agent("alice") as client:
             task = await client.claim("work", wait_ms=5000)
-        assert task is not None and task.mcp is not None
+        assert task is not None
+        assert task.mcp is not None
         yield cp, side, task
 
 
@@ -106,7 +107,8 @@ async def test_guessed_tokens_are_shed_as_one_unauthenticated_caller(tmp_path: P
                 ).status_code
                 for i in range(10)
             ]
-        assert 401 in codes and 429 in codes, codes
+        assert 401 in codes, codes
+        assert 429 in codes, codes
         assert set(codes) <= {401, 429}, codes
 
 
