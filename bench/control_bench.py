@@ -107,13 +107,17 @@ class Control:
         return await endpoint(self.address).node_client(node_id, key)
 
 
-async def lease_run(tmp: Path, tasks: int, concurrency: int, max_tasks: int = 1) -> dict[str, Any]:
+async def lease_run(
+    tmp: Path, tasks: int, concurrency: int, max_tasks: int = 1, chain: bool = False
+) -> dict[str, Any]:
     """`concurrency` workers each loop AcquireLease(start) -> SUCCEED until the queue is empty.
 
     A grant is the issue's "AcquireLease+TransitionTask to succeeded": two RPCs, because
     `start=True` grants the task already RUNNING. With `max_tasks` > 1 each AcquireLease
     asks for that many tasks (each its own signed lease) and the worker finishes them
-    one after another: 1 + 1/max_tasks RPCs per task. The latency is per task.
+    one after another: 1 + 1/max_tasks RPCs per task. With `chain` each SUCCEED also
+    asks for the next task (TransitionTask.acquire_next): one RPC per task. The latency
+    is per task.
     """
     tmp.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - set-up, before timing
     db = tmp / "control.db"
@@ -129,6 +133,19 @@ async def lease_run(tmp: Path, tasks: int, concurrency: int, max_tasks: int = 1)
             async def worker(i: int) -> None:
                 nonlocal done
                 agent = f"agent-{i}"
+                if chain:
+                    t0 = time.perf_counter()
+                    resp = await client.acquire_lease(QUEUE, "bench-node", agent, start=True)
+                    while resp.HasField("task"):
+                        task = resp.task
+                        _, resp = await client.finish_and_acquire(
+                            task.task_id, task.fencing_token, Event.SUCCEED, "bench-node",
+                            QUEUE, agent, result=b"{}", start=True,
+                        )  # fmt: skip
+                        latencies.append(time.perf_counter() - t0)
+                        t0 = time.perf_counter()
+                        done += 1
+                    return
                 while True:
                     t0 = time.perf_counter()
                     resp = await client.acquire_lease(

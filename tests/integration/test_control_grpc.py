@@ -24,6 +24,7 @@ from tether.core.errors import (
     InvalidTransition,
     LeaseExpired,
     NotOwner,
+    PolicyDenied,
     StaleFencingToken,
     Unauthenticated,
     Unavailable,
@@ -233,6 +234,69 @@ async def test_acquire_many_bounds_max_tasks(cp: ControlHandle, node: ControlCli
     with pytest.raises(InvalidArgument, match="max_tasks"):
         await node.acquire_lease("q", "node-1", "a", max_tasks=65)
     assert (await cp.client.get_task(task_id)).task.state == State.QUEUED
+
+
+async def test_transition_grants_the_next_task_in_the_same_call(
+    cp: ControlHandle, node: ControlClient
+) -> None:
+    """SUCCEED with acquire_next finishes the task and leases the next ready one (its own token
+    and signed lease); with none ready the answer has no task; a refused transition grants
+    nothing."""
+    ids = [(await cp.client.submit("q", b"{}")).task.task_id for _ in range(2)]
+    first = await node.acquire_lease("q", "node-1", "a", start=True)
+    done, nxt = await node.finish_and_acquire(
+        ids[0], 1, Event.SUCCEED, "node-1", "q", "a", result=b"ok", start=True
+    )
+    assert done.state == State.SUCCEEDED
+    assert (nxt.task.task_id, nxt.task.state, nxt.task.fencing_token) == (ids[1], State.RUNNING, 1)
+    lease = verify_lease(from_proto(nxt.lease), {cp.key.keyid: cp.key.public})
+    assert (lease.task_id, lease.node_id, lease.agent_id) == (ids[1], "node-1", "a")
+    assert first.task.task_id == ids[0]
+    third = (await cp.client.submit("q", b"{}")).task.task_id
+    with pytest.raises(InvalidTransition):  # already finished: nothing is granted
+        await node.finish_and_acquire(ids[0], 1, Event.SUCCEED, "node-1", "q", "a")
+    assert (await cp.client.get_task(third)).task.state == State.QUEUED
+    done, nxt = await node.finish_and_acquire(
+        ids[1], 1, Event.FAIL, "node-1", "q", "a", error="boom", start=True
+    )
+    assert nxt.task.task_id == third
+    done, nxt = await node.finish_and_acquire(third, 1, Event.SUCCEED, "node-1", "q", "a")
+    assert done.state == State.SUCCEEDED
+    assert not nxt.HasField("task")
+
+
+async def test_acquire_next_is_checked_before_the_transition(
+    cp: ControlHandle, node: ControlClient
+) -> None:
+    """acquire_next for another node, with START, or for a queue the agent may not claim from
+    is refused naming the field, and the task stays as it was."""
+    task_id = (await cp.client.submit("q", b"{}")).task.task_id
+    await node.acquire_lease("q", "node-1", "a", start=True)
+    with pytest.raises(grpc.aio.AioRpcError, match=r"acquire_next\.node_id") as info:
+        await node.stub.TransitionTask(
+            pb.TransitionTaskRequest(
+                task_id=task_id,
+                fencing_token=1,
+                event=pb.TASK_EVENT_SUCCEED,
+                node_id="node-1",
+                acquire_next=pb.AcquireLeaseRequest(queue="q", node_id="node-2", agent_id="a"),
+            )
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.aio.AioRpcError, match="SUCCEED and FAIL only") as info:
+        await node.stub.TransitionTask(
+            pb.TransitionTaskRequest(
+                task_id=task_id,
+                fencing_token=1,
+                event=pb.TASK_EVENT_START,
+                node_id="node-1",
+                acquire_next=pb.AcquireLeaseRequest(queue="q", node_id="node-1", agent_id="a"),
+            )
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(PolicyDenied):
+        await node.finish_and_acquire(task_id, 1, Event.SUCCEED, "node-1", "nosuchq", "a")
+    assert (await cp.client.get_task(task_id)).task.state == State.RUNNING
 
 
 async def test_other_node_cannot_touch_a_lease(cp: ControlHandle, node: ControlClient) -> None:

@@ -252,6 +252,48 @@ class ControlClient:
         )
         return resp.task
 
+    async def finish_and_acquire(
+        self,
+        task_id: str,
+        fencing_token: int,
+        event: Event | int,
+        node_id: str,
+        next_queue: str,
+        next_agent_id: str,
+        *,
+        result: bytes = b"",
+        error: str = "",
+        wait_ms: int = 0,
+        start: bool = False,
+        max_tasks: int = 0,
+    ) -> tuple[pb.Task, pb.AcquireLeaseResponse]:
+        """SUCCEED/FAIL a task and lease the next in one round trip (`acquire_next`).
+
+        Returns the finished task and AcquireLease's answer for the next (its
+        `HasField("task")` is False when none was ready).
+        """
+        resp: pb.TransitionTaskResponse = await self._call(
+            self.stub.TransitionTask,
+            pb.TransitionTaskRequest(
+                task_id=task_id,
+                fencing_token=fencing_token,
+                event=int(event),  # type: ignore[arg-type]
+                result=result,
+                error=error,
+                node_id=node_id,
+                acquire_next=pb.AcquireLeaseRequest(
+                    queue=next_queue,
+                    node_id=node_id,
+                    agent_id=next_agent_id,
+                    wait_ms=wait_ms,
+                    start=start,
+                    max_tasks=max_tasks,
+                ),
+            ),
+            timeout_s=self.timeout_s + wait_ms / 1000,
+        )
+        return resp.task, resp.next
+
     async def issue_credential(
         self, task_id: str, fencing_token: int, name: str, tool: str, node_id: str
     ) -> pb.IssueCredentialResponse:

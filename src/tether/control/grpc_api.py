@@ -15,6 +15,7 @@ import logging
 import math
 import re
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -33,6 +34,7 @@ from tether.core.errors import (
     InvalidArgument,
     InvalidTransition,
     LeaseExpired,
+    PolicyDenied,
     VerificationError,
 )
 from tether.core.leases import MAX_TTL_MS, MIN_TTL_MS
@@ -103,6 +105,32 @@ def check_id(field: str, value: str) -> str:
 def check_optional_id(field: str, value: str) -> str:
     """An optional id: empty or [A-Za-z0-9._-]{1,128}."""
     return check_id(field, value) if value else ""
+
+
+@dataclass(frozen=True)
+class _Acquire:
+    """A validated AcquireLease request."""
+
+    queue: str
+    node_id: str
+    agent_id: str
+    wait_ms: int
+    max_tasks: int
+    start: bool
+
+
+def _check_acquire(request: pb.AcquireLeaseRequest, prefix: str = "") -> _Acquire:
+    """Validates an AcquireLease request (alone, or as TransitionTask's acquire_next)."""
+    return _Acquire(
+        queue=check_id(prefix + "queue", request.queue),
+        node_id=check_id(prefix + "node_id", request.node_id),
+        agent_id=check_id(prefix + "agent_id", request.agent_id),
+        wait_ms=check_range(prefix + "wait_ms", request.wait_ms, 0, MAX_WAIT_MS),
+        max_tasks=max(
+            1, check_range(prefix + "max_tasks", request.max_tasks, 0, MAX_GRANTS_PER_CALL)
+        ),
+        start=request.start,
+    )
 
 
 def check_range(field: str, value: int, lo: int, hi: int, *, zero_ok: bool = True) -> int:
@@ -497,19 +525,18 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
     async def AcquireLease(
         self, request: pb.AcquireLeaseRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.AcquireLeaseResponse:
-        queue = check_id("queue", request.queue)
-        node_id = check_id("node_id", request.node_id)
-        agent_id = check_id("agent_id", request.agent_id)
-        wait_ms = check_range("wait_ms", request.wait_ms, 0, MAX_WAIT_MS)
-        max_tasks = max(1, check_range("max_tasks", request.max_tasks, 0, MAX_GRANTS_PER_CALL))
-        await self._node(context, node_id)
+        acquire = _check_acquire(request)
+        await self._node(context, acquire.node_id)
+        return await self._acquire(acquire)
+
+    async def _acquire(self, a: _Acquire) -> pb.AcquireLeaseResponse:
         grants, waited_ms = await self.service.acquire_many(
-            queue=queue,
-            node_id=node_id,
-            agent_id=agent_id,
-            max_tasks=max_tasks,
-            wait_ms=wait_ms,
-            start=request.start,
+            queue=a.queue,
+            node_id=a.node_id,
+            agent_id=a.agent_id,
+            max_tasks=a.max_tasks,
+            wait_ms=a.wait_ms,
+            start=a.start,
         )
         if not grants:
             return pb.AcquireLeaseResponse()
@@ -562,7 +589,16 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
                 "non_retryable" if request.non_retryable else "failure_type",
                 "applies to FAIL only",
             )
+        acquire: _Acquire | None = None
+        if request.HasField("acquire_next"):
+            if event not in (Event.SUCCEED, Event.FAIL):
+                raise InvalidArgument("acquire_next", "applies to SUCCEED and FAIL only")
+            acquire = _check_acquire(request.acquire_next, "acquire_next.")
+            if acquire.node_id != node_id:
+                raise InvalidArgument("acquire_next.node_id", "must equal node_id")
         await self._node(context, node_id)
+        if acquire is not None:  # refuse before the transition, not after it committed
+            await self.service.check_claim(acquire.queue, acquire.agent_id)
         task = await self.service.transition(
             task_id=task_id,
             fencing_token=token,
@@ -573,7 +609,13 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             non_retryable=request.non_retryable,
             failure_type=failure_type,
         )
-        return pb.TransitionTaskResponse(task=task_to_proto(task))
+        if acquire is None:
+            return pb.TransitionTaskResponse(task=task_to_proto(task))
+        try:
+            following = await self._acquire(acquire)
+        except PolicyDenied:  # the policy changed since the check: the transition stands
+            return pb.TransitionTaskResponse(task=task_to_proto(task))
+        return pb.TransitionTaskResponse(task=task_to_proto(task), next=following)
 
     # -- RPCs owned by other parts (ledger, vault, budgets, tool calls, policy) ---------
     # The ledger engineer replaces StreamReceipts/GetCheckpoint/GetInclusionProof/

@@ -489,6 +489,17 @@ class ControlService:
 
         return sign
 
+    async def check_claim(self, queue: str, agent_id: str) -> None:
+        """Raises PolicyDenied unless the policy in force lets `agent_id` claim from `queue`."""
+        await self.policy_in_force.current()
+        policy = self.declared_queue(queue)
+        if not policy.may_claim(agent_id, queue):
+            raise PolicyDenied(
+                f"agent {agent_id!r} may not claim from queue {queue!r}: the policy in force "
+                f"grants it {self._grants(policy, agent_id)}",
+                metadata={"agent": agent_id, "queue": queue},
+            )
+
     async def acquire_many(
         self,
         *,
@@ -566,14 +577,7 @@ class ControlService:
             PolicyDenied: the queue is not declared, or the policy does not let
                 `agent_id` claim from it ([agents.NAME].queues).
         """
-        await self.policy_in_force.current()
-        policy = self.declared_queue(queue)
-        if not policy.may_claim(agent_id, queue):
-            raise PolicyDenied(
-                f"agent {agent_id!r} may not claim from queue {queue!r}: the policy in force "
-                f"grants it {self._grants(policy, agent_id)}",
-                metadata={"agent": agent_id, "queue": queue},
-            )
+        await self.check_claim(queue, agent_id)
         loop = asyncio.get_running_loop()
         began = loop.time()
         deadline = began + wait_ms / 1000

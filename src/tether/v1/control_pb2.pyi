@@ -1171,6 +1171,7 @@ class TransitionTaskRequest(_message.Message):
     NODE_ID_FIELD_NUMBER: _builtins.int
     NON_RETRYABLE_FIELD_NUMBER: _builtins.int
     FAILURE_TYPE_FIELD_NUMBER: _builtins.int
+    ACQUIRE_NEXT_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """Task id."""
     fencing_token: _builtins.int
@@ -1189,6 +1190,17 @@ class TransitionTaskRequest(_message.Message):
     """FAIL only: the failure's type, [A-Za-z0-9._-]{0,64}; a type the retry
     policy lists in non_retryable_reasons is never retried.
     """
+    @_builtins.property
+    def acquire_next(self) -> Global___AcquireLeaseRequest:
+        """SUCCEED or FAIL only: once this transition has committed, also grant the
+        next task as this AcquireLease request says (same checks, its node_id must
+        equal node_id), answered in TransitionTaskResponse.next. A worker that
+        finishes a task and takes the next pays one round trip instead of two.
+        When the transition is refused nothing is granted. The grant is dated
+        like AcquireLease's (request send time + next.waited_ms), which is never
+        later than the control plane's own grant time.
+        """
+
     def __init__(
         self,
         *,
@@ -1200,10 +1212,11 @@ class TransitionTaskRequest(_message.Message):
         node_id: _builtins.str = ...,
         non_retryable: _builtins.bool = ...,
         failure_type: _builtins.str = ...,
+        acquire_next: Global___AcquireLeaseRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acquire_next", b"acquire_next"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "event", b"event", "failure_type", b"failure_type", "fencing_token", b"fencing_token", "node_id", b"node_id", "non_retryable", b"non_retryable", "result", b"result", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire_next", b"acquire_next", "error", b"error", "event", b"event", "failure_type", b"failure_type", "fencing_token", b"fencing_token", "node_id", b"node_id", "non_retryable", b"non_retryable", "result", b"result", "task_id", b"task_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1216,18 +1229,29 @@ class TransitionTaskResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TASK_FIELD_NUMBER: _builtins.int
+    NEXT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def task(self) -> Global___Task:
         """The task."""
+
+    @_builtins.property
+    def next(self) -> Global___AcquireLeaseResponse:
+        """With acquire_next: what AcquireLease would have answered (task unset when
+        none was ready in time). Unset without acquire_next, and also when the
+        policy stopped letting the agent claim from the queue between the
+        request's check and the grant (the transition stands; AcquireLease then
+        says why).
+        """
 
     def __init__(
         self,
         *,
         task: Global___Task | None = ...,
+        next: Global___AcquireLeaseResponse | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["next", b"next", "task", b"task"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next", b"next", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
