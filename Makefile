@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BUF := node_modules/.bin/buf
 
-.PHONY: setup proto proto-check lint test fuzz flood chaos chaos-ci chaos-replicas demo bench bench-quick clean
+.PHONY: setup proto proto-check lint test test-browser fuzz flood chaos chaos-ci chaos-replicas demo bench bench-quick clean
 
 # One progress line instead of pip's output; the full log stays in $(VENV)/setup.log
 # and its tail is shown when the install fails.
@@ -38,7 +38,13 @@ lint: $(STAMP) $(BUF)
 
 test: $(STAMP)
 	PYTHON=$(BIN)/python scripts/check-proto.sh
-	$(BIN)/pytest -q -m "not chaos"
+	$(BIN)/pytest -q -m "not chaos and not browser"
+
+# The operator console in a real browser (tests/browser/): Playwright drives Debian's
+# Chromium (/usr/bin/chromium, or TETHER_CHROMIUM); `.ci/run` installs it when missing.
+# Never `playwright install`: no browser is downloaded.
+test-browser: $(STAMP)
+	$(BIN)/pytest -q -p no:cacheprovider -m browser tests/browser
 
 # The fuzzing suite's long mode: 20,000 generated requests per server (`make test` runs
 # 2,000). TETHER_FUZZ_SEED=<seed> replays a run; TETHER_FUZZ_REQUESTS=<n> changes the count.

@@ -233,6 +233,7 @@ async def start_control(
     policy: str | None = None,
     store: Store | None = None,
     limits: ServerLimits | None = None,
+    console_listen: str | None = None,
 ) -> AsyncIterator[ControlHandle]:
     """Starts the real control plane over mTLS; yields a handle; stops it on exit.
 
@@ -245,7 +246,9 @@ async def start_control(
     replicas) replaces tmp_path/db_name. With `metrics_listen` ("127.0.0.1:0")
     Prometheus metrics are served at `handle.running.metrics.address`; the
     ledger signs a checkpoint every `checkpoint_interval_ms` while receipts arrive.
-    `limits` replaces the control plane's load-shedding defaults.
+    `limits` replaces the control plane's load-shedding defaults. With
+    `console_listen` ("127.0.0.1:0") the operator console serves at
+    `handle.running.console_url`.
     """
     key = key or SigningKey.generate()
     pki = make_pki(pki_dir or tmp_path / "pki", [key])
@@ -273,6 +276,7 @@ async def start_control(
         checkpoint_interval_ms=checkpoint_interval_ms,
         store=store,
         limits=limits or CONTROL_LIMITS,
+        console_listen=console_listen,
     )
     ep = ControlEndpoint(running.address, running.enroll_address, pki)
     _ENDPOINTS[running.address] = ep

@@ -67,7 +67,24 @@ RULES: dict[str, frozenset[str]] = {
     "GetPolicy": frozenset({ADMIN, AUDITOR, NODE}),
     **{rpc: frozenset({NODE}) for rpc in _NODE_RPCS},
 }
-"""RPC name -> the principals allowed to call it."""
+"""RPC name -> the principals allowed to call it.
+
+The operator console (`tether.control.console`) reads the same table: each page
+is authorized as the RPC whose data it shows (the tasks list as ListTasks, a
+task's timeline as GetTask, "verify" as StreamExportBundle, cancel as
+CancelTask, nodes as ListNodes, the ledger as GetCheckpoint)."""
+
+PAYLOAD_READERS: frozenset[str] = frozenset({ADMIN, SUBMITTER})
+"""Who sees a task's payload and result where GetTask shows a task (the gRPC
+API and the console alike); an auditor sees the evidence (receipts, digests,
+leases) but not what was submitted or returned. Secret values are readable by
+no one (PutSecret is write-only)."""
+
+
+def sees_payloads(principal: Principal) -> bool:
+    """True when `principal` may read task payloads and results (`PAYLOAD_READERS`)."""
+    return principal.insecure or principal.kind in PAYLOAD_READERS
+
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 """Health (for probes) and reflection (schema only) need no identity."""
@@ -120,8 +137,17 @@ def principal_of(context: Any, trust_domain: str, insecure: bool) -> Principal:
     pems = auth.get("x509_pem_cert") or []
     if not pems:
         return Principal(ANONYMOUS)
+    return principal_from_pem(bytes(pems[0]), trust_domain)
+
+
+def principal_from_pem(pem: bytes, trust_domain: str) -> Principal:
+    """The caller named by a verified client certificate (gRPC and the console).
+
+    Raises:
+        Unauthenticated: a certificate that names no identity of this trust domain.
+    """
     try:
-        ident = identity_from_pem(bytes(pems[0]), trust_domain)
+        ident = identity_from_pem(pem, trust_domain)
     except VerificationError as err:
         raise Unauthenticated(f"client certificate refused: {err.message}") from err
     if ident.kind == "node":

@@ -199,6 +199,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="HOST:PORT",
         help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)",
     )
+    p.add_argument(
+        "--console-listen",
+        metavar="HOST:PORT",
+        help="serve the operator console on https://HOST:PORT/ (TLS; operators sign in with "
+        "the client certificate from `tether operators add`; default: off; docs/console.md)",
+    )
     add_limit_arguments(p, CONTROL_LIMITS, "node or operator")
     p.set_defaults(func=_cmd_control)
 
@@ -732,7 +738,10 @@ def _cmd_control(args: argparse.Namespace) -> int:
             ),
             postgres=postgres,
             limits=limits,
+            console_listen=args.console_listen,
         )
+        if running.console_url:
+            print(f"console: {running.console_url}", file=sys.stderr, flush=True)
         await serve_forever(running, Path(args.ready_file) if args.ready_file else None)
 
     runtime.run(run())

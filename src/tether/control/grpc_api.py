@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from tether.control.authz import AUDITOR, current_principal
+from tether.control.authz import current_principal, sees_payloads
 from tether.control.ledger import Ledger
 from tether.control.service import (
     MAX_JOIN_TOKEN_TTL_MS,
@@ -483,7 +483,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         task_id = check_id("task_id", request.task_id)
         task, history = await self.service.get(task_id)
         shown = task_to_proto(task)
-        if current_principal().kind == AUDITOR:  # auditors see evidence, not payloads
+        if not sees_payloads(current_principal()):  # auditors see evidence, not payloads
             shown.ClearField("payload")
             shown.ClearField("result")
         return pb.GetTaskResponse(

@@ -133,10 +133,16 @@ class RunningControl:
     """This replica's campaigns for the singleton jobs (sweeper, checkpointer)."""
     shedder: LoadShedder | None = None
     """Admission of calls (load shedding)."""
+    console: Any = None
+    """The operator console (`tether.control.console`), when started with `console_listen`."""
+    console_url: str = ""
+    """Where the console serves (https://host:port/), or ""."""
 
     async def stop(self, grace_s: float = 2.0) -> None:
         """Stops serving (letting calls finish for `grace_s`), then closes the store."""
         await self.health.enter_graceful_shutdown()
+        if self.console is not None:
+            await self.console.stop()
         if self.sweeper is not None:
             await self.sweeper.stop()
         if self.checkpointer is not None and self.checkpointer_stop is not None:
@@ -171,6 +177,7 @@ async def start_server(
     sqlite_synchronous: str = "FULL",
     postgres: PostgresSettings | None = None,
     limits: ServerLimits = CONTROL_LIMITS,
+    console_listen: str | None = None,
 ) -> RunningControl:
     """Opens the store and starts serving on `listen` ("host:port", port 0 ok, or "unix:/path").
 
@@ -191,6 +198,8 @@ async def start_server(
     The sweeper and the scheduled checkpoint signer run only on the replica
     that leads each job (elected through the store; see `tether.control.leader`).
     `postgres`: pool size and timeouts when `db` is a PostgreSQL URL.
+    `console_listen` ("host:port") serves the operator console there, over TLS
+    with operators' client certificates (`tether.control.console`); off by default.
 
     Raises:
         ConfigError: bad listen address, the port cannot be bound, or no TLS
@@ -208,6 +217,11 @@ async def start_server(
             f"refusing to serve plaintext on {listen}: --insecure-plaintext is for loopback "
             "or a Unix socket only (it makes every caller admin and any node); serve TLS "
             "(`tether keys init`) on a network address"
+        )
+    if console_listen and tls is None:
+        raise ConfigError(
+            "--console-listen needs TLS: the console authenticates operators by their "
+            "client certificates (run `tether keys init`; not with --insecure-plaintext)"
         )
     if tls is not None and auth.ca is None:
         raise ConfigError("TLS needs the CA (--ca-cert/--ca-key) to issue node certificates")
@@ -333,6 +347,16 @@ async def start_server(
         except ConfigError:
             await running.stop(grace_s=0)
             raise
+    if console_listen:
+        assert tls is not None
+        from tether.control.console import start_console
+
+        try:
+            running.console = await start_console(running, console_listen, tls)
+        except ConfigError:
+            await running.stop(grace_s=0)
+            raise
+        running.console_url = running.console.url
     log.info("control plane serving on %s (enrolment on %s)", address, enroll_address or "-")
     return running
 
@@ -345,8 +369,9 @@ async def serve_forever(running: RunningControl, ready_file: Path | None = None)
         loop.add_signal_handler(sig, stop.set)
     if ready_file is not None:
         tmp = ready_file.with_name(ready_file.name + ".tmp")
-        # Line 1: the mTLS address; line 2: the enrolment address ("" in plaintext).
-        tmp.write_text(f"{running.address}\n{running.enroll_address}\n")
+        # Line 1: the mTLS address; line 2: the enrolment address ("" in plaintext);
+        # line 3: the console's URL ("" when off).
+        tmp.write_text(f"{running.address}\n{running.enroll_address}\n{running.console_url}\n")
         tmp.replace(ready_file)  # atomic: readers never see a partial address
     try:
         await stop.wait()

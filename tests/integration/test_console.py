@@ -1,0 +1,174 @@
+"""The operator console's trust boundary, attacked over real TLS (no browser needed).
+
+A real control plane serves the console on 127.0.0.1:0; clients present no
+certificate, a node's certificate, a certificate of another CA, or operators'
+certificates of each role, and try cross-site and token-less POSTs.
+"""
+
+from __future__ import annotations
+
+import re
+import ssl
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tether.control.client import node_client_tls
+from tether.core.states import State
+from tether.crypto.pki import CertificateAuthority, Role, cert_pem, generate_tls_key, key_pem
+from tether.testing import ControlHandle, start_control
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+async def cp(tmp_path: Path) -> AsyncIterator[ControlHandle]:
+    async with start_control(tmp_path, console_listen="127.0.0.1:0") as handle:
+        yield handle
+
+
+def _ctx(cp: ControlHandle, cert: bytes | None = None, key: bytes | None = None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cadata=cert_pem(cp.pki.ca.cert).decode())
+    if cert is not None and key is not None:
+        d = cp.pki.dir
+        (d / "c.pem").write_bytes(cert)
+        (d / "k.pem").write_bytes(key)
+        ctx.load_cert_chain(d / "c.pem", d / "k.pem")
+    return ctx
+
+
+def _operator(cp: ControlHandle, role: Role) -> httpx.AsyncClient:
+    tls = cp.pki.operator_tls(role, f"console-{role.value}")
+    assert tls.cert_pem is not None
+    assert tls.key_pem is not None
+    return httpx.AsyncClient(
+        verify=_ctx(cp, tls.cert_pem, tls.key_pem), base_url=cp.running.console_url, timeout=20
+    )
+
+
+def _csrf(html: str) -> str:
+    m = re.search(r'name="csrf" value="([0-9a-f]+)"', html)
+    assert m is not None
+    return m.group(1)
+
+
+async def test_console_is_off_by_default(tmp_path: Path) -> None:
+    """Without --console-listen nothing serves it and the control plane has no console."""
+    async with start_control(tmp_path) as plain:
+        assert plain.running.console is None
+        assert plain.running.console_url == ""
+
+
+async def test_no_client_certificate_is_refused_in_the_handshake(cp: ControlHandle) -> None:
+    """A browser without an operator certificate never gets an HTTP answer."""
+    async with httpx.AsyncClient(verify=_ctx(cp), base_url=cp.running.console_url) as anon:
+        with pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)):
+            await anon.get("/tasks")
+
+
+async def test_a_certificate_of_another_ca_is_refused(cp: ControlHandle) -> None:
+    """An operator certificate issued by a different CA (same role name) is refused in TLS."""
+    other = CertificateAuthority.create("test.tether.local")
+    k = generate_tls_key()
+    cert = other.issue_operator("mallory", Role.ADMIN, k.public_key())
+    async with httpx.AsyncClient(
+        verify=_ctx(cp, cert_pem(cert), key_pem(k)), base_url=cp.running.console_url
+    ) as c:
+        with pytest.raises((httpx.ConnectError, httpx.ReadError, httpx.RemoteProtocolError)):
+            await c.get("/tasks")
+
+
+async def test_a_node_certificate_is_refused(cp: ControlHandle) -> None:
+    """A node's own mTLS certificate (valid, same CA) is no operator: every page is 403."""
+    node = await cp.node_client("node-1")
+    try:
+        reg = node.registration  # type: ignore[attr-defined]
+    finally:
+        await node.close()
+    k = generate_tls_key()
+    async with cp.endpoint.admin() as admin:
+        token = (await admin.rekey_node("node-1")).token
+    from tether.control.client import ControlClient
+    from tether.crypto.signing import SigningKey
+
+    async with ControlClient(cp.enroll_address, tls=cp.pki.anonymous_tls) as anon:
+        reg = await anon.register_node("node-1", SigningKey.generate(), token, k)
+    tls = node_client_tls(cert_pem(cp.pki.ca.cert), reg, k)
+    assert tls.cert_pem is not None
+    assert tls.key_pem is not None
+    async with httpx.AsyncClient(
+        verify=_ctx(cp, tls.cert_pem, tls.key_pem), base_url=cp.running.console_url
+    ) as c:
+        for path in ("/tasks", "/nodes", "/ledger", "/verify", "/tasks/events"):
+            r = await c.get(path)
+            assert r.status_code == 403, path
+            assert "node" in r.text
+
+
+async def test_auditor_sees_evidence_but_not_payloads_and_may_not_cancel(
+    cp: ControlHandle,
+) -> None:
+    """An auditor reads the task's page, but its payload page is 403, no cancel form is shown,
+    and a cancel POST (even with the auditor's own CSRF token) is refused by the table."""
+    task = (await cp.client.submit("work", b'{"secret-ish": "payload"}')).task
+    async with _operator(cp, Role.AUDITOR) as auditor:
+        page = await auditor.get(f"/tasks/{task.task_id}")
+        assert page.status_code == 200
+        assert "secret-ish" not in page.text
+        assert 'id="cancel-form"' not in page.text
+        refused = await auditor.get(f"/tasks/{task.task_id}/payload")
+        assert refused.status_code == 403
+        assert "may not read payloads" in refused.text
+        r = await auditor.post(
+            f"/tasks/{task.task_id}/cancel",
+            data={"csrf": _csrf((await auditor.get("/verify")).text), "reason": "x"},
+        )
+        assert r.status_code == 403
+    assert (await cp.client.get_task(task.task_id)).task.state == State.QUEUED
+    async with _operator(cp, Role.ADMIN) as admin:
+        shown = await admin.get(f"/tasks/{task.task_id}/payload")
+        assert shown.status_code == 200
+        assert "secret-ish" in shown.text
+
+
+async def test_cancel_needs_the_csrf_token_and_a_same_origin(cp: ControlHandle) -> None:
+    """A submitter's cancel POST without the token, with another operator's token or from
+    another origin is 403 and the task stays queued; the page's own form cancels it."""
+    task = (await cp.client.submit("work", b"{}")).task
+    url = f"/tasks/{task.task_id}/cancel"
+    async with _operator(cp, Role.SUBMITTER) as sub, _operator(cp, Role.ADMIN) as admin:
+        page = await sub.get(f"/tasks/{task.task_id}")
+        token = _csrf(page.text)
+        other = _csrf((await admin.get(f"/tasks/{task.task_id}")).text)
+        assert other != token
+        assert (await sub.post(url, data={"reason": "x"})).status_code == 403
+        assert (await sub.post(url, data={"csrf": other, "reason": "x"})).status_code == 403
+        cross = await sub.post(
+            url, data={"csrf": token, "reason": "x"}, headers={"Origin": "https://evil.example"}
+        )
+        assert cross.status_code == 403
+        assert (await cp.client.get_task(task.task_id)).task.state == State.QUEUED
+        done = await sub.post(url, data={"csrf": token, "reason": "wrong input"})
+        assert done.status_code == 303
+    got = (await cp.client.get_task(task.task_id)).task
+    assert got.state == State.CANCELED
+    assert "wrong input" in got.error
+
+
+async def test_submitter_may_not_list_tasks(cp: ControlHandle) -> None:
+    """The table says ListTasks is admin and auditor only, and the console follows it."""
+    async with _operator(cp, Role.SUBMITTER) as sub:
+        r = await sub.get("/tasks")
+        assert r.status_code == 403
+        assert "may not call ListTasks" in r.text
+
+
+async def test_bad_filters_are_400_and_unknown_tasks_404(cp: ControlHandle) -> None:
+    """A state that is not one, a malformed time and an unknown task id get clear answers."""
+    async with _operator(cp, Role.AUDITOR) as auditor:
+        assert (await auditor.get("/tasks?state=bogus")).status_code == 400
+        assert (await auditor.get("/tasks?since=yesterday")).status_code == 400
+        assert (await auditor.get("/tasks?after=-1")).status_code == 400
+        assert (await auditor.get("/tasks/t_nope")).status_code == 404
