@@ -15,9 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tether.control.client import node_client_tls
+from tether.control.client import ControlClient, node_client_tls
 from tether.core.states import State
 from tether.crypto.pki import CertificateAuthority, Role, cert_pem, generate_tls_key, key_pem
+from tether.crypto.signing import SigningKey
 from tether.testing import ControlHandle, start_control
 
 pytestmark = pytest.mark.timeout(120)
@@ -82,17 +83,8 @@ async def test_a_certificate_of_another_ca_is_refused(cp: ControlHandle) -> None
 
 async def test_a_node_certificate_is_refused(cp: ControlHandle) -> None:
     """A node's own mTLS certificate (valid, same CA) is no operator: every page is 403."""
-    node = await cp.node_client("node-1")
-    try:
-        reg = node.registration  # type: ignore[attr-defined]
-    finally:
-        await node.close()
     k = generate_tls_key()
-    async with cp.endpoint.admin() as admin:
-        token = (await admin.rekey_node("node-1")).token
-    from tether.control.client import ControlClient
-    from tether.crypto.signing import SigningKey
-
+    token = await cp.join_token("node-1")
     async with ControlClient(cp.enroll_address, tls=cp.pki.anonymous_tls) as anon:
         reg = await anon.register_node("node-1", SigningKey.generate(), token, k)
     tls = node_client_tls(cert_pem(cp.pki.ca.cert), reg, k)
