@@ -7,6 +7,7 @@ Every refusal is asserted with its exact gRPC status.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
@@ -23,8 +24,9 @@ import grpc
 import pytest
 
 from tether.control.client import ControlClient, node_client_tls
+from tether.control.service import MAX_NODE_CHECK_CACHE_MS, ControlConfig
 from tether.core.clock import FakeClock
-from tether.core.errors import TetherError
+from tether.core.errors import ConfigError, TetherError
 from tether.core.states import Event, State
 from tether.crypto.enrollment import STATEMENT_PAYLOAD_TYPE, make_challenge, make_statement
 from tether.crypto.envelopes import from_proto, to_proto
@@ -675,7 +677,9 @@ def fresh_postgres() -> Iterator[str]:
 
 @pytest.mark.postgres
 async def test_revocation_holds_on_every_replica(tmp_path: Path) -> None:
-    """A node revoked through one replica is refused by both replicas of one PostgreSQL store."""
+    """A node revoked through one replica is refused by that replica from the next call and by
+    the other once its node check's documented bound (node_check_cache_ms, at most 1 s) has
+    passed, both replicas of one PostgreSQL store."""
     key = SigningKey.generate()
     pki = tmp_path / "pki"
     with fresh_postgres() as url:
@@ -697,6 +701,9 @@ async def test_revocation_holds_on_every_replica(tmp_path: Path) -> None:
                     assert not (await client.acquire_lease("work", "node-1", "a")).HasField("task")
                 async with r2.operator() as admin:
                     await admin.revoke_node("node-1", "decommissioned")
+                code, msg = await refused(on_r2.acquire_lease("work", "node-1", "a"))
+                assert (code, "revoked" in msg) == (UNAUTHENTICATED, True)
+                await asyncio.sleep(MAX_NODE_CHECK_CACHE_MS / 1000)  # r1's documented bound
                 for client in (on_r1, on_r2):
                     code, msg = await refused(client.acquire_lease("work", "node-1", "a"))
                     assert code == UNAUTHENTICATED
@@ -706,6 +713,24 @@ async def test_revocation_holds_on_every_replica(tmp_path: Path) -> None:
                 async with channel:
                     code, _ = await refused(honest_register(stub, "node-1", node_key))
                     assert code == PERMISSION_DENIED
+
+
+async def test_node_check_without_reuse_sees_a_revocation_written_by_anyone(
+    tmp_path: Path,
+) -> None:
+    """With node_check_cache_ms=0 a revocation written straight to the store (as another
+    replica would) is refused on the next call; the bound cannot be set above 1 s."""
+    with pytest.raises(ConfigError, match="node_check_cache_ms"):
+        ControlConfig(node_check_cache_ms=MAX_NODE_CHECK_CACHE_MS + 1)
+    async with start_control(tmp_path, config=ControlConfig(node_check_cache_ms=0)) as cp:
+        node = await cp.node_client("node-1")
+        try:
+            assert not (await node.acquire_lease("work", "node-1", "a")).HasField("task")
+            await cp.service.store.set_node_status("node-1", "revoked", "elsewhere", 1)
+            code, msg = await refused(node.acquire_lease("work", "node-1", "a"))
+            assert (code, "revoked" in msg) == (UNAUTHENTICATED, True)
+        finally:
+            await node.close()
 
 
 # -- found by red-teaming the first cut: each was a way through ------------------------

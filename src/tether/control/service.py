@@ -16,6 +16,7 @@ import hmac
 import json
 import logging
 import secrets
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +27,7 @@ from tether.control.policy_sync import DEFAULT_POLICY_MAX_STALENESS_MS, PolicyIn
 from tether.core.clock import Clock, SystemClock
 from tether.core.errors import (
     AlreadyExists,
+    ConfigError,
     Forbidden,
     InvalidArgument,
     NotFound,
@@ -81,6 +83,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("tether.control")
 
 
+MAX_NODE_CHECK_CACHE_MS = 1_000
+"""The longest a revocation made through another replica may take to hold here."""
+_NODE_CACHE_MAX_ENTRIES = 10_000
+
+
 @dataclass(frozen=True)
 class ControlConfig:
     """Tunables of the control plane (secrets are never held here, only in `Auth`)."""
@@ -108,6 +115,18 @@ class ControlConfig:
     leader_ttl_ms: int = DEFAULT_LEADER_TTL_MS
     """Term of a singleton job's leader (sweeper, checkpointer); a dead or paused
     leader is replaced within about this long."""
+    node_check_cache_ms: int = 1_000
+    """How long a replica reuses a node's active row between node RPCs (0..1000; 0 reads
+    the store on every call). The bound on how late a revocation or re-key made through
+    ANOTHER replica is seen here; through this replica it holds from the next call.
+    Only an active node is reused: a refusal is re-read every time."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.node_check_cache_ms <= MAX_NODE_CHECK_CACHE_MS:
+            raise ConfigError(
+                f"node_check_cache_ms must be between 0 and {MAX_NODE_CHECK_CACHE_MS}, "
+                f"got {self.node_check_cache_ms}"
+            )
 
 
 @dataclass(frozen=True)
@@ -222,6 +241,7 @@ class ControlService:
         self.config = config or ControlConfig()
         self.auth = auth or Auth()
         self._waiters = _Waiters()
+        self._node_cache: dict[str, tuple[float, NodeRecord]] = {}
         self.policy_in_force = PolicyInForce(store, self.config.policy_max_staleness_ms)
         self.replica_id = self.config.replica_id or default_replica_id()
 
@@ -1026,6 +1046,7 @@ class ControlService:
             await self.store.put_node(
                 NodeRecord(node_id, public_key, cert_env.to_json_bytes(), now, "active", "", now)
             )
+            self._node_cache.pop(node_id, None)  # a re-key refuses the earlier key at once
             log.info(
                 "node enrolled",
                 extra={"node_id": node_id, "keyid": keyid, "rekey": purpose == "rekey"},
@@ -1064,7 +1085,7 @@ class ControlService:
                 f"the client certificate is node {principal.name!r}'s; the request names "
                 f"node {node_id!r}"
             )
-        rec = await self.store.get_node(node_id)
+        rec = await self._active_node(node_id)
         reason = ""
         if rec is None:
             reason = f"node {node_id!r} is not enrolled"
@@ -1080,6 +1101,27 @@ class ControlService:
                 node_id=node_id,
             )
             raise Unauthenticated(reason)
+
+    async def _active_node(self, node_id: str) -> NodeRecord | None:
+        """The node's row: reused for `node_check_cache_ms` while active, else re-read.
+
+        A node RPC used to read the row every time (one store round trip per call;
+        a network one on PostgreSQL). Revocations and re-keys through this replica
+        drop the entry at once; through another, they hold here within the bound.
+        """
+        ttl = self.config.node_check_cache_ms / 1000
+        now = time.monotonic()
+        hit = self._node_cache.get(node_id)
+        if hit is not None and now - hit[0] < ttl:
+            return hit[1]
+        rec = await self.store.get_node(node_id)
+        if ttl > 0 and rec is not None and rec.status == "active":
+            if len(self._node_cache) >= _NODE_CACHE_MAX_ENTRIES:
+                self._node_cache.clear()  # bounded: a flood of node ids cannot grow it
+            self._node_cache[node_id] = (now, rec)
+        else:
+            self._node_cache.pop(node_id, None)
+        return rec
 
     def caller_node(self) -> str:
         """The node id of the caller (after `check_node`); "" in insecure mode."""
@@ -1140,7 +1182,9 @@ class ControlService:
             NotFound: no such node.
         """
         now = self.clock.now_ms()
+        self._node_cache.pop(node_id, None)
         rec = await self.store.set_node_status(node_id, "revoked", reason, now)
+        self._node_cache.pop(node_id, None)  # and any refill while the write ran
         if rec is None:
             raise NotFound(f"node {node_id!r} is not enrolled")
         voided = await self.store.void_join_tokens(node_id, now)  # no way back in by a token
