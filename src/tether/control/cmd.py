@@ -175,6 +175,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "this (a new version is normally seen at once, by LISTEN/NOTIFY)",
     )
     p.add_argument(
+        "--node-check-cache-ms",
+        type=int,
+        default=1_000,  # ControlConfig.node_check_cache_ms
+        help="how long a replica reuses an active node's record between its calls (0..1000; "
+        "0 reads the database on every call): the most a revocation or re-key made through "
+        "another replica can take to be refused here",
+    )
+    p.add_argument(
         "--leader-ttl-ms",
         type=int,
         default=DEFAULT_LEADER_TTL_MS,
@@ -735,6 +743,7 @@ def _cmd_control(args: argparse.Namespace) -> int:
                 policy_max_staleness_ms=args.policy_max_staleness_ms,
                 leader_ttl_ms=args.leader_ttl_ms,
                 replica_id=args.replica_id,
+                node_check_cache_ms=args.node_check_cache_ms,
             ),
             postgres=postgres,
             limits=limits,
