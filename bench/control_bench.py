@@ -76,15 +76,16 @@ def bench_policy(agents: int = 256) -> str:
 class Control:
     """A control plane subprocess over a prepared database."""
 
-    def __init__(self, tmp: Path, db: Path) -> None:
+    def __init__(self, tmp: Path, db: Path, extra_args: tuple[str, ...] = ()) -> None:
         self.tmp = tmp
         self.db = db
+        self.extra_args = extra_args
         self.proc: subprocess.Popen[bytes] | None = None
         self.address = ""
 
     def __enter__(self) -> Control:
         self.proc, self.address = spawn_control_cli(
-            self.tmp, db=self.db, vault=False, policy=bench_policy()
+            self.tmp, db=self.db, vault=False, policy=bench_policy(), extra_args=self.extra_args
         )
         return self
 
@@ -108,7 +109,12 @@ class Control:
 
 
 async def lease_run(
-    tmp: Path, tasks: int, concurrency: int, max_tasks: int = 1, chain: bool = False
+    tmp: Path,
+    tasks: int,
+    concurrency: int,
+    max_tasks: int = 1,
+    chain: bool = False,
+    control_args: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """`concurrency` workers each loop AcquireLease(start) -> SUCCEED until the queue is empty.
 
@@ -117,13 +123,13 @@ async def lease_run(
     asks for that many tasks (each its own signed lease) and the worker finishes them
     one after another: 1 + 1/max_tasks RPCs per task. With `chain` each SUCCEED also
     asks for the next task (TransitionTask.acquire_next): one RPC per task. The latency
-    is per task.
+    is per task. `control_args` go to `tether control` (e.g. --node-check-cache-ms 0).
     """
     tmp.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - set-up, before timing
     db = tmp / "control.db"
     await create_db(db)
     fill_queue(db, tasks)
-    with Control(tmp, db) as control:
+    with Control(tmp, db, control_args) as control:
         client = await control.node("bench-node")
         try:
             rss_before = rss_mb(control.pid)

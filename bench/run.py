@@ -113,6 +113,20 @@ def run(quick: bool, only: set[str] | None = None) -> dict[str, Any]:
                 batched["per_s"] / raw_tls, 3
             )
             results["lease_grants_max_tasks_8_vs_1"] = round(batched["per_s"] / lease["per_s"], 3)
+            # The same one-task workers with the node check reading the store on every call
+            # (--node-check-cache-ms 0, the behaviour before the reuse bound).
+            uncached = asyncio.run(
+                control_bench.lease_run(
+                    tmp / "leases-uncached",
+                    n["lease_tasks"],
+                    n["concurrency"],
+                    control_args=("--node-check-cache-ms", "0"),
+                )
+            )
+            results["lease_grants_per_s_node_check_every_call"] = round(uncached["per_s"], 1)
+            results["lease_grants_node_check_reuse_vs_every_call"] = round(
+                lease["per_s"] / uncached["per_s"], 3
+            )
             # Each SUCCEED also leases the next task (TransitionTask.acquire_next): one RPC a task.
             chained = asyncio.run(
                 control_bench.lease_run(
@@ -140,6 +154,9 @@ def run(quick: bool, only: set[str] | None = None) -> dict[str, Any]:
             ing = asyncio.run(control_bench.ingest_run(tmp / "ingest", envs, node_id, key, leases))
             results["receipts_ingested_per_s"] = round(ing["per_s"], 1)
             results["receipts_ingested"] = len(envs)
+            results["receipts_ingested_vs_raw_ed25519_one_core"] = round(
+                ing["per_s"] / results["raw_ed25519_verify_per_s"], 3
+            )
         if want("mediation"):
             med = asyncio.run(
                 sidecar_bench.mediation_run(
@@ -177,6 +194,10 @@ def run(quick: bool, only: set[str] | None = None) -> dict[str, Any]:
             results["verify_receipts"] = v["receipts"]
             results["verify_seconds"] = round(v["seconds"], 2)
             results["verify_bundle_mb"] = round(v["bytes"] / 2**20, 1)
+            # The bar for verify on both cores: >= 1.5 x one core's raw Ed25519 verify.
+            results["verify_vs_raw_ed25519_one_core"] = round(
+                v["per_s"] / results["raw_ed25519_verify_per_s"], 3
+            )
         if want("ledger"):
             results.update(ledger_bench.ledger_figures(tmp, n["ledger_small"], n["ledger_large"]))
         if want("replicas"):
