@@ -18,11 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from tether.core.receipts import ReceiptKind
+from tether.core.receipts import ControlReceipt, ReceiptKind
+from tether.core.states import State
+from tether.core.timeouts import EndReason
 from tether.crypto.manifest import ExportManifest, decode_manifest, sign_manifest
 from tether.crypto.merkle import MerkleTree, leaf_hash
 from tether.crypto.note import CheckpointBody, sign_checkpoint
-from tether.crypto.receipts import parse_receipt
+from tether.crypto.receipts import parse_receipt, sign_control_receipt
+from tether.crypto.signing import Envelope
 from tether.verify import Bundle, Entry, decode_bundle, encode_bundle, verify_bundle
 from tether.verify.builder import T0, BundleBuilder, seeded_key
 from tether.verify.bundle import BundleWriter
@@ -183,9 +186,40 @@ def _wrong_proof(b: BundleBuilder, bundle: Bundle) -> Bundle:
     return dataclasses.replace(bundle, entries=[*bundle.entries[:2], bad, *bundle.entries[3:]])
 
 
+def _foreign_lease(b: BundleBuilder, bundle: Bundle) -> Bundle:
+    """t2's genuine control-signed lease added to t1's per-task bundle."""
+    mine = set(bundle.leases)
+    return dataclasses.replace(
+        bundle, leases=[*bundle.leases, *(e for e in b.build().leases if e not in mine)]
+    )
+
+
+def _foreign_control_receipt(b: BundleBuilder, bundle: Bundle) -> Bundle:
+    """A genuine control receipt (t9 canceled while queued, signed by the control key) added
+    to t1's per-task bundle: valid on its own, but no part of t1's export."""
+    c = ControlReceipt(
+        end_reason=EndReason.CANCELED,
+        task_id="t9",
+        attempt=0,
+        fencing_token=0,
+        state=int(State.CANCELED),
+        time_unix_ms=T0 + 20,
+        reason="canceled by an operator",
+        clock="control-plane",
+    )
+    env = Envelope.from_json_bytes(sign_control_receipt(c, b.control))
+    return dataclasses.replace(bundle, control_receipts=[*bundle.control_receipts, env])
+
+
 @pytest.mark.parametrize(
     ("craft", "check", "needle"),
     [
+        (_foreign_lease, "manifest", "lease of task 't2', but the bundle was exported for"),
+        (
+            _foreign_control_receipt,
+            "manifest",
+            "control receipt of task 't9', but the bundle was exported for",
+        ),
         (_slipped, "manifest", "receipt of task 't2', but the bundle was exported for t1"),
         (_omitted_from_manifest, "manifest", "not in the export manifest's list"),
         (_dropped, "manifest", "listed in the export manifest are missing"),

@@ -26,6 +26,7 @@ from tether.crypto.note import CheckpointBody, sign_checkpoint
 from tether.crypto.receipts import (
     ReceiptChain,
     envelope_digest,
+    parse_control_statement,
     parse_receipt,
     sign_control_receipt,
 )
@@ -263,8 +264,10 @@ class BundleBuilder:
             consistency_proof=proof,
         )
         leases = list(self.leases)
-        if tasks:
+        ends = list(self.control_receipts)
+        if tasks:  # as the control plane exports: the chosen tasks' leases and ends only
             leases = [env for env in leases if decode_lease(env.payload).task_id in tasks]
+            ends = [env for env in ends if _control_task(env) in tasks]
         return Bundle(
             entries=entries,
             node_certificates=[n.cert for n in self.nodes.values()],
@@ -273,7 +276,7 @@ class BundleBuilder:
             control_keyids=[self.control.keyid],
             exported_unix_ms=ts,
             manifest=sign_manifest(manifest, self.control),
-            control_receipts=list(self.control_receipts),
+            control_receipts=ends,
         )
 
     def checkpoint_note(self, size: int | None = None) -> str:
@@ -281,6 +284,11 @@ class BundleBuilder:
         tree = MerkleTree([leaf_hash(x) for x in self.ledger])
         n = tree.size if size is None else size
         return sign_checkpoint(CheckpointBody(self.origin, n, tree.root(n)), self.control)
+
+
+def _control_task(env: Envelope) -> str:
+    """The task a control receipt ends."""
+    return parse_control_statement(json.loads(env.payload)).task_id
 
 
 def _task_of(envelope: bytes) -> str:

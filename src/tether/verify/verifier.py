@@ -91,7 +91,8 @@ CHECKS: dict[str, str] = {
     "manifest": "the export manifest is signed by a trusted control key, names the bundle's "
     "checkpoint and export time, and for every node gives the bundle's last seq, that "
     "envelope's digest and the task ids (so no receipt was cut from the end of a chain); "
-    "in a per-task export, exactly the seqs the bundle holds, all of the exported tasks",
+    "in a per-task export, exactly the seqs the bundle holds, all of the exported tasks, "
+    "and leases and control receipts of the exported tasks only",
     "control.keyids": "the bundle's controlKeyids are sorted, distinct ids of trusted keys "
     "that signed something in it",
     "certificate": "every node certificate is signed by a trusted control key; each receipt "
@@ -1166,6 +1167,7 @@ class _Verifier:
         self._manifest()
         self._consistency()
         self.controls = self._controls()
+        self._scope()
         self._tasks(leases)
         self._control_keyids()
         return True
@@ -1346,6 +1348,35 @@ class _Verifier:
                         it.ref,
                         f"receipt of task {it.task_id!r}, but the bundle was exported for {names}",
                     )
+
+    def _scope(self) -> None:
+        """A per-task export's leases and control receipts are of the exported tasks only.
+
+        Signed by the control key, a foreign task's lease or control receipt would
+        still verify on its own, and slip a story the manifest does not cover into
+        the verdict (or leak it from another export).
+        """
+        m = self.manifest
+        if m is None or not m.per_task:
+            return
+        exported = set(m.task_ids)
+        for task in sorted(set(self.attempts) - exported):
+            self.fail(
+                -1,
+                "manifest",
+                f"task:{task}",
+                f"lease of task {task!r}, but the bundle was exported for its tasks only "
+                f"({len(exported)} listed in the manifest)",
+            )
+        for i, c in self.controls:
+            if c.task_id not in exported:
+                self.fail(
+                    -1,
+                    "manifest",
+                    f"control[{i}]",
+                    f"control receipt of task {c.task_id!r}, but the bundle was exported for "
+                    f"its tasks only ({len(exported)} listed in the manifest)",
+                )
 
     def _consistency(self) -> None:
         """The bundle's checkpoint extends the previous one the auditor saw (RFC 9162 §2.1.4)."""
