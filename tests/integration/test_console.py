@@ -164,3 +164,23 @@ async def test_bad_filters_are_400_and_unknown_tasks_404(cp: ControlHandle) -> N
         assert (await auditor.get("/tasks?since=yesterday")).status_code == 400
         assert (await auditor.get("/tasks?after=-1")).status_code == 400
         assert (await auditor.get("/tasks/t_nope")).status_code == 404
+
+
+async def test_nodes_ledger_and_budgets_pages_show_the_stores_facts(cp: ControlHandle) -> None:
+    """Nodes shows an enrolled node with its certificate checked against the control key; the
+    ledger shows the tree size and the C2SP verifier key `tether keys vkey` prints; budgets
+    sums a task's limit under its queue."""
+    from tether.crypto.note import verifier_key
+
+    node = await cp.node_client("node-7")
+    await node.close()
+    await cp.client.submit("work", b"{}", budget_limit_micros=5_000)
+    async with _operator(cp, Role.AUDITOR) as auditor:
+        nodes = (await auditor.get("/nodes")).text
+        assert "node-7" in nodes
+        assert "signed by this control plane&#39;s key" in nodes
+        ledger = (await auditor.get("/ledger")).text
+        assert verifier_key(cp.service.log_origin, cp.key.public) in ledger
+        assert 'id="tree-size">0<' in ledger
+        budgets = (await auditor.get("/budgets")).text
+        assert "<td>work</td><td>1</td><td>5000</td><td>0</td>" in budgets

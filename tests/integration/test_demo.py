@@ -73,3 +73,50 @@ def test_ctrl_c_says_the_demo_was_interrupted_and_stops_its_processes(tmp_path: 
         ["pgrep", "-f", str(tmp_path / "demo")], capture_output=True, text=True, check=False
     ).stdout.split()
     assert not leftovers, leftovers
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_keep_prints_the_console_url_and_keeps_it_serving(tmp_path: Path) -> None:
+    """`tether demo --keep` prints the operator console's URL after its summary; the console
+    answers the demo's auditor certificate with the demo's tasks until Ctrl-C ends it."""
+    import re
+    import ssl
+    import time
+    import urllib.request
+
+    out_file = tmp_path / "out.txt"
+    with out_file.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tether.cli", "demo", "--keep", "--dir", str(tmp_path / "d")],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=tmp_path,
+            start_new_session=True,
+        )
+    try:
+        url = ""
+        deadline = time.monotonic() + 240
+        while not url and time.monotonic() < deadline and proc.poll() is None:
+            m = re.search(r"operator console: (https://\S+)", out_file.read_text(errors="replace"))
+            url = m.group(1) if m else ""
+            time.sleep(0.5)
+        text = out_file.read_text(errors="replace")
+        assert url, text[-4000:]
+        assert "ALL FACTS HELD" in text
+        keys = tmp_path / "d" / "keys"
+        assert (keys / "demo-auditor.p12").stat().st_mode & 0o077 == 0
+        ctx = ssl.create_default_context(cafile=str(keys / "ca.crt"))
+        ctx.load_cert_chain(keys / "demo-auditor.crt", keys / "demo-auditor.key")
+        with urllib.request.urlopen(url + "tasks", context=ctx, timeout=20) as resp:
+            page = resp.read().decode()
+        assert resp.status == 200
+        assert "auditor demo-auditor" in page
+        assert page.count('<tr id="row-') >= 8
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

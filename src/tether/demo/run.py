@@ -216,18 +216,55 @@ lease_ttl_ms = {LEASE_TTL_MS}
             "--enroll-listen", "127.0.0.1:0", "--key", str(keys / "control.key"),
             "--kek-file", str(kek), "--sweep-interval-ms", "200",
             "--ready-file", str(self.root / "control.addr"),
+            # --keep leaves the operator console up to look around in (docs/console.md).
+            *(["--console-listen", "127.0.0.1:0"] if self.keep else []),
         ))  # fmt: skip
         ready = self.wait_ready("control", self.root / "control.addr").splitlines()
         address, self.enroll_address = ready[0], ready[1]
+        self.console_url = ready[2] if len(ready) > 2 else ""
         self.say(
             f"control plane listening on {address} (mTLS; enrolment on {self.enroll_address}; "
             f"SQLite: {self.root / 'control.db'})"
         )
+        if self.console_url:
+            self.console_operators()
         control = ControlClient(address, tls=self.admin_tls())
         try:
             return await self._staged(api, control, address)
         finally:
             await control.close()
+
+    def console_operators(self) -> None:
+        """Writes an auditor and a submitter credential for the console (PEM and PKCS#12)."""
+        from cryptography.hazmat.primitives.serialization import (
+            BestAvailableEncryption,
+            load_pem_private_key,
+            pkcs12,
+        )
+
+        from tether.crypto.pki import load_certificate
+
+        keys = self.root / "keys"
+        for name, role in (("demo-auditor", "auditor"), ("demo-submitter", "submitter")):
+            made = self.run_cli(
+                "setup", "operators", "add", name, "--role", role, "--dir", str(keys)
+            )
+            if made.returncode != 0:
+                raise RuntimeError(f"tether operators add failed: {made.stderr.decode()[-2000:]}")
+            key = load_pem_private_key((keys / f"{name}.key").read_bytes(), None)
+            p12 = pkcs12.serialize_key_and_certificates(
+                name.encode(),
+                key,  # type: ignore[arg-type]
+                load_certificate(keys / f"{name}.crt"),
+                [load_certificate(keys / "ca.crt")],
+                BestAvailableEncryption(b"tether"),
+            )
+            write_private(keys / f"{name}.p12", p12)
+        self.say(
+            f"operator console on {self.console_url} (TLS; sign in with a client certificate: "
+            f"import {keys / 'demo-auditor.p12'} or demo-submitter.p12, password 'tether', "
+            f"into the browser; the server certificate is signed by {keys / 'ca.crt'})"
+        )
 
     def admin_tls(self) -> ClientTLS:
         keys = self.root / "keys"
@@ -724,11 +761,18 @@ lease_ttl_ms = {LEASE_TTL_MS}
         print(f" logs: {self.root / 'logs'}   took {time.monotonic() - self.started:.1f}s")
         if self.keep:
             print(" --keep: control plane and sidecars are still running (Ctrl-C to stop)")
+            if self.console_url:
+                print(f" operator console: {self.console_url}")
+                print(
+                    f"   sign in with {self.root / 'keys' / 'demo-auditor.p12'} "
+                    "(or demo-submitter.p12), password 'tether'"
+                )
         print("─" * 72)
         return 0 if ok else 1
 
     verify_cmd: str = ""
     verify_out: str = ""
+    console_url: str = ""
     mcp_tasks: list[str] = field(default_factory=list)
 
 

@@ -25,8 +25,6 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
 import jinja2
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import (
@@ -43,10 +41,11 @@ from tether.control.console.server import PEER_CERT
 from tether.core.errors import NotFound, TetherError, VerificationError
 from tether.core.receipts import ReceiptKind
 from tether.core.states import State, state_name
+from tether.crypto.certs import decode_cert, verify_cert
 from tether.crypto.leases import decode_lease
 from tether.crypto.note import verifier_key
 from tether.crypto.receipts import parse_control_statement, parse_receipt
-from tether.crypto.signing import Envelope
+from tether.crypto.signing import Envelope, SigningKey
 from tether.store.base import TaskRecord
 from tether.verify import strictjson
 from tether.verify.bundle import Bundle, Limits, encode_bundle
@@ -510,7 +509,7 @@ class Console:
         rows = []
         for n in await self.service.list_nodes():
             head = await self.store.ledger_head(n.node_id)
-            cert = _cert_facts(n.certificate)
+            cert = _cert_facts(n.certificate, self.service.key)
             rows.append({"node": n, "head": head, "cert": cert})
         return self.render(request, "nodes.html", who, rows=rows)
 
@@ -587,22 +586,26 @@ def _text(data: bytes) -> str:
         return data.decode("utf-8", "replace")
 
 
-def _cert_facts(pem: bytes) -> dict[str, str]:
+def _cert_facts(stored: bytes, key: SigningKey) -> dict[str, Any]:
+    """What a node's stored certificate (a control-signed envelope) says, and whether it verifies.
+
+    A certificate signed by an earlier control key (before a rotation) is decoded
+    and labelled as not checked against the current key.
+    """
     try:
-        cert = x509.load_pem_x509_certificate(pem)
-    except ValueError:
-        return {"subject": "(unreadable)", "not_after": "", "serial": "", "sha256": ""}
-    sans = ""
+        envelope = Envelope.from_json_bytes(stored)
+    except (ValueError, VerificationError):
+        return {"ok": False, "note": "unreadable", "cert": None}
     try:
-        ext = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
-        uris = ext.value.get_values_for_type(x509.UniformResourceIdentifier)
-        sans = ", ".join(str(v) for v in uris)
-    except x509.ExtensionNotFound:
-        pass
-    return {
-        "subject": sans or cert.subject.rfc4514_string(),
-        "not_before": _iso(int(cert.not_valid_before_utc.timestamp() * 1000)),
-        "not_after": _iso(int(cert.not_valid_after_utc.timestamp() * 1000)),
-        "serial": format(cert.serial_number, "x"),
-        "sha256": hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest(),
-    }
+        cert = verify_cert(envelope, {key.keyid: key.public})
+        return {"ok": True, "note": "signed by this control plane's key", "cert": cert}
+    except VerificationError as err:
+        try:
+            cert = decode_cert(envelope.payload)
+        except VerificationError:
+            return {"ok": False, "note": err.message, "cert": None}
+        return {
+            "ok": False,
+            "note": f"not checked against the current key: {err.message}",
+            "cert": cert,
+        }
