@@ -11,6 +11,7 @@ current key) and to the tasks it holds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import re
@@ -34,7 +35,10 @@ from tether.core.errors import (
     InvalidArgument,
     InvalidTransition,
     LeaseExpired,
+    NotFound,
+    NotOwner,
     PolicyDenied,
+    StaleFencingToken,
     VerificationError,
 )
 from tether.core.leases import MAX_TTL_MS, MIN_TTL_MS
@@ -529,6 +533,24 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         await self._node(context, acquire.node_id)
         return await self._acquire(acquire)
 
+    @contextlib.asynccontextmanager
+    async def _holder_only(self, task_id: str, token: int, node_id: str) -> AsyncIterator[None]:
+        """Turns a lease refusal into one uniform NotOwner for a node that never held the task.
+
+        The store's diagnosis names the holder, the current token and the task's state:
+        right for the holder (a stale token, a lapse), an oracle on other nodes' tasks
+        (and on which task ids exist) for anyone else.
+        """
+        try:
+            yield
+        except (NotFound, NotOwner, StaleFencingToken, LeaseExpired, InvalidTransition) as err:
+            if await self.service.ever_held(task_id, node_id):
+                raise
+            raise NotOwner(
+                f"node {node_id!r} holds no lease on task {task_id!r} under token {token}",
+                metadata={"task_id": task_id},
+            ) from err
+
     async def _acquire(self, a: _Acquire) -> pb.AcquireLeaseResponse:
         grants, waited_ms = await self.service.acquire_many(
             queue=a.queue,
@@ -557,7 +579,10 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         node_id = check_id("node_id", request.node_id)
         await self._node(context, node_id)
         try:
-            _, env = await self.service.renew(task_id=task_id, fencing_token=token, node_id=node_id)
+            async with self._holder_only(task_id, token, node_id):
+                _, env = await self.service.renew(
+                    task_id=task_id, fencing_token=token, node_id=node_id
+                )
         except (LeaseExpired, InvalidTransition) as err:
             ended = await self.service.lease_end(task_id, token, node_id)
             if ended is None:
@@ -599,16 +624,17 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         await self._node(context, node_id)
         if acquire is not None:  # refuse before the transition, not after it committed
             await self.service.check_claim(acquire.queue, acquire.agent_id)
-        task = await self.service.transition(
-            task_id=task_id,
-            fencing_token=token,
-            node_id=node_id,
-            event=event,
-            result=result,
-            error=error,
-            non_retryable=request.non_retryable,
-            failure_type=failure_type,
-        )
+        async with self._holder_only(task_id, token, node_id):
+            task = await self.service.transition(
+                task_id=task_id,
+                fencing_token=token,
+                node_id=node_id,
+                event=event,
+                result=result,
+                error=error,
+                non_retryable=request.non_retryable,
+                failure_type=failure_type,
+            )
         if acquire is None:
             return pb.TransitionTaskResponse(task=task_to_proto(task))
         try:
@@ -632,9 +658,10 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         tool = check_id("tool", request.tool)
         node_id = check_id("node_id", request.node_id)
         await self._node(context, node_id)
-        value, expires = await self.service.issue_credential(
-            task_id=task_id, fencing_token=token, node_id=node_id, name=name, tool=tool
-        )
+        async with self._holder_only(task_id, token, node_id):
+            value, expires = await self.service.issue_credential(
+                task_id=task_id, fencing_token=token, node_id=node_id, name=name, tool=tool
+            )
         return pb.IssueCredentialResponse(value=value, expires_unix_ms=expires)
 
     @handle_errors

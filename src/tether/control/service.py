@@ -628,6 +628,21 @@ class ControlService:
         metrics.LEASES_RENEWED.inc()
         return task, Envelope.from_json_bytes(stored)  # the committed one (see acquire)
 
+    async def ever_held(self, task_id: str, node_id: str) -> bool:
+        """Whether `node_id` was ever granted a lease on the task (under any token).
+
+        A node that never was is told nothing about the task (see the node RPCs'
+        refusals); one that was may learn its current token and state, as a stale
+        holder must. Without mTLS every caller counts as a holder.
+        """
+        if current_principal().insecure:
+            return True
+        for h in await self.store.lease_history(task_id):
+            lease = decode_lease(Envelope.from_json_bytes(h.envelope).payload)
+            if lease.node_id == node_id:
+                return True
+        return False
+
     async def lease_end(
         self, task_id: str, fencing_token: int, node_id: str
     ) -> tuple[EndReason, State] | None:
