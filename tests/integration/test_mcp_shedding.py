@@ -16,7 +16,7 @@ import pytest
 
 from tether.core.errors import Overloaded
 from tether.grpcutil.limits import ServerLimits
-from tether.sidecar.mcp_front import MAX_BODY_BYTES
+from tether.sidecar.mcp_front import MAX_BODY_BYTES, MAX_SESSIONS_PER_TOKEN
 from tether.testing import start_control, start_sidecar
 
 POLICY = """
@@ -135,3 +135,46 @@ async def test_a_body_over_the_limit_is_refused_before_it_is_buffered(tmp_path: 
             ok = await http.post(task.mcp.url, headers=headers, json=LIST)
             assert ok.status_code != 413
             assert ok.status_code < 500, ok.text
+
+
+async def test_one_token_cannot_fill_the_session_table(tmp_path: Path) -> None:
+    """A lease's token opens at most MAX_SESSIONS_PER_TOKEN handshake-era sessions (then
+    429); ending one (DELETE) makes room, and another agent's token still opens one."""
+    init = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {
+            "protocolVersion": "2025-11-25",
+            "capabilities": {},
+            "clientInfo": {"name": "flood", "version": "1"},
+        },
+    }
+    async with system(tmp_path, ServerLimits()) as (cp, side, task):
+        headers = {**HEADERS, "Authorization": f"Bearer {task.mcp.token}"}
+        async with httpx2.AsyncClient(timeout=30) as http:
+            opened = []
+            for _ in range(MAX_SESSIONS_PER_TOKEN):
+                answer = await http.post(task.mcp.url, headers=headers, json=init)
+                assert answer.status_code == 200, answer.text
+                opened.append(answer.headers["mcp-session-id"])
+            refused = await http.post(task.mcp.url, headers=headers, json=init)
+            assert refused.status_code == 429, refused.text
+            assert "sessions open" in refused.text
+            ended = await http.delete(
+                task.mcp.url, headers={**headers, "Mcp-Session-Id": opened[0]}
+            )
+            assert ended.status_code < 300, ended.text
+            again = await http.post(task.mcp.url, headers=headers, json=init)
+            assert again.status_code == 200, again.text
+            await cp.client.submit("work", b"{}")
+            async with side.agent("bob") as bob:
+                other = await bob.claim("work", wait_ms=5000)
+            assert other is not None
+            assert other.mcp is not None
+            answer = await http.post(
+                other.mcp.url,
+                headers={**HEADERS, "Authorization": f"Bearer {other.mcp.token}"},
+                json=init,
+            )
+            assert answer.status_code == 200, answer.text

@@ -72,6 +72,9 @@ MCP_PATH = "/mcp"
 SOCKET_MODE = 0o660
 MAX_TOOL_NAME = 128
 MAX_KEY = 256
+MAX_SESSIONS_PER_TOKEN = 32
+"""Handshake-era sessions one lease's token may hold open (the SDK's own cap, 10,000, is
+shared by every agent of the node: one agent must not fill it)."""
 MAX_BODY_BYTES = 2 * 1024 * 1024
 """A request body's limit, the Broker's gRPC message limit: the SDK buffers bodies whole."""
 
@@ -151,6 +154,8 @@ class McpFront:
         self.listen = listen
         self.url = ""
         self._tokens: dict[str, HeldLease] = {}
+        self._sessions: dict[str, set[str]] = {}
+        """Session ids each token (by digest) opened and has not ended (DELETE)."""
         self._server: _QuietServer | None = None
         self._task: asyncio.Task[None] | None = None
         self._mcp: Server[Any] = Server(
@@ -231,6 +236,7 @@ class McpFront:
             except Exception:
                 log.exception("MCP server stopped with an error")
         self._tokens.clear()
+        self._sessions.clear()
         if self.socket_path is not None:
             with contextlib.suppress(OSError):
                 self.socket_path.unlink()
@@ -258,6 +264,7 @@ class McpFront:
             return None
         if self.d.leases.get(held.task_id) is not held:  # replaced or forgotten
             self._tokens.pop(digest, None)
+            self._sessions.pop(digest, None)
             return None
         return held
 
@@ -271,6 +278,7 @@ class McpFront:
         for digest, held in list(self._tokens.items()):
             if self.d.leases.get(held.task_id) is not held:
                 del self._tokens[digest]
+                self._sessions.pop(digest, None)
 
     async def verify_token(self, token: str) -> AccessToken | None:
         """The SDK's TokenVerifier: the principal is (agent, task, fencing token)."""
@@ -427,6 +435,11 @@ class _Admission:
         refused 413 before the app has started an answer.
         """
         if scope.get("method") != "POST":
+            if scope.get("method") == "DELETE":  # a session ended by its client
+                sid = dict(scope.get("headers", [])).get(b"mcp-session-id", b"")
+                digest = _bearer_digest(scope)
+                if sid and digest:
+                    self.front._sessions.get(digest, set()).discard(sid.decode("latin-1"))
             await self.app(scope, receive, send)
             return
         parts: list[bytes] = []
@@ -444,6 +457,17 @@ class _Admission:
             if not message.get("more_body", False):
                 break
         body = b"".join(parts)
+        digest = _bearer_digest(scope)
+        opens = b"mcp-session-id" not in dict(scope.get("headers", [])) and b'"initialize"' in body
+        sessions = self.front._sessions.get(digest, set()) if digest else set()
+        if opens and len(sessions) >= MAX_SESSIONS_PER_TOKEN:
+            await _plain(
+                send,
+                429,
+                f"this lease's token has {MAX_SESSIONS_PER_TOKEN} MCP sessions open (the "
+                "limit); end one (DELETE with its Mcp-Session-Id) before opening another",
+            )
+            return
         replayed = False
 
         async def replay() -> dict[str, Any]:
@@ -453,7 +477,20 @@ class _Admission:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()  # after the body: the disconnect, when it comes
 
-        await self.app(scope, replay, send)
+        async def watched(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start" and opens and digest:
+                sid = dict(message.get("headers", [])).get(b"mcp-session-id")
+                if sid and digest in self.front._tokens:
+                    self.front._sessions.setdefault(digest, set()).add(sid.decode("latin-1"))
+            await send(message)
+
+        await self.app(scope, replay, watched)
+
+
+def _bearer_digest(scope: Scope) -> str:
+    """The SHA-256 of the request's bearer token ("" without one)."""
+    header = dict(scope.get("headers", [])).get(b"authorization", b"").decode("latin-1")
+    return _digest(header[7:]) if header[:7].lower() == "bearer " else ""
 
 
 async def _plain(send: Send, status: int, text: str) -> None:
