@@ -20,6 +20,7 @@ from typing import Any
 
 from tether.control.client import ControlClient
 from tether.core.states import Event, State
+from tether.crypto.pki import Role
 from tether.crypto.signing import SigningKey
 from tether.store.sqlite import SqliteStore
 from tether.testing import default_test_policy, endpoint, spawn_control_cli
@@ -115,6 +116,7 @@ async def lease_run(
     max_tasks: int = 1,
     chain: bool = False,
     control_args: tuple[str, ...] = (),
+    console_viewers: int = 0,
 ) -> dict[str, Any]:
     """`concurrency` workers each loop AcquireLease(start) -> SUCCEED until the queue is empty.
 
@@ -124,7 +126,11 @@ async def lease_run(
     one after another: 1 + 1/max_tasks RPCs per task. With `chain` each SUCCEED also
     asks for the next task (TransitionTask.acquire_next): one RPC per task. The latency
     is per task. `control_args` go to `tether control` (e.g. --node-check-cache-ms 0).
+    With `console_viewers` the operator console is on and that many auditors keep its
+    live tasks table open (server-sent events) for the whole run.
     """
+    if console_viewers:
+        control_args = (*control_args, "--console-listen", "127.0.0.1:0")
     tmp.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - set-up, before timing
     db = tmp / "control.db"
     await create_db(db)
@@ -171,9 +177,16 @@ async def lease_run(
                         t0 = time.perf_counter()
                         done += 1
 
+            viewers = [
+                asyncio.create_task(live_viewer(control.address)) for _ in range(console_viewers)
+            ]
             start = time.perf_counter()
             await asyncio.gather(*(worker(i) for i in range(concurrency)))
             elapsed = time.perf_counter() - start
+            for v in viewers:
+                v.cancel()
+            updates = sum([u for u in await asyncio.gather(*viewers, return_exceptions=True)
+                           if isinstance(u, int)])  # fmt: skip
             rss_after = rss_mb(control.pid)
         finally:
             await client.close()
@@ -185,7 +198,31 @@ async def lease_run(
         "p50_ms": statistics.median(latencies) * 1000,
         "rss_mb": rss_after,
         "rss_idle_mb": rss_before,
+        **({"console_updates": updates} if console_viewers else {}),
     }
+
+
+async def live_viewer(address: str) -> int:
+    """An auditor with the console's live tasks table open (curl in its own process, so the
+    viewer costs the benchmark's client nothing); returns the updates it received."""
+    ep = endpoint(address)
+    cert, key = ep.pki.write_operator(Role.AUDITOR, "bench-auditor")
+    proc = await asyncio.create_subprocess_exec(
+        "curl", "-sN", "--cacert", str(ep.pki.dir / "ca.crt"), "--cert", str(cert),
+        "--key", str(key), ep.console_url + "tasks/events",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    updates = 0
+    try:
+        async for line in proc.stdout:
+            updates += line.strip() == b"event: rows"
+    except asyncio.CancelledError:
+        pass
+    finally:
+        proc.kill()
+        await proc.wait()
+    return updates
 
 
 async def claim_latency(tmp: Path, depth: int, claims: int) -> dict[str, float]:

@@ -127,6 +127,16 @@ def run(quick: bool, only: set[str] | None = None) -> dict[str, Any]:
             results["lease_grants_node_check_reuse_vs_every_call"] = round(
                 lease["per_s"] / uncached["per_s"], 3
             )
+            # The same one-task workers with the operator console on and one auditor's live
+            # tasks table open the whole run (docs/console.md: no per-RPC work).
+            console = asyncio.run(
+                control_bench.lease_run(
+                    tmp / "leases-console", n["lease_tasks"], n["concurrency"], console_viewers=1
+                )
+            )
+            results["lease_grants_per_s_console_on"] = round(console["per_s"], 1)
+            results["lease_grants_console_on_vs_off"] = round(console["per_s"] / lease["per_s"], 3)
+            results["console_live_updates_during_run"] = console["console_updates"]
             # Each SUCCEED also leases the next task (TransitionTask.acquire_next): one RPC a task.
             chained = asyncio.run(
                 control_bench.lease_run(

@@ -125,6 +125,8 @@ class ControlEndpoint:
     address: str
     enroll_address: str
     pki: TestPKI
+    console_url: str = ""
+    """The operator console's URL, when the control plane serves one."""
 
     def admin(self) -> ControlClient:
         """A new admin ControlClient; caller closes it."""
@@ -418,8 +420,8 @@ def spawn_control_cli(
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if ready.exists():
-            address, enroll = [*ready.read_text().splitlines(), "", ""][:2]
-            _ENDPOINTS[address] = ep = ControlEndpoint(address, enroll, pki)
+            address, enroll, console = [*ready.read_text().splitlines(), "", "", ""][:3]
+            _ENDPOINTS[address] = ep = ControlEndpoint(address, enroll, pki, console)
             ensure_policy(ep, policy if policy is not None else default_test_policy())
             return proc, address
         if proc.poll() is not None:

@@ -184,3 +184,26 @@ async def test_nodes_ledger_and_budgets_pages_show_the_stores_facts(cp: ControlH
         assert 'id="tree-size">0<' in ledger
         budgets = (await auditor.get("/budgets")).text
         assert "<td>work</td><td>1</td><td>5000</td><td>0</td>" in budgets
+
+
+async def test_tasks_list_pages_and_filters(cp: ControlHandle) -> None:
+    """53 tasks page as 50 then 3 through the next-page link; the queue and state filters are
+    the store's, and an agent filter with no holder matches nothing."""
+    ids = [(await cp.client.submit("work", b"{}")).task.task_id for _ in range(52)]
+    ids.append((await cp.client.submit("q2", b"{}")).task.task_id)
+    async with _operator(cp, Role.AUDITOR) as auditor:
+        first = (await auditor.get("/tasks")).text
+        assert first.count('<tr id="row-') == 50
+        m = re.search(r'id="next-page" href="([^"]+)"', first)
+        assert m is not None
+        second = (await auditor.get(m.group(1).replace("&amp;", "&"))).text
+        assert second.count('<tr id="row-') == 3
+        assert 'id="next-page"' not in second
+        shown = re.findall(r'<tr id="row-([^"]+)"', first + second)
+        assert shown == ids
+        q2 = (await auditor.get("/tasks?queue=q2")).text
+        assert re.findall(r'<tr id="row-([^"]+)"', q2) == [ids[-1]]
+        assert (await auditor.get("/tasks?state=running")).text.count('<tr id="row-') == 0
+        assert (await auditor.get("/tasks?agent=alice")).text.count('<tr id="row-') == 0
+        recent = (await auditor.get("/tasks?since=1h&queue=q2")).text
+        assert recent.count('<tr id="row-') == 1

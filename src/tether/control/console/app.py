@@ -133,6 +133,11 @@ class TaskFilter:
         f._until_ms = _parse_time(f.until, now)
         return f
 
+    @property
+    def filters_in_python(self) -> bool:
+        """True when a filter the store does not apply (agent, node, time) is set."""
+        return bool(self.agent or self.node or self._since_ms or self._until_ms)
+
     def keeps(self, t: TaskRecord) -> bool:
         return (
             (not self.agent or t.agent_id == self.agent)
@@ -258,9 +263,12 @@ class Console:
         state = State[f.state.upper()] if f.state else None
         found: list[TaskRecord] = []
         after, scanned = f.after, 0
+        # The store filters state and queue; only agent, node and time are filtered here,
+        # so without them one page (and one more row, to know of a next page) is read.
+        batch = 200 if f.filters_in_python else PAGE_SIZE + 1
         while len(found) <= PAGE_SIZE and scanned < SCAN_LIMIT:
             rows = await self.store.list_tasks(
-                queue=f.queue, state=state, after_seq=after, limit=200
+                queue=f.queue, state=state, after_seq=after, limit=batch
             )
             if not rows:
                 break
