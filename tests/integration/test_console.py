@@ -207,3 +207,29 @@ async def test_tasks_list_pages_and_filters(cp: ControlHandle) -> None:
         assert (await auditor.get("/tasks?agent=alice")).text.count('<tr id="row-') == 0
         recent = (await auditor.get("/tasks?since=1h&queue=q2")).text
         assert recent.count('<tr id="row-') == 1
+
+
+async def test_console_needs_tls_and_a_free_port(tmp_path: Path) -> None:
+    """--console-listen with --insecure-plaintext is refused (no certificates, no operators),
+    and a taken port is a ConfigError naming the flag, with nothing left serving."""
+    import socket
+
+    from tether.control.server import start_server
+    from tether.control.service import Auth
+    from tether.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--console-listen needs TLS"):
+        await start_server(
+            db=tmp_path / "plain.db",
+            listen="127.0.0.1:0",
+            key=SigningKey.generate(),
+            auth=Auth(insecure=True),
+            console_listen="127.0.0.1:0",
+        )
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match="--console-listen: cannot listen"):
+            async with start_control(tmp_path / "b", console_listen=f"127.0.0.1:{port}"):
+                pass

@@ -500,7 +500,9 @@ class Console:
         upload = form.get("bundle")
         if upload is None or isinstance(upload, str):
             raise Refused(400, "choose a bundle file")
-        data = await upload.read()
+        data = await upload.read(MAX_UPLOAD_BYTES + 1)  # a chunked body has no length to check
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise Refused(413, f"bundles up to {MAX_UPLOAD_BYTES >> 20} MiB")
         name = upload.filename or "upload"
         report = await self._verify(data, name)
         return self.render(
