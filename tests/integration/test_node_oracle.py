@@ -12,10 +12,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from tether.core.errors import NotOwner, TetherError
-from tether.core.states import Event
+from tether.core.states import Event, State
 from tether.core.timeouts import EndReason
 from tether.testing import ControlHandle, start_control
 
@@ -71,4 +72,56 @@ async def test_a_node_cannot_probe_another_nodes_task(cp: ControlHandle) -> None
         assert told.end_reason == EndReason.CANCELED
     finally:
         await other.close()
+        await node.close()
+
+
+async def test_a_stale_holder_cannot_end_a_canceled_lease_on_the_ledger(
+    cp: ControlHandle,
+) -> None:
+    """After a cancel, the former holder's task_finished receipt under its old token is
+    refused at ingest (the lease already has the control plane's end: two ends on the
+    append-only ledger would leave the task's export unverifiable for good)."""
+    from tether.core.receipts import Receipt, ReceiptKind
+    from tether.crypto.receipts import sign_receipt
+    from tether.crypto.signing import SigningKey
+    from tether.v1 import control_pb2 as pb
+
+    key = SigningKey.generate()
+    node = await cp.node_client("node-1", key)
+    try:
+        task_id = (await cp.client.submit("q", b"{}")).task.task_id
+        got = await node.acquire_lease("q", "node-1", "a")
+        assert got.task.task_id == task_id
+        await cp.client.cancel(task_id, "operator")
+
+        def receipt(seq: int, kind: ReceiptKind, prev: str) -> bytes:
+            r = Receipt(
+                kind=kind, node_id="node-1", task_id=task_id, attempt=1, fencing_token=1,
+                agent_id="a", lease_id="l_x",
+                lease_issued_unix_ms=1, lease_expires_unix_ms=2, time_unix_ms=1, seq=seq,
+                prev=prev, final_state=int(State.SUCCEEDED),
+                status="ok",
+            )  # fmt: skip
+            return sign_receipt(r, key)
+
+        first = receipt(1, ReceiptKind.TASK_FINISHED, "")
+        stream = node.stub.StreamReceipts(
+            iter(
+                [
+                    pb.StreamReceiptsRequest(
+                        node_id="node-1", receipts=[pb.SpooledReceipt(seq=1, envelope=first)]
+                    )
+                ]
+            ),
+            timeout=10,
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in stream:
+                pass
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "a lease the control plane ended (canceled)" in (info.value.details() or "")
+        bundle = await cp.client.export_bundle([task_id])
+        assert not bundle.entries  # nothing of the stale holder's reached the ledger
+        assert len(bundle.control_receipts) == 1
+    finally:
         await node.close()

@@ -39,6 +39,7 @@ from tether.core.errors import (
     Unavailable,
     VerificationError,
 )
+from tether.core.receipts import ReceiptKind
 from tether.crypto.certs import verify_cert
 from tether.crypto.leases import decode_lease
 from tether.crypto.manifest import ManifestAccumulator, sign_manifest
@@ -57,6 +58,7 @@ from tether.crypto.note import CheckpointBody, sign_checkpoint
 from tether.crypto.receipts import envelope_digest, parse_statement
 from tether.crypto.signing import Envelope, SigningKey, VerifyKey, pae
 from tether.store.base import LedgerFrontier, LedgerHead, LedgerLeaf, Store, StoredCheckpoint
+from tether.store.common import CONTROL_ENDED_OUTCOMES
 from tether.verify.bundle import Bundle, CheckpointInfo, Entry
 from tether.verify.verifier import parse_canonical_envelope
 
@@ -81,6 +83,8 @@ class _Checked(NamedTuple):
     task_id: str
     prev: str
     fencing_token: int
+    final: bool = False
+    """A task_finished receipt: the holder's own end of its lease."""
 
 
 class _Refused(NamedTuple):
@@ -95,7 +99,7 @@ class _Refused(NamedTuple):
 
 def _check_batch(
     public_keys: tuple[bytes, ...], node_id: str, batch: Sequence[tuple[int, bytes]]
-) -> list[tuple[str, str, int]] | _Refused:
+) -> list[tuple[str, str, int, bool]] | _Refused:
     """Checks each envelope's signature by a key of the node and its receipt (runs in a worker).
 
     `public_keys`: every key the node was certified for (a chain switches keys
@@ -111,7 +115,7 @@ def _check_batch(
                 _KEYS.clear()
             key = _KEYS[raw] = VerifyKey.from_raw(raw)
         keys[key.keyid] = key
-    out: list[tuple[str, str, int]] = []
+    out: list[tuple[str, str, int, bool]] = []
     for seq, data in batch:
         try:  # what verify_receipt does, with the verifier's faster envelope parser
             env = parse_canonical_envelope(data)
@@ -125,7 +129,7 @@ def _check_batch(
             return _Refused(
                 f"envelope for seq {seq} is receipt {r.node_id}/{r.seq}", {"seq": str(seq)}
             )
-        out.append((r.task_id, r.prev, r.fencing_token))
+        out.append((r.task_id, r.prev, r.fencing_token, r.kind is ReceiptKind.TASK_FINISHED))
     return out
 
 
@@ -390,7 +394,7 @@ class Ledger:
                 for i in range(0, len(batch), step)
             )
         )
-        facts: list[tuple[str, str, int]] = []
+        facts: list[tuple[str, str, int, bool]] = []
         for got in parts:  # in batch order: the first bad receipt is the one reported
             if isinstance(got, _Refused):
                 raise got.error()
@@ -429,6 +433,34 @@ class Ledger:
                     f"fencing token {c.fencing_token}, which was never leased to this node",
                     metadata={"seq": str(c.seq)},
                 )
+            if c.final:
+                await self._check_holder_end(node_id, c)
+
+    async def _check_holder_end(self, node_id: str, c: _Checked) -> None:
+        """A task_finished receipt only for a lease its holder's own transition ended.
+
+        An honest sidecar signs it after the control plane applied the final
+        transition. Under a lease the control plane ended itself (canceled, lapsed,
+        timed out) it can only come from a stale or hostile holder, and would give
+        that lease two ends on the append-only ledger: the task's export would never
+        verify again.
+
+        Raises:
+            NotOwner: the lease under the receipt's token was ended by the control
+                plane.
+        """
+        outcomes = [
+            h.outcome
+            for h in await self.store.lease_history(c.task_id)
+            if h.fencing_token == c.fencing_token
+        ]
+        if outcomes and outcomes[-1] in CONTROL_ENDED_OUTCOMES:
+            raise NotOwner(
+                f"node {node_id} seq {c.seq}: task_finished for task {c.task_id} under "
+                f"fencing token {c.fencing_token}, a lease the control plane ended "
+                f"({outcomes[-1]}); the holder never finished it",
+                metadata={"seq": str(c.seq)},
+            )
 
     def _pool(self) -> ProcessPoolExecutor | None:
         """The signature-checking processes, or None while they start (check inline then).

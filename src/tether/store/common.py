@@ -96,6 +96,8 @@ LAPSED_COLS = (
 # History outcomes of a lease the control plane ended on its clock while the task
 # went on (or expired): a later call under its token is told the lease expired.
 LAPSED_OUTCOMES = ("lapsed", "attempt_timeout", "deadline")
+CONTROL_ENDED_OUTCOMES = (*LAPSED_OUTCOMES, "canceled")
+"""Lease outcomes the control plane decided (no holder's transition ended the lease)."""
 CHECKPOINT_COLS = "tree_size, root_hash, timestamp_unix_ms, note"
 LEDGER_HEAD_COLS = "seq, digest, leaf_index"
 # Budget columns of a task, in the order `budget_state` reads them.
