@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BUF := node_modules/.bin/buf
 
-.PHONY: setup proto proto-check lint test test-browser fuzz flood chaos chaos-ci chaos-replicas demo bench bench-quick clean
+.PHONY: setup proto proto-check lint test test-browser fuzz flood chaos chaos-ci chaos-replicas demo bench bench-quick clean \
+	image container-test
 
 # One progress line instead of pip's output; the full log stays in $(VENV)/setup.log
 # and its tail is shown when the install fails.
@@ -38,7 +39,7 @@ lint: $(STAMP) $(BUF)
 
 test: $(STAMP)
 	PYTHON=$(BIN)/python scripts/check-proto.sh
-	$(BIN)/pytest -q -m "not chaos and not browser"
+	$(BIN)/pytest -q -m "not chaos and not browser and not container"
 
 # The operator console in a real browser (tests/browser/): Playwright drives Debian's
 # Chromium (/usr/bin/chromium, or TETHER_CHROMIUM); `.ci/run` installs it when missing.
@@ -78,6 +79,23 @@ chaos-replicas: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/tether demo
+
+# The container image and the container test (rootful Podman; docs/deploy.md, "Podman").
+# `make image` builds $(IMAGE) from sidecar/Dockerfile on BASE_IMAGE, or on a base made
+# from Debian's packages when that cannot be pulled, and writes build/container/sbom.json.
+# CONTAINERS_CONF: the Podman settings these machines need (runc, cgroupfs, host network).
+IMAGE ?= localhost/tether:0.1.0
+BASE_IMAGE ?= python:3.11-slim
+CONTAINERS_CONF ?= $(CURDIR)/sidecar/podman/containers.conf
+export CONTAINERS_CONF
+
+image:
+	IMAGE=$(IMAGE) BASE_IMAGE=$(BASE_IMAGE) scripts/container-image.sh
+
+# Plays sidecar/k8s/deployment.yaml (and sidecar/compose.yaml) against a containerised
+# control plane; not part of `make test`. Fails (never skips) under CI=true.
+container-test: $(STAMP) image
+	TETHER_IMAGE=$(IMAGE) $(BIN)/pytest -q -s -p no:cacheprovider -m container --timeout 1200 tests/container
 
 # The peers (pgqueuer) are optional: without them (or PostgreSQL) their figure is skipped with a note.
 BENCH_STAMP := $(VENV)/.bench-installed
