@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -276,12 +277,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = args.out or HERE / ("results-quick.json" if args.quick else "results.json")
     started = time.time()
+    load_before = os.getloadavg()
     results = run(args.quick, set(args.only or ()))
     results["_meta"] = {
         "quick": args.quick,
         "python": platform.python_version(),
         "machine": platform.machine(),
         "seconds": round(time.time() - started, 1),
+        # Figures are same-run ratios; the load says how much the absolute ones can be trusted.
+        "load_average_1_5_15_before": [round(x, 2) for x in load_before],
+        "load_average_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
+        "cpus": os.cpu_count(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     width = max(len(k) for k in results)
