@@ -367,17 +367,21 @@ async def test_hung_up_long_polls_do_not_stall_later_claims(tmp_path: Path) -> N
             rng = random.Random(4)
             for _ in range(60):
                 polls = [
-                    asyncio.create_task(node.acquire_lease("lp", "node-1", "a", wait_ms=5_000))
+                    asyncio.create_task(node.acquire_lease("lp", "node-1", "a", wait_ms=1_000))
                     for _ in range(8)
                 ]
                 await asyncio.sleep(rng.uniform(0.0, 0.02))
                 for poll in polls:
                     poll.cancel()
                 await asyncio.gather(*polls, return_exceptions=True)
-            waiter = asyncio.create_task(node.acquire_lease("lp", "node-1", "a", wait_ms=10_000))
+            # A loaded server may learn of a cancel late, and a poll it still runs could take
+            # the task below: let every abandoned poll's own 1 s wait run out first. The bug
+            # (a lock left held) is permanent, so this wait does not hide it.
+            await asyncio.sleep(2.0)
+            waiter = asyncio.create_task(node.acquire_lease("lp", "node-1", "a", wait_ms=20_000))
             await asyncio.sleep(0.1)
-            submitted = await asyncio.wait_for(cp.client.submit("lp", b"{}"), 5)
-            resp = await asyncio.wait_for(waiter, 5)
+            submitted = await asyncio.wait_for(cp.client.submit("lp", b"{}"), 15)
+            resp = await asyncio.wait_for(waiter, 15)
             assert resp.task.task_id == submitted.task.task_id
         finally:
             await node.close()
