@@ -94,7 +94,11 @@ image:
 
 # Plays sidecar/k8s/deployment.yaml (and sidecar/compose.yaml) against a containerised
 # control plane; not part of `make test`. Fails (never skips) under CI=true.
-container-test: $(STAMP) image
+CONTAINER_STAMP := $(VENV)/.container-installed
+$(CONTAINER_STAMP): pyproject.toml $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev,container]' && touch $(CONTAINER_STAMP)
+
+container-test: $(STAMP) $(CONTAINER_STAMP) image
 	TETHER_IMAGE=$(IMAGE) $(BIN)/pytest -q -s -p no:cacheprovider -m container --timeout 1200 tests/container
 
 # The peers (pgqueuer) are optional: without them (or PostgreSQL) their figure is skipped with a note.

@@ -504,3 +504,125 @@ def test_stopping_the_sidecar_hands_its_lease_back(control: Control, pod: dict[s
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert verdict.returncode == 0, verdict.stdout + verdict.stderr
+
+
+# --------------------------------------------------------------------------- compose
+
+COMPOSE_OVERRIDE = """
+# What the test changes in sidecar/compose.yaml: the images (built by `make image`, none
+# pulled) and the agent: the test's Python agent instead of the Node.js example, whose
+# node:20-slim image no registry here serves.
+services:
+  control:
+    image: {image}
+  sidecar:
+    image: {image}
+  agent:
+    image: {agent}
+    user: "10002:10001"
+    command: ["--socket", "/run/tether/alice.sock", "--queue", "default"]
+"""
+COMPOSE_POLICY = POLICY.replace("research", "alice", 1).replace(QUEUE, "default")
+
+
+def compose_tool() -> list[str]:
+    """podman-compose (PyPI, the `container` extra), beside this Python or on PATH."""
+    beside = Path(sys.executable).parent / "podman-compose"
+    found = str(beside) if beside.exists() else shutil.which("podman-compose")
+    if found is None:
+        unavailable("podman-compose is not installed (pip install -e '.[container]')")
+    return [str(found)]
+
+
+def test_compose_file_runs_with_podman_compose(
+    engine: None, agent_image: str, tmp_path: Path
+) -> None:
+    """sidecar/compose.yaml as docs/deploy.md runs it (dev keys, the control plane first,
+    a join token, then everything) with podman-compose on a bridge network: the sidecar
+    enrols with its join token, the agent completes tasks through the socket volume, and
+    the export verifies; the agent container holds none of the secrets."""
+    tool = compose_tool()
+    for port in (7400, 9464, 9465):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                pytest.fail(f"port {port}, which sidecar/compose.yaml publishes, is in use")
+    side = tmp_path / "sidecar"
+    dev = side / "dev"
+    dev.mkdir(parents=True)
+    shutil.copy(ROOT / "sidecar" / "compose.yaml", side / "compose.yaml")
+    for linked in ("examples", "protos"):  # the agent service's bind mounts
+        (tmp_path / linked).symlink_to(ROOT / linked)
+    (side / "override.yaml").write_text(COMPOSE_OVERRIDE.format(image=IMAGE, agent=agent_image))
+    run = [TETHER, "keys", "init", "--dir", str(dev)]
+    sans = ["--san", "control", "--san", "localhost", "--san", "127.0.0.1"]
+    subprocess.run([*run, *sans], check=True, timeout=60, capture_output=True)
+    subprocess.run([*run, "--name", "node"], check=True, timeout=60, capture_output=True)
+    subprocess.run([TETHER, "secrets", "init-kek", "--file", str(dev / "control.kek")],
+                   check=True, timeout=60, capture_output=True)  # fmt: skip
+    for name in ("control.key", "control.kek", "ca.key", "server.key", "node.key"):
+        os.chown(dev / name, 10001, 10001)
+    compose = [*tool, "-f", "compose.yaml", "-f", "override.yaml"]
+
+    def up(*services: str) -> None:
+        command = [*compose, "up", "-d", *services]
+        result = subprocess.run(
+            command, cwd=side, capture_output=True, text=True, timeout=300, check=False
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    cp = Control("tether_control_1", "127.0.0.1:7400", "", dev, dev / "node.key", {})
+    cp.secrets = {
+        p.name: p.read_bytes() for p in dev.iterdir() if p.suffix in (".key", ".kek", ".token")
+    }
+    try:
+        up("control")
+        health = [TETHER, "health", "--address", cp.address, "--tls-ca", str(dev / "trust.pem"),
+                  "--tls-cert", str(dev / "admin.crt"), "--tls-key", str(dev / "admin.key"),
+                  "--wait", "90s"]  # fmt: skip
+        subprocess.run(health, check=True, timeout=120, capture_output=True)
+        token = dev / "join.token"
+        cp.cli("nodes", "token", "create", "--node", "compose-node-1", "--ttl", "1h",
+               "--out", str(token))  # fmt: skip
+        os.chown(token, 10001, 10001)
+        cp.secrets["join.token"] = token.read_bytes()
+        (tmp_path / "policy.toml").write_text(COMPOSE_POLICY)
+        cp.cli("policy", "apply", str(tmp_path / "policy.toml"))
+        up()
+        say("podman-compose: control plane, sidecar and agent up (sidecar/compose.yaml)")
+        ids = [
+            cp.cli("submit", "--queue", "default", "--payload", "{}").stdout.strip().split()[-1]
+            for _ in range(3)
+        ]
+
+        def done() -> bool:
+            out = json.loads(cp.cli("tasks", "--queue", "default", "-o", "json").stdout)
+            states = {t["task_id"]: state_of(t) for t in out}
+            return all(states.get(i) == "succeeded" for i in ids)
+
+        wait_for("the compose agent's tasks to succeed", done, timeout=240, every=2)
+        bundle = tmp_path / "bundle.json"
+        cp.cli("receipts", "export", "--all", "--out", str(bundle))
+        verdict = subprocess.run(
+            [TETHER, "verify", str(bundle), "--trust", str(dev / "control.pub")],
+            capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        assert verdict.returncode == 0, verdict.stdout + verdict.stderr
+        say(f"compose: 3 tasks completed; {verdict.stdout.strip().splitlines()[0]}")
+        found, files = scan_container("tether_agent_1", secret_needles(cp.secrets))
+        say(f"compose agent container scan: {files} files: {found or 'nothing'}")
+        assert found == []
+    finally:
+        anonymous = set()
+        for name in ("tether_control_1", "tether_sidecar_1", "tether_agent_1"):
+            logs = podman("logs", name, check=False)
+            say(f"--- compose {name} log (tail) ---\n{(logs.stdout + logs.stderr)[-1500:]}")
+            inspect = podman("inspect", name, check=False)
+            if inspect.returncode == 0:  # the image's VOLUMEs, which `down -v` leaves
+                mounts = json.loads(inspect.stdout)[0]["Mounts"]
+                anonymous |= {
+                    m["Name"] for m in mounts if re.fullmatch(r"[0-9a-f]{64}", m.get("Name", ""))
+                }
+        subprocess.run([*compose, "down", "-v", "-t", "20"], cwd=side, capture_output=True,
+                       timeout=300, check=False)  # fmt: skip
+        for volume in anonymous:
+            podman("volume", "rm", "-f", volume, check=False)
