@@ -80,7 +80,7 @@ for line in Path(dpkg).read_text().splitlines():
         {"type": "library", "name": name, "version": version, "purl": purl, "bom-ref": purl}
     )
 Path(out).write_text(json.dumps(doc, indent=2) + "\n")
-python = sum(1 for c in doc["components"] if c.get("purl", "").startswith("pkg:pypi/"))
+python = sum(1 for c in doc["components"] if not c.get("purl", "").startswith("pkg:deb/"))
 print(f"image: SBOM {out}: {python} Python distributions, "
       f"{len(doc['components']) - python} Debian packages", file=sys.stderr)
 PY

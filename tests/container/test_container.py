@@ -506,6 +506,27 @@ def test_stopping_the_sidecar_hands_its_lease_back(control: Control, pod: dict[s
     assert verdict.returncode == 0, verdict.stdout + verdict.stderr
 
 
+def test_image_sbom_describes_the_image(engine: None) -> None:
+    """`make image` wrote a CycloneDX SBOM for this very image (its id recorded beside
+    it) listing Tether, its main dependencies and the base's Debian packages."""
+    sbom = Path(os.environ.get("TETHER_SBOM", ROOT / "build" / "container" / "sbom.json"))
+    if not sbom.exists():
+        unavailable(f"no SBOM at {sbom}: run `make image`")
+    image_id = podman("image", "inspect", "--format", "{{.Id}}", IMAGE).stdout.strip()
+    assert Path(f"{sbom}.image-id").read_text().strip() == image_id
+    doc = json.loads(sbom.read_text())
+    assert doc["bomFormat"] == "CycloneDX"
+    names = {c["name"]: c for c in doc["components"]}
+    assert names["tether"]["version"] == "0.1.0"
+    for dependency in ("grpcio", "cryptography", "protobuf", "aiosqlite"):
+        assert dependency in names, dependency
+    debs = {c["name"] for c in doc["components"] if c.get("purl", "").startswith("pkg:deb/")}
+    assert "libc6" in debs
+    base = doc["metadata"]["component"]["description"]
+    if "localhost/tether-base" in base:  # the base made from Debian's packages
+        assert {"python3", "python3-venv"} <= debs
+
+
 # --------------------------------------------------------------------------- compose
 
 COMPOSE_OVERRIDE = """
