@@ -209,9 +209,9 @@ class ControlHandle:
         """A new client enrolled as `node_id` (with a fresh node key); caller closes it."""
         return await self.endpoint.node_client(node_id, key)
 
-    def operator(self, role: Role = Role.ADMIN) -> ControlClient:
-        """A new operator client with `role`; caller closes it."""
-        return ControlClient(self.address, tls=self.pki.operator_tls(role))
+    def operator(self, role: Role = Role.ADMIN, name: str = "") -> ControlClient:
+        """A new operator client with `role`, named `name` ("test-ROLE"); caller closes it."""
+        return ControlClient(self.address, tls=self.pki.operator_tls(role, name))
 
 
 @asynccontextmanager

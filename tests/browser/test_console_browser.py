@@ -194,7 +194,9 @@ async def test_submitter_cancels_a_running_task_and_sees_it_end(tmp_path: Path) 
         side.agent("alice") as alice,
         browser_as(cp, Role.SUBMITTER) as context,
     ):
-        tid = (await cp.client.submit("work", b'{"n": 1}')).task.task_id
+        # A submitter sees and cancels only its own tasks (authz.OWN_TASKS_ONLY).
+        async with cp.operator(Role.SUBMITTER, "browser-submitter") as own:
+            tid = (await own.submit("work", b'{"n": 1}')).task.task_id
         task = await alice.claim("work", wait_ms=10_000)
         assert task is not None
         await alice.start(tid)

@@ -870,3 +870,62 @@ async def test_concurrent_tool_call_starts_record_once(store: Store) -> None:
         *(store.record_tool_call(_write(ToolCallPhase.STARTED), NOW) for _ in range(10))
     )
     assert sum(not existed for _, existed in results) == 1
+
+
+async def test_the_submitter_is_recorded_and_scopes_idempotency_keys(store: Store) -> None:
+    """submitted_by is stored and read back by get and list; the same idempotency key from
+    another operator is a conflict, never the first operator's task."""
+    new = NewTask(
+        queue="q",
+        payload=b"x",
+        max_attempts=3,
+        lease_ttl_ms=1000,
+        idempotency_key="k",
+        submitted_by="submitter:alice-ci",
+    )
+    first, created = await store.submit_task(new, "t1", NOW)
+    assert created
+    assert first.submitted_by == "submitter:alice-ci"
+    assert (await store.get_task("t1")).submitted_by == "submitter:alice-ci"
+    listed = await store.list_tasks(queue="q", state=None, after_seq=0, limit=10)
+    assert [t.submitted_by for t in listed] == ["submitter:alice-ci"]
+    again, created2 = await store.submit_task(new, "t2", NOW + 1)
+    assert (again.task_id, created2) == ("t1", False)
+    mallory = NewTask(
+        queue="q",
+        payload=b"x",
+        max_attempts=3,
+        lease_ttl_ms=1000,
+        idempotency_key="k",
+        submitted_by="submitter:mallory-ci",
+    )
+    with pytest.raises(IdempotencyConflict):
+        await store.submit_task(mallory, "t3", NOW + 2)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_upgrade_to_0011_leaves_old_tasks_without_a_submitter(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task stored before migration 0011 reads back with submitted_by "" (admin-only)."""
+    with new_database(kind, tmp_path) as make_store:
+        with monkeypatch.context() as patch:
+            only_migrations_up_to(patch, 10)
+            old = make_store()
+            await old.open()
+            assert (await old.applied_migrations())[-1] == 10
+            await old.close()
+        execute_outside(
+            old,
+            "INSERT INTO tasks (task_id, queue, state, payload, max_attempts, lease_ttl_ms,"
+            " created_unix_ms, updated_unix_ms, not_before_unix_ms)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            ("t-old", "q", int(State.QUEUED), b"x", 3, 1000, NOW, NOW, NOW),
+        )
+        new = make_store()
+        await new.open()
+        try:
+            assert 11 in await new.applied_migrations()
+            assert (await new.get_task("t-old")).submitted_by == ""
+        finally:
+            await new.close()

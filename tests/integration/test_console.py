@@ -128,7 +128,11 @@ async def test_auditor_sees_evidence_but_not_payloads_and_may_not_cancel(
 async def test_cancel_needs_the_csrf_token_and_a_same_origin(cp: ControlHandle) -> None:
     """A submitter's cancel POST without the token, with another operator's token or from
     another origin is 403 and the task stays queued; the page's own form cancels it."""
-    task = (await cp.client.submit("work", b"{}")).task
+    own = cp.operator(Role.SUBMITTER, "console-submitter")  # the console submitter's own task
+    try:
+        task = (await own.submit("work", b"{}")).task
+    finally:
+        await own.close()
     url = f"/tasks/{task.task_id}/cancel"
     async with _operator(cp, Role.SUBMITTER) as sub, _operator(cp, Role.ADMIN) as admin:
         page = await sub.get(f"/tasks/{task.task_id}")
@@ -147,6 +151,42 @@ async def test_cancel_needs_the_csrf_token_and_a_same_origin(cp: ControlHandle) 
     got = (await cp.client.get_task(task.task_id)).task
     assert got.state == State.CANCELED
     assert "wrong input" in got.error
+
+
+async def test_a_submitter_may_not_see_or_cancel_another_submitters_task(
+    cp: ControlHandle,
+) -> None:
+    """Another submitter's task is 404 in the console (page, payload, cancel) and stays
+    queued; an admin still sees and cancels it (authz.OWN_TASKS_ONLY)."""
+    alice = cp.operator(Role.SUBMITTER, "alice-ci")
+    try:
+        task = (await alice.submit("work", b"alice-secret")).task
+    finally:
+        await alice.close()
+    base = f"/tasks/{task.task_id}"
+    async with _operator(cp, Role.SUBMITTER) as mallory, _operator(cp, Role.ADMIN) as admin:
+        assert (await mallory.get(base)).status_code == 404
+        payload = await mallory.get(f"{base}/payload")
+        assert payload.status_code == 404
+        assert "alice-secret" not in payload.text
+        # A well-formed cancel (the admin's page token is per-operator, so take mallory's
+        # from a task mallory does own) is still refused as unknown.
+        own = cp.operator(Role.SUBMITTER, "console-submitter")
+        try:
+            mine = (await own.submit("work", b"{}")).task
+        finally:
+            await own.close()
+        token = _csrf((await mallory.get(f"/tasks/{mine.task_id}")).text)
+        refused = await mallory.post(f"{base}/cancel", data={"csrf": token, "reason": "x"})
+        assert refused.status_code == 404
+        assert (await cp.client.get_task(task.task_id)).task.state == State.QUEUED
+        admin_page = await admin.get(base)
+        assert admin_page.status_code == 200
+        done = await admin.post(
+            f"{base}/cancel", data={"csrf": _csrf(admin_page.text), "reason": "by admin"}
+        )
+        assert done.status_code == 303
+    assert (await cp.client.get_task(task.task_id)).task.state == State.CANCELED
 
 
 async def test_submitter_may_not_list_tasks(cp: ControlHandle) -> None:

@@ -17,11 +17,17 @@ from typing import Any
 
 import grpc
 
-from tether.core.errors import Forbidden, TetherError, Unauthenticated, VerificationError
+from tether.core.errors import (
+    Forbidden,
+    TetherError,
+    Unauthenticated,
+    VerificationError,
+)
 from tether.crypto.pki import Identity, Role, identity_from_pem
 from tether.grpcutil.guard import guard_handler
 from tether.grpcutil.status import abort as abort_with
 from tether.metrics import AUTH_REFUSALS
+from tether.store.common import task_not_found
 
 log = logging.getLogger("tether.control.authz")
 
@@ -84,6 +90,43 @@ no one (PutSecret is write-only)."""
 def sees_payloads(principal: Principal) -> bool:
     """True when `principal` may read task payloads and results (`PAYLOAD_READERS`)."""
     return principal.insecure or principal.kind in PAYLOAD_READERS
+
+
+OWN_TASKS_ONLY: frozenset[str] = frozenset({SUBMITTER})
+"""Roles that may GetTask or CancelTask only the tasks they submitted (the
+gRPC API and the console alike). Another operator's task is answered exactly
+as a task that does not exist (NOT_FOUND), so its existence does not leak.
+Tasks from before migration 0011 record no submitter: only an admin (or an
+auditor, read-only and without payloads) reaches them. ListTasks is not open to
+these roles (`RULES`)."""
+
+
+def principal_tag(principal: Principal) -> str:
+    """ "ROLE:NAME": how a task records who submitted it (as load shedding names callers)."""
+    return f"{principal.kind}:{principal.name}"
+
+
+def may_access_task(principal: Principal, submitted_by: str) -> bool:
+    """True when `principal` may read or cancel a task submitted by `submitted_by`."""
+    if principal.insecure or principal.kind not in OWN_TASKS_ONLY:
+        return True
+    return bool(submitted_by) and submitted_by == principal_tag(principal)
+
+
+def check_task_access(principal: Principal, task_id: str, submitted_by: str) -> None:
+    """Refuses another operator's task as if it did not exist (`OWN_TASKS_ONLY`).
+
+    Raises:
+        NotFound: `principal` may not reach the task (the store's own wording).
+    """
+    if not may_access_task(principal, submitted_by):
+        refuse(
+            "task",
+            "not_owner",
+            f"{principal_tag(principal)} asked for another operator's task",
+            task_id=task_id,
+        )
+        raise task_not_found(task_id)
 
 
 OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")

@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 
-from tether.control.authz import current_principal, sees_payloads
+from tether.control.authz import current_principal, principal_tag, sees_payloads
 from tether.control.ledger import Ledger
 from tether.control.service import (
     MAX_JOIN_TOKEN_TTL_MS,
@@ -293,6 +293,7 @@ def task_to_proto(t: TaskRecord) -> pb.Task:
         retry_policy=retry_to_proto(t.retry_policy()),
         end_reason=t.end_reason,  # type: ignore[arg-type]
         attempt_started_unix_ms=t.attempt_started_unix_ms,
+        submitted_by=t.submitted_by,
     )
 
 
@@ -476,6 +477,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             lease_ttl_ms=ttl,
             budget_limit_micros=budget,
             retry=retry,
+            submitted_by=principal_tag(current_principal()),
             **limits,
         )
         return pb.SubmitTaskResponse(task=task_to_proto(task), created=created)
@@ -485,7 +487,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         self, request: pb.GetTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetTaskResponse:
         task_id = check_id("task_id", request.task_id)
-        task, history = await self.service.get(task_id)
+        task, history = await self.service.get(task_id, caller=current_principal())
         shown = task_to_proto(task)
         if not sees_payloads(current_principal()):  # auditors see evidence, not payloads
             shown.ClearField("payload")
@@ -522,7 +524,9 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
     ) -> pb.CancelTaskResponse:
         task_id = check_id("task_id", request.task_id)
         reason = check_text("reason", request.reason)
-        task = await self.service.cancel(task_id, reason or "canceled by operator")
+        task = await self.service.cancel(
+            task_id, reason or "canceled by operator", caller=current_principal()
+        )
         return pb.CancelTaskResponse(task=task_to_proto(task))
 
     @handle_errors

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tether import metrics
-from tether.control.authz import current_principal, refuse
+from tether.control.authz import Principal, check_task_access, current_principal, refuse
 from tether.control.leader import DEFAULT_LEADER_TTL_MS, default_replica_id
 from tether.control.policy_sync import DEFAULT_POLICY_MAX_STALENESS_MS, PolicyInForce
 from tether.core.clock import Clock, SystemClock
@@ -386,8 +386,12 @@ class ControlService:
         deadline_ms: int = 0,
         schedule_to_start_timeout_ms: int = 0,
         retry: RetryRequest | None = None,
+        submitted_by: str = "",
     ) -> tuple[TaskRecord, bool]:
         """Queues a task; a repeat with the same idempotency key returns the first.
+
+        `submitted_by` ("ROLE:NAME", `authz.principal_tag`) is recorded on the task:
+        it decides which submitter may read or cancel it.
 
         Limits and retry fields not given take the queue's defaults (tether.core.timeouts).
 
@@ -410,6 +414,7 @@ class ControlService:
             deadline_ms=deadline_ms or pol.deadline_ms,
             schedule_to_start_ms=schedule_to_start_timeout_ms or pol.schedule_to_start_timeout_ms,
             retry=self._resolve_retry(pol, retry or RetryRequest(), attempts),
+            submitted_by=submitted_by,
         )
         now = self.clock.now_ms()
         record, created = await self.store.submit_task(task, new_id("t", now), now)
@@ -418,9 +423,16 @@ class ControlService:
             log.info("task submitted", extra={"task_id": record.task_id, "queue": queue})
         return record, created
 
-    async def get(self, task_id: str) -> tuple[TaskRecord, list[LeaseHistoryEntry]]:
-        """A task and its lease history."""
+    async def get(
+        self, task_id: str, *, caller: Principal
+    ) -> tuple[TaskRecord, list[LeaseHistoryEntry]]:
+        """A task and its lease history, if `caller` may see it (`authz.check_task_access`).
+
+        Raises:
+            NotFound: no such task, or another operator's task `caller` may not reach.
+        """
         task = await self.store.get_task(task_id)
+        check_task_access(caller, task_id, task.submitted_by)
         return task, await self.store.lease_history(task_id)
 
     async def list_tasks(
@@ -436,8 +448,16 @@ class ControlService:
         tasks = tasks[:page_size]
         return tasks, encode_page_token(tasks[-1].seq, queue, state)
 
-    async def cancel(self, task_id: str, reason: str) -> TaskRecord:
-        """Cancels a task that has not finished; its lease (if any) dies with it."""
+    async def cancel(self, task_id: str, reason: str, *, caller: Principal) -> TaskRecord:
+        """Cancels a task that has not finished; its lease (if any) dies with it.
+
+        The submitter is never changed after submission, so checking it before the
+        cancel's own transaction leaves no race.
+
+        Raises:
+            NotFound: no such task, or another operator's task `caller` may not reach.
+        """
+        check_task_access(caller, task_id, (await self.store.get_task(task_id)).submitted_by)
         task = await self.store.cancel_task(
             task_id, reason, self.clock.now_ms(), sign_end=self.end_signer("control-plane")
         )

@@ -45,6 +45,8 @@ class NewTask:
     """How long the task may wait ready for a lease; 0: none."""
     retry: RetryPolicy | None = None
     """None: the control plane's defaults (lapses retried, failures not)."""
+    submitted_by: str = ""
+    """"ROLE:NAME" of the submitting operator (`tether.control.authz.principal_tag`)."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,8 @@ class TaskRecord:
     attempt_started_unix_ms: int = 0
     end_reason: int = 0
     """A `tether.core.timeouts.EndReason` value; 0 while no attempt has ended."""
+    submitted_by: str = ""
+    """"ROLE:NAME" of the submitting operator; "" for tasks from before migration 0011."""
 
     def retry_policy(
         self,

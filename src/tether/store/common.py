@@ -63,14 +63,14 @@ TASK_COLS = (
     " updated_unix_ms, not_before_unix_ms, idempotency_key, budget_limit_micros,"
     " budget_spent_micros, seq, attempt_timeout_ms, deadline_unix_ms, schedule_to_start_ms,"
     " retry_initial_ms, retry_coefficient, retry_max_interval_ms, retry_failures, non_retryable,"
-    " attempt_started_unix_ms, end_reason"
+    " attempt_started_unix_ms, end_reason, submitted_by"
 )
 # The columns a SubmitTask inserts, in `new_task_row` order.
 NEW_TASK_COLS = (
     "task_id, queue, state, payload, max_attempts, lease_ttl_ms, created_unix_ms,"
     " updated_unix_ms, not_before_unix_ms, idempotency_key, budget_limit_micros,"
     " attempt_timeout_ms, deadline_unix_ms, schedule_to_start_ms, retry_initial_ms,"
-    " retry_coefficient, retry_max_interval_ms, retry_failures, non_retryable"
+    " retry_coefficient, retry_max_interval_ms, retry_failures, non_retryable, submitted_by"
 )
 NEW_TASK_ARITY = NEW_TASK_COLS.count(",") + 1
 NODE_COLS = (
@@ -184,6 +184,7 @@ def row_to_task(row: Row) -> TaskRecord:
         non_retryable=decode_reasons(row[28]),
         attempt_started_unix_ms=row[29],
         end_reason=row[30],
+        submitted_by=row[31],
     )
 
 
@@ -210,6 +211,7 @@ def new_task_row(task: NewTask, task_id: str, now_ms: int) -> tuple[Any, ...]:
         retry.maximum_interval_ms if retry else 0,
         int(retry.retry_failures) if retry else 0,
         encode_reasons(retry.non_retryable_reasons) if retry else "",
+        task.submitted_by,
     )
 
 
@@ -423,11 +425,15 @@ def task_not_found(task_id: str) -> NotFound:
 
 def idempotent_submit(existing: TaskRecord, task: NewTask) -> TaskRecord:
     """`existing` if it is what `task` (same idempotency key) asks for, else a conflict."""
-    if existing.queue != task.queue or existing.payload != task.payload:
+    if (
+        existing.queue != task.queue
+        or existing.payload != task.payload
+        or existing.submitted_by != task.submitted_by  # another operator's key: not theirs
+    ):
         # The other task's id is not told: whoever chose the same key need not own it.
         raise IdempotencyConflict(
             f"idempotency key {task.idempotency_key!r} already names a task with another "
-            "queue or payload; choose another key"
+            "queue, payload or submitter; choose another key"
         )
     return existing
 

@@ -199,6 +199,7 @@ class Task(_message.Message):
     RETRY_POLICY_FIELD_NUMBER: _builtins.int
     END_REASON_FIELD_NUMBER: _builtins.int
     ATTEMPT_STARTED_UNIX_MS_FIELD_NUMBER: _builtins.int
+    SUBMITTED_BY_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     """Server-assigned id."""
     queue: _builtins.str
@@ -251,6 +252,12 @@ class Task(_message.Message):
     """
     attempt_started_unix_ms: _builtins.int
     """When the current (or last) attempt's lease was granted, Unix milliseconds."""
+    submitted_by: _builtins.str
+    """Who submitted the task: "ROLE:NAME" of the operator's client certificate
+    (e.g. "submitter:alice-ci"); empty for tasks stored before this field existed.
+    A submitter may GetTask or CancelTask only tasks it submitted; another's task
+    is answered NOT_FOUND, as a task that does not exist.
+    """
     @_builtins.property
     def retry_policy(self) -> Global___RetryPolicy:
         """The retry policy in force for the task, every field resolved."""
@@ -283,10 +290,11 @@ class Task(_message.Message):
         retry_policy: Global___RetryPolicy | None = ...,
         end_reason: _receipt_pb2.EndReason.ValueType = ...,
         attempt_started_unix_ms: _builtins.int = ...,
+        submitted_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["retry_policy", b"retry_policy"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "attempt", b"attempt", "attempt_started_unix_ms", b"attempt_started_unix_ms", "attempt_timeout_ms", b"attempt_timeout_ms", "budget_limit_micros", b"budget_limit_micros", "budget_spent_micros", b"budget_spent_micros", "created_unix_ms", b"created_unix_ms", "deadline_unix_ms", b"deadline_unix_ms", "end_reason", b"end_reason", "error", b"error", "fencing_token", b"fencing_token", "idempotency_key", b"idempotency_key", "lease_expires_unix_ms", b"lease_expires_unix_ms", "lease_ttl_ms", b"lease_ttl_ms", "max_attempts", b"max_attempts", "node_id", b"node_id", "not_before_unix_ms", b"not_before_unix_ms", "payload", b"payload", "queue", b"queue", "result", b"result", "retry_policy", b"retry_policy", "schedule_to_start_timeout_ms", b"schedule_to_start_timeout_ms", "state", b"state", "task_id", b"task_id", "updated_unix_ms", b"updated_unix_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "attempt", b"attempt", "attempt_started_unix_ms", b"attempt_started_unix_ms", "attempt_timeout_ms", b"attempt_timeout_ms", "budget_limit_micros", b"budget_limit_micros", "budget_spent_micros", b"budget_spent_micros", "created_unix_ms", b"created_unix_ms", "deadline_unix_ms", b"deadline_unix_ms", "end_reason", b"end_reason", "error", b"error", "fencing_token", b"fencing_token", "idempotency_key", b"idempotency_key", "lease_expires_unix_ms", b"lease_expires_unix_ms", "lease_ttl_ms", b"lease_ttl_ms", "max_attempts", b"max_attempts", "node_id", b"node_id", "not_before_unix_ms", b"not_before_unix_ms", "payload", b"payload", "queue", b"queue", "result", b"result", "retry_policy", b"retry_policy", "schedule_to_start_timeout_ms", b"schedule_to_start_timeout_ms", "state", b"state", "submitted_by", b"submitted_by", "task_id", b"task_id", "updated_unix_ms", b"updated_unix_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -337,7 +337,7 @@ class Console:
     async def task(self, request: Request) -> Response:
         who = self.principal(request, "GetTask")
         task_id = request.path_params["task_id"]
-        task, history = await self.service.get(task_id)
+        task, history = await self.service.get(task_id, caller=who)
         leases: dict[str, dict[str, Any]] = {}
         for h in history:
             lease = decode_lease(Envelope.from_json_bytes(h.envelope).payload)
@@ -430,7 +430,7 @@ class Console:
                 f"{who.kind} {who.name!r} may not read payloads or results "
                 "(an auditor sees the evidence: receipts, digests, leases)",
             )
-        task, _ = await self.service.get(request.path_params["task_id"])
+        task, _ = await self.service.get(request.path_params["task_id"], caller=who)
         return self.render(request, "payload.html", who, task=task, text=_text)
 
     async def cancel(self, request: Request) -> Response:
@@ -446,7 +446,9 @@ class Console:
         reason = str(form.get("reason", "")).strip()[:MAX_REASON]
         if not reason:
             raise Refused(400, "give a reason for the cancel")
-        await self.service.cancel(task_id, f"{reason} (by {who.kind} {who.name} in the console)")
+        await self.service.cancel(
+            task_id, f"{reason} (by {who.kind} {who.name} in the console)", caller=who
+        )
         return RedirectResponse(f"/tasks/{task_id}", status_code=303)
 
     async def _verify(self, data: bytes, name: str) -> Report:
@@ -464,7 +466,7 @@ class Console:
     async def verify_task(self, request: Request) -> Response:
         who = self.principal(request, "StreamExportBundle")
         task_id = request.path_params["task_id"]
-        await self.service.get(task_id)  # NotFound first, not an empty export
+        await self.service.get(task_id, caller=who)  # NotFound first, not an empty export
         data = encode_bundle(await self._export(task_id))
         report = await self._verify(data, f"{task_id}.bundle.json")
         return self.render(
@@ -477,9 +479,9 @@ class Console:
         )
 
     async def bundle(self, request: Request) -> Response:
-        self.principal(request, "StreamExportBundle")
+        who = self.principal(request, "StreamExportBundle")
         task_id = request.path_params["task_id"]
-        await self.service.get(task_id)
+        await self.service.get(task_id, caller=who)
         data = encode_bundle(await self._export(task_id))
         return Response(
             data,
