@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+
+from tether.core.errors import VerificationError
 from tether.core.receipts import ReceiptKind
 from tether.crypto.manifest import ExportManifest, sign_manifest, verify_manifest
 from tether.crypto.signing import Envelope
@@ -98,3 +101,16 @@ def test_reregistered_node_keeps_old_receipts_valid() -> None:
     assert ("certificate", "n#1") in _checks(b, only_later)
     both = dataclasses.replace(bundle, node_certificates=[n.cert, later])
     assert _checks(b, both) == []
+
+
+def test_control_receipt_digests_are_strictly_decoded() -> None:
+    """Control receipt digests must be sorted, distinct hex SHA-256: anything else is refused."""
+    b, bundle = _open_chain()
+    m = _manifest(b, bundle)
+    key = {b.control.keyid: b.control.public}
+    good = dataclasses.replace(m, control_receipts=("aa" * 32, "bb" * 32))
+    assert verify_manifest(sign_manifest(good, b.control), key) == good
+    for bad in (("bb" * 32, "aa" * 32), ("aa" * 32, "aa" * 32), ("xyz",)):
+        env = sign_manifest(dataclasses.replace(m, control_receipts=bad), b.control)
+        with pytest.raises(VerificationError, match="control receipt digests"):
+            verify_manifest(env, key)

@@ -710,7 +710,10 @@ class Ledger:
                 yield ExportPart(entries=await self._with_proofs(page, size))
         for node in sorted(nodes):
             yield ExportPart(node_certificates=await self._certificates(node))
-        for task in sorted(with_receipts):
+        # A per-task export carries its tasks' leases even without node receipts:
+        # a lease that lapsed before its holder signed anything is named by a
+        # control receipt, which needs the lease. Whole chains: tasks is empty.
+        for task in sorted(with_receipts | set(tasks)):
             history = await self.store.lease_history(task)
             for k in range(0, len(history), EXPORT_PAGE_ROWS):
                 yield ExportPart(
@@ -725,7 +728,9 @@ class Ledger:
         for task in sorted(with_receipts | set(tasks)):
             ends += [Envelope.from_json_bytes(d) for d in await self.store.control_receipts(task)]
         now = self.clock.now_ms()
-        manifest = acc.manifest(cp.origin, size, cp.root_hash, now, previous_tree_size, consistency)
+        manifest = acc.manifest(
+            cp.origin, size, cp.root_hash, now, previous_tree_size, consistency, ends
+        )
         yield ExportPart(
             trailer=Bundle(
                 entries=[],

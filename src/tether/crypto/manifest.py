@@ -13,10 +13,17 @@ chains have holes by design; there the manifest lists every (node, seq) the
 bundle holds, which is what proves it complete without disclosing the receipts
 of other tasks in between. A manifest may also carry a consistency proof from
 a tree size the auditor saw before (`previous_tree_size`).
+
+The manifest also lists the digest of every control receipt the bundle
+carries (`control_receipt_digest`): a control receipt is the only record of
+how a lease ended without its holder, so dropping one would make an ended
+task look merely open (`--allow-open`). A per-task manifest with no nodes is
+the signed statement that its tasks have no node receipts at all.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -61,11 +68,22 @@ class ExportManifest:
     """Set for a per-task export: the exported tasks (sorted, distinct)."""
     previous_tree_size: int = 0
     consistency_proof: tuple[bytes, ...] = ()
+    control_receipts: tuple[str, ...] = ()
+    """Sorted, distinct `control_receipt_digest`s of the bundle's control receipts."""
 
     @property
     def per_task(self) -> bool:
         """True for a per-task export (exact seqs listed), False for whole chains."""
         return bool(self.task_ids)
+
+
+def control_receipt_digest(envelope: Envelope) -> str:
+    """Hex SHA-256 of a control receipt's signed payload: how the manifest names it.
+
+    The payload, not the envelope's JSON, so the name does not depend on how
+    the envelope was serialized.
+    """
+    return hashlib.sha256(envelope.payload).hexdigest()
 
 
 class ManifestAccumulator:
@@ -97,8 +115,9 @@ class ManifestAccumulator:
         exported_unix_ms: int,
         previous_tree_size: int = 0,
         consistency_proof: Iterable[bytes] = (),
+        control_receipts: Iterable[Envelope] = (),
     ) -> ExportManifest:
-        """The manifest of every receipt added so far."""
+        """The manifest of every receipt added so far (and of the bundle's control receipts)."""
         last, tasks = self._last, self._tasks
         nodes = tuple(
             ManifestNode(
@@ -119,6 +138,7 @@ class ManifestAccumulator:
             task_ids=self.task_ids,
             previous_tree_size=previous_tree_size,
             consistency_proof=tuple(consistency_proof),
+            control_receipts=tuple(sorted({control_receipt_digest(e) for e in control_receipts})),
         )
 
 
@@ -132,16 +152,24 @@ def manifest_for(
     task_ids: Iterable[str] = (),
     previous_tree_size: int = 0,
     consistency_proof: Iterable[bytes] = (),
+    control_receipts: Iterable[Envelope] = (),
 ) -> ExportManifest:
     """Builds the manifest of (node_id, seq, task_id, envelope sha256) rows of a bundle.
 
-    `task_ids` makes it a per-task manifest (each node's seqs listed).
+    `task_ids` makes it a per-task manifest (each node's seqs listed);
+    `control_receipts` are the bundle's control receipt envelopes.
     """
     acc = ManifestAccumulator(task_ids)
     for node, seq, task, digest in receipts:
         acc.add(node, seq, task, digest)
     return acc.manifest(
-        origin, tree_size, root_hash, exported_unix_ms, previous_tree_size, consistency_proof
+        origin,
+        tree_size,
+        root_hash,
+        exported_unix_ms,
+        previous_tree_size,
+        consistency_proof,
+        control_receipts,
     )
 
 
@@ -166,6 +194,7 @@ def encode_manifest(m: ExportManifest) -> bytes:
         task_ids=list(m.task_ids),
         previous_tree_size=m.previous_tree_size,
         consistency_proof=list(m.consistency_proof),
+        control_receipt_sha256=list(m.control_receipts),
     ).SerializeToString(deterministic=True)
 
 
@@ -193,7 +222,8 @@ def decode_manifest(payload: bytes) -> ExportManifest:
             are unsorted, repeated or invalid, seqs in a whole-chain manifest or
             missing, unsorted or not ending at last_seq in a per-task one, a
             node's task outside the exported tasks, or a consistency proof that
-            does not fit its sizes.
+            does not fit its sizes, or control receipt digests that are
+            unsorted, repeated or not hex SHA-256.
     """
     msg = receipt_pb2.ExportManifest()
     try:
@@ -246,6 +276,11 @@ def decode_manifest(payload: bytes) -> ExportManifest:
         raise VerificationError("export manifest carries a consistency proof from no size")
     if any(len(h) != 32 for h in proof) or len(proof) > 128:
         raise VerificationError("export manifest consistency proof is malformed")
+    ctl = tuple(msg.control_receipt_sha256)
+    if list(ctl) != sorted(set(ctl)) or not all(is_hex_digest(d) for d in ctl):
+        raise VerificationError(
+            "export manifest control receipt digests are not sorted, distinct hex SHA-256"
+        )
     return ExportManifest(
         msg.origin,
         msg.tree_size,
@@ -255,4 +290,5 @@ def decode_manifest(payload: bytes) -> ExportManifest:
         task_ids=exported,
         previous_tree_size=msg.previous_tree_size,
         consistency_proof=proof,
+        control_receipts=ctl,
     )

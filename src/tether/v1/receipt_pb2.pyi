@@ -815,6 +815,7 @@ class ExportManifest(_message.Message):
     TASK_IDS_FIELD_NUMBER: _builtins.int
     PREVIOUS_TREE_SIZE_FIELD_NUMBER: _builtins.int
     CONSISTENCY_PROOF_FIELD_NUMBER: _builtins.int
+    CONTROL_RECEIPT_SHA256_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """Manifest format version; currently 1."""
     origin: _builtins.str
@@ -846,6 +847,15 @@ class ExportManifest(_message.Message):
         bytes each); empty when previous_tree_size is 0 or equals tree_size.
         """
 
+    @_builtins.property
+    def control_receipt_sha256(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Hex SHA-256 of the payload (the signed in-toto statement bytes) of each
+        control receipt the bundle carries (Bundle.control_receipts), sorted and
+        distinct: a verifier requires the bundle's control receipts to be exactly
+        these, so none can be dropped (which would make an ended lease look open)
+        or added. Empty when the bundle carries none.
+        """
+
     def __init__(
         self,
         *,
@@ -858,10 +868,11 @@ class ExportManifest(_message.Message):
         task_ids: _abc.Iterable[_builtins.str] | None = ...,
         previous_tree_size: _builtins.int = ...,
         consistency_proof: _abc.Iterable[_builtins.bytes] | None = ...,
+        control_receipt_sha256: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency_proof", b"consistency_proof", "exported_unix_ms", b"exported_unix_ms", "nodes", b"nodes", "origin", b"origin", "previous_tree_size", b"previous_tree_size", "root_hash", b"root_hash", "task_ids", b"task_ids", "tree_size", b"tree_size", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consistency_proof", b"consistency_proof", "control_receipt_sha256", b"control_receipt_sha256", "exported_unix_ms", b"exported_unix_ms", "nodes", b"nodes", "origin", b"origin", "previous_tree_size", b"previous_tree_size", "root_hash", b"root_hash", "task_ids", b"task_ids", "tree_size", b"tree_size", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

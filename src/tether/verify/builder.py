@@ -253,6 +253,11 @@ class BundleBuilder:
         proof = (
             tree.consistency_proof(previous_tree_size) if 0 < previous_tree_size < tree.size else []
         )
+        leases = list(self.leases)
+        ends = list(self.control_receipts)
+        if tasks:  # as the control plane exports: the chosen tasks' leases and ends only
+            leases = [env for env in leases if decode_lease(env.payload).task_id in tasks]
+            ends = [env for env in ends if _control_task(env) in tasks]
         manifest = manifest_for(
             self.origin,
             tree.size,
@@ -262,12 +267,8 @@ class BundleBuilder:
             task_ids=tasks,
             previous_tree_size=previous_tree_size,
             consistency_proof=proof,
+            control_receipts=ends,
         )
-        leases = list(self.leases)
-        ends = list(self.control_receipts)
-        if tasks:  # as the control plane exports: the chosen tasks' leases and ends only
-            leases = [env for env in leases if decode_lease(env.payload).task_id in tasks]
-            ends = [env for env in ends if _control_task(env) in tasks]
         return Bundle(
             entries=entries,
             node_certificates=[n.cert for n in self.nodes.values()],

@@ -60,7 +60,12 @@ from tether.core.receipts import ControlReceipt, Receipt, ReceiptKind
 from tether.core.states import TERMINAL, State, state_name
 from tether.crypto.certs import NodeCertificate, decode_cert, encode_cert
 from tether.crypto.leases import decode_lease, encode_lease
-from tether.crypto.manifest import ExportManifest, decode_manifest, encode_manifest
+from tether.crypto.manifest import (
+    ExportManifest,
+    control_receipt_digest,
+    decode_manifest,
+    encode_manifest,
+)
 from tether.crypto.merkle import verify_consistency
 from tether.crypto.note import CheckpointBody, key_hash, open_checkpoint
 from tether.crypto.receipts import (
@@ -92,7 +97,8 @@ CHECKS: dict[str, str] = {
     "checkpoint and export time, and for every node gives the bundle's last seq, that "
     "envelope's digest and the task ids (so no receipt was cut from the end of a chain); "
     "in a per-task export, exactly the seqs the bundle holds, all of the exported tasks, "
-    "and leases and control receipts of the exported tasks only",
+    "and leases and control receipts of the exported tasks only; and exactly the control "
+    "receipts the bundle carries (none dropped, none added)",
     "control.keyids": "the bundle's controlKeyids are sorted, distinct ids of trusted keys "
     "that signed something in it",
     "certificate": "every node certificate is signed by a trusted control key; each receipt "
@@ -875,9 +881,8 @@ def _verify(
             bundle = decode_bundle(bytes(data), limits)
         except BundleFormatError as err:
             return Report([Failure("bundle.format", "bundle", err.message)])
-    if not bundle.entries:
-        # Reject by default: "nothing to check" must never read as "valid".
-        return Report([Failure("bundle.format", "bundle", "bundle holds no receipts")])
+    # A bundle without entries is refused in `_Verifier.run` unless a signed
+    # per-task manifest says its tasks have no node receipts.
     facts = [
         (e.envelope, e.leaf_index, e.proof_index, e.proof_size, e.proof_b64) for e in bundle.entries
     ]
@@ -1158,11 +1163,12 @@ class _Verifier:
             for check, node, off, ref in skews:
                 self.skew(check, node, off, ref)
         self.entries = total
-        if not total:
+        self._load_manifest()
+        m = self.manifest
+        if not total and (m is None or not m.per_task or m.nodes):
             # Reject by default: "nothing to check" must never read as "valid".
             self.failures = [(-4, Failure("bundle.format", "bundle", "bundle holds no receipts"))]
             return True
-        self._load_manifest()
         self._chains()
         self._manifest()
         self._consistency()
@@ -1170,7 +1176,29 @@ class _Verifier:
         self._scope()
         self._tasks(leases)
         self._control_keyids()
+        if not total:
+            self._unrun()
         return True
+
+    def _unrun(self) -> None:
+        """A per-task export whose signed manifest lists no node receipts at all.
+
+        The manifest proves the tasks ran nothing under a lease; each still needs
+        a signed record of its end (a control receipt: canceled while queued,
+        expired before any lease), else the bundle holds nothing signed about
+        it and is refused, even with --allow-open.
+        """
+        assert self.manifest is not None
+        ended = {c.task_id for _, c in self.controls if c.state in _FINAL_STATES}
+        for task in self.manifest.task_ids:
+            if task not in ended:
+                self.fail(
+                    -4,
+                    "bundle.format",
+                    f"task:{task}",
+                    f"task {task!r} has no receipts: nothing was run under a lease, and no "
+                    "control receipt records its end, so there is nothing signed to verify",
+                )
 
     def _chains(self) -> None:
         """Gaps, forks, duplicates, order and prev links per node.
@@ -1254,6 +1282,7 @@ class _Verifier:
                 f"the bundle's exportedUnixMs {self.b.exported_unix_ms} is not the "
                 f"manifest's {m.exported_unix_ms}",
             )
+        self._manifest_controls(m)
         by_node: dict[str, list[_Item]] = defaultdict(list)
         for it in self.items:
             by_node[it.node_id].append(it)
@@ -1312,6 +1341,37 @@ class _Verifier:
                     f"{node_id}",
                     f"task ids differ from the manifest's: {', '.join(diff)}",
                 )
+
+    def _manifest_controls(self, m: ExportManifest) -> None:
+        """The bundle's control receipts are exactly those the manifest lists.
+
+        A dropped one could turn an ended lease into an open one (`--allow-open`),
+        an added one could end a task the control plane did not end.
+        """
+        listed = set(m.control_receipts)
+        seen: set[str] = set()
+        for i, env in enumerate(self.b.control_receipts):
+            d = control_receipt_digest(env)
+            if d not in listed:
+                self.fail(
+                    -3,
+                    "manifest",
+                    f"control[{i}]",
+                    "control receipt is not in the export manifest's list (not one the "
+                    "bundle was exported with)",
+                )
+            elif d in seen:
+                self.fail(-3, "manifest", f"control[{i}]", "control receipt appears twice")
+            seen.add(d)
+        missing = sorted(listed - seen)
+        if missing:
+            self.fail(
+                -3,
+                "manifest",
+                "manifest",
+                f"{len(missing)} control receipt(s) listed in the export manifest are missing "
+                f"from the bundle (first sha256 {missing[0][:16]}…)",
+            )
 
     def _per_task(self, m: ExportManifest, by_node: dict[str, list[_Item]]) -> None:
         """A per-task export holds the listed (node, seq) pairs, all of the exported tasks."""
