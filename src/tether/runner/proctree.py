@@ -14,6 +14,8 @@ import os
 import signal
 import time
 
+from tether.sidecar.sandbox import descendants
+
 PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -24,33 +26,6 @@ def become_subreaper() -> bool:
         return int(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
     except (OSError, AttributeError):
         return False
-
-
-def descendants(root: int) -> list[int]:
-    """Every live (not zombie) process under `root`, from /proc."""
-    children: dict[int, list[int]] = {}
-    try:
-        entries = os.listdir("/proc")
-    except OSError:
-        return []
-    for entry in entries:
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-            ppid = int(fields[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        if fields[0] != b"Z":  # a zombie has ended; it only waits to be reaped
-            children.setdefault(ppid, []).append(int(entry))
-    found: list[int] = []
-    stack = [root]
-    while stack:
-        for child in children.get(stack.pop(), ()):
-            found.append(child)
-            stack.append(child)
-    return found
 
 
 def signal_tree(sig: int, leader: int | None = None) -> int:

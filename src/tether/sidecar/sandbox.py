@@ -603,8 +603,10 @@ def _arm(value: bool) -> None:
     _armed = value
 
 
-def _descendants(root: int) -> list[int]:
-    """Every live process under `root`, from /proc (orphans re-parent to us: the subreaper)."""
+def descendants(root: int) -> list[int]:
+    """Every live (not zombie) process under `root`, from /proc (orphans re-parent to a
+    subreaper). The one walker: `tether run` (runner/proctree.py) imports it; this module
+    must itself import nothing of Tether's, as it runs under `python -I -S`."""
     children: dict[int, list[int]] = {}
     try:
         entries = os.listdir("/proc")
@@ -615,11 +617,12 @@ def _descendants(root: int) -> list[int]:
             continue
         try:
             with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-            ppid = int(stat.rsplit(b")", 1)[1].split()[1])
+                fields = f.read().rsplit(b")", 1)[1].split()
+            ppid = int(fields[1])
         except (OSError, ValueError, IndexError):
             continue
-        children.setdefault(ppid, []).append(int(entry))
+        if fields[0] != b"Z":  # a zombie has ended; it only waits to be reaped (by _reap)
+            children.setdefault(ppid, []).append(int(entry))
     found: list[int] = []
     stack = [root]
     while stack:
@@ -669,7 +672,7 @@ def _sweep(deadline_s: float = 10.0) -> None:
     me = os.getpid()
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
-        found = _descendants(me)
+        found = descendants(me)
         _descendant_set.clear()
         _descendant_set.update(found)
         for pid in found:
