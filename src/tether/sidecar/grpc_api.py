@@ -18,7 +18,7 @@ import os
 import re
 import secrets
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +34,7 @@ from tether.core.timeouts import end_reason_from_label
 from tether.crypto.envelopes import from_proto
 from tether.grpcutil.status import handle_errors
 from tether.sidecar.config import NAME_RE
+from tether.sidecar.finishing import Finisher, PendingFinish
 from tether.sidecar.identity import AgentRegistry
 from tether.sidecar.leases import HeldLease, LeaseTable
 from tether.sidecar.mediation import Mediator, PolicySource
@@ -53,7 +54,82 @@ MAX_WAIT_MS = 60_000
 MAX_RESULT_BYTES = 1024 * 1024
 MAX_CHUNK_BYTES = 1024 * 1024
 ARTIFACT_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+# How long CompleteTask waits for the control plane to confirm the end before it
+# answers UNAVAILABLE (the sidecar keeps asking; a repeated CompleteTask joins it).
+FINISH_WAIT_S = 30.0
 _LOST = (E.StaleFencingToken, E.LeaseExpired, E.NotOwner, E.NotFound)
+
+
+async def apply_transition(
+    d: BrokerDeps,
+    task_id: str,
+    fencing_token: int,
+    event: Event,
+    *,
+    result: bytes = b"",
+    error: str = "",
+    non_retryable: bool = False,
+    failure_type: str = "",
+) -> State:
+    """Applies `event` to the task under `fencing_token`; returns the state after it.
+
+    A repeat after a lost answer (a replica paused after its commit, or a sidecar
+    restarted) finds the event applied under the same token; the control plane's
+    refusal says so, and that counts as done.
+
+    Raises:
+        TetherError: the control plane's refusal (a lost lease among them).
+    """
+    target = {
+        Event.START: State.RUNNING,
+        Event.SUCCEED: State.SUCCEEDED,
+        Event.FAIL: State.FAILED,
+        Event.RELEASE: State.QUEUED,
+    }[event]
+    request = pb.TransitionTaskRequest(
+        task_id=task_id,
+        fencing_token=fencing_token,
+        event=int(event),  # type: ignore[arg-type]
+        result=result,
+        error=error,
+        node_id=d.node_id,
+        non_retryable=non_retryable,
+        failure_type=failure_type,
+    )
+    try:
+        response: pb.TransitionTaskResponse = await d.uplink.call(
+            "TransitionTask", request, safe_to_repeat=True
+        )
+    except E.InvalidTransition as err:
+        same_token = err.metadata.get("current_fencing_token") == str(fencing_token)
+        if same_token and err.metadata.get("state") in (target.name, State.QUEUED.name):
+            return target if err.metadata.get("state") == target.name else State.QUEUED
+        raise
+    return State(response.task.state)
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Marks a finished task's exception seen (its caller may have hung up)."""
+    if not task.cancelled():
+        task.exception()
+
+
+def final_transition(d: BrokerDeps) -> Callable[[PendingFinish], Awaitable[State]]:
+    """The Finisher's way to apply a journaled end (no held lease needed: a restart)."""
+
+    async def apply(pending: PendingFinish) -> State:
+        return await apply_transition(
+            d,
+            pending.receipt.task_id,
+            pending.receipt.fencing_token,
+            pending.event,
+            result=pending.result,
+            error=pending.error,
+            non_retryable=pending.non_retryable,
+            failure_type=pending.failure_type,
+        )
+
+    return apply
 
 
 @dataclass
@@ -84,6 +160,8 @@ class BrokerDeps:
     artifact_usage: dict[str, _ArtifactUsage] = field(default_factory=dict)
     # The MCP front door (docs/mcp.md), when served: mints a lease's token at claim.
     mcp: McpFront | None = None
+    # Journaled final transitions (tether.sidecar.finishing); set by Sidecar.start.
+    finisher: Finisher | None = None
 
 
 @dataclass
@@ -182,40 +260,22 @@ class BrokerServicer(bpb_grpc.BrokerServiceServicer):
         A retry after a connection drop may find the event already applied by
         the first attempt; the same fencing token and the target state prove it.
         """
-        target = {
-            Event.START: State.RUNNING,
-            Event.SUCCEED: State.SUCCEEDED,
-            Event.FAIL: State.FAILED,
-            Event.RELEASE: State.QUEUED,
-        }[event]
-        request = pb.TransitionTaskRequest(
-            task_id=held.task_id,
-            fencing_token=held.lease.fencing_token,
-            event=int(event),  # type: ignore[arg-type]
-            result=result,
-            error=error,
-            node_id=self.d.node_id,
-            non_retryable=non_retryable,
-            failure_type=failure_type,
-        )
         try:
-            # Safe to repeat after a lost answer (a replica paused after its commit): a
-            # repeat finds the event applied under our token, which the except below
-            # takes as done, so the final receipt is never skipped for want of an answer.
-            response: pb.TransitionTaskResponse = await self.d.uplink.call(
-                "TransitionTask", request, safe_to_repeat=True
+            return await apply_transition(
+                self.d,
+                held.task_id,
+                held.lease.fencing_token,
+                event,
+                result=result,
+                error=error,
+                non_retryable=non_retryable,
+                failure_type=failure_type,
             )
-        except E.InvalidTransition as err:
-            same_token = err.metadata.get("current_fencing_token") == str(held.lease.fencing_token)
-            if same_token and err.metadata.get("state") in (target.name, State.QUEUED.name):
-                return target if err.metadata.get("state") == target.name else State.QUEUED
-            raise
         except _LOST as err:
             await self.d.leases.mark_lost(
                 held, f"control plane refused {event.name}: {err.message}"
             )
             raise E.LeaseLost(f"lease lost on task {held.task_id!r}: {err.message}") from err
-        return State(response.task.state)
 
     @handle_errors
     async def ClaimTask(
@@ -487,38 +547,30 @@ class BrokerServicer(bpb_grpc.BrokerServiceServicer):
             raise E.InvalidArgument("error", "longer than 4096 characters")
         if len(request.failure_type) > 64:
             raise E.InvalidArgument("failure_type", "longer than 64 characters")
-        _, held = await self._held(context, request.task_id)
-        succeeded = request.outcome == bpb.TASK_OUTCOME_SUCCEEDED
-        async with held.lock:
-            if held.finished:
-                raise E.InvalidTransition(f"task {held.task_id!r} is already finished")
-            if succeeded:
-                await self._start_locked(held)  # succeed needs running; start implicitly
-            await self.d.mediator.end_lease(held)  # unspent budget back before the end
-            # The calls above took time: the final transition is sent only under a
-            # lease still valid here, which the control plane's expiry outlasts.
-            await self.d.leases.check_live(held)
-            state = await self._transition(
-                held,
-                Event.SUCCEED if succeeded else Event.FAIL,
-                result=request.result,
-                error=request.error,
-                non_retryable=request.non_retryable and not succeeded,
-                failure_type="" if succeeded else request.failure_type,
+        agent = self._agent(context)
+        task_id = _check_id("task_id", request.task_id)
+        held = self.d.leases.get(task_id)
+        if held is None or held.agent != agent or held.finishing is None:
+            _, held = await self._held(context, task_id)
+        if held.finishing is None:
+            # Run apart from this call: an agent that hangs up (or a deadline) must not
+            # stop the end half-way, with the control plane's commit and no receipt.
+            held.finishing = asyncio.ensure_future(self._complete(held, request))
+            held.finishing.add_done_callback(_retrieved)  # its caller may have gone
+            held.finishing_outcome = request.outcome
+        elif held.finishing_outcome != request.outcome:
+            raise E.InvalidTransition(
+                f"task {task_id!r} is already being completed with another outcome"
             )
-            held.state = state
-            await self.d.leases.finish(held)
-        final_seq = await self.d.sink.emit(
-            held.receipt(
-                ReceiptKind.TASK_FINISHED,
-                self.d.clock.now_ms(),
-                final_state=int(state),
-                result_sha256=sha256_hex(request.result),
-                status="ok" if succeeded else "error",
-                reason=request.error[:512],
-            ),
-            held.end_slot,
-        )
+        try:
+            state, final_seq = await asyncio.wait_for(asyncio.shield(held.finishing), FINISH_WAIT_S)
+        except TimeoutError:
+            raise E.Unavailable(
+                f"the control plane has not confirmed the end of task {task_id!r} yet; the "
+                "sidecar keeps asking and records the outcome; call CompleteTask again to "
+                "learn it",
+                metadata={"retry_after_ms": "1000"},
+            ) from None
         log.info(
             "task finished: %s",
             state.name.lower(),
@@ -536,6 +588,67 @@ class BrokerServicer(bpb_grpc.BrokerServiceServicer):
             state=int(state),  # type: ignore[arg-type]
             receipts_pending=not acked,
         )
+
+    async def _complete(
+        self, held: HeldLease, request: bpb.CompleteTaskRequest
+    ) -> tuple[State, int]:
+        """Ends the task under its lease: the final transition journaled, then the receipt.
+
+        Returns:
+            (the task's state after it, seq of its task_finished receipt).
+        """
+        succeeded = request.outcome == bpb.TASK_OUTCOME_SUCCEEDED
+        journaled = False
+        try:
+            async with held.lock:
+                if held.finished:
+                    raise E.InvalidTransition(f"task {held.task_id!r} is already finished")
+                if succeeded:
+                    await self._start_locked(held)  # succeed needs running; start implicitly
+                await self.d.mediator.end_lease(held)  # unspent budget back before the end
+                # The calls above took time: the final transition is sent only under a
+                # lease still valid here, which the control plane's expiry outlasts. The
+                # receipt is timed now, inside the lease, whenever it is signed.
+                await self.d.leases.check_live(held)
+                pending = PendingFinish(
+                    receipt=held.receipt(
+                        ReceiptKind.TASK_FINISHED,
+                        self.d.clock.now_ms(),
+                        result_sha256=sha256_hex(request.result),
+                        status="ok" if succeeded else "error",
+                        reason=request.error[:512],
+                    ),
+                    event=Event.SUCCEED if succeeded else Event.FAIL,
+                    result=request.result,
+                    error=request.error,
+                    non_retryable=request.non_retryable and not succeeded,
+                    failure_type="" if succeeded else request.failure_type,
+                )
+                finisher = self.d.finisher
+                if finisher is None:  # pragma: no cover - Sidecar.start always sets it
+                    raise RuntimeError("the sidecar has no finisher")
+                held.final_in_flight = True
+                try:
+                    await finisher.journal.record(pending)
+                    journaled = True
+                    state, seq = await finisher.start(pending, held.end_slot)
+                except _LOST as err:
+                    held.final_in_flight = False
+                    await self.d.leases.mark_lost(
+                        held, f"control plane refused {pending.event.name}: {err.message}"
+                    )
+                    raise E.LeaseLost(
+                        f"lease lost on task {held.task_id!r}: {err.message}"
+                    ) from err
+                finally:
+                    held.final_in_flight = False
+                held.state = state
+                await self.d.leases.finish(held)
+                return state, seq
+        except BaseException:
+            if not journaled:
+                held.finishing = None  # nothing was asked of the control plane: retryable
+            raise
 
     @handle_errors
     async def PutArtifact(

@@ -110,6 +110,13 @@ class HeldLease:
     # Tool calls running under this lease: cancelled the moment it is lost, so a
     # timeout or a cancel stops them (exec trees are killed by their adapter).
     inflight: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)
+    # The agent's CompleteTask, run apart from its caller (tether.sidecar.finishing):
+    # once asked, the end is seen through even if the agent hangs up; a retry joins it.
+    finishing: asyncio.Task[Any] | None = field(default=None, repr=False)
+    finishing_outcome: int = 0
+    # The final transition has left (journaled): nothing else acts under the lease, and
+    # a lapse meanwhile is not the lease's end on record; the control plane's answer is.
+    final_in_flight: bool = False
 
     @property
     def task_id(self) -> str:
@@ -216,8 +223,12 @@ class LeaseTable:
         return self._held.get(task_id)
 
     def active(self) -> list[HeldLease]:
-        """Leases neither finished nor lost."""
-        return [h for h in self._held.values() if not h.finished and not h.lost_reason]
+        """Leases neither finished nor lost, nor ending (a final transition in flight)."""
+        return [
+            h
+            for h in self._held.values()
+            if not h.finished and not h.lost_reason and h.finishing is None
+        ]
 
     def trust(self, envelope: Envelope, *, task_id: str, agent: str, fencing_token: int) -> Lease:
         """Verifies a lease envelope and that it is the one we asked for.
@@ -364,6 +375,8 @@ class LeaseTable:
         task_id = held.task_id
         if held.finished:
             raise E.InvalidTransition(f"task {task_id!r} is already finished")
+        if held.final_in_flight:
+            raise E.InvalidTransition(f"task {task_id!r} is being completed")
         if not held.lost_reason and self._clock.monotonic_ms() >= held.valid_until_mono_ms:
             await self.lapse_locally(held)
         if held.lost_reason:
@@ -388,6 +401,10 @@ class LeaseTable:
     async def mark_lost(self, held: HeldLease, reason: str) -> None:
         """Fences the task locally, once: receipt, log, keeper stopped."""
         if held.lost_reason or held.finished:
+            return
+        if held.final_in_flight:
+            # Its answer, not this lapse, ends the lease on record (task_finished if it
+            # applied; lease_lost if refused).
             return
         held.lost_reason = reason
         for call in list(held.inflight):  # stop what runs under the lease, now

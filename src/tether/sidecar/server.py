@@ -41,7 +41,8 @@ from tether.grpcutil.limits import LoadShedder
 from tether.metrics import MetricsServer, SpoolCollector
 from tether.metrics import serve as serve_metrics
 from tether.sidecar.config import SidecarConfig, split_addresses
-from tether.sidecar.grpc_api import BrokerDeps, BrokerServicer
+from tether.sidecar.finishing import Finisher, FinishJournal
+from tether.sidecar.grpc_api import BrokerDeps, BrokerServicer, final_transition
 from tether.sidecar.identity import AgentRegistry, read_token_file
 from tether.sidecar.leases import LeaseTable
 from tether.sidecar.mediation import Mediator, PolicySource, PolicyToolRunner, ToolRunner
@@ -207,6 +208,13 @@ class Sidecar:
             receipt_ack_timeout_ms=cfg.receipt_ack_timeout_ms,
             policies=policies,
         )
+
+        deps.finisher = Finisher(
+            FinishJournal(state / "finishing.db"), final_transition(deps), sink.emit
+        )
+        resumed = deps.finisher.resume()  # ends a crash left unconfirmed, before serving
+        if resumed:
+            log.warning("resuming %d final transition(s) from before a restart", resumed)
 
         if cfg.mcp:
             from tether.sidecar.mcp_front import McpFront  # the MCP SDK loads only when used
@@ -423,6 +431,8 @@ class Sidecar:
             self.metrics.close()
         if deps is not None:
             await self._release_all(deps)
+            if deps.finisher is not None:
+                await deps.finisher.close()  # unanswered ends stay journaled for next start
             await deps.leases.close()
             deps.memory.close()
         await self._flush_receipts(min(grace, 2.0))
