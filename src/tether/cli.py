@@ -36,6 +36,12 @@ COMMAND_MODULES: tuple[str, ...] = (
     "tether.runner.cmd",
 )
 
+# A command whose run time is its start-up too: given first on the command line, only its
+# own module is imported to build the parser. `tether verify` then starts without the
+# control plane's modules (gRPC, the console, x509; about 0.3 s), which its worker
+# processes would otherwise wait for.
+FAST_COMMANDS: dict[str, str] = {"verify": "tether.verify.cmd"}
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -56,8 +62,8 @@ def _level(text: str) -> str:
     return level
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """Builds the full parser from every area's `register`."""
+def build_parser(modules: Sequence[str] = COMMAND_MODULES) -> argparse.ArgumentParser:
+    """Builds the parser from every area's `register` (or only those of `modules`)."""
     from tether.logs import ENV_LOG_FORMAT, LOG_FORMATS
 
     summary, _, rest = (__doc__ or "").partition("\n\n")
@@ -87,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="on an error, print the traceback too, and let gRPC's own logs through",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    for name in modules:
         importlib.import_module(name).register(sub)
     return parser
 
@@ -168,7 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI and returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_grpc(argv)
-    parser = build_parser()
+    fast = FAST_COMMANDS.get(argv[0]) if argv else None
+    parser = build_parser((fast,) if fast else COMMAND_MODULES)
     args: Any = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_usage(sys.stderr)

@@ -14,12 +14,13 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
+from nacl.bindings import crypto_sign_open
+from nacl.exceptions import BadSignatureError
 
 from tether.core.errors import ConfigError, VerificationError
 
@@ -182,10 +183,20 @@ class VerifyKey:
         )
 
     def verify(self, signature: bytes, message: bytes) -> bool:
-        """True when `signature` is this key's signature over `message`."""
+        """True when `signature` is this key's signature over `message`.
+
+        Checked by libsodium (PyNaCl), not OpenSSL: on the same core it
+        verifies about 1.8 times as fast (docs/performance.md), and it is at
+        least as strict. Both check the cofactorless equation and refuse a
+        non-canonical S; libsodium also refuses small-order or non-canonical
+        public keys and a small-order R, so every signature it accepts OpenSSL
+        accepts too, and signatures by honestly made keys verify alike.
+        """
+        if len(signature) != 64:  # libsodium reads the first 64 bytes as the signature
+            return False
         try:
-            self._public.verify(signature, message)
-        except InvalidSignature:
+            crypto_sign_open(signature + message, self.raw)
+        except BadSignatureError:
             return False
         return True
 

@@ -47,6 +47,8 @@ import mmap
 import multiprocessing
 import os
 import re
+import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -720,9 +722,15 @@ class _Checker:
 
 
 _WORKER: list[_Checker] = []  # this worker process's checker for the current run
+# The bundle's bytes, set in the main process before it forks its workers: they
+# inherit the buffer (or the file's map) and read their chunks from it, so no
+# chunk is copied, pickled and piped to them.
+_SHARED: list[BundleBytes] = []
+# A job's entries: raw bytes, a byte span of the inherited `_SHARED` buffer, or parsed entries.
+_Src = bytes | tuple[int, int] | list[_EntryFacts]
 
 
-def _check_job(ctx: _Context, base: int, src: bytes | list[_EntryFacts]) -> _ChunkResult | None:
+def _check_job(ctx: _Context, base: int, src: _Src) -> _ChunkResult | None:
     """Checks one chunk of entries in a worker process; None if a raw chunk is irregular.
 
     The checker (memo of authenticated subtrees, certificate windows) is kept
@@ -730,10 +738,27 @@ def _check_job(ctx: _Context, base: int, src: bytes | list[_EntryFacts]) -> _Chu
     """
     if not _WORKER or _WORKER[0].ctx.token != ctx.token:
         _WORKER[:] = [_Checker(ctx)]
+    if isinstance(src, tuple):
+        src = bytes(_SHARED[0][src[0] : src[1]])
     try:
         return _WORKER[0].run(base, src)
     except _Irregular:
         return None
+
+
+def _can_fork() -> bool:
+    """True when worker processes may be forked: this process runs one thread and no gRPC.
+
+    A fork copies only the calling thread, so a lock another thread held stays
+    held in the child; and gRPC's core runs threads Python does not see. The
+    `tether verify` command has neither, and forked workers start without
+    importing anything (spawned ones import the verifier again, ~0.2 s each).
+    """
+    return (
+        "fork" in multiprocessing.get_all_start_methods()
+        and threading.active_count() == 1
+        and "grpc" not in sys.modules
+    )
 
 
 def _warm() -> None:
@@ -844,13 +869,22 @@ def _verify(
     workers = threads or min(4, os.cpu_count() or 1)
     pool: list[Executor] = []
 
+    shared = False  # the workers were forked with the bundle's bytes in `_SHARED`
+
     def executor(big: bool) -> Executor:
+        nonlocal shared
         if not pool:
             if workers <= 1 or (threads is None and not big):
                 pool.append(_Inline())
             else:
-                # spawn, not fork: the caller may hold threads (gRPC, pytest) that fork would copy.
-                ctx = multiprocessing.get_context("spawn")
+                # Fork only where it is safe (`_can_fork`); else spawn, as a caller
+                # holding threads (gRPC, pytest) needs.
+                method = "fork" if _can_fork() else "spawn"
+                if method == "fork" and isinstance(bundle, bytes | bytearray | mmap.mmap):
+                    _SHARED[:] = [bundle]
+                    stack.callback(_SHARED.clear)
+                    shared = True
+                ctx = multiprocessing.get_context(method)
                 p = stack.enter_context(ProcessPoolExecutor(max_workers=workers, mp_context=ctx))
                 p.submit(_warm)  # start the processes now; they import while we read
                 pool.append(p)
@@ -875,7 +909,11 @@ def _verify(
             header, spans = raw
             big = spans[-1][1] - spans[0][0] >= _POOL_MIN_BYTES
             v = verifier(header)
-            if v.run(executor(big), (bytes(data[a:b]) for a, b in spans)):
+            ex = executor(big)
+            chunks: Iterable[_Src] = spans
+            if not shared or isinstance(ex, _Inline):
+                chunks = (bytes(data[a:b]) for a, b in spans)
+            if v.run(ex, chunks):
                 return v.report()
         try:
             bundle = decode_bundle(bytes(data), limits)
@@ -1097,7 +1135,7 @@ class _Verifier:
 
     # -- entries --------------------------------------------------------------
 
-    def run(self, pool: Executor, chunks: Iterable[bytes | list[_EntryFacts]]) -> bool:
+    def run(self, pool: Executor, chunks: Iterable[_Src]) -> bool:
         """Runs every check; False if a raw chunk was irregular (then start over).
 
         The workers get every chunk at once; the main process checks the
