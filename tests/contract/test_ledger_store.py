@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 from collections.abc import Sequence
 
 import pytest
@@ -25,7 +26,7 @@ from tether.crypto import merkle
 from tether.crypto.certs import issue_cert
 from tether.crypto.note import verify_checkpoint
 from tether.crypto.receipts import ReceiptChain
-from tether.store.base import NodeRecord, Store
+from tether.store.base import NodeRecord, Store, ToolCallPhase, ToolCallWrite
 from tether.verify import verify_bundle
 from tether.verify.builder import T0, seeded_key
 
@@ -74,6 +75,68 @@ async def _ledger(store: Store) -> Ledger:
     ledger = Ledger(store, CONTROL, FakeClock(T0 + 10_000), origin="test/ledger")
     await ledger.open()
     return ledger
+
+
+async def test_a_carried_outcome_completes_the_started_record(nodes: Store) -> None:
+    """A keyed tool_call receipt carrying its outcome completes the STARTED record its lease
+    wrote, in the append (a lookup finds it); an outcome the receipt does not sign, or one on
+    a receipt of no keyed call, is refused; a COMPLETED record is never overwritten."""
+    lease = await _grant(nodes, "t1", "n1")
+    args = "a" * 64
+
+    def record(key: str, phase: ToolCallPhase, result: bytes = b"") -> ToolCallWrite:
+        return ToolCallWrite(
+            task_id="t1",
+            fencing_token=lease.fencing_token,
+            node_id="n1",
+            idempotency_key=key,
+            tool="t",
+            arguments_sha256=args,
+            phase=phase,
+            result=result,
+            status="ok" if result else "",
+        )
+
+    for key in ("k1", "k2"):
+        await nodes.record_tool_call(record(key, ToolCallPhase.STARTED), T0 + 1)
+    await nodes.record_tool_call(record("k2", ToolCallPhase.COMPLETED, b"first"), T0 + 2)
+    chain = ReceiptChain("n1", NODE_KEYS["n1"])
+
+    def call(i: int, key: str, result: bytes) -> bytes:
+        receipt = dataclasses.replace(
+            _receipt(lease, i),
+            idempotency_key=key,
+            arguments_sha256=args,
+            result_sha256=hashlib.sha256(result).hexdigest(),
+            cost_micros=7,
+        )
+        return chain.sign(receipt)
+
+    ledger = await _ledger(nodes)
+    first = call(0, "k1", b'{"n": 1}')
+    with pytest.raises(InvalidArgument, match="result_sha256"):
+        await ledger.ingest("n1", [(1, first)], {1: b'{"n": 2}'})
+    started = await nodes.lookup_tool_call("t1", "k1")
+    assert started is not None
+    assert started.phase is ToolCallPhase.STARTED
+    assert await ledger.ingest("n1", [(1, first)], {1: b'{"n": 1}'}) == (1, 0)
+    done = await nodes.lookup_tool_call("t1", "k1")
+    assert done is not None
+    assert (done.phase, done.result, done.status, done.cost_micros) == (
+        ToolCallPhase.COMPLETED,
+        b'{"n": 1}',
+        "ok",
+        7,
+    )
+    assert done.fencing_token == lease.fencing_token
+    plain = chain.sign(_receipt(lease, 1))  # no idempotency key
+    with pytest.raises(InvalidArgument, match="keyed call"):
+        await ledger.ingest("n1", [(2, plain)], {2: b""})
+    assert await ledger.ingest("n1", [(2, plain)]) == (2, 1)
+    assert await ledger.ingest("n1", [(3, call(2, "k2", b"second"))], {3: b"second"}) == (3, 2)
+    kept = await nodes.lookup_tool_call("t1", "k2")
+    assert kept is not None
+    assert kept.result == b"first"
 
 
 async def test_ingest_dedupes_identical_resends(nodes: Store) -> None:

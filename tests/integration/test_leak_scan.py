@@ -172,6 +172,7 @@ class Agent:
         self.stub = bpb_grpc.BrokerServiceStub(self.channel)
         self.md = ((AGENT_TOKEN_HEADER, token),)
         self.received = bytearray()
+        self.calls = 0
 
     async def call(self, method: str, request: Any) -> Any:
         try:
@@ -187,7 +188,15 @@ class Agent:
         return response
 
     async def tool(self, task_id: str, tool: str, args: dict[str, Any]) -> Any:
-        request = bpb.CallToolRequest(task_id=task_id, tool=tool, arguments_json=json.dumps(args))
+        # Keyed, so each outcome is also kept where keyed outcomes go (the spool, with
+        # its receipt, and the control plane's idempotency records) and scanned there.
+        self.calls += 1
+        request = bpb.CallToolRequest(
+            task_id=task_id,
+            tool=tool,
+            arguments_json=json.dumps(args),
+            idempotency_key=f"leak-{self.calls}",
+        )
         return await self.call("CallTool", request)
 
 

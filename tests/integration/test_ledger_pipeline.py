@@ -39,9 +39,9 @@ async def _receipts(
 
 async def _batches(
     envelopes: Sequence[bytes], size: int
-) -> AsyncIterator[tuple[str, list[tuple[int, bytes]]]]:
+) -> AsyncIterator[tuple[str, list[tuple[int, bytes]], dict[int, bytes]]]:
     for i in range(0, len(envelopes), size):
-        yield "node-a", [(i + k + 1, e) for k, e in enumerate(envelopes[i : i + size])]
+        yield "node-a", [(i + k + 1, e) for k, e in enumerate(envelopes[i : i + size])], {}
 
 
 async def test_pooled_pipelined_ingest_acks_in_order_and_refuses_a_bad_signature(
@@ -87,8 +87,8 @@ async def test_pooled_pipelined_ingest_acks_in_order_and_refuses_a_bad_signature
 
 async def _batches_from(
     first: int, parts: list[list[bytes]]
-) -> AsyncIterator[tuple[str, list[tuple[int, bytes]]]]:
+) -> AsyncIterator[tuple[str, list[tuple[int, bytes]], dict[int, bytes]]]:
     seq = first
     for part in parts:
-        yield "node-a", [(seq + k, e) for k, e in enumerate(part)]
+        yield "node-a", [(seq + k, e) for k, e in enumerate(part)], {}
         seq += len(part)

@@ -8,12 +8,13 @@ and an unreachable control plane, each proved by counting real side effects
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
@@ -217,6 +218,16 @@ async def test_started_record_reruns_only_idempotent_tools(tmp_path: Path) -> No
         assert ("TOOL_DENIED", "OUTCOME_UNKNOWN") in receipts(side, tid)
 
 
+def _phase(db: Path, task_id: str, key: str) -> str:
+    """The phase of a tool-call record, read from the control plane's database file."""
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)) as conn:
+        row = conn.execute(
+            "SELECT phase FROM tool_calls WHERE task_id = ? AND idempotency_key = ?",
+            (task_id, key),
+        ).fetchone()
+    return "" if row is None else {1: "STARTED", 2: "COMPLETED"}[row[0]]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -236,7 +247,8 @@ def control_procs() -> Iterator[list[subprocess.Popen[bytes]]]:
 async def test_unreachable_control_plane_is_unavailable_never_a_duplicate(
     tmp_path: Path, control_procs: list[subprocess.Popen[bytes]]
 ) -> None:
-    """Control plane down: UNAVAILABLE saying whether the tool ran; a keyed retry never re-runs."""
+    """Control plane down: UNAVAILABLE before a run; a keyed call that ran gets its spooled
+    outcome, a retry replays it (never re-runs), and the record completes once it is back."""
     shared = tmp_path / "shared.txt"
     # Fixed ports, so the restarted control plane is where the sidecar was told it is.
     listen = (
@@ -253,15 +265,17 @@ async def test_unreachable_control_plane_is_unavailable_never_a_duplicate(
         side.agent("alice") as agent,
     ):
         tid = await claim(agent)
-        # Killed while a keyed call runs: the tool ran, its outcome is not recorded.
+        # Killed while a keyed call runs: the tool ran, and its outcome rides with its
+        # receipt in the spool, so the agent gets it under the lease the sidecar holds.
         call = asyncio.create_task(
             agent.call_tool(tid, "sleep", {"seconds": 0.5}, idempotency_key="nap")
         )
         await asyncio.sleep(0.2)
         proc.kill()
         proc.wait()
-        with pytest.raises(E.Unavailable, match="ran, but the control plane is unreachable"):
-            await call
+        first = await call
+        assert not first.replayed
+        assert first.result == {"slept": 0.5}
         # Before anything runs: nothing runs, and the agent is told so.
         with pytest.raises(E.Unavailable, match="did not run"):
             await agent.call_tool(tid, "append", {"line": "x"})
@@ -271,21 +285,21 @@ async def test_unreachable_control_plane_is_unavailable_never_a_duplicate(
         # A keyless free tool runs under the lease the sidecar still holds.
         out = await agent.call_tool(tid, "echo", {"n": 1})
         assert out.result["args"] == {"n": 1}
-        with pytest.raises(E.Unavailable, match="not recorded yet"):
-            await agent.call_tool(tid, "sleep", {"seconds": 0.5}, idempotency_key="nap")
+        # A retry while the control plane is down replays the spooled outcome.
+        again = await agent.call_tool(tid, "sleep", {"seconds": 0.5}, idempotency_key="nap")
+        assert again.replayed
+        assert again.result == {"slept": 0.5}
 
         proc2, _ = spawn_control_cli(tmp_path, extra_args=listen)
         control_procs.append(proc2)
-        replay: Any = None
-        for _ in range(50):  # the sidecar reconnects within its backoff
-            try:
-                replay = await agent.call_tool(
-                    tid, "sleep", {"seconds": 0.5}, idempotency_key="nap"
-                )
+        record = ""
+        for _ in range(100):  # the spool reaches the control plane within its backoff
+            record = await asyncio.to_thread(_phase, tmp_path / "control.db", tid, "nap")
+            if record == "COMPLETED":
                 break
-            except E.Unavailable:
-                await asyncio.sleep(0.1)
-        assert replay is not None
+            await asyncio.sleep(0.1)
+        assert record == "COMPLETED"
+        replay = await agent.call_tool(tid, "sleep", {"seconds": 0.5}, idempotency_key="nap")
         assert replay.replayed
         assert replay.result == {"slept": 0.5}
         statuses = [s for k, s in receipts(side, tid) if k == "TOOL_CALL"]

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -129,11 +130,13 @@ class _FlakyStream:
         self.ledger = ledger
         self.left = breaks_after
 
-    async def send(self, batch: list[tuple[int, bytes]]) -> int:
+    async def send(self, batch: list[tuple[int, bytes, bytes | None]]) -> int:
         if self.left == 0:
             raise ConnectionError("link down")
         self.left -= 1
-        acked, _ = await self.ledger.ingest("n1", batch)  # type: ignore[attr-defined]
+        acked, _ = await self.ledger.ingest(  # type: ignore[attr-defined]
+            "n1", [(s, e) for s, e, _ in batch]
+        )
         return int(acked)
 
     async def close(self) -> None:
@@ -247,4 +250,38 @@ async def test_cancelled_appends_never_break_the_chain(tmp_path: Path) -> None:
     stored = spool.unacked(limit=1000)
     assert [s for s, _ in stored] == list(range(1, last + 1))
     _check_chain([e for _, e in stored])
+    await spool.close()
+
+
+async def test_carried_outcomes_are_stored_streamed_and_survive_a_restart(tmp_path: Path) -> None:
+    """A tool call's outcome is committed with its receipt, streamed with it in batches
+    bounded by bytes, listed while unacknowledged (also after a restart), and a spool file
+    from before outcomes rode along is upgraded in place."""
+    path = tmp_path / "spool.db"
+    with contextlib.closing(sqlite3.connect(path)) as old:
+        old.execute(  # the table as spools created it before tool_call_result
+            "CREATE TABLE spool (seq INTEGER PRIMARY KEY, envelope BLOB NOT NULL,"
+            " task_id TEXT NOT NULL)"
+        )
+        old.commit()
+    spool = ReceiptSpool(path, "n1", KEY)
+    big = b"x" * 1500
+    assert await spool.append(_receipt(0)) == 1
+    assert await spool.append(_receipt(1), tool_call_result=big) == 2
+    assert await spool.append(_receipt(2), tool_call_result=b"{}") == 3
+    got = spool.outgoing()
+    assert [(s, o) for s, _, o in got] == [(1, None), (2, big), (3, b"{}")]
+    assert [e for _, e, _ in got] == [e for _, e in spool.unacked()]
+    first = len(got[0][1])
+    assert [s for s, _, _ in spool.outgoing(max_bytes=first + 1)] == [1]
+    assert [s for s, _, _ in spool.outgoing(max_bytes=1)] == [1]  # always one
+    assert [s for s, _, _ in spool.outcomes()] == [2, 3]
+    assert spool.carried(2) == big
+    assert spool.carried(1) is None
+    await spool.close()
+    spool = ReceiptSpool(path, "n1", KEY)
+    assert [(s, o) for s, _, o in spool.outcomes()] == [(2, big), (3, b"{}")]
+    await spool.ack(2)
+    assert [s for s, _, _ in spool.outcomes()] == [3]
+    assert [s for s, _, _ in spool.outgoing()] == [3]
     await spool.close()

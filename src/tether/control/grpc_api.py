@@ -800,7 +800,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
     ) -> AsyncIterator[pb.StreamReceiptsResponse]:
         ledger = await self._ledger()
 
-        async def batches() -> AsyncIterator[tuple[str, list[tuple[int, bytes]]]]:
+        async def batches() -> AsyncIterator[tuple[str, list[tuple[int, bytes]], dict[int, bytes]]]:
             node_id = ""
             async for request in request_iterator:
                 if not node_id:
@@ -808,13 +808,16 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
                     await self._node(context, node_id)
                 elif request.node_id != node_id:
                     raise InvalidArgument("node_id", "must not change within one stream")
-                yield (
-                    node_id,
-                    [
-                        (check_uint("receipts.seq", r.seq), bytes(r.envelope))
-                        for r in request.receipts
-                    ],
-                )
+                batch = [
+                    (check_uint("receipts.seq", r.seq), bytes(r.envelope)) for r in request.receipts
+                ]
+                # Outcomes of keyed tool calls riding with their receipts.
+                results = {
+                    int(r.seq): check_bytes("receipts.tool_call_result", r.tool_call_result)
+                    for r in request.receipts
+                    if r.tool_call_result
+                }
+                yield node_id, batch, results
 
         # Pipelined: the next batch's signatures are checked while this one commits.
         async for acked, index in ledger.ingest_stream(batches()):

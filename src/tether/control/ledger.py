@@ -6,7 +6,8 @@ seq == last + 1 and prev == digest(last). An identical resend of a stored
 (node, seq) is de-duplicated (replays after a reconnect are normal); the same
 seq with different bytes is a fork and a gap is a lost receipt: both are
 refused loudly, never papered over. A batch is appended in one transaction and
-acknowledged only after it commits. Large batches are signature-checked in
+acknowledged only after it commits; a keyed tool call's outcome riding with its
+receipt completes the call's STARTED record in that same transaction. Large batches are signature-checked in
 worker processes (Ed25519 holds the GIL), the next batch of a stream while the
 current one commits. Checkpoints (C2SP signed notes) are signed
 by the control key on a schedule and on demand. Every certificate a node was
@@ -23,7 +24,7 @@ import hashlib
 import logging
 import multiprocessing
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -57,7 +58,15 @@ from tether.crypto.merkle import (
 from tether.crypto.note import CheckpointBody, sign_checkpoint
 from tether.crypto.receipts import envelope_digest, parse_statement
 from tether.crypto.signing import Envelope, SigningKey, VerifyKey, pae
-from tether.store.base import LedgerFrontier, LedgerHead, LedgerLeaf, Store, StoredCheckpoint
+from tether.store.base import (
+    LedgerFrontier,
+    LedgerHead,
+    LedgerLeaf,
+    Store,
+    StoredCheckpoint,
+    ToolCallPhase,
+    ToolCallWrite,
+)
 from tether.store.common import CONTROL_ENDED_OUTCOMES
 from tether.verify.bundle import Bundle, CheckpointInfo, Entry
 from tether.verify.verifier import parse_canonical_envelope
@@ -85,6 +94,8 @@ class _Checked(NamedTuple):
     fencing_token: int
     final: bool = False
     """A task_finished receipt: the holder's own end of its lease."""
+    tool_call: ToolCallWrite | None = None
+    """The keyed call's outcome that rode with this tool_call receipt."""
 
 
 class _Refused(NamedTuple):
@@ -134,6 +145,59 @@ def _check_batch(
 
 
 _KEYS: dict[bytes, VerifyKey] = {}  # parsed node keys, per process
+
+
+def _carried_outcome(node_id: str, seq: int, envelope: bytes, result: bytes) -> ToolCallWrite:
+    """The tool-call record a receipt's carried outcome completes (the receipt is verified).
+
+    Everything but the result comes from the signed receipt; the result must be
+    the one whose digest the receipt signs.
+
+    Raises:
+        InvalidArgument: the receipt is not a keyed tool call that ran, or the
+            result is not the one its result_sha256 names.
+    """
+    r = parse_statement(parse_canonical_envelope(envelope).payload)
+    field = "receipts.tool_call_result"
+    if r.kind is not ReceiptKind.TOOL_CALL or not r.idempotency_key or r.status == "replayed":
+        raise InvalidArgument(
+            field,
+            f"node {node_id} seq {seq}: only the tool_call receipt of a keyed call that ran "
+            "may carry its outcome",
+        )
+    if hashlib.sha256(result).hexdigest() != r.result_sha256:
+        raise InvalidArgument(
+            field,
+            f"node {node_id} seq {seq}: the carried outcome is not the result the receipt "
+            "signs (result_sha256)",
+        )
+    return ToolCallWrite(
+        task_id=r.task_id,
+        fencing_token=r.fencing_token,
+        node_id=node_id,
+        idempotency_key=r.idempotency_key,
+        tool=r.tool,
+        arguments_sha256=r.arguments_sha256,
+        phase=ToolCallPhase.COMPLETED,
+        result=result,
+        status=r.status,
+        cost_micros=r.cost_micros,
+    )
+
+
+def _with_outcomes(
+    node_id: str, checked: list[_Checked], results: Mapping[int, bytes] | None
+) -> list[_Checked]:
+    """`checked` with the outcomes that rode with their receipts (`_carried_outcome`)."""
+    if not results:
+        return checked
+    out = []
+    for c in checked:
+        result = results.get(c.seq)
+        if result is not None:
+            c = c._replace(tool_call=_carried_outcome(node_id, c.seq, c.envelope, result))
+        out.append(c)
+    return out
 
 
 def _warm() -> None:
@@ -315,11 +379,20 @@ class Ledger:
         self._heads[node_id] = head
         return head, False
 
-    async def ingest(self, node_id: str, batch: Sequence[tuple[int, bytes]]) -> tuple[int, int]:
+    async def ingest(
+        self,
+        node_id: str,
+        batch: Sequence[tuple[int, bytes]],
+        results: Mapping[int, bytes] | None = None,
+    ) -> tuple[int, int]:
         """Verifies and appends one batch of a node's envelopes (in seq order).
 
         Returns (acked_seq, ledger_index of that receipt): every receipt of the
         node up to acked_seq is durable when this returns.
+
+        `results`: {seq: redacted result} of keyed tool calls whose outcome rode
+        with their tool_call receipt; the append completes each call's STARTED
+        record in the same transaction (see `_carried_outcome`).
 
         Raises:
             NotFound: the node is not enrolled.
@@ -328,12 +401,13 @@ class Ledger:
             InvalidArgument: a gap or a broken prev link, or an oversized batch.
             Unavailable: other writers kept appending for this node (retry).
         """
-        return await self._commit(node_id, await self._verify(node_id, batch))
+        return await self._commit(node_id, await self._verify(node_id, batch, results))
 
     async def ingest_stream(
-        self, batches: AsyncIterator[tuple[str, Sequence[tuple[int, bytes]]]]
+        self,
+        batches: AsyncIterator[tuple[str, Sequence[tuple[int, bytes]], Mapping[int, bytes]]],
     ) -> AsyncIterator[tuple[int, int]]:
-        """`ingest` for a stream of (node_id, batch): yields each batch's ack in order.
+        """`ingest` for a stream of (node_id, batch, results): yields each batch's ack in order.
 
         Pipelined: the next batch is read and its signatures are checked (in
         the worker processes) while this one is appended and committed. Each
@@ -344,10 +418,10 @@ class Ledger:
 
         async def verify_next() -> tuple[str, list[_Checked]] | None:
             try:
-                node_id, batch = await anext(batches)
+                node_id, batch, results = await anext(batches)
             except StopAsyncIteration:
                 return None
-            return node_id, await self._verify(node_id, batch)
+            return node_id, await self._verify(node_id, batch, results)
 
         pending = asyncio.ensure_future(verify_next())
         try:
@@ -363,7 +437,12 @@ class Ledger:
                 with contextlib.suppress(BaseException):
                     await pending
 
-    async def _verify(self, node_id: str, batch: Sequence[tuple[int, bytes]]) -> list[_Checked]:
+    async def _verify(
+        self,
+        node_id: str,
+        batch: Sequence[tuple[int, bytes]],
+        results: Mapping[int, bytes] | None = None,
+    ) -> list[_Checked]:
         """The checks of one batch that need no chain state: node, signatures, receipts."""
         if not batch:
             raise InvalidArgument("receipts", "batch is empty")
@@ -383,7 +462,7 @@ class Ledger:
                 raise got.error()
             checked = [_Checked(s, d, *facts) for (s, d), facts in zip(batch, got, strict=True)]
             await self._check_leases(node_id, checked)
-            return checked
+            return _with_outcomes(node_id, checked, results)
         # Ed25519 holds the GIL: check in worker processes, split so each core
         # takes a part, while the event loop serves other calls (or commits).
         loop = asyncio.get_running_loop()
@@ -401,7 +480,7 @@ class Ledger:
             facts += got
         checked = [_Checked(s, d, *f) for (s, d), f in zip(batch, facts, strict=True)]
         await self._check_leases(node_id, checked)
-        return checked
+        return _with_outcomes(node_id, checked, results)
 
     async def _check_leases(self, node_id: str, checked: Sequence[_Checked]) -> None:
         """Each receipt must be about a lease the control plane granted to `node_id`.
@@ -535,7 +614,7 @@ class Ledger:
                     "receipts", f"node {node_id} seq {seq}: prev is not the previous envelope"
                 )
             digest = envelope_digest(data)
-            new.append(LedgerLeaf(seq, r.task_id, data, leaf_hash(data), digest))
+            new.append(LedgerLeaf(seq, r.task_id, data, leaf_hash(data), digest, r.tool_call))
             last_seq, last_digest = seq, digest
         if new:
             expect = None if head.leaf_index < 0 else head

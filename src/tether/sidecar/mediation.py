@@ -48,20 +48,31 @@
    fencing token (the `X-Tether-Fencing-Token` header for http tools).
 7. **Redact** the result and any error for every credential of the lease.
 8. Settle the call's slice hold locally with the actual cost (the tool's
-   report, else the declared cost, never above it), then, concurrently, a
-   TOOL_CALL receipt (digests of the arguments and the redacted result,
-   duration, cost, status, idempotency key; durably spooled) and
-   `RecordToolCall` COMPLETED with the redacted result. Both land before the
-   agent gets the outcome.
+   report, else the declared cost, never above it), then a TOOL_CALL receipt
+   (digests of the arguments and the redacted result, duration, cost, status,
+   idempotency key), durably spooled before the agent gets the outcome. A keyed
+   call's redacted result rides with its receipt (same spool commit, streamed
+   with it): the control plane completes the STARTED record from it in the
+   transaction that appends the receipt (`SpooledReceipt.tool_call_result`), so
+   there is no `RecordToolCall` COMPLETED round trip. Until the ledger
+   acknowledges that receipt the sidecar answers a retry of the key itself: under
+   the same lease it replays the spooled outcome; under a later lease it first
+   waits (bounded) for the acknowledgement, so the record it then reads is
+   COMPLETED. Results over `RIDE_MAX_BYTES` are recorded with RecordToolCall
+   COMPLETED as before, concurrently with the receipt.
 
-So a keyed call on the fast path makes two control-plane round trips (STARTED,
-COMPLETED) and an unkeyed call none, plus one `ReserveBudget` per slice refill.
+So a keyed call on the fast path makes one control-plane round trip (STARTED)
+and an unkeyed call none, plus one `ReserveBudget` per slice refill.
 
 Control plane unreachable: before the run the agent gets UNAVAILABLE saying the
-tool did not run. After the run of a keyed call the outcome is kept in memory,
-the agent gets UNAVAILABLE saying the tool ran, and a retry with the same key
-records and returns that outcome (never a second run). A tool that timed out
-leaves its STARTED record: its outcome is unknown.
+tool did not run. After the run of a keyed call the outcome is durable in the
+spool with its receipt and the agent gets it; the record is completed when the
+spool reaches the control plane again, and a retry under the same lease
+replays it meanwhile (never a second run). A tool that timed out leaves its
+STARTED record: its outcome is unknown. A sidecar that dies before its spool
+reaches the control plane leaves the record STARTED until it restarts and
+streams it: a takeover elsewhere meanwhile gets ABORTED for a tool not declared
+idempotent (never a second effect), as after a crash mid-call.
 
 The arguments digest is the SHA-256 of the canonical JSON of the arguments
 (sorted keys, no spaces). Agents never hold credentials, so the arguments they
@@ -87,6 +98,8 @@ from tether.core.clock import Clock
 from tether.core.policy import Policy, ToolSpec, load_policy, parse_policy
 from tether.core.receipts import ReceiptKind
 from tether.core.toolschema import argument_problem
+from tether.crypto.receipts import parse_statement
+from tether.crypto.signing import Envelope
 from tether.sidecar.leases import HeldLease, LeaseTable
 from tether.sidecar.quotas import DenialLimiter, WorkspaceQuota
 from tether.sidecar.receipts import ReceiptSink, Slot, sha256_hex
@@ -99,6 +112,8 @@ log = logging.getLogger("tether.sidecar.mediation")
 MAX_ARGUMENTS_BYTES = 1024 * 1024
 MAX_UNRECORDED = 1024  # outcomes kept for retries while the control plane is unreachable
 MAX_SLICE_CALLS = 64  # a budget refill reserves at most this many calls' cost
+RIDE_MAX_BYTES = 64 * 1024  # larger outcomes are recorded with RecordToolCall COMPLETED
+RIDE_WAIT_S = 5.0  # a retry under a later lease waits this long for the outcome's ack
 STARTED = pb.TOOL_CALL_PHASE_STARTED
 COMPLETED = pb.TOOL_CALL_PHASE_COMPLETED
 WORKSPACE_ADAPTERS = ("exec", "mcp")  # tools that run in the task's workspace
@@ -227,6 +242,17 @@ class _Unrecorded:
     held: HeldLease | None = None
 
 
+@dataclass(frozen=True)
+class _Riding:
+    """A keyed call's outcome spooled with its receipt `seq`, until the ledger acks it."""
+
+    tool: str
+    args_digest: str
+    status: str
+    fencing_token: int
+    seq: int
+
+
 @dataclass
 class _Slice:
     """Budget reserved once at the control plane (one reservation id), spent locally."""
@@ -316,6 +342,10 @@ class Mediator:
             weakref.WeakValueDictionary()
         )
         self._unrecorded: dict[tuple[str, str], _Unrecorded] = {}
+        # (task, key) -> the outcome riding with an unacknowledged receipt; kept
+        # until the ledger acknowledges it (the spool bounds how many wait).
+        self._riding: dict[tuple[str, str], _Riding] = self._restore_riding(sink)
+        self._riding_prune_at = max(1024, 2 * len(self._riding))
         self._budgets: dict[tuple[str, int], _LeaseBudget] = {}
         # (task, fencing token, key) whose STARTED record this sidecar wrote and left
         # (timeout, unrecorded outcome): a later STARTED that finds it must not run.
@@ -484,12 +514,18 @@ class Mediator:
         return err
 
     async def _tool_call_receipt(
-        self, call: _Call, outcome: ToolOutcome, duration_ms: int, status: str = ""
-    ) -> None:
+        self,
+        call: _Call,
+        outcome: ToolOutcome,
+        duration_ms: int,
+        status: str = "",
+        carried: bytes | None = None,
+    ) -> int:
+        """Spools the call's TOOL_CALL receipt (with `carried`, its outcome); returns its seq."""
         final = status or ("replayed" if outcome.replayed else outcome.status)
         metrics.TOOL_CALLS.labels(call.tool, final).inc()
         metrics.BUDGET_SPENT.labels(call.tool).inc(max(0, outcome.cost_micros))
-        await self._sink.emit(
+        return await self._sink.emit(
             call.held.receipt(
                 ReceiptKind.TOOL_CALL,
                 self._clock.now_ms(),
@@ -502,6 +538,7 @@ class Mediator:
                 idempotency_key=call.key,
             ),
             call.slot,
+            carried,
         )
 
     def _fence(self, held: HeldLease, tool: str, *, ran: str = "") -> None:
@@ -626,6 +663,11 @@ class Mediator:
 
     async def _keyed(self, call: _Call) -> ToolOutcome:
         held, key = call.held, call.key
+        riding = self._riding.get((held.task_id, key))
+        if riding is not None:
+            replayed = await self._replay_riding(call, riding)
+            if replayed is not None:
+                return replayed
         pending = self._unrecorded.get((held.task_id, key))
         if pending is not None:
             if pending.tool != call.tool or pending.args_digest != call.args_digest:
@@ -642,6 +684,61 @@ class Mediator:
             await self._tool_call_receipt(call, outcome, 0)
             return outcome
         return await self._execute(call)
+
+    async def _replay_riding(self, call: _Call, riding: _Riding) -> ToolOutcome | None:
+        """Answers a retry whose outcome rides with a receipt not yet acknowledged.
+
+        Under the lease it ran under, the spooled outcome is replayed here (the
+        record the control plane will derive from the receipt says the same).
+        Under another lease the record is the control plane's to say: wait until
+        the receipt is acknowledged, then None (ask it as usual).
+
+        Raises:
+            IdempotencyConflict: the key ran with another tool or arguments.
+            Unavailable: the receipt was not acknowledged in time.
+        """
+        held, key = call.held, call.key
+        if riding.tool != call.tool or riding.args_digest != call.args_digest:
+            raise await self._conflict(call)
+        carried = self._sink.carried(riding.seq) if riding.seq > self._sink.acked_seq else None
+        if carried is not None and riding.fencing_token == held.lease.fencing_token:
+            outcome = ToolOutcome(
+                result_json=carried.decode("utf-8", "replace"), status=riding.status, replayed=True
+            )
+            self._fence(held, call.tool)
+            await self._tool_call_receipt(call, outcome, 0)
+            return outcome
+        if not await self._sink.wait_acked(riding.seq, RIDE_WAIT_S):
+            raise E.Unavailable(
+                f"tool {call.tool!r} ran with idempotency key {key!r} and its outcome is "
+                "spooled but not recorded at the control plane yet; retry with the same "
+                "key to get it (it will not run again)",
+                metadata={"tool": call.tool, "retry_after_ms": "1000"},
+            )
+        self._riding.pop((held.task_id, key), None)
+        return None
+
+    def _ride(self, held: HeldLease, key: str, riding: _Riding) -> None:
+        """Keeps a riding outcome until its receipt is acknowledged (pruned as acks come)."""
+        self._riding[(held.task_id, key)] = riding
+        if len(self._riding) >= self._riding_prune_at:
+            acked = self._sink.acked_seq
+            self._riding = {k: r for k, r in self._riding.items() if r.seq > acked}
+            self._riding_prune_at = max(1024, 2 * len(self._riding))
+
+    @staticmethod
+    def _restore_riding(sink: ReceiptSink) -> dict[tuple[str, str], _Riding]:
+        """Outcomes spooled by an earlier run whose receipts the ledger has not acked yet.
+
+        Leases do not survive a restart, so a retry finds them under a later
+        lease and waits for the acknowledgement before asking the control plane.
+        """
+        out: dict[tuple[str, str], _Riding] = {}
+        for seq, envelope, _ in sink.outcomes():
+            r = parse_statement(Envelope.from_json_bytes(envelope).payload)
+            riding = _Riding(r.tool, r.arguments_sha256, r.status, r.fencing_token, seq)
+            out[(r.task_id, r.idempotency_key)] = riding
+        return out
 
     async def _conflict(self, call: _Call) -> E.TetherError:
         return await self._deny(
@@ -935,6 +1032,20 @@ class Mediator:
             await self._tool_call_receipt(call, outcome, duration_ms)
             # The effect is on record; its result goes out only under a live lease.
             self._fence(held, call.tool, ran="ran (its receipt is recorded)")
+            return outcome
+        carried = outcome.result_json.encode()
+        if len(carried) <= RIDE_MAX_BYTES:
+            # The outcome rides with the receipt: durable in the same commit, and the
+            # control plane completes the record when it appends the receipt.
+            seq = await self._tool_call_receipt(call, outcome, duration_ms, carried=carried)
+            self._ride(held, key, _Riding(call.tool, call.args_digest, outcome.status, token, seq))
+            self._left_started.discard((held.task_id, token, key))
+            self._fence(
+                held,
+                call.tool,
+                ran="ran and its outcome is recorded; retry with the same idempotency key "
+                "under a new lease to get it",
+            )
             return outcome
         pending = _Unrecorded(call.tool, call.args_digest, outcome, token, actual)
         receipt, record = await asyncio.gather(

@@ -26,10 +26,15 @@ class Slot(Protocol):
 class ReceiptSink(Protocol):
     """Takes receipts from the sidecar and keeps them durably."""
 
-    async def emit(self, receipt: Receipt, slot: Slot | None = None) -> int:
+    async def emit(
+        self, receipt: Receipt, slot: Slot | None = None, tool_call_result: bytes | None = None
+    ) -> int:
         """Signs, chains and stores `receipt`; durable before it returns; returns its seq.
 
         With a `slot` from `reserve`, the receipt is never refused for space.
+        `tool_call_result`: a keyed tool call's redacted outcome, kept and
+        streamed with its tool_call receipt; the control plane completes the
+        call's idempotency record from it when it appends the receipt.
         """
         ...
 
@@ -47,6 +52,17 @@ class ReceiptSink(Protocol):
 
     async def wait_acked(self, seq: int, timeout_s: float) -> bool:
         """True once the control plane acknowledged `seq`; False after `timeout_s`."""
+        ...
+
+    acked_seq: int
+    """Every receipt up to this seq is acknowledged by the control plane."""
+
+    def outcomes(self) -> list[tuple[int, bytes, bytes]]:
+        """(seq, envelope, outcome) of each unacknowledged receipt carrying a call's outcome."""
+        ...
+
+    def carried(self, seq: int) -> bytes | None:
+        """The outcome stored with receipt `seq`, if it carries one and is still kept."""
         ...
 
     def envelopes(self, task_id: str | None = None) -> list[bytes]:

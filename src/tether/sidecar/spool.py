@@ -37,6 +37,12 @@ log = logging.getLogger("tether.sidecar.spool")
 DEFAULT_MAX_UNACKED = 100_000
 DEFAULT_BATCH = 256
 DEFAULT_RETAIN_ACKED = 10_000
+# A streamed batch stops growing at this many bytes of envelopes and carried
+# outcomes (at least one receipt), well under the control plane's 8 MiB message limit.
+BATCH_MAX_BYTES = 2 * 1024 * 1024
+
+Outgoing = tuple[int, bytes, bytes | None]
+"""(seq, envelope, the keyed tool call's outcome riding with it or None)."""
 
 
 class ReceiptSlot:
@@ -80,7 +86,7 @@ class ReceiptSpool:
         # disagreeing (the write finishes, and the chain with it).
         self._tlock = threading.Lock()
         self._new = asyncio.Event()
-        self._queue: list[tuple[Receipt, asyncio.Future[int], bool]] = []
+        self._queue: list[tuple[Receipt, asyncio.Future[int], bool, bytes | None]] = []
         self._writer: asyncio.Task[None] | None = None
         self._acked = asyncio.Condition()
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -88,8 +94,12 @@ class ReceiptSpool:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS spool ("
-            " seq INTEGER PRIMARY KEY, envelope BLOB NOT NULL, task_id TEXT NOT NULL)"
+            " seq INTEGER PRIMARY KEY, envelope BLOB NOT NULL, task_id TEXT NOT NULL,"
+            " tool_call_result BLOB)"
         )
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(spool)")}
+        if "tool_call_result" not in columns:  # a spool written before outcomes rode along
+            self._db.execute("ALTER TABLE spool ADD COLUMN tool_call_result BLOB")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS spool_state ("
             " id INTEGER PRIMARY KEY CHECK (id = 1), node_id TEXT NOT NULL,"
@@ -144,8 +154,14 @@ class ReceiptSpool:
         """Seq of the last envelope signed (and stored)."""
         return self._chain.last_seq
 
-    async def append(self, receipt: Receipt, slot: Slot | None = None) -> int:
+    async def append(
+        self, receipt: Receipt, slot: Slot | None = None, tool_call_result: bytes | None = None
+    ) -> int:
         """Signs, chains and durably stores `receipt`; returns its seq.
+
+        `tool_call_result`: a keyed tool call's redacted outcome, stored in the
+        same commit and streamed with the receipt, from which the control plane
+        completes the call's idempotency record (`SpooledReceipt.tool_call_result`).
 
         Group commit: receipts appended while a write is in progress are signed
         and committed together in the next transaction (one fsync for the
@@ -160,7 +176,7 @@ class ReceiptSpool:
         """
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         promised = slot is not None and slot.take()
-        self._queue.append((receipt, future, promised))
+        self._queue.append((receipt, future, promised, tool_call_result))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._drain(), name="spool-writer")
         return await future
@@ -170,10 +186,10 @@ class ReceiptSpool:
         while self._queue:
             batch, self._queue = self._queue, []
             try:
-                results = await asyncio.to_thread(self._store, [(r, p) for r, _, p in batch])
+                results = await asyncio.to_thread(self._store, [(r, p, o) for r, _, p, o in batch])
             except BaseException as err:  # the whole batch failed; tell every caller
                 results = [err] * len(batch)
-            for (_, future, _), result in zip(batch, results, strict=True):
+            for (_, future, _, _), result in zip(batch, results, strict=True):
                 if future.done():
                     continue  # its caller was cancelled; the envelope is stored anyway
                 if isinstance(result, BaseException):
@@ -182,7 +198,9 @@ class ReceiptSpool:
                     future.set_result(result)
             self._new.set()
 
-    def _store(self, receipts: list[tuple[Receipt, bool]]) -> list[int | BaseException]:
+    def _store(
+        self, receipts: list[tuple[Receipt, bool, bytes | None]]
+    ) -> list[int | BaseException]:
         """Signs and commits `receipts` in one transaction (worker thread).
 
         A receipt whose room was promised (`reserve`) is never refused; others
@@ -191,9 +209,9 @@ class ReceiptSpool:
         out: list[int | BaseException] = []
         with self._tlock:
             before = (self._chain.last_seq, self._chain.last_digest)
-            rows: list[tuple[int, bytes, str]] = []
+            rows: list[tuple[int, bytes, str, bytes | None]] = []
             promised_now = self._reserved
-            for receipt, promised in receipts:
+            for receipt, promised, outcome in receipts:
                 if not promised and self._count + len(rows) + promised_now >= self.max_unacked:
                     out.append(
                         ResourceExhausted(
@@ -203,7 +221,7 @@ class ReceiptSpool:
                     )
                     continue
                 envelope = self._chain.sign(receipt)
-                rows.append((self._chain.last_seq, envelope, receipt.task_id))
+                rows.append((self._chain.last_seq, envelope, receipt.task_id, outcome))
                 out.append(self._chain.last_seq)
             if not rows:
                 return out
@@ -211,7 +229,9 @@ class ReceiptSpool:
                 self._db.execute("BEGIN IMMEDIATE")
                 try:
                     self._db.executemany(
-                        "INSERT INTO spool (seq, envelope, task_id) VALUES (?, ?, ?)", rows
+                        "INSERT INTO spool (seq, envelope, task_id, tool_call_result)"
+                        " VALUES (?, ?, ?, ?)",
+                        rows,
                     )
                     self._db.execute("COMMIT")
                 except BaseException:
@@ -223,9 +243,11 @@ class ReceiptSpool:
             self._count += len(rows)
             return out
 
-    async def emit(self, receipt: Receipt, slot: Slot | None = None) -> int:
+    async def emit(
+        self, receipt: Receipt, slot: Slot | None = None, tool_call_result: bytes | None = None
+    ) -> int:
         """`ReceiptSink.emit`: append, durable before returning; returns the seq."""
-        return await self.append(receipt, slot)
+        return await self.append(receipt, slot, tool_call_result)
 
     async def pending(self) -> int:
         """Envelopes stored but not acknowledged."""
@@ -240,6 +262,43 @@ class ReceiptSpool:
             "SELECT seq, envelope FROM spool WHERE seq > ? ORDER BY seq LIMIT ?", (start, limit)
         ).fetchall()
         return [(int(s), bytes(e)) for s, e in rows]
+
+    def outgoing(
+        self, limit: int = DEFAULT_BATCH, max_bytes: int = BATCH_MAX_BYTES
+    ) -> list[Outgoing]:
+        """The next unacked receipts to stream, with their carried outcomes.
+
+        At most `limit`, and no more than `max_bytes` of envelopes and outcomes
+        (but always the first one).
+        """
+        rows = self._rdb.execute(
+            "SELECT seq, envelope, tool_call_result FROM spool WHERE seq > ? ORDER BY seq LIMIT ?",
+            (self.acked_seq, limit),
+        ).fetchall()
+        out: list[Outgoing] = []
+        size = 0
+        for seq, envelope, outcome in rows:
+            size += len(envelope) + (len(outcome) if outcome is not None else 0)
+            if out and size > max_bytes:
+                break
+            out.append((int(seq), bytes(envelope), None if outcome is None else bytes(outcome)))
+        return out
+
+    def outcomes(self) -> list[tuple[int, bytes, bytes]]:
+        """(seq, envelope, outcome) of every unacked receipt carrying a tool call's outcome."""
+        rows = self._rdb.execute(
+            "SELECT seq, envelope, tool_call_result FROM spool"
+            " WHERE seq > ? AND tool_call_result IS NOT NULL ORDER BY seq",
+            (self.acked_seq,),
+        ).fetchall()
+        return [(int(s), bytes(e), bytes(o)) for s, e, o in rows]
+
+    def carried(self, seq: int) -> bytes | None:
+        """The tool call outcome stored with receipt `seq`, if it carries one and is kept."""
+        row = self._rdb.execute(
+            "SELECT tool_call_result FROM spool WHERE seq = ?", (seq,)
+        ).fetchone()
+        return None if row is None or row[0] is None else bytes(row[0])
 
     def envelopes(self, task_id: str | None = None) -> list[bytes]:
         """Stored envelopes in seq order (optionally one task's): unacked plus retained acked."""
@@ -325,8 +384,8 @@ class ReceiptSpool:
 class ReceiptStream(Protocol):
     """One open StreamReceipts call: send a batch, get the acked seq back."""
 
-    async def send(self, batch: list[tuple[int, bytes]]) -> int:
-        """Sends (seq, envelope) pairs in order; returns the acked seq."""
+    async def send(self, batch: list[Outgoing]) -> int:
+        """Sends (seq, envelope, carried outcome) in order; returns the acked seq."""
         ...
 
     async def close(self) -> None: ...
@@ -363,7 +422,7 @@ async def stream_receipts(
         try:
             stream = await open_stream()
             while not stop.is_set():
-                pending = spool.unacked(limit=batch)
+                pending = spool.outgoing(limit=batch)
                 if not pending:
                     await spool.wait_new(idle_s)
                     continue
@@ -409,13 +468,16 @@ class GrpcReceiptStream:
         """Starts a StreamReceipts call on a ControlService stub."""
         return cls(stub.StreamReceipts(metadata=metadata), node_id)
 
-    async def send(self, batch: list[tuple[int, bytes]]) -> int:
+    async def send(self, batch: list[Outgoing]) -> int:
         from tether.v1 import control_pb2 as pb
 
         await self._call.write(
             pb.StreamReceiptsRequest(
                 node_id=self._node_id,
-                receipts=[pb.SpooledReceipt(seq=s, envelope=e) for s, e in batch],
+                receipts=[
+                    pb.SpooledReceipt(seq=s, envelope=e, tool_call_result=o or b"")
+                    for s, e, o in batch
+                ],
             )
         )
         resp = await self._call.read()

@@ -309,6 +309,10 @@ class LedgerLeaf:
     envelope: bytes  # DSSE JSON bytes exactly as the node signed them
     leaf_hash: bytes  # RFC 6962 SHA-256(0x00 || envelope)
     digest: str  # hex SHA-256(envelope)
+    tool_call: ToolCallWrite | None = None
+    """A keyed tool call's outcome that rode with its receipt (phase COMPLETED):
+    `ledger_append` completes the key's STARTED record with it in the same
+    transaction, under the rule of `tether.store.common.RECEIPT_COMPLETES`."""
 
 
 @dataclass(frozen=True)
@@ -713,6 +717,9 @@ class Store(Protocol):
         every writer (several replicas included), so the leaves stay contiguous.
         Returns the assigned indexes, or None (nothing written) when the node's
         stored head is no longer `expect` (another writer appended meanwhile).
+        A leaf carrying a `tool_call` completes that key's STARTED record in the
+        same transaction (`tether.store.common.RECEIPT_COMPLETES`), so a receipt is
+        never acknowledged without the record it carries.
         """
         ...
 

@@ -811,6 +811,37 @@ def late_completion(existing: ToolCallRecord | None, w: ToolCallWrite) -> bool:
     )
 
 
+# A keyed call's outcome that rode with its tool_call receipt completes the
+# record only as `late_completion` allows one: the STARTED record the same lease
+# wrote (same fencing token and node, same tool and arguments). A COMPLETED
+# record, or one a later lease took over, is left as it is. `{p}` is the
+# dialect's placeholder.
+RECEIPT_COMPLETES = (
+    "UPDATE tool_calls SET phase = {p}, result = {p}, status = {p}, cost_micros = {p},"
+    " updated_unix_ms = {p}"
+    " WHERE task_id = {p} AND idempotency_key = {p} AND phase = {p} AND fencing_token = {p}"
+    " AND node_id = {p} AND tool = {p} AND arguments_sha256 = {p}"
+)
+
+
+def receipt_completion(w: ToolCallWrite, now_ms: int) -> tuple[Any, ...]:
+    """Values for `RECEIPT_COMPLETES` from the outcome a receipt carried."""
+    return (
+        int(ToolCallPhase.COMPLETED),
+        w.result,
+        w.status,
+        w.cost_micros,
+        now_ms,
+        w.task_id,
+        w.idempotency_key,
+        int(ToolCallPhase.STARTED),
+        w.fencing_token,
+        w.node_id,
+        w.tool,
+        w.arguments_sha256,
+    )
+
+
 def takes_over(existing: ToolCallRecord, w: ToolCallWrite) -> bool:
     """Whether STARTED `w` re-stamps `existing` (an earlier lease's STARTED record)."""
     return (

@@ -78,6 +78,7 @@ from tether.store.common import (
     NODE_COLS,
     NODE_WRITE_COLS,
     POLICY_COLS,
+    RECEIPT_COMPLETES,
     SECRET_COLS,
     SQL_LIST_SECRET_VERSIONS,
     TASK_BUDGET_COLS,
@@ -112,6 +113,7 @@ from tether.store.common import (
     no_live_lease,
     node_row,
     numbered_migrations,
+    receipt_completion,
     released_outcome,
     repeated_reservation,
     rewrap_row,
@@ -258,6 +260,8 @@ UPDATE tool_calls SET phase = %s, result = %s, status = %s, fencing_token = %s,
     cost_micros = %s, updated_unix_ms = %s
 WHERE task_id = %s AND idempotency_key = %s AND phase = %s
 """
+
+_SQL_RECEIPT_COMPLETES = RECEIPT_COMPLETES.format(p="%s")
 
 _SQL_LAST_LEASE = """
 SELECT envelope FROM lease_history WHERE task_id = %s AND fencing_token = %s
@@ -1414,6 +1418,10 @@ class PostgresStore:
                     "digests": [x.digest for x in leaves],
                 },
             )
+            completions = [receipt_completion(x.tool_call, now_ms) for x in leaves if x.tool_call]
+            if completions:
+                async with conn.cursor() as cur:
+                    await cur.executemany(_SQL_RECEIPT_COMPLETES, completions)
             row = await _one(conn, "SELECT tree_size, hashes FROM ledger_frontier WHERE id = 1")
             after = frontier_after_append(row, top, leaves)
             if after is not None:

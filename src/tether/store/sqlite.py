@@ -74,6 +74,7 @@ from tether.store.common import (
     NODE_COLS,
     NODE_WRITE_COLS,
     POLICY_COLS,
+    RECEIPT_COMPLETES,
     SECRET_COLS,
     SQL_LIST_SECRET_VERSIONS,
     TASK_BUDGET_COLS,
@@ -108,6 +109,7 @@ from tether.store.common import (
     no_live_lease,
     node_row,
     numbered_migrations,
+    receipt_completion,
     released_outcome,
     repeated_reservation,
     rewrap_row,
@@ -178,6 +180,8 @@ UPDATE tool_calls SET phase = ?, result = ?, status = ?, fencing_token = ?, cost
     updated_unix_ms = ?
 WHERE task_id = ? AND idempotency_key = ? AND phase = ?
 """
+
+_SQL_RECEIPT_COMPLETES = RECEIPT_COMPLETES.format(p="?")
 
 _SQL_LAST_LEASE = """
 SELECT envelope FROM lease_history WHERE task_id = ? AND fencing_token = ? ORDER BY id DESC LIMIT 1
@@ -1201,6 +1205,9 @@ class SqliteStore:
                     for i, x in zip(indexes, leaves, strict=True)
                 ],
             )
+            completions = [receipt_completion(x.tool_call, now_ms) for x in leaves if x.tool_call]
+            if completions:
+                conn.executemany(_SQL_RECEIPT_COMPLETES, completions)
             row = conn.execute("SELECT tree_size, hashes FROM ledger_frontier WHERE id = 1")
             after = frontier_after_append(row.fetchone(), top, leaves)
             if after is not None:

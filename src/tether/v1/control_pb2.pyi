@@ -1688,19 +1688,32 @@ class SpooledReceipt(_message.Message):
 
     SEQ_FIELD_NUMBER: _builtins.int
     ENVELOPE_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_RESULT_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Per-node sequence number (must equal the receipt's seq)."""
     envelope: _builtins.bytes
     """Exact DSSE JSON envelope bytes as signed and spooled."""
+    tool_call_result: _builtins.bytes
+    """The outcome of a keyed tool call, riding with its tool_call receipt instead
+    of a RecordToolCall(COMPLETED) round trip: the redacted result whose hex
+    SHA-256 is the receipt's result_sha256. When set, the receipt must be a
+    tool_call receipt with an idempotency key; in the transaction that appends
+    the receipt, the control plane completes the key's STARTED record written
+    under the receipt's fencing token by the same node, for the same tool and
+    arguments (status and cost from the receipt). A record that is already
+    COMPLETED, or that a later lease took over, is left as it is. Empty: no
+    record to complete.
+    """
     def __init__(
         self,
         *,
         seq: _builtins.int = ...,
         envelope: _builtins.bytes = ...,
+        tool_call_result: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "seq", b"seq"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["envelope", b"envelope", "seq", b"seq", "tool_call_result", b"tool_call_result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
