@@ -18,6 +18,7 @@ import json
 from typing import Any
 
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 
 from tether.core.errors import VerificationError
 from tether.core.receipts import RECEIPT_VERSION, ControlReceipt, Receipt, ReceiptKind
@@ -67,10 +68,70 @@ def to_proto(r: Receipt) -> receipt_pb2.Receipt:
     return receipt_pb2.Receipt(**fields)
 
 
+# proto3 JSON of `tether.v1.Receipt`, written from the descriptor: fields in number
+# order, default values left out, lowerCamelCase names, 64-bit integers as decimal
+# strings, enums by name. The same dict `json_format.MessageToDict(to_proto(r))`
+# gives (tests/unit/test_receipt_encoding.py proves it), without building a message:
+# that took two thirds of the time to sign a receipt.
+_P_STR, _P_ENUM, _P_INT, _P_INT64 = range(4)
+_I32_KINDS = {
+    FieldDescriptor.TYPE_UINT32: (0, _U32),
+    FieldDescriptor.TYPE_INT32: (-(1 << 31), (1 << 31) - 1),
+}
+_I64_KINDS = {
+    FieldDescriptor.TYPE_UINT64: (0, _U64),
+    FieldDescriptor.TYPE_INT64: (-_I64, _I64 - 1),
+}
+_PREDICATE_FIELDS: list[tuple[str, str, int, Any]] = []
+for _f in sorted(receipt_pb2.Receipt.DESCRIPTOR.fields, key=lambda f: f.number):
+    if _f.type == FieldDescriptor.TYPE_STRING:
+        _PREDICATE_FIELDS.append((_f.name, _f.json_name, _P_STR, None))
+    elif _f.type == FieldDescriptor.TYPE_ENUM and _f.enum_type is not None:
+        _names = {v.number: v.name for v in _f.enum_type.values}
+        _PREDICATE_FIELDS.append((_f.name, _f.json_name, _P_ENUM, _names))
+    elif _f.type in _I32_KINDS:
+        _PREDICATE_FIELDS.append((_f.name, _f.json_name, _P_INT, _I32_KINDS[_f.type]))
+    elif _f.type in _I64_KINDS:
+        _PREDICATE_FIELDS.append((_f.name, _f.json_name, _P_INT64, _I64_KINDS[_f.type]))
+    else:
+        raise AssertionError(f"receipt field {_f.name}: no proto3 JSON encoding here")
+
+
+def predicate_of(r: Receipt) -> dict[str, Any]:
+    """The proto3 JSON object of the receipt's `tether.v1.Receipt` (the statement predicate).
+
+    Raises:
+        TypeError, ValueError: a field has the wrong type or is out of its range
+            (as building the protobuf message would).
+    """
+    out: dict[str, Any] = {}
+    values = r.__dict__
+    for name, key, t, extra in _PREDICATE_FIELDS:
+        v = values[name]
+        if t == _P_STR:
+            if type(v) is not str:
+                raise TypeError(f"receipt field {name!r} must be a string, not {type(v).__name__}")
+            if v:
+                out[key] = v
+            continue
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise TypeError(f"receipt field {name!r} must be an integer, not {type(v).__name__}")
+        if t == _P_ENUM:
+            if v:
+                out[key] = extra.get(int(v), int(v))
+            continue
+        lo, hi = extra
+        if not lo <= v <= hi:
+            raise ValueError(f"receipt field {name!r}: value {v} out of range")
+        if v:
+            out[key] = str(int(v)) if t == _P_INT64 else int(v)
+    return out
+
+
 def statement_bytes(r: Receipt) -> bytes:
     """The in-toto Statement v1 JSON bytes (compact) for a receipt."""
     validate(r)
-    predicate = json_format.MessageToDict(to_proto(r))
+    predicate = predicate_of(r)
     doc = {
         "_type": STATEMENT_TYPE,
         "subject": [subject_for(r)],
@@ -316,8 +377,11 @@ class ReceiptChain:
         """
         if receipt.node_id and receipt.node_id != self.node_id:
             raise ValueError(f"receipt names node {receipt.node_id!r}, chain is {self.node_id!r}")
-        chained = dataclasses.replace(
-            receipt, node_id=self.node_id, seq=self.last_seq + 1, prev=self.last_digest
+        # dataclasses.replace, without re-running the frozen dataclass's __init__ (the
+        # receipt is validated as it is encoded).
+        chained = object.__new__(Receipt)
+        chained.__dict__.update(
+            receipt.__dict__, node_id=self.node_id, seq=self.last_seq + 1, prev=self.last_digest
         )
         data = sign_receipt(chained, self._key)
         self.last_seq += 1
