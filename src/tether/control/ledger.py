@@ -7,9 +7,9 @@ seq == last + 1 and prev == digest(last). An identical resend of a stored
 seq with different bytes is a fork and a gap is a lost receipt: both are
 refused loudly, never papered over. A batch is appended in one transaction and
 acknowledged only after it commits; a keyed tool call's outcome riding with its
-receipt completes the call's STARTED record in that same transaction. Large batches are signature-checked in
-worker processes (Ed25519 holds the GIL), the next batch of a stream while the
-current one commits. Checkpoints (C2SP signed notes) are signed
+receipt completes the call's STARTED record in that same transaction. Large
+batches are signature-checked in worker processes (Ed25519 holds the GIL), the
+next batch of a stream while the current one commits. Checkpoints (C2SP signed notes) are signed
 by the control key on a schedule and on demand. Every certificate a node was
 issued is kept, and an export carries all of them plus a signed export
 manifest (where each chain ends; see `tether.crypto.manifest`). No grpc here:
