@@ -459,6 +459,9 @@ def _short(keyid: str) -> str:
     return keyid[:16] if re.fullmatch(r"[0-9a-f]{64}", keyid) else repr(keyid[:70])
 
 
+_STATEMENT_KEYS = frozenset({"_type", "subject", "predicateType", "predicate"})
+
+
 def _statement(payload: bytes, max_depth: int) -> Receipt:
     """Parses an in-toto Statement of a Tether receipt, strictly and within `max_depth`.
 
@@ -472,7 +475,7 @@ def _statement(payload: bytes, max_depth: int) -> Receipt:
         doc = strictjson.loads(payload, max_depth)
     except strictjson.StrictJSONError as err:
         raise VerificationError(f"statement: {err.message}") from err
-    if type(doc) is not dict or doc.keys() != {"_type", "subject", "predicateType", "predicate"}:
+    if type(doc) is not dict or doc.keys() != _STATEMENT_KEYS:
         raise VerificationError(
             "statement must hold exactly _type, subject, predicateType, predicate"
         )
