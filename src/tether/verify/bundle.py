@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import binascii
 import dataclasses
+import functools
 import io
 import json
 import mmap
@@ -23,6 +24,8 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import IO, Any
+
+import pybase64
 
 from tether.core.errors import VerificationError
 from tether.crypto.signing import Envelope
@@ -133,6 +136,12 @@ def _b64(v: Any, what: str) -> bytes:
     """
     if type(v) is not str:
         raise BundleFormatError(f"{what}: expected a base64 string")
+    try:  # the fast codec first; the standard one decides (and names) anything else
+        raw = pybase64.b64decode(v, validate=True)
+        if pybase64.b64encode_as_string(raw) == v:
+            return raw
+    except ValueError:  # binascii.Error, or not ASCII
+        pass
     try:
         raw = binascii.a2b_base64(v, strict_mode=True)
     except binascii.Error as err:
@@ -170,15 +179,22 @@ def _int(v: Any, what: str) -> int:
     return n
 
 
-def _obj(v: Any, what: str, names: Iterable[str]) -> dict[str, Any]:
-    """Normalizes an object's keys to proto field names, refusing unknown ones."""
-    if not isinstance(v, dict):
-        raise BundleFormatError(f"{what}: expected an object")
+@functools.lru_cache(maxsize=64)
+def _json_names(names: tuple[str, ...]) -> dict[str, str]:
+    """Each proto field name and its lowerCamelCase JSON name -> the field name."""
     allowed = {}
     for n in names:
         head, *rest = n.split("_")
         allowed[n] = n
         allowed[head + "".join(p.capitalize() for p in rest)] = n
+    return allowed
+
+
+def _obj(v: Any, what: str, names: tuple[str, ...]) -> dict[str, Any]:
+    """Normalizes an object's keys to proto field names, refusing unknown ones."""
+    if not isinstance(v, dict):
+        raise BundleFormatError(f"{what}: expected an object")
+    allowed = _json_names(names)  # built once per message type, not per object
     out: dict[str, Any] = {}
     for k, x in v.items():
         name = allowed.get(k)
@@ -470,7 +486,7 @@ def _decode(data: bytes, limits: Limits) -> Bundle:
 
 
 def _e64(b: bytes) -> str:
-    return binascii.b2a_base64(b, newline=False).decode()
+    return pybase64.b64encode_as_string(b)
 
 
 def _envelope_json(env: Envelope) -> dict[str, Any]:

@@ -381,7 +381,7 @@ def parse_canonical_envelope(data: bytes) -> Envelope:
             sig = _b64decode(m[3], validate=True)
             if _b64encode(payload) == m[1] and _b64encode(sig) == m[3]:
                 return Envelope(payload, INTOTO_PAYLOAD_TYPE, ((m[2].decode(), sig),))
-        except binascii.Error:
+        except ValueError:  # binascii.Error
             pass
         # Not canonical base64: the standard codec says why, in its own words.
         try:
@@ -919,10 +919,10 @@ def _verify(
         if len(data) > limits.max_bytes:
             why = f"bundle is {len(data)} bytes, over the {limits.max_bytes}-byte limit"
             return Report([Failure("bundle.format", "bundle", why)])
-        at = strictjson.control_byte(data)
-        if at >= 0:
-            why = f"not a bundle: control byte 0x{data[at]:02x} at offset {at}"
-            return Report([Failure("bundle.format", "bundle", why)])
+        # No scan of the whole file for control bytes here: the compact path below
+        # admits none (its entries match a printable grammar and the rest is strict
+        # JSON), and anything else comes to the full scan before the general decode,
+        # which names the first one, as ever.
         if data[: len(_RAW_HEAD)] == _RAW_HEAD and len(data) >= _POOL_MIN_BYTES:
             executor(True)
         raw = _split_raw(data, limits)
@@ -936,6 +936,10 @@ def _verify(
                 chunks = (bytes(data[a:b]) for a, b in spans)
             if v.run(ex, chunks):
                 return v.report()
+        at = strictjson.control_byte(data)
+        if at >= 0:
+            why = f"not a bundle: control byte 0x{data[at]:02x} at offset {at}"
+            return Report([Failure("bundle.format", "bundle", why)])
         try:
             bundle = decode_bundle(bytes(data), limits)
         except BundleFormatError as err:
