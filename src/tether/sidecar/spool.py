@@ -376,7 +376,8 @@ class ReceiptSpool:
         if self._count and self.unacked(limit=1):
             return
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._new.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):  # no task per wait, unlike wait_for
+                await self._new.wait()
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -436,7 +437,8 @@ async def stream_receipts(
                 if not pending:
                     await spool.wait_new(idle_s)
                     continue
-                acked = await asyncio.wait_for(stream.send(pending), ack_timeout_s)
+                async with asyncio.timeout(ack_timeout_s):  # no task per batch
+                    acked = await stream.send(pending)
                 await spool.ack(acked)
                 backoff = retry_s
         except (TetherError, OSError, ConnectionError, TimeoutError) as err:
