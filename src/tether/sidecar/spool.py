@@ -2,7 +2,9 @@
 
 `append` signs and chains a receipt and returns only after the envelope is committed to
 SQLite (WAL, synchronous=FULL), so an action's evidence survives a SIGKILL right after
-it; concurrent appends share one commit (group commit). The chain state (last seq,
+it; concurrent appends share one commit (group commit). A keyed tool call's outcome is
+committed and streamed with its receipt (`tool_call_result`), so the control plane
+completes the call's idempotency record when it appends the receipt. The chain state (last seq,
 digest of the last envelope) is restored from the spool on restart, so seq never repeats
 or skips. The spool is bounded: when `max_unacked` envelopes wait for an ack, `append`
 raises `ResourceExhausted` rather than dropping anything. `stream_receipts` replays
