@@ -1348,9 +1348,7 @@ class _Verifier:
                 f"manifest's {m.exported_unix_ms}",
             )
         self._manifest_controls(m)
-        by_node: dict[str, list[_Item]] = defaultdict(list)
-        for it in self.items:
-            by_node[it.node_id].append(it)
+        by_node = self.by_node
         listed = {n.node_id: n for n in m.nodes}
         for node in sorted(set(by_node) - set(listed)):
             pos = by_node[node][-1].pos
