@@ -340,7 +340,9 @@ def open_bundle(path: str | os.PathLike[str], limits: Limits | None = None) -> A
     Mapped, a file of any size costs the verifier's process only the chunks it
     is parsing (the page cache holds the rest, shared and reclaimable), not a
     copy of the whole. Anything else (a pipe, an empty file) is read with
-    `read_bundle`. The refusals are `read_bundle`'s.
+    `read_bundle`. The refusals are `read_bundle`'s, but for control bytes in
+    a mapped file: `verify_bundle` names the first one itself (without a pass
+    over the whole file before its workers start, see `_verify`).
 
     Raises:
         OSError: the file cannot be opened or mapped.
@@ -361,9 +363,6 @@ def open_bundle(path: str | os.PathLike[str], limits: Limits | None = None) -> A
     at = start.end() if start is not None else 0
     if at < len(data) and data[at : at + 1] != b"{":
         raise BundleFormatError("not a bundle: a bundle file is a JSON object")
-    at = strictjson.control_byte(data)
-    if at >= 0:
-        raise BundleFormatError(f"not a bundle: control byte 0x{data[at]:02x} at offset {at}")
     return data
 
 

@@ -931,10 +931,14 @@ def _verify(
             big = spans[-1][1] - spans[0][0] >= _POOL_MIN_BYTES
             v = verifier(header)
             ex = executor(big)
+            # Spans of the inherited buffer cost nothing to queue: all go at once, so
+            # the workers never wait while this process checks the leases.
             chunks: Iterable[_Src] = spans
+            in_flight = len(spans)
             if not shared or isinstance(ex, _Inline):
                 chunks = (bytes(data[a:b]) for a, b in spans)
-            if v.run(ex, chunks):
+                in_flight = _IN_FLIGHT
+            if v.run(ex, chunks, in_flight):
                 return v.report()
         at = strictjson.control_byte(data)
         if at >= 0:
@@ -1163,7 +1167,7 @@ class _Verifier:
 
     # -- entries --------------------------------------------------------------
 
-    def run(self, pool: Executor, chunks: Iterable[_Src]) -> bool:
+    def run(self, pool: Executor, chunks: Iterable[_Src], in_flight: int = _IN_FLIGHT) -> bool:
         """Runs every check; False if a raw chunk was irregular (then start over).
 
         The workers get every chunk at once; the main process checks the
@@ -1193,7 +1197,7 @@ class _Verifier:
         futures: collections.deque[Future[_ChunkResult | None]] = collections.deque()
 
         def top_up() -> None:
-            while len(futures) < _IN_FLIGHT:
+            while len(futures) < in_flight:
                 job = next(jobs, None)
                 if job is None:
                     return
