@@ -4,6 +4,7 @@ and the reply)."""
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 from collections.abc import Mapping
@@ -199,8 +200,14 @@ async def test_tool_result_is_not_returned_after_the_lease_lapsed_mid_call(
             with pytest.raises(E.LeaseLost, match="outcome is recorded"):
                 await alice.call_tool(task.task_id, "pause", {}, idempotency_key="k1")
             assert ReceiptKind.TOOL_CALL in kinds(side, task.task_id)
-            record = await cp.service.lookup_tool_call(task.task_id, "k1")
-            assert record is not None
+            # The COMPLETED record rides the receipt stream: on record once it is ingested.
+            deadline = time.monotonic() + 10
+            while True:
+                record = await cp.service.lookup_tool_call(task.task_id, "k1")
+                assert record is not None
+                if record.phase.name == "COMPLETED" or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
             assert record.phase.name == "COMPLETED"
 
 
