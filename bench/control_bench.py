@@ -37,6 +37,12 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all threads) a live process has used, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def create_db(path: Path) -> None:
     """Creates the database with every migration applied (what the server would do)."""
     store = SqliteStore(path)
@@ -117,6 +123,7 @@ async def lease_run(
     chain: bool = False,
     control_args: tuple[str, ...] = (),
     console_viewers: int = 0,
+    batch: int = 0,
 ) -> dict[str, Any]:
     """`concurrency` workers each loop AcquireLease(start) -> SUCCEED until the queue is empty.
 
@@ -125,7 +132,12 @@ async def lease_run(
     asks for that many tasks (each its own signed lease) and the worker finishes them
     one after another: 1 + 1/max_tasks RPCs per task. With `chain` each SUCCEED also
     asks for the next task (TransitionTask.acquire_next): one RPC per task. The latency
-    is per task. `control_args` go to `tether control` (e.g. --node-check-cache-ms 0).
+    is per task. With `batch` > 0 each worker works like a pgqueuer consumer: it takes
+    up to `batch` tasks (AcquireLease max_tasks), runs them, and ends them all with one
+    CompleteTasks that also takes the next batch (acquire_next): one RPC and two store
+    transactions per batch; the latency is then per batch. The clock runs from the
+    first grant's request to the last completion's answer (committed and durable), as
+    pgqueuer's figure does. `control_args` go to `tether control` (e.g. --node-check-cache-ms 0).
     With `console_viewers` the operator console is on and that many auditors keep its
     live tasks table open (server-sent events) for the whole run.
     """
@@ -139,12 +151,39 @@ async def lease_run(
         client = await control.node("bench-node")
         try:
             rss_before = rss_mb(control.pid)
+            cpu_before = cpu_s(control.pid), time.process_time()
             done = 0
             latencies: list[float] = []
 
             async def worker(i: int) -> None:
                 nonlocal done
                 agent = f"agent-{i}"
+                if batch:
+                    t0 = time.perf_counter()
+                    resp = await client.acquire_lease(
+                        QUEUE, "bench-node", agent, start=True, max_tasks=batch
+                    )
+                    while resp.HasField("task"):
+                        held = [resp.task, *(g.task for g in resp.more_grants)]
+                        ends = [
+                            pb.TaskCompletion(
+                                task_id=t.task_id,
+                                fencing_token=t.fencing_token,
+                                event=int(Event.SUCCEED),  # type: ignore[arg-type]
+                                result=b"{}",
+                            )
+                            for t in held
+                        ]
+                        _, following = await client.complete_tasks(
+                            "bench-node", ends, next_queue=QUEUE, next_agent_id=agent,
+                            start=True, max_tasks=batch,
+                        )  # fmt: skip
+                        assert following is not None
+                        resp = following
+                        latencies.append(time.perf_counter() - t0)
+                        t0 = time.perf_counter()
+                        done += len(held)
+                    return
                 if chain:
                     t0 = time.perf_counter()
                     resp = await client.acquire_lease(QUEUE, "bench-node", agent, start=True)
@@ -188,6 +227,10 @@ async def lease_run(
             updates = sum([u for u in await asyncio.gather(*viewers, return_exceptions=True)
                            if isinstance(u, int)])  # fmt: skip
             rss_after = rss_mb(control.pid)
+            server_cpu, client_cpu = (
+                cpu_s(control.pid) - cpu_before[0],
+                time.process_time() - cpu_before[1],
+            )
         finally:
             await client.close()
     if done != tasks:
@@ -198,6 +241,8 @@ async def lease_run(
         "p50_ms": statistics.median(latencies) * 1000,
         "rss_mb": rss_after,
         "rss_idle_mb": rss_before,
+        "server_cpu_us_per_task": server_cpu / done * 1e6,
+        "client_cpu_us_per_task": client_cpu / done * 1e6,
         **({"console_updates": updates} if console_viewers else {}),
     }
 

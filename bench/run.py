@@ -38,14 +38,16 @@ def sizes(quick: bool) -> dict[str, int]:
     if quick:
         return {
             "echo": 2_000, "sign": 2_000, "sqlite": 2_000, "concurrency": 32,
-            "lease_tasks": 2_000, "claim_small": 1_000, "claim_large": 50_000, "claims": 200,
+            "lease_tasks": 2_000, "lease_batch": 10, "lease_batch_workers": 8,
+            "claim_small": 1_000, "claim_large": 50_000, "claims": 200,
             "ingest": 5_000, "verify": 5_000, "serial_calls": 200, "agents": 64,
             "calls_per_agent": 5, "pg_jobs": 2_000, "replica_tasks": 300,
             "ledger_small": 1_000, "ledger_large": 10_000, "timeout_rounds": 5,
         }  # fmt: skip
     return {
         "echo": 20_000, "sign": 20_000, "sqlite": 20_000, "concurrency": 32,
-        "lease_tasks": 20_000, "claim_small": 1_000, "claim_large": 1_000_000, "claims": 1_000,
+        "lease_tasks": 20_000, "lease_batch": 10, "lease_batch_workers": 8,
+        "claim_small": 1_000, "claim_large": 1_000_000, "claims": 1_000,
         "ingest": 50_000, "verify": 100_000, "serial_calls": 2_000, "agents": 64,
         "calls_per_agent": 40, "pg_jobs": 20_000, "replica_tasks": 6_000,
         "ledger_small": 10_000, "ledger_large": 500_000, "timeout_rounds": 20,
@@ -149,6 +151,24 @@ def run(quick: bool, only: set[str] | None = None) -> dict[str, Any]:
             results["lease_grants_chained_vs_raw_grpc_tls"] = round(chained["per_s"] / raw_tls, 3)
             results["lease_grants_chained_vs_1"] = round(chained["per_s"] / lease["per_s"], 3)
             results["lease_grant_chained_p50_ms"] = round(chained["p50_ms"], 3)
+            # Measured like pgqueuer: workers take a batch (max_tasks), run it, and end it
+            # with one CompleteTasks that takes the next batch; first grant to last
+            # completion. pgqueuer's default batch size is 10, so Tether's is too.
+            batch, workers = n["lease_batch"], n["lease_batch_workers"]
+            batched_done = asyncio.run(
+                control_bench.lease_run(
+                    tmp / "leases-batch", n["lease_tasks"], workers, batch=batch
+                )
+            )
+            results["lease_grants_per_s_batch"] = round(batched_done["per_s"], 1)
+            results["lease_batch_size"] = batch
+            results["lease_batch_workers"] = workers
+            results["lease_batch_tasks"] = n["lease_tasks"]
+            results["lease_grants_batch_vs_raw_grpc_tls"] = round(
+                batched_done["per_s"] / raw_tls, 3
+            )
+            results["lease_grants_batch_vs_1"] = round(batched_done["per_s"] / lease["per_s"], 3)
+            results["lease_batch_p50_ms"] = round(batched_done["p50_ms"], 3)
         if want("claims"):
             for label, depth in (("1k", n["claim_small"]), ("1m", n["claim_large"])):
                 c = asyncio.run(
@@ -245,6 +265,9 @@ def run(quick: bool, only: set[str] | None = None) -> dict[str, Any]:
                     )
                     results["lease_grants_chained_vs_pgqueuer"] = round(
                         results["lease_grants_per_s_chained"] / pg["per_s"], 3
+                    )
+                    results["lease_grants_batch_vs_pgqueuer"] = round(
+                        results["lease_grants_per_s_batch"] / pg["per_s"], 3
                     )
                 if results.get("lease_grants_per_s_pg_1_replica"):
                     # Same PostgreSQL, same run: Tether's store against the peer's.

@@ -31,6 +31,7 @@ from tether.core.errors import (
 from tether.core.states import Event, State
 from tether.core.timeouts import EndReason
 from tether.store.base import (
+    HolderTransition,
     JoinTokenRecord,
     LapseOutcome,
     NewTask,
@@ -94,6 +95,63 @@ async def test_acquire_on_an_empty_queue_returns_none(store: Store) -> None:
         queue="q", node_id="n", agent_id="a", lease_id="l", now_ms=NOW, sign=sign
     )
     assert got is None
+
+
+async def test_acquire_leases_grants_several_in_queue_order_in_one_call(store: Store) -> None:
+    """acquire_leases grants up to one task per lease id, oldest first, each with its own
+    lease id, token and signed envelope in the history; fewer when fewer are ready."""
+    for i in range(3):
+        await submit(store, f"t{i}", now=NOW + i)
+    got = await store.acquire_leases(
+        queue="q", node_id="n1", agent_id="a", lease_ids=["l0", "l1"], now_ms=NOW + 5,
+        sign=sign, start=True,
+    )  # fmt: skip
+    assert [(t.task_id, t.lease_id, t.state, t.fencing_token) for t, _ in got] == [
+        ("t0", "l0", State.RUNNING, 1),
+        ("t1", "l1", State.RUNNING, 1),
+    ]
+    assert [e for _, e in got] == [b"lease:t0:1", b"lease:t1:1"]
+    assert [h.kind for h in await store.lease_history("t1")] == ["grant"]
+    rest = await store.acquire_leases(
+        queue="q", node_id="n1", agent_id="a", lease_ids=["l2", "l3", "l4"], now_ms=NOW + 6,
+        sign=sign,
+    )  # fmt: skip
+    assert [t.task_id for t, _ in rest] == ["t2"]
+    none = await store.acquire_leases(
+        queue="q", node_id="n1", agent_id="a", lease_ids=["l5"], now_ms=NOW + 7, sign=sign
+    )
+    assert none == []
+
+
+async def test_transitions_apply_all_or_none_and_name_the_refused_item(store: Store) -> None:
+    """transitions ends several held tasks in one transaction; when one is refused (a stale
+    token) none is applied and the error's metadata names its index."""
+    for i in range(3):
+        await submit(store, f"t{i}", now=NOW + i)
+    await store.acquire_leases(
+        queue="q", node_id="n1", agent_id="a", lease_ids=["l0", "l1", "l2"], now_ms=NOW + 5,
+        sign=sign, start=True,
+    )  # fmt: skip
+    items = [
+        HolderTransition(task_id="t0", event=Event.SUCCEED, fencing_token=1, result=b"a"),
+        HolderTransition(task_id="t1", event=Event.SUCCEED, fencing_token=2, result=b"b"),
+        HolderTransition(task_id="t2", event=Event.FAIL, fencing_token=1, error="x"),
+    ]
+    with pytest.raises(StaleFencingToken) as info:
+        await store.transitions(node_id="n1", items=items, now_ms=NOW + 6)
+    assert info.value.metadata["index"] == "1"
+    assert [(await store.get_task(f"t{i}")).state for i in range(3)] == [State.RUNNING] * 3
+    items[1] = HolderTransition(task_id="t1", event=Event.SUCCEED, fencing_token=1, result=b"b")
+    done = await store.transitions(
+        node_id="n1", items=items, now_ms=NOW + 7, backoff_base_ms=1, backoff_cap_ms=1
+    )
+    assert [(t.task_id, t.state) for t in done] == [
+        ("t0", State.SUCCEEDED),
+        ("t1", State.SUCCEEDED),
+        ("t2", State.FAILED),  # failures are not retried by default
+    ]
+    assert (done[0].result, done[1].result) == (b"a", b"b")
+    assert [h.outcome for h in await store.lease_history("t0")] == ["finished"]
 
 
 async def test_acquire_with_start_grants_running_in_one_write(store: Store) -> None:

@@ -265,6 +265,136 @@ async def test_transition_grants_the_next_task_in_the_same_call(
     assert not nxt.HasField("task")
 
 
+def _ends(tasks: list[pb.Task], event: int = pb.TASK_EVENT_SUCCEED) -> list[pb.TaskCompletion]:
+    return [
+        pb.TaskCompletion(
+            task_id=t.task_id,
+            fencing_token=t.fencing_token,
+            event=event,  # type: ignore[arg-type]
+            result=b"ok",
+        )
+        for t in tasks
+    ]
+
+
+async def test_complete_tasks_ends_a_batch_and_grants_the_next(
+    cp: ControlHandle, node: ControlClient
+) -> None:
+    """CompleteTasks ends every task of a batch in one call and, with acquire_next, grants the
+    next batch (each its own token and signed lease); with none ready the answer has no task."""
+    ids = [(await cp.client.submit("q", b"{}")).task.task_id for _ in range(5)]
+    first = await node.acquire_lease("q", "node-1", "a", start=True, max_tasks=3)
+    held = [first.task, *(g.task for g in first.more_grants)]
+    done, nxt = await node.complete_tasks(
+        "node-1", _ends(held), next_queue="q", next_agent_id="a", start=True, max_tasks=3
+    )
+    assert [(t.task_id, t.state, t.result) for t in done] == [
+        (i, State.SUCCEEDED, b"ok") for i in ids[:3]
+    ]
+    assert nxt is not None
+    grants = [(nxt.task, nxt.lease), *((g.task, g.lease) for g in nxt.more_grants)]
+    assert [t.task_id for t, _ in grants] == ids[3:]
+    keys = {cp.key.keyid: cp.key.public}
+    for task, env in grants:
+        lease = verify_lease(from_proto(env), keys)
+        assert (lease.task_id, lease.node_id, lease.fencing_token) == (task.task_id, "node-1", 1)
+    done, nxt = await node.complete_tasks(
+        "node-1", _ends([t for t, _ in grants], pb.TASK_EVENT_FAIL), next_queue="q",
+        next_agent_id="a",
+    )  # fmt: skip
+    assert [t.state for t in done] == [State.FAILED, State.FAILED]
+    assert nxt is not None
+    assert not nxt.HasField("task")
+    assert [h.outcome for h in (await cp.client.get_task(ids[0])).leases] == ["finished"]
+
+
+async def test_complete_tasks_is_all_or_nothing_and_names_the_refused_one(
+    cp: ControlHandle, node: ControlClient
+) -> None:
+    """One refused completion (a stale token) fails the call with its own error and index;
+    no task of the batch is ended and nothing is granted; a node that never held the task
+    gets the uniform NotOwner, still with the index."""
+    ids = [(await cp.client.submit("q", b"{}")).task.task_id for _ in range(3)]
+    resp = await node.acquire_lease("q", "node-1", "a", start=True, max_tasks=2)
+    held = [resp.task, *(g.task for g in resp.more_grants)]
+    ends = _ends(held)
+    ends[1].fencing_token = 9
+    with pytest.raises(StaleFencingToken) as info:
+        await node.complete_tasks("node-1", ends, next_queue="q", next_agent_id="a")
+    assert info.value.metadata["index"] == "1"
+    states = [(await cp.client.get_task(i)).task.state for i in ids]
+    assert states == [State.RUNNING, State.RUNNING, State.QUEUED]
+    other = await cp.node_client("node-2")
+    try:
+        with pytest.raises(NotOwner) as refused:
+            await other.complete_tasks("node-2", _ends(held))
+        assert refused.value.metadata == {"task_id": ids[0], "index": "0"}
+    finally:
+        await other.close()
+    done, _ = await node.complete_tasks("node-1", _ends(held))
+    assert [t.state for t in done] == [State.SUCCEEDED, State.SUCCEEDED]
+
+
+async def test_complete_tasks_validates_every_field_before_anything_commits(
+    cp: ControlHandle, node: ControlClient
+) -> None:
+    """An empty or oversized batch, a repeated task, an event other than SUCCEED/FAIL, a FAIL-only
+    field on SUCCEED, a bad token and acquire_next for another node are each INVALID_ARGUMENT
+    naming the field (completions[i].<field>); the held task is untouched."""
+    await cp.client.submit("q", b"{}")
+    task = (await node.acquire_lease("q", "node-1", "a", start=True)).task
+    one = _ends([task])[0]
+
+    def with_(**kw: Any) -> pb.TaskCompletion:
+        c = pb.TaskCompletion()
+        c.CopyFrom(one)
+        for k, v in kw.items():
+            setattr(c, k, v)
+        return c
+
+    cases: list[tuple[pb.CompleteTasksRequest, str]] = [
+        (pb.CompleteTasksRequest(node_id="node-1"), "completions"),
+        (pb.CompleteTasksRequest(node_id="node-1", completions=[one] * 65), "completions"),
+        (pb.CompleteTasksRequest(node_id="node-1", completions=[one, one]),
+         "completions[1].task_id"),
+        (pb.CompleteTasksRequest(node_id="node-1", completions=[with_(event=pb.TASK_EVENT_START)]),
+         "completions[0].event"),
+        (pb.CompleteTasksRequest(node_id="node-1", completions=[with_(event=0)]),
+         "completions[0].event"),
+        (pb.CompleteTasksRequest(node_id="node-1", completions=[with_(non_retryable=True)]),
+         "completions[0].non_retryable"),
+        (pb.CompleteTasksRequest(node_id="node-1", completions=[with_(fencing_token=0)]),
+         "completions[0].fencing_token"),
+        (pb.CompleteTasksRequest(node_id="node-1", completions=[with_(task_id="bad id")]),
+         "completions[0].task_id"),
+        (pb.CompleteTasksRequest(node_id="node-1",
+                                 completions=[with_(result=b"x" * ((1 << 20) + 1))]),
+         "completions[0].result"),
+        (pb.CompleteTasksRequest(node_id="", completions=[one]), "node_id"),
+        (pb.CompleteTasksRequest(
+            node_id="node-1", completions=[one],
+            acquire_next=pb.AcquireLeaseRequest(queue="q", node_id="node-2", agent_id="a")),
+         "acquire_next.node_id"),
+        (pb.CompleteTasksRequest(
+            node_id="node-1", completions=[one],
+            acquire_next=pb.AcquireLeaseRequest(queue="q", node_id="node-1", agent_id="a",
+                                                max_tasks=65)),
+         "acquire_next.max_tasks"),
+    ]  # fmt: skip
+    for request, field in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await node.stub.CompleteTasks(request)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+        status = rpc_status.from_call(info.value)
+        assert status is not None
+        bad = error_details_pb2.BadRequest()
+        assert any(d.Unpack(bad) for d in status.details if d.Is(bad.DESCRIPTOR)), field
+        assert bad.field_violations[0].field == field
+    with pytest.raises(PolicyDenied):  # the claim is checked before the completions commit
+        await node.complete_tasks("node-1", [one], next_queue="nosuchq", next_agent_id="a")
+    assert (await cp.client.get_task(task.task_id)).task.state == State.RUNNING
+
+
 async def test_acquire_next_is_checked_before_the_transition(
     cp: ControlHandle, node: ControlClient
 ) -> None:

@@ -19,6 +19,9 @@ from tether.core.errors import NotOwner, TetherError
 from tether.core.states import Event, State
 from tether.core.timeouts import EndReason
 from tether.testing import ControlHandle, start_control
+from tether.v1 import control_pb2 as pb
+
+SUCCEED = pb.TASK_EVENT_SUCCEED
 
 
 @pytest.fixture
@@ -32,12 +35,15 @@ def _said(err: TetherError) -> str:
 
 
 async def _probe(other: Any, task_id: str, token: int) -> list[TetherError]:
-    """node-2 renews, transitions and asks a credential for (task_id, token)."""
+    """node-2 renews, transitions, completes and asks a credential for (task_id, token)."""
     errors: list[TetherError] = []
     for call in (
         other.renew_lease(task_id, token, "node-2"),
         other.transition(task_id, token, Event.SUCCEED, "node-2"),
         other.issue_credential(task_id, token, "api_key", "echo", "node-2"),
+        other.complete_tasks(
+            "node-2", [pb.TaskCompletion(task_id=task_id, fencing_token=token, event=SUCCEED)]
+        ),
     ):
         with pytest.raises(TetherError) as info:
             await call
@@ -46,7 +52,7 @@ async def _probe(other: Any, task_id: str, token: int) -> list[TetherError]:
 
 
 async def test_a_node_cannot_probe_another_nodes_task(cp: ControlHandle) -> None:
-    """Renew, transition and credential calls of node-2 on node-1's task (right or wrong
+    """Renew, transition, complete and credential calls of node-2 on node-1's task (right or wrong
     token, live or canceled) and on an unknown task all get one NotOwner that leaks no
     holder, token or state; node-1 itself is still told why its lease ended (canceled)."""
     task_id = (await cp.client.submit("q", b"{}")).task.task_id
@@ -67,7 +73,7 @@ async def test_a_node_cannot_probe_another_nodes_task(cp: ControlHandle) -> None
             assert "current_fencing_token" not in said, said
             for word in ("canceled", "terminal", "running", "leased to", "not found", "lapsed"):
                 assert word not in said.lower(), said
-        assert len({e.message.replace("no-such-task", task_id) for e in seen[:6]}) <= 3
+        assert len({e.message.replace("no-such-task", task_id) for e in seen[:8]}) <= 4
         told = await node.renew_lease(task_id, 1, "node-1")  # the holder is still told why
         assert told.end_reason == EndReason.CANCELED
     finally:

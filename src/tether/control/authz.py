@@ -40,6 +40,7 @@ _NODE_RPCS = (
     "AcquireLease",
     "RenewLease",
     "TransitionTask",
+    "CompleteTasks",
     "IssueCredential",
     "ReserveBudget",
     "SettleBudget",

@@ -294,6 +294,40 @@ class ControlClient:
         )
         return resp.task, resp.next
 
+    async def complete_tasks(
+        self,
+        node_id: str,
+        completions: Sequence[pb.TaskCompletion],
+        *,
+        next_queue: str = "",
+        next_agent_id: str = "",
+        wait_ms: int = 0,
+        start: bool = False,
+        max_tasks: int = 0,
+    ) -> tuple[list[pb.Task], pb.AcquireLeaseResponse | None]:
+        """Ends several held tasks in one round trip and one commit, all or nothing.
+
+        With `next_queue`, also leases the next tasks (`acquire_next`, up to
+        `max_tasks`) once the completions committed. Returns the ended tasks and
+        AcquireLease's answer for the next (None without `next_queue`).
+        """
+        request = pb.CompleteTasksRequest(node_id=node_id, completions=completions)
+        if next_queue:
+            request.acquire_next.CopyFrom(
+                pb.AcquireLeaseRequest(
+                    queue=next_queue,
+                    node_id=node_id,
+                    agent_id=next_agent_id,
+                    wait_ms=wait_ms,
+                    start=start,
+                    max_tasks=max_tasks,
+                )
+            )
+        resp: pb.CompleteTasksResponse = await self._call(
+            self.stub.CompleteTasks, request, timeout_s=self.timeout_s + wait_ms / 1000
+        )
+        return list(resp.tasks), (resp.next if resp.HasField("next") else None)
+
     async def issue_credential(
         self, task_id: str, fencing_token: int, name: str, tool: str, node_id: str
     ) -> pb.IssueCredentialResponse:

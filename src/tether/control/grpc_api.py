@@ -56,6 +56,7 @@ from tether.crypto.envelopes import from_proto, json_to_proto, to_proto
 from tether.crypto.signing import keyid_of
 from tether.grpcutil.status import handle_errors
 from tether.store.base import (
+    HolderTransition,
     NodeRecord,
     SecretVersionInfo,
     TaskRecord,
@@ -134,6 +135,28 @@ def _check_acquire(request: pb.AcquireLeaseRequest, prefix: str = "") -> _Acquir
             1, check_range(prefix + "max_tasks", request.max_tasks, 0, MAX_GRANTS_PER_CALL)
         ),
         start=request.start,
+    )
+
+
+def _check_transition(
+    request: pb.TransitionTaskRequest | pb.TaskCompletion, prefix: str = ""
+) -> HolderTransition:
+    """Validates the holder-event fields TransitionTask and each CompleteTasks item share."""
+    event = check_holder_event(prefix + "event", request.event)
+    failure_type = check_failure_type(prefix + "failure_type", request.failure_type)
+    if (request.non_retryable or failure_type) and event is not Event.FAIL:
+        raise InvalidArgument(
+            prefix + ("non_retryable" if request.non_retryable else "failure_type"),
+            "applies to FAIL only",
+        )
+    return HolderTransition(
+        task_id=check_id(prefix + "task_id", request.task_id),
+        fencing_token=check_token(prefix + "fencing_token", request.fencing_token),
+        event=event,
+        result=check_bytes(prefix + "result", request.result),
+        error=check_text(prefix + "error", request.error),
+        non_retryable=request.non_retryable,
+        failure_type=failure_type,
     )
 
 
@@ -550,9 +573,10 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         except (NotFound, NotOwner, StaleFencingToken, LeaseExpired, InvalidTransition) as err:
             if await self.service.ever_held(task_id, node_id):
                 raise
+            index = {"index": err.metadata["index"]} if "index" in err.metadata else {}
             raise NotOwner(
                 f"node {node_id!r} holds no lease on task {task_id!r} under token {token}",
-                metadata={"task_id": task_id},
+                metadata={"task_id": task_id, **index},
             ) from err
 
     async def _acquire(self, a: _Acquire) -> pb.AcquireLeaseResponse:
@@ -606,21 +630,11 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
     async def TransitionTask(
         self, request: pb.TransitionTaskRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.TransitionTaskResponse:
-        task_id = check_id("task_id", request.task_id)
-        token = check_token("fencing_token", request.fencing_token)
-        event = check_holder_event("event", request.event)
-        result = check_bytes("result", request.result)
-        error = check_text("error", request.error)
+        t = _check_transition(request)
         node_id = check_id("node_id", request.node_id)
-        failure_type = check_failure_type("failure_type", request.failure_type)
-        if (request.non_retryable or failure_type) and event is not Event.FAIL:
-            raise InvalidArgument(
-                "non_retryable" if request.non_retryable else "failure_type",
-                "applies to FAIL only",
-            )
         acquire: _Acquire | None = None
         if request.HasField("acquire_next"):
-            if event not in (Event.SUCCEED, Event.FAIL):
+            if t.event not in (Event.SUCCEED, Event.FAIL):
                 raise InvalidArgument("acquire_next", "applies to SUCCEED and FAIL only")
             acquire = _check_acquire(request.acquire_next, "acquire_next.")
             if acquire.node_id != node_id:
@@ -628,24 +642,79 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         await self._node(context, node_id)
         if acquire is not None:  # refuse before the transition, not after it committed
             await self.service.check_claim(acquire.queue, acquire.agent_id)
-        async with self._holder_only(task_id, token, node_id):
+        async with self._holder_only(t.task_id, t.fencing_token, node_id):
             task = await self.service.transition(
-                task_id=task_id,
-                fencing_token=token,
+                task_id=t.task_id,
+                fencing_token=t.fencing_token,
                 node_id=node_id,
-                event=event,
-                result=result,
-                error=error,
-                non_retryable=request.non_retryable,
-                failure_type=failure_type,
+                event=t.event,
+                result=t.result,
+                error=t.error,
+                non_retryable=t.non_retryable,
+                failure_type=t.failure_type,
             )
         if acquire is None:
             return pb.TransitionTaskResponse(task=task_to_proto(task))
-        try:
-            following = await self._acquire(acquire)
-        except PolicyDenied:  # the policy changed since the check: the transition stands
-            return pb.TransitionTaskResponse(task=task_to_proto(task))
+        following = await self._acquire_next(acquire)
         return pb.TransitionTaskResponse(task=task_to_proto(task), next=following)
+
+    async def _acquire_next(self, a: _Acquire) -> pb.AcquireLeaseResponse | None:
+        """The grant after a committed end (acquire_next); None when the policy stopped
+        letting the agent claim since the request's check (the end stands)."""
+        try:
+            return await self._acquire(a)
+        except PolicyDenied:
+            return None
+
+    @handle_errors
+    async def CompleteTasks(
+        self, request: pb.CompleteTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CompleteTasksResponse:
+        node_id = check_id("node_id", request.node_id)
+        if not request.completions:
+            raise InvalidArgument("completions", "is required (1 to 64 tasks)")
+        if len(request.completions) > MAX_GRANTS_PER_CALL:
+            raise InvalidArgument(
+                "completions",
+                f"has {len(request.completions)} tasks; the limit is {MAX_GRANTS_PER_CALL}",
+            )
+        items: list[HolderTransition] = []
+        first: dict[str, int] = {}
+        for i, c in enumerate(request.completions):
+            prefix = f"completions[{i}]."
+            t = _check_transition(c, prefix)
+            if t.event not in (Event.SUCCEED, Event.FAIL):
+                raise InvalidArgument(prefix + "event", "must be SUCCEED or FAIL")
+            if t.task_id in first:
+                raise InvalidArgument(
+                    prefix + "task_id", f"repeats completions[{first[t.task_id]}].task_id"
+                )
+            first[t.task_id] = i
+            items.append(t)
+        acquire: _Acquire | None = None
+        if request.HasField("acquire_next"):
+            acquire = _check_acquire(request.acquire_next, "acquire_next.")
+            if acquire.node_id != node_id:
+                raise InvalidArgument("acquire_next.node_id", "must equal node_id")
+        await self._node(context, node_id)
+        if acquire is not None:  # refuse before the completions, not after they committed
+            await self.service.check_claim(acquire.queue, acquire.agent_id)
+        try:
+            tasks = await self.service.transition_many(node_id=node_id, items=items)
+        except (NotFound, NotOwner, StaleFencingToken, LeaseExpired, InvalidTransition) as err:
+            index = err.metadata.get("index", "")
+            if not index.isdigit() or int(index) >= len(items):
+                raise
+            t = items[int(index)]
+            async with self._holder_only(t.task_id, t.fencing_token, node_id):
+                raise err  # as is to a holder, else the uniform NotOwner (with the index)
+            raise err  # not reached: _holder_only re-raises
+        answer = pb.CompleteTasksResponse(tasks=[task_to_proto(t) for t in tasks])
+        if acquire is not None:
+            following = await self._acquire_next(acquire)
+            if following is not None:
+                answer.next.CopyFrom(following)
+        return answer
 
     # -- RPCs owned by other parts (ledger, vault, budgets, tool calls, policy) ---------
     # The ledger engineer replaces StreamReceipts/GetCheckpoint/GetInclusionProof/

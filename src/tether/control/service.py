@@ -17,6 +17,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +64,7 @@ from tether.store.base import (
     DEFAULT_MAX_ATTEMPTS,
     BudgetState,
     EndSigner,
+    HolderTransition,
     JoinTokenRecord,
     LapseOutcome,
     LeaseHistoryEntry,
@@ -567,43 +569,49 @@ class ControlService:
             return [], 0
         task, env, waited_ms = first
         grants = [(task, env)]
-        while len(grants) < max_tasks:
-            got = await self._grant_once(queue, node_id, agent_id, start)
-            if got is None:
-                break
-            grants.append(got)
+        if max_tasks > 1:
+            grants += await self._grant(queue, node_id, agent_id, start, max_tasks - 1)
         return grants, waited_ms
 
     async def _grant_once(
         self, queue: str, node_id: str, agent_id: str, start: bool
     ) -> tuple[TaskRecord, Envelope] | None:
         """One grant of a ready task (policy already checked by the caller), or None."""
+        got = await self._grant(queue, node_id, agent_id, start, 1)
+        return got[0] if got else None
+
+    async def _grant(
+        self, queue: str, node_id: str, agent_id: str, start: bool, count: int
+    ) -> list[tuple[TaskRecord, Envelope]]:
+        """Up to `count` grants of ready tasks in one store transaction (one durable
+        commit), each with its own lease id, token and signed lease; policy already
+        checked by the caller."""
         now = self.clock.now_ms()
         signed: list[Envelope] = []
-        got = await self.store.acquire_lease(
+        got = await self.store.acquire_leases(
             queue=queue,
             node_id=node_id,
             agent_id=agent_id,
-            lease_id=new_id("l", now),
+            lease_ids=[new_id("l", now) for _ in range(count)],
             now_ms=now,
             sign=self._signer(now, signed),
             start=start,
         )
-        if got is None:
-            return None
-        task = got[0]
-        metrics.LEASES_GRANTED.inc()
-        log.info(
-            "lease granted",
-            extra={
-                "task_id": task.task_id,
-                "node_id": node_id,
-                "fencing_token": task.fencing_token,
-            },
-        )
-        # The envelope the store committed with the grant: a transaction the
-        # store retried signed once per attempt, and only the last one counts.
-        return task, Envelope.from_json_bytes(got[1])
+        out: list[tuple[TaskRecord, Envelope]] = []
+        for task, envelope in got:
+            metrics.LEASES_GRANTED.inc()
+            log.info(
+                "lease granted",
+                extra={
+                    "task_id": task.task_id,
+                    "node_id": node_id,
+                    "fencing_token": task.fencing_token,
+                },
+            )
+            # The envelope the store committed with the grant: a transaction the
+            # store retried signed once per attempt, and only the last one counts.
+            out.append((task, Envelope.from_json_bytes(envelope)))
+        return out
 
     async def acquire(
         self, *, queue: str, node_id: str, agent_id: str, wait_ms: int = 0, start: bool = False
@@ -719,6 +727,26 @@ class ControlService:
         if task.state is State.QUEUED:
             await self._waiters.notify()
         return task
+
+    async def transition_many(
+        self, *, node_id: str, items: Sequence[HolderTransition]
+    ) -> list[TaskRecord]:
+        """Applies several of one holder's events in one store transaction, all or nothing.
+
+        Each item is checked and applied as `transition` would; when one is refused
+        none is applied and its error (with `metadata["index"]`) is raised.
+        """
+        tasks = await self.store.transitions(
+            node_id=node_id,
+            items=items,
+            now_ms=self.clock.now_ms(),
+            backoff_base_ms=self.config.backoff_base_ms,
+            backoff_cap_ms=self.config.backoff_cap_ms,
+            sign_end=self.end_signer("control-plane"),
+        )
+        if any(t.state is State.QUEUED for t in tasks):
+            await self._waiters.notify()
+        return tasks
 
     async def sweep_clock(self) -> tuple[int, str]:
         """Now by the clock that judges time limits, and its name.

@@ -7,7 +7,7 @@ conditional write on (task id, allowed source states from
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Protocol, runtime_checkable
@@ -103,6 +103,26 @@ class TaskRecord:
             non_retryable_reasons=self.non_retryable,
             retry_failures=self.retry_failures,
         )
+
+
+@dataclass(frozen=True)
+class HolderTransition:
+    """One lease holder's event on one task, as `Store.transition` takes it."""
+
+    task_id: str
+    """The task."""
+    event: Event
+    """START, SUCCEED, FAIL or RELEASE."""
+    fencing_token: int
+    """The holder's lease token; any other is refused."""
+    result: bytes = b""
+    """SUCCEED/FAIL: the task's result."""
+    error: str = ""
+    """FAIL/RELEASE: why."""
+    non_retryable: bool = False
+    """FAIL: never retried, whatever the retry policy says."""
+    failure_type: str = ""
+    """FAIL: the failure's type, checked against the retry policy's non-retryable list."""
 
 
 @dataclass(frozen=True)
@@ -429,6 +449,26 @@ class Store(Protocol):
         """
         ...
 
+    async def acquire_leases(
+        self,
+        *,
+        queue: str,
+        node_id: str,
+        agent_id: str,
+        lease_ids: Sequence[str],
+        now_ms: int,
+        sign: LeaseSigner,
+        start: bool = False,
+    ) -> list[tuple[TaskRecord, bytes]]:
+        """Up to `len(lease_ids)` grants as `acquire_lease` makes them, in ONE transaction.
+
+        Each grant is its own conditional write with its own token, lease id (in
+        order) and signed envelope, exactly what `acquire_lease` would have made;
+        they commit together (one durable commit for all). Returns the grants in
+        queue order; fewer (or none) when fewer tasks are ready.
+        """
+        ...
+
     async def renew_lease(
         self, *, task_id: str, fencing_token: int, node_id: str, now_ms: int, sign: LeaseSigner
     ) -> tuple[TaskRecord, bytes]:
@@ -461,6 +501,27 @@ class Store(Protocol):
         attempts permitting) sends the task back to queued after the policy's
         delay (end reason FAILED), else to failed (FAILED or NON_RETRYABLE).
         A RELEASE stores the control receipt `sign_end` makes of it (if given).
+
+        Raises:
+            NotFound, StaleFencingToken, LeaseExpired, NotOwner, InvalidTransition.
+        """
+        ...
+
+    async def transitions(
+        self,
+        *,
+        node_id: str,
+        items: Sequence[HolderTransition],
+        now_ms: int,
+        backoff_base_ms: int = DEFAULT_INITIAL_INTERVAL_MS,
+        backoff_cap_ms: int = DEFAULT_MAXIMUM_INTERVAL_MS,
+        sign_end: EndSigner | None = None,
+    ) -> list[TaskRecord]:
+        """Applies several of one holder's events, each as `transition` would, in ONE transaction.
+
+        All or nothing: when any item is refused, none is applied and the item's own
+        error is raised with `metadata["index"]` naming it (0-based). Returns the
+        tasks after their transitions, in item order.
 
         Raises:
             NotFound, StaleFencingToken, LeaseExpired, NotOwner, InvalidTransition.

@@ -26,7 +26,7 @@ transaction run on another one.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,6 +44,7 @@ from tether.store.base import (
     POLICY_CHANNEL,
     BudgetState,
     EndSigner,
+    HolderTransition,
     JoinTokenRecord,
     LapseOutcome,
     LeaseHistoryEntry,
@@ -435,6 +436,60 @@ async def _record_end(
     )
 
 
+def _transition_fn(
+    item: HolderTransition,
+    node_id: str,
+    now_ms: int,
+    backoff_base_ms: int,
+    backoff_cap_ms: int,
+    sign_end: EndSigner | None,
+) -> Callable[[Conn], Awaitable[TaskRecord]]:
+    """One holder transition as a transaction body (see `Store.transition`)."""
+    task_id, event, fencing_token = item.task_id, item.event, item.fencing_token
+    entry = holder_entry(_SQL_TRANSITION, event)
+
+    async def fn(conn: Conn) -> TaskRecord:
+        sql, outcome = entry
+        params = {
+            "now": now_ms,
+            "task_id": task_id,
+            "token": fencing_token,
+            "node_id": node_id,
+            "result": item.result,
+            "error": item.error,
+            "not_before": now_ms,
+            "end_reason": holder_end_reason(event),
+        }
+        if event is Event.FAIL:
+            current = await _one(
+                conn, f"SELECT {TASK_COLS} FROM tasks WHERE task_id = %s FOR UPDATE", (task_id,)
+            )
+            if current is not None and row_to_task(current).state in sources(Event.FAIL):
+                target, not_before, reason = fail_plan(
+                    row_to_task(current),
+                    now_ms,
+                    non_retryable=item.non_retryable,
+                    failure_type=item.failure_type,
+                    backoff_base_ms=backoff_base_ms,
+                    backoff_cap_ms=backoff_cap_ms,
+                )
+                if target is State.QUEUED:
+                    sql, outcome = _SQL_FAIL_RETRY
+                params.update(not_before=not_before, end_reason=int(reason))
+        row = await _one(conn, sql, params)
+        if row is None:
+            raise await _diagnose(conn, task_id, fencing_token, node_id, now_ms, event)
+        task = row_to_task(row)
+        if outcome is not None:
+            closed = await _exec(conn, _SQL_HISTORY_CLOSE, (outcome, task_id, fencing_token))
+            if outcome == "released":
+                end = released_outcome(task, fencing_token, item.error, now_ms)
+                await _record_end(conn, sign_end, end, closed=closed > 0)
+        return task
+
+    return fn
+
+
 class PostgresStore:
     """The `Store` for several control-plane replicas sharing one PostgreSQL database."""
 
@@ -682,25 +737,49 @@ class PostgresStore:
         sign: LeaseSigner,
         start: bool = False,
     ) -> tuple[TaskRecord, bytes] | None:
-        params = {
-            "node_id": node_id,
-            "agent_id": agent_id,
-            "lease_id": lease_id,
-            "now": now_ms,
-            "queue": queue,
-        }
+        got = await self.acquire_leases(
+            queue=queue,
+            node_id=node_id,
+            agent_id=agent_id,
+            lease_ids=[lease_id],
+            now_ms=now_ms,
+            sign=sign,
+            start=start,
+        )
+        return got[0] if got else None
 
-        async def fn(conn: Conn) -> tuple[TaskRecord, bytes] | None:
-            row = await _one(conn, _SQL_ACQUIRE[start], params)
-            if row is None:
-                return None
-            task = row_to_task(row)
-            envelope = sign(task)
-            await conn.execute(
-                _SQL_HISTORY_INSERT,
-                (task.task_id, lease_id, task.fencing_token, "grant", envelope, now_ms),
-            )
-            return task, envelope
+    async def acquire_leases(
+        self,
+        *,
+        queue: str,
+        node_id: str,
+        agent_id: str,
+        lease_ids: Sequence[str],
+        now_ms: int,
+        sign: LeaseSigner,
+        start: bool = False,
+    ) -> list[tuple[TaskRecord, bytes]]:
+        async def fn(conn: Conn) -> list[tuple[TaskRecord, bytes]]:
+            out: list[tuple[TaskRecord, bytes]] = []
+            for lease_id in lease_ids:
+                params = {
+                    "node_id": node_id,
+                    "agent_id": agent_id,
+                    "lease_id": lease_id,
+                    "now": now_ms,
+                    "queue": queue,
+                }
+                row = await _one(conn, _SQL_ACQUIRE[start], params)
+                if row is None:
+                    break
+                task = row_to_task(row)
+                envelope = sign(task)
+                await conn.execute(
+                    _SQL_HISTORY_INSERT,
+                    (task.task_id, lease_id, task.fencing_token, "grant", envelope, now_ms),
+                )
+                out.append((task, envelope))
+            return out
 
         return await self._tx(fn)
 
@@ -739,46 +818,43 @@ class PostgresStore:
         backoff_cap_ms: int = 60_000,
         sign_end: EndSigner | None = None,
     ) -> TaskRecord:
-        entry = holder_entry(_SQL_TRANSITION, event)
+        item = HolderTransition(
+            task_id=task_id,
+            event=event,
+            fencing_token=fencing_token,
+            result=result,
+            error=error,
+            non_retryable=non_retryable,
+            failure_type=failure_type,
+        )
+        return await self._tx(
+            _transition_fn(item, node_id, now_ms, backoff_base_ms, backoff_cap_ms, sign_end)
+        )
 
-        async def fn(conn: Conn) -> TaskRecord:
-            sql, outcome = entry
-            params = {
-                "now": now_ms,
-                "task_id": task_id,
-                "token": fencing_token,
-                "node_id": node_id,
-                "result": result,
-                "error": error,
-                "not_before": now_ms,
-                "end_reason": holder_end_reason(event),
-            }
-            if event is Event.FAIL:
-                current = await _one(
-                    conn, f"SELECT {TASK_COLS} FROM tasks WHERE task_id = %s FOR UPDATE", (task_id,)
-                )
-                if current is not None and row_to_task(current).state in sources(Event.FAIL):
-                    target, not_before, reason = fail_plan(
-                        row_to_task(current),
-                        now_ms,
-                        non_retryable=non_retryable,
-                        failure_type=failure_type,
-                        backoff_base_ms=backoff_base_ms,
-                        backoff_cap_ms=backoff_cap_ms,
-                    )
-                    if target is State.QUEUED:
-                        sql, outcome = _SQL_FAIL_RETRY
-                    params.update(not_before=not_before, end_reason=int(reason))
-            row = await _one(conn, sql, params)
-            if row is None:
-                raise await _diagnose(conn, task_id, fencing_token, node_id, now_ms, event)
-            task = row_to_task(row)
-            if outcome is not None:
-                closed = await _exec(conn, _SQL_HISTORY_CLOSE, (outcome, task_id, fencing_token))
-                if outcome == "released":
-                    end = released_outcome(task, fencing_token, error, now_ms)
-                    await _record_end(conn, sign_end, end, closed=closed > 0)
-            return task
+    async def transitions(
+        self,
+        *,
+        node_id: str,
+        items: Sequence[HolderTransition],
+        now_ms: int,
+        backoff_base_ms: int = 1_000,
+        backoff_cap_ms: int = 60_000,
+        sign_end: EndSigner | None = None,
+    ) -> list[TaskRecord]:
+        fns = [
+            _transition_fn(item, node_id, now_ms, backoff_base_ms, backoff_cap_ms, sign_end)
+            for item in items
+        ]
+
+        async def fn(conn: Conn) -> list[TaskRecord]:
+            out: list[TaskRecord] = []
+            for index, one in enumerate(fns):
+                try:
+                    out.append(await one(conn))
+                except TetherError as err:
+                    err.metadata["index"] = str(index)
+                    raise
+            return out
 
         return await self._tx(fn)
 

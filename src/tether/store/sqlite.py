@@ -28,7 +28,7 @@ import functools
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -40,6 +40,7 @@ from tether.core.timeouts import EndReason
 from tether.store.base import (
     BudgetState,
     EndSigner,
+    HolderTransition,
     JoinTokenRecord,
     LapseOutcome,
     LeaseHistoryEntry,
@@ -378,6 +379,60 @@ def _put_frontier(
     conn.executemany("INSERT OR IGNORE INTO ledger_subtrees VALUES (?, ?, ?)", subtrees)
 
 
+def _transition_fn(
+    item: HolderTransition,
+    node_id: str,
+    now_ms: int,
+    backoff_base_ms: int,
+    backoff_cap_ms: int,
+    sign_end: EndSigner | None,
+) -> Callable[[sqlite3.Connection], TaskRecord]:
+    """One holder transition as a transaction body (see `Store.transition`)."""
+    task_id, event, fencing_token = item.task_id, item.event, item.fencing_token
+    entry = holder_entry(_SQL_TRANSITION, event)
+
+    def fn(conn: sqlite3.Connection) -> TaskRecord:
+        sql, outcome = entry
+        params = {
+            "now": now_ms,
+            "task_id": task_id,
+            "token": fencing_token,
+            "node_id": node_id,
+            "result": item.result,
+            "error": item.error,
+            "not_before": now_ms,
+            "end_reason": holder_end_reason(event),
+        }
+        if event is Event.FAIL:
+            current = conn.execute(
+                f"SELECT {TASK_COLS} FROM tasks WHERE task_id = ?", (task_id,)
+            ).fetchone()
+            if current is not None and row_to_task(current).state in sources(Event.FAIL):
+                target, not_before, reason = fail_plan(
+                    row_to_task(current),
+                    now_ms,
+                    non_retryable=item.non_retryable,
+                    failure_type=item.failure_type,
+                    backoff_base_ms=backoff_base_ms,
+                    backoff_cap_ms=backoff_cap_ms,
+                )
+                if target is State.QUEUED:
+                    sql, outcome = _SQL_FAIL_RETRY
+                params.update(not_before=not_before, end_reason=int(reason))
+        row = conn.execute(sql, params).fetchone()
+        if row is None:
+            raise _diagnose(conn, task_id, fencing_token, node_id, now_ms, event)
+        task = row_to_task(row)
+        if outcome is not None:
+            closed = conn.execute(_SQL_HISTORY_CLOSE, (outcome, task_id, fencing_token))
+            if outcome == "released":
+                end = released_outcome(task, fencing_token, item.error, now_ms)
+                _record_end(conn, sign_end, end, closed=closed.rowcount > 0)
+        return task
+
+    return fn
+
+
 class SqliteStore:
     """The embedded default `Store`, for one control-plane process."""
 
@@ -607,19 +662,44 @@ class SqliteStore:
         sign: LeaseSigner,
         start: bool = False,
     ) -> tuple[TaskRecord, bytes] | None:
-        def fn(conn: sqlite3.Connection) -> tuple[TaskRecord, bytes] | None:
-            row = conn.execute(
-                _SQL_ACQUIRE[start], (node_id, agent_id, lease_id, now_ms, queue)
-            ).fetchone()
-            if row is None:
-                return None
-            task = row_to_task(row)
-            envelope = sign(task)
-            conn.execute(
-                _SQL_HISTORY_INSERT,
-                (task.task_id, lease_id, task.fencing_token, "grant", envelope, now_ms),
-            )
-            return task, envelope
+        got = await self.acquire_leases(
+            queue=queue,
+            node_id=node_id,
+            agent_id=agent_id,
+            lease_ids=[lease_id],
+            now_ms=now_ms,
+            sign=sign,
+            start=start,
+        )
+        return got[0] if got else None
+
+    async def acquire_leases(
+        self,
+        *,
+        queue: str,
+        node_id: str,
+        agent_id: str,
+        lease_ids: Sequence[str],
+        now_ms: int,
+        sign: LeaseSigner,
+        start: bool = False,
+    ) -> list[tuple[TaskRecord, bytes]]:
+        def fn(conn: sqlite3.Connection) -> list[tuple[TaskRecord, bytes]]:
+            out: list[tuple[TaskRecord, bytes]] = []
+            for lease_id in lease_ids:
+                row = conn.execute(
+                    _SQL_ACQUIRE[start], (node_id, agent_id, lease_id, now_ms, queue)
+                ).fetchone()
+                if row is None:
+                    break
+                task = row_to_task(row)
+                envelope = sign(task)
+                conn.execute(
+                    _SQL_HISTORY_INSERT,
+                    (task.task_id, lease_id, task.fencing_token, "grant", envelope, now_ms),
+                )
+                out.append((task, envelope))
+            return out
 
         return await self._tx(fn)
 
@@ -656,46 +736,43 @@ class SqliteStore:
         backoff_cap_ms: int = 60_000,
         sign_end: EndSigner | None = None,
     ) -> TaskRecord:
-        entry = holder_entry(_SQL_TRANSITION, event)
+        item = HolderTransition(
+            task_id=task_id,
+            event=event,
+            fencing_token=fencing_token,
+            result=result,
+            error=error,
+            non_retryable=non_retryable,
+            failure_type=failure_type,
+        )
+        return await self._tx(
+            _transition_fn(item, node_id, now_ms, backoff_base_ms, backoff_cap_ms, sign_end)
+        )
 
-        def fn(conn: sqlite3.Connection) -> TaskRecord:
-            sql, outcome = entry
-            params = {
-                "now": now_ms,
-                "task_id": task_id,
-                "token": fencing_token,
-                "node_id": node_id,
-                "result": result,
-                "error": error,
-                "not_before": now_ms,
-                "end_reason": holder_end_reason(event),
-            }
-            if event is Event.FAIL:
-                current = conn.execute(
-                    f"SELECT {TASK_COLS} FROM tasks WHERE task_id = ?", (task_id,)
-                ).fetchone()
-                if current is not None and row_to_task(current).state in sources(Event.FAIL):
-                    target, not_before, reason = fail_plan(
-                        row_to_task(current),
-                        now_ms,
-                        non_retryable=non_retryable,
-                        failure_type=failure_type,
-                        backoff_base_ms=backoff_base_ms,
-                        backoff_cap_ms=backoff_cap_ms,
-                    )
-                    if target is State.QUEUED:
-                        sql, outcome = _SQL_FAIL_RETRY
-                    params.update(not_before=not_before, end_reason=int(reason))
-            row = conn.execute(sql, params).fetchone()
-            if row is None:
-                raise _diagnose(conn, task_id, fencing_token, node_id, now_ms, event)
-            task = row_to_task(row)
-            if outcome is not None:
-                closed = conn.execute(_SQL_HISTORY_CLOSE, (outcome, task_id, fencing_token))
-                if outcome == "released":
-                    end = released_outcome(task, fencing_token, error, now_ms)
-                    _record_end(conn, sign_end, end, closed=closed.rowcount > 0)
-            return task
+    async def transitions(
+        self,
+        *,
+        node_id: str,
+        items: Sequence[HolderTransition],
+        now_ms: int,
+        backoff_base_ms: int = 1_000,
+        backoff_cap_ms: int = 60_000,
+        sign_end: EndSigner | None = None,
+    ) -> list[TaskRecord]:
+        fns = [
+            _transition_fn(item, node_id, now_ms, backoff_base_ms, backoff_cap_ms, sign_end)
+            for item in items
+        ]
+
+        def fn(conn: sqlite3.Connection) -> list[TaskRecord]:
+            out: list[TaskRecord] = []
+            for index, one in enumerate(fns):
+                try:
+                    out.append(one(conn))
+                except TetherError as err:
+                    err.metadata["index"] = str(index)
+                    raise
+            return out
 
         return await self._tx(fn)
 

@@ -1266,6 +1266,137 @@ class TransitionTaskResponse(_message.Message):
 Global___TransitionTaskResponse: _TypeAlias = TransitionTaskResponse  # noqa: Y015
 
 @_typing.final
+class TaskCompletion(_message.Message):
+    """TaskCompletion is one task's end in a CompleteTasks request: the fields of a
+    TransitionTaskRequest with event SUCCEED or FAIL, checked the same way.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    FENCING_TOKEN_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    NON_RETRYABLE_FIELD_NUMBER: _builtins.int
+    FAILURE_TYPE_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """Task id; each task at most once per request."""
+    fencing_token: _builtins.int
+    """Fencing token of the caller's lease on the task."""
+    event: Global___TaskEvent.ValueType
+    """SUCCEED or FAIL."""
+    result: _builtins.bytes
+    """Result, at most 1 MiB."""
+    error: _builtins.str
+    """Error text (FAIL), at most 4096 characters."""
+    non_retryable: _builtins.bool
+    """FAIL only: never retry this failure, whatever the retry policy says."""
+    failure_type: _builtins.str
+    """FAIL only: the failure's type, [A-Za-z0-9._-]{0,64}; a type the retry
+    policy lists in non_retryable_reasons is never retried.
+    """
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        fencing_token: _builtins.int = ...,
+        event: Global___TaskEvent.ValueType = ...,
+        result: _builtins.bytes = ...,
+        error: _builtins.str = ...,
+        non_retryable: _builtins.bool = ...,
+        failure_type: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "event", b"event", "failure_type", b"failure_type", "fencing_token", b"fencing_token", "non_retryable", b"non_retryable", "result", b"result", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TaskCompletion: _TypeAlias = TaskCompletion  # noqa: Y015
+
+@_typing.final
+class CompleteTasksRequest(_message.Message):
+    """CompleteTasksRequest ends a batch of tasks held by one node, e.g. the tasks one
+    AcquireLease(max_tasks) granted, once the worker has run them.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    COMPLETIONS_FIELD_NUMBER: _builtins.int
+    ACQUIRE_NEXT_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    """Node holding the leases."""
+    @_builtins.property
+    def completions(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskCompletion]:
+        """The tasks to end, 1..64. All or nothing: each is applied as TransitionTask
+        would apply it, in one transaction; when any is refused (a stale token, a
+        lapsed lease, a task not in a state the event applies to) none is applied
+        and the call fails with that completion's error, whose ErrorInfo metadata
+        "index" names it (0-based). A bad field is named completions[i].<field>.
+        """
+
+    @_builtins.property
+    def acquire_next(self) -> Global___AcquireLeaseRequest:
+        """Once every completion has committed, also grant tasks as this AcquireLease
+        request says (same checks, its node_id must equal node_id), answered in
+        CompleteTasksResponse.next: a worker that finishes a batch and takes the
+        next pays one round trip per batch. When the completions are refused
+        nothing is granted. Dated like AcquireLease's grants.
+        """
+
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        completions: _abc.Iterable[Global___TaskCompletion] | None = ...,
+        acquire_next: Global___AcquireLeaseRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acquire_next", b"acquire_next"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire_next", b"acquire_next", "completions", b"completions", "node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompleteTasksRequest: _TypeAlias = CompleteTasksRequest  # noqa: Y015
+
+@_typing.final
+class CompleteTasksResponse(_message.Message):
+    """CompleteTasksResponse returns the tasks after their completions."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASKS_FIELD_NUMBER: _builtins.int
+    NEXT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Task]:
+        """The tasks, in the order of CompleteTasksRequest.completions."""
+
+    @_builtins.property
+    def next(self) -> Global___AcquireLeaseResponse:
+        """With acquire_next: what AcquireLease would have answered (task unset when
+        none was ready in time). Unset without acquire_next, and also when the
+        policy stopped letting the agent claim from the queue between the
+        request's check and the grant (the completions stand; AcquireLease then
+        says why).
+        """
+
+    def __init__(
+        self,
+        *,
+        tasks: _abc.Iterable[Global___Task] | None = ...,
+        next: Global___AcquireLeaseResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["next", b"next"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next", b"next", "tasks", b"tasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompleteTasksResponse: _TypeAlias = CompleteTasksResponse  # noqa: Y015
+
+@_typing.final
 class IssueCredentialRequest(_message.Message):
     """IssueCredentialRequest asks for a credential under a live lease."""
 

@@ -101,6 +101,11 @@ class ControlServiceStub:
                 request_serializer=tether_dot_v1_dot_control__pb2.TransitionTaskRequest.SerializeToString,
                 response_deserializer=tether_dot_v1_dot_control__pb2.TransitionTaskResponse.FromString,
                 _registered_method=True)
+        self.CompleteTasks = channel.unary_unary(
+                '/tether.v1.ControlService/CompleteTasks',
+                request_serializer=tether_dot_v1_dot_control__pb2.CompleteTasksRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_control__pb2.CompleteTasksResponse.FromString,
+                _registered_method=True)
         self.IssueCredential = channel.unary_unary(
                 '/tether.v1.ControlService/IssueCredential',
                 request_serializer=tether_dot_v1_dot_control__pb2.IssueCredentialRequest.SerializeToString,
@@ -270,6 +275,14 @@ class ControlServiceServicer:
 
     def TransitionTask(self, request, context):
         """Applies a state-machine event under the current fencing token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CompleteTasks(self, request, context):
+        """Ends several tasks the caller holds (SUCCEED or FAIL each) in one round trip
+        and one durable commit, all or nothing; optionally leases the next tasks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -458,6 +471,11 @@ def add_ControlServiceServicer_to_server(servicer, server):
                     servicer.TransitionTask,
                     request_deserializer=tether_dot_v1_dot_control__pb2.TransitionTaskRequest.FromString,
                     response_serializer=tether_dot_v1_dot_control__pb2.TransitionTaskResponse.SerializeToString,
+            ),
+            'CompleteTasks': grpc.unary_unary_rpc_method_handler(
+                    servicer.CompleteTasks,
+                    request_deserializer=tether_dot_v1_dot_control__pb2.CompleteTasksRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_control__pb2.CompleteTasksResponse.SerializeToString,
             ),
             'IssueCredential': grpc.unary_unary_rpc_method_handler(
                     servicer.IssueCredential,
@@ -888,6 +906,33 @@ class ControlService:
             '/tether.v1.ControlService/TransitionTask',
             tether_dot_v1_dot_control__pb2.TransitionTaskRequest.SerializeToString,
             tether_dot_v1_dot_control__pb2.TransitionTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CompleteTasks(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.ControlService/CompleteTasks',
+            tether_dot_v1_dot_control__pb2.CompleteTasksRequest.SerializeToString,
+            tether_dot_v1_dot_control__pb2.CompleteTasksResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -80,6 +80,10 @@ class ControlServiceStub:
     """Extends a live lease; refused for a stale fencing token."""
     TransitionTask: _grpc.UnaryUnaryMultiCallable[_control_pb2.TransitionTaskRequest, _control_pb2.TransitionTaskResponse]
     """Applies a state-machine event under the current fencing token."""
+    CompleteTasks: _grpc.UnaryUnaryMultiCallable[_control_pb2.CompleteTasksRequest, _control_pb2.CompleteTasksResponse]
+    """Ends several tasks the caller holds (SUCCEED or FAIL each) in one round trip
+    and one durable commit, all or nothing; optionally leases the next tasks.
+    """
     IssueCredential: _grpc.UnaryUnaryMultiCallable[_control_pb2.IssueCredentialRequest, _control_pb2.IssueCredentialResponse]
     """Hands a credential to the node holding a live lease whose policy grants it."""
     ReserveBudget: _grpc.UnaryUnaryMultiCallable[_control_pb2.ReserveBudgetRequest, _control_pb2.ReserveBudgetResponse]
@@ -163,6 +167,10 @@ class ControlServiceAsyncStub(ControlServiceStub):
     """Extends a live lease; refused for a stale fencing token."""
     TransitionTask: _aio.UnaryUnaryMultiCallable[_control_pb2.TransitionTaskRequest, _control_pb2.TransitionTaskResponse]  # type: ignore[assignment]
     """Applies a state-machine event under the current fencing token."""
+    CompleteTasks: _aio.UnaryUnaryMultiCallable[_control_pb2.CompleteTasksRequest, _control_pb2.CompleteTasksResponse]  # type: ignore[assignment]
+    """Ends several tasks the caller holds (SUCCEED or FAIL each) in one round trip
+    and one durable commit, all or nothing; optionally leases the next tasks.
+    """
     IssueCredential: _aio.UnaryUnaryMultiCallable[_control_pb2.IssueCredentialRequest, _control_pb2.IssueCredentialResponse]  # type: ignore[assignment]
     """Hands a credential to the node holding a live lease whose policy grants it."""
     ReserveBudget: _aio.UnaryUnaryMultiCallable[_control_pb2.ReserveBudgetRequest, _control_pb2.ReserveBudgetResponse]  # type: ignore[assignment]
@@ -321,6 +329,16 @@ class ControlServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_control_pb2.TransitionTaskResponse, _abc.Awaitable[_control_pb2.TransitionTaskResponse]]:
         """Applies a state-machine event under the current fencing token."""
+
+    @_abc_1.abstractmethod
+    def CompleteTasks(
+        self,
+        request: _control_pb2.CompleteTasksRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.CompleteTasksResponse, _abc.Awaitable[_control_pb2.CompleteTasksResponse]]:
+        """Ends several tasks the caller holds (SUCCEED or FAIL each) in one round trip
+        and one durable commit, all or nothing; optionally leases the next tasks.
+        """
 
     @_abc_1.abstractmethod
     def IssueCredential(
