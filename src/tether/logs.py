@@ -27,6 +27,7 @@ CONTEXT_FIELDS = (
     "node_id",
     "agent_id",
     "fencing_token",
+    "grants",  # several lease grants in one call: ["task_id:fencing_token", ...]
     "tool",
     "queue",
     # Authentication and authorization refusals (tether.control.authz).
