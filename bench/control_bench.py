@@ -159,30 +159,8 @@ async def lease_run(
                 nonlocal done
                 agent = f"agent-{i}"
                 if batch:
-                    t0 = time.perf_counter()
-                    resp = await client.acquire_lease(
-                        QUEUE, "bench-node", agent, start=True, max_tasks=batch
-                    )
-                    while resp.HasField("task"):
-                        held = [resp.task, *(g.task for g in resp.more_grants)]
-                        ends = [
-                            pb.TaskCompletion(
-                                task_id=t.task_id,
-                                fencing_token=t.fencing_token,
-                                event=int(Event.SUCCEED),  # type: ignore[arg-type]
-                                result=b"{}",
-                            )
-                            for t in held
-                        ]
-                        _, following = await client.complete_tasks(
-                            "bench-node", ends, next_queue=QUEUE, next_agent_id=agent,
-                            start=True, max_tasks=batch,
-                        )  # fmt: skip
-                        assert following is not None
-                        resp = following
-                        latencies.append(time.perf_counter() - t0)
-                        t0 = time.perf_counter()
-                        done += len(held)
+                    finished = await drain_in_batches(client, "bench-node", agent, batch, latencies)
+                    done += finished  # (not `done += await ...`: that reads `done` first)
                     return
                 if chain:
                     t0 = time.perf_counter()
@@ -245,6 +223,39 @@ async def lease_run(
         "client_cpu_us_per_task": client_cpu / done * 1e6,
         **({"console_updates": updates} if console_viewers else {}),
     }
+
+
+async def drain_in_batches(
+    client: ControlClient, node_id: str, agent: str, batch: int, latencies: list[float]
+) -> int:
+    """One pgqueuer-like worker: takes up to `batch` tasks (AcquireLease max_tasks, started),
+    runs them (no-ops), ends them all with one CompleteTasks that takes the next batch
+    (acquire_next), until the queue is empty. Appends each batch's round trip to
+    `latencies`; returns the tasks it finished."""
+    done = 0
+    t0 = time.perf_counter()
+    resp = await client.acquire_lease(QUEUE, node_id, agent, start=True, max_tasks=batch)
+    while resp.HasField("task"):
+        held = [resp.task, *(g.task for g in resp.more_grants)]
+        ends = [
+            pb.TaskCompletion(
+                task_id=t.task_id,
+                fencing_token=t.fencing_token,
+                event=int(Event.SUCCEED),  # type: ignore[arg-type]
+                result=b"{}",
+            )
+            for t in held
+        ]
+        _, following = await client.complete_tasks(
+            node_id, ends, next_queue=QUEUE, next_agent_id=agent, start=True, max_tasks=batch
+        )
+        if following is None:
+            raise RuntimeError("CompleteTasks answered without the next grant")
+        resp = following
+        latencies.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        done += len(held)
+    return done
 
 
 async def live_viewer(address: str) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from control_bench import QUEUE, bench_policy
+from control_bench import QUEUE, bench_policy, drain_in_batches
 from psycopg import sql
 
 from tether.control.client import ControlClient
@@ -61,8 +61,11 @@ async def _prepare(url: str, tasks: int) -> None:
         )
 
 
-async def replica_lease_run(tmp: Path, replicas: int, tasks: int, concurrency: int) -> float:
-    """Grants per second with `replicas` processes sharing one database."""
+async def replica_lease_run(
+    tmp: Path, replicas: int, tasks: int, concurrency: int, batch: int = 0
+) -> float:
+    """Grants per second with `replicas` processes sharing one database; with `batch`,
+    workers take and end tasks in batches (control_bench.drain_in_batches)."""
     with _database() as url:
         await _prepare(url, tasks)
         procs: list[subprocess.Popen[bytes]] = []
@@ -83,6 +86,10 @@ async def replica_lease_run(tmp: Path, replicas: int, tasks: int, concurrency: i
                 nonlocal done
                 r = i % replicas
                 client, node, agent = clients[r], f"bench-node-{r}", f"agent-{i}"
+                if batch:
+                    finished = await drain_in_batches(client, node, agent, batch, [])
+                    done += finished  # (not `done += await ...`: that reads `done` first)
+                    return
                 while True:
                     resp = await client.acquire_lease(QUEUE, node, agent, start=True)
                     if not resp.HasField("task"):
@@ -109,8 +116,11 @@ async def replica_lease_run(tmp: Path, replicas: int, tasks: int, concurrency: i
     return done / elapsed
 
 
-def replicas_figures(tmp: Path, tasks: int, concurrency: int) -> dict[str, Any]:
-    """{"lease_grants_per_s_pg_1_replica": ..., ... 3 replicas}, or a skip note."""
+def replicas_figures(
+    tmp: Path, tasks: int, concurrency: int, batch: int = 0, batch_workers: int = 0
+) -> dict[str, Any]:
+    """{"lease_grants_per_s_pg_1_replica": ..., ... 3 replicas}, or a skip note; with
+    `batch`, also `lease_grants_per_s_pg_batch_1_replica` (batch workers, one replica)."""
     try:
         with psycopg.connect(PG_ADMIN, connect_timeout=3):
             pass
@@ -120,4 +130,9 @@ def replicas_figures(tmp: Path, tasks: int, concurrency: int) -> dict[str, Any]:
     for n in (1, 2, 3):
         per_s = asyncio.run(replica_lease_run(tmp / f"replicas-{n}", n, tasks, concurrency))
         out[f"lease_grants_per_s_pg_{n}_replica{'s' if n > 1 else ''}"] = round(per_s, 1)
+    if batch:
+        per_s = asyncio.run(
+            replica_lease_run(tmp / "replicas-batch", 1, tasks, batch_workers, batch=batch)
+        )
+        out["lease_grants_per_s_pg_batch_1_replica"] = round(per_s, 1)
     return out

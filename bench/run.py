@@ -238,9 +238,15 @@ def run(quick: bool, only: set[str] | None = None) -> dict[str, Any]:
         if want("ledger"):
             results.update(ledger_bench.ledger_figures(tmp, n["ledger_small"], n["ledger_large"]))
         if want("replicas"):
-            rep = replicas_bench.replicas_figures(tmp, n["replica_tasks"], n["concurrency"])
+            rep = replicas_bench.replicas_figures(
+                tmp,
+                n["replica_tasks"],
+                n["concurrency"],
+                batch=n["lease_batch"],
+                batch_workers=n["lease_batch_workers"],
+            )
             if "skipped" in rep:
-                for k in ("1_replica", "2_replicas", "3_replicas"):
+                for k in ("1_replica", "2_replicas", "3_replicas", "batch_1_replica"):
                     results[f"lease_grants_per_s_pg_{k}"] = None
                 notes["lease_grants_per_s_pg_replicas"] = rep["skipped"]
             else:
@@ -273,6 +279,10 @@ def run(quick: bool, only: set[str] | None = None) -> dict[str, Any]:
                     # Same PostgreSQL, same run: Tether's store against the peer's.
                     results["lease_grants_pg_vs_pgqueuer"] = round(
                         results["lease_grants_per_s_pg_1_replica"] / pg["per_s"], 3
+                    )
+                if results.get("lease_grants_per_s_pg_batch_1_replica"):
+                    results["lease_grants_pg_batch_vs_pgqueuer"] = round(
+                        results["lease_grants_per_s_pg_batch_1_replica"] / pg["per_s"], 3
                     )
             else:
                 results["pgqueuer_jobs_per_s"] = None
