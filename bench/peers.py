@@ -68,9 +68,12 @@ async def pgqueuer_run(jobs: int) -> dict[str, Any]:
                 if done == jobs:
                     qm.shutdown.set()
 
+            backend = await conn.fetchval("SELECT pg_backend_pid()")
+            cpu0 = time.process_time(), _cpu_s(backend)
             start = time.perf_counter()
             await asyncio.wait_for(qm.run(), 600)
             elapsed = time.perf_counter() - start
+            cpu = time.process_time() - cpu0[0], _cpu_s(backend) - cpu0[1]
             left = await conn.fetchval("SELECT count(*) FROM pgqueuer")
         finally:
             await conn.close()
@@ -79,4 +82,20 @@ async def pgqueuer_run(jobs: int) -> dict[str, Any]:
         await admin.close()
     if done != jobs or left:
         return {"skipped": f"pgqueuer ran {done} of {jobs} jobs ({left} left queued)"}
-    return {"per_s": jobs / elapsed, "version": version}
+    return {
+        "per_s": jobs / elapsed,
+        "version": version,
+        # CPU per job: pgqueuer's Python process plus its PostgreSQL backend (the
+        # server's shared background writers are not counted; 0 when /proc is unreadable).
+        "cpu_us_per_job": (cpu[0] + cpu[1]) / jobs * 1e6,
+    }
+
+
+def _cpu_s(pid: int) -> float:
+    """CPU seconds a local process has used (user + system), 0.0 when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -169,6 +169,13 @@ def run(quick: bool, only: set[str] | None = None) -> dict[str, Any]:
             )
             results["lease_grants_batch_vs_1"] = round(batched_done["per_s"] / lease["per_s"], 3)
             results["lease_batch_p50_ms"] = round(batched_done["p50_ms"], 3)
+            # CPU per task, control plane + client (load-independent where the rate is not).
+            results["lease_batch_cpu_us_per_task"] = round(
+                batched_done["server_cpu_us_per_task"] + batched_done["client_cpu_us_per_task"]
+            )
+            results["lease_batch_server_cpu_us_per_task"] = round(
+                batched_done["server_cpu_us_per_task"]
+            )
         if want("claims"):
             for label, depth in (("1k", n["claim_small"]), ("1m", n["claim_large"])):
                 c = asyncio.run(
@@ -262,6 +269,7 @@ def run(quick: bool, only: set[str] | None = None) -> dict[str, Any]:
             if "per_s" in pg:
                 results["pgqueuer_jobs_per_s"] = round(pg["per_s"], 1)
                 results["pgqueuer_version"] = pg["version"]
+                results["pgqueuer_cpu_us_per_job"] = round(pg["cpu_us_per_job"])
                 if "lease_grants_per_s" in results:
                     results["lease_grants_vs_pgqueuer"] = round(
                         results["lease_grants_per_s"] / pg["per_s"], 3
