@@ -216,3 +216,40 @@ async def test_end_refused_after_a_restart_signs_nothing(tmp_path: Path) -> None
             assert await wait_for(lambda: journal_rows(side.state_dir) == 0)
             assert finished_receipts(side.state_dir / "spool.db", task_id) == []
             assert store.finals == 0
+
+
+async def test_crash_after_signing_before_the_journal_cleared_signs_no_second_end(
+    tmp_path: Path,
+) -> None:
+    """The sidecar dies after task_finished is spooled and before its journal entry is
+    dropped (the entry is put back as that crash leaves it): the restart's repeat is
+    answered "applied under your token", but the end is already on the node's chain,
+    so no second task_finished is signed for the lease and the export still verifies."""
+    async with start_control(tmp_path) as cp:
+        task_id = (await cp.client.submit("work", b"{}")).task.task_id
+        async with start_sidecar(tmp_path, cp.address) as side:
+            agent = side.agent("alice")
+            task = await agent.claim("work")
+            assert task is not None
+            assert (await agent.complete(task_id, result=b"done"))[0] == "succeeded"
+            await agent.close()
+            spool = side.state_dir / "spool.db"
+            ends = finished_receipts(spool, task_id)
+            assert len(ends) == 1
+            finisher = side.sidecar.deps.finisher
+            assert finisher is not None
+            left = PendingFinish(  # the journal row as the crash left it
+                receipt=dataclasses.replace(ends[0], final_state=0, seq=0, prev=""),
+                event=Event.SUCCEED,
+                result=b"done",
+                error="",
+                non_retryable=False,
+                failure_type="",
+            )
+            await finisher.journal.record(left)
+            assert finisher.resume() == 1
+            assert await wait_for(lambda: journal_rows(side.state_dir) == 0)
+            await asyncio.sleep(0.5)
+            assert len(finished_receipts(spool, task_id)) == 1, "one end per lease"
+        code, out = await export_verify(cp, tmp_path, task_id)
+        assert code == 0, out

@@ -34,6 +34,7 @@ from pathlib import Path
 from tether.core import errors as E
 from tether.core.receipts import Receipt, ReceiptKind
 from tether.core.states import Event, State
+from tether.crypto.receipts import parse_receipt
 from tether.sidecar.receipts import Slot
 
 log = logging.getLogger("tether.sidecar.finishing")
@@ -143,25 +144,30 @@ class FinishJournal:
 Transition = Callable[[PendingFinish], Awaitable[State]]
 # Signs and spools the receipt (in the room promised, if any); returns its seq.
 Emit = Callable[[Receipt, Slot | None], Awaitable[int]]
+# The envelopes of one task the node's chain still holds (`ReceiptSink.envelopes`).
+Chain = Callable[[str], list[bytes]]
 
 
 class Finisher:
     """Runs journaled final transitions to a known outcome, once each."""
 
-    def __init__(self, journal: FinishJournal, transition: Transition, emit: Emit) -> None:
+    def __init__(
+        self, journal: FinishJournal, transition: Transition, emit: Emit, chain: Chain
+    ) -> None:
         self.journal = journal
         self._transition = transition
         self._emit = emit
+        self._chain = chain
         self._running: dict[tuple[str, int], asyncio.Task[tuple[State, int]]] = {}
 
     def start(
-        self, pending: PendingFinish, slot: Slot | None = None
+        self, pending: PendingFinish, slot: Slot | None = None, resumed: bool = False
     ) -> asyncio.Task[tuple[State, int]]:
         """The task that ends `pending` (already journaled); one per task and token."""
         task = self._running.get(pending.key)
         if task is None:
             task = asyncio.create_task(
-                self._run(pending, slot), name=f"finish-{pending.receipt.task_id}"
+                self._run(pending, slot, resumed), name=f"finish-{pending.receipt.task_id}"
             )
             self._running[pending.key] = task
             task.add_done_callback(functools.partial(self._done, pending.key))
@@ -185,11 +191,17 @@ class Finisher:
                 "resuming a final transition journaled before a restart",
                 extra={"task_id": pending.receipt.task_id, "event": pending.event.name},
             )
-            self.start(pending)
+            self.start(pending, resumed=True)
         return len(found)
 
-    async def _run(self, pending: PendingFinish, slot: Slot | None) -> tuple[State, int]:
+    async def _run(
+        self, pending: PendingFinish, slot: Slot | None, resumed: bool
+    ) -> tuple[State, int]:
         """Asks until the control plane answers; signs the receipt if the end applied.
+
+        `resumed`: journaled by an earlier run, which may have died after signing
+        the receipt and before dropping the entry; an end already on the node's
+        chain under this token is not signed again (one end per lease).
 
         Returns:
             (state after the transition, seq of the task_finished receipt).
@@ -215,10 +227,21 @@ class Finisher:
             except E.TetherError:
                 await self.journal.clear(pending)
                 raise
-        receipt = dataclasses.replace(pending.receipt, final_state=int(state))
-        seq = await self._emit(receipt, slot)
+        seq = self._signed(pending) if resumed else None
+        if seq is None:
+            receipt = dataclasses.replace(pending.receipt, final_state=int(state))
+            seq = await self._emit(receipt, slot)
         await self.journal.clear(pending)
         return state, seq
+
+    def _signed(self, pending: PendingFinish) -> int | None:
+        """Seq of the task_finished the node's chain already holds under `pending`'s token."""
+        task_id, token = pending.key
+        for envelope in self._chain(task_id):
+            receipt = parse_receipt(envelope)[1]
+            if receipt.kind is ReceiptKind.TASK_FINISHED and receipt.fencing_token == token:
+                return receipt.seq
+        return None
 
     async def close(self) -> None:
         """Stops what is still asking; the journal keeps it for the next start."""

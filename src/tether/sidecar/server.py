@@ -210,7 +210,7 @@ class Sidecar:
         )
 
         deps.finisher = Finisher(
-            FinishJournal(state / "finishing.db"), final_transition(deps), sink.emit
+            FinishJournal(state / "finishing.db"), final_transition(deps), sink.emit, sink.envelopes
         )
         resumed = deps.finisher.resume()  # ends a crash left unconfirmed, before serving
         if resumed:
