@@ -18,7 +18,9 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from tether.core.receipts import ReceiptKind
 from tether.core.states import Event, State
 from tether.crypto.receipts import parse_receipt
 from tether.sidecar.finishing import PendingFinish
+from tether.sidecar.tools.base import ToolContext
 from tether.store.sqlite import SqliteStore
 from tether.testing import ControlHandle, spawn_sidecar_cli, start_control, start_sidecar
 from tether.verify import encode_bundle
@@ -251,5 +254,70 @@ async def test_crash_after_signing_before_the_journal_cleared_signs_no_second_en
             assert await wait_for(lambda: journal_rows(side.state_dir) == 0)
             await asyncio.sleep(0.5)
             assert len(finished_receipts(spool, task_id)) == 1, "one end per lease"
+        code, out = await export_verify(cp, tmp_path, task_id)
+        assert code == 0, out
+
+
+GATE = threading.Event()
+
+
+def append_then_wait(ctx: ToolContext, args: Mapping[str, Any]) -> dict[str, Any]:
+    """Appends a line (the effect), then waits for the test before it reports."""
+    with Path(str(ctx.config["path"])).open("a") as out:
+        out.write(f"{args['line']}\n")
+    GATE.wait(60)
+    return {"wrote": args["line"]}
+
+
+def tool_policy(effects: Path) -> str:
+    return f"""
+version = 1
+[agents.alice]
+queues = ["work"]
+[tools.append]
+adapter = "python"
+[tools.append.python]
+entrypoint = "{__name__}:append_then_wait"
+config = {{ path = "{effects}" }}
+[queues.work]
+tools = ["append"]
+"""
+
+
+async def test_complete_racing_a_running_tool_call_keeps_the_chain_ordered(
+    tmp_path: Path,
+) -> None:
+    """A hostile agent calls CompleteTask while its own tool call still runs under the
+    same lease: no receipt of that lease may follow its task_finished on the node's
+    chain, and the task's export verifies strictly."""
+    GATE.clear()
+    effects = tmp_path / "effects.txt"
+    async with start_control(tmp_path, policy=tool_policy(effects)) as cp:
+        task_id = (await cp.client.submit("work", b"{}")).task.task_id
+        async with start_sidecar(tmp_path, cp.address) as side:
+            agent = side.agent("alice")
+            task = await agent.claim("work")
+            assert task is not None
+            call = asyncio.create_task(
+                agent.call_tool(task_id, "append", {"line": "x"}, idempotency_key="k")
+            )
+            assert await wait_for(lambda: effects.exists() and effects.read_text())
+            done = asyncio.create_task(agent.complete(task_id, result=b"done"))
+            await asyncio.sleep(1.0)
+            GATE.set()
+            raced = await asyncio.gather(call, done, return_exceptions=True)
+            assert not isinstance(raced[0], BaseException), raced[0]
+            if isinstance(raced[1], BaseException):  # refused while the call ran: ask again
+                assert "under way" in str(raced[1]), raced[1]
+                assert (await agent.complete(task_id, result=b"done"))[0] == "succeeded"
+            await agent.close()
+            spool = side.state_dir / "spool.db"
+            with contextlib.closing(sqlite3.connect(spool)) as db:
+                rows = db.execute(
+                    "SELECT envelope FROM spool WHERE task_id = ? ORDER BY seq", (task_id,)
+                ).fetchall()
+            kinds = [parse_receipt(bytes(r[0]))[1].kind for r in rows]
+            assert kinds.count(ReceiptKind.TASK_FINISHED) == 1, kinds
+            assert kinds[-1] == ReceiptKind.TASK_FINISHED, kinds
         code, out = await export_verify(cp, tmp_path, task_id)
         assert code == 0, out

@@ -506,19 +506,20 @@ class BrokerServicer(bpb_grpc.BrokerServiceServicer):
         if len(request.value) > MAX_VALUE_BYTES:
             raise E.InvalidArgument("value", "larger than 1 MiB")
         agent, held = await self._held(context, request.task_id)
-        await self._check_memory_scope(held, scope)
-        await self.d.leases.check_live(held)  # the point of action, after the policy lookup
-        owner = held.task_id if scope is Scope.TASK else agent
-        now = self.d.clock.now_ms()
-        digest = await self.d.memory.put(scope, owner, request.key, request.value, now)
-        await self.d.sink.emit(
-            held.receipt(
-                ReceiptKind.MEMORY_WRITE,
-                now,
-                memory_key=f"{scope.name.lower()}:{request.key}",
-                result_sha256=digest,
+        with held.acting():  # its receipt never follows the lease's task_finished
+            await self._check_memory_scope(held, scope)
+            await self.d.leases.check_live(held)  # the point of action, after the policy lookup
+            owner = held.task_id if scope is Scope.TASK else agent
+            now = self.d.clock.now_ms()
+            digest = await self.d.memory.put(scope, owner, request.key, request.value, now)
+            await self.d.sink.emit(
+                held.receipt(
+                    ReceiptKind.MEMORY_WRITE,
+                    now,
+                    memory_key=f"{scope.name.lower()}:{request.key}",
+                    result_sha256=digest,
+                )
             )
-        )
         return bpb.RememberResponse(sha256=digest)
 
     @handle_errors
@@ -603,6 +604,11 @@ class BrokerServicer(bpb_grpc.BrokerServiceServicer):
             async with held.lock:
                 if held.finished:
                     raise E.InvalidTransition(f"task {held.task_id!r} is already finished")
+                if held.acting_count:  # none starts now (`HeldLease.acting`)
+                    raise E.InvalidTransition(
+                        f"task {held.task_id!r} still has {held.acting_count} tool call(s), "
+                        "memory write(s) or upload(s) under way; complete it after they return"
+                    )
                 if succeeded:
                     await self._start_locked(held)  # succeed needs running; start implicitly
                 await self.d.mediator.end_lease(held)  # unspent budget back before the end
@@ -666,6 +672,16 @@ class BrokerServicer(bpb_grpc.BrokerServiceServicer):
         if not ARTIFACT_NAME_RE.match(header.name) or header.name in (".", ".."):
             raise E.InvalidArgument("name", "must match [A-Za-z0-9._-]{1,200}")
         _, held = await self._held(context, header.task_id)
+        with held.acting():  # its receipt never follows the lease's task_finished
+            return await self._put_artifact(held, header, request_iterator)
+
+    async def _put_artifact(
+        self,
+        held: HeldLease,
+        header: bpb.ArtifactHeader,
+        request_iterator: AsyncIterator[bpb.PutArtifactRequest],
+    ) -> bpb.PutArtifactResponse:
+        """`PutArtifact` after its header, counted as acting under the lease."""
         limit = self.d.max_artifact_bytes
         spec = await self._queue_spec(held)
         if spec is not None:

@@ -117,6 +117,26 @@ class HeldLease:
     # The final transition has left (journaled): nothing else acts under the lease, and
     # a lapse meanwhile is not the lease's end on record; the control plane's answer is.
     final_in_flight: bool = False
+    # Actions under way under the lease (`acting`): its end waits for none of them.
+    acting_count: int = 0
+
+    @contextlib.contextmanager
+    def acting(self) -> Iterator[None]:
+        """Around an action that signs a receipt under the lease (a tool call, a
+        memory write, an artifact): refused once CompleteTask was asked, which in
+        turn refuses while any is under way, so nothing of the lease follows its
+        task_finished on the node's chain.
+
+        Raises:
+            InvalidTransition: the task is being completed.
+        """
+        if self.finishing is not None or self.final_in_flight:
+            raise E.InvalidTransition(f"task {self.task_id!r} is being completed")
+        self.acting_count += 1
+        try:
+            yield
+        finally:
+            self.acting_count -= 1
 
     @property
     def task_id(self) -> str:

@@ -606,6 +606,18 @@ class Mediator:
         """
         if held.agent != agent:
             raise E.NotOwner(f"task {held.task_id!r} is leased to another agent")
+        with held.acting():  # its receipt never follows the lease's task_finished
+            return await self._call_tool(held, tool, arguments_json, idempotency_key, deadline_s)
+
+    async def _call_tool(
+        self,
+        held: HeldLease,
+        tool: str,
+        arguments_json: str,
+        idempotency_key: str,
+        deadline_s: float | None,
+    ) -> ToolOutcome:
+        """`call_tool` for the lease's own agent, counted as acting under the lease."""
         arguments = parse_arguments(arguments_json)
         digest = arguments_digest(arguments)
         self._fence(held, tool)
