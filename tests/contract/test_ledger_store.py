@@ -9,7 +9,7 @@ import hashlib
 from collections.abc import Sequence
 
 import pytest
-from contract_helpers import grant_lease, same_database
+from contract_helpers import grant_lease, lease_signer, same_database
 
 from tether.control.ledger import Ledger
 from tether.core.clock import FakeClock
@@ -24,8 +24,10 @@ from tether.core.leases import Lease
 from tether.core.receipts import Receipt, ReceiptKind
 from tether.crypto import merkle
 from tether.crypto.certs import issue_cert
+from tether.crypto.leases import decode_lease
 from tether.crypto.note import verify_checkpoint
 from tether.crypto.receipts import ReceiptChain
+from tether.crypto.signing import Envelope
 from tether.store.base import NodeRecord, Store, ToolCallPhase, ToolCallWrite
 from tether.verify import verify_bundle
 from tether.verify.builder import T0, seeded_key
@@ -137,6 +139,76 @@ async def test_a_carried_outcome_completes_the_started_record(nodes: Store) -> N
     kept = await nodes.lookup_tool_call("t1", "k2")
     assert kept is not None
     assert kept.result == b"first"
+
+
+async def test_a_carried_outcome_never_completes_another_lease_s_record(nodes: Store) -> None:
+    """n1 wrote STARTED for key k under token 1 and its lease lapsed; n2 (its own enrolled
+    identity) holds token 2. n2's receipt carrying an outcome for k before it took k over,
+    and n1's late receipt after n2 took it over, each sign the result they carry and are
+    appended, but neither completes a record it did not start: only the holder's own does."""
+    first = await _grant(nodes, "t1", "n1")
+    args = "a" * 64
+
+    def write(lease: Lease, node: str, **kw: object) -> ToolCallWrite:
+        return ToolCallWrite(
+            task_id="t1",
+            fencing_token=lease.fencing_token,
+            node_id=node,
+            idempotency_key="k",
+            tool="t",
+            arguments_sha256=args,
+            phase=ToolCallPhase.STARTED,
+            **kw,  # type: ignore[arg-type]
+        )
+
+    await nodes.record_tool_call(write(first, "n1"), T0 + 1)
+    await nodes.sweep_lapsed(now_ms=T0 + 60_000, backoff_base_ms=1, backoff_cap_ms=1)
+    got = await nodes.acquire_lease(
+        queue="queue-t1",
+        node_id="n2",
+        agent_id="a",
+        lease_id="lease-t1-2",
+        now_ms=T0 + 61_000,
+        sign=lease_signer(CONTROL, T0 + 61_000),
+    )
+    assert got is not None
+    second = decode_lease(Envelope.from_json_bytes(got[1]).payload)
+    assert second.fencing_token > first.fencing_token
+    chains = {n: ReceiptChain(n, NODE_KEYS[n]) for n in ("n1", "n2")}
+
+    def call(node: str, lease: Lease, i: int, result: bytes) -> bytes:
+        receipt = dataclasses.replace(
+            _receipt(lease, i),
+            time_unix_ms=lease.issued_unix_ms + i,
+            idempotency_key="k",
+            arguments_sha256=args,
+            result_sha256=hashlib.sha256(result).hexdigest(),
+        )
+        return chains[node].sign(receipt)
+
+    ledger = await _ledger(nodes)
+    assert (await ledger.ingest("n2", [(1, call("n2", second, 1, b"n2"))], {1: b"n2"}))[0] == 1
+    rec = await nodes.lookup_tool_call("t1", "k")
+    assert rec is not None
+    assert (rec.phase, rec.node_id, rec.fencing_token) == (
+        ToolCallPhase.STARTED,
+        "n1",
+        first.fencing_token,
+    )
+    taken, _ = await nodes.record_tool_call(write(second, "n2", take_over=True), T0 + 61_001)
+    assert (taken.phase, taken.fencing_token) == (ToolCallPhase.STARTED, second.fencing_token)
+    assert (await ledger.ingest("n1", [(1, call("n1", first, 1, b"n1"))], {1: b"n1"}))[0] == 1
+    rec = await nodes.lookup_tool_call("t1", "k")
+    assert rec is not None
+    assert (rec.phase, rec.node_id, rec.fencing_token) == (
+        ToolCallPhase.STARTED,
+        "n2",
+        second.fencing_token,
+    )
+    assert (await ledger.ingest("n2", [(2, call("n2", second, 2, b"ok"))], {2: b"ok"}))[0] == 2
+    rec = await nodes.lookup_tool_call("t1", "k")
+    assert rec is not None
+    assert (rec.phase, rec.result, rec.node_id) == (ToolCallPhase.COMPLETED, b"ok", "n2")
 
 
 async def test_ingest_dedupes_identical_resends(nodes: Store) -> None:
