@@ -24,7 +24,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tether.agent import AgentClient
+from tether.core import errors as E
 from tether.core.receipts import ReceiptKind
 from tether.core.states import Event, State
 from tether.crypto.receipts import parse_receipt
@@ -321,3 +324,29 @@ async def test_complete_racing_a_running_tool_call_keeps_the_chain_ordered(
             assert kinds[-1] == ReceiptKind.TASK_FINISHED, kinds
         code, out = await export_verify(cp, tmp_path, task_id)
         assert code == 0, out
+
+
+async def test_another_agent_cannot_join_an_in_flight_completion(tmp_path: Path) -> None:
+    """While alice's CompleteTask waits for the control plane, bob (another agent of the
+    same sidecar) calls CompleteTask on her task, with her outcome and with another:
+    refused as not his, never answered with her end, and her end is signed once."""
+    store = SlowAnswerStore(tmp_path / "control.db")
+    async with start_control(tmp_path, store=store) as cp:
+        task_id = (await cp.client.submit("work", b"{}")).task.task_id
+        async with start_sidecar(tmp_path, cp.address, agents=("alice", "bob")) as side:
+            alice, bob = side.agent("alice"), side.agent("bob")
+            task = await alice.claim("work")
+            assert task is not None
+            store.delay_s = 1.5
+            mine = asyncio.create_task(alice.complete(task_id, result=b"done"))
+            await asyncio.wait_for(store.committed.wait(), 10)
+            for succeeded in (True, False):
+                with pytest.raises(E.NotOwner):
+                    await bob.complete(task_id, result=b"bob", succeeded=succeeded)
+            assert (await mine)[0] == "succeeded"
+            with pytest.raises(E.NotOwner):  # nor once it ended
+                await bob.complete(task_id, result=b"bob")
+            await asyncio.gather(alice.close(), bob.close())
+            ends = finished_receipts(side.state_dir / "spool.db", task_id)
+            assert [e.agent_id for e in ends] == ["alice"]
+            assert store.finals == 1
