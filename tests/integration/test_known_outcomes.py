@@ -18,9 +18,12 @@ from typing import Any
 import pytest
 
 from tether.control.service import ControlConfig
+from tether.core import errors as E
 from tether.core.clock import FakeClock
 from tether.core.states import State
 from tether.sidecar.tools.base import ToolContext
+from tether.store.base import LedgerHead, LedgerLeaf
+from tether.store.sqlite import SqliteStore
 from tether.testing import endpoint, spawn_control_cli, start_control, start_sidecar
 
 TTL_MS = 30_000
@@ -177,3 +180,72 @@ async def test_outcome_kept_during_an_outage_is_recorded_without_a_retry(
             await asyncio.sleep(0.1)
         assert recorded == "COMPLETED"
     assert effects.read_text().splitlines() == ["kept"]
+
+
+class HeldOutcomeStore(SqliteStore):
+    """Appends receipts like any store, but holds back every batch carrying a tool call's
+    outcome until `release` is set (the ledger has not acknowledged it yet)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.release = asyncio.Event()
+
+    async def ledger_append(
+        self, node_id: str, expect: LedgerHead | None, leaves: list[LedgerLeaf], now_ms: int
+    ) -> list[int] | None:
+        if any(leaf.tool_call is not None for leaf in leaves):
+            await self.release.wait()
+        return await super().ledger_append(node_id, expect, leaves, now_ms)
+
+
+async def test_sidecar_restart_before_the_ack_never_runs_an_idempotent_tool_again(
+    tmp_path: Path,
+) -> None:
+    """A keyed call of an idempotent tool ran and its outcome is in the spool, unacked; the
+    sidecar restarts, the lease lapses and the same node claims the task again. Its retry
+    with the key must not re-stamp the STARTED record and re-run the tool: it waits for
+    the spooled outcome's ack, then gets that outcome, replayed. The effect happens once."""
+    effects = tmp_path / "effects.txt"
+    rules = f"""
+version = 1
+[agents.alice]
+queues = ["work"]
+[tools.append]
+adapter = "python"
+idempotent = true
+[tools.append.python]
+entrypoint = "tether.sidecar.tools.builtin:append_line"
+config = {{ path = "{effects}" }}
+[queues.work]
+tools = ["append"]
+lease_ttl_ms = {TTL_MS}
+max_attempts = 2
+"""
+    store = HeldOutcomeStore(tmp_path / "control.db")
+    clock = FakeClock(time.time_ns() // 1_000_000)
+    config = ControlConfig(backoff_base_ms=1, backoff_cap_ms=1)
+    async with start_control(tmp_path, clock=clock, policy=rules, config=config, store=store) as cp:
+        tid = (await cp.client.submit("work", b"{}")).task.task_id
+        async with start_sidecar(tmp_path, cp.address) as side, side.agent("alice") as alice:
+            task = await alice.claim("work")
+            assert task is not None
+            first = await alice.call_tool(tid, "append", {"line": "once"}, idempotency_key="k")
+            assert not first.replayed
+        record = await cp.service.lookup_tool_call(tid, "k")
+        assert record is not None
+        assert record.phase.name == "STARTED"
+        clock.advance(TTL_MS + 1_000)
+        await cp.service.sweep()  # a stop gives its leases back; else they lapse here
+        assert (await cp.client.get_task(tid)).task.state == State.QUEUED
+        clock.advance(10)
+        async with start_sidecar(tmp_path, cp.address) as side, side.agent("alice") as alice:
+            again_task = await alice.claim("work", wait_ms=5_000)
+            assert again_task is not None
+            assert again_task.fencing_token > task.fencing_token
+            with pytest.raises(E.Unavailable, match="will not run again"):
+                await alice.call_tool(tid, "append", {"line": "once"}, idempotency_key="k")
+            store.release.set()
+            again = await alice.call_tool(tid, "append", {"line": "once"}, idempotency_key="k")
+            assert again.replayed
+            assert again.result == first.result
+    assert effects.read_text().splitlines() == ["once"]
