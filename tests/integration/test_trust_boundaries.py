@@ -823,6 +823,59 @@ async def test_node_cannot_write_receipts_about_tasks_it_never_held(tmp_path: Pa
             assert len(after) == len(before)
 
 
+async def test_oversized_carried_outcome_is_refused_before_anything_is_appended(
+    tmp_path: Path,
+) -> None:
+    """A node streams its own keyed tool_call receipt carrying an outcome over the 1 MiB
+    limit (whose digest the receipt does sign): refused, nothing appended, and the key's
+    STARTED record is left as it was."""
+    from tether.core.receipts import Receipt, ReceiptKind
+    from tether.crypto.receipts import sign_receipt
+
+    async with start_control(tmp_path) as cp:
+        task = (await cp.client.submit("work", b"{}")).task
+        key = SigningKey.generate()
+        node = await cp.node_client("node-a", key)
+        async with node:
+            got = await node.acquire_lease("work", "node-a", "alice")
+            token = got.task.fencing_token
+            args = "a" * 64
+            await node.record_tool_call(task.task_id, token, "k", "t", args, 1, "node-a")
+            big = b"x" * ((1 << 20) + 1)
+            receipt = Receipt(
+                kind=ReceiptKind.TOOL_CALL, node_id="node-a", task_id=task.task_id,
+                attempt=1, fencing_token=token, agent_id="alice", lease_id="l_x",
+                lease_issued_unix_ms=1, lease_expires_unix_ms=2, time_unix_ms=1, seq=1,
+                tool="t", idempotency_key="k", arguments_sha256=args,
+                result_sha256=hashlib.sha256(big).hexdigest(), status="ok",
+            )  # fmt: skip
+            before = (await cp.client.export_bundle([])).entries
+            stream = node.stub.StreamReceipts(
+                iter(
+                    [
+                        pb.StreamReceiptsRequest(
+                            node_id="node-a",
+                            receipts=[
+                                pb.SpooledReceipt(
+                                    seq=1,
+                                    envelope=sign_receipt(receipt, key),
+                                    tool_call_result=big,
+                                )
+                            ],
+                        )
+                    ]
+                ),
+                timeout=10,
+            )
+            code, msg = await refused(_drain(stream))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT, msg
+            assert "tool_call_result" in msg, msg
+            assert len((await cp.client.export_bundle([])).entries) == len(before)
+            record = await cp.service.lookup_tool_call(task.task_id, "k")
+            assert record is not None
+            assert (record.phase.name, record.result) == ("STARTED", b"")
+
+
 async def test_plaintext_is_refused_on_a_network_address(tmp_path: Path) -> None:
     """--insecure-plaintext serves loopback or a Unix socket only, never a network address."""
     from tether.control.server import start_server
