@@ -211,6 +211,39 @@ async def test_a_carried_outcome_never_completes_another_lease_s_record(nodes: S
     assert (rec.phase, rec.result, rec.node_id) == (ToolCallPhase.COMPLETED, b"ok", "n2")
 
 
+async def test_a_lease_gets_one_task_finished(nodes: Store) -> None:
+    """A node signing a second, different task_finished for the lease it already ended
+    (in a later batch or in the same one) is refused: the append-only ledger would hold
+    two ends for the lease and its task's export would never verify again. An identical
+    resend of the end is still acknowledged."""
+    lease = await _grant(nodes, "t1", "n1")
+    chain = ReceiptChain("n1", NODE_KEYS["n1"])
+
+    def end(i: int) -> bytes:
+        receipt = dataclasses.replace(
+            _receipt(lease, i),
+            kind=ReceiptKind.TASK_FINISHED,
+            tool="",
+            final_state=4,
+        )
+        return chain.sign(receipt)
+
+    ledger = await _ledger(nodes)
+    first = end(0)
+    assert await ledger.ingest("n1", [(1, first)]) == (1, 0)
+    assert await ledger.ingest("n1", [(1, first)]) == (1, 0)
+    second = end(1)
+    with pytest.raises(InvalidArgument, match="already ended"):
+        await ledger.ingest("n1", [(2, second)])
+    other = await _grant(nodes, "t2", "n2")
+    chain = ReceiptChain("n2", NODE_KEYS["n2"])
+    ends = [dataclasses.replace(_receipt(other, i), kind=ReceiptKind.TASK_FINISHED,
+            tool="", final_state=4) for i in (0, 1)]  # fmt: skip
+    with pytest.raises(InvalidArgument, match="already ended"):
+        await ledger.ingest("n2", [(1, chain.sign(ends[0])), (2, chain.sign(ends[1]))])
+    assert ledger.size == 1
+
+
 async def test_ingest_dedupes_identical_resends(nodes: Store) -> None:
     """A replayed batch is acknowledged again without new leaves."""
     ledger = await _ledger(nodes)

@@ -515,6 +515,41 @@ class Ledger:
             if c.final:
                 await self._check_holder_end(node_id, c)
 
+    @staticmethod
+    def _second_end(node_id: str, c: _Checked) -> InvalidArgument:
+        return InvalidArgument(
+            "receipts",
+            f"node {node_id} seq {c.seq}: a second task_finished for task {c.task_id} under "
+            f"fencing token {c.fencing_token}, a lease its holder already ended",
+        )
+
+    async def _check_one_end(self, node_id: str, c: _Checked, new: Sequence[_Checked]) -> None:
+        """One task_finished per lease: neither the ledger nor the rest of the batch being
+        appended (`new`) holds another for its (task, token).
+
+        A second end (a hostile node, or a sidecar that signed its end twice) would
+        give the lease two ends on the append-only ledger and the task's export
+        would never verify again. Checked in the append (one at a time), so an end
+        in the batch committing meanwhile is seen; identical resends were already
+        de-duplicated.
+
+        Raises:
+            InvalidArgument: another task_finished for the lease is stored or in `new`.
+        """
+        if any(x.final and (x.task_id, x.fencing_token) == (c.task_id, c.fencing_token)
+               for x in new):  # fmt: skip
+            raise self._second_end(node_id, c)
+        after = -1
+        while True:
+            page = await self.store.ledger_export_page([c.task_id], after, 1 << 62, 1000)
+            for entry in page:
+                r = parse_statement(parse_canonical_envelope(entry.envelope).payload)
+                if r.kind is ReceiptKind.TASK_FINISHED and r.fencing_token == c.fencing_token:
+                    raise self._second_end(node_id, c)
+            if len(page) < 1000:
+                return
+            after = page[-1].leaf_index
+
     async def _check_holder_end(self, node_id: str, c: _Checked) -> None:
         """A task_finished receipt only for a lease its holder's own transition ended.
 
@@ -581,6 +616,7 @@ class Ledger:
         old = await self.store.ledger_envelopes(node_id, dup_seqs) if dup_seqs else {}
         last_seq, last_digest = head.seq, head.digest
         new: list[LedgerLeaf] = []
+        ends: list[_Checked] = []  # the task_finished receipts among `new`
         ack_index = head.leaf_index
         for r in parsed:
             seq, data = r.seq, r.envelope
@@ -613,6 +649,9 @@ class Ledger:
                 raise InvalidArgument(
                     "receipts", f"node {node_id} seq {seq}: prev is not the previous envelope"
                 )
+            if r.final:
+                await self._check_one_end(node_id, r, ends)
+                ends.append(r)
             digest = envelope_digest(data)
             new.append(LedgerLeaf(seq, r.task_id, data, leaf_hash(data), digest, r.tool_call))
             last_seq, last_digest = seq, digest
