@@ -57,6 +57,8 @@ ARTIFACT_NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 # How long CompleteTask waits for the control plane to confirm the end before it
 # answers UNAVAILABLE (the sidecar keeps asking; a repeated CompleteTask joins it).
 FINISH_WAIT_S = 30.0
+# How long CompleteTask waits for the actions it stopped to return (their receipts first).
+ACTING_GRACE_S = 5.0
 _LOST = (E.StaleFencingToken, E.LeaseExpired, E.NotOwner, E.NotFound)
 
 
@@ -605,10 +607,16 @@ class BrokerServicer(bpb_grpc.BrokerServiceServicer):
                 if held.finished:
                     raise E.InvalidTransition(f"task {held.task_id!r} is already finished")
                 if held.acting_count:  # none starts now (`HeldLease.acting`)
-                    raise E.InvalidTransition(
-                        f"task {held.task_id!r} still has {held.acting_count} tool call(s), "
-                        "memory write(s) or upload(s) under way; complete it after they return"
-                    )
+                    # Completing ends the lease's work: what still runs is stopped now (its
+                    # process tree, its MCP server), as the lease's end always did, and the
+                    # end waits for its receipt, which must precede task_finished.
+                    held.drop_credentials()
+                    if not await held.wait_idle(ACTING_GRACE_S):
+                        raise E.InvalidTransition(
+                            f"task {held.task_id!r} still has {held.acting_count} tool "
+                            "call(s), memory write(s) or upload(s) under way after "
+                            f"{ACTING_GRACE_S:.0f} s; complete it after they return"
+                        )
                 if succeeded:
                     await self._start_locked(held)  # succeed needs running; start implicitly
                 await self.d.mediator.end_lease(held)  # unspent budget back before the end

@@ -117,15 +117,20 @@ class HeldLease:
     # The final transition has left (journaled): nothing else acts under the lease, and
     # a lapse meanwhile is not the lease's end on record; the control plane's answer is.
     final_in_flight: bool = False
-    # Actions under way under the lease (`acting`): its end waits for none of them.
+    # Actions under way under the lease (`acting`): CompleteTask stops them and waits
+    # for their receipts before it ends the lease (none may follow task_finished).
     acting_count: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    def __post_init__(self) -> None:
+        self.idle.set()  # nothing under way yet
 
     @contextlib.contextmanager
     def acting(self) -> Iterator[None]:
         """Around an action that signs a receipt under the lease (a tool call, a
         memory write, an artifact): refused once CompleteTask was asked, which in
-        turn refuses while any is under way, so nothing of the lease follows its
-        task_finished on the node's chain.
+        turn stops those under way and waits for them, so nothing of the lease
+        follows its task_finished on the node's chain.
 
         Raises:
             InvalidTransition: the task is being completed.
@@ -133,10 +138,21 @@ class HeldLease:
         if self.finishing is not None or self.final_in_flight:
             raise E.InvalidTransition(f"task {self.task_id!r} is being completed")
         self.acting_count += 1
+        self.idle.clear()
         try:
             yield
         finally:
             self.acting_count -= 1
+            if not self.acting_count:
+                self.idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """True once no action is under way under the lease; False after `timeout_s`."""
+        try:
+            await asyncio.wait_for(self.idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     @property
     def task_id(self) -> str:
