@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -124,3 +125,30 @@ def db_bytes(db: Path) -> bytes:
         if path.exists():
             out += path.read_bytes()
     return out
+
+
+async def export_and_verify(
+    control: ControlHandle, tmp_path: Path, tasks: list[str], *flags: str
+) -> tuple[int, str]:
+    """Exports `tasks` and runs the real `tether verify` on the file (offline); retries for
+    up to 20 s while the receipts are still streaming to the ledger. (exit code, output)"""
+    from tether.verify import encode_bundle
+    from tether.verify.bundle import bundle_from_proto
+
+    path = tmp_path / "bundle.json"
+    pub = tmp_path / "control.pub"
+    pub.write_bytes(control.key.public.pem())
+    deadline = time.monotonic() + 20
+    while True:
+        bundle = bundle_from_proto(await control.client.export_bundle(tasks))
+        path.write_bytes(encode_bundle(bundle))
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "tether.cli", "verify", str(path), "--trust", str(pub), *flags],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if done.returncode == 0 or time.monotonic() > deadline:
+            return done.returncode, done.stdout + done.stderr
+        await asyncio.sleep(0.5)

@@ -17,7 +17,6 @@ import dataclasses
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from control_fixtures import export_and_verify
 
 from tether.agent import AgentClient
 from tether.core import errors as E
@@ -34,9 +34,7 @@ from tether.crypto.receipts import parse_receipt
 from tether.sidecar.finishing import PendingFinish
 from tether.sidecar.tools.base import ToolContext
 from tether.store.sqlite import SqliteStore
-from tether.testing import ControlHandle, spawn_sidecar_cli, start_control, start_sidecar
-from tether.verify import encode_bundle
-from tether.verify.bundle import bundle_from_proto
+from tether.testing import spawn_sidecar_cli, start_control, start_sidecar
 
 
 class SlowAnswerStore(SqliteStore):
@@ -55,28 +53,6 @@ class SlowAnswerStore(SqliteStore):
             self.committed.set()
             await asyncio.sleep(self.delay_s)
         return record
-
-
-async def export_verify(control: ControlHandle, tmp_path: Path, task_id: str) -> tuple[int, str]:
-    """Exports the task and runs the real `tether verify` (strict) on the file, offline;
-    retries while receipts are still streaming to the ledger (20 s)."""
-    path = tmp_path / "bundle.json"
-    pub = tmp_path / "control.pub"
-    pub.write_bytes(control.key.public.pem())
-    deadline = time.monotonic() + 20
-    while True:
-        bundle = bundle_from_proto(await control.client.export_bundle([task_id]))
-        path.write_bytes(encode_bundle(bundle))
-        done = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-m", "tether.cli", "verify", str(path), "--trust", str(pub)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if done.returncode == 0 or time.monotonic() > deadline:
-            return done.returncode, done.stdout + done.stderr
-        await asyncio.sleep(0.5)
 
 
 def finished_receipts(spool: Path, task_id: str) -> list[Any]:
@@ -134,7 +110,7 @@ async def test_agent_hanging_up_after_the_commit_still_gets_the_final_receipt(
             assert again[0] == "succeeded"
             assert store.finals == 1
             await agent.close()
-        code, out = await export_verify(cp, tmp_path, task_id)
+        code, out = await export_and_verify(cp, tmp_path, [task_id])
         assert code == 0, out
         assert (await cp.client.get_task(task_id)).task.state == State.SUCCEEDED
 
@@ -179,7 +155,7 @@ async def test_sidecar_killed_after_the_commit_signs_the_end_when_it_restarts(
             assert end.status == "ok"
             assert end.lease_issued_unix_ms <= end.time_unix_ms <= end.lease_expires_unix_ms
             assert await wait_for(lambda: journal_rows(state_dir) == 0)
-            code, out = await export_verify(cp, tmp_path, task_id)
+            code, out = await export_and_verify(cp, tmp_path, [task_id])
             assert code == 0, out
     finally:
         for proc in procs:
@@ -257,7 +233,7 @@ async def test_crash_after_signing_before_the_journal_cleared_signs_no_second_en
             assert await wait_for(lambda: journal_rows(side.state_dir) == 0)
             await asyncio.sleep(0.5)
             assert len(finished_receipts(spool, task_id)) == 1, "one end per lease"
-        code, out = await export_verify(cp, tmp_path, task_id)
+        code, out = await export_and_verify(cp, tmp_path, [task_id])
         assert code == 0, out
 
 
@@ -322,7 +298,7 @@ async def test_complete_racing_a_running_tool_call_keeps_the_chain_ordered(
             kinds = [parse_receipt(bytes(r[0]))[1].kind for r in rows]
             assert kinds.count(ReceiptKind.TASK_FINISHED) == 1, kinds
             assert kinds[-1] == ReceiptKind.TASK_FINISHED, kinds
-        code, out = await export_verify(cp, tmp_path, task_id)
+        code, out = await export_and_verify(cp, tmp_path, [task_id])
         assert code == 0, out
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from control_fixtures import operator_args
+from control_fixtures import export_and_verify, operator_args
 
 from tether.agent import AgentClient, Task
 from tether.core import errors as E
@@ -310,7 +310,7 @@ non_retryable_reasons = ["bad-input"]
         got = await e.task(listed.task_id)
         assert (got.attempt, got.end_reason) == (1, EndReason.NON_RETRYABLE)
         # Attempt 1's task_finished says queued (retried), attempt 2's failed: one final each.
-        code, out = await _export_verify(
+        code, out = await export_and_verify(
             e.control, tmp_path, [flaky.task_id, listed.task_id], "--json"
         )
         assert code == 0, out
@@ -617,32 +617,6 @@ async def test_renew_lease_answers_with_the_reason_the_control_plane_ended_it(
 # --------------------------------------------------------------------------- on the record
 
 
-async def _export_verify(
-    control: ControlHandle, tmp_path: Path, tasks: list[str], *flags: str
-) -> tuple[int, str]:
-    """Exports `tasks` and runs the real `tether verify` on the file (offline)."""
-    from tether.verify import encode_bundle
-    from tether.verify.bundle import bundle_from_proto
-
-    path = tmp_path / "bundle.json"
-    pub = tmp_path / "control.pub"
-    pub.write_bytes(control.key.public.pem())
-    deadline = time.monotonic() + 20
-    while True:  # receipts stream to the ledger in the background
-        bundle = bundle_from_proto(await control.client.export_bundle(tasks))
-        path.write_bytes(encode_bundle(bundle))
-        done = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-m", "tether.cli", "verify", str(path), "--trust", str(pub), *flags],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if done.returncode == 0 or time.monotonic() > deadline:
-            return done.returncode, done.stdout + done.stderr
-        await asyncio.sleep(0.5)
-
-
 async def test_exported_bundle_verifies_and_shows_the_timeout_and_cancel_receipts(
     tmp_path: Path,
 ) -> None:
@@ -669,7 +643,7 @@ async def test_exported_bundle_verifies_and_shows_the_timeout_and_cancel_receipt
 
         await until(ended)
         ids = [timed.task_id, canceled.task_id]
-        code, out = await _export_verify(e.control, tmp_path, ids, "--json")
+        code, out = await export_and_verify(e.control, tmp_path, ids, "--json")
         assert code == 0, out
         report = json.loads(out[out.index("{") :])
         tasks = {t["task_id"]: t for t in report["tasks"]}
@@ -698,7 +672,7 @@ async def test_exported_bundle_verifies_and_shows_the_timeout_and_cancel_receipt
         assert limit.startswith("deadline=")  # from the signed lease, shown by the verifier
         assert tasks[timed.task_id]["limits"][1].startswith("attempt 1 granted=")
         assert tasks[canceled.task_id]["limits"] == []  # no limit was set
-        code, human = await _export_verify(e.control, tmp_path, ids, "--timeline")
+        code, human = await export_and_verify(e.control, tmp_path, ids, "--timeline")
         assert code == 0, human
         assert "limit (signed lease)  deadline=" in human
 
@@ -759,7 +733,7 @@ async def test_on_postgresql_the_databases_clock_decides_and_is_on_the_record(
 
             await until(ended)
             assert (await e.task(timed.task_id)).end_reason == EndReason.DEADLINE
-            code, out = await _export_verify(e.control, tmp_path, [timed.task_id], "--json")
+            code, out = await export_and_verify(e.control, tmp_path, [timed.task_id], "--json")
             assert code == 0, out
             report = json.loads(out[out.index("{") :])
             (end,) = [
