@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from control_bench import QUEUE, bench_policy, drain_in_batches
+from control_bench import QUEUE, bench_policy, cpu_s, drain_in_batches
 from psycopg import sql
 
 from tether.control.client import ControlClient
@@ -61,11 +61,38 @@ async def _prepare(url: str, tasks: int) -> None:
         )
 
 
+def _postgres_cpu_s() -> float:
+    """CPU seconds used so far by every `postgres` process on the machine (postmaster,
+    backends, background writers): the database's whole share, not one backend's."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() != "postgres":
+                continue
+            total += cpu_s(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+    return total
+
+
+def _machine_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies over all cores since boot, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
 async def replica_lease_run(
     tmp: Path, replicas: int, tasks: int, concurrency: int, batch: int = 0
-) -> float:
+) -> dict[str, float]:
     """Grants per second with `replicas` processes sharing one database; with `batch`,
-    workers take and end tasks in batches (control_bench.drain_in_batches)."""
+    workers take and end tasks in batches (control_bench.drain_in_batches).
+
+    Also where the CPU went, per task (the replicas, every PostgreSQL process, this
+    client), and how busy the whole machine was: on a machine whose cores are all busy
+    with one replica, a second cannot add throughput, and these figures show it."""
     with _database() as url:
         await _prepare(url, tasks)
         procs: list[subprocess.Popen[bytes]] = []
@@ -98,9 +125,22 @@ async def replica_lease_run(
                     await client.transition(t.task_id, t.fencing_token, Event.SUCCEED, node)
                     done += 1
 
+            cpu0 = (
+                sum(cpu_s(p.pid) for p in procs),
+                _postgres_cpu_s(),
+                time.process_time(),
+                _machine_ticks(),
+            )
             start = time.perf_counter()
             await asyncio.gather(*(worker(i) for i in range(concurrency)))
             elapsed = time.perf_counter() - start
+            busy1, total1 = _machine_ticks()
+            used = (
+                sum(cpu_s(p.pid) for p in procs) - cpu0[0],
+                _postgres_cpu_s() - cpu0[1],
+                time.process_time() - cpu0[2],
+            )
+            busy = (busy1 - cpu0[3][0]) / max(1, total1 - cpu0[3][1])
         finally:
             for c in clients:
                 await c.close()
@@ -113,26 +153,43 @@ async def replica_lease_run(
                     p.wait()
     if done != tasks:
         raise RuntimeError(f"replica lease run finished {done} of {tasks} tasks")
-    return done / elapsed
+    return {
+        "per_s": done / elapsed,
+        "cpu_us_per_task_replicas": used[0] / done * 1e6,
+        "cpu_us_per_task_postgres": used[1] / done * 1e6,
+        "cpu_us_per_task_client": used[2] / done * 1e6,
+        "machine_busy_pct": busy * 100,
+        "cores": float(os.cpu_count() or 1),
+    }
 
 
 def replicas_figures(
     tmp: Path, tasks: int, concurrency: int, batch: int = 0, batch_workers: int = 0
 ) -> dict[str, Any]:
     """{"lease_grants_per_s_pg_1_replica": ..., ... 3 replicas}, or a skip note; with
-    `batch`, also `lease_grants_per_s_pg_batch_1_replica` (batch workers, one replica)."""
+    `batch`, also `lease_grants_per_s_pg_batch_{1,2,3}_replica(s)` (batch workers). Each
+    run also reports its CPU per task by process group and the machine's busy share."""
     try:
         with psycopg.connect(PG_ADMIN, connect_timeout=3):
             pass
     except psycopg.Error as err:
         return {"skipped": f"PostgreSQL unreachable: {str(err).strip()[:200]}"}
     out: dict[str, Any] = {}
-    for n in (1, 2, 3):
-        per_s = asyncio.run(replica_lease_run(tmp / f"replicas-{n}", n, tasks, concurrency))
-        out[f"lease_grants_per_s_pg_{n}_replica{'s' if n > 1 else ''}"] = round(per_s, 1)
-    if batch:
-        per_s = asyncio.run(
-            replica_lease_run(tmp / "replicas-batch", 1, tasks, batch_workers, batch=batch)
-        )
-        out["lease_grants_per_s_pg_batch_1_replica"] = round(per_s, 1)
+    shapes = [("", 0, concurrency)] + ([("batch_", batch, batch_workers)] if batch else [])
+    for prefix, size, workers in shapes:
+        for n in (1, 2, 3):
+            run = asyncio.run(
+                replica_lease_run(tmp / f"replicas-{prefix}{n}", n, tasks, workers, batch=size)
+            )
+            out[f"lease_grants_per_s_pg_{prefix}{n}_replica{'s' if n > 1 else ''}"] = round(
+                run["per_s"], 1
+            )
+            for key in (
+                "cpu_us_per_task_replicas",
+                "cpu_us_per_task_postgres",
+                "cpu_us_per_task_client",
+                "machine_busy_pct",
+            ):
+                out[f"replicas_pg_{prefix}{n}_{key}"] = round(run[key], 1)
+    out["replicas_machine_cores"] = os.cpu_count() or 1
     return out

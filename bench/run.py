@@ -253,8 +253,9 @@ def run(quick: bool, only: set[str] | None = None) -> dict[str, Any]:
                 batch_workers=n["lease_batch_workers"],
             )
             if "skipped" in rep:
-                for k in ("1_replica", "2_replicas", "3_replicas", "batch_1_replica"):
-                    results[f"lease_grants_per_s_pg_{k}"] = None
+                for prefix in ("", "batch_"):
+                    for k in ("1_replica", "2_replicas", "3_replicas"):
+                        results[f"lease_grants_per_s_pg_{prefix}{k}"] = None
                 notes["lease_grants_per_s_pg_replicas"] = rep["skipped"]
             else:
                 results.update(rep)
@@ -263,6 +264,12 @@ def run(quick: bool, only: set[str] | None = None) -> dict[str, Any]:
                     / rep["lease_grants_per_s_pg_1_replica"],
                     3,
                 )
+                if rep.get("lease_grants_per_s_pg_batch_2_replicas"):
+                    results["lease_grants_pg_batch_2_vs_1_replica"] = round(
+                        rep["lease_grants_per_s_pg_batch_2_replicas"]
+                        / rep["lease_grants_per_s_pg_batch_1_replica"],
+                        3,
+                    )
             results["replica_tasks"] = n["replica_tasks"]
         if want("peers"):
             pg = asyncio.run(peers.pgqueuer_run(n["pg_jobs"]))
