@@ -84,15 +84,63 @@ def _machine_ticks() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
+CGROUP_CPU = Path("/sys/fs/cgroup/cpu")
+
+
+@contextlib.contextmanager
+def _cpu_capped(pids: list[int], cores: float | None) -> Iterator[None]:
+    """Each pid in its own cgroup (v1 `cpu`) limited to `cores` of CPU, for the run.
+
+    A model of one small machine per replica on a box with too few cores to give each
+    replica its own: it asks whether the database lets replicas add throughput when each
+    has CPU of its own, which the uncapped figure on 2 cores cannot answer."""
+    if cores is None:
+        yield
+        return
+    made: list[tuple[int, Path]] = []
+    try:
+        for pid in pids:
+            group = CGROUP_CPU / f"tether-bench-{pid}"
+            group.mkdir()
+            made.append((pid, group))
+            (group / "cpu.cfs_period_us").write_text("100000")
+            (group / "cpu.cfs_quota_us").write_text(str(int(cores * 100_000)))
+            (group / "cgroup.procs").write_text(str(pid))
+        yield
+    finally:
+        for pid, group in made:
+            with contextlib.suppress(OSError):  # back to the root group (if still alive)
+                (CGROUP_CPU / "cgroup.procs").write_text(str(pid))
+            with contextlib.suppress(OSError):
+                group.rmdir()
+
+
+def cpu_caps_available() -> bool:
+    """True when this process may create cgroup v1 `cpu` groups (root, v1 mounted)."""
+    probe = CGROUP_CPU / f"tether-bench-probe-{os.getpid()}"
+    try:
+        probe.mkdir()
+        probe.rmdir()
+    except OSError:
+        return False
+    return True
+
+
 async def replica_lease_run(
-    tmp: Path, replicas: int, tasks: int, concurrency: int, batch: int = 0
+    tmp: Path,
+    replicas: int,
+    tasks: int,
+    concurrency: int,
+    batch: int = 0,
+    cpu_cap: float | None = None,
 ) -> dict[str, float]:
     """Grants per second with `replicas` processes sharing one database; with `batch`,
     workers take and end tasks in batches (control_bench.drain_in_batches).
 
     Also where the CPU went, per task (the replicas, every PostgreSQL process, this
     client), and how busy the whole machine was: on a machine whose cores are all busy
-    with one replica, a second cannot add throughput, and these figures show it."""
+    with one replica, a second cannot add throughput, and these figures show it. With
+    `cpu_cap`, each replica process is held to that many cores (`_cpu_capped`)."""
     with _database() as url:
         await _prepare(url, tasks)
         procs: list[subprocess.Popen[bytes]] = []
@@ -125,21 +173,22 @@ async def replica_lease_run(
                     await client.transition(t.task_id, t.fencing_token, Event.SUCCEED, node)
                     done += 1
 
-            cpu0 = (
-                sum(cpu_s(p.pid) for p in procs),
-                _postgres_cpu_s(),
-                time.process_time(),
-                _machine_ticks(),
-            )
-            start = time.perf_counter()
-            await asyncio.gather(*(worker(i) for i in range(concurrency)))
-            elapsed = time.perf_counter() - start
-            busy1, total1 = _machine_ticks()
-            used = (
-                sum(cpu_s(p.pid) for p in procs) - cpu0[0],
-                _postgres_cpu_s() - cpu0[1],
-                time.process_time() - cpu0[2],
-            )
+            with _cpu_capped([p.pid for p in procs], cpu_cap):
+                cpu0 = (
+                    sum(cpu_s(p.pid) for p in procs),
+                    _postgres_cpu_s(),
+                    time.process_time(),
+                    _machine_ticks(),
+                )
+                start = time.perf_counter()
+                await asyncio.gather(*(worker(i) for i in range(concurrency)))
+                elapsed = time.perf_counter() - start
+                busy1, total1 = _machine_ticks()
+                used = (
+                    sum(cpu_s(p.pid) for p in procs) - cpu0[0],
+                    _postgres_cpu_s() - cpu0[1],
+                    time.process_time() - cpu0[2],
+                )
             busy = (busy1 - cpu0[3][0]) / max(1, total1 - cpu0[3][1])
         finally:
             for c in clients:
@@ -161,6 +210,11 @@ async def replica_lease_run(
         "machine_busy_pct": busy * 100,
         "cores": float(os.cpu_count() or 1),
     }
+
+
+REPLICA_CPU_CAP = 0.4
+"""Cores each replica gets in the capped runs: small enough that two replicas, the client
+and PostgreSQL fit in this machine's 2 cores with room to spare."""
 
 
 def replicas_figures(
@@ -192,4 +246,33 @@ def replicas_figures(
             ):
                 out[f"replicas_pg_{prefix}{n}_{key}"] = round(run[key], 1)
     out["replicas_machine_cores"] = os.cpu_count() or 1
+    # The same with each replica held to REPLICA_CPU_CAP cores (a model of a core per
+    # replica; needs root and cgroup v1 `cpu`, else left out with a note).
+    if not cpu_caps_available():
+        out["replicas_capped_skipped"] = "cannot create cgroup v1 cpu groups (needs root)"
+        return out
+    out["replicas_capped_cores_each"] = REPLICA_CPU_CAP
+    for prefix, size, workers in shapes:
+        for n in (1, 2):
+            run = asyncio.run(
+                replica_lease_run(
+                    tmp / f"replicas-capped-{prefix}{n}",
+                    n,
+                    tasks,
+                    workers,
+                    batch=size,
+                    cpu_cap=REPLICA_CPU_CAP,
+                )
+            )
+            out[f"lease_grants_per_s_pg_{prefix}{n}_replica{'s' if n > 1 else ''}_capped"] = round(
+                run["per_s"], 1
+            )
+            out[f"replicas_pg_{prefix}{n}_capped_machine_busy_pct"] = round(
+                run["machine_busy_pct"], 1
+            )
+        out[f"lease_grants_pg_{prefix}2_vs_1_replica_capped"] = round(
+            out[f"lease_grants_per_s_pg_{prefix}2_replicas_capped"]
+            / out[f"lease_grants_per_s_pg_{prefix}1_replica_capped"],
+            3,
+        )
     return out
