@@ -31,6 +31,7 @@ from tether.core.errors import (
 from tether.core.states import Event, State
 from tether.core.timeouts import EndReason
 from tether.store.base import (
+    GrantAsk,
     HolderTransition,
     JoinTokenRecord,
     LapseOutcome,
@@ -152,6 +153,51 @@ async def test_transitions_apply_all_or_none_and_name_the_refused_item(store: St
     ]
     assert (done[0].result, done[1].result) == (b"a", b"b")
     assert [h.outcome for h in await store.lease_history("t0")] == ["finished"]
+
+
+async def test_transitions_then_acquire_ends_and_grants_in_one_transaction(store: Store) -> None:
+    """transitions_then_acquire ends a holder's tasks and grants the next ones together;
+    when an end is refused nothing is ended and nothing is granted (the queue is untouched)."""
+    for i in range(5):
+        await submit(store, f"t{i}", now=NOW + i)
+    await store.acquire_leases(
+        queue="q", node_id="n1", agent_id="a", lease_ids=["l0", "l1"], now_ms=NOW + 5,
+        sign=sign, start=True,
+    )  # fmt: skip
+    then = GrantAsk(queue="q", agent_id="a", lease_ids=["m0", "m1"], sign=sign, start=True)
+    stale = [
+        HolderTransition(task_id="t0", event=Event.SUCCEED, fencing_token=1),
+        HolderTransition(task_id="t1", event=Event.SUCCEED, fencing_token=9),
+    ]
+    with pytest.raises(StaleFencingToken) as info:
+        await store.transitions_then_acquire(node_id="n1", items=stale, now_ms=NOW + 6, then=then)
+    assert info.value.metadata["index"] == "1"
+    assert [(await store.get_task(f"t{i}")).state for i in range(5)] == [State.RUNNING] * 2 + [
+        State.QUEUED
+    ] * 3
+    assert await store.lease_history("t2") == []
+    good = [
+        HolderTransition(task_id="t0", event=Event.SUCCEED, fencing_token=1, result=b"a"),
+        HolderTransition(task_id="t1", event=Event.FAIL, fencing_token=1, error="x"),
+    ]
+    done, granted = await store.transitions_then_acquire(
+        node_id="n1", items=good, now_ms=NOW + 7, then=then
+    )
+    assert [(t.task_id, t.state) for t in done] == [("t0", State.SUCCEEDED), ("t1", State.FAILED)]
+    assert [(t.task_id, t.lease_id, t.state, t.fencing_token) for t, _ in granted] == [
+        ("t2", "m0", State.RUNNING, 1),
+        ("t3", "m1", State.RUNNING, 1),
+    ]
+    assert [e for _, e in granted] == [b"lease:t2:1", b"lease:t3:1"]
+    assert [h.outcome for h in await store.lease_history("t0")] == ["finished"]
+    assert [(h.kind, h.lease_id) for h in await store.lease_history("t3")] == [("grant", "m1")]
+    last = [HolderTransition(task_id="t2", event=Event.SUCCEED, fencing_token=1)]
+    more = GrantAsk(queue="q", agent_id="a", lease_ids=["m2", "m3", "m4"], sign=sign)
+    done, granted = await store.transitions_then_acquire(
+        node_id="n1", items=last, now_ms=NOW + 8, then=more
+    )
+    assert [t.task_id for t in done] == ["t2"]
+    assert [(t.task_id, t.state) for t, _ in granted] == [("t4", State.LEASED)]
 
 
 async def test_acquire_with_start_grants_running_in_one_write(store: Store) -> None:

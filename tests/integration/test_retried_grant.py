@@ -16,7 +16,7 @@ from tether.testing import start_control
 class RetryingStore(SqliteStore):
     """Runs the signer for a rolled-back first attempt (a different issue time) each time."""
 
-    async def acquire_lease(self, **kw: Any) -> Any:
+    async def acquire_leases(self, **kw: Any) -> Any:
         sign = kw["sign"]
 
         def twice(task: Any) -> bytes:
@@ -24,7 +24,7 @@ class RetryingStore(SqliteStore):
             return bytes(sign(task))
 
         kw["sign"] = twice
-        return await super().acquire_lease(**kw)
+        return await super().acquire_leases(**kw)
 
 
 async def test_the_committed_lease_envelope_is_the_one_returned(tmp_path: Path) -> None:

@@ -53,7 +53,7 @@ from tether.core.timeouts import (
     RetryPolicy,
 )
 from tether.crypto.envelopes import from_proto, json_to_proto, to_proto
-from tether.crypto.signing import keyid_of
+from tether.crypto.signing import Envelope, keyid_of
 from tether.grpcutil.status import handle_errors
 from tether.store.base import (
     HolderTransition,
@@ -317,6 +317,21 @@ def task_to_proto(t: TaskRecord) -> pb.Task:
         end_reason=t.end_reason,  # type: ignore[arg-type]
         attempt_started_unix_ms=t.attempt_started_unix_ms,
         submitted_by=t.submitted_by,
+    )
+
+
+def _grants_to_proto(
+    grants: Sequence[tuple[TaskRecord, Envelope]], waited_ms: int
+) -> pb.AcquireLeaseResponse:
+    """An AcquireLease answer: the first grant, the rest in `more_grants` (empty: none)."""
+    if not grants:
+        return pb.AcquireLeaseResponse()
+    (task, env), rest = grants[0], grants[1:]
+    return pb.AcquireLeaseResponse(
+        task=task_to_proto(task),
+        lease=to_proto(env),
+        waited_ms=waited_ms,
+        more_grants=[pb.LeaseGrant(task=task_to_proto(t), lease=to_proto(e)) for t, e in rest],
     )
 
 
@@ -588,15 +603,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             wait_ms=a.wait_ms,
             start=a.start,
         )
-        if not grants:
-            return pb.AcquireLeaseResponse()
-        (task, env), rest = grants[0], grants[1:]
-        return pb.AcquireLeaseResponse(
-            task=task_to_proto(task),
-            lease=to_proto(env),
-            waited_ms=waited_ms,
-            more_grants=[pb.LeaseGrant(task=task_to_proto(t), lease=to_proto(e)) for t, e in rest],
-        )
+        return _grants_to_proto(grants, waited_ms)
 
     @handle_errors
     async def RenewLease(
@@ -697,10 +704,21 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             if acquire.node_id != node_id:
                 raise InvalidArgument("acquire_next.node_id", "must equal node_id")
         await self._node(context, node_id)
-        if acquire is not None:  # refuse before the completions, not after they committed
-            await self.service.check_claim(acquire.queue, acquire.agent_id)
+        grants: list[tuple[TaskRecord, Envelope]] = []
+        waited_ms = 0
         try:
-            tasks = await self.service.transition_many(node_id=node_id, items=items)
+            if acquire is None:
+                tasks = await self.service.transition_many(node_id=node_id, items=items)
+            else:  # the ends and the next grants share one transaction (one durable commit)
+                tasks, grants, waited_ms = await self.service.complete_then_acquire(
+                    node_id=node_id,
+                    items=items,
+                    queue=acquire.queue,
+                    agent_id=acquire.agent_id,
+                    max_tasks=acquire.max_tasks,
+                    wait_ms=acquire.wait_ms,
+                    start=acquire.start,
+                )
         except (NotFound, NotOwner, StaleFencingToken, LeaseExpired, InvalidTransition) as err:
             index = err.metadata.get("index", "")
             if not index.isdigit() or int(index) >= len(items):
@@ -711,9 +729,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             raise err  # not reached: _holder_only re-raises
         answer = pb.CompleteTasksResponse(tasks=[task_to_proto(t) for t in tasks])
         if acquire is not None:
-            following = await self._acquire_next(acquire)
-            if following is not None:
-                answer.next.CopyFrom(following)
+            answer.next.CopyFrom(_grants_to_proto(grants, waited_ms))
         return answer
 
     # -- RPCs owned by other parts (ledger, vault, budgets, tool calls, policy) ---------

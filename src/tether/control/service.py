@@ -64,6 +64,7 @@ from tether.store.base import (
     DEFAULT_MAX_ATTEMPTS,
     BudgetState,
     EndSigner,
+    GrantAsk,
     HolderTransition,
     JoinTokenRecord,
     LapseOutcome,
@@ -557,31 +558,85 @@ class ControlService:
     ) -> tuple[list[tuple[TaskRecord, Envelope]], int]:
         """Up to `max_tasks` grants for one caller in one call (one round trip).
 
-        The first waits like `acquire`; the rest are tasks ready at once, each its
-        own conditional store write with its own token and signed lease, so each
-        is exactly a grant `acquire` would have made. Returns the grants (empty
-        when none was ready in time) and how long the first waited (ms).
+        Waits like `acquire` until at least one task is ready; then takes as many
+        ready tasks as asked in ONE store transaction (one durable commit), each its
+        own conditional write with its own token and signed lease, so each is
+        exactly a grant `acquire` would have made. Returns the grants (empty when
+        none was ready in time) and how long the wait took (ms).
 
         Raises:
             PolicyDenied: as `acquire`.
         """
-        first = await self.acquire(
-            queue=queue, node_id=node_id, agent_id=agent_id, wait_ms=wait_ms, start=start
-        )
-        if first is None:
-            return [], 0
-        task, env, waited_ms = first
-        grants = [(task, env)]
-        if max_tasks > 1:
-            grants += await self._grant(queue, node_id, agent_id, start, max_tasks - 1)
-        return grants, waited_ms
+        await self.check_claim(queue, agent_id)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        deadline = began + wait_ms / 1000
+        while True:
+            await self.policy_in_force.current()  # a long poll may outlive the bound
+            got = await self._grant(queue, node_id, agent_id, start, max_tasks)
+            if got:
+                return got, int((loop.time() - began) * 1000)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return [], 0
+            await self._waiters.wait(min(remaining, self.config.long_poll_recheck_ms / 1000))
 
-    async def _grant_once(
-        self, queue: str, node_id: str, agent_id: str, start: bool
-    ) -> tuple[TaskRecord, Envelope] | None:
-        """One grant of a ready task (policy already checked by the caller), or None."""
-        got = await self._grant(queue, node_id, agent_id, start, 1)
-        return got[0] if got else None
+    async def complete_then_acquire(
+        self,
+        *,
+        node_id: str,
+        items: Sequence[HolderTransition],
+        queue: str,
+        agent_id: str,
+        max_tasks: int,
+        wait_ms: int = 0,
+        start: bool = False,
+    ) -> tuple[list[TaskRecord], list[tuple[TaskRecord, Envelope]], int]:
+        """`transition_many`, then `acquire_many` for the same holder, sharing ONE store
+        transaction (one durable commit) when tasks are ready at once.
+
+        The claim is checked under the policy in force before anything is written;
+        when none is ready and `wait_ms` > 0 the wait happens after the ends
+        committed, as `acquire_many` waits. Returns the ended tasks, the grants and
+        how long the wait took (ms).
+
+        Raises:
+            PolicyDenied: the agent may not claim from `queue` (nothing is ended).
+            NotFound, StaleFencingToken, LeaseExpired, NotOwner, InvalidTransition:
+                an item was refused (`metadata["index"]`); nothing is ended or granted.
+        """
+        await self.check_claim(queue, agent_id)
+        now = self.clock.now_ms()
+        signed: dict[bytes, Envelope] = {}
+        tasks, got = await self.store.transitions_then_acquire(
+            node_id=node_id,
+            items=items,
+            now_ms=now,
+            then=GrantAsk(
+                queue=queue,
+                agent_id=agent_id,
+                lease_ids=new_ids("l", now, max_tasks),
+                sign=self._signer(now, signed),
+                start=start,
+            ),
+            backoff_base_ms=self.config.backoff_base_ms,
+            backoff_cap_ms=self.config.backoff_cap_ms,
+            sign_end=self.end_signer("control-plane"),
+        )
+        if any(t.state is State.QUEUED for t in tasks):
+            await self._waiters.notify()
+        grants = self._granted(node_id, got, signed)
+        if grants or wait_ms <= 0:
+            return tasks, grants, 0
+        grants, waited_ms = await self.acquire_many(
+            queue=queue,
+            node_id=node_id,
+            agent_id=agent_id,
+            max_tasks=max_tasks,
+            wait_ms=wait_ms,
+            start=start,
+        )
+        return tasks, grants, waited_ms
 
     async def _grant(
         self, queue: str, node_id: str, agent_id: str, start: bool, count: int
@@ -600,6 +655,12 @@ class ControlService:
             sign=self._signer(now, signed),
             start=start,
         )
+        return self._granted(node_id, got, signed)
+
+    def _granted(
+        self, node_id: str, got: list[tuple[TaskRecord, bytes]], signed: dict[bytes, Envelope]
+    ) -> list[tuple[TaskRecord, Envelope]]:
+        """Counts and logs committed grants; pairs each with its signed envelope."""
         if not got:
             return []
         metrics.LEASES_GRANTED.inc(len(got))
@@ -642,19 +703,17 @@ class ControlService:
             PolicyDenied: the queue is not declared, or the policy does not let
                 `agent_id` claim from it ([agents.NAME].queues).
         """
-        await self.check_claim(queue, agent_id)
-        loop = asyncio.get_running_loop()
-        began = loop.time()
-        deadline = began + wait_ms / 1000
-        while True:
-            await self.policy_in_force.current()  # a long poll may outlive the bound
-            got = await self._grant_once(queue, node_id, agent_id, start)
-            if got is not None:
-                return got[0], got[1], int((loop.time() - began) * 1000)
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                return None
-            await self._waiters.wait(min(remaining, self.config.long_poll_recheck_ms / 1000))
+        grants, waited_ms = await self.acquire_many(
+            queue=queue,
+            node_id=node_id,
+            agent_id=agent_id,
+            max_tasks=1,
+            wait_ms=wait_ms,
+            start=start,
+        )
+        if not grants:
+            return None
+        return grants[0][0], grants[0][1], waited_ms
 
     async def renew(
         self, *, task_id: str, fencing_token: int, node_id: str

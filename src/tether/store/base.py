@@ -388,6 +388,22 @@ LeaseSigner = Callable[[TaskRecord], bytes]
 EndSigner = Callable[["LapseOutcome", bytes], bytes]
 
 
+@dataclass(frozen=True)
+class GrantAsk:
+    """Grants asked for by one caller (`Store.acquire_leases` fields, the node apart)."""
+
+    queue: str
+    """The queue to take ready tasks from, oldest first."""
+    agent_id: str
+    """The agent the leases are for."""
+    lease_ids: Sequence[str]
+    """One fresh lease id per grant asked for (so also how many, at most)."""
+    sign: LeaseSigner
+    """Signs each granted lease inside the transaction."""
+    start: bool = False
+    """Grant the tasks already RUNNING (LEASE then START in one write)."""
+
+
 class Store(Protocol):
     """Persistence for the control plane. All times are Unix milliseconds."""
 
@@ -522,6 +538,29 @@ class Store(Protocol):
         All or nothing: when any item is refused, none is applied and the item's own
         error is raised with `metadata["index"]` naming it (0-based). Returns the
         tasks after their transitions, in item order.
+
+        Raises:
+            NotFound, StaleFencingToken, LeaseExpired, NotOwner, InvalidTransition.
+        """
+        ...
+
+    async def transitions_then_acquire(
+        self,
+        *,
+        node_id: str,
+        items: Sequence[HolderTransition],
+        now_ms: int,
+        then: GrantAsk,
+        backoff_base_ms: int = DEFAULT_INITIAL_INTERVAL_MS,
+        backoff_cap_ms: int = DEFAULT_MAXIMUM_INTERVAL_MS,
+        sign_end: EndSigner | None = None,
+    ) -> tuple[list[TaskRecord], list[tuple[TaskRecord, bytes]]]:
+        """`transitions`, then `acquire_leases` for the same node, in ONE transaction.
+
+        A worker that ends a batch and takes the next pays one durable commit, not
+        two. All or nothing as `transitions`: when an item is refused its error is
+        raised (with `metadata["index"]`) and nothing is ended or granted. Returns
+        the ended tasks in item order and the grants in queue order (possibly none).
 
         Raises:
             NotFound, StaleFencingToken, LeaseExpired, NotOwner, InvalidTransition.

@@ -25,6 +25,7 @@ transaction run on another one.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
@@ -44,6 +45,7 @@ from tether.store.base import (
     POLICY_CHANNEL,
     BudgetState,
     EndSigner,
+    GrantAsk,
     HolderTransition,
     JoinTokenRecord,
     LapseOutcome,
@@ -220,21 +222,27 @@ def redact_url(url: str) -> str:
 
 
 # One conditional write per grant state: plain LEASE, or LEASE+START (`start=True`).
-_SQL_ACQUIRE = {
+# Up to %(n)s grants at once: the k-th ready task (queue order, 0-based) gets the k-th
+# lease id of %(lease_ids)s; rows another replica holds locked are skipped.
+_SQL_ACQUIRE_MANY = {
     start: f"""
+WITH pick AS (
+    SELECT seq AS pseq,
+        row_number() OVER (ORDER BY not_before_unix_ms, created_unix_ms, seq) - 1 AS k
+    FROM (SELECT seq, not_before_unix_ms, created_unix_ms FROM tasks
+          WHERE queue = %(queue)s AND state IN {in_states(sources(Event.LEASE))}
+            AND not_before_unix_ms <= %(now)s
+          ORDER BY not_before_unix_ms, created_unix_ms, seq
+          LIMIT %(n)s FOR UPDATE SKIP LOCKED) AS ready)
 UPDATE tasks SET state = {int(grant_state(start))},
     attempt = attempt + 1, fencing_token = fencing_token + 1,
-    node_id = %(node_id)s, agent_id = %(agent_id)s, lease_id = %(lease_id)s,
+    node_id = %(node_id)s, agent_id = %(agent_id)s,
+    lease_id = (%(lease_ids)s::text[])[pick.k + 1],
     lease_expires_unix_ms = %(now)s + lease_ttl_ms, updated_unix_ms = %(now)s,
     attempt_started_unix_ms = %(now)s
-WHERE seq = (
-    SELECT seq FROM tasks
-    WHERE queue = %(queue)s AND state IN {in_states(sources(Event.LEASE))}
-      AND not_before_unix_ms <= %(now)s
-    ORDER BY not_before_unix_ms, created_unix_ms, seq
-    LIMIT 1 FOR UPDATE SKIP LOCKED)
-  AND state IN {in_states(sources(Event.LEASE))}
-RETURNING {TASK_COLS}
+FROM pick
+WHERE tasks.seq = pick.pseq AND tasks.state IN {in_states(sources(Event.LEASE))}
+RETURNING {", ".join("tasks." + c.strip() for c in TASK_COLS.split(","))}
 """
     for start in (False, True)
 }
@@ -486,6 +494,64 @@ def _transition_fn(
                 end = released_outcome(task, fencing_token, item.error, now_ms)
                 await _record_end(conn, sign_end, end, closed=closed > 0)
         return task
+
+    return fn
+
+
+async def _acquire_body(
+    conn: Conn, *, node_id: str, now_ms: int, ask: GrantAsk
+) -> list[tuple[TaskRecord, bytes]]:
+    """Up to `len(ask.lease_ids)` grants as one transaction body (see `Store.acquire_leases`):
+    one multi-row UPDATE (each row its own conditional write, token and lease id), one
+    signed lease per grant, the history rows in one executemany."""
+    if not ask.lease_ids:
+        return []
+    params = {
+        "node_id": node_id,
+        "agent_id": ask.agent_id,
+        "lease_ids": list(ask.lease_ids),
+        "now": now_ms,
+        "queue": ask.queue,
+        "n": len(ask.lease_ids),
+    }
+    rows = await _all(conn, _SQL_ACQUIRE_MANY[ask.start], params)
+    tasks = sorted(
+        map(row_to_task, rows), key=lambda t: (t.not_before_unix_ms, t.created_unix_ms, t.seq)
+    )
+    out = [(task, ask.sign(task)) for task in tasks]
+    if out:
+        async with conn.cursor() as cur:
+            await cur.executemany(
+                _SQL_HISTORY_INSERT,
+                [(t.task_id, t.lease_id, t.fencing_token, "grant", env, now_ms) for t, env in out],
+            )
+    return out
+
+
+def _transitions_body(
+    node_id: str,
+    items: Sequence[HolderTransition],
+    now_ms: int,
+    backoff_base_ms: int,
+    backoff_cap_ms: int,
+    sign_end: EndSigner | None,
+) -> Callable[[Conn], Awaitable[list[TaskRecord]]]:
+    """Several holder transitions as one transaction body, all or nothing (see
+    `Store.transitions`): the first refused raises with `metadata["index"]`."""
+    fns = [
+        _transition_fn(item, node_id, now_ms, backoff_base_ms, backoff_cap_ms, sign_end)
+        for item in items
+    ]
+
+    async def fn(conn: Conn) -> list[TaskRecord]:
+        out: list[TaskRecord] = []
+        for index, one in enumerate(fns):
+            try:
+                out.append(await one(conn))
+            except TetherError as err:
+                err.metadata["index"] = str(index)
+                raise
+        return out
 
     return fn
 
@@ -759,29 +825,10 @@ class PostgresStore:
         sign: LeaseSigner,
         start: bool = False,
     ) -> list[tuple[TaskRecord, bytes]]:
-        async def fn(conn: Conn) -> list[tuple[TaskRecord, bytes]]:
-            out: list[tuple[TaskRecord, bytes]] = []
-            for lease_id in lease_ids:
-                params = {
-                    "node_id": node_id,
-                    "agent_id": agent_id,
-                    "lease_id": lease_id,
-                    "now": now_ms,
-                    "queue": queue,
-                }
-                row = await _one(conn, _SQL_ACQUIRE[start], params)
-                if row is None:
-                    break
-                task = row_to_task(row)
-                envelope = sign(task)
-                await conn.execute(
-                    _SQL_HISTORY_INSERT,
-                    (task.task_id, lease_id, task.fencing_token, "grant", envelope, now_ms),
-                )
-                out.append((task, envelope))
-            return out
-
-        return await self._tx(fn)
+        ask = GrantAsk(queue=queue, agent_id=agent_id, lease_ids=lease_ids, sign=sign, start=start)
+        return await self._tx(
+            functools.partial(_acquire_body, node_id=node_id, now_ms=now_ms, ask=ask)
+        )
 
     async def renew_lease(
         self, *, task_id: str, fencing_token: int, node_id: str, now_ms: int, sign: LeaseSigner
@@ -841,20 +888,26 @@ class PostgresStore:
         backoff_cap_ms: int = 60_000,
         sign_end: EndSigner | None = None,
     ) -> list[TaskRecord]:
-        fns = [
-            _transition_fn(item, node_id, now_ms, backoff_base_ms, backoff_cap_ms, sign_end)
-            for item in items
-        ]
+        return await self._tx(
+            _transitions_body(node_id, items, now_ms, backoff_base_ms, backoff_cap_ms, sign_end)
+        )
 
-        async def fn(conn: Conn) -> list[TaskRecord]:
-            out: list[TaskRecord] = []
-            for index, one in enumerate(fns):
-                try:
-                    out.append(await one(conn))
-                except TetherError as err:
-                    err.metadata["index"] = str(index)
-                    raise
-            return out
+    async def transitions_then_acquire(
+        self,
+        *,
+        node_id: str,
+        items: Sequence[HolderTransition],
+        now_ms: int,
+        then: GrantAsk,
+        backoff_base_ms: int = 1_000,
+        backoff_cap_ms: int = 60_000,
+        sign_end: EndSigner | None = None,
+    ) -> tuple[list[TaskRecord], list[tuple[TaskRecord, bytes]]]:
+        ends = _transitions_body(node_id, items, now_ms, backoff_base_ms, backoff_cap_ms, sign_end)
+
+        async def fn(conn: Conn) -> tuple[list[TaskRecord], list[tuple[TaskRecord, bytes]]]:
+            tasks = await ends(conn)  # raises (nothing granted, nothing ended) when one is refused
+            return tasks, await _acquire_body(conn, node_id=node_id, now_ms=now_ms, ask=then)
 
         return await self._tx(fn)
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import os
 import sqlite3
 import time
@@ -40,6 +41,7 @@ from tether.core.timeouts import EndReason
 from tether.store.base import (
     BudgetState,
     EndSigner,
+    GrantAsk,
     HolderTransition,
     JoinTokenRecord,
     LapseOutcome,
@@ -142,18 +144,23 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations" / "sqlite"
 
 T = TypeVar("T")
 
-# One conditional write per grant state: plain LEASE, or LEASE+START (`start=True`).
-_SQL_ACQUIRE = {
+# Up to ?6 grants at once: the k-th ready task (queue order, 0-based) gets the k-th lease
+# id of the JSON array ?3. The state is re-checked on each row it writes.
+_SQL_ACQUIRE_MANY = {
     start: f"""
+WITH pick AS (
+    SELECT seq AS pseq,
+        row_number() OVER (ORDER BY not_before_unix_ms, created_unix_ms, seq) - 1 AS k
+    FROM (SELECT seq, not_before_unix_ms, created_unix_ms FROM tasks
+          WHERE queue = ?5 AND state IN {in_states(sources(Event.LEASE))}
+            AND not_before_unix_ms <= ?4
+          ORDER BY not_before_unix_ms, created_unix_ms, seq LIMIT ?6))
 UPDATE tasks SET state = {int(grant_state(start))},
     attempt = attempt + 1, fencing_token = fencing_token + 1,
-    node_id = ?1, agent_id = ?2, lease_id = ?3, lease_expires_unix_ms = ?4 + lease_ttl_ms,
-    updated_unix_ms = ?4, attempt_started_unix_ms = ?4
-WHERE seq = (
-    SELECT seq FROM tasks
-    WHERE queue = ?5 AND state IN {in_states(sources(Event.LEASE))} AND not_before_unix_ms <= ?4
-    ORDER BY not_before_unix_ms, created_unix_ms LIMIT 1)
-  AND state IN {in_states(sources(Event.LEASE))}
+    node_id = ?1, agent_id = ?2, lease_id = json_extract(?3, '$[' || pick.k || ']'),
+    lease_expires_unix_ms = ?4 + lease_ttl_ms, updated_unix_ms = ?4, attempt_started_unix_ms = ?4
+FROM pick
+WHERE tasks.seq = pick.pseq AND tasks.state IN {in_states(sources(Event.LEASE))}
 RETURNING {TASK_COLS}
 """
     for start in (False, True)
@@ -433,6 +440,68 @@ def _transition_fn(
     return fn
 
 
+def _acquire_body(
+    conn: sqlite3.Connection, *, node_id: str, now_ms: int, ask: GrantAsk
+) -> list[tuple[TaskRecord, bytes]]:
+    """Up to `len(ask.lease_ids)` grants as one transaction body (see `Store.acquire_leases`).
+
+    One multi-row UPDATE claims the oldest ready tasks and gives the k-th of them (in
+    queue order) the k-th lease id; each is still its own conditional write (state
+    re-checked, token and attempt bumped on its row) with its own signed lease; the
+    history rows go in with one executemany.
+    """
+    if not ask.lease_ids:
+        return []
+    rows = conn.execute(
+        _SQL_ACQUIRE_MANY[ask.start],
+        (
+            node_id,
+            ask.agent_id,
+            json.dumps(list(ask.lease_ids)),
+            now_ms,
+            ask.queue,
+            len(ask.lease_ids),
+        ),
+    ).fetchall()
+    tasks = sorted(
+        map(row_to_task, rows), key=lambda t: (t.not_before_unix_ms, t.created_unix_ms, t.seq)
+    )
+    out = [(task, ask.sign(task)) for task in tasks]
+    conn.executemany(
+        _SQL_HISTORY_INSERT,
+        [(t.task_id, t.lease_id, t.fencing_token, "grant", env, now_ms) for t, env in out],
+    )
+    return out
+
+
+def _transitions_body(
+    node_id: str,
+    items: Sequence[HolderTransition],
+    now_ms: int,
+    backoff_base_ms: int,
+    backoff_cap_ms: int,
+    sign_end: EndSigner | None,
+) -> Callable[[sqlite3.Connection], list[TaskRecord]]:
+    """Several holder transitions as one transaction body, all or nothing (see
+    `Store.transitions`): the first refused raises with `metadata["index"]`."""
+    fns = [
+        _transition_fn(item, node_id, now_ms, backoff_base_ms, backoff_cap_ms, sign_end)
+        for item in items
+    ]
+
+    def fn(conn: sqlite3.Connection) -> list[TaskRecord]:
+        out: list[TaskRecord] = []
+        for index, one in enumerate(fns):
+            try:
+                out.append(one(conn))
+            except TetherError as err:
+                err.metadata["index"] = str(index)
+                raise
+        return out
+
+    return fn
+
+
 class SqliteStore:
     """The embedded default `Store`, for one control-plane process."""
 
@@ -684,24 +753,10 @@ class SqliteStore:
         sign: LeaseSigner,
         start: bool = False,
     ) -> list[tuple[TaskRecord, bytes]]:
-        def fn(conn: sqlite3.Connection) -> list[tuple[TaskRecord, bytes]]:
-            out: list[tuple[TaskRecord, bytes]] = []
-            for lease_id in lease_ids:
-                row = conn.execute(
-                    _SQL_ACQUIRE[start], (node_id, agent_id, lease_id, now_ms, queue)
-                ).fetchone()
-                if row is None:
-                    break
-                task = row_to_task(row)
-                envelope = sign(task)
-                conn.execute(
-                    _SQL_HISTORY_INSERT,
-                    (task.task_id, lease_id, task.fencing_token, "grant", envelope, now_ms),
-                )
-                out.append((task, envelope))
-            return out
-
-        return await self._tx(fn)
+        ask = GrantAsk(queue=queue, agent_id=agent_id, lease_ids=lease_ids, sign=sign, start=start)
+        return await self._tx(
+            functools.partial(_acquire_body, node_id=node_id, now_ms=now_ms, ask=ask)
+        )
 
     async def renew_lease(
         self, *, task_id: str, fencing_token: int, node_id: str, now_ms: int, sign: LeaseSigner
@@ -759,20 +814,26 @@ class SqliteStore:
         backoff_cap_ms: int = 60_000,
         sign_end: EndSigner | None = None,
     ) -> list[TaskRecord]:
-        fns = [
-            _transition_fn(item, node_id, now_ms, backoff_base_ms, backoff_cap_ms, sign_end)
-            for item in items
-        ]
+        return await self._tx(
+            _transitions_body(node_id, items, now_ms, backoff_base_ms, backoff_cap_ms, sign_end)
+        )
 
-        def fn(conn: sqlite3.Connection) -> list[TaskRecord]:
-            out: list[TaskRecord] = []
-            for index, one in enumerate(fns):
-                try:
-                    out.append(one(conn))
-                except TetherError as err:
-                    err.metadata["index"] = str(index)
-                    raise
-            return out
+    async def transitions_then_acquire(
+        self,
+        *,
+        node_id: str,
+        items: Sequence[HolderTransition],
+        now_ms: int,
+        then: GrantAsk,
+        backoff_base_ms: int = 1_000,
+        backoff_cap_ms: int = 60_000,
+        sign_end: EndSigner | None = None,
+    ) -> tuple[list[TaskRecord], list[tuple[TaskRecord, bytes]]]:
+        ends = _transitions_body(node_id, items, now_ms, backoff_base_ms, backoff_cap_ms, sign_end)
+
+        def fn(conn: sqlite3.Connection) -> tuple[list[TaskRecord], list[tuple[TaskRecord, bytes]]]:
+            tasks = ends(conn)  # raises (nothing granted, nothing ended) when one is refused
+            return tasks, _acquire_body(conn, node_id=node_id, now_ms=now_ms, ask=then)
 
         return await self._tx(fn)
 
