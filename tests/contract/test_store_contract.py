@@ -155,6 +155,37 @@ async def test_transitions_apply_all_or_none_and_name_the_refused_item(store: St
     assert [h.outcome for h in await store.lease_history("t0")] == ["finished"]
 
 
+async def test_transitions_of_only_successes_answer_in_item_order(store: Store) -> None:
+    """A batch of SUCCEEDs ends every task with its own result and closes each lease in the
+    history, answered in the items' order; one stale token among them refuses all."""
+    for i in range(4):
+        await submit(store, f"t{i}", now=NOW + i)
+    await store.acquire_leases(
+        queue="q", node_id="n1", agent_id="a", lease_ids=["l0", "l1", "l2", "l3"],
+        now_ms=NOW + 5, sign=sign, start=True,
+    )  # fmt: skip
+    items = [
+        HolderTransition(task_id=f"t{i}", event=Event.SUCCEED, fencing_token=1, result=b"r%d" % i)
+        for i in (3, 1, 0, 2)
+    ]
+    bad = [*items[:3], HolderTransition(task_id="t2", event=Event.SUCCEED, fencing_token=2)]
+    with pytest.raises(StaleFencingToken) as info:
+        await store.transitions(node_id="n1", items=bad, now_ms=NOW + 6)
+    assert info.value.metadata["index"] == "3"
+    assert [(await store.get_task(f"t{i}")).state for i in range(4)] == [State.RUNNING] * 4
+    done = await store.transitions(node_id="n1", items=items, now_ms=NOW + 7)
+    assert [(t.task_id, t.state, t.result) for t in done] == [
+        ("t3", State.SUCCEEDED, b"r3"),
+        ("t1", State.SUCCEEDED, b"r1"),
+        ("t0", State.SUCCEEDED, b"r0"),
+        ("t2", State.SUCCEEDED, b"r2"),
+    ]
+    for i in range(4):
+        assert [h.outcome for h in await store.lease_history(f"t{i}")] == ["finished"]
+    with pytest.raises(InvalidTransition):
+        await store.transitions(node_id="n1", items=items[:2], now_ms=NOW + 8)
+
+
 async def test_transitions_then_acquire_ends_and_grants_in_one_transaction(store: Store) -> None:
     """transitions_then_acquire ends a holder's tasks and grants the next ones together;
     when an end is refused nothing is ended and nothing is granted (the queue is untouched)."""
