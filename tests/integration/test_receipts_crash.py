@@ -240,6 +240,8 @@ async def test_sigkill_control_plane_loses_nothing_acked(tmp_path: Path, procs: 
         counter = [0]
         writer = asyncio.create_task(remember_forever(agent, task.task_id, counter))
         await until(lambda: counter[0] >= 10, "memory receipts streamed while control is up")
+        # Acks reach the spool's file within ACK_PERSIST_S of the ledger's answer.
+        await until(lambda: spool_state(tmp_path)[0] >= 1, "an ack written to the spool")
         kill(control)  # while receipts stream
         seen = counter[0]
         await until(lambda: counter[0] >= seen + 10, "receipts spooled while control is down")

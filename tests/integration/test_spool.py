@@ -17,6 +17,7 @@ import pytest
 from tether.core.errors import ResourceExhausted
 from tether.core.receipts import Receipt, ReceiptKind
 from tether.crypto.receipts import envelope_digest, parse_receipt
+from tether.sidecar import spool as spool_module
 from tether.sidecar.spool import ReceiptSpool, stream_receipts
 from tether.verify.builder import T0, seeded_key
 
@@ -229,11 +230,37 @@ async def test_wait_acked_and_retention(tmp_path: Path) -> None:
     await spool.ack(4)
     assert await waiter is True
     assert await spool.wait_acked(1, 0) is True
+    assert len(spool.envelopes()) == 5  # the ack is written (and pruned) a moment later
+    await spool.write_acks()
     # seq 1 and 2 pruned (only 2 acked retained), 3..5 kept; the task filter works too.
     _check_chain(spool.envelopes(), first_seq=3)
     assert spool.envelopes("t") == spool.envelopes()
     assert spool.envelopes("other") == []
     await spool.close()
+
+
+async def test_acks_are_written_in_the_background(tmp_path: Path) -> None:
+    """An ack counts at once and reaches the file within ACK_PERSIST_S, many acks in one write."""
+    path = tmp_path / "spool.db"
+    spool = ReceiptSpool(path, "n1", KEY)
+    for i in range(4):
+        await spool.append(_receipt(i))
+
+    def on_file() -> int:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            return int(db.execute("SELECT acked_seq FROM spool_state").fetchone()[0])
+
+    for seq in (1, 2, 3):
+        await spool.ack(seq)
+    assert (spool.acked_seq, await spool.pending(), on_file()) == (3, 1, 0)
+    for _ in range(200):
+        if on_file() == 3:
+            break
+        await asyncio.sleep(spool_module.ACK_PERSIST_S / 10)
+    assert on_file() == 3
+    await spool.ack(4)
+    await spool.close()  # a pending ack is written on close
+    assert on_file() == 4
 
 
 async def test_cancelled_appends_never_break_the_chain(tmp_path: Path) -> None:

@@ -1324,6 +1324,7 @@ class PolicyToolRunner:
         self._workspaces = workspaces
         self._clock = clock
         self._tools: dict[tuple[str, str], Tool] = {}
+        self._made: set[str] = set()  # tasks whose workspace exists (until the lease ends)
         self.workspace_quota = WorkspaceQuota(workspace_max_bytes)
 
     async def spec(self, held: HeldLease, tool: str) -> ToolSpec:
@@ -1370,7 +1371,15 @@ class PolicyToolRunner:
             if held.finished or held.lost_reason:  # ended before we registered
                 held.drop_credentials()
         workspace = self._workspaces / held.task_id
-        workspace.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if spec.adapter in WORKSPACE_ADAPTERS or held.task_id not in self._made:
+            # Tools that work in it find it made on every call (they may remove it);
+            # for the others, once per lease (a mkdir is a failed syscall and an
+            # exception on every call otherwise).
+            workspace.mkdir(parents=True, exist_ok=True, mode=0o700)
+            made, task_id = self._made, held.task_id
+            if task_id not in made and not (held.finished or held.lost_reason):
+                made.add(task_id)
+                held.on_end.setdefault("workspace-made", lambda: made.discard(task_id))
         left_s = held.remaining_ms(self._clock) / 1000
         if deadline_s is not None:  # the agent's own gRPC deadline reaches the tool
             left_s = min(left_s, deadline_s)

@@ -39,6 +39,8 @@ log = logging.getLogger("tether.sidecar.spool")
 DEFAULT_MAX_UNACKED = 100_000
 DEFAULT_BATCH = 256
 DEFAULT_RETAIN_ACKED = 10_000
+ACK_PERSIST_S = 0.2
+"""An ack is written to the spool's file at most this long after it came (see `ack`)."""
 # A streamed batch stops growing at this many bytes of envelopes and carried
 # outcomes (at least one receipt), well under the control plane's 8 MiB message limit.
 BATCH_MAX_BYTES = 2 * 1024 * 1024
@@ -131,6 +133,8 @@ class ReceiptSpool:
         self._rdb = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._rdb.execute("PRAGMA query_only=ON")
         self._reserved = 0  # slots promised to calls about to act (receipt before effect)
+        self._persisted_ack = self.acked_seq  # the acked seq the file holds
+        self._ack_writer: asyncio.Task[None] | None = None
 
     def reserve(self) -> ReceiptSlot:
         """Promises room for one receipt, before the action it will record.
@@ -191,6 +195,8 @@ class ReceiptSpool:
                 results = await asyncio.to_thread(self._store, [(r, p, o) for r, _, p, o in batch])
             except BaseException as err:  # the whole batch failed; tell every caller
                 results = [err] * len(batch)
+            # Counted here, on the loop, as `ack` uncounts there (never two threads).
+            self._count += sum(1 for r in results if not isinstance(r, BaseException))
             for (_, future, _, _), result in zip(batch, results, strict=True):
                 if future.done():
                     continue  # its caller was cancelled; the envelope is stored anyway
@@ -242,7 +248,6 @@ class ReceiptSpool:
             except BaseException as err:
                 self._chain.last_seq, self._chain.last_digest = before  # never skip a seq
                 return [err if isinstance(r, int) else r for r in out]
-            self._count += len(rows)
             return out
 
     async def emit(
@@ -315,45 +320,61 @@ class ReceiptSpool:
     async def ack(self, upto_seq: int) -> None:
         """Marks every envelope up to `upto_seq` acknowledged and frees their space.
 
+        The ack takes effect at once (`acked_seq`, `pending`, `wait_acked`); it
+        is written to the file within `ACK_PERSIST_S`, one write for every ack
+        that came meanwhile, not one per streamed batch. An ack need not be
+        durable: a lost one only resends receipts the ledger de-duplicates.
         The newest `retain_acked` acked envelopes, and always the last one (the
-        chain is restored from it), are kept; older ones are deleted.
+        chain is restored from it), are kept; older ones are deleted then.
         """
-
-        def tx() -> bool:
-            with self._tlock:
-                upto = min(upto_seq, self._chain.last_seq)
-                if upto <= self.acked_seq:
-                    return False
-                prune_below = min(upto - self.retain_acked, self._chain.last_seq) + 1
-                # An ack need not survive power loss: lost, the receipts are streamed
-                # again and the ledger de-duplicates them. So its commit skips the
-                # fsync (it survives a crash of the process, and the next receipt's
-                # FULL commit syncs it along), leaving the disk to the receipts.
-                self._db.execute("PRAGMA synchronous=NORMAL")
-                try:
-                    self._db.execute("BEGIN IMMEDIATE")
-                    try:
-                        self._db.execute(
-                            "UPDATE spool_state SET acked_seq = ? WHERE id = 1", (upto,)
-                        )
-                        self._db.execute(
-                            "DELETE FROM spool WHERE seq < ? AND seq < ?",
-                            (prune_below, self._chain.last_seq),
-                        )
-                        self._db.execute("COMMIT")
-                    except BaseException:
-                        self._db.execute("ROLLBACK")
-                        raise
-                finally:
-                    self._db.execute("PRAGMA synchronous=FULL")
-                self._count -= upto - self.acked_seq
-                self.acked_seq = upto
-                return True
-
-        if not await asyncio.to_thread(tx):
+        upto = min(upto_seq, self._chain.last_seq)
+        if upto <= self.acked_seq:
             return
+        self._count -= upto - self.acked_seq
+        self.acked_seq = upto
+        if self._ack_writer is None or self._ack_writer.done():
+            self._ack_writer = asyncio.create_task(self._persist_acks(), name="spool-acks")
         async with self._acked:
             self._acked.notify_all()
+
+    async def _persist_acks(self) -> None:
+        """Writes the acked seq (and prunes) after `ACK_PERSIST_S`, until it is current."""
+        while self._persisted_ack < self.acked_seq:
+            await asyncio.sleep(ACK_PERSIST_S)
+            await asyncio.to_thread(self._write_ack, self.acked_seq)
+
+    async def write_acks(self) -> None:
+        """Writes the acked seq to the file now, without waiting for `ACK_PERSIST_S`."""
+        if self._ack_writer is not None:
+            self._ack_writer.cancel()
+            with contextlib.suppress(BaseException):
+                await self._ack_writer
+        await asyncio.to_thread(self._write_ack, self.acked_seq)
+
+    def _write_ack(self, upto: int) -> None:
+        """Stores `upto` as the acked seq and prunes old acked envelopes (worker thread)."""
+        with self._tlock:
+            if upto <= self._persisted_ack:
+                return
+            prune_below = min(upto - self.retain_acked, self._chain.last_seq) + 1
+            # It survives a crash of the process, and the next receipt's FULL commit
+            # syncs it along; no fsync of its own, leaving the disk to the receipts.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.execute("UPDATE spool_state SET acked_seq = ? WHERE id = 1", (upto,))
+                    self._db.execute(
+                        "DELETE FROM spool WHERE seq < ? AND seq < ?",
+                        (prune_below, self._chain.last_seq),
+                    )
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+            finally:
+                self._db.execute("PRAGMA synchronous=FULL")
+            self._persisted_ack = upto
 
     async def wait_acked(self, seq: int, timeout_s: float) -> bool:
         """Waits until the control plane acknowledged `seq`; False if `timeout_s` passed first.
@@ -385,6 +406,8 @@ class ReceiptSpool:
         if self._writer is not None:
             with contextlib.suppress(BaseException):
                 await self._writer  # queued receipts are committed before the file closes
+        with contextlib.suppress(sqlite3.Error):  # unwritten, the acked receipts resend
+            await self.write_acks()
 
         def close() -> None:
             with self._tlock:
