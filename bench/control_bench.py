@@ -124,6 +124,7 @@ async def lease_run(
     control_args: tuple[str, ...] = (),
     console_viewers: int = 0,
     batch: int = 0,
+    stream: bool = True,
 ) -> dict[str, Any]:
     """`concurrency` workers each loop AcquireLease(start) -> SUCCEED until the queue is empty.
 
@@ -133,9 +134,10 @@ async def lease_run(
     one after another: 1 + 1/max_tasks RPCs per task. With `chain` each SUCCEED also
     asks for the next task (TransitionTask.acquire_next): one RPC per task. The latency
     is per task. With `batch` > 0 each worker works like a pgqueuer consumer: it takes
-    up to `batch` tasks (AcquireLease max_tasks), runs them, and ends them all with one
-    CompleteTasks that also takes the next batch (acquire_next): one RPC and two store
-    transactions per batch; the latency is then per batch. The clock runs from the
+    up to `batch` tasks (max_tasks), runs them, and ends them all in the step that also
+    takes the next batch, in one store transaction: a request on its StreamLeases
+    stream (`stream`), else one CompleteTasks(acquire_next) call; the latency is then
+    per batch. The clock runs from the
     first grant's request to the last completion's answer (committed and durable), as
     pgqueuer's figure does. `control_args` go to `tether control` (e.g. --node-check-cache-ms 0).
     With `console_viewers` the operator console is on and that many auditors keep its
@@ -159,7 +161,9 @@ async def lease_run(
                 nonlocal done
                 agent = f"agent-{i}"
                 if batch:
-                    finished = await drain_in_batches(client, "bench-node", agent, batch, latencies)
+                    finished = await drain_in_batches(
+                        client, "bench-node", agent, batch, latencies, stream=stream
+                    )
                     done += finished  # (not `done += await ...`: that reads `done` first)
                     return
                 if chain:
@@ -226,35 +230,61 @@ async def lease_run(
 
 
 async def drain_in_batches(
-    client: ControlClient, node_id: str, agent: str, batch: int, latencies: list[float]
+    client: ControlClient,
+    node_id: str,
+    agent: str,
+    batch: int,
+    latencies: list[float],
+    *,
+    stream: bool = False,
 ) -> int:
     """One pgqueuer-like worker: takes up to `batch` tasks (AcquireLease max_tasks, started),
-    runs them (no-ops), ends them all with one CompleteTasks that takes the next batch
-    (acquire_next), until the queue is empty. Appends each batch's round trip to
-    `latencies`; returns the tasks it finished."""
+    runs them (no-ops), ends them all and takes the next batch in one step, until the
+    queue is empty. A step is one CompleteTasks(acquire_next) call, or with `stream` one
+    request on the worker's StreamLeases stream (`ControlClient.lease_stream`, what a
+    worker that talks to the control plane itself would use). Appends each batch's round
+    trip to `latencies`; returns the tasks it finished."""
     done = 0
-    t0 = time.perf_counter()
-    resp = await client.acquire_lease(QUEUE, node_id, agent, start=True, max_tasks=batch)
-    while resp.HasField("task"):
-        held = [resp.task, *(g.task for g in resp.more_grants)]
-        ends = [
-            pb.TaskCompletion(
-                task_id=t.task_id,
-                fencing_token=t.fencing_token,
-                event=int(Event.SUCCEED),  # type: ignore[arg-type]
-                result=b"{}",
-            )
-            for t in held
-        ]
-        _, following = await client.complete_tasks(
-            node_id, ends, next_queue=QUEUE, next_agent_id=agent, start=True, max_tasks=batch
-        )
-        if following is None:
-            raise RuntimeError("CompleteTasks answered without the next grant")
-        resp = following
-        latencies.append(time.perf_counter() - t0)
+    lease_stream = client.lease_stream(node_id) if stream else None
+    try:
         t0 = time.perf_counter()
-        done += len(held)
+        if lease_stream is not None:
+            _, first = await lease_stream.step(
+                queue=QUEUE, agent_id=agent, start=True, max_tasks=batch
+            )
+            assert first is not None
+            resp = first
+        else:
+            resp = await client.acquire_lease(QUEUE, node_id, agent, start=True, max_tasks=batch)
+        while resp.HasField("task"):
+            held = [resp.task, *(g.task for g in resp.more_grants)]
+            ends = [
+                pb.TaskCompletion(
+                    task_id=t.task_id,
+                    fencing_token=t.fencing_token,
+                    event=int(Event.SUCCEED),  # type: ignore[arg-type]
+                    result=b"{}",
+                )
+                for t in held
+            ]
+            if lease_stream is not None:
+                _, following = await lease_stream.step(
+                    ends, queue=QUEUE, agent_id=agent, start=True, max_tasks=batch
+                )
+            else:
+                _, following = await client.complete_tasks(
+                    node_id, ends, next_queue=QUEUE, next_agent_id=agent, start=True,
+                    max_tasks=batch,
+                )  # fmt: skip
+            if following is None:
+                raise RuntimeError("the batch was ended without the next grant")
+            resp = following
+            latencies.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            done += len(held)
+    finally:
+        if lease_stream is not None:
+            await lease_stream.close()
     return done
 
 

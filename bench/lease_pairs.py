@@ -5,7 +5,8 @@ to back, so each round's ratios compare figures taken within a minute of each ot
 whose load moves minute to minute that alone can move `lease_grants_batch_vs_pgqueuer`
 several-fold. Each round here measures, in order: the mutual-TLS echo (32 clients),
 pgqueuer 1.x draining N no-op jobs (bench/peers.py), and Tether draining N tasks with
-8 batch workers at batch sizes 10 and 64 (bench/control_bench.py `lease_run(batch=)`).
+8 batch workers at batch sizes 10 and 64 on StreamLeases streams, then at 10 with one
+CompleteTasks call per batch (`_unary` keys; bench/control_bench.py `lease_run(batch=)`).
 CPU per task (control plane + client) and per job (pgqueuer's process + its PostgreSQL
 backend) are printed too: they move less with the load than the rates.
 
@@ -40,14 +41,19 @@ def one_round(tasks: int, workers: int, batches: tuple[int, ...]) -> dict[str, A
         "pgqueuer_jobs_per_s": round(pg["per_s"], 1),
         "pgqueuer_cpu_us_per_job": round(pg["cpu_us_per_job"]),
     }
-    for batch in batches:
+    # Each batch size on a StreamLeases stream, then the first by CompleteTasks calls.
+    for batch, stream in [*((b, True) for b in batches), (batches[0], False)]:
         with tempfile.TemporaryDirectory(prefix="tether-pairs-") as tmp:
-            run = asyncio.run(control_bench.lease_run(Path(tmp), tasks, workers, batch=batch))
+            run = asyncio.run(
+                control_bench.lease_run(Path(tmp), tasks, workers, batch=batch, stream=stream)
+            )
         cpu = run["server_cpu_us_per_task"] + run["client_cpu_us_per_task"]
-        out[f"lease_grants_per_s_batch_{batch}"] = round(run["per_s"], 1)
-        out[f"lease_batch_{batch}_vs_pgqueuer"] = round(run["per_s"] / pg["per_s"], 3)
-        out[f"lease_batch_{batch}_vs_raw_grpc_tls"] = round(run["per_s"] / tls["per_s"], 3)
-        out[f"lease_batch_{batch}_cpu_us_per_task"] = round(cpu)
+        key = f"{batch}" if stream else f"{batch}_unary"
+        out[f"lease_grants_per_s_batch_{key}"] = round(run["per_s"], 1)
+        out[f"lease_batch_{key}_vs_pgqueuer"] = round(run["per_s"] / pg["per_s"], 3)
+        out[f"lease_batch_{key}_vs_raw_grpc_tls"] = round(run["per_s"] / tls["per_s"], 3)
+        out[f"lease_batch_{key}_cpu_us_per_task"] = round(cpu)
+        out[f"lease_batch_{key}_server_cpu_us_per_task"] = round(run["server_cpu_us_per_task"])
     return out
 
 

@@ -152,8 +152,9 @@ def run(quick: bool, only: set[str] | None = None) -> dict[str, Any]:
             results["lease_grants_chained_vs_1"] = round(chained["per_s"] / lease["per_s"], 3)
             results["lease_grant_chained_p50_ms"] = round(chained["p50_ms"], 3)
             # Measured like pgqueuer: workers take a batch (max_tasks), run it, and end it
-            # with one CompleteTasks that takes the next batch; first grant to last
-            # completion. pgqueuer's default batch size is 10, so Tether's is too.
+            # in the step that takes the next batch (one request on a StreamLeases
+            # stream, one store transaction); first grant to last completion.
+            # pgqueuer's default batch size is 10, so Tether's is too.
             batch, workers = n["lease_batch"], n["lease_batch_workers"]
             batched_done = asyncio.run(
                 control_bench.lease_run(
@@ -175,6 +176,17 @@ def run(quick: bool, only: set[str] | None = None) -> dict[str, Any]:
             )
             results["lease_batch_server_cpu_us_per_task"] = round(
                 batched_done["server_cpu_us_per_task"]
+            )
+            # The same workers with one CompleteTasks(acquire_next) call per batch.
+            unary = asyncio.run(
+                control_bench.lease_run(
+                    tmp / "leases-batch-unary", n["lease_tasks"], workers, batch=batch,
+                    stream=False,
+                )
+            )  # fmt: skip
+            results["lease_grants_per_s_batch_unary"] = round(unary["per_s"], 1)
+            results["lease_batch_unary_server_cpu_us_per_task"] = round(
+                unary["server_cpu_us_per_task"]
             )
         if want("claims"):
             for label, depth in (("1k", n["claim_small"]), ("1m", n["claim_large"])):

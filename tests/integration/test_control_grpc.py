@@ -26,6 +26,7 @@ from tether.core.errors import (
     NotOwner,
     PolicyDenied,
     StaleFencingToken,
+    TetherError,
     Unauthenticated,
     Unavailable,
 )
@@ -393,6 +394,93 @@ async def test_complete_tasks_validates_every_field_before_anything_commits(
     with pytest.raises(PolicyDenied):  # the claim is checked before the completions commit
         await node.complete_tasks("node-1", [one], next_queue="nosuchq", next_agent_id="a")
     assert (await cp.client.get_task(task.task_id)).task.state == State.RUNNING
+
+
+async def test_stream_leases_ends_batches_and_grants_the_next_on_one_stream(
+    cp: ControlHandle, node: ControlClient
+) -> None:
+    """On one StreamLeases stream a worker takes a batch (acquire alone), ends it while taking
+    the next (each grant its own token and signed lease), then ends the last without asking
+    for more; each step is answered in order, as CompleteTasks would answer it."""
+    ids = [(await cp.client.submit("q", b"{}")).task.task_id for _ in range(5)]
+    keys = {cp.key.keyid: cp.key.public}
+    async with node.lease_stream("node-1") as stream:
+        done, first = await stream.step(queue="q", agent_id="a", start=True, max_tasks=3)
+        assert done == []
+        assert first is not None
+        held = [first.task, *(g.task for g in first.more_grants)]
+        assert [(t.task_id, t.state) for t in held] == [(i, State.RUNNING) for i in ids[:3]]
+        done, nxt = await stream.step(_ends(held), queue="q", agent_id="a", start=True, max_tasks=3)
+        assert [(t.task_id, t.state, t.result) for t in done] == [
+            (i, State.SUCCEEDED, b"ok") for i in ids[:3]
+        ]
+        assert nxt is not None
+        grants = [(nxt.task, nxt.lease), *((g.task, g.lease) for g in nxt.more_grants)]
+        assert [t.task_id for t, _ in grants] == ids[3:]
+        for task, env in grants:
+            lease = verify_lease(from_proto(env), keys)
+            assert (lease.task_id, lease.node_id, lease.fencing_token) == (
+                task.task_id,
+                "node-1",
+                1,
+            )
+        done, none = await stream.step(_ends([t for t, _ in grants], pb.TASK_EVENT_FAIL))
+        assert [t.state for t in done] == [State.FAILED, State.FAILED]
+        assert none is None
+        done, empty = await stream.step(queue="q", agent_id="a")
+        assert empty is not None
+        assert not empty.HasField("task")
+    assert [h.outcome for h in (await cp.client.get_task(ids[4])).leases] == ["finished"]
+
+
+async def test_stream_leases_refusal_ends_the_stream_and_names_the_item(
+    cp: ControlHandle, node: ControlClient
+) -> None:
+    """A refused completion on a StreamLeases stream ends it with the item's own error and
+    index, nothing ended or granted; a node that never held the task gets the uniform
+    NotOwner; a request with nothing to do, another node id within the stream, and an
+    operator's stream are refused."""
+    ids = [(await cp.client.submit("q", b"{}")).task.task_id for _ in range(3)]
+    resp = await node.acquire_lease("q", "node-1", "a", start=True, max_tasks=2)
+    held = [resp.task, *(g.task for g in resp.more_grants)]
+    ends = _ends(held)
+    ends[1].fencing_token = 9
+    async with node.lease_stream("node-1") as stream:
+        with pytest.raises(StaleFencingToken) as info:
+            await stream.step(ends, queue="q", agent_id="a", max_tasks=2)
+        assert info.value.metadata["index"] == "1"
+        with pytest.raises(TetherError):  # the stream has ended
+            await stream.step(_ends(held))
+    states = [(await cp.client.get_task(i)).task.state for i in ids]
+    assert states == [State.RUNNING, State.RUNNING, State.QUEUED]
+    other = await cp.node_client("node-2")
+    try:
+        async with other.lease_stream("node-2") as stream:
+            with pytest.raises(NotOwner) as refused:
+                await stream.step(_ends(held))
+            assert refused.value.metadata == {"task_id": ids[0], "index": "0"}
+        async with other.lease_stream("node-1") as stream:  # not its certificate
+            with pytest.raises(NotOwner):
+                await stream.step(queue="q", agent_id="a")
+    finally:
+        await other.close()
+    async with node.lease_stream("node-1") as stream:
+        with pytest.raises(InvalidArgument, match="completions"):
+            await stream.step()
+    call = node.stub.StreamLeases()
+    await call.write(pb.StreamLeasesRequest(node_id="node-1", acquire=pb.AcquireLeaseRequest(
+        queue="q", node_id="node-1", agent_id="a")))  # fmt: skip
+    first = await call.read()
+    assert first.next.task.task_id == ids[2]
+    await call.write(pb.StreamLeasesRequest(node_id="node-2", completions=_ends(held)))
+    with pytest.raises(grpc.aio.AioRpcError) as changed:
+        await call.read()
+    assert changed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    async with cp.client.lease_stream("node-1") as stream:
+        with pytest.raises(Forbidden):
+            await stream.step(_ends(held))
+    done, _ = await node.complete_tasks("node-1", _ends(held))
+    assert [t.state for t in done] == [State.SUCCEEDED, State.SUCCEEDED]
 
 
 async def test_acquire_next_is_checked_before_the_transition(

@@ -41,6 +41,7 @@ _NODE_RPCS = (
     "RenewLease",
     "TransitionTask",
     "CompleteTasks",
+    "StreamLeases",
     "IssueCredential",
     "ReserveBudget",
     "SettleBudget",

@@ -9,6 +9,7 @@ certificate of the channel (`ClientTLS`): an operator's, or a node's after
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
@@ -36,6 +37,79 @@ _OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+
+
+class LeaseStream:
+    """A worker's StreamLeases stream: each `step` ends held tasks and/or asks for the
+    next, and waits for its answer (one request in flight, as the server reads them)."""
+
+    def __init__(self, call: Any, node_id: str) -> None:
+        self._call = call
+        self.node_id = node_id
+
+    async def __aenter__(self) -> LeaseStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def step(
+        self,
+        completions: Sequence[pb.TaskCompletion] = (),
+        *,
+        queue: str = "",
+        agent_id: str = "",
+        wait_ms: int = 0,
+        start: bool = False,
+        max_tasks: int = 0,
+    ) -> tuple[list[pb.Task], pb.AcquireLeaseResponse | None]:
+        """Ends `completions` (all or nothing) and, with `queue`, leases up to `max_tasks`
+        more in the same transaction, as `ControlClient.complete_tasks` does (or, with
+        no completions, as `acquire_lease`). Returns the ended tasks and AcquireLease's
+        answer (None without `queue`).
+
+        Raises:
+            TetherError: the refusal CompleteTasks would give; it ends the stream, and
+                every later step raises it again.
+        """
+        request = pb.StreamLeasesRequest(node_id=self.node_id, completions=completions)
+        if queue:
+            request.acquire.CopyFrom(
+                pb.AcquireLeaseRequest(
+                    queue=queue,
+                    node_id=self.node_id,
+                    agent_id=agent_id,
+                    wait_ms=wait_ms,
+                    start=start,
+                    max_tasks=max_tasks,
+                )
+            )
+        try:
+            # An ended stream (a refusal ends it) answers with the status that ended it.
+            with contextlib.suppress(asyncio.InvalidStateError):
+                await self._call.write(request)
+            resp = await self._call.read()
+            if resp is grpc.aio.EOF:  # ended without a status error: nothing was answered
+                raise grpc.aio.AioRpcError(
+                    await self._call.code(),
+                    grpc.aio.Metadata(),
+                    grpc.aio.Metadata(),
+                    details="the lease stream ended before its answer",
+                )
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        return list(resp.tasks), (resp.next if resp.HasField("next") else None)
+
+    async def close(self) -> None:
+        """Ends the stream (the server has answered every step already)."""
+        if not self._call.done():
+            await self._call.done_writing()
+            await self._call.code()  # the server ends its side once it read the end
 
 
 class ControlClient:
@@ -327,6 +401,15 @@ class ControlClient:
             self.stub.CompleteTasks, request, timeout_s=self.timeout_s + wait_ms / 1000
         )
         return list(resp.tasks), (resp.next if resp.HasField("next") else None)
+
+    def lease_stream(self, node_id: str) -> LeaseStream:
+        """Opens a StreamLeases stream for `node_id`: `complete_tasks` and `acquire_lease`
+        as steps of one long-lived call, with no per-call cost (use it `async with`).
+
+        The stream stays on the replica it was opened on; after an error (which
+        ends it) open a new one.
+        """
+        return LeaseStream(self.stub.StreamLeases(), node_id)
 
     async def issue_credential(
         self, task_id: str, fencing_token: int, name: str, tool: str, node_id: str

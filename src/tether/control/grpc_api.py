@@ -160,6 +160,34 @@ def _check_transition(
     )
 
 
+def _check_completions(
+    completions: Sequence[pb.TaskCompletion], *, required: bool
+) -> list[HolderTransition]:
+    """Validates a batch of ends (CompleteTasks, StreamLeases): 0..64 (1..64 when
+    `required`), SUCCEED or FAIL each, every task once."""
+    if required and not completions:
+        raise InvalidArgument("completions", f"is required (1 to {MAX_GRANTS_PER_CALL} tasks)")
+    if len(completions) > MAX_GRANTS_PER_CALL:
+        raise InvalidArgument(
+            "completions",
+            f"has {len(completions)} tasks; the limit is {MAX_GRANTS_PER_CALL}",
+        )
+    items: list[HolderTransition] = []
+    first: dict[str, int] = {}
+    for i, c in enumerate(completions):
+        prefix = f"completions[{i}]."
+        t = _check_transition(c, prefix)
+        if t.event not in (Event.SUCCEED, Event.FAIL):
+            raise InvalidArgument(prefix + "event", "must be SUCCEED or FAIL")
+        if t.task_id in first:
+            raise InvalidArgument(
+                prefix + "task_id", f"repeats completions[{first[t.task_id]}].task_id"
+            )
+        first[t.task_id] = i
+        items.append(t)
+    return items
+
+
 def check_range(field: str, value: int, lo: int, hi: int, *, zero_ok: bool = True) -> int:
     """An integer in [lo, hi], or 0 when `zero_ok` (meaning "the default")."""
     if value == 0 and zero_ok:
@@ -678,33 +706,49 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         self, request: pb.CompleteTasksRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CompleteTasksResponse:
         node_id = check_id("node_id", request.node_id)
-        if not request.completions:
-            raise InvalidArgument("completions", "is required (1 to 64 tasks)")
-        if len(request.completions) > MAX_GRANTS_PER_CALL:
-            raise InvalidArgument(
-                "completions",
-                f"has {len(request.completions)} tasks; the limit is {MAX_GRANTS_PER_CALL}",
-            )
-        items: list[HolderTransition] = []
-        first: dict[str, int] = {}
-        for i, c in enumerate(request.completions):
-            prefix = f"completions[{i}]."
-            t = _check_transition(c, prefix)
-            if t.event not in (Event.SUCCEED, Event.FAIL):
-                raise InvalidArgument(prefix + "event", "must be SUCCEED or FAIL")
-            if t.task_id in first:
-                raise InvalidArgument(
-                    prefix + "task_id", f"repeats completions[{first[t.task_id]}].task_id"
-                )
-            first[t.task_id] = i
-            items.append(t)
+        items = _check_completions(request.completions, required=True)
         acquire: _Acquire | None = None
         if request.HasField("acquire_next"):
             acquire = _check_acquire(request.acquire_next, "acquire_next.")
             if acquire.node_id != node_id:
                 raise InvalidArgument("acquire_next.node_id", "must equal node_id")
         await self._node(context, node_id)
-        grants: list[tuple[TaskRecord, Envelope]] = []
+        tasks, following = await self._complete(node_id, items, acquire)
+        answer = pb.CompleteTasksResponse(tasks=tasks)
+        if following is not None:
+            answer.next.CopyFrom(following)
+        return answer
+
+    @handle_errors
+    async def StreamLeases(
+        self, request_iterator: AsyncIterator[pb.StreamLeasesRequest], context: Any
+    ) -> AsyncIterator[pb.StreamLeasesResponse]:
+        node_id = ""
+        async for request in request_iterator:
+            if not node_id:
+                node_id = check_id("node_id", request.node_id)
+            elif request.node_id != node_id:
+                raise InvalidArgument("node_id", "must not change within one stream")
+            acquire: _Acquire | None = None
+            if request.HasField("acquire"):
+                acquire = _check_acquire(request.acquire, "acquire.")
+                if acquire.node_id != node_id:
+                    raise InvalidArgument("acquire.node_id", "must equal node_id")
+            items = _check_completions(request.completions, required=acquire is None)
+            await self._node(context, node_id)  # every request: a revocation holds mid-stream
+            tasks, following = await self._complete(node_id, items, acquire)
+            yield pb.StreamLeasesResponse(tasks=tasks, next=following)
+
+    async def _complete(
+        self, node_id: str, items: list[HolderTransition], acquire: _Acquire | None
+    ) -> tuple[list[pb.Task], pb.AcquireLeaseResponse | None]:
+        """CompleteTasks' work after validation and the node check: the ended tasks, and
+        the next grants (None without `acquire`, or when the policy stopped the claim
+        during a wait)."""
+        if not items:
+            assert acquire is not None  # _check_completions(required=acquire is None)
+            return [], await self._acquire(acquire)
+        grants: list[tuple[TaskRecord, Envelope]] | None = None
         waited_ms = 0
         try:
             if acquire is None:
@@ -727,10 +771,8 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             async with self._holder_only(t.task_id, t.fencing_token, node_id):
                 raise err  # as is to a holder, else the uniform NotOwner (with the index)
             raise err  # not reached: _holder_only re-raises
-        answer = pb.CompleteTasksResponse(tasks=[task_to_proto(t) for t in tasks])
-        if acquire is not None:
-            answer.next.CopyFrom(_grants_to_proto(grants, waited_ms))
-        return answer
+        ended = [task_to_proto(t) for t in tasks]
+        return ended, None if grants is None else _grants_to_proto(grants, waited_ms)
 
     # -- RPCs owned by other parts (ledger, vault, budgets, tool calls, policy) ---------
     # The ledger engineer replaces StreamReceipts/GetCheckpoint/GetInclusionProof/

@@ -591,14 +591,15 @@ class ControlService:
         max_tasks: int,
         wait_ms: int = 0,
         start: bool = False,
-    ) -> tuple[list[TaskRecord], list[tuple[TaskRecord, Envelope]], int]:
+    ) -> tuple[list[TaskRecord], list[tuple[TaskRecord, Envelope]] | None, int]:
         """`transition_many`, then `acquire_many` for the same holder, sharing ONE store
         transaction (one durable commit) when tasks are ready at once.
 
         The claim is checked under the policy in force before anything is written;
         when none is ready and `wait_ms` > 0 the wait happens after the ends
-        committed, as `acquire_many` waits. Returns the ended tasks, the grants and
-        how long the wait took (ms).
+        committed, as `acquire_many` waits. Returns the ended tasks, the grants
+        (None when the policy stopped the claim during that wait: the ends stand)
+        and how long the wait took (ms).
 
         Raises:
             PolicyDenied: the agent may not claim from `queue` (nothing is ended).
@@ -628,14 +629,17 @@ class ControlService:
         grants = self._granted(node_id, got, signed)
         if grants or wait_ms <= 0:
             return tasks, grants, 0
-        grants, waited_ms = await self.acquire_many(
-            queue=queue,
-            node_id=node_id,
-            agent_id=agent_id,
-            max_tasks=max_tasks,
-            wait_ms=wait_ms,
-            start=start,
-        )
+        try:
+            grants, waited_ms = await self.acquire_many(
+                queue=queue,
+                node_id=node_id,
+                agent_id=agent_id,
+                max_tasks=max_tasks,
+                wait_ms=wait_ms,
+                start=start,
+            )
+        except PolicyDenied:
+            return tasks, None, 0
         return tasks, grants, waited_ms
 
     async def _grant(

@@ -1339,11 +1339,14 @@ class CompleteTasksRequest(_message.Message):
 
     @_builtins.property
     def acquire_next(self) -> Global___AcquireLeaseRequest:
-        """Once every completion has committed, also grant tasks as this AcquireLease
-        request says (same checks, its node_id must equal node_id), answered in
-        CompleteTasksResponse.next: a worker that finishes a batch and takes the
-        next pays one round trip per batch. When the completions are refused
-        nothing is granted. Dated like AcquireLease's grants.
+        """Also grant tasks as this AcquireLease request says (same checks, its
+        node_id must equal node_id), answered in CompleteTasksResponse.next: a
+        worker that finishes a batch and takes the next pays one round trip and
+        one durable commit per batch, since the completions and the grants of
+        ready tasks commit in one transaction. The claim is checked first; when it
+        or any completion is refused nothing is ended and nothing is granted.
+        With wait_ms and no task ready, the wait follows the committed completions.
+        Dated like AcquireLease's grants.
         """
 
     def __init__(
@@ -1377,9 +1380,8 @@ class CompleteTasksResponse(_message.Message):
     def next(self) -> Global___AcquireLeaseResponse:
         """With acquire_next: what AcquireLease would have answered (task unset when
         none was ready in time). Unset without acquire_next, and also when the
-        policy stopped letting the agent claim from the queue between the
-        request's check and the grant (the completions stand; AcquireLease then
-        says why).
+        policy stopped letting the agent claim from the queue while it waited for a
+        task (wait_ms; the completions stand; AcquireLease then says why).
         """
 
     def __init__(
@@ -1395,6 +1397,82 @@ class CompleteTasksResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CompleteTasksResponse: _TypeAlias = CompleteTasksResponse  # noqa: Y015
+
+@_typing.final
+class StreamLeasesRequest(_message.Message):
+    """StreamLeasesRequest is one step of a worker's loop on a StreamLeases stream:
+    the tasks it ended, and the next it wants. The server answers each with one
+    StreamLeasesResponse before it reads the next request.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    COMPLETIONS_FIELD_NUMBER: _builtins.int
+    ACQUIRE_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    """Node holding the leases; the same in every request of one stream."""
+    @_builtins.property
+    def completions(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskCompletion]:
+        """The tasks to end, 0..64, exactly as CompleteTasksRequest.completions (all
+        or nothing, in one transaction). At least one unless acquire is set. A
+        refused one ends the stream with its error, whose ErrorInfo metadata
+        "index" names it (0-based), as CompleteTasks fails.
+        """
+
+    @_builtins.property
+    def acquire(self) -> Global___AcquireLeaseRequest:
+        """Then grant tasks as this AcquireLease request says (its node_id must equal
+        node_id): as CompleteTasksRequest.acquire_next, in the same transaction as
+        the completions; alone (no completions) it is an AcquireLease.
+        """
+
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        completions: _abc.Iterable[Global___TaskCompletion] | None = ...,
+        acquire: Global___AcquireLeaseRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "completions", b"completions", "node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamLeasesRequest: _TypeAlias = StreamLeasesRequest  # noqa: Y015
+
+@_typing.final
+class StreamLeasesResponse(_message.Message):
+    """StreamLeasesResponse answers one StreamLeasesRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASKS_FIELD_NUMBER: _builtins.int
+    NEXT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Task]:
+        """The ended tasks, in the order of StreamLeasesRequest.completions."""
+
+    @_builtins.property
+    def next(self) -> Global___AcquireLeaseResponse:
+        """With acquire: what AcquireLease would have answered (task unset when none
+        was ready in time); unset without acquire, or as CompleteTasksResponse.next.
+        """
+
+    def __init__(
+        self,
+        *,
+        tasks: _abc.Iterable[Global___Task] | None = ...,
+        next: Global___AcquireLeaseResponse | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["next", b"next"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next", b"next", "tasks", b"tasks"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StreamLeasesResponse: _TypeAlias = StreamLeasesResponse  # noqa: Y015
 
 @_typing.final
 class IssueCredentialRequest(_message.Message):

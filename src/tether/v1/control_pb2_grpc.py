@@ -106,6 +106,11 @@ class ControlServiceStub:
                 request_serializer=tether_dot_v1_dot_control__pb2.CompleteTasksRequest.SerializeToString,
                 response_deserializer=tether_dot_v1_dot_control__pb2.CompleteTasksResponse.FromString,
                 _registered_method=True)
+        self.StreamLeases = channel.stream_stream(
+                '/tether.v1.ControlService/StreamLeases',
+                request_serializer=tether_dot_v1_dot_control__pb2.StreamLeasesRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_control__pb2.StreamLeasesResponse.FromString,
+                _registered_method=True)
         self.IssueCredential = channel.unary_unary(
                 '/tether.v1.ControlService/IssueCredential',
                 request_serializer=tether_dot_v1_dot_control__pb2.IssueCredentialRequest.SerializeToString,
@@ -283,6 +288,16 @@ class ControlServiceServicer:
     def CompleteTasks(self, request, context):
         """Ends several tasks the caller holds (SUCCEED or FAIL each) in one round trip
         and one durable commit, all or nothing; optionally leases the next tasks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamLeases(self, request_iterator, context):
+        """CompleteTasks and AcquireLease on one long-lived stream, for a worker that
+        loops "end my batch, give me the next": one response per request, in order,
+        with no per-call cost. Same checks, transactions and answers as the unary
+        RPCs; a refusal ends the stream with the status CompleteTasks would return.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -476,6 +491,11 @@ def add_ControlServiceServicer_to_server(servicer, server):
                     servicer.CompleteTasks,
                     request_deserializer=tether_dot_v1_dot_control__pb2.CompleteTasksRequest.FromString,
                     response_serializer=tether_dot_v1_dot_control__pb2.CompleteTasksResponse.SerializeToString,
+            ),
+            'StreamLeases': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamLeases,
+                    request_deserializer=tether_dot_v1_dot_control__pb2.StreamLeasesRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_control__pb2.StreamLeasesResponse.SerializeToString,
             ),
             'IssueCredential': grpc.unary_unary_rpc_method_handler(
                     servicer.IssueCredential,
@@ -933,6 +953,33 @@ class ControlService:
             '/tether.v1.ControlService/CompleteTasks',
             tether_dot_v1_dot_control__pb2.CompleteTasksRequest.SerializeToString,
             tether_dot_v1_dot_control__pb2.CompleteTasksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamLeases(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tether.v1.ControlService/StreamLeases',
+            tether_dot_v1_dot_control__pb2.StreamLeasesRequest.SerializeToString,
+            tether_dot_v1_dot_control__pb2.StreamLeasesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -84,6 +84,12 @@ class ControlServiceStub:
     """Ends several tasks the caller holds (SUCCEED or FAIL each) in one round trip
     and one durable commit, all or nothing; optionally leases the next tasks.
     """
+    StreamLeases: _grpc.StreamStreamMultiCallable[_control_pb2.StreamLeasesRequest, _control_pb2.StreamLeasesResponse]
+    """CompleteTasks and AcquireLease on one long-lived stream, for a worker that
+    loops "end my batch, give me the next": one response per request, in order,
+    with no per-call cost. Same checks, transactions and answers as the unary
+    RPCs; a refusal ends the stream with the status CompleteTasks would return.
+    """
     IssueCredential: _grpc.UnaryUnaryMultiCallable[_control_pb2.IssueCredentialRequest, _control_pb2.IssueCredentialResponse]
     """Hands a credential to the node holding a live lease whose policy grants it."""
     ReserveBudget: _grpc.UnaryUnaryMultiCallable[_control_pb2.ReserveBudgetRequest, _control_pb2.ReserveBudgetResponse]
@@ -170,6 +176,12 @@ class ControlServiceAsyncStub(ControlServiceStub):
     CompleteTasks: _aio.UnaryUnaryMultiCallable[_control_pb2.CompleteTasksRequest, _control_pb2.CompleteTasksResponse]  # type: ignore[assignment]
     """Ends several tasks the caller holds (SUCCEED or FAIL each) in one round trip
     and one durable commit, all or nothing; optionally leases the next tasks.
+    """
+    StreamLeases: _aio.StreamStreamMultiCallable[_control_pb2.StreamLeasesRequest, _control_pb2.StreamLeasesResponse]  # type: ignore[assignment]
+    """CompleteTasks and AcquireLease on one long-lived stream, for a worker that
+    loops "end my batch, give me the next": one response per request, in order,
+    with no per-call cost. Same checks, transactions and answers as the unary
+    RPCs; a refusal ends the stream with the status CompleteTasks would return.
     """
     IssueCredential: _aio.UnaryUnaryMultiCallable[_control_pb2.IssueCredentialRequest, _control_pb2.IssueCredentialResponse]  # type: ignore[assignment]
     """Hands a credential to the node holding a live lease whose policy grants it."""
@@ -338,6 +350,18 @@ class ControlServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_control_pb2.CompleteTasksResponse, _abc.Awaitable[_control_pb2.CompleteTasksResponse]]:
         """Ends several tasks the caller holds (SUCCEED or FAIL each) in one round trip
         and one durable commit, all or nothing; optionally leases the next tasks.
+        """
+
+    @_abc_1.abstractmethod
+    def StreamLeases(
+        self,
+        request_iterator: _MaybeAsyncIterator[_control_pb2.StreamLeasesRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_control_pb2.StreamLeasesResponse], _abc.AsyncIterator[_control_pb2.StreamLeasesResponse]]:
+        """CompleteTasks and AcquireLease on one long-lived stream, for a worker that
+        loops "end my batch, give me the next": one response per request, in order,
+        with no per-call cost. Same checks, transactions and answers as the unary
+        RPCs; a refusal ends the stream with the status CompleteTasks would return.
         """
 
     @_abc_1.abstractmethod
