@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from control_fixtures import POLICY, SHA_A, SHA_B, leased, unenrolled_node_tls
 
@@ -19,6 +20,7 @@ from tether.core.errors import (
     StaleFencingToken,
     Unauthenticated,
 )
+from tether.grpcutil.status import error_of, from_rpc_error, status_code
 from tether.testing import ControlHandle, start_control
 from tether.v1 import control_pb2 as pb
 
@@ -191,3 +193,76 @@ async def test_record_tool_call_edge_validation(cp: ControlHandle, node: Control
         await node.lookup_tool_call("t", "")
     assert info.value.field == "idempotency_key"
     assert await cp.client.health() == 1
+
+
+def _start(task_id: str, token: int, key: str, node_id: str = "node-1", **kw: Any) -> Any:
+    return pb.RecordToolCallRequest(
+        task_id=task_id, fencing_token=token, idempotency_key=key, tool="echo",
+        arguments_sha256=SHA_A, phase=STARTED, node_id=node_id, **kw,
+    )  # fmt: skip
+
+
+async def test_start_tool_calls_records_each_on_its_own(
+    cp: ControlHandle, node: ControlClient
+) -> None:
+    """StartToolCalls writes every STARTED record it can, answers a refused one with the
+    error RecordToolCall gives (the others stand), and reports records that existed."""
+    a = await leased(cp, node)
+    b = await leased(cp, node)
+    await node.record_tool_call(a.task_id, a.fencing_token, "old", "echo", SHA_A, STARTED, "node-1")
+    resp = await node.stub.StartToolCalls(
+        pb.StartToolCallsRequest(
+            node_id="node-1",
+            calls=[
+                _start(a.task_id, a.fencing_token, "k1"),
+                _start(b.task_id, b.fencing_token + 5, "k1"),  # not this lease's token
+                _start(a.task_id, a.fencing_token, "old"),
+                _start(b.task_id, b.fencing_token, "k2"),
+            ],
+        )
+    )
+    kinds = [r.WhichOneof("outcome") for r in resp.results]
+    assert kinds == ["recorded", "refused", "recorded", "recorded"]
+    assert [r.recorded.existed for r in resp.results if r.HasField("recorded")] == [
+        False, True, False,
+    ]  # fmt: skip
+    refused = resp.results[1].refused
+    err = error_of(
+        status_code(refused.code), refused.message, refused.reason, dict(refused.metadata)
+    )
+    assert isinstance(err, StaleFencingToken), refused
+    for tid, key in ((a.task_id, "k1"), (b.task_id, "k2")):
+        seen = await node.lookup_tool_call(tid, key)
+        assert seen is not None
+        assert seen.phase == STARTED
+    assert await node.lookup_tool_call(b.task_id, "k1") is None
+
+
+async def test_start_tool_calls_validation(cp: ControlHandle, node: ControlClient) -> None:
+    """A bad StartToolCalls record fails the call naming calls[i].<field>; nothing is written."""
+    a = await leased(cp, node)
+    ok = _start(a.task_id, a.fencing_token, "k1")
+    cases: list[tuple[list[Any], str]] = [
+        ([], "calls"),
+        ([ok] * 257, "calls"),
+        ([ok, _start(a.task_id, a.fencing_token, "k1")], "calls[1].idempotency_key"),
+        ([ok, _start(a.task_id, a.fencing_token, "k2", node_id="node-2")], "calls[1].node_id"),
+        ([ok, _start(a.task_id, a.fencing_token, "k3", status="ok")], "calls[1].status"),
+    ]
+    completed = _start(a.task_id, a.fencing_token, "k4")
+    completed.phase, completed.status = COMPLETED, "ok"
+    cases.append(([completed], "calls[0].phase"))
+    for calls, field in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await node.stub.StartToolCalls(pb.StartToolCallsRequest(node_id="node-1", calls=calls))
+        err = from_rpc_error(info.value)
+        assert isinstance(err, InvalidArgument), field
+        assert err.field == field
+    assert await node.lookup_tool_call(a.task_id, "k1") is None
+    with pytest.raises(grpc.aio.AioRpcError) as info:  # only as itself
+        await node.stub.StartToolCalls(
+            pb.StartToolCallsRequest(
+                node_id="node-2", calls=[_start(a.task_id, a.fencing_token, "k1", node_id="node-2")]
+            )
+        )
+    assert isinstance(from_rpc_error(info.value), NotOwner | Unauthenticated)

@@ -46,6 +46,7 @@ _NODE_RPCS = (
     "ReserveBudget",
     "SettleBudget",
     "RecordToolCall",
+    "StartToolCalls",
     "LookupToolCall",
     "StreamReceipts",
 )

@@ -39,6 +39,7 @@ from tether.core.errors import (
     NotOwner,
     PolicyDenied,
     StaleFencingToken,
+    TetherError,
     VerificationError,
 )
 from tether.core.leases import MAX_TTL_MS, MIN_TTL_MS
@@ -54,7 +55,7 @@ from tether.core.timeouts import (
 )
 from tether.crypto.envelopes import from_proto, json_to_proto, to_proto
 from tether.crypto.signing import Envelope, keyid_of
-from tether.grpcutil.status import handle_errors
+from tether.grpcutil.status import code_for, handle_errors
 from tether.store.base import (
     HolderTransition,
     NodeRecord,
@@ -76,6 +77,7 @@ MAX_KEY_CHARS = 256
 MAX_ATTEMPTS_LIMIT = 100
 MAX_WAIT_MS = 60_000
 MAX_GRANTS_PER_CALL = 64
+MAX_STARTS_PER_CALL = 256  # STARTED records in one StartToolCalls
 """AcquireLease's max_tasks bound: one answer stays small and one caller cannot drain a queue."""
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 100
@@ -135,6 +137,43 @@ def _check_acquire(request: pb.AcquireLeaseRequest, prefix: str = "") -> _Acquir
             1, check_range(prefix + "max_tasks", request.max_tasks, 0, MAX_GRANTS_PER_CALL)
         ),
         start=request.start,
+    )
+
+
+def _check_tool_call(request: pb.RecordToolCallRequest, prefix: str = "") -> ToolCallWrite:
+    """Validates a RecordToolCall request (or one StartToolCalls record, fields `prefix`ed)."""
+    f = prefix
+    task_id = check_id(f + "task_id", request.task_id)
+    token = check_token(f + "fencing_token", request.fencing_token)
+    key = check_idempotency_key(f + "idempotency_key", request.idempotency_key)
+    tool = check_id(f + "tool", request.tool)
+    args = check_sha256(f + "arguments_sha256", request.arguments_sha256)
+    phase = check_phase(f + "phase", request.phase)
+    result = check_bytes(f + "result", request.result)
+    if phase is ToolCallPhase.STARTED:
+        for field, given in (
+            ("result", bool(request.result)),
+            ("status", bool(request.status)),
+            ("cost_micros", request.cost_micros != 0),
+        ):
+            if given:
+                raise InvalidArgument(f + field, "must be empty for phase STARTED")
+    elif request.take_over:
+        raise InvalidArgument(f + "take_over", "is for phase STARTED only")
+    elif not _STATUS_RE.fullmatch(request.status):
+        raise InvalidArgument(f + "status", "must match [A-Za-z0-9._-]{1,64} for COMPLETED")
+    return ToolCallWrite(
+        task_id=task_id,
+        fencing_token=token,
+        node_id=check_id(f + "node_id", request.node_id),
+        idempotency_key=key,
+        tool=tool,
+        arguments_sha256=args,
+        phase=phase,
+        result=result,
+        status=request.status,
+        cost_micros=check_micros(f + "cost_micros", request.cost_micros),
+        take_over=request.take_over,
     )
 
 
@@ -837,44 +876,54 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
     async def RecordToolCall(
         self, request: pb.RecordToolCallRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.RecordToolCallResponse:
-        task_id = check_id("task_id", request.task_id)
-        token = check_token("fencing_token", request.fencing_token)
-        key = check_idempotency_key("idempotency_key", request.idempotency_key)
-        tool = check_id("tool", request.tool)
-        args = check_sha256("arguments_sha256", request.arguments_sha256)
-        phase = check_phase("phase", request.phase)
-        result = check_bytes("result", request.result)
-        if phase is ToolCallPhase.STARTED:
-            for field, given in (
-                ("result", bool(request.result)),
-                ("status", bool(request.status)),
-                ("cost_micros", request.cost_micros != 0),
-            ):
-                if given:
-                    raise InvalidArgument(field, "must be empty for phase STARTED")
-        elif request.take_over:
-            raise InvalidArgument("take_over", "is for phase STARTED only")
-        elif not _STATUS_RE.fullmatch(request.status):
-            raise InvalidArgument("status", "must match [A-Za-z0-9._-]{1,64} for COMPLETED")
-        cost = check_micros("cost_micros", request.cost_micros)
-        node_id = check_id("node_id", request.node_id)
-        await self._node(context, node_id)
-        record, existed = await self.service.record_tool_call(
-            ToolCallWrite(
-                task_id=task_id,
-                fencing_token=token,
-                node_id=node_id,
-                idempotency_key=key,
-                tool=tool,
-                arguments_sha256=args,
-                phase=phase,
-                result=result,
-                status=request.status,
-                cost_micros=cost,
-                take_over=request.take_over,
-            )
-        )
+        write = _check_tool_call(request)
+        await self._node(context, write.node_id)
+        record, existed = await self.service.record_tool_call(write)
         return pb.RecordToolCallResponse(record=tool_call_to_proto(record), existed=existed)
+
+    @handle_errors
+    async def StartToolCalls(
+        self, request: pb.StartToolCallsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.StartToolCallsResponse:
+        node_id = check_id("node_id", request.node_id)
+        if not 1 <= len(request.calls) <= MAX_STARTS_PER_CALL:
+            raise InvalidArgument(
+                "calls", f"has {len(request.calls)} records; 1 to {MAX_STARTS_PER_CALL} allowed"
+            )
+        writes: list[ToolCallWrite] = []
+        first: dict[tuple[str, str], int] = {}
+        for i, call in enumerate(request.calls):
+            prefix = f"calls[{i}]."
+            write = _check_tool_call(call, prefix)
+            if write.phase is not ToolCallPhase.STARTED:
+                raise InvalidArgument(prefix + "phase", "must be STARTED")
+            if write.node_id != node_id:
+                raise InvalidArgument(prefix + "node_id", "must equal node_id")
+            slot = (write.task_id, write.idempotency_key)
+            if slot in first:
+                raise InvalidArgument(prefix + "idempotency_key", f"repeats calls[{first[slot]}]")
+            first[slot] = i
+            writes.append(write)
+        await self._node(context, node_id)
+        answer = pb.StartToolCallsResponse()
+        for outcome in await self.service.start_tool_calls(writes):
+            if isinstance(outcome, TetherError):
+                answer.results.add(
+                    refused=pb.ToolCallRefusal(
+                        code=code_for(outcome).value[0],
+                        message=outcome.message,
+                        reason=outcome.reason,
+                        metadata=outcome.metadata,
+                    )
+                )
+            else:
+                record, existed = outcome
+                answer.results.add(
+                    recorded=pb.RecordToolCallResponse(
+                        record=tool_call_to_proto(record), existed=existed
+                    )
+                )
+        return answer
 
     @handle_errors
     async def LookupToolCall(

@@ -1054,6 +1054,29 @@ class ControlService:
         """Records STARTED or COMPLETED for (task, key) under the live lease."""
         return await self.store.record_tool_call(write, self.clock.now_ms())
 
+    async def start_tool_calls(
+        self, writes: Sequence[ToolCallWrite]
+    ) -> list[tuple[ToolCallRecord, bool] | TetherError]:
+        """Records STARTED for each write, each on its own, sharing the store's commits.
+
+        Concurrent store transactions are group-committed (SQLite: one COMMIT for
+        all that wait), so a batch costs about one durable commit, and a refused
+        write (its refusal in its place) does not undo the others.
+        """
+        now = self.clock.now_ms()
+        done = await asyncio.gather(
+            *(self.store.record_tool_call(w, now) for w in writes), return_exceptions=True
+        )
+        out: list[tuple[ToolCallRecord, bool] | TetherError] = []
+        for item in done:
+            if isinstance(item, TetherError):
+                out.append(item)
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                out.append(item)
+        return out
+
     async def lookup_tool_call(self, task_id: str, idempotency_key: str) -> ToolCallRecord | None:
         """The record of (task, key), whichever lease wrote it."""
         return await self.store.lookup_tool_call(task_id, idempotency_key)

@@ -145,6 +145,18 @@ def from_rpc_error(err: grpc.RpcError) -> E.TetherError:
                 detail.Unpack(bad)
                 if bad.field_violations:
                     field = bad.field_violations[0].field
+    return error_of(code, message or "", reason, metadata, field)
+
+
+def error_of(
+    code: grpc.StatusCode,
+    message: str,
+    reason: str = "",
+    metadata: dict[str, str] | None = None,
+    field: str = "",
+) -> E.TetherError:
+    """The `TetherError` a status with this code, message and ErrorInfo stands for."""
+    metadata = metadata or {}
     cls = _BY_REASON.get(reason)
     if cls is E.InvalidArgument or (cls is None and code == grpc.StatusCode.INVALID_ARGUMENT):
         text = message or ""
@@ -169,6 +181,14 @@ def from_rpc_error(err: grpc.RpcError) -> E.TetherError:
 
 def _code_value(code: grpc.StatusCode) -> int:
     return int(code.value[0])
+
+
+_CODES: dict[int, grpc.StatusCode] = {_code_value(c): c for c in grpc.StatusCode}
+
+
+def status_code(value: int) -> grpc.StatusCode:
+    """The `grpc.StatusCode` of a google.rpc.Code value (UNKNOWN for one not known)."""
+    return _CODES.get(value, grpc.StatusCode.UNKNOWN)
 
 
 assert _code_value(grpc.StatusCode.INVALID_ARGUMENT) == code_pb2.INVALID_ARGUMENT

@@ -61,8 +61,9 @@
    COMPLETED. Results over `RIDE_MAX_BYTES` are recorded with RecordToolCall
    COMPLETED as before, concurrently with the receipt.
 
-So a keyed call on the fast path makes one control-plane round trip (STARTED)
-and an unkeyed call none, plus one `ReserveBudget` per slice refill.
+So a keyed call on the fast path makes one control-plane round trip (STARTED;
+concurrent calls share one, `Uplink.start_tool_call`) and an unkeyed call none,
+plus one `ReserveBudget` per slice refill.
 
 Control plane unreachable: before the run the agent gets UNAVAILABLE saying the
 tool did not run. After the run of a keyed call the outcome is durable in the

@@ -50,7 +50,7 @@ from tether.core import errors as E
 from tether.crypto.envelopes import from_proto
 from tether.crypto.pki import generate_tls_key
 from tether.crypto.signing import Envelope, SigningKey, VerifyKey
-from tether.grpcutil.status import from_rpc_error
+from tether.grpcutil.status import error_of, from_rpc_error, status_code
 from tether.grpcutil.tls import ClientTLS, open_channel
 from tether.v1 import control_pb2 as pb
 from tether.v1 import control_pb2_grpc as pb_grpc
@@ -58,6 +58,15 @@ from tether.v1 import control_pb2_grpc as pb_grpc
 log = logging.getLogger("tether.sidecar.uplink")
 
 T = TypeVar("T")
+MAX_STARTS_PER_CALL = 256  # STARTED records in one StartToolCalls (the control plane's limit)
+STARTS_IN_FLIGHT = 2  # STARTED requests on the wire at once; calls arriving meanwhile batch up
+
+_Started = tuple[pb.RecordToolCallResponse, bool]  # (the answer, whether it was resent)
+
+
+class _Unimplemented(Exception):
+    """The control plane predates StartToolCalls (records are then sent one by one)."""
+
 
 _RETRYABLE = {grpc.StatusCode.UNAVAILABLE}
 _RETRYABLE_IF_SAFE = {grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -131,6 +140,11 @@ class Uplink:
         self._down_since: float | None = None
         self._register_lock = asyncio.Lock()
         self._renewer: asyncio.Task[None] | None = None
+        # STARTED records waiting for a free request (see `start_tool_call`).
+        self._starts: list[tuple[pb.RecordToolCallRequest, asyncio.Future[_Started]]] = []
+        self._starts_in_flight = 0
+        self._start_senders: set[asyncio.Task[None]] = set()
+        self._batch_starts = True  # False once the control plane lacks StartToolCalls
 
     @property
     def reachable(self) -> bool:
@@ -475,6 +489,11 @@ class Uplink:
         `existed` after a resend is ambiguous; the caller resolves it.
         `take_over`: an earlier lease's STARTED record becomes this lease's (the
         caller will run the call again; see RecordToolCallRequest.take_over).
+
+        At most `STARTS_IN_FLIGHT` requests are on the wire at once: a call
+        that finds them busy waits, and the calls that waited go together in
+        one StartToolCalls (one round trip, one commit at the control plane),
+        each answered (or refused) on its own. A lone call goes as it came.
         """
         request = pb.RecordToolCallRequest(
             task_id=task_id,
@@ -486,6 +505,88 @@ class Uplink:
             node_id=self.node_id,
             take_over=take_over,
         )
+        if self._starts_in_flight < STARTS_IN_FLIGHT and not self._starts:
+            self._starts_in_flight += 1
+            try:
+                response, retried = await self._start_one(request)
+            finally:
+                self._starts_in_flight -= 1
+                self._send_waiting_starts()
+        else:
+            future: asyncio.Future[_Started] = asyncio.get_running_loop().create_future()
+            self._starts.append((request, future))
+            self._send_waiting_starts()
+            response, retried = await future
+        return response.record, response.existed, retried
+
+    def _send_waiting_starts(self) -> None:
+        """Starts a sender for the waiting STARTED records, if a request is free."""
+        if self._starts and self._starts_in_flight < STARTS_IN_FLIGHT:
+            self._starts_in_flight += 1
+            task = asyncio.get_running_loop().create_task(self._send_starts())
+            self._start_senders.add(task)
+            task.add_done_callback(self._start_senders.discard)
+
+    async def _send_starts(self) -> None:
+        """Sends waiting STARTED records, a batch per request, until none wait."""
+        batch: list[tuple[pb.RecordToolCallRequest, asyncio.Future[_Started]]] = []
+        try:
+            while self._starts:
+                batch = self._starts[:MAX_STARTS_PER_CALL]
+                del self._starts[:MAX_STARTS_PER_CALL]
+                batch = [(r, f) for r, f in batch if not f.done()]  # callers gone: skip
+                if len(batch) == 1 or (batch and not self._batch_starts):
+                    await asyncio.gather(*(self._answer_one(r, f) for r, f in batch))
+                elif batch:
+                    await self._answer_many(batch)
+                batch = []
+        except BaseException as err:  # cancelled (shutdown): nobody may wait forever
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(E.Unavailable(f"sidecar stopping: {err!r}"))
+            raise
+        finally:
+            self._starts_in_flight -= 1
+
+    async def _answer_one(
+        self, request: pb.RecordToolCallRequest, future: asyncio.Future[_Started]
+    ) -> None:
+        try:
+            answer = await self._start_one(request)
+        except Exception as err:
+            if not future.done():
+                future.set_exception(err)
+            return
+        if not future.done():
+            future.set_result(answer)
+
+    async def _answer_many(
+        self, batch: list[tuple[pb.RecordToolCallRequest, asyncio.Future[_Started]]]
+    ) -> None:
+        try:
+            results, retried = await self._start_many([r for r, _ in batch])
+        except _Unimplemented:
+            log.warning("the control plane has no StartToolCalls; STARTED records go one by one")
+            self._batch_starts = False
+            await asyncio.gather(*(self._answer_one(r, f) for r, f in batch))
+            return
+        except Exception as err:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(err)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if future.done():
+                continue
+            if result.HasField("refused"):
+                r = result.refused
+                future.set_exception(
+                    error_of(status_code(r.code), r.message, r.reason, dict(r.metadata))
+                )
+            else:
+                future.set_result((result.recorded, retried))
+
+    async def _start_one(self, request: pb.RecordToolCallRequest) -> _Started:
         attempts = 0
 
         def attempt(md: tuple[tuple[str, str], ...], timeout: float) -> Awaitable[Any]:
@@ -494,7 +595,31 @@ class Uplink:
             return self.stub.RecordToolCall(request, metadata=md, timeout=timeout)
 
         response: pb.RecordToolCallResponse = await self._call("RecordToolCall", attempt)
-        return response.record, response.existed, attempts > 1
+        return response, attempts > 1
+
+    async def _start_many(
+        self, requests: list[pb.RecordToolCallRequest]
+    ) -> tuple[list[pb.StartToolCallResult], bool]:
+        """One StartToolCalls: (the answer of each, whether the request was resent)."""
+        request = pb.StartToolCallsRequest(node_id=self.node_id, calls=requests)
+        attempts = 0
+
+        async def attempt(md: tuple[tuple[str, str], ...], timeout: float) -> Any:
+            nonlocal attempts
+            attempts += 1
+            try:
+                return await self.stub.StartToolCalls(request, metadata=md, timeout=timeout)
+            except grpc.aio.AioRpcError as err:
+                if err.code() == grpc.StatusCode.UNIMPLEMENTED:
+                    raise _Unimplemented() from err
+                raise
+
+        response: pb.StartToolCallsResponse = await self._call("StartToolCalls", attempt)
+        if len(response.results) != len(requests):
+            raise E.TetherError(
+                f"StartToolCalls answered {len(response.results)} of {len(requests)} records"
+            )
+        return list(response.results), attempts > 1
 
     async def record_tool_call(
         self,

@@ -1754,6 +1754,156 @@ class RecordToolCallResponse(_message.Message):
 Global___RecordToolCallResponse: _TypeAlias = RecordToolCallResponse  # noqa: Y015
 
 @_typing.final
+class StartToolCallsRequest(_message.Message):
+    """StartToolCallsRequest carries the STARTED records of tool calls a node is
+    about to run at once (e.g. many agents' calls), so they share one round trip
+    and one commit. Every record is durable before the response is sent.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    CALLS_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    """Node holding the leases."""
+    @_builtins.property
+    def calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecordToolCallRequest]:
+        """The records, 1..256, each checked as RecordToolCall checks it: phase
+        STARTED, node_id equal to the request's, each (task_id, idempotency_key) at
+        most once. A bad field fails the whole call, named calls[i].<field>.
+        """
+
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        calls: _abc.Iterable[Global___RecordToolCallRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls", b"calls", "node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartToolCallsRequest: _TypeAlias = StartToolCallsRequest  # noqa: Y015
+
+@_typing.final
+class StartToolCallsResponse(_message.Message):
+    """StartToolCallsResponse answers each record of a StartToolCallsRequest."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___StartToolCallResult]:
+        """One per call, in the order of StartToolCallsRequest.calls."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___StartToolCallResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartToolCallsResponse: _TypeAlias = StartToolCallsResponse  # noqa: Y015
+
+@_typing.final
+class StartToolCallResult(_message.Message):
+    """StartToolCallResult is one record's answer: what RecordToolCall would have
+    answered, or the error it would have failed with.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDED_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def recorded(self) -> Global___RecordToolCallResponse:
+        """Written, or found (see RecordToolCallResponse.existed)."""
+
+    @_builtins.property
+    def refused(self) -> Global___ToolCallRefusal:
+        """Refused (e.g. a stale fencing token); nothing was written for this call."""
+
+    def __init__(
+        self,
+        *,
+        recorded: Global___RecordToolCallResponse | None = ...,
+        refused: Global___ToolCallRefusal | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome", "recorded", b"recorded", "refused", b"refused"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome", "recorded", b"recorded", "refused", b"refused"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_outcome: _TypeAlias = _typing.Literal["recorded", "refused"]  # noqa: Y015
+    _WhichOneofArgType_outcome: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_outcome) -> _WhichOneofReturnType_outcome | None: ...
+
+Global___StartToolCallResult: _TypeAlias = StartToolCallResult  # noqa: Y015
+
+@_typing.final
+class ToolCallRefusal(_message.Message):
+    """ToolCallRefusal is the error RecordToolCall would have failed with, in the
+    terms of the rich error model (google.rpc.Status and its ErrorInfo).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """The gRPC status code (a google.rpc.Code value)."""
+    message: _builtins.str
+    """The error message."""
+    reason: _builtins.str
+    """ErrorInfo.reason (machine-readable, e.g. STALE_FENCING_TOKEN)."""
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """ErrorInfo.metadata."""
+
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message", "metadata", b"metadata", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCallRefusal: _TypeAlias = ToolCallRefusal  # noqa: Y015
+
+@_typing.final
 class ToolCallRecord(_message.Message):
     """ToolCallRecord is the recorded outcome of an idempotent call."""
 

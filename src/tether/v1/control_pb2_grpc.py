@@ -131,6 +131,11 @@ class ControlServiceStub:
                 request_serializer=tether_dot_v1_dot_control__pb2.RecordToolCallRequest.SerializeToString,
                 response_deserializer=tether_dot_v1_dot_control__pb2.RecordToolCallResponse.FromString,
                 _registered_method=True)
+        self.StartToolCalls = channel.unary_unary(
+                '/tether.v1.ControlService/StartToolCalls',
+                request_serializer=tether_dot_v1_dot_control__pb2.StartToolCallsRequest.SerializeToString,
+                response_deserializer=tether_dot_v1_dot_control__pb2.StartToolCallsResponse.FromString,
+                _registered_method=True)
         self.LookupToolCall = channel.unary_unary(
                 '/tether.v1.ControlService/LookupToolCall',
                 request_serializer=tether_dot_v1_dot_control__pb2.LookupToolCallRequest.SerializeToString,
@@ -335,6 +340,15 @@ class ControlServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartToolCalls(self, request, context):
+        """Records STARTED for several tool calls of one node in one round trip and one
+        durable commit, each as RecordToolCall(STARTED) would and each on its own: a
+        refused one is answered with its refusal and does not stop the others.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def LookupToolCall(self, request, context):
         """Looks up the recorded outcome of (task, idempotency key).
         """
@@ -516,6 +530,11 @@ def add_ControlServiceServicer_to_server(servicer, server):
                     servicer.RecordToolCall,
                     request_deserializer=tether_dot_v1_dot_control__pb2.RecordToolCallRequest.FromString,
                     response_serializer=tether_dot_v1_dot_control__pb2.RecordToolCallResponse.SerializeToString,
+            ),
+            'StartToolCalls': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartToolCalls,
+                    request_deserializer=tether_dot_v1_dot_control__pb2.StartToolCallsRequest.FromString,
+                    response_serializer=tether_dot_v1_dot_control__pb2.StartToolCallsResponse.SerializeToString,
             ),
             'LookupToolCall': grpc.unary_unary_rpc_method_handler(
                     servicer.LookupToolCall,
@@ -1088,6 +1107,33 @@ class ControlService:
             '/tether.v1.ControlService/RecordToolCall',
             tether_dot_v1_dot_control__pb2.RecordToolCallRequest.SerializeToString,
             tether_dot_v1_dot_control__pb2.RecordToolCallResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartToolCalls(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tether.v1.ControlService/StartToolCalls',
+            tether_dot_v1_dot_control__pb2.StartToolCallsRequest.SerializeToString,
+            tether_dot_v1_dot_control__pb2.StartToolCallsResponse.FromString,
             options,
             channel_credentials,
             insecure,

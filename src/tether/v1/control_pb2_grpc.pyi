@@ -103,6 +103,11 @@ class ControlServiceStub:
     lease after the tool's effect still records the outcome it knows, unless
     another lease took the key over in the meantime.
     """
+    StartToolCalls: _grpc.UnaryUnaryMultiCallable[_control_pb2.StartToolCallsRequest, _control_pb2.StartToolCallsResponse]
+    """Records STARTED for several tool calls of one node in one round trip and one
+    durable commit, each as RecordToolCall(STARTED) would and each on its own: a
+    refused one is answered with its refusal and does not stop the others.
+    """
     LookupToolCall: _grpc.UnaryUnaryMultiCallable[_control_pb2.LookupToolCallRequest, _control_pb2.LookupToolCallResponse]
     """Looks up the recorded outcome of (task, idempotency key)."""
     StreamReceipts: _grpc.StreamStreamMultiCallable[_control_pb2.StreamReceiptsRequest, _control_pb2.StreamReceiptsResponse]
@@ -195,6 +200,11 @@ class ControlServiceAsyncStub(ControlServiceStub):
     over) under the caller's own fencing token and node: a holder that lost its
     lease after the tool's effect still records the outcome it knows, unless
     another lease took the key over in the meantime.
+    """
+    StartToolCalls: _aio.UnaryUnaryMultiCallable[_control_pb2.StartToolCallsRequest, _control_pb2.StartToolCallsResponse]  # type: ignore[assignment]
+    """Records STARTED for several tool calls of one node in one round trip and one
+    durable commit, each as RecordToolCall(STARTED) would and each on its own: a
+    refused one is answered with its refusal and does not stop the others.
     """
     LookupToolCall: _aio.UnaryUnaryMultiCallable[_control_pb2.LookupToolCallRequest, _control_pb2.LookupToolCallResponse]  # type: ignore[assignment]
     """Looks up the recorded outcome of (task, idempotency key)."""
@@ -399,6 +409,17 @@ class ControlServiceServicer(metaclass=_abc_1.ABCMeta):
         over) under the caller's own fencing token and node: a holder that lost its
         lease after the tool's effect still records the outcome it knows, unless
         another lease took the key over in the meantime.
+        """
+
+    @_abc_1.abstractmethod
+    def StartToolCalls(
+        self,
+        request: _control_pb2.StartToolCallsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_control_pb2.StartToolCallsResponse, _abc.Awaitable[_control_pb2.StartToolCallsResponse]]:
+        """Records STARTED for several tool calls of one node in one round trip and one
+        durable commit, each as RecordToolCall(STARTED) would and each on its own: a
+        refused one is answered with its refusal and does not stop the others.
         """
 
     @_abc_1.abstractmethod
