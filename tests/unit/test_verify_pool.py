@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
+from tether.crypto.signing import Envelope
 from tether.verify import encode_bundle, verify_bundle
-from tether.verify.builder import BundleBuilder
+from tether.verify.builder import BundleBuilder, seeded_key
+from tether.verify.bundle import BundleFormatError, decode_bundle
+from tether.verify.verifier import Failure, Report
 
 
 def _bundle() -> BundleBuilder:
@@ -51,3 +55,62 @@ def test_irregular_compact_file_takes_the_full_parser() -> None:
         report = verify_bundle(loose, [b.control.public], threads=threads)
         assert report.checks_failed() == {"bundle.format"}
         assert "canonical encoding" in report.failures[0].why
+
+
+def _general(data: bytes, keys: list[Any]) -> dict[str, Any]:
+    """The verdict of the general path: the whole file decoded strictly, then verified."""
+    try:
+        bundle = decode_bundle(data)
+    except BundleFormatError as err:
+        report = Report([Failure("bundle.format", "bundle", err.message)])
+    else:
+        report = verify_bundle(bundle, keys, threads=1)
+    out = report.to_dict()
+    out.pop("seconds")
+    return out
+
+
+def test_leases_cut_out_of_a_compact_file_give_the_general_parsers_verdict() -> None:
+    """The leases the main process parses from the raw file (while the workers check the
+    entries) are read and refused exactly as the strict parser of the whole file would."""
+    b = _bundle()
+    bundle = b.build()
+    second = seeded_key("verify-pool/second-control")
+    keys = [b.control.public, second.public]
+    env = bundle.leases[1]
+    twice = Envelope(env.payload, env.payload_type, (*env.signatures, *second.sign_envelope(
+        env.payload_type, env.payload).signatures))  # fmt: skip
+    data = encode_bundle(bundle)
+    lease = encode_bundle(dataclasses.replace(bundle, entries=[])).split(b'"leases":[')[1]
+    first = lease[: lease.index(b"}]}") + 3]  # the first lease envelope, as written
+    payload = first.split(b'"payload":"')[1].split(b'"')[0]
+    sig = first.split(b'"sig":"')[1].split(b'"')[0]
+    alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
+    loose_sig = sig[:-3] + bytes([alphabet[alphabet.index(sig[-3]) ^ 1]]) + b"=="
+    cases = {
+        "as written": data,
+        "two signatures": encode_bundle(
+            dataclasses.replace(bundle, leases=[bundle.leases[0], twice, *bundle.leases[2:]])
+        ),
+        "no leases": encode_bundle(dataclasses.replace(bundle, leases=[])),
+        "one lease": encode_bundle(dataclasses.replace(bundle, leases=bundle.leases[:1])),
+        "a space": data.replace(first, first.replace(b'","sig"', b'", "sig"'), 1),
+        "a trailing comma": data.replace(b'}]}],"controlKeyids"', b'}]},],"controlKeyids"', 1),
+        "loose base64": data.replace(sig, loose_sig, 1),
+        "unpadded signature": data.replace(sig, sig.rstrip(b"="), 1),
+        "a payload byte flipped": data.replace(payload, payload[:8] + b"A" + payload[9:], 1),
+        "uppercase keyid": data.replace(first, first.replace(b'"keyid":"', b'"keyid":"A', 1), 1),
+        "an unknown field": data.replace(first, first[:-1] + b',"x":1}', 1),
+        "a second leases member": data.replace(
+            b'],"controlKeyids"', b'],"leases":[' + first + b'],"controlKeyids"', 1
+        ),
+    }
+    for name, case in cases.items():
+        assert name == "as written" or case != data, name
+    for name, case in cases.items():
+        expected = _general(case, keys)
+        assert expected["valid"] == (name in ("as written", "two signatures")), name
+        for threads in (1, 2):
+            got = verify_bundle(case, keys, threads=threads).to_dict()
+            got.pop("seconds")
+            assert got == expected, (name, threads)

@@ -593,12 +593,70 @@ def _raw_entries(chunk: bytes) -> list[_EntryFacts]:
         pos += 1
 
 
-def _split_raw(data: BundleBytes, limits: Limits) -> tuple[Bundle, list[tuple[int, int]]] | None:
-    """(the bundle without entries, byte spans of entry chunks) for compact bundles.
+_RAW_LEASES = b'],"leases":['
+_RAW_AFTER_LEASES = b'],"controlKeyids":['
+_RAW_LEASE = re.compile(
+    rb'\{"payload":"([A-Za-z0-9+/]*={0,2})","payloadType":"'
+    + re.escape(LEASE_PAYLOAD_TYPE.encode())
+    + rb'","signatures":\[(\{"keyid":"[0-9a-f]{64}","sig":"[A-Za-z0-9+/]*={0,2}"\}'
+    + rb'(?:,\{"keyid":"[0-9a-f]{64}","sig":"[A-Za-z0-9+/]*={0,2}"\})*)\]\}'
+)
+_RAW_LEASE_SIG = re.compile(rb'"keyid":"([0-9a-f]{64})","sig":"([A-Za-z0-9+/]*={0,2})"')
+
+
+class _RawSplit(NamedTuple):
+    """A compact bundle cut where the workers and the main process take their parts."""
+
+    header: Bundle  # the bundle without entries and, when `leases` is set, without leases
+    spans: list[tuple[int, int]]  # byte spans of the entry chunks
+    leases: tuple[int, int] | None  # the byte span of the leases' envelopes, or None
+
+
+def _raw_leases(text: bytes) -> list[Envelope] | None:
+    """The lease envelopes of a compact bundle's leases member, or None if not canonical.
+
+    Accepts exactly what `encode_bundle` writes for leases (compact envelopes
+    of the lease payload type, hex keyids, canonical base64), so these bytes
+    are the canonical encoding of what it returns; None sends the bundle to the
+    general parser, which decides and names what is wrong.
+    """
+    out: list[Envelope] = []
+    match = _RAW_LEASE.match
+    pos, n = 0, len(text)
+    while pos < n:
+        m = match(text, pos)
+        if m is None:
+            return None
+        sigs: list[tuple[str, bytes]] = []
+        try:
+            payload = _b64decode(m[1], validate=True)
+            if _b64encode(payload) != m[1]:
+                return None  # not canonical base64
+            for keyid, text64 in _RAW_LEASE_SIG.findall(m[2]):
+                sig = _b64decode(text64, validate=True)
+                if _b64encode(sig) != text64:
+                    return None
+                sigs.append((keyid.decode(), sig))
+        except ValueError:  # binascii.Error
+            return None
+        out.append(Envelope(payload, LEASE_PAYLOAD_TYPE, tuple(sigs)))
+        pos = m.end()
+        if pos < n:
+            if text[pos] != 0x2C:  # ","
+                return None
+            pos += 1
+            if pos == n:
+                return None  # a trailing comma
+    return out
+
+
+def _split_raw(data: BundleBytes, limits: Limits) -> _RawSplit | None:
+    """The bundle without entries, and where its entries and leases lie, for compact bundles.
 
     Only the bundle's small remainder is decoded here; the entries (nearly all
     of the file) are parsed by the workers, each on its own chunk, with the
-    strict grammar of `_RAW_ENTRY`. None means: not the compact form (or a
+    strict grammar of `_RAW_ENTRY`, and the leases by the main process while
+    the workers run (`_raw_leases`). None means: not the compact form (or a
     chunk will not parse), so decode the whole file the general way.
     """
     if data[: len(_RAW_HEAD)] != _RAW_HEAD:
@@ -611,6 +669,15 @@ def _split_raw(data: BundleBytes, limits: Limits) -> tuple[Bundle, list[tuple[in
     # A second "entries" member: leave it to the full parser, which refuses it.
     if b'"entries"' in tail:
         return None
+    # The leases (most of the rest) are cut out of what is decoded here: the header
+    # holds an empty leases member, and the span between is parsed later.
+    leases = None
+    i = tail.find(_RAW_LEASES)
+    j = tail.rfind(_RAW_AFTER_LEASES)
+    if i >= 0 and i + len(_RAW_LEASES) <= j:
+        at = end + 4 + i + len(_RAW_LEASES)
+        leases = (at, at + j - i - len(_RAW_LEASES))
+        tail = tail[: i + len(_RAW_LEASES)] + tail[j:]
     try:
         header = decode_bundle(_RAW_HEAD + b"]" + tail, limits)
     except BundleFormatError:
@@ -625,7 +692,7 @@ def _split_raw(data: BundleBytes, limits: Limits) -> tuple[Bundle, list[tuple[in
             break
         spans.append((a, j + 2))
         a = j + 3
-    return header, spans
+    return _RawSplit(header, spans, leases)
 
 
 class _Checker:
@@ -947,9 +1014,11 @@ def _verify(
             executor(True)
         raw = _split_raw(data, limits)
         if raw is not None:
-            header, spans = raw
+            header, spans, lease_span = raw
             big = spans[-1][1] - spans[0][0] >= _POOL_MIN_BYTES
             v = verifier(header)
+            if lease_span is not None:
+                v.raw_leases = bytes(data[lease_span[0] : lease_span[1]])
             ex = executor(big)
             # Spans of the inherited buffer cost nothing to queue: all go at once, so
             # the workers never wait while this process checks the leases.
@@ -999,6 +1068,9 @@ class _Verifier:
         previous_checkpoint: str | None = None,
     ) -> None:
         self.b = bundle  # its entries may be left out (they come in chunks to `run`)
+        # A compact bundle's leases as they are in the file, parsed in `run` (then
+        # `b.leases` is empty until then).
+        self.raw_leases: bytes | None = None
         self.previous_checkpoint = previous_checkpoint
         self.consistent_with = 0
         self.keys = keys
@@ -1224,7 +1296,14 @@ class _Verifier:
                 futures.append(pool.submit(_check_job, ctx, job[0] << _SHIFT, job[1]))
 
         top_up()
-        leases = self._leases()  # here, while the workers check the entries
+        if self.raw_leases is not None:  # here, while the workers check the entries
+            envelopes = _raw_leases(self.raw_leases)
+            if envelopes is None:
+                for f in futures:
+                    f.cancel()
+                return False
+            self.b.leases = envelopes
+        leases = self._leases()
         bases: list[int] = []
         total = 0
         last_leaf = -1
