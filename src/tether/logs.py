@@ -5,13 +5,22 @@ lines when stderr is a terminal and one JSON object per line otherwise (a
 supervisor, a container runtime, a file); `text` and `json` force either. Both
 carry the same context fields. Secrets never reach a log: log ids and digests,
 not values.
+
+Lines are formatted and written by one writer thread, not by the thread that
+logs: a write to stderr can wait on the disk (a file beside an fsyncing
+database), and the event loop must not. Exit (normal or by an exception) writes
+every line already logged first; a SIGKILLed process may lose its last few
+milliseconds of lines.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import logging.handlers
 import os
+import queue
 import sys
 import time
 from typing import Any, TextIO
@@ -104,17 +113,47 @@ def resolve_format(fmt: str, stream: TextIO) -> str:
         return "json"
 
 
+class _HandOff(logging.handlers.QueueHandler):
+    """Hands records to the writer thread: only the message's arguments are merged here
+    (so later changes to them cannot show); the record stays whole otherwise (an
+    in-process queue pickles nothing), so the writer formats it as stderr's handler
+    would have."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        record.msg = record.getMessage()
+        record.args = None
+        return record
+
+
+_writer: logging.handlers.QueueListener | None = None
+
+
+def _stop_writer() -> None:
+    """Writes what is queued and stops the writer thread (at exit, or before a new one)."""
+    global _writer
+    if _writer is not None:
+        writer, _writer = _writer, None
+        writer.stop()
+
+
 def setup_logging(level: str = "INFO", fmt: str | None = None) -> None:
     """Sends logs to stderr at `level`, as text or JSON (see the module docstring).
 
     Raises:
         ValueError: an unknown level or format.
     """
+    global _writer
     if level.upper() not in LOG_LEVELS:
         raise ValueError(f"log level {level!r} is not one of {', '.join(LOG_LEVELS)}")
     chosen = resolve_format(fmt or os.environ.get(ENV_LOG_FORMAT) or "auto", sys.stderr)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(TextFormatter() if chosen == "text" else JsonFormatter())
+    _stop_writer()
+    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+    _writer = logging.handlers.QueueListener(records, handler)
+    _writer.start()
+    atexit.unregister(_stop_writer)
+    atexit.register(_stop_writer)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_HandOff(records)]
     root.setLevel(level.upper())

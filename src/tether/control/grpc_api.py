@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import re
@@ -402,8 +403,13 @@ def _grants_to_proto(
     )
 
 
+@functools.lru_cache(maxsize=256)
 def retry_to_proto(r: RetryPolicy) -> pb.RetryPolicy:
-    """The wire form of a resolved retry policy."""
+    """The wire form of a resolved retry policy.
+
+    Cached (most tasks share a few policies; a batch answer holds one per task): the
+    message is only ever copied into a Task, never changed.
+    """
     return pb.RetryPolicy(
         initial_interval_ms=r.initial_interval_ms,
         backoff_coefficient=r.backoff_coefficient,
