@@ -239,26 +239,40 @@ async def test_start_tool_calls_records_each_on_its_own(
 
 
 async def test_start_tool_calls_validation(cp: ControlHandle, node: ControlClient) -> None:
-    """A bad StartToolCalls record fails the call naming calls[i].<field>; nothing is written."""
+    """A bad StartToolCalls record is refused in its place with the INVALID_ARGUMENT
+    RecordToolCall gives it alone, and the good records beside it are written; only a
+    bad count fails the whole call."""
     a = await leased(cp, node)
-    ok = _start(a.task_id, a.fencing_token, "k1")
-    cases: list[tuple[list[Any], str]] = [
-        ([], "calls"),
-        ([ok] * 257, "calls"),
-        ([ok, _start(a.task_id, a.fencing_token, "k1")], "calls[1].idempotency_key"),
-        ([ok, _start(a.task_id, a.fencing_token, "k2", node_id="node-2")], "calls[1].node_id"),
-        ([ok, _start(a.task_id, a.fencing_token, "k3", status="ok")], "calls[1].status"),
-    ]
-    completed = _start(a.task_id, a.fencing_token, "k4")
-    completed.phase, completed.status = COMPLETED, "ok"
-    cases.append(([completed], "calls[0].phase"))
-    for calls, field in cases:
+    for calls in ([], [_start(a.task_id, a.fencing_token, "k0")] * 257):
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await node.stub.StartToolCalls(pb.StartToolCallsRequest(node_id="node-1", calls=calls))
         err = from_rpc_error(info.value)
+        assert isinstance(err, InvalidArgument), len(calls)
+        assert err.field == "calls"
+    completed = _start(a.task_id, a.fencing_token, "k4")
+    completed.phase, completed.status = COMPLETED, "ok"
+    cases: list[tuple[Any, str]] = [
+        (_start(a.task_id, a.fencing_token, "k1"), "idempotency_key"),  # repeats calls[0]
+        (_start(a.task_id, a.fencing_token, "k2", node_id="node-2"), "node_id"),
+        (_start(a.task_id, a.fencing_token, "k3", status="ok"), "status"),
+        (_start(a.task_id, a.fencing_token, "bad\nkey"), "idempotency_key"),
+        (completed, "phase"),
+    ]
+    for i, (bad, field) in enumerate(cases):
+        ok = _start(a.task_id, a.fencing_token, f"k1-{i}" if i else "k1")
+        resp = await node.stub.StartToolCalls(
+            pb.StartToolCallsRequest(node_id="node-1", calls=[ok, bad])
+        )
+        assert [r.WhichOneof("outcome") for r in resp.results] == ["recorded", "refused"], field
+        refused = resp.results[1].refused
+        err = error_of(
+            status_code(refused.code), refused.message, refused.reason, dict(refused.metadata)
+        )
         assert isinstance(err, InvalidArgument), field
         assert err.field == field
-    assert await node.lookup_tool_call(a.task_id, "k1") is None
+        assert await node.lookup_tool_call(a.task_id, ok.idempotency_key) is not None
+    for key in ("k2", "k3", "k4"):
+        assert await node.lookup_tool_call(a.task_id, key) is None, key
     with pytest.raises(grpc.aio.AioRpcError) as info:  # only as itself
         await node.stub.StartToolCalls(
             pb.StartToolCallsRequest(

@@ -105,3 +105,68 @@ async def test_waiting_started_records_go_in_one_request(
     # Refused as RecordToolCall refuses it (the task is canceled); its tool never ran.
     assert isinstance(done[-1], E.InvalidTransition), done[-1]
     assert "canceled" in done[-1].message
+
+
+async def test_one_agents_malformed_key_does_not_refuse_the_others_in_its_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hostile agent's idempotency key that the control plane refuses (a control
+    character) is refused alone: the honest agents whose STARTED records share its
+    StartToolCalls are recorded and their tools run, as if each had been sent alone."""
+    monkeypatch.setattr(uplink_module, "STARTS_IN_FLIGHT", 1)
+    async with (
+        start_control(tmp_path) as control,
+        start_sidecar(tmp_path, control.address, agents=AGENTS) as side,
+    ):
+        CONTROL[:] = [control]
+        await control.client.put_policy(policy())
+        clients = [side.agent(a) for a in AGENTS]
+        try:
+            tasks = []
+            for c in clients:
+                await control.client.submit("work", b"{}")
+                task = await c.claim("work", wait_ms=2000)
+                assert task is not None
+                tasks.append(task)
+            uplink = side.sidecar.uplink
+            gate, holding = asyncio.Event(), asyncio.Event()
+            batches: list[list[str]] = []
+            one, many = uplink._start_one, uplink._start_many
+
+            async def held_one(request: Any) -> Any:
+                holding.set()
+                await gate.wait()
+                return await one(request)
+
+            async def counted_many(requests: list[Any]) -> Any:
+                batches.append([r.task_id for r in requests])
+                return await many(requests)
+
+            monkeypatch.setattr(uplink, "_start_one", held_one)
+            monkeypatch.setattr(uplink, "_start_many", counted_many)
+            calls = [
+                asyncio.ensure_future(
+                    clients[0].call_tool(tasks[0].task_id, "check", {}, idempotency_key="k")
+                )
+            ]
+            await asyncio.wait_for(holding.wait(), 10)
+            keys = ["k"] * (len(AGENTS) - 2) + ["bad\nkey"]  # the last agent is hostile
+            calls += [
+                asyncio.ensure_future(c.call_tool(t.task_id, "check", {}, idempotency_key=k))
+                for c, t, k in zip(clients[1:], tasks[1:], keys, strict=True)
+            ]
+            for _ in range(1000):
+                if len(uplink._starts) == len(AGENTS) - 1:
+                    break
+                await asyncio.sleep(0.01)
+            gate.set()
+            done = await asyncio.gather(*calls, return_exceptions=True)
+        finally:
+            for c in clients:
+                await c.close()
+    assert [sorted(b) for b in batches] == [sorted(t.task_id for t in tasks[1:])]
+    for task, got in zip(tasks[:-1], done[:-1], strict=True):
+        assert not isinstance(got, BaseException), got
+        assert got.result == {"phase": "STARTED", "token": task.fencing_token}
+    assert isinstance(done[-1], E.InvalidArgument), done[-1]
+    assert "control characters" in done[-1].message

@@ -601,6 +601,72 @@ async def test_node_cannot_act_as_another_node(tmp_path: Path) -> None:
             )
 
 
+async def test_node_learns_nothing_of_another_nodes_task_from_a_refusal(tmp_path: Path) -> None:
+    """Tool-call records (one or a batch of 256) and budget calls on a task a node never
+    held are refused as a task that does not exist is: one uniform NOT_OWNER naming
+    neither the holder nor its fencing token, so no task id, holder or token leaks."""
+    async with start_control(tmp_path) as cp:
+        await cp.client.put_policy(POLICY)
+        await cp.client.submit("work", b"{}")
+        await cp.client.submit("work", b"{}")
+        node_a = await cp.node_client("node-a")
+        node_b = await cp.node_client("node-b")
+        async with node_a, node_b:
+            theirs = (await node_b.acquire_lease("work", "node-b", "alice", start=True)).task
+            mine = (await node_a.acquire_lease("work", "node-a", "alice", start=True)).task
+            tid, token = theirs.task_id, theirs.fencing_token
+
+            def probes(task_id: str, tok: int) -> list[Awaitable[object]]:
+                return [
+                    node_a.record_tool_call(task_id, tok, "k1", "echo", "a" * 64, 1, "node-a"),
+                    node_a.reserve_budget(task_id, tok, "r1", 10, "node-a"),
+                    node_a.settle_budget(task_id, tok, "r1", 10, "node-a"),
+                ]
+
+            seen: list[list[tuple[grpc.StatusCode, str]]] = []
+            for task_id, tok in ((tid, token), (tid, token + 7), ("t_no_such_task", token)):
+                got = [await refused(call) for call in probes(task_id, tok)]
+                assert all(code == PERMISSION_DENIED for code, _ in got), got
+                for _, msg in got:
+                    assert "node-b" not in msg, msg
+                    assert "current" not in msg, msg
+                seen.append([(c, m.replace(task_id, "T").replace(str(tok), "N")) for c, m in got])
+            assert seen[0] == seen[1] == seen[2], seen
+
+            def start(task_id: str, tok: int) -> pb.RecordToolCallRequest:
+                return pb.RecordToolCallRequest(
+                    task_id=task_id, fencing_token=tok, idempotency_key="k", tool="echo",
+                    arguments_sha256="a" * 64, phase=pb.TOOL_CALL_PHASE_STARTED, node_id="node-a",
+                )  # fmt: skip
+
+            resp = await node_a.stub.StartToolCalls(
+                pb.StartToolCallsRequest(
+                    node_id="node-a",
+                    calls=[
+                        start(mine.task_id, mine.fencing_token),
+                        start(tid, token),
+                        start("t_no_such_task", token),
+                    ],
+                ),
+                timeout=10,
+            )
+            assert resp.results[0].HasField("recorded")
+            answers = []
+            for result, task_id in zip(resp.results[1:], (tid, "t_no_such_task"), strict=True):
+                r = result.refused
+                assert (r.reason, r.code) == ("NOT_OWNER", PERMISSION_DENIED.value[0]), r
+                assert "node-b" not in r.message
+                assert "current_fencing_token" not in r.metadata
+                answers.append((r.message.replace(task_id, "T"), sorted(r.metadata)))
+            assert answers[0] == answers[1], answers
+            # B's task was untouched, and B itself still gets its own diagnosis.
+            assert await node_b.lookup_tool_call(tid, "k") is None
+            code, msg = await refused(
+                node_b.record_tool_call(tid, token + 7, "k1", "echo", "a" * 64, 1, "node-b")
+            )
+            assert "stale" in msg, (code, msg)
+
+
 async def _drain(stream: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]
     async for _ in stream:
         pass

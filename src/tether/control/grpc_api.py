@@ -141,16 +141,20 @@ def _check_acquire(request: pb.AcquireLeaseRequest, prefix: str = "") -> _Acquir
     )
 
 
-def _check_tool_call(request: pb.RecordToolCallRequest, prefix: str = "") -> ToolCallWrite:
-    """Validates a RecordToolCall request (or one StartToolCalls record, fields `prefix`ed)."""
-    f = prefix
-    task_id = check_id(f + "task_id", request.task_id)
-    token = check_token(f + "fencing_token", request.fencing_token)
-    key = check_idempotency_key(f + "idempotency_key", request.idempotency_key)
-    tool = check_id(f + "tool", request.tool)
-    args = check_sha256(f + "arguments_sha256", request.arguments_sha256)
-    phase = check_phase(f + "phase", request.phase)
-    result = check_bytes(f + "result", request.result)
+# The store's refusals of a write on a leased task: each names the task's holder, token
+# or state, which only a node that held it may learn (`ControlServicer._as_seen_by`).
+_LEASE_REFUSALS = (NotFound, NotOwner, StaleFencingToken, LeaseExpired, InvalidTransition)
+
+
+def _check_tool_call(request: pb.RecordToolCallRequest) -> ToolCallWrite:
+    """Validates a RecordToolCall request (or one StartToolCalls record)."""
+    task_id = check_id("task_id", request.task_id)
+    token = check_token("fencing_token", request.fencing_token)
+    key = check_idempotency_key("idempotency_key", request.idempotency_key)
+    tool = check_id("tool", request.tool)
+    args = check_sha256("arguments_sha256", request.arguments_sha256)
+    phase = check_phase("phase", request.phase)
+    result = check_bytes("result", request.result)
     if phase is ToolCallPhase.STARTED:
         for field, given in (
             ("result", bool(request.result)),
@@ -158,22 +162,22 @@ def _check_tool_call(request: pb.RecordToolCallRequest, prefix: str = "") -> Too
             ("cost_micros", request.cost_micros != 0),
         ):
             if given:
-                raise InvalidArgument(f + field, "must be empty for phase STARTED")
+                raise InvalidArgument(field, "must be empty for phase STARTED")
     elif request.take_over:
-        raise InvalidArgument(f + "take_over", "is for phase STARTED only")
+        raise InvalidArgument("take_over", "is for phase STARTED only")
     elif not _STATUS_RE.fullmatch(request.status):
-        raise InvalidArgument(f + "status", "must match [A-Za-z0-9._-]{1,64} for COMPLETED")
+        raise InvalidArgument("status", "must match [A-Za-z0-9._-]{1,64} for COMPLETED")
     return ToolCallWrite(
         task_id=task_id,
         fencing_token=token,
-        node_id=check_id(f + "node_id", request.node_id),
+        node_id=check_id("node_id", request.node_id),
         idempotency_key=key,
         tool=tool,
         arguments_sha256=args,
         phase=phase,
         result=result,
         status=request.status,
-        cost_micros=check_micros(f + "cost_micros", request.cost_micros),
+        cost_micros=check_micros("cost_micros", request.cost_micros),
         take_over=request.take_over,
     )
 
@@ -650,22 +654,33 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
 
     @contextlib.asynccontextmanager
     async def _holder_only(self, task_id: str, token: int, node_id: str) -> AsyncIterator[None]:
-        """Turns a lease refusal into one uniform NotOwner for a node that never held the task.
+        """Turns a lease refusal into one uniform NotOwner for a node that never held the task
+        (see `_as_seen_by`)."""
+        try:
+            yield
+        except _LEASE_REFUSALS as err:
+            seen = await self._as_seen_by(err, task_id, token, node_id)
+            if seen is err:
+                raise
+            raise seen from err
+
+    async def _as_seen_by(
+        self, err: TetherError, task_id: str, token: int, node_id: str
+    ) -> TetherError:
+        """`err` as `node_id` may see it: as is to a node that ever held the task, a lease
+        refusal as one uniform NotOwner to any other.
 
         The store's diagnosis names the holder, the current token and the task's state:
         right for the holder (a stale token, a lapse), an oracle on other nodes' tasks
         (and on which task ids exist) for anyone else.
         """
-        try:
-            yield
-        except (NotFound, NotOwner, StaleFencingToken, LeaseExpired, InvalidTransition) as err:
-            if await self.service.ever_held(task_id, node_id):
-                raise
-            index = {"index": err.metadata["index"]} if "index" in err.metadata else {}
-            raise NotOwner(
-                f"node {node_id!r} holds no lease on task {task_id!r} under token {token}",
-                metadata={"task_id": task_id, **index},
-            ) from err
+        if not isinstance(err, _LEASE_REFUSALS) or await self.service.ever_held(task_id, node_id):
+            return err
+        index = {"index": err.metadata["index"]} if "index" in err.metadata else {}
+        return NotOwner(
+            f"node {node_id!r} holds no lease on task {task_id!r} under token {token}",
+            metadata={"task_id": task_id, **index},
+        )
 
     async def _acquire(self, a: _Acquire) -> pb.AcquireLeaseResponse:
         grants, waited_ms = await self.service.acquire_many(
@@ -808,7 +823,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
                     wait_ms=acquire.wait_ms,
                     start=acquire.start,
                 )
-        except (NotFound, NotOwner, StaleFencingToken, LeaseExpired, InvalidTransition) as err:
+        except _LEASE_REFUSALS as err:
             index = err.metadata.get("index", "")
             if not index.isdigit() or int(index) >= len(items):
                 raise
@@ -850,13 +865,14 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         amount = check_micros("amount_micros", request.amount_micros, positive=True)
         node_id = check_id("node_id", request.node_id)
         await self._node(context, node_id)
-        state = await self.service.reserve_budget(
-            task_id=task_id,
-            fencing_token=token,
-            node_id=node_id,
-            reservation_id=reservation_id,
-            amount_micros=amount,
-        )
+        async with self._holder_only(task_id, token, node_id):
+            state = await self.service.reserve_budget(
+                task_id=task_id,
+                fencing_token=token,
+                node_id=node_id,
+                reservation_id=reservation_id,
+                amount_micros=amount,
+            )
         return pb.ReserveBudgetResponse(remaining_micros=state.remaining_micros)
 
     @handle_errors
@@ -869,13 +885,14 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         actual = check_micros("actual_micros", request.actual_micros)
         node_id = check_id("node_id", request.node_id)
         await self._node(context, node_id)
-        state = await self.service.settle_budget(
-            task_id=task_id,
-            fencing_token=token,
-            node_id=node_id,
-            reservation_id=reservation_id,
-            actual_micros=actual,
-        )
+        async with self._holder_only(task_id, token, node_id):
+            state = await self.service.settle_budget(
+                task_id=task_id,
+                fencing_token=token,
+                node_id=node_id,
+                reservation_id=reservation_id,
+                actual_micros=actual,
+            )
         return pb.SettleBudgetResponse(remaining_micros=state.remaining_micros)
 
     @handle_errors
@@ -884,7 +901,8 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
     ) -> pb.RecordToolCallResponse:
         write = _check_tool_call(request)
         await self._node(context, write.node_id)
-        record, existed = await self.service.record_tool_call(write)
+        async with self._holder_only(write.task_id, write.fencing_token, write.node_id):
+            record, existed = await self.service.record_tool_call(write)
         return pb.RecordToolCallResponse(record=tool_call_to_proto(record), existed=existed)
 
     @handle_errors
@@ -896,24 +914,37 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             raise InvalidArgument(
                 "calls", f"has {len(request.calls)} records; 1 to {MAX_STARTS_PER_CALL} allowed"
             )
-        writes: list[ToolCallWrite] = []
+        # Each record is checked on its own and a bad one refused in its place, as
+        # RecordToolCall would refuse it alone: the records come from different agents,
+        # and one agent's malformed key must not refuse the others' calls.
+        checked: list[ToolCallWrite | TetherError] = []
         first: dict[tuple[str, str], int] = {}
         for i, call in enumerate(request.calls):
-            prefix = f"calls[{i}]."
-            write = _check_tool_call(call, prefix)
-            if write.phase is not ToolCallPhase.STARTED:
-                raise InvalidArgument(prefix + "phase", "must be STARTED")
-            if write.node_id != node_id:
-                raise InvalidArgument(prefix + "node_id", "must equal node_id")
-            slot = (write.task_id, write.idempotency_key)
-            if slot in first:
-                raise InvalidArgument(prefix + "idempotency_key", f"repeats calls[{first[slot]}]")
+            try:
+                write = _check_tool_call(call)
+                if write.phase is not ToolCallPhase.STARTED:
+                    raise InvalidArgument("phase", "must be STARTED")
+                if write.node_id != node_id:
+                    raise InvalidArgument("node_id", "must equal the request's node_id")
+                slot = (write.task_id, write.idempotency_key)
+                if slot in first:
+                    raise InvalidArgument("idempotency_key", f"repeats calls[{first[slot]}]")
+            except InvalidArgument as err:
+                checked.append(err)
+                continue
             first[slot] = i
-            writes.append(write)
+            checked.append(write)
         await self._node(context, node_id)
+        writes = [w for w in checked if isinstance(w, ToolCallWrite)]
+        recorded = iter(await self.service.start_tool_calls(writes) if writes else [])
         answer = pb.StartToolCallsResponse()
-        for outcome in await self.service.start_tool_calls(writes):
+        for item in checked:
+            outcome = item if isinstance(item, TetherError) else next(recorded)
             if isinstance(outcome, TetherError):
+                if isinstance(item, ToolCallWrite):  # a lease refusal says nothing to others
+                    outcome = await self._as_seen_by(
+                        outcome, item.task_id, item.fencing_token, node_id
+                    )
                 answer.results.add(
                     refused=pb.ToolCallRefusal(
                         code=code_for(outcome).value[0],

@@ -160,6 +160,7 @@ def error_of(
     cls = _BY_REASON.get(reason)
     if cls is E.InvalidArgument or (cls is None and code == grpc.StatusCode.INVALID_ARGUMENT):
         text = message or ""
+        field = field or metadata.get("field", "")  # a refusal in a batch answer carries it here
         prefix = f"{field}: "
         desc = text[len(prefix) :] if field and text.startswith(prefix) else text
         return E.InvalidArgument(field or "request", desc)

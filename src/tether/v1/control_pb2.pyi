@@ -1770,7 +1770,9 @@ class StartToolCallsRequest(_message.Message):
     def calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___RecordToolCallRequest]:
         """The records, 1..256, each checked as RecordToolCall checks it: phase
         STARTED, node_id equal to the request's, each (task_id, idempotency_key) at
-        most once. A bad field fails the whole call, named calls[i].<field>.
+        most once. A record with a bad field is refused in its place
+        (INVALID_ARGUMENT), as RecordToolCall would refuse it alone; the others
+        are still recorded (they may be other agents' calls).
         """
 
     def __init__(
