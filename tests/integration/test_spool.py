@@ -263,6 +263,34 @@ async def test_acks_are_written_in_the_background(tmp_path: Path) -> None:
     assert on_file() == 4
 
 
+async def test_stream_lingers_for_more_unless_an_ack_is_awaited(tmp_path: Path) -> None:
+    """Receipts spooled within the linger go out as one batch, and a caller waiting for an
+    ack (wait_acked) has what is spooled sent at once instead of after the linger."""
+    spool = ReceiptSpool(tmp_path / "spool.db", "n1", KEY)
+    sent: list[list[int]] = []
+
+    class Stream:
+        async def send(self, batch: list[tuple[int, bytes, bytes | None]]) -> int:
+            sent.append([s for s, _, _ in batch])
+            return batch[-1][0]
+
+        async def close(self) -> None:
+            pass
+
+    async def open_stream() -> Stream:
+        return Stream()
+
+    stop = asyncio.Event()
+    runner = asyncio.create_task(stream_receipts(spool, open_stream, stop, linger_s=30))
+    for i in range(3):
+        await spool.append(_receipt(i))
+    assert await spool.wait_acked(3, 10)  # long before the 30 s linger ends
+    assert sent == [[1, 2, 3]]
+    stop.set()
+    await runner
+    await spool.close()
+
+
 async def test_cancelled_appends_never_break_the_chain(tmp_path: Path) -> None:
     """An append cancelled mid-write either stores its receipt or not; seqs stay contiguous."""
     spool = ReceiptSpool(tmp_path / "spool.db", "n1", KEY)

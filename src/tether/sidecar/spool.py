@@ -41,6 +41,9 @@ DEFAULT_BATCH = 256
 DEFAULT_RETAIN_ACKED = 10_000
 ACK_PERSIST_S = 0.2
 """An ack is written to the spool's file at most this long after it came (see `ack`)."""
+LINGER_S = 0.01
+"""A batch that is not full waits this long for more receipts before it is streamed,
+unless someone waits for an ack (`wait_acked`): fewer, larger batches for the ledger."""
 # A streamed batch stops growing at this many bytes of envelopes and carried
 # outcomes (at least one receipt), well under the control plane's 8 MiB message limit.
 BATCH_MAX_BYTES = 2 * 1024 * 1024
@@ -134,6 +137,8 @@ class ReceiptSpool:
         self._rdb.execute("PRAGMA query_only=ON")
         self._reserved = 0  # slots promised to calls about to act (receipt before effect)
         self._persisted_ack = self.acked_seq  # the acked seq the file holds
+        self._ack_waiters = 0
+        self._hurry = asyncio.Event()  # set while someone waits for an ack
         self._ack_writer: asyncio.Task[None] | None = None
 
     def reserve(self) -> ReceiptSlot:
@@ -384,6 +389,8 @@ class ReceiptSpool:
         """
         if self.acked_seq >= seq:
             return True
+        self._ack_waiters += 1
+        self._hurry.set()  # the stream sends what it holds now instead of lingering
         try:
             async with self._acked:
                 await asyncio.wait_for(
@@ -391,7 +398,17 @@ class ReceiptSpool:
                 )
         except TimeoutError:
             return self.acked_seq >= seq
+        finally:
+            self._ack_waiters -= 1
+            if not self._ack_waiters:
+                self._hurry.clear()
         return True
+
+    async def linger(self, timeout_s: float) -> None:
+        """Waits `timeout_s` for more receipts to stream together, unless an ack is awaited."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._hurry.wait()
 
     async def wait_new(self, timeout_s: float) -> None:
         """Waits until something is appended (or the timeout passes)."""
@@ -437,6 +454,7 @@ async def stream_receipts(
     *,
     batch: int = DEFAULT_BATCH,
     idle_s: float = 0.2,
+    linger_s: float = LINGER_S,
     retry_s: float = 0.1,
     max_retry_s: float = 5.0,
     ack_timeout_s: float = 30.0,
@@ -450,7 +468,10 @@ async def stream_receipts(
     attempts it sleeps a random time in [0, backoff] (full jitter), the backoff
     doubling from `retry_s` up to `max_retry_s` and resetting after an ack, so
     many nodes coming back at once do not reconnect in lockstep. `on_error`
-    sees each failure (the sidecar re-registers on UNAUTHENTICATED).
+    sees each failure (the sidecar re-registers on UNAUTHENTICATED). A batch
+    short of `batch` receipts waits `linger_s` for more (not when an ack is
+    awaited), so a node making a call at a time does not cost the ledger a
+    commit per receipt; the receipts are durable in the spool meanwhile.
     """
     backoff = retry_s
     while not stop.is_set():
@@ -462,6 +483,9 @@ async def stream_receipts(
                 if not pending:
                     await spool.wait_new(idle_s)
                     continue
+                if linger_s > 0 and len(pending) < batch:
+                    await spool.linger(linger_s)
+                    pending = spool.outgoing(limit=batch)
                 async with asyncio.timeout(ack_timeout_s):  # no task per batch
                     acked = await stream.send(pending)
                 await spool.ack(acked)

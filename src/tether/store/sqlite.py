@@ -1342,16 +1342,18 @@ class SqliteStore:
                     assert existing is not None
                 return existing, True
             if existing is None:
+                row = tool_call_row(w, now_ms)
                 conn.execute(
                     f"INSERT INTO tool_calls ({TOOL_CALL_COLS})"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    tool_call_row(w, now_ms),
+                    row,
                 )
-            else:  # STARTED -> COMPLETED under the live holder's token (the key is its now)
-                conn.execute(_SQL_TOOL_CALL_COMPLETE, tool_call_completion(w, now_ms))
+                return row_to_tool_call(row), False  # what a read would give back
+            # STARTED -> COMPLETED under the live holder's token (the key is its now)
+            conn.execute(_SQL_TOOL_CALL_COMPLETE, tool_call_completion(w, now_ms))
             rec = _select_tool_call(conn, w.task_id, w.idempotency_key)
             assert rec is not None
-            return rec, existing is not None
+            return rec, True
 
         return await self._tx(fn)
 

@@ -25,8 +25,12 @@ def echo(ctx: ToolContext, args: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def noop(ctx: ToolContext, args: Mapping[str, Any]) -> None:
-    """Does nothing and returns null."""
+async def noop(ctx: ToolContext, args: Mapping[str, Any]) -> None:
+    """Does nothing and returns null.
+
+    Async, so it runs on the event loop: a sync callable is handed to a thread
+    (`tether.sidecar.tools.python`), a round trip worth more than nothing.
+    """
     return None
 
 
