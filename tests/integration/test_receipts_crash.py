@@ -273,3 +273,43 @@ async def test_sigkill_control_plane_loses_nothing_acked(tmp_path: Path, procs: 
     assert_ledger_holds_everything(tmp_path, db, last)
     out = await export_and_verify(tmp_path, address, finished)
     assert f"VALID: {last} receipts" in out
+
+
+async def test_sigkill_sidecar_before_its_acks_reach_the_file(tmp_path: Path, procs: Procs) -> None:
+    """A sidecar killed while receipts stream and are acknowledged (acks reach the spool's
+    file up to ACK_PERSIST_S late) loses nothing: after restart it resends what its file
+    does not record as acked, and the ledger takes each seq once, byte for byte."""
+    control, address = await asyncio.to_thread(spawn_control_cli, tmp_path)
+    procs.add(control)
+    db = tmp_path / "control.db"
+    await submit(address, 8)
+    side, socket, tokens = await asyncio.to_thread(spawn_sidecar_cli, tmp_path, address)
+    procs.add(side)
+    async with agent_on(socket, tokens["alice"]) as agent:
+        finished = await run_tasks(agent, 2)
+        task = await agent.claim("work", wait_ms=2000)
+        assert task is not None
+        await agent.start(task.task_id)
+        counter = [0]
+        writer = asyncio.create_task(remember_forever(agent, task.task_id, counter))
+        await until(lambda: spool_state(tmp_path)[0] >= 5, "acks written to the spool")
+
+        def acked_ahead_of_file() -> bool:
+            rows = ledger_rows(db)
+            return bool(rows) and rows[-1][0] > spool_state(tmp_path)[0] + 3
+
+        await until(acked_ahead_of_file, "the ledger holds receipts the spool's file calls unacked")
+        kill(side)  # mid-stream, acks in memory only
+        await writer
+    acked_file, last_before, _ = spool_state(tmp_path)
+    in_ledger = ledger_rows(db)[-1][0]
+    assert acked_file < in_ledger <= last_before
+    side, socket, tokens = await asyncio.to_thread(spawn_sidecar_cli, tmp_path, address)
+    procs.add(side)
+    async with agent_on(socket, tokens["alice"]) as agent:
+        finished += await run_tasks(agent, 3)
+    last = await ledger_catches_up(tmp_path, db)
+    assert last > last_before
+    assert_ledger_holds_everything(tmp_path, db, last)
+    out = await export_and_verify(tmp_path, address, finished, "--allow-open")
+    assert "VALID" in out
