@@ -6,11 +6,13 @@ supervisor, a container runtime, a file); `text` and `json` force either. Both
 carry the same context fields. Secrets never reach a log: log ids and digests,
 not values.
 
-Lines are formatted and written by one writer thread, not by the thread that
-logs: a write to stderr can wait on the disk (a file beside an fsyncing
-database), and the event loop must not. Exit (normal or by an exception) writes
-every line already logged first; a SIGKILLed process may lose its last few
-milliseconds of lines.
+The long-running servers (`tether control`, `tether sidecar`) hand their lines
+to one writer thread (`write_in_background`), which formats and writes them: a
+write to stderr can wait on the disk (a file beside an fsyncing database), and
+the event loop must not. Exit (normal or by an exception) writes every line
+already logged first; a SIGKILLed server may lose its last few milliseconds of
+lines. Other commands write as they log (and keep one thread, so `tether verify`
+may fork its workers).
 """
 
 from __future__ import annotations
@@ -142,18 +144,27 @@ def setup_logging(level: str = "INFO", fmt: str | None = None) -> None:
     Raises:
         ValueError: an unknown level or format.
     """
-    global _writer
     if level.upper() not in LOG_LEVELS:
         raise ValueError(f"log level {level!r} is not one of {', '.join(LOG_LEVELS)}")
     chosen = resolve_format(fmt or os.environ.get(ENV_LOG_FORMAT) or "auto", sys.stderr)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(TextFormatter() if chosen == "text" else JsonFormatter())
     _stop_writer()
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def write_in_background() -> None:
+    """Moves the root logger's handlers behind one writer thread (see the module
+    docstring); a server calls it before it serves. Idempotent."""
+    global _writer
+    root = logging.getLogger()
+    if _writer is not None or not root.handlers:
+        return
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    _writer = logging.handlers.QueueListener(records, handler)
+    _writer = logging.handlers.QueueListener(records, *root.handlers)
     _writer.start()
     atexit.unregister(_stop_writer)
     atexit.register(_stop_writer)
-    root = logging.getLogger()
     root.handlers[:] = [_HandOff(records)]
-    root.setLevel(level.upper())

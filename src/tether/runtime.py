@@ -13,6 +13,8 @@ import os
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+from tether.logs import write_in_background
+
 T = TypeVar("T")
 
 
@@ -28,12 +30,15 @@ def event_loop_name() -> str:
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
-    """Runs `main` to completion on the selected event loop.
+    """Runs `main` (a server) to completion on the selected event loop.
 
-    What was made before (the imported modules, most of the process's objects) is
-    moved out of the cyclic collector's reach (`gc.freeze`): a server's full
-    collections would otherwise walk all of it again and again, for nothing.
+    Its logs are written by a writer thread from here on (`write_in_background`:
+    the loop never waits on a disk write), and what was made before (the imported
+    modules, most of the process's objects) is moved out of the cyclic collector's
+    reach (`gc.freeze`): full collections would otherwise walk all of it again and
+    again, for nothing.
     """
+    write_in_background()
     gc.freeze()
     if event_loop_name() == "uvloop":
         import uvloop
