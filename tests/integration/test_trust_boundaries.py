@@ -967,3 +967,42 @@ def test_secret_files_are_not_written_through_a_planted_temporary(tmp_path: Path
     assert planted.read_bytes() == b""
     assert target.read_bytes() == b"tj_secret\n"
     assert target.stat().st_mode & 0o777 == 0o600
+
+
+async def test_expired_node_certificate_is_refused_on_an_open_connection(tmp_path: Path) -> None:
+    """A node certificate that expires while its connection (and a StreamLeases stream on
+    it) stays open is refused from then on: the next step of the stream and a new call on
+    the same channel alike, and nothing is ended or granted; a renewed one works."""
+    async with start_control(tmp_path, node_cert_ttl_ms=3000) as cp:
+        await cp.client.put_policy(POLICY)
+        for _ in range(3):
+            await cp.client.submit("work", b"{}")
+        key = SigningKey.generate()
+        node = await cp.node_client("node-1", key)
+        expires = node.registration.tls_expires_unix_ms  # type: ignore[attr-defined]
+        async with node:
+            async with node.lease_stream("node-1") as stream:
+                _, got = await stream.step(queue="work", agent_id="alice", start=True)
+                assert got is not None
+                held = got.task
+                await asyncio.sleep(max(0.0, (expires + 200) / 1000 - time.time()))
+                end = pb.TaskCompletion(
+                    task_id=held.task_id,
+                    fencing_token=held.fencing_token,
+                    event=pb.TASK_EVENT_SUCCEED,
+                    result=b"ok",
+                )
+                code, msg = await refused(stream.step([end], queue="work", agent_id="alice"))
+                assert code == UNAUTHENTICATED, msg
+                assert "expired" in msg
+            code, msg = await refused(node.acquire_lease("work", "node-1", "alice"))
+            assert code == UNAUTHENTICATED, msg
+            assert "expired" in msg
+        task = (await cp.client.get_task(held.task_id)).task
+        assert (State(task.state), task.fencing_token) == (State.RUNNING, held.fencing_token)
+        queued = await cp.client.list_all_tasks(queue="work", state=State.QUEUED)
+        assert len(queued) == 2
+        renewed = await cp.endpoint.node_client("node-1", key, join_token="")
+        async with renewed:
+            done, _ = await renewed.complete_tasks("node-1", [end])
+            assert [State(t.state) for t in done] == [State.SUCCEEDED]

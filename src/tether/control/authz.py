@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -183,7 +184,27 @@ def principal_of(context: Any, trust_domain: str, insecure: bool) -> Principal:
     pems = auth.get("x509_pem_cert") or []
     if not pems:
         return Principal(ANONYMOUS)
-    return principal_from_pem(bytes(pems[0]), trust_domain)
+    principal = principal_from_pem(bytes(pems[0]), trust_domain)
+    check_unexpired(principal)
+    return principal
+
+
+def check_unexpired(principal: Principal) -> None:
+    """Refuses a caller whose certificate has expired (wall clock, as X.509 validity is).
+
+    The TLS handshake checks validity once per connection, and a connection (and a
+    stream on it) may outlive the certificate by hours: without this, a short-lived
+    certificate would stay good for as long as its holder kept one connection open.
+
+    Raises:
+        Unauthenticated: the certificate expired.
+    """
+    ident = principal.identity
+    if ident is not None and 0 < ident.not_after_unix_ms <= time.time() * 1000:
+        raise Unauthenticated(
+            f"client certificate of {ident.spiffe_id} expired at {ident.not_after_unix_ms} "
+            "(unix ms); renew it and connect again"
+        )
 
 
 def principal_from_pem(pem: bytes, trust_domain: str) -> Principal:

@@ -22,7 +22,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tether import metrics
-from tether.control.authz import Principal, check_task_access, current_principal, refuse
+from tether.control.authz import (
+    Principal,
+    check_task_access,
+    check_unexpired,
+    current_principal,
+    refuse,
+)
 from tether.control.leader import DEFAULT_LEADER_TTL_MS, default_replica_id
 from tether.control.policy_sync import DEFAULT_POLICY_MAX_STALENESS_MS, PolicyInForce
 from tether.core.clock import Clock, SystemClock
@@ -1237,7 +1243,8 @@ class ControlService:
         any replica holds on every replica at once.
 
         Raises:
-            Unauthenticated: unknown node, revoked, or a certificate of an earlier key.
+            Unauthenticated: unknown node, revoked, a certificate of an earlier key,
+                or an expired certificate (on a connection opened before it expired).
             NotOwner: the certificate is another node's.
             Forbidden: the caller is not a node.
         """
@@ -1246,6 +1253,12 @@ class ControlService:
             return
         if not principal.is_node or principal.identity is None:
             raise Forbidden(f"{principal.kind} {principal.name!r} is not a node")
+        try:  # again here: a stream's later requests come long after its start
+            check_unexpired(principal)
+        except Unauthenticated as err:
+            refuse("certificate", "CERT_EXPIRED", f"node certificate refused: {err.message}",
+                   node_id=node_id)  # fmt: skip
+            raise
         if principal.name != node_id:
             raise NotOwner(
                 f"the client certificate is node {principal.name!r}'s; the request names "

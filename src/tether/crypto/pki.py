@@ -67,6 +67,7 @@ class Identity:
     role: Role | None = None  # operators only
     node_keyid: str = ""  # nodes only: keyid of the Ed25519 key the cert was issued for
     spiffe_id: str = ""
+    not_after_unix_ms: int = 0  # the certificate's expiry (0: none known)
 
 
 def check_trust_domain(domain: str) -> str:
@@ -510,6 +511,7 @@ def identity_from_pem(pem: bytes, trust_domain: str) -> Identity:
     if len(uris) != 1:
         raise VerificationError("peer certificate must carry exactly one SPIFFE ID")
     uri = uris[0]
+    not_after = int(cert.not_valid_after_utc.timestamp() * 1000)
     prefix = f"spiffe://{trust_domain}/"
     if not uri.startswith(prefix):
         raise VerificationError(f"peer certificate {uri!r} is not of trust domain {trust_domain}")
@@ -519,13 +521,15 @@ def identity_from_pem(pem: bytes, trust_domain: str) -> Identity:
         keyid = str(attrs[0].value) if attrs else ""
         if not keyid:
             raise VerificationError("node certificate names no node key")
-        return Identity("node", parts[1], node_keyid=keyid, spiffe_id=uri)
+        return Identity(
+            "node", parts[1], node_keyid=keyid, spiffe_id=uri, not_after_unix_ms=not_after
+        )
     if len(parts) == 3 and parts[0] == "operator" and _NAME_RE.fullmatch(parts[2]):
         try:
             role = Role(parts[1])
         except ValueError:
             raise VerificationError(f"operator certificate has unknown role {parts[1]!r}") from None
-        return Identity("operator", parts[2], role=role, spiffe_id=uri)
+        return Identity("operator", parts[2], role=role, spiffe_id=uri, not_after_unix_ms=not_after)
     raise VerificationError(f"peer certificate {uri!r} names neither a node nor an operator")
 
 
