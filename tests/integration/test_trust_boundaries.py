@@ -1006,3 +1006,48 @@ async def test_expired_node_certificate_is_refused_on_an_open_connection(tmp_pat
         async with renewed:
             done, _ = await renewed.complete_tasks("node-1", [end])
             assert [State(t.state) for t in done] == [State.SUCCEEDED]
+
+
+async def test_a_long_poll_grants_nothing_after_a_revocation_or_policy_change(
+    tmp_path: Path,
+) -> None:
+    """A grant that follows a wait is checked again: a node revoked while its StreamLeases
+    step or AcquireLease long-polls, or an agent the policy stopped letting claim meanwhile,
+    gets no lease when a task arrives (it stays queued for others)."""
+    async with start_control(tmp_path) as cp:
+        await cp.client.put_policy(POLICY)
+        node = await cp.node_client("node-1")
+        other = await cp.node_client("node-2")
+        async with node, other:
+            async with node.lease_stream("node-1") as stream:
+                polls = [
+                    asyncio.ensure_future(
+                        stream.step(queue="work", agent_id="alice", wait_ms=8000)
+                    ),
+                    asyncio.ensure_future(
+                        node.acquire_lease("work", "node-1", "alice", wait_ms=8000)
+                    ),
+                ]
+                await asyncio.sleep(0.5)  # both are waiting
+                async with cp.operator() as admin:
+                    await admin.revoke_node("node-1", "key compromised")
+                await cp.client.submit("work", b"{}")
+                for poll in polls:
+                    code, msg = await refused(poll)
+                    assert code == UNAUTHENTICATED, msg
+                    assert "revoked" in msg
+            # The policy: alice may no longer claim from "work" once node-2 waits (on an
+            # empty queue: node-2 takes the task the revoked node could not).
+            taken = await other.acquire_lease("work", "node-2", "alice")
+            assert taken.HasField("task")
+            poll = asyncio.ensure_future(
+                other.acquire_lease("work", "node-2", "alice", wait_ms=8000, max_tasks=2)
+            )
+            await asyncio.sleep(0.5)
+            await cp.client.put_policy(POLICY.replace('queues = ["work"]', "queues = []", 1))
+            await cp.client.submit("work", b"{}")
+            code, msg = await refused(poll)
+            assert code == PERMISSION_DENIED, msg
+            assert "may not claim" in msg
+        queued = await cp.client.list_all_tasks(queue="work", state=State.QUEUED)
+        assert len(queued) == 1

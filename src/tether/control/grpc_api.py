@@ -41,6 +41,7 @@ from tether.core.errors import (
     PolicyDenied,
     StaleFencingToken,
     TetherError,
+    Unauthenticated,
     VerificationError,
 )
 from tether.core.leases import MAX_TTL_MS, MIN_TTL_MS
@@ -690,6 +691,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             max_tasks=a.max_tasks,
             wait_ms=a.wait_ms,
             start=a.start,
+            recheck=functools.partial(self.service.check_node, a.node_id),
         )
         return _grants_to_proto(grants, waited_ms)
 
@@ -755,10 +757,11 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
 
     async def _acquire_next(self, a: _Acquire) -> pb.AcquireLeaseResponse | None:
         """The grant after a committed end (acquire_next); None when the policy stopped
-        letting the agent claim since the request's check (the end stands)."""
+        letting the agent claim, or the node was revoked, since the request's check
+        (the end stands)."""
         try:
             return await self._acquire(a)
-        except PolicyDenied:
+        except (PolicyDenied, Unauthenticated):
             return None
 
     @handle_errors
@@ -822,6 +825,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
                     max_tasks=acquire.max_tasks,
                     wait_ms=acquire.wait_ms,
                     start=acquire.start,
+                    recheck=functools.partial(self.service.check_node, node_id),
                 )
         except _LEASE_REFUSALS as err:
             index = err.metadata.get("index", "")

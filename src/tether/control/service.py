@@ -17,7 +17,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -561,6 +561,7 @@ class ControlService:
         max_tasks: int,
         wait_ms: int = 0,
         start: bool = False,
+        recheck: Callable[[], Awaitable[None]] | None = None,
     ) -> tuple[list[tuple[TaskRecord, Envelope]], int]:
         """Up to `max_tasks` grants for one caller in one call (one round trip).
 
@@ -570,15 +571,24 @@ class ControlService:
         exactly a grant `acquire` would have made. Returns the grants (empty when
         none was ready in time) and how long the wait took (ms).
 
+        A grant after a wait is checked again first: the claim under the policy in
+        force then, and `recheck` (the servicer's caller check), so a policy change
+        or a revocation during a long poll holds for the grant it would have made.
+
         Raises:
-            PolicyDenied: as `acquire`.
+            PolicyDenied: as `acquire` (also when the policy changed during the wait).
+            Whatever `recheck` raises (e.g. Unauthenticated: the node was revoked).
         """
         await self.check_claim(queue, agent_id)
         loop = asyncio.get_running_loop()
         began = loop.time()
         deadline = began + wait_ms / 1000
+        waited = False
         while True:
-            await self.policy_in_force.current()  # a long poll may outlive the bound
+            if waited:  # a long poll may outlive the policy and the node's standing
+                await self.check_claim(queue, agent_id)
+                if recheck is not None:
+                    await recheck()
             got = await self._grant(queue, node_id, agent_id, start, max_tasks)
             if got:
                 return got, int((loop.time() - began) * 1000)
@@ -586,6 +596,7 @@ class ControlService:
             if remaining <= 0:
                 return [], 0
             await self._waiters.wait(min(remaining, self.config.long_poll_recheck_ms / 1000))
+            waited = True
 
     async def complete_then_acquire(
         self,
@@ -597,15 +608,16 @@ class ControlService:
         max_tasks: int,
         wait_ms: int = 0,
         start: bool = False,
+        recheck: Callable[[], Awaitable[None]] | None = None,
     ) -> tuple[list[TaskRecord], list[tuple[TaskRecord, Envelope]] | None, int]:
         """`transition_many`, then `acquire_many` for the same holder, sharing ONE store
         transaction (one durable commit) when tasks are ready at once.
 
         The claim is checked under the policy in force before anything is written;
         when none is ready and `wait_ms` > 0 the wait happens after the ends
-        committed, as `acquire_many` waits. Returns the ended tasks, the grants
-        (None when the policy stopped the claim during that wait: the ends stand)
-        and how long the wait took (ms).
+        committed, as `acquire_many` waits (with `recheck`). Returns the ended tasks,
+        the grants (None when the policy stopped the claim, or `recheck` refused the
+        caller, during that wait: the ends stand) and how long the wait took (ms).
 
         Raises:
             PolicyDenied: the agent may not claim from `queue` (nothing is ended).
@@ -643,8 +655,9 @@ class ControlService:
                 max_tasks=max_tasks,
                 wait_ms=wait_ms,
                 start=start,
+                recheck=recheck,
             )
-        except PolicyDenied:
+        except (PolicyDenied, Unauthenticated):  # the ends stand; no grant follows them
             return tasks, None, 0
         return tasks, grants, waited_ms
 

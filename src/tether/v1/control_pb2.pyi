@@ -988,7 +988,11 @@ class AcquireLeaseRequest(_message.Message):
     agent_id: _builtins.str
     """Agent the lease is for."""
     wait_ms: _builtins.int
-    """How long to wait for a task, milliseconds (0..60000); 0 returns at once."""
+    """How long to wait for a task, milliseconds (0..60000); 0 returns at once.
+    A grant after a wait is checked again as the request was: a policy that
+    stopped letting the agent claim meanwhile refuses it (PERMISSION_DENIED),
+    and so does a node revoked meanwhile (UNAUTHENTICATED).
+    """
     start: _builtins.bool
     """Also start the task: the lease is granted with the task already RUNNING, as
     if TransitionTask(START) had followed in the same write. For workers that
@@ -1246,9 +1250,9 @@ class TransitionTaskResponse(_message.Message):
     def next(self) -> Global___AcquireLeaseResponse:
         """With acquire_next: what AcquireLease would have answered (task unset when
         none was ready in time). Unset without acquire_next, and also when the
-        policy stopped letting the agent claim from the queue between the
-        request's check and the grant (the transition stands; AcquireLease then
-        says why).
+        policy stopped letting the agent claim from the queue, or the node was
+        revoked, between the request's check and the grant (the transition stands;
+        AcquireLease then says why).
         """
 
     def __init__(
@@ -1380,8 +1384,9 @@ class CompleteTasksResponse(_message.Message):
     def next(self) -> Global___AcquireLeaseResponse:
         """With acquire_next: what AcquireLease would have answered (task unset when
         none was ready in time). Unset without acquire_next, and also when the
-        policy stopped letting the agent claim from the queue while it waited for a
-        task (wait_ms; the completions stand; AcquireLease then says why).
+        policy stopped letting the agent claim from the queue, or the node was
+        revoked, while it waited for a task (wait_ms; the completions stand;
+        AcquireLease then says why).
         """
 
     def __init__(
