@@ -388,3 +388,24 @@ def test_every_retry_hint_travels_three_ways() -> None:
     assert [k for k, _ in plain.trailing_metadata] == ["grpc-status-details-bin"]
     status = status_pb2.Status.FromString(plain.trailing_metadata[0][1])
     assert not any(d.Is(error_details_pb2.RetryInfo.DESCRIPTOR) for d in status.details)
+
+
+async def test_lease_stream_steps_are_paced_by_the_callers_rate(tmp_path: Path) -> None:
+    """Each StreamLeases step is a call's worth of work: after the first, every step waits
+    for a token from the node's rate bucket, so one long stream cannot outrun
+    caller_rate_per_s (the stream is paced, not ended)."""
+    limits = ServerLimits(caller_rate_per_s=4, caller_burst=2)
+    async with start_control(tmp_path, limits=limits) as cp:
+        node = await cp.node_client("node-a")
+        try:
+            async with node.lease_stream("node-a") as stream:
+                start = time.monotonic()
+                for _ in range(6):  # the call's admission and step 2 take the burst
+                    _, answer = await stream.step(queue="work", agent_id="alice")
+                    assert answer is not None
+                    assert not answer.HasField("task")  # nothing queued: only the pace counts
+                elapsed = time.monotonic() - start
+            # Steps 3-6 each waited for a token at 4 per second: at least ~1 s in all.
+            assert elapsed >= 0.9, elapsed
+        finally:
+            await node.close()

@@ -54,6 +54,11 @@ log = logging.getLogger("tether.grpc.limits")
 
 EXEMPT_METHODS: Final = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/List"})
 """Never shed, never counted: a probe must answer while the server sheds everything else."""
+METERED_STREAMS: Final = frozenset({"/tether.v1.ControlService/StreamLeases"})
+"""Streams whose every request is a call's worth of work (a step that ends and grants
+tasks): each request after the first takes a token from the caller's rate bucket, and
+waits for one when the bucket is empty, so a stream is not a way around
+`caller_rate_per_s`."""
 UNAUTHENTICATED_CALLER: Final = "(unauthenticated)"
 """The one caller key of every call whose caller cannot be identified."""
 MAX_BUCKETS: Final = 4096
@@ -266,7 +271,7 @@ class LoadShedder:
                 f"(max_rpcs_per_caller = {limits.max_rpcs_per_caller})",
                 self._jittered(),
             )
-        wait_ms = self._take_token(caller)
+        wait_ms = self.take_token(caller)
         if wait_ms:
             return self._shed(
                 "rate",
@@ -304,7 +309,7 @@ class LoadShedder:
         base = self.limits.retry_after_ms
         return base + random.randrange(base + 1)
 
-    def _take_token(self, caller: str) -> int:
+    def take_token(self, caller: str) -> int:
         """0 when `caller` had a token (now spent); else milliseconds until it has one."""
         rate = self.limits.caller_rate_per_s
         if not rate:
@@ -380,7 +385,7 @@ class _ShedInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method in EXEMPT_METHODS:
             return handler
-        return self._wrap(handler)
+        return self._wrap(handler, metered=handler_call_details.method in METERED_STREAMS)
 
     def _caller(self, context: Any) -> str:
         try:
@@ -411,7 +416,19 @@ class _ShedInterceptor(grpc.aio.ServerInterceptor):
             await abort(context, InvalidArgument("request", "the call ended without a request"))
         raise AssertionError("unreachable: abort raises")
 
-    def _wrap(self, handler: Handler) -> Handler:
+    async def _paced(self, requests: AsyncIterator[Any], caller: str) -> AsyncIterator[Any]:
+        """A metered stream's requests, each after the first held until the caller's rate
+        bucket gives it a token (the call's admission took the first one)."""
+        first = True
+        async for request in requests:
+            if not first:
+                # A token is a matter of time, not of an event: sleep until it is due.
+                while wait_ms := self._shedder.take_token(caller):  # noqa: ASYNC110
+                    await asyncio.sleep(wait_ms / 1000)
+            first = False
+            yield request
+
+    def _wrap(self, handler: Handler, *, metered: bool = False) -> Handler:
         shedder = self._shedder
         deserializer = handler.request_deserializer
         serializer = handler.response_serializer
@@ -462,6 +479,8 @@ class _ShedInterceptor(grpc.aio.ServerInterceptor):
 
             async def stream_stream(requests: Any, context: Any) -> AsyncIterator[Any]:
                 caller = await self._admit(context)
+                if metered:
+                    requests = self._paced(requests, caller)
                 try:
                     async for item in _respond(inner_ss(requests, context)):
                         yield item
