@@ -242,7 +242,8 @@ async def drain_in_batches(
     runs them (no-ops), ends them all and takes the next batch in one step, until the
     queue is empty. A step is one CompleteTasks(acquire_next) call, or with `stream` one
     request on the worker's StreamLeases stream (`ControlClient.lease_stream`, what a
-    worker that talks to the control plane itself would use). Appends each batch's round
+    worker that talks to the control plane itself would use), brief (the ended tasks
+    are not echoed back: pgqueuer's acks carry nothing back either). Appends each batch's round
     trip to `latencies`; returns the tasks it finished."""
     done = 0
     lease_stream = client.lease_stream(node_id) if stream else None
@@ -269,7 +270,7 @@ async def drain_in_batches(
             ]
             if lease_stream is not None:
                 _, following = await lease_stream.step(
-                    ends, queue=QUEUE, agent_id=agent, start=True, max_tasks=batch
+                    ends, queue=QUEUE, agent_id=agent, start=True, max_tasks=batch, brief=True
                 )
             else:
                 _, following = await client.complete_tasks(

@@ -433,6 +433,41 @@ async def test_stream_leases_ends_batches_and_grants_the_next_on_one_stream(
     assert [h.outcome for h in (await cp.client.get_task(ids[4])).leases] == ["finished"]
 
 
+async def test_stream_leases_brief_answers_only_the_grants(
+    cp: ControlHandle, node: ControlClient
+) -> None:
+    """A brief step is answered without the ended tasks, after they committed as asked (a
+    FAIL retried or failed as its policy says), with the next grants as a full step's; a
+    refused item in a brief step still ends the stream with its error and index."""
+    ids = [(await cp.client.submit("q", b"{}")).task.task_id for _ in range(4)]
+    async with node.lease_stream("node-1") as stream:
+        _, first = await stream.step(queue="q", agent_id="a", start=True, max_tasks=2)
+        assert first is not None
+        held = [first.task, *(g.task for g in first.more_grants)]
+        ends = _ends(held)
+        ends[1].event = pb.TASK_EVENT_FAIL
+        done, nxt = await stream.step(
+            ends, queue="q", agent_id="a", start=True, max_tasks=2, brief=True
+        )
+        assert done == []
+        assert nxt is not None
+        grants = [(nxt.task, nxt.lease), *((g.task, g.lease) for g in nxt.more_grants)]
+        assert [t.task_id for t, _ in grants] == ids[2:]
+        keys = {cp.key.keyid: cp.key.public}
+        for task, env in grants:
+            lease = verify_lease(from_proto(env), keys)
+            assert (lease.task_id, lease.fencing_token) == (task.task_id, 1)
+        stale = _ends([nxt.task])
+        stale[0].fencing_token = 9
+        with pytest.raises(StaleFencingToken) as info:
+            await stream.step(stale, brief=True)
+        assert info.value.metadata["index"] == "0"
+    first_two = [(await cp.client.get_task(i)).task for i in ids[:2]]
+    assert [t.state for t in first_two] == [State.SUCCEEDED, State.FAILED]
+    assert first_two[0].result == b"ok"
+    assert (await cp.client.get_task(ids[2])).task.state == State.RUNNING
+
+
 async def test_stream_leases_refusal_ends_the_stream_and_names_the_item(
     cp: ControlHandle, node: ControlClient
 ) -> None:

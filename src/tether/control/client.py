@@ -67,17 +67,18 @@ class LeaseStream:
         wait_ms: int = 0,
         start: bool = False,
         max_tasks: int = 0,
+        brief: bool = False,
     ) -> tuple[list[pb.Task], pb.AcquireLeaseResponse | None]:
         """Ends `completions` (all or nothing) and, with `queue`, leases up to `max_tasks`
         more in the same transaction, as `ControlClient.complete_tasks` does (or, with
-        no completions, as `acquire_lease`). Returns the ended tasks and AcquireLease's
-        answer (None without `queue`).
+        no completions, as `acquire_lease`). Returns the ended tasks (none when `brief`:
+        the server skips echoing them) and AcquireLease's answer (None without `queue`).
 
         Raises:
             TetherError: the refusal CompleteTasks would give; it ends the stream, and
                 every later step raises it again.
         """
-        request = pb.StreamLeasesRequest(node_id=self.node_id, completions=completions)
+        request = pb.StreamLeasesRequest(node_id=self.node_id, completions=completions, brief=brief)
         if queue:
             request.acquire.CopyFrom(
                 pb.AcquireLeaseRequest(

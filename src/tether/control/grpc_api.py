@@ -799,15 +799,20 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
                     raise InvalidArgument("acquire.node_id", "must equal node_id")
             items = _check_completions(request.completions, required=acquire is None)
             await self._node(context, node_id)  # every request: a revocation holds mid-stream
-            tasks, following = await self._complete(node_id, items, acquire)
+            tasks, following = await self._complete(node_id, items, acquire, echo=not request.brief)
             yield pb.StreamLeasesResponse(tasks=tasks, next=following)
 
     async def _complete(
-        self, node_id: str, items: list[HolderTransition], acquire: _Acquire | None
+        self,
+        node_id: str,
+        items: list[HolderTransition],
+        acquire: _Acquire | None,
+        *,
+        echo: bool = True,
     ) -> tuple[list[pb.Task], pb.AcquireLeaseResponse | None]:
-        """CompleteTasks' work after validation and the node check: the ended tasks, and
-        the next grants (None without `acquire`, or when the policy stopped the claim
-        during a wait)."""
+        """CompleteTasks' work after validation and the node check: the ended tasks
+        (none without `echo`: a brief StreamLeases answer), and the next grants (None
+        without `acquire`, or when the policy stopped the claim during a wait)."""
         if not items:
             assert acquire is not None  # _check_completions(required=acquire is None)
             return [], await self._acquire(acquire)
@@ -835,7 +840,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             async with self._holder_only(t.task_id, t.fencing_token, node_id):
                 raise err  # as is to a holder, else the uniform NotOwner (with the index)
             raise err  # not reached: _holder_only re-raises
-        ended = [task_to_proto(t) for t in tasks]
+        ended = [task_to_proto(t) for t in tasks] if echo else []
         return ended, None if grants is None else _grants_to_proto(grants, waited_ms)
 
     # -- RPCs owned by other parts (ledger, vault, budgets, tool calls, policy) ---------

@@ -1415,8 +1415,17 @@ class StreamLeasesRequest(_message.Message):
     NODE_ID_FIELD_NUMBER: _builtins.int
     COMPLETIONS_FIELD_NUMBER: _builtins.int
     ACQUIRE_FIELD_NUMBER: _builtins.int
+    BRIEF_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Node holding the leases; the same in every request of one stream."""
+    brief: _builtins.bool
+    """Answer without the ended tasks: StreamLeasesResponse.tasks stays empty.
+    The answer still follows the durable commit of every completion, as asked
+    (all or nothing; a refusal ends the stream with its error), so a worker
+    that needs only its next grants saves the server building, and the wire
+    carrying, each ended task's whole record. A FAIL's outcome (queued again or
+    failed) is then not in the answer: GetTask reads it.
+    """
     @_builtins.property
     def completions(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskCompletion]:
         """The tasks to end, 0..64, exactly as CompleteTasksRequest.completions (all
@@ -1438,10 +1447,11 @@ class StreamLeasesRequest(_message.Message):
         node_id: _builtins.str = ...,
         completions: _abc.Iterable[Global___TaskCompletion] | None = ...,
         acquire: Global___AcquireLeaseRequest | None = ...,
+        brief: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "completions", b"completions", "node_id", b"node_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acquire", b"acquire", "brief", b"brief", "completions", b"completions", "node_id", b"node_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1457,7 +1467,9 @@ class StreamLeasesResponse(_message.Message):
     NEXT_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___Task]:
-        """The ended tasks, in the order of StreamLeasesRequest.completions."""
+        """The ended tasks, in the order of StreamLeasesRequest.completions (empty
+        when the request was brief).
+        """
 
     @_builtins.property
     def next(self) -> Global___AcquireLeaseResponse:
