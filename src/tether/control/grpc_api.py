@@ -55,7 +55,7 @@ from tether.core.timeouts import (
     MIN_LIMIT_MS,
     RetryPolicy,
 )
-from tether.crypto.envelopes import from_proto, json_to_proto, to_proto
+from tether.crypto.envelopes import from_proto, json_to_proto, proto_fields, to_proto
 from tether.crypto.signing import Envelope, keyid_of
 from tether.grpcutil.status import code_for, handle_errors
 from tether.store.base import (
@@ -66,6 +66,7 @@ from tether.store.base import (
     ToolCallPhase,
     ToolCallRecord,
     ToolCallWrite,
+    stored_retry_policy,
 )
 from tether.v1 import control_pb2 as pb
 from tether.v1 import control_pb2_grpc as pb_grpc
@@ -363,49 +364,80 @@ def tool_call_to_proto(r: ToolCallRecord) -> pb.ToolCallRecord:
 
 def task_to_proto(t: TaskRecord) -> pb.Task:
     """The wire form of a stored task."""
-    return pb.Task(
-        task_id=t.task_id,
-        queue=t.queue,
-        state=int(t.state),  # type: ignore[arg-type]
-        payload=t.payload,
-        attempt=t.attempt,
-        max_attempts=t.max_attempts,
-        fencing_token=t.fencing_token,
-        node_id=t.node_id,
-        agent_id=t.agent_id,
-        lease_expires_unix_ms=t.lease_expires_unix_ms,
-        lease_ttl_ms=t.lease_ttl_ms,
-        result=t.result,
-        error=t.error,
-        created_unix_ms=t.created_unix_ms,
-        updated_unix_ms=t.updated_unix_ms,
-        not_before_unix_ms=t.not_before_unix_ms,
-        idempotency_key=t.idempotency_key,
-        budget_limit_micros=t.budget_limit_micros,
-        budget_spent_micros=t.budget_spent_micros,
-        attempt_timeout_ms=t.attempt_timeout_ms,
-        deadline_unix_ms=t.deadline_unix_ms,
-        schedule_to_start_timeout_ms=t.schedule_to_start_ms,
-        retry_policy=retry_to_proto(t.retry_policy()),
-        end_reason=t.end_reason,  # type: ignore[arg-type]
-        attempt_started_unix_ms=t.attempt_started_unix_ms,
-        submitted_by=t.submitted_by,
+    return pb.Task(**task_fields(t))
+
+
+def task_fields(t: TaskRecord) -> dict[str, Any]:
+    """The wire form's fields, for building it inside a larger message (a message given
+    to a constructor is copied; a dict of fields is built in place)."""
+    return {
+        "task_id": t.task_id,
+        "queue": t.queue,
+        "state": int(t.state),
+        "payload": t.payload,
+        "attempt": t.attempt,
+        "max_attempts": t.max_attempts,
+        "fencing_token": t.fencing_token,
+        "node_id": t.node_id,
+        "agent_id": t.agent_id,
+        "lease_expires_unix_ms": t.lease_expires_unix_ms,
+        "lease_ttl_ms": t.lease_ttl_ms,
+        "result": t.result,
+        "error": t.error,
+        "created_unix_ms": t.created_unix_ms,
+        "updated_unix_ms": t.updated_unix_ms,
+        "not_before_unix_ms": t.not_before_unix_ms,
+        "idempotency_key": t.idempotency_key,
+        "budget_limit_micros": t.budget_limit_micros,
+        "budget_spent_micros": t.budget_spent_micros,
+        "attempt_timeout_ms": t.attempt_timeout_ms,
+        "deadline_unix_ms": t.deadline_unix_ms,
+        "schedule_to_start_timeout_ms": t.schedule_to_start_ms,
+        "retry_policy": _task_retry_proto(
+            t.retry_initial_ms,
+            t.retry_coefficient,
+            t.retry_max_interval_ms,
+            t.max_attempts,
+            t.non_retryable,
+            t.retry_failures,
+        ),
+        "end_reason": t.end_reason,
+        "attempt_started_unix_ms": t.attempt_started_unix_ms,
+        "submitted_by": t.submitted_by,
+    }
+
+
+@functools.lru_cache(maxsize=256)
+def _task_retry_proto(
+    initial_ms: int,
+    coefficient: float,
+    max_interval_ms: int,
+    max_attempts: int,
+    non_retryable: tuple[str, ...],
+    retry_failures: bool,
+) -> pb.RetryPolicy:
+    """`retry_to_proto(task.retry_policy())` cached by the stored fields it is made of,
+    so a batch answer resolves no policy per task."""
+    return retry_to_proto(
+        stored_retry_policy(
+            initial_ms, coefficient, max_interval_ms, max_attempts, non_retryable, retry_failures
+        )
     )
 
 
-def _grants_to_proto(
-    grants: Sequence[tuple[TaskRecord, Envelope]], waited_ms: int
-) -> pb.AcquireLeaseResponse:
-    """An AcquireLease answer: the first grant, the rest in `more_grants` (empty: none)."""
+def _grant_fields(grants: Sequence[tuple[TaskRecord, Envelope]], waited_ms: int) -> dict[str, Any]:
+    """An AcquireLease answer's fields: the first grant, the rest in `more_grants` (empty:
+    none). Fields, not messages, so that a batch answer (grants in an AcquireLeaseResponse
+    in a StreamLeasesResponse) is built in place, not copied once per level."""
     if not grants:
-        return pb.AcquireLeaseResponse()
+        return {}
     (task, env), rest = grants[0], grants[1:]
-    return pb.AcquireLeaseResponse(
-        task=task_to_proto(task),
-        lease=to_proto(env),
-        waited_ms=waited_ms,
-        more_grants=[pb.LeaseGrant(task=task_to_proto(t), lease=to_proto(e)) for t, e in rest],
-    )
+    return {
+        "task": task_fields(task),
+        "lease": proto_fields(env),
+        "waited_ms": waited_ms,
+        "more_grants": [{"task": task_fields(t), "lease": proto_fields(e)} for t, e in rest],
+    }
 
 
 @functools.lru_cache(maxsize=256)
@@ -684,6 +716,10 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         )
 
     async def _acquire(self, a: _Acquire) -> pb.AcquireLeaseResponse:
+        return pb.AcquireLeaseResponse(**await self._acquire_fields(a))
+
+    async def _acquire_fields(self, a: _Acquire) -> dict[str, Any]:
+        """The AcquireLease answer's fields (see `_grant_fields`)."""
         grants, waited_ms = await self.service.acquire_many(
             queue=a.queue,
             node_id=a.node_id,
@@ -693,7 +729,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             start=a.start,
             recheck=functools.partial(self.service.check_node, a.node_id),
         )
-        return _grants_to_proto(grants, waited_ms)
+        return _grant_fields(grants, waited_ms)
 
     @handle_errors
     async def RenewLease(
@@ -777,10 +813,8 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
                 raise InvalidArgument("acquire_next.node_id", "must equal node_id")
         await self._node(context, node_id)
         tasks, following = await self._complete(node_id, items, acquire)
-        answer = pb.CompleteTasksResponse(tasks=tasks)
-        if following is not None:
-            answer.next.CopyFrom(following)
-        return answer
+        answer: dict[str, Any] = {"tasks": tasks, "next": following}  # built in place
+        return pb.CompleteTasksResponse(**answer)
 
     @handle_errors
     async def StreamLeases(
@@ -800,7 +834,8 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             items = _check_completions(request.completions, required=acquire is None)
             await self._node(context, node_id)  # every request: a revocation holds mid-stream
             tasks, following = await self._complete(node_id, items, acquire, echo=not request.brief)
-            yield pb.StreamLeasesResponse(tasks=tasks, next=following)
+            answer: dict[str, Any] = {"tasks": tasks, "next": following}  # built in place
+            yield pb.StreamLeasesResponse(**answer)
 
     async def _complete(
         self,
@@ -809,13 +844,14 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
         acquire: _Acquire | None,
         *,
         echo: bool = True,
-    ) -> tuple[list[pb.Task], pb.AcquireLeaseResponse | None]:
+    ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
         """CompleteTasks' work after validation and the node check: the ended tasks
         (none without `echo`: a brief StreamLeases answer), and the next grants (None
-        without `acquire`, or when the policy stopped the claim during a wait)."""
+        without `acquire`, or when the policy stopped the claim during a wait), as the
+        answer's fields (see `_grant_fields`)."""
         if not items:
             assert acquire is not None  # _check_completions(required=acquire is None)
-            return [], await self._acquire(acquire)
+            return [], await self._acquire_fields(acquire)
         grants: list[tuple[TaskRecord, Envelope]] | None = None
         waited_ms = 0
         try:
@@ -840,8 +876,8 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
             async with self._holder_only(t.task_id, t.fencing_token, node_id):
                 raise err  # as is to a holder, else the uniform NotOwner (with the index)
             raise err  # not reached: _holder_only re-raises
-        ended = [task_to_proto(t) for t in tasks] if echo else []
-        return ended, None if grants is None else _grants_to_proto(grants, waited_ms)
+        ended = [task_fields(t) for t in tasks] if echo else []
+        return ended, None if grants is None else _grant_fields(grants, waited_ms)
 
     # -- RPCs owned by other parts (ledger, vault, budgets, tool calls, policy) ---------
     # The ledger engineer replaces StreamReceipts/GetCheckpoint/GetInclusionProof/

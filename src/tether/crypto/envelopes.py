@@ -5,6 +5,8 @@ Both carry the same payload bytes; nothing is re-encoded, so signatures hold.
 
 from __future__ import annotations
 
+from typing import Any
+
 from tether.core.errors import VerificationError
 from tether.crypto.signing import Envelope
 from tether.v1 import receipt_pb2
@@ -12,11 +14,17 @@ from tether.v1 import receipt_pb2
 
 def to_proto(env: Envelope) -> receipt_pb2.Envelope:
     """The wire form of an envelope."""
-    return receipt_pb2.Envelope(
-        payload=env.payload,
-        payload_type=env.payload_type,
-        signatures=[receipt_pb2.Signature(keyid=k, sig=s) for k, s in env.signatures],
-    )
+    return receipt_pb2.Envelope(**proto_fields(env))
+
+
+def proto_fields(env: Envelope) -> dict[str, Any]:
+    """The wire form's fields, for building it inside a larger message: a message given
+    to a constructor is copied, a dict of fields is built in place."""
+    return {
+        "payload": env.payload,
+        "payload_type": env.payload_type,
+        "signatures": [{"keyid": k, "sig": s} for k, s in env.signatures],
+    }
 
 
 def from_proto(msg: receipt_pb2.Envelope) -> Envelope:

@@ -94,15 +94,39 @@ class TaskRecord:
         cap_ms: int = DEFAULT_MAXIMUM_INTERVAL_MS,
     ) -> RetryPolicy:
         """The task's retry policy; fields stored as 0 (older rows) take the defaults given."""
-        initial = self.retry_initial_ms or base_ms
-        return RetryPolicy(
-            initial_interval_ms=initial,
-            backoff_coefficient=self.retry_coefficient or DEFAULT_BACKOFF_COEFFICIENT,
-            maximum_interval_ms=max(self.retry_max_interval_ms or cap_ms, initial),
-            maximum_attempts=max(self.max_attempts, 1),
-            non_retryable_reasons=self.non_retryable,
-            retry_failures=self.retry_failures,
+        return stored_retry_policy(
+            self.retry_initial_ms,
+            self.retry_coefficient,
+            self.retry_max_interval_ms,
+            self.max_attempts,
+            self.non_retryable,
+            self.retry_failures,
+            base_ms,
+            cap_ms,
         )
+
+
+def stored_retry_policy(
+    initial_ms: int,
+    coefficient: float,
+    max_interval_ms: int,
+    max_attempts: int,
+    non_retryable: tuple[str, ...],
+    retry_failures: bool,
+    base_ms: int = DEFAULT_INITIAL_INTERVAL_MS,
+    cap_ms: int = DEFAULT_MAXIMUM_INTERVAL_MS,
+) -> RetryPolicy:
+    """A task's retry policy from its stored retry fields (`TaskRecord.retry_policy`); a
+    function of those values alone, so callers may cache it by them."""
+    initial = initial_ms or base_ms
+    return RetryPolicy(
+        initial_interval_ms=initial,
+        backoff_coefficient=coefficient or DEFAULT_BACKOFF_COEFFICIENT,
+        maximum_interval_ms=max(max_interval_ms or cap_ms, initial),
+        maximum_attempts=max(max_attempts, 1),
+        non_retryable_reasons=non_retryable,
+        retry_failures=retry_failures,
+    )
 
 
 @dataclass(frozen=True)

@@ -590,12 +590,10 @@ def _transitions_body(
     sign_end: EndSigner | None,
 ) -> Callable[[Conn], Awaitable[list[TaskRecord]]]:
     """Several holder transitions as one transaction body, all or nothing (see
-    `Store.transitions`): the first refused raises with `metadata["index"]`."""
-    fns = [
-        _transition_fn(item, node_id, now_ms, backoff_base_ms, backoff_cap_ms, sign_end)
-        for item in items
-    ]
+    `Store.transitions`): the first refused raises with `metadata["index"]`.
 
+    An all-SUCCEED batch takes the batch path; the per-item bodies are made only when
+    it does not (or declines: then they name the refused item)."""
     all_succeed = len(items) > 1 and all(item.event is Event.SUCCEED for item in items)
 
     async def fn(conn: Conn) -> list[TaskRecord]:
@@ -604,7 +602,8 @@ def _transitions_body(
             if done is not None:
                 return done
         out: list[TaskRecord] = []
-        for index, one in enumerate(fns):
+        for index, item in enumerate(items):
+            one = _transition_fn(item, node_id, now_ms, backoff_base_ms, backoff_cap_ms, sign_end)
             try:
                 out.append(await one(conn))
             except TetherError as err:
