@@ -264,8 +264,8 @@ async def test_acks_are_written_in_the_background(tmp_path: Path) -> None:
 
 
 async def test_stream_lingers_for_more_unless_an_ack_is_awaited(tmp_path: Path) -> None:
-    """Receipts spooled within the linger go out as one batch, and a caller waiting for an
-    ack (wait_acked) has what is spooled sent at once instead of after the linger."""
+    """A receipt after a quiet spell is streamed at once; receipts that keep coming linger for
+    a fuller batch, until a caller waits for an ack (wait_acked) or a lease end hurries it."""
     spool = ReceiptSpool(tmp_path / "spool.db", "n1", KEY)
     sent: list[list[int]] = []
 
@@ -280,12 +280,26 @@ async def test_stream_lingers_for_more_unless_an_ack_is_awaited(tmp_path: Path) 
     async def open_stream() -> Stream:
         return Stream()
 
+    async def sent_becomes(want: list[list[int]]) -> None:
+        for _ in range(500):
+            if sent == want:
+                return
+            await asyncio.sleep(0.01)
+        assert sent == want
+
     stop = asyncio.Event()
     runner = asyncio.create_task(stream_receipts(spool, open_stream, stop, linger_s=30))
-    for i in range(3):
+    await spool.append(_receipt(0))
+    await sent_becomes([[1]])  # the first after a quiet spell: at once
+    for i in (1, 2):
         await spool.append(_receipt(i))
-    assert await spool.wait_acked(3, 10)  # long before the 30 s linger ends
-    assert sent == [[1, 2, 3]]
+    await asyncio.sleep(0.3)
+    assert sent == [[1]]  # these linger (up to 30 s) for more
+    assert await spool.wait_acked(3, 10)  # an awaited ack sends them now
+    assert sent == [[1], [2, 3]]
+    spool.hurry()  # a lease ended: what comes next goes at once
+    await spool.append(_receipt(3))
+    await sent_becomes([[1], [2, 3], [4]])
     stop.set()
     await runner
     await spool.close()

@@ -443,6 +443,7 @@ class LeaseTable:
             # applied; lease_lost if refused).
             return
         held.lost_reason = reason
+        self._sink.hurry()  # the lease's last receipts go to the ledger at once
         for call in list(held.inflight):  # stop what runs under the lease, now
             call.cancel()
         held.drop_credentials()

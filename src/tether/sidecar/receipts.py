@@ -46,6 +46,10 @@ class ReceiptSink(Protocol):
         """
         ...
 
+    def hurry(self) -> None:
+        """Streams what comes next without waiting for a fuller batch, for a moment."""
+        ...
+
     async def pending(self) -> int:
         """Receipts stored but not yet acknowledged by the control plane."""
         ...

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import sqlite3
 import threading
@@ -42,8 +43,12 @@ DEFAULT_RETAIN_ACKED = 10_000
 ACK_PERSIST_S = 0.2
 """An ack is written to the spool's file at most this long after it came (see `ack`)."""
 LINGER_S = 0.01
-"""A batch that is not full waits this long for more receipts before it is streamed,
-unless someone waits for an ack (`wait_acked`): fewer, larger batches for the ledger."""
+"""While receipts keep coming (the last batch went out less than this long ago), a batch
+that is not full waits this long for more before it is streamed, unless someone waits
+for an ack (`wait_acked`): fewer, larger batches for the ledger. A receipt after a
+quiet spell goes at once."""
+HURRY_S = 0.5
+"""After a lease ends, receipts stream without lingering this long (`hurry`)."""
 # A streamed batch stops growing at this many bytes of envelopes and carried
 # outcomes (at least one receipt), well under the control plane's 8 MiB message limit.
 BATCH_MAX_BYTES = 2 * 1024 * 1024
@@ -138,7 +143,8 @@ class ReceiptSpool:
         self._reserved = 0  # slots promised to calls about to act (receipt before effect)
         self._persisted_ack = self.acked_seq  # the acked seq the file holds
         self._ack_waiters = 0
-        self._hurry = asyncio.Event()  # set while someone waits for an ack
+        self._hurry = asyncio.Event()  # wakes a lingering stream (see `linger`)
+        self._hurry_until = -math.inf  # loop time until which nothing lingers
         self._ack_writer: asyncio.Task[None] | None = None
 
     def reserve(self) -> ReceiptSlot:
@@ -400,12 +406,20 @@ class ReceiptSpool:
             return self.acked_seq >= seq
         finally:
             self._ack_waiters -= 1
-            if not self._ack_waiters:
-                self._hurry.clear()
         return True
 
+    def hurry(self, window_s: float = HURRY_S) -> None:
+        """Streams without lingering for `window_s` (a lease ended: its last receipts
+        are what an operator looks for next)."""
+        self._hurry_until = asyncio.get_running_loop().time() + window_s
+        self._hurry.set()
+
     async def linger(self, timeout_s: float) -> None:
-        """Waits `timeout_s` for more receipts to stream together, unless an ack is awaited."""
+        """Waits `timeout_s` for more receipts to stream together, unless an ack is
+        awaited or `hurry` was asked."""
+        if self._ack_waiters or asyncio.get_running_loop().time() < self._hurry_until:
+            return
+        self._hurry.clear()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
                 await self._hurry.wait()
@@ -468,12 +482,15 @@ async def stream_receipts(
     attempts it sleeps a random time in [0, backoff] (full jitter), the backoff
     doubling from `retry_s` up to `max_retry_s` and resetting after an ack, so
     many nodes coming back at once do not reconnect in lockstep. `on_error`
-    sees each failure (the sidecar re-registers on UNAUTHENTICATED). A batch
-    short of `batch` receipts waits `linger_s` for more (not when an ack is
-    awaited), so a node making a call at a time does not cost the ledger a
-    commit per receipt; the receipts are durable in the spool meanwhile.
+    sees each failure (the sidecar re-registers on UNAUTHENTICATED). While
+    receipts keep coming, a batch short of `batch` receipts waits `linger_s`
+    for more (not when an ack is awaited), so a node making a call at a time
+    does not cost the ledger a commit per receipt; the receipts are durable in
+    the spool meanwhile. The first batch after a quiet spell goes at once.
     """
     backoff = retry_s
+    clock = asyncio.get_running_loop().time
+    last_sent = -math.inf
     while not stop.is_set():
         stream: ReceiptStream | None = None
         try:
@@ -483,9 +500,10 @@ async def stream_receipts(
                 if not pending:
                     await spool.wait_new(idle_s)
                     continue
-                if linger_s > 0 and len(pending) < batch:
+                if len(pending) < batch and clock() - last_sent < linger_s:
                     await spool.linger(linger_s)
                     pending = spool.outgoing(limit=batch)
+                last_sent = clock()
                 async with asyncio.timeout(ack_timeout_s):  # no task per batch
                     acked = await stream.send(pending)
                 await spool.ack(acked)
