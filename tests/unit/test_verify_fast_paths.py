@@ -1,4 +1,4 @@
-"""The verifier's one-regex statement grammar reads exactly what the strict parser reads.
+"""The verifier's fast grammars read exactly what its strict parsers read.
 
 `parse_canonical_statement` takes only the canonical form and says None to
 everything else; whatever it accepts (or refuses) must be what
@@ -8,7 +8,10 @@ path can never let through a statement the strict parser would refuse.
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import random
+import re
 from typing import Any
 
 import pytest
@@ -24,7 +27,7 @@ from tether.crypto.receipts import (
     statement_bytes,
 )
 from tether.verify.builder import T0
-from tether.verify.verifier import _statement, strict_statement
+from tether.verify.verifier import _canonical_hashes, _statement, strict_statement
 
 _HEX = st.binary(min_size=8, max_size=8).map(lambda b: hashlib.sha256(b).hexdigest())
 _TEXT = st.text(max_size=10)
@@ -90,8 +93,12 @@ def test_canonical_statements_take_the_fast_path_and_read_the_same(r: Receipt) -
     """A canonical statement without escapes is read by the grammar as the same receipt."""
     payload = statement_bytes(r)
     fast = parse_canonical_statement(payload)
-    if b"\\" in payload:
-        assert fast is None  # escapes are the strict parser's to read
+    # Escapes, and integers as long as their type's bound, are the strict parser's to read.
+    long = any(
+        len(str(abs(getattr(r, f)))) >= len(str(hi)) for f, (_, _, _, hi) in _INT_FIELDS.items()
+    )
+    if b"\\" in payload or long:
+        assert fast is None
     else:
         assert fast == r
     assert _strict(payload) == r
@@ -195,3 +202,30 @@ def test_integers_out_of_range_are_refused_by_name(field: str, edge: str) -> Non
     # "-1" for an unsigned field is not even an integer to the strict parser.
     with pytest.raises(VerificationError, match=f"'{field}': (out of range|not an integer)"):
         _statement(payload, 16)
+
+
+def test_proof_hash_check_is_the_canonical_hash_grammar() -> None:
+    """The translate-based check of raw proof hashes accepts exactly `"H","H",...` of
+    canonical 32-byte base64 (edits of quotes, commas, padding, letters all refused alike)."""
+    rng = random.Random(2026)
+    one = rb'"[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]="'
+    grammar = re.compile(one + rb"(?:," + one + rb")*")
+    accepted = 0
+    for _ in range(20_000):
+        n = rng.randrange(1, 5)
+        text = bytearray(b'"' + b'","'.join(
+            base64.b64encode(rng.randbytes(32)) for _ in range(n)) + b'"')  # fmt: skip
+        for _ in range(rng.randrange(3)):
+            at = rng.randrange(len(text))
+            byte = rng.choice(b'"=,A/+a9wx\x00\xff] ')
+            op = rng.randrange(3)
+            if op == 0:
+                text[at] = byte
+            elif op == 1:
+                text.insert(at, byte)
+            else:
+                del text[at]
+        want = grammar.fullmatch(bytes(text)) is not None
+        assert _canonical_hashes(bytes(text)) == want, bytes(text)
+        accepted += want
+    assert 1_000 < accepted < 19_000
