@@ -300,6 +300,16 @@ class _Inclusion:
         self.size = size
         self.memo: dict[tuple[int, int], tuple[bytes, tuple[str, ...]]] = {(0, size): (root, ())}
 
+    def forget_before(self, index: int) -> None:
+        """Drops the subtrees wholly left of leaf `index`.
+
+        A proof only meets nodes over its own leaf, so when leaves come in
+        order (a chunk at a time) these are never met again; if one does come
+        later, its proof just hashes further up (the memo saves work, it never
+        decides).
+        """
+        self.memo = {k: v for k, v in self.memo.items() if k[1] > index}
+
     def check(self, leaf: bytes, index: int, proof: tuple[str, ...]) -> str:
         """Returns "" when the proof (canonical base64 hashes) holds, else why not."""
         size = self.size
@@ -757,6 +767,8 @@ class _Checker:
 
     def run(self, base: int, src: bytes | list[_EntryFacts]) -> _ChunkResult:
         entries = _raw_entries(src) if isinstance(src, bytes) else src
+        if entries and self.inclusion is not None:
+            self.inclusion.forget_before(entries[0][1])
         leaves: list[int] = []
         items: list[tuple[Any, ...]] = []
         fails: list[_Fail] = []
@@ -1134,7 +1146,6 @@ class _Verifier:
         self.failures: list[tuple[int, Failure]] = []  # (sort position, failure)
         self.warnings: list[Failure] = []
         self.skews: dict[tuple[str, str], list[Any]] = {}  # (check, node) -> [n, max, ref]
-        self.items: list[_Item] = []
         # The items grouped as they arrive (in bundle order), while the workers still check.
         self.by_node: dict[str, list[_Item]] = defaultdict(list)
         self.by_task: dict[str, list[_Item]] = defaultdict(list)
@@ -1177,7 +1188,6 @@ class _Verifier:
                 f"{len(env.signatures)} signatures, more than the {len(self.keys)} trusted keys"
             )
         message = pae(env.payload_type, env.payload)
-        expected = ", ".join(sorted(_short(k) for k in self.keys))
         seen: set[str] = set()
         for keyid, sig in env.signatures:
             key = self.keys.get(keyid)
@@ -1188,6 +1198,7 @@ class _Verifier:
                     if actual
                     else ""
                 )
+                expected = ", ".join(sorted(_short(k) for k in self.keys))
                 raise VerificationError(
                     f"signed by keyid {_short(keyid)}, expected one of {expected}{hint}"
                 )
@@ -1381,7 +1392,6 @@ class _Verifier:
                 else:
                     last_leaf = leaf
             total += len(leaves)
-            self.items += items
             self._leased(items, leases)
             for pos, check, ref, why in fails:
                 self.fail(pos, check, ref or f"entry[{bases[pos >> _SHIFT] + (pos & _MASK)}]", why)
@@ -1942,6 +1952,7 @@ class _Verifier:
                 events.append(Event(it.time_unix_ms, it.ref, _KIND_NAMES[it.kind], it.detail))
                 if it.kind == _TASK_FINISHED:
                     report.final_state = state_name(it.final_state, str(it.final_state))
+        controlled: set[str] = set()  # tasks whose events are no longer in time order
         for i, c in self.controls:
             tr = tasks.get(c.task_id)
             if tr is None:
@@ -1949,15 +1960,18 @@ class _Verifier:
             tr.events.append(
                 Event(c.time_unix_ms, f"control[{i}]", c.end_reason.label, _control_detail(c))
             )
+            controlled.add(c.task_id)
             if c.state in _FINAL_STATES:
                 tr.final_state = state_name(c.state)
+        attempts = self.attempts
         for tr in tasks.values():
-            tr.events.sort(key=lambda e: e.time_unix_ms)  # stable: bundle order on ties
-            tr.limits = _limit_lines(self.attempts.get(tr.task_id, {}))
+            if tr.task_id in controlled:
+                tr.events.sort(key=lambda e: e.time_unix_ms)  # stable: bundle order on ties
+            tr.limits = _limit_lines(attempts.get(tr.task_id, {}))
         return Report(
             failures=[f for _, f in self.failures],
             entries=self.entries,
-            nodes=len({it.node_id for it in self.items}),
+            nodes=len(self.by_node),
             tasks=sorted(tasks.values(), key=lambda t: t.task_id),
             origin=self.checkpoint.origin if self.checkpoint else "",
             exported_tasks=list(self.manifest.task_ids) if self.manifest else [],
