@@ -145,6 +145,7 @@ _LIST_CHUNK = 1024  # parsed entries per job sent to a worker process
 _POOL_MIN_ENTRIES = 4096  # below this a pool's start-up (~0.1 s) costs more than it saves
 _POOL_MIN_BYTES = 8 << 20  # the same for a bundle file's entries (about 3,000 typical ones)
 _IN_FLIGHT = 12  # chunks submitted ahead of the one being collected (a few per worker)
+_IN_FLIGHT_RAW = 6  # copies of raw chunks (up to `_RAW_CHUNK` each) submitted ahead
 
 
 @dataclass(frozen=True)
@@ -1099,7 +1100,7 @@ def _verify(
             in_flight = len(spans)
             if not shared or isinstance(ex, _Inline):
                 chunks = (bytes(data[a:b]) for a, b in spans)
-                in_flight = _IN_FLIGHT
+                in_flight = _IN_FLIGHT_RAW
             if v.run(ex, chunks, in_flight):
                 return v.report()
         at = strictjson.control_byte(data)
