@@ -10,8 +10,9 @@ The long-running servers (`tether control`, `tether sidecar`) hand their lines
 to one writer thread (`write_in_background`), which formats and writes them: a
 write to stderr can wait on the disk (a file beside an fsyncing database), and
 the event loop must not. Exit (normal or by an exception) writes every line
-already logged first; a SIGKILLed server may lose its last few milliseconds of
-lines. Other commands write as they log (and keep one thread, so `tether verify`
+already logged first, and so does the end of the server's run (before the CLI
+prints its one-line error); a SIGKILLed server may lose its last few milliseconds
+of lines. Other commands write as they log (and keep one thread, so `tether verify`
 may fork its workers).
 """
 
@@ -130,12 +131,16 @@ class _HandOff(logging.handlers.QueueHandler):
 _writer: logging.handlers.QueueListener | None = None
 
 
-def _stop_writer() -> None:
-    """Writes what is queued and stops the writer thread (at exit, or before a new one)."""
+def stop_background_writer() -> None:
+    """Writes what is queued, stops the writer thread and puts its handlers back on the
+    root logger (a server's run has ended, or the process exits): whatever is written to
+    stderr afterwards, such as the CLI's one-line error, comes after every line logged
+    before it."""
     global _writer
     if _writer is not None:
         writer, _writer = _writer, None
         writer.stop()
+        logging.getLogger().handlers[:] = list(writer.handlers)
 
 
 def setup_logging(level: str = "INFO", fmt: str | None = None) -> None:
@@ -149,7 +154,7 @@ def setup_logging(level: str = "INFO", fmt: str | None = None) -> None:
     chosen = resolve_format(fmt or os.environ.get(ENV_LOG_FORMAT) or "auto", sys.stderr)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(TextFormatter() if chosen == "text" else JsonFormatter())
-    _stop_writer()
+    stop_background_writer()
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
@@ -165,6 +170,6 @@ def write_in_background() -> None:
     records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     _writer = logging.handlers.QueueListener(records, *root.handlers)
     _writer.start()
-    atexit.unregister(_stop_writer)
-    atexit.register(_stop_writer)
+    atexit.unregister(stop_background_writer)
+    atexit.register(stop_background_writer)
     root.handlers[:] = [_HandOff(records)]

@@ -13,7 +13,7 @@ import os
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from tether.logs import write_in_background
+from tether.logs import stop_background_writer, write_in_background
 
 T = TypeVar("T")
 
@@ -36,13 +36,17 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     the loop never waits on a disk write), and what was made before (the imported
     modules, most of the process's objects) is moved out of the cyclic collector's
     reach (`gc.freeze`): full collections would otherwise walk all of it again and
-    again, for nothing.
+    again, for nothing. When `main` ends, however it ends, the writer is drained and
+    stopped, so the caller's own output (the CLI's error line) follows the last log line.
     """
     write_in_background()
     gc.freeze()
-    if event_loop_name() == "uvloop":
-        import uvloop
+    try:
+        if event_loop_name() == "uvloop":
+            import uvloop
 
-        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            return runner.run(main)
-    return asyncio.run(main)
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                return runner.run(main)
+        return asyncio.run(main)
+    finally:
+        stop_background_writer()  # every line logged is out before anything else is
