@@ -7,8 +7,10 @@ certificates of each role, and try cross-site and token-less POSTs.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import ssl
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -273,3 +275,33 @@ async def test_console_needs_tls_and_a_free_port(tmp_path: Path) -> None:
         with pytest.raises(ConfigError, match="--console-listen: cannot listen"):
             async with start_control(tmp_path / "b", console_listen=f"127.0.0.1:{port}"):
                 pass
+
+
+async def test_an_expired_operator_certificate_is_refused_on_an_open_connection(
+    cp: ControlHandle,
+) -> None:
+    """A certificate that expires while its keep-alive connection stays open is refused on
+    that connection (401, not a new handshake, which TLS itself would refuse), and an open
+    live-updates stream ends once it expires instead of streaming on."""
+    key = generate_tls_key()
+    cert = cp.pki.ca.issue_operator("short-lived", Role.ADMIN, key.public_key(), ttl_ms=4000)
+    expires = cert.not_valid_after_utc.timestamp()
+    async with httpx.AsyncClient(
+        verify=_ctx(cp, cert_pem(cert), key_pem(key)),
+        base_url=cp.running.console_url,
+        timeout=20,
+        limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+    ) as c:
+        assert (await c.get("/tasks")).status_code == 200
+        async with c.stream("GET", "/tasks/events") as events:
+            assert events.status_code == 200
+            got = b""
+            async with asyncio.timeout(15):  # it expires in 4 s; an endless stream fails here
+                async for chunk in events.aiter_bytes():
+                    got += chunk
+            # The stream ended by itself (no exception, no stopping server): after expiry.
+            assert time.time() >= expires - 0.01, (time.time(), expires)
+            assert b"event: rows" in got
+        r = await c.get("/tasks")
+        assert r.status_code == 401, r.text
+        assert "expired" in r.text

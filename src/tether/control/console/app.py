@@ -36,7 +36,13 @@ from starlette.responses import (
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from tether.control.authz import Principal, authorize, principal_from_pem, sees_payloads
+from tether.control.authz import (
+    Principal,
+    authorize,
+    check_unexpired,
+    principal_from_pem,
+    sees_payloads,
+)
 from tether.control.console.server import PEER_CERT
 from tether.core.errors import NotFound, TetherError, VerificationError
 from tether.core.receipts import ReceiptKind
@@ -220,6 +226,9 @@ class Console:
         pem = b"-----BEGIN CERTIFICATE-----\n" + _b64_lines(der) + b"-----END CERTIFICATE-----\n"
         try:
             who = principal_from_pem(pem, self.service.auth.trust_domain)
+            # A keep-alive connection outlives its handshake: validity is checked per
+            # request, as on gRPC, or an expired certificate keeps an open tab working.
+            check_unexpired(who)
             authorize(rpc, who)
         except TetherError as err:
             raise Refused(401 if err.reason == "UNAUTHENTICATED" else 403, err.message) from err
@@ -309,6 +318,10 @@ class Console:
             last = ""
             yield b"retry: 2000\n\n"
             while not self.stopping.is_set():
+                try:
+                    check_unexpired(who)  # the stream outlives the request's check
+                except TetherError:
+                    return  # the browser reconnects and is refused (401) by principal()
                 rows, _ = await self._task_page(f)
                 html = rows_tpl.render(tasks=rows, who=who)
                 digest = hashlib.sha256(html.encode()).hexdigest()
