@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -188,33 +189,65 @@ async def submit(address: str, n: int) -> None:
         await client.close()
 
 
-async def test_sigkill_sidecar_with_receipts_in_flight(tmp_path: Path, procs: Procs) -> None:
-    """A sidecar killed with unacked receipts replays them after restart: ledger = spool, 1..N."""
+async def start_control(tmp_path: Path, procs: Procs, tasks: int) -> tuple[Proc, str, Path]:
+    """A control plane CLI with `tasks` queued; returns (process, address, its database)."""
     control, address = await asyncio.to_thread(spawn_control_cli, tmp_path)
     procs.add(control)
-    db = tmp_path / "control.db"
-    await submit(address, 12)
+    await submit(address, tasks)
+    return control, address, tmp_path / "control.db"
+
+
+async def start_sidecar(tmp_path: Path, procs: Procs, address: str) -> tuple[Proc, Path, Path]:
+    """A sidecar CLI (the same node each time); returns (process, socket, alice's token file)."""
     side, socket, tokens = await asyncio.to_thread(spawn_sidecar_cli, tmp_path, address)
     procs.add(side)
-    async with agent_on(socket, tokens["alice"]) as agent:
-        finished = await run_tasks(agent, 5)
-        task = await agent.claim("work", wait_ms=2000)
-        assert task is not None
-        await agent.start(task.task_id)
-        # Pause the control plane: receipts keep being signed and spooled, none acked.
-        os.kill(control.pid, signal.SIGSTOP)
-        counter = [0]
-        writer = asyncio.create_task(remember_forever(agent, task.task_id, counter))
-        await until(lambda: counter[0] >= 15, "the agent wrote 15 memory receipts")
+    return side, socket, tokens["alice"]
+
+
+@dataclasses.dataclass
+class Writing:
+    """Tasks already finished, and one started task whose memory writes keep streaming."""
+
+    finished: list[str]
+    task_id: str
+    counter: list[int]
+    writer: asyncio.Task[None]
+
+
+async def finish_then_write(
+    agent: AgentClient, finish: int, before_writing: Callable[[], None] = lambda: None
+) -> Writing:
+    """Finishes `finish` tasks, then starts one and writes its memory until the sidecar dies
+    (`before_writing` runs once the task is started, before its first write)."""
+    finished = await run_tasks(agent, finish)
+    task = await agent.claim("work", wait_ms=2000)
+    assert task is not None
+    await agent.start(task.task_id)
+    before_writing()
+    counter = [0]
+    writer = asyncio.create_task(remember_forever(agent, task.task_id, counter))
+    return Writing(finished, task.task_id, counter, writer)
+
+
+async def test_sigkill_sidecar_with_receipts_in_flight(tmp_path: Path, procs: Procs) -> None:
+    """A sidecar killed with unacked receipts replays them after restart: ledger = spool, 1..N."""
+    control, address, db = await start_control(tmp_path, procs, 12)
+    side, socket, alice = await start_sidecar(tmp_path, procs, address)
+    async with agent_on(socket, alice) as agent:
+        # Pause the control plane first: receipts keep being signed and spooled, none acked.
+        w = await finish_then_write(
+            agent, 5, before_writing=lambda: os.kill(control.pid, signal.SIGSTOP)
+        )
+        await until(lambda: w.counter[0] >= 15, "the agent wrote 15 memory receipts")
         kill(side)  # mid-run: the writer's next call fails
-        await writer
+        await w.writer
+    finished = w.finished
     acked, last_before, _ = spool_state(tmp_path)
     assert acked < last_before, "receipts were in flight when the sidecar died"
     os.kill(control.pid, signal.SIGCONT)
 
-    side, socket, tokens = await asyncio.to_thread(spawn_sidecar_cli, tmp_path, address)
-    procs.add(side)
-    async with agent_on(socket, tokens["alice"]) as agent:
+    side, socket, alice = await start_sidecar(tmp_path, procs, address)
+    async with agent_on(socket, alice) as agent:
         finished += await run_tasks(agent, 3)
     last = await ledger_catches_up(tmp_path, db)
     assert last > last_before  # the restarted sidecar continued the same chain
@@ -226,19 +259,11 @@ async def test_sigkill_sidecar_with_receipts_in_flight(tmp_path: Path, procs: Pr
 
 async def test_sigkill_control_plane_loses_nothing_acked(tmp_path: Path, procs: Procs) -> None:
     """Killing the control plane keeps every acked receipt; the sidecar replays the rest."""
-    control, address = await asyncio.to_thread(spawn_control_cli, tmp_path)
-    procs.add(control)
-    db = tmp_path / "control.db"
-    await submit(address, 8)
-    side, socket, tokens = await asyncio.to_thread(spawn_sidecar_cli, tmp_path, address)
-    procs.add(side)
-    async with agent_on(socket, tokens["alice"]) as agent:
-        finished = await run_tasks(agent, 4)
-        task = await agent.claim("work", wait_ms=2000)
-        assert task is not None
-        await agent.start(task.task_id)
-        counter = [0]
-        writer = asyncio.create_task(remember_forever(agent, task.task_id, counter))
+    control, address, db = await start_control(tmp_path, procs, 8)
+    _, socket, alice = await start_sidecar(tmp_path, procs, address)
+    async with agent_on(socket, alice) as agent:
+        w = await finish_then_write(agent, 4)
+        finished, counter, writer = w.finished, w.counter, w.writer
         await until(lambda: counter[0] >= 10, "memory receipts streamed while control is up")
         # Acks reach the spool's file within ACK_PERSIST_S of the ledger's answer.
         await until(lambda: spool_state(tmp_path)[0] >= 1, "an ack written to the spool")
@@ -261,12 +286,12 @@ async def test_sigkill_control_plane_loses_nothing_acked(tmp_path: Path, procs: 
             await writer
         for _ in range(100):  # the sidecar may still be reconnecting
             try:
-                state, _ = await agent.complete(task.task_id, result=b"ok")
+                state, _ = await agent.complete(w.task_id, result=b"ok")
                 break
             except E.Unavailable:
                 await asyncio.sleep(0.1)
         assert state == "succeeded"
-        finished.append(task.task_id)
+        finished.append(w.task_id)
         finished += await run_tasks(agent, 2)
     last = await ledger_catches_up(tmp_path, db)
     assert last >= last_down
@@ -279,19 +304,10 @@ async def test_sigkill_sidecar_before_its_acks_reach_the_file(tmp_path: Path, pr
     """A sidecar killed while receipts stream and are acknowledged (acks reach the spool's
     file up to ACK_PERSIST_S late) loses nothing: after restart it resends what its file
     does not record as acked, and the ledger takes each seq once, byte for byte."""
-    control, address = await asyncio.to_thread(spawn_control_cli, tmp_path)
-    procs.add(control)
-    db = tmp_path / "control.db"
-    await submit(address, 8)
-    side, socket, tokens = await asyncio.to_thread(spawn_sidecar_cli, tmp_path, address)
-    procs.add(side)
-    async with agent_on(socket, tokens["alice"]) as agent:
-        finished = await run_tasks(agent, 2)
-        task = await agent.claim("work", wait_ms=2000)
-        assert task is not None
-        await agent.start(task.task_id)
-        counter = [0]
-        writer = asyncio.create_task(remember_forever(agent, task.task_id, counter))
+    _, address, db = await start_control(tmp_path, procs, 8)
+    side, socket, alice = await start_sidecar(tmp_path, procs, address)
+    async with agent_on(socket, alice) as agent:
+        w = await finish_then_write(agent, 2)
         await until(lambda: spool_state(tmp_path)[0] >= 5, "acks written to the spool")
 
         def acked_ahead_of_file() -> bool:
@@ -300,13 +316,13 @@ async def test_sigkill_sidecar_before_its_acks_reach_the_file(tmp_path: Path, pr
 
         await until(acked_ahead_of_file, "the ledger holds receipts the spool's file calls unacked")
         kill(side)  # mid-stream, acks in memory only
-        await writer
+        await w.writer
+    finished = w.finished
     acked_file, last_before, _ = spool_state(tmp_path)
     in_ledger = ledger_rows(db)[-1][0]
     assert acked_file < in_ledger <= last_before
-    side, socket, tokens = await asyncio.to_thread(spawn_sidecar_cli, tmp_path, address)
-    procs.add(side)
-    async with agent_on(socket, tokens["alice"]) as agent:
+    side, socket, alice = await start_sidecar(tmp_path, procs, address)
+    async with agent_on(socket, alice) as agent:
         finished += await run_tasks(agent, 3)
     last = await ledger_catches_up(tmp_path, db)
     assert last > last_before
