@@ -17,14 +17,13 @@ import dataclasses
 import signal
 import sqlite3
 import subprocess
-import threading
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 from control_fixtures import export_and_verify
+from gated_tools import GATE, append_policy
 
 from tether.agent import AgentClient
 from tether.core import errors as E
@@ -32,7 +31,6 @@ from tether.core.receipts import ReceiptKind
 from tether.core.states import Event, State
 from tether.crypto.receipts import parse_receipt
 from tether.sidecar.finishing import PendingFinish
-from tether.sidecar.tools.base import ToolContext
 from tether.store.sqlite import SqliteStore
 from tether.testing import spawn_sidecar_cli, start_control, start_sidecar
 
@@ -237,32 +235,6 @@ async def test_crash_after_signing_before_the_journal_cleared_signs_no_second_en
         assert code == 0, out
 
 
-GATE = threading.Event()
-
-
-def append_then_wait(ctx: ToolContext, args: Mapping[str, Any]) -> dict[str, Any]:
-    """Appends a line (the effect), then waits for the test before it reports."""
-    with Path(str(ctx.config["path"])).open("a") as out:
-        out.write(f"{args['line']}\n")
-    GATE.wait(60)
-    return {"wrote": args["line"]}
-
-
-def tool_policy(effects: Path) -> str:
-    return f"""
-version = 1
-[agents.alice]
-queues = ["work"]
-[tools.append]
-adapter = "python"
-[tools.append.python]
-entrypoint = "{__name__}:append_then_wait"
-config = {{ path = "{effects}" }}
-[queues.work]
-tools = ["append"]
-"""
-
-
 async def test_complete_racing_a_running_tool_call_keeps_the_chain_ordered(
     tmp_path: Path,
 ) -> None:
@@ -271,7 +243,7 @@ async def test_complete_racing_a_running_tool_call_keeps_the_chain_ordered(
     chain, and the task's export verifies strictly."""
     GATE.clear()
     effects = tmp_path / "effects.txt"
-    async with start_control(tmp_path, policy=tool_policy(effects)) as cp:
+    async with start_control(tmp_path, policy=append_policy(effects)) as cp:
         task_id = (await cp.client.submit("work", b"{}")).task.task_id
         async with start_sidecar(tmp_path, cp.address) as side:
             agent = side.agent("alice")

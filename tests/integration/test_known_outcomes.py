@@ -9,53 +9,26 @@ import contextlib
 import socket
 import sqlite3
 import subprocess
-import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
+from gated_tools import GATE, append_policy
 
 from tether.control.service import ControlConfig
 from tether.core import errors as E
 from tether.core.clock import FakeClock
 from tether.core.states import State
-from tether.sidecar.tools.base import ToolContext
 from tether.store.base import LedgerHead, LedgerLeaf
 from tether.store.sqlite import SqliteStore
 from tether.testing import endpoint, spawn_control_cli, start_control, start_sidecar
 
 TTL_MS = 30_000
-GATE = threading.Event()
-
-
-def append_then_wait(ctx: ToolContext, args: Mapping[str, Any]) -> dict[str, Any]:
-    """Appends a line (the effect), then waits for the test before it reports."""
-    path = Path(str(ctx.config["path"]))
-    with path.open("a") as out:
-        out.write(f"{args['line']}\n")
-    GATE.wait(60)
-    return {"wrote": args["line"]}
 
 
 def policy(effects: Path) -> str:
-    return f"""
-version = 1
-[agents.alice]
-queues = ["work"]
-[agents.bob]
-queues = ["work"]
-[tools.append]
-adapter = "python"
-[tools.append.python]
-entrypoint = "{__name__}:append_then_wait"
-config = {{ path = "{effects}" }}
-[queues.work]
-tools = ["append"]
-lease_ttl_ms = {TTL_MS}
-max_attempts = 2
-"""
+    return append_policy(effects, ("alice", "bob"), f"lease_ttl_ms = {TTL_MS}\nmax_attempts = 2\n")
 
 
 async def test_outcome_known_after_the_lease_was_lost_is_replayed_next_attempt(
