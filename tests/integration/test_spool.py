@@ -322,6 +322,41 @@ async def test_cancelled_appends_never_break_the_chain(tmp_path: Path) -> None:
     await spool.close()
 
 
+async def test_writer_thread_batches_ends_when_idle_and_close_waits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Appends meanwhile share the next commit, the writer thread ends when idle and
+    starts again, and close answers every accepted append before the file closes."""
+    monkeypatch.setattr(spool_module._Worker, "IDLE_S", 0.05)
+    spool = ReceiptSpool(tmp_path / "spool.db", "n1", KEY)
+    commits: list[int] = []
+    store = spool._store
+
+    def counted(receipts: list[tuple[Receipt, bool, bytes | None]]) -> list[int | BaseException]:
+        commits.append(len(receipts))
+        return store(receipts)
+
+    monkeypatch.setattr(spool, "_store", counted)
+    assert await asyncio.gather(*(spool.append(_receipt(i)) for i in range(5))) == [1, 2, 3, 4, 5]
+    assert commits == [1, 4]  # the first goes at once; the four behind it share one commit
+
+    thread = spool._worker._thread
+    assert thread is not None
+    assert thread.name == "tether-spool"
+    assert thread.is_alive()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert spool._worker._thread is None
+    assert await spool.append(_receipt(5)) == 6  # and comes back with the next job
+    late = [asyncio.create_task(spool.append(_receipt(i))) for i in range(6, 9)]
+    await asyncio.sleep(0)
+    await spool.close()
+    assert [t.result() for t in late] == [7, 8, 9]
+    again = ReceiptSpool(tmp_path / "spool.db", "n1", KEY)
+    assert [s for s, _ in again.unacked(limit=100)] == list(range(1, 10))
+    await again.close()
+
+
 async def test_carried_outcomes_are_stored_streamed_and_survive_a_restart(tmp_path: Path) -> None:
     """A tool call's outcome is committed with its receipt, streamed with it in batches
     bounded by bytes, listed while unacknowledged (also after a restart), and a spool file

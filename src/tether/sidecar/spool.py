@@ -20,14 +20,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
+import queue
 import random
 import sqlite3
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from tether.core.errors import ResourceExhausted, TetherError
 from tether.core.receipts import Receipt
@@ -36,6 +38,8 @@ from tether.crypto.signing import SigningKey
 from tether.sidecar.receipts import Slot
 
 log = logging.getLogger("tether.sidecar.spool")
+
+T = TypeVar("T")
 
 DEFAULT_MAX_UNACKED = 100_000
 DEFAULT_BATCH = 256
@@ -55,6 +59,70 @@ BATCH_MAX_BYTES = 2 * 1024 * 1024
 
 Outgoing = tuple[int, bytes, bytes | None]
 """(seq, envelope, the keyed tool call's outcome riding with it or None)."""
+
+
+class _Worker:
+    """The spool's own thread for its file work: a job in, its answer out by a callback.
+
+    A receipt's commit used to go through `asyncio.to_thread` (the default executor,
+    a concurrent future chained to an asyncio one) from a writer task, two loop
+    passes and an executor round trip more than this: `submit` puts the job on a
+    queue the thread reads, and the thread hands the result to `done` on the
+    caller's loop. The thread ends after `IDLE_S` without work and starts again
+    with the next job, so a spool that is never closed leaves no thread behind.
+    """
+
+    IDLE_S = 5.0
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._jobs: queue.SimpleQueue[
+            tuple[Callable[[], Any], Callable[[Any], None], asyncio.AbstractEventLoop]
+        ] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, fn: Callable[[], Any], done: Callable[[Any], None]) -> None:
+        """Runs `fn()` on the thread; `done(result, or the exception it raised)` runs
+        on the running loop afterwards."""
+        job = (fn, done, asyncio.get_running_loop())
+        with self._lock:
+            self._jobs.put(job)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name=self._name, daemon=True)
+                self._thread.start()
+
+    async def run(self, fn: Callable[[], T]) -> T:
+        """`fn()` on the thread, awaited."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+
+        def done(result: Any) -> None:
+            if future.done():
+                return
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+        self.submit(fn, done)
+        return await future
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                fn, done, loop = self._jobs.get(timeout=self.IDLE_S)
+            except queue.Empty:
+                with self._lock:
+                    if self._jobs.empty():
+                        self._thread = None
+                        return
+                continue
+            try:
+                result = fn()
+            except BaseException as err:  # the caller gets it
+                result = err
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(done, result)
 
 
 class ReceiptSlot:
@@ -99,7 +167,9 @@ class ReceiptSpool:
         self._tlock = threading.Lock()
         self._new = asyncio.Event()
         self._queue: list[tuple[Receipt, asyncio.Future[int], bool, bytes | None]] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._worker = _Worker("tether-spool")
+        self._writing = False  # a batch is on the worker thread
+        self._drained: list[asyncio.Future[None]] = []  # `close` waiting for the last batch
         self._acked = asyncio.Condition()
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -194,28 +264,45 @@ class ReceiptSpool:
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         promised = slot is not None and slot.take()
         self._queue.append((receipt, future, promised, tool_call_result))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._drain(), name="spool-writer")
+        if not self._writing:
+            self._write_next()
         return await future
 
-    async def _drain(self) -> None:
-        """Writes queued receipts, one transaction per batch, until none are left."""
-        while self._queue:
-            batch, self._queue = self._queue, []
-            try:
-                results = await asyncio.to_thread(self._store, [(r, p, o) for r, _, p, o in batch])
-            except BaseException as err:  # the whole batch failed; tell every caller
-                results = [err] * len(batch)
-            # Counted here, on the loop, as `ack` uncounts there (never two threads).
-            self._count += sum(1 for r in results if not isinstance(r, BaseException))
-            for (_, future, _, _), result in zip(batch, results, strict=True):
-                if future.done():
-                    continue  # its caller was cancelled; the envelope is stored anyway
-                if isinstance(result, BaseException):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
-            self._new.set()
+    def _write_next(self) -> None:
+        """Hands the queued receipts to the worker thread: one batch, one transaction."""
+        batch, self._queue = self._queue, []
+        self._writing = True
+        self._worker.submit(
+            functools.partial(self._store, [(r, p, o) for r, _, p, o in batch]),
+            functools.partial(self._stored, batch),
+        )
+
+    def _stored(
+        self,
+        batch: list[tuple[Receipt, asyncio.Future[int], bool, bytes | None]],
+        results: list[int | BaseException] | BaseException,
+    ) -> None:
+        """Answers a written batch (on the loop), then hands over the next one."""
+        if isinstance(results, BaseException):  # the whole batch failed; tell every caller
+            results = [results] * len(batch)
+        # Counted here, on the loop, as `ack` uncounts there (never two threads).
+        self._count += sum(1 for r in results if not isinstance(r, BaseException))
+        for (_, future, _, _), result in zip(batch, results, strict=True):
+            if future.done():
+                continue  # its caller was cancelled; the envelope is stored anyway
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+        self._new.set()
+        if self._queue:
+            self._write_next()
+            return
+        self._writing = False
+        drained, self._drained = self._drained, []
+        for waiter in drained:
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _store(
         self, receipts: list[tuple[Receipt, bool, bytes | None]]
@@ -352,7 +439,7 @@ class ReceiptSpool:
         """Writes the acked seq (and prunes) after `ACK_PERSIST_S`, until it is current."""
         while self._persisted_ack < self.acked_seq:
             await asyncio.sleep(ACK_PERSIST_S)
-            await asyncio.to_thread(self._write_ack, self.acked_seq)
+            await self._worker.run(functools.partial(self._write_ack, self.acked_seq))
 
     async def write_acks(self) -> None:
         """Writes the acked seq to the file now, without waiting for `ACK_PERSIST_S`."""
@@ -360,7 +447,7 @@ class ReceiptSpool:
             self._ack_writer.cancel()
             with contextlib.suppress(BaseException):
                 await self._ack_writer
-        await asyncio.to_thread(self._write_ack, self.acked_seq)
+        await self._worker.run(functools.partial(self._write_ack, self.acked_seq))
 
     def _write_ack(self, upto: int) -> None:
         """Stores `upto` as the acked seq and prunes old acked envelopes (worker thread)."""
@@ -434,9 +521,10 @@ class ReceiptSpool:
                 await self._new.wait()
 
     async def close(self) -> None:
-        if self._writer is not None:
-            with contextlib.suppress(BaseException):
-                await self._writer  # queued receipts are committed before the file closes
+        if self._writing:  # queued receipts are committed before the file closes
+            drained: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._drained.append(drained)
+            await drained
         with contextlib.suppress(sqlite3.Error):  # unwritten, the acked receipts resend
             await self.write_acks()
 
@@ -445,7 +533,7 @@ class ReceiptSpool:
                 self._db.close()
                 self._rdb.close()
 
-        await asyncio.to_thread(close)
+        await self._worker.run(close)
 
 
 class ReceiptStream(Protocol):

@@ -564,7 +564,8 @@ class SqliteStore:
         self._db: aiosqlite.Connection | None = None
         # Group commit (FULL): transactions waiting for the next COMMIT.
         self._pending: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]] = []
-        self._committer: asyncio.Task[None] | None = None
+        self._committing = False  # a group is on the worker thread
+        self._idle: list[asyncio.Future[None]] = []  # `close` waiting for the last group
 
     @property
     def synchronous(self) -> str:
@@ -604,8 +605,10 @@ class SqliteStore:
             ) from err
 
     async def close(self) -> None:
-        if self._committer is not None and not self._committer.done():
-            await self._committer  # answer every transaction already accepted
+        if self._committing:  # answer every transaction already accepted
+            idle: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._idle.append(idle)
+            await idle
         if self._db is not None:
             db, self._db = self._db, None
             await db.close()
@@ -635,29 +638,74 @@ class SqliteStore:
         if not self._inline:
             future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
             self._pending.append((fn, future))
-            if self._committer is None or self._committer.done():
-                self._committer = asyncio.create_task(self._commit_groups(), name="sqlite-commit")
+            if not self._committing:
+                self._commit_next()
             return await future
         return await self._tx_inline(fn)
 
-    async def _commit_groups(self) -> None:
-        """Commits pending transactions, a group per COMMIT, until none are left."""
-        while self._pending:
-            group, self._pending = self._pending, []
+    def _commit_next(self) -> None:
+        """Hands the waiting transactions to the worker thread as one group (one COMMIT).
+
+        Straight onto aiosqlite's queue, answered by one callback on the loop
+        (`_committed`), which hands over the next group: no task and no future of
+        its own between a caller and its COMMIT (each was a loop pass; see
+        docs/performance.md, 2026-12-08).
+        """
+        group, self._pending = self._pending, []
+        db = self._db
+        if db is None:
+            self._committing = False
+            for _, future in group:
+                if not future.done():
+                    future.set_exception(StorageError("store is not open"))
+            self._wake_idle()
+            return
+        self._committing = True
+        loop = asyncio.get_running_loop()
+        conn = db._conn
+        fns = [f for f, _ in group]
+
+        def work() -> None:  # on the worker thread
+            results: list[Any] | BaseException
             try:
-                fns = [f for f, _ in group]
-                results = await self._run(functools.partial(_run_group, fns=fns))
-            except BaseException as err:  # the COMMIT itself failed: nothing is durable
-                results = [err] * len(group)
-            for (_, future), result in zip(group, results, strict=True):
-                if future.done():
-                    continue
-                if isinstance(result, _Failed):
-                    future.set_exception(result.error)
-                elif isinstance(result, BaseException):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
+                results = _run_group(conn, fns)
+            except sqlite3.Error as err:  # the COMMIT itself failed: nothing is durable
+                results = StorageError(f"database error: {err}")
+            except BaseException as err:
+                results = err
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+                loop.call_soon_threadsafe(self._committed, group, results)
+
+        db._tx.put_nowait((None, work))
+
+    def _committed(
+        self,
+        group: list[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]]],
+        results: list[Any] | BaseException,
+    ) -> None:
+        """Answers a committed (or failed) group, then sends the next one (on the loop)."""
+        if isinstance(results, BaseException):
+            results = [results] * len(group)
+        for (_, future), result in zip(group, results, strict=True):
+            if future.done():
+                continue
+            if isinstance(result, _Failed):
+                future.set_exception(result.error)
+            elif isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+        if self._pending:
+            self._commit_next()
+        else:
+            self._committing = False
+            self._wake_idle()
+
+    def _wake_idle(self) -> None:
+        idle, self._idle = self._idle, []
+        for future in idle:
+            if not future.done():
+                future.set_result(None)
 
     async def _tx_inline(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Runs `fn(conn)` inside BEGIN IMMEDIATE ... COMMIT (rolled back on error)."""
