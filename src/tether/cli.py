@@ -36,11 +36,14 @@ COMMAND_MODULES: tuple[str, ...] = (
     "tether.runner.cmd",
 )
 
-# A command whose run time is its start-up too: given first on the command line, only its
-# own module is imported to build the parser. `tether verify` then starts without the
-# control plane's modules (gRPC, the console, x509; about 0.3 s), which its worker
-# processes would otherwise wait for.
-FAST_COMMANDS: dict[str, str] = {"verify": "tether.verify.cmd"}
+# Commands that build the parser from their own module only. `tether verify`'s run time is
+# its start-up too: it starts without the control plane's modules (gRPC, the console, x509;
+# about 0.3 s), which its worker processes would otherwise wait for. `tether sidecar` is a
+# long-lived process with a memory budget: it keeps none of the other commands' modules (the
+# verifier, multiprocessing, the control plane's CLI) resident.
+FAST_COMMANDS: dict[str, str] = {"verify": "tether.verify.cmd", "sidecar": "tether.sidecar.cmd"}
+# Global options that take a value, so the command word is found after them.
+_VALUED_OPTIONS = frozenset({"--log-level", "--log-format"})
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -170,11 +173,32 @@ def run_command(args: argparse.Namespace) -> int:
         return EXIT_FAILURE
 
 
+def _command_word(argv: Sequence[str]) -> str | None:
+    """The subcommand named on the command line, past the global options; None if unsure.
+
+    Anything but a known global option before it (`--help`, `--version`, a typo) gives
+    None, so the full parser handles (and explains) it.
+    """
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in _VALUED_OPTIONS:
+            skip = True
+        elif arg == "--debug" or arg.partition("=")[0] in _VALUED_OPTIONS:
+            continue
+        elif arg.startswith("-"):
+            return None
+        else:
+            return arg
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the CLI and returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     _quiet_grpc(argv)
-    fast = FAST_COMMANDS.get(argv[0]) if argv else None
+    fast = FAST_COMMANDS.get(_command_word(argv) or "")
     parser = build_parser((fast,) if fast else COMMAND_MODULES)
     args: Any = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -18,12 +18,12 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tether.control.server import MAX_MESSAGE_BYTES
 from tether.core.states import Event, State
 from tether.crypto.enrollment import make_statement
 from tether.crypto.envelopes import from_proto, to_proto
 from tether.crypto.pki import generate_tls_key, key_pem, spki_der
 from tether.crypto.signing import SigningKey
+from tether.grpcutil.limits import MAX_MESSAGE_BYTES
 from tether.grpcutil.status import from_rpc_error
 from tether.grpcutil.tls import ClientTLS, open_channel
 from tether.v1 import control_pb2 as pb

@@ -26,7 +26,7 @@ from tether.core.clock import Clock
 from tether.core.errors import ConfigError
 from tether.crypto.signing import SigningKey
 from tether.grpcutil.guard import DecodeGuard
-from tether.grpcutil.limits import CONTROL_LIMITS, LoadShedder, ServerLimits
+from tether.grpcutil.limits import CONTROL_LIMITS, MAX_MESSAGE_BYTES, LoadShedder, ServerLimits
 from tether.grpcutil.tls import ServerTLS
 from tether.metrics import MetricsServer, TasksCollector
 from tether.metrics import serve as serve_metrics
@@ -36,7 +36,6 @@ from tether.store.postgres_settings import PostgresSettings
 from tether.v1 import control_pb2 as pb
 from tether.v1 import control_pb2_grpc as pb_grpc
 
-MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 DEFAULT_CHECKPOINT_INTERVAL_MS = 10_000
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ControlService"].full_name
 

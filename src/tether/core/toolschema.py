@@ -13,10 +13,12 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jsonschema
-from jsonschema.exceptions import SchemaError
+# jsonschema (with its format checkers: about 6 MB resident) is imported only when a policy
+# declares an input schema, not by every process that loads a policy (the sidecar's budget).
+if TYPE_CHECKING:
+    import jsonschema
 
 MAX_SCHEMA_BYTES = 64 * 1024
 MAX_SCHEMA_DEPTH = 32
@@ -46,6 +48,9 @@ def parse_input_schema(value: Any, fail: Callable[[str], Exception]) -> Mapping[
     if value.get("type") != "object":
         raise fail('must declare "type" = "object" (MCP tools take an object of arguments)')
     _check_refs(value, fail, 0)
+    import jsonschema
+    from jsonschema.exceptions import SchemaError
+
     try:
         jsonschema.Draft202012Validator.check_schema(value)
     except SchemaError as err:
@@ -72,13 +77,17 @@ def _check_refs(node: Any, fail: Callable[[str], Exception], depth: int) -> None
 
 @functools.lru_cache(maxsize=256)
 def _validator(text: str) -> jsonschema.Draft202012Validator:
+    import jsonschema
+
     return jsonschema.Draft202012Validator(json.loads(text))
 
 
 def argument_problem(schema: Mapping[str, Any], arguments: Mapping[str, Any]) -> str | None:
     """The first way `arguments` break `schema` ("at /path: message"), or None when they fit."""
+    from jsonschema.exceptions import best_match
+
     validator = _validator(json.dumps(schema, sort_keys=True))
-    error = jsonschema.exceptions.best_match(validator.iter_errors(dict(arguments)))
+    error = best_match(validator.iter_errors(dict(arguments)))
     if error is None:
         return None
     where = "/" + "/".join(str(p) for p in error.absolute_path)

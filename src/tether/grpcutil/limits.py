@@ -52,6 +52,10 @@ from tether.metrics import RPCS_IN_FLIGHT, SHED
 
 log = logging.getLogger("tether.grpc.limits")
 
+MAX_MESSAGE_BYTES: Final = 8 * 1024 * 1024
+"""The largest ControlService message either side sends or accepts (the control plane's
+server options and every client's channel options)."""
+
 EXEMPT_METHODS: Final = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/List"})
 """Never shed, never counted: a probe must answer while the server sheds everything else."""
 METERED_STREAMS: Final = frozenset({"/tether.v1.ControlService/StreamLeases"})
