@@ -8,6 +8,12 @@ server. Each `--metrics-listen` endpoint serves its own registry: the shared
 counters, its server's collectors and the process collector, so two servers in
 one process (tests, `tether demo`) never register a series twice.
 
+The counters are this module's own (a float and a lock per series), exported
+in Prometheus' form at scrape time: `prometheus_client` (with `http.server`,
+`wsgiref` and `email`, about 3 MB resident) is imported only by a process that
+serves an endpoint, so a sidecar without `--metrics-listen` stays within its
+memory budget (docs/performance.md).
+
 Live-state collectors run on the scraping HTTP thread but read state that
 belongs to the server's asyncio loop, so they hand a coroutine to that loop
 (`run_coroutine_threadsafe`) and wait a bounded time; a scrape never blocks
@@ -18,27 +24,181 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from threading import Thread
-from typing import Any
-from wsgiref.simple_server import WSGIServer
-
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    ProcessCollector,
-    start_http_server,
-)
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from tether.core.errors import ConfigError
 
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.metrics_core import Metric
+
 log = logging.getLogger("tether.metrics")
 
-COUNTERS = CollectorRegistry(auto_describe=True)
+
+class Collector(Protocol):
+    """What an endpoint scrapes: metric families in prometheus_client's form."""
+
+    def collect(self) -> Iterable[Metric]: ...
+
+
+class _Series:
+    """One counter series (one set of label values): its value, its creation time, a lock."""
+
+    __slots__ = ("_lock", "created", "value")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.value = 0.0
+        self.created = time.time()
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Adds `amount`.
+
+        Raises:
+            ValueError: `amount` is negative (a counter never goes down).
+        """
+        if amount < 0:
+            raise ValueError("a counter is only incremented by a non-negative amount")
+        with self._lock:
+            self.value += amount
+
+
+class _GaugeSeries(_Series):
+    """One gauge series: it goes down too."""
+
+    __slots__ = ()
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Adds `amount`."""
+        with self._lock:
+            self.value += amount
+
+    def dec(self, amount: float = 1.0) -> None:
+        """Subtracts `amount`."""
+        with self._lock:
+            self.value -= amount
+
+
+S = TypeVar("S", bound=_Series)
+
+
+class _Metric(Generic[S]):
+    """A counter or gauge family: its series by label values, made on first use."""
+
+    kind: str
+    series_type: type[S]
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Iterable[str] = (),
+        *,
+        registry: Registry,
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._series: dict[tuple[str, ...], S] = {}
+        self._lock = threading.Lock()
+        if not self.labelnames:
+            self._series[()] = self.series_type()
+        registry.register(self)
+
+    def labels(self, *values: str, **by_name: str) -> S:
+        """The series of these label values (positional in label order, or by name).
+
+        Raises:
+            ValueError: not one value for each label name.
+        """
+        if by_name and not values and by_name.keys() == set(self.labelnames):
+            values = tuple(by_name[n] for n in self.labelnames)
+        elif by_name or len(values) != len(self.labelnames):
+            raise ValueError(f"{self.name}: give one value for each of {self.labelnames}")
+        key = tuple(map(str, values))
+        series = self._series.get(key)
+        if series is None:
+            with self._lock:
+                series = self._series.setdefault(key, self.series_type())
+        return series
+
+    def inc(self, amount: float = 1.0) -> None:
+        """Adds `amount` to an unlabelled metric."""
+        self._series[()].inc(amount)
+
+    def items(self) -> list[tuple[tuple[str, ...], S]]:
+        """(label values, series) of every series made so far, in the order they were made."""
+        with self._lock:
+            return list(self._series.items())
+
+    def export(self) -> Metric:
+        """This family in prometheus_client's form (only called while serving)."""
+        from prometheus_client.core import CounterMetricFamily
+
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for key, series in self.items():
+            family.add_metric(key, series.value, created=series.created)
+        return family
+
+
+class Counter(_Metric[_Series]):
+    """A monotonic counter, exported as `<name>_total` (and `<name>_created`)."""
+
+    kind = "counter"
+    series_type = _Series
+
+
+class Gauge(_Metric[_GaugeSeries]):
+    """A value that goes up and down, exported as `<name>`."""
+
+    kind = "gauge"
+    series_type = _GaugeSeries
+
+    def export(self) -> Metric:
+        from prometheus_client.core import GaugeMetricFamily
+
+        family = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        for key, series in self.items():
+            family.add_metric(key, series.value)
+        return family
+
+
+class Registry:
+    """The process's counters and gauges, by name."""
+
+    def __init__(self) -> None:
+        self.metrics: dict[str, _Metric[Any]] = {}
+
+    def register(self, metric: _Metric[Any]) -> None:
+        """Adds a metric; a name may be registered once.
+
+        Raises:
+            ValueError: the name is taken.
+        """
+        if metric.name in self.metrics:
+            raise ValueError(f"metric {metric.name} registered twice")
+        self.metrics[metric.name] = metric
+
+    def get_sample_value(self, name: str, labels: Mapping[str, str] | None = None) -> float | None:
+        """A sample's value by its exposed name (`tether_shed_total`), or None if absent."""
+        for metric in self.metrics.values():
+            exposed = metric.name + ("_total" if metric.kind == "counter" else "")
+            if exposed != name:
+                continue
+            for key, series in metric.items():
+                if dict(zip(metric.labelnames, key, strict=True)) == dict(labels or {}):
+                    return float(series.value)
+        return None
+
+
+COUNTERS = Registry()
 """Every counter below; shared by all servers of the process."""
 
 # -- control plane -------------------------------------------------------------------
@@ -135,7 +295,7 @@ SIDECAR_ONLY = frozenset(
 SCRAPE_TIMEOUT_S = 2.0
 
 
-class _Shared(Collector):
+class _Shared:
     """Re-exports the process-wide counters into one endpoint's registry.
 
     With `server` ("control" or "sidecar") only that server's counters and the
@@ -148,8 +308,8 @@ class _Shared(Collector):
             server or "", frozenset()
         )
 
-    def collect(self) -> Iterable[Any]:
-        return [m for m in COUNTERS.collect() if m.name not in self._hide]
+    def collect(self) -> list[Metric]:
+        return [m.export() for m in COUNTERS.metrics.values() if m.name not in self._hide]
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop, make: Callable[[], Awaitable[Any]]) -> Any:
@@ -165,7 +325,7 @@ def _on_loop(loop: asyncio.AbstractEventLoop, make: Callable[[], Awaitable[Any]]
         return None
 
 
-class TasksCollector(Collector):
+class TasksCollector:
     """`tether_tasks{state}`: tasks in each state, counted in the store at scrape time."""
 
     def __init__(self, service: Any, loop: asyncio.AbstractEventLoop) -> None:
@@ -179,6 +339,8 @@ class TasksCollector(Collector):
         return {state.name.lower(): by_state.get(state, 0) for state in State}
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        from prometheus_client.core import GaugeMetricFamily
+
         counts = _on_loop(self._loop, self._counts)
         gauge = GaugeMetricFamily("tether_tasks", "Tasks by state.", labels=["state"])
         for state, n in sorted((counts or {}).items()):
@@ -186,7 +348,7 @@ class TasksCollector(Collector):
         yield gauge
 
 
-class SpoolCollector(Collector):
+class SpoolCollector:
     """Spool depth and receipt stream lag of one sidecar's receipt spool."""
 
     def __init__(self, spool: Any, clock: Any, loop: asyncio.AbstractEventLoop) -> None:
@@ -208,6 +370,8 @@ class SpoolCollector(Collector):
         return depth, lag_s
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        from prometheus_client.core import GaugeMetricFamily
+
         read = _on_loop(self._loop, self._read)
         depth, lag_s = read if read is not None else (0, 0.0)
         yield GaugeMetricFamily(
@@ -230,7 +394,7 @@ class MetricsServer:
     """Bound "host:port" (the real port when 0 was asked)."""
     registry: CollectorRegistry
     _httpd: WSGIServer
-    _thread: Thread
+    _thread: threading.Thread
 
     def close(self) -> None:
         """Stops serving and frees the port."""
@@ -253,6 +417,8 @@ def serve(
     host = host.strip("[]")
     if not sep or not host or not port.isdigit():
         raise ConfigError(f"metrics_listen: {listen!r} is not host:port")
+    from prometheus_client import CollectorRegistry, ProcessCollector, start_http_server
+
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Shared(server))
     ProcessCollector(registry=registry)

@@ -140,7 +140,7 @@ def statement_naming(
 
 
 def refusals(kind: str, reason: str) -> float:
-    return float(AUTH_REFUSALS.labels(kind=kind, reason=reason)._value.get())
+    return float(AUTH_REFUSALS.labels(kind=kind, reason=reason).value)
 
 
 # -- enrolment: proof of possession ------------------------------------------------------

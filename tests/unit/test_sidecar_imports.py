@@ -10,8 +10,9 @@ import pytest
 from tether.cli import _command_word
 
 # Modules a sidecar never needs: the control plane's server and service, the store, the
-# offline verifier, multiprocessing (the verifier's pool), and jsonschema (imported when a
-# policy declares a tool input schema).
+# offline verifier, multiprocessing (the verifier's pool), jsonschema (imported when a
+# policy declares a tool input schema) and prometheus_client (imported when metrics are
+# served).
 NOT_IN_SIDECAR = (
     "tether.control.server",
     "tether.control.service",
@@ -21,6 +22,7 @@ NOT_IN_SIDECAR = (
     "tether.verify.cmd",
     "multiprocessing",
     "jsonschema",
+    "prometheus_client",
 )
 
 
