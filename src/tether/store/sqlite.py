@@ -1359,7 +1359,7 @@ class SqliteStore:
         def fn(conn: sqlite3.Connection) -> tuple[ToolCallRecord, bool]:
             existing = _select_tool_call(conn, w.task_id, w.idempotency_key)
             try:
-                _live_task(
+                _check_live(
                     conn, w.task_id, w.fencing_token, w.node_id, now_ms, "record a tool call"
                 )
             except TetherError:
@@ -1636,6 +1636,30 @@ def _select_tool_call(
     return None if row is None else row_to_tool_call(row)
 
 
+_SQL_LIVE = (
+    f"SELECT 1 FROM tasks WHERE task_id = ? AND state IN {in_states(LEASED_STATES)}"
+    " AND fencing_token = ? AND node_id = ? AND lease_expires_unix_ms > ?"
+)
+_SQL_LIVE_TASK = _SQL_LIVE.replace("SELECT 1 ", f"SELECT {TASK_COLS} ", 1)
+
+
+def _check_live(
+    conn: sqlite3.Connection,
+    task_id: str,
+    fencing_token: int,
+    node_id: str,
+    now_ms: int,
+    action: str,
+) -> None:
+    """`_live_task` without reading the task: one indexed probe, no row to decode (a
+    tool call's record needs only the yes or no; the task row was most of its cost)."""
+    row = conn.execute(_SQL_LIVE, (task_id, fencing_token, node_id, now_ms)).fetchone()
+    if row is None:
+        raise no_live_lease(
+            _diagnose(conn, task_id, fencing_token, node_id, now_ms, None), task_id, action
+        )
+
+
 def _live_task(
     conn: sqlite3.Connection,
     task_id: str,
@@ -1645,11 +1669,7 @@ def _live_task(
     action: str,
 ) -> TaskRecord:
     """The task if `node_id` holds its live lease under `fencing_token`, else the reason why not."""
-    row = conn.execute(
-        f"SELECT {TASK_COLS} FROM tasks WHERE task_id = ? AND state IN {in_states(LEASED_STATES)}"
-        " AND fencing_token = ? AND node_id = ? AND lease_expires_unix_ms > ?",
-        (task_id, fencing_token, node_id, now_ms),
-    ).fetchone()
+    row = conn.execute(_SQL_LIVE_TASK, (task_id, fencing_token, node_id, now_ms)).fetchone()
     if row is not None:
         return row_to_task(row)
     raise no_live_lease(
