@@ -231,6 +231,74 @@ async def test_transitions_then_acquire_ends_and_grants_in_one_transaction(store
     assert [(t.task_id, t.state) for t, _ in granted] == [("t4", State.LEASED)]
 
 
+async def test_transitions_then_acquire_brief_writes_the_same_and_reads_no_end_back(
+    store: Store,
+) -> None:
+    """With `brief` the ends and grants are written as without it (results, history,
+    refusals with their index, all or nothing), but the ended tasks are not returned."""
+    for i in range(7):
+        await submit(store, f"t{i}", now=NOW + i)
+    await store.acquire_leases(
+        queue="q", node_id="n1", agent_id="a", lease_ids=["l0", "l1", "l2"], now_ms=NOW + 8,
+        sign=sign, start=True,
+    )  # fmt: skip
+    then = GrantAsk(queue="q", agent_id="a", lease_ids=["m0", "m1"], sign=sign, start=True)
+    stale = [
+        HolderTransition(task_id="t0", event=Event.SUCCEED, fencing_token=1),
+        HolderTransition(task_id="t1", event=Event.SUCCEED, fencing_token=1),
+        HolderTransition(task_id="t2", event=Event.SUCCEED, fencing_token=7),
+    ]
+    with pytest.raises(StaleFencingToken) as info:
+        await store.transitions_then_acquire(
+            node_id="n1", items=stale, now_ms=NOW + 9, then=then, brief=True
+        )
+    assert info.value.metadata["index"] == "2"
+    assert [(await store.get_task(f"t{i}")).state for i in range(4)] == [State.RUNNING] * 3 + [
+        State.QUEUED
+    ]
+    assert await store.lease_history("t3") == []
+    succeed = [
+        HolderTransition(task_id=f"t{i}", event=Event.SUCCEED, fencing_token=1, result=b"r%d" % i)
+        for i in (1, 0)
+    ]
+    done, granted = await store.transitions_then_acquire(
+        node_id="n1", items=succeed, now_ms=NOW + 10, then=then, brief=True
+    )
+    assert done == []
+    assert [(t.task_id, t.lease_id, t.state) for t, _ in granted] == [
+        ("t3", "m0", State.RUNNING),
+        ("t4", "m1", State.RUNNING),
+    ]
+    for i in (0, 1):
+        task = await store.get_task(f"t{i}")
+        assert (task.state, task.result, task.lease_expires_unix_ms) == (
+            State.SUCCEEDED,
+            b"r%d" % i,
+            0,
+        )
+        assert [h.outcome for h in await store.lease_history(f"t{i}")] == ["finished"]
+    mixed = [
+        HolderTransition(task_id="t2", event=Event.FAIL, fencing_token=1, error="x"),
+        HolderTransition(task_id="t3", event=Event.SUCCEED, fencing_token=1, result=b"ok"),
+    ]
+    more = GrantAsk(queue="q", agent_id="a", lease_ids=["m2"], sign=sign)
+    done, granted = await store.transitions_then_acquire(
+        node_id="n1", items=mixed, now_ms=NOW + 11, then=more, brief=True
+    )
+    assert done == []
+    assert [(t.task_id, t.state) for t, _ in granted] == [("t5", State.LEASED)]
+    assert [(await store.get_task(t)).state for t in ("t2", "t3")] == [
+        State.FAILED,
+        State.SUCCEEDED,
+    ]
+    with pytest.raises(InvalidTransition) as info:
+        await store.transitions_then_acquire(
+            node_id="n1", items=succeed, now_ms=NOW + 12, then=more, brief=True
+        )
+    assert info.value.metadata["index"] == "0"
+    assert (await store.get_task("t6")).state is State.QUEUED
+
+
 async def test_acquire_with_start_grants_running_in_one_write(store: Store) -> None:
     """start=True grants the task RUNNING (token+1, attempt+1, same history); SUCCEED follows."""
     await submit(store, "t1")

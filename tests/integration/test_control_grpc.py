@@ -826,6 +826,27 @@ max_attempts = 2
 """
 
 
+async def test_a_grant_after_a_policy_change_carries_the_new_policy(tmp_path: Path) -> None:
+    """A queue's policy is read per grant: the lease granted after PutPolicy names the new
+    digest and tools, not those of the policy the previous grant was made under."""
+    async with start_control(tmp_path) as cp:
+        old = (await cp.client.get_policy()).digest
+        for _ in range(2):
+            await cp.client.submit("default", b"{}")
+        node = await cp.node_client()
+        try:
+            first = await node.acquire_lease("default", "node-1", "alice")
+            put = await cp.client.put_policy(POLICY)
+            second = await node.acquire_lease("default", "node-1", "alice")
+        finally:
+            await node.close()
+        trusted = {cp.key.keyid: cp.key.public}
+        before = verify_lease(from_proto(first.lease), trusted)
+        after = verify_lease(from_proto(second.lease), trusted)
+        assert (before.policy_digest, before.tools) == (old, ())
+        assert (after.policy_digest, after.tools) == (put.digest, ("echo",))
+
+
 async def test_lease_carries_policy_tools_digest_and_limits(tmp_path: Path) -> None:
     """After PutPolicy, a lease names the policy digest and the queue's tools, and new tasks
     take the queue's TTL and attempts; the policy stays in force after a restart."""

@@ -10,7 +10,7 @@ from tether.core.errors import VerificationError
 from tether.core.leases import Lease
 from tether.crypto import envelopes
 from tether.crypto.certs import issue_cert, verify_cert
-from tether.crypto.leases import sign_lease, verify_lease
+from tether.crypto.leases import sign_lease, sign_lease_fields, verify_lease
 from tether.crypto.signing import LEASE_PAYLOAD_TYPE, Envelope, SigningKey
 
 LEASE = Lease(
@@ -34,6 +34,29 @@ def test_lease_round_trips_through_a_signed_envelope() -> None:
     env = sign_lease(LEASE, key)
     assert env.payload_type == LEASE_PAYLOAD_TYPE
     assert verify_lease(env, {key.keyid: key.public}) == LEASE
+
+
+@pytest.mark.parametrize(
+    "lease",
+    [
+        LEASE,
+        dataclasses.replace(LEASE, tools=(), attempt_deadline_unix_ms=9, task_deadline_unix_ms=7),
+    ],
+)
+def test_lease_signed_from_its_fields_is_the_same_envelope(lease: Lease) -> None:
+    """sign_lease_fields makes byte for byte the envelope sign_lease makes of the record,
+    and refuses what the record refuses (no positive token, no expiry after issue)."""
+    key = SigningKey.generate()
+    fields = {f.name: getattr(lease, f.name) for f in dataclasses.fields(lease)}
+    env = sign_lease_fields(key, **fields)
+    assert env == sign_lease(lease, key)
+    assert env.to_json_bytes() == sign_lease(lease, key).to_json_bytes()
+    for bad, why in (
+        ({"fencing_token": 0}, "positive fencing token"),
+        ({"expires_unix_ms": lease.issued_unix_ms}, "expire after"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            sign_lease_fields(key, **{**fields, **bad})
 
 
 def test_lease_survives_the_wire_envelope_and_json_forms() -> None:

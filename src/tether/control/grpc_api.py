@@ -18,7 +18,7 @@ import math
 import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import grpc
 
@@ -206,6 +206,36 @@ def _check_transition(
     )
 
 
+_COMPLETION_EVENTS: Final = {int(Event.SUCCEED): Event.SUCCEED, int(Event.FAIL): Event.FAIL}
+
+
+def _plain_completion(c: pb.TaskCompletion) -> HolderTransition | None:
+    """One batch item that passes every check of `_check_transition` (and is SUCCEED or
+    FAIL) without a failure type, taken without naming each field first; None for any
+    other, which the full checks then refuse with the field's name (or take)."""
+    event = _COMPLETION_EVENTS.get(c.event)
+    task_id, token, result, error = c.task_id, c.fencing_token, c.result, c.error
+    if (
+        event is None
+        or c.failure_type
+        or (c.non_retryable and event is not Event.FAIL)
+        or not 0 < token <= MAX_INT64
+        or len(result) > MAX_PAYLOAD_BYTES
+        or len(error) > MAX_TEXT_CHARS
+        or not task_id
+        or not _ID_RE.fullmatch(task_id)
+    ):
+        return None
+    return HolderTransition(
+        task_id=task_id,
+        fencing_token=token,
+        event=event,
+        result=result,
+        error=error,
+        non_retryable=c.non_retryable,
+    )
+
+
 def _check_completions(
     completions: Sequence[pb.TaskCompletion], *, required: bool
 ) -> list[HolderTransition]:
@@ -221,11 +251,14 @@ def _check_completions(
     items: list[HolderTransition] = []
     first: dict[str, int] = {}
     for i, c in enumerate(completions):
-        prefix = f"completions[{i}]."
-        t = _check_transition(c, prefix)
-        if t.event not in (Event.SUCCEED, Event.FAIL):
-            raise InvalidArgument(prefix + "event", "must be SUCCEED or FAIL")
+        t = _plain_completion(c)
+        if t is None:  # the checks one by one, each field named (raises the first refusal)
+            prefix = f"completions[{i}]."
+            t = _check_transition(c, prefix)
+            if t.event not in (Event.SUCCEED, Event.FAIL):
+                raise InvalidArgument(prefix + "event", "must be SUCCEED or FAIL")
         if t.task_id in first:
+            prefix = f"completions[{i}]."
             raise InvalidArgument(
                 prefix + "task_id", f"repeats completions[{first[t.task_id]}].task_id"
             )
@@ -867,6 +900,7 @@ class ControlServicer(pb_grpc.ControlServiceServicer):
                     wait_ms=acquire.wait_ms,
                     start=acquire.start,
                     recheck=functools.partial(self.service.check_node, node_id),
+                    brief=not echo,
                 )
         except _LEASE_REFUSALS as err:
             index = err.metadata.get("index", "")

@@ -44,7 +44,7 @@ from tether.core.errors import (
     Unauthenticated,
     VerificationError,
 )
-from tether.core.leases import DEFAULT_TTL_MS, Lease
+from tether.core.leases import DEFAULT_TTL_MS
 from tether.core.policy import Policy, parse_policy
 from tether.core.receipts import ControlReceipt
 from tether.core.states import Event, State
@@ -55,7 +55,7 @@ from tether.core.timeouts import (
 )
 from tether.crypto.certs import DEFAULT_CERT_VALIDITY_MS, issue_cert, verify_cert
 from tether.crypto.enrollment import check_challenge, make_challenge, verify_statement
-from tether.crypto.leases import decode_lease, sign_lease
+from tether.crypto.leases import decode_lease, sign_lease_fields
 from tether.crypto.pki import (
     DEFAULT_NODE_CERT_TTL_MS,
     DEFAULT_TRUST_DOMAIN,
@@ -95,6 +95,7 @@ log = logging.getLogger("tether.control")
 MAX_NODE_CHECK_CACHE_MS = 1_000
 """The longest a revocation made through another replica may take to hold here."""
 _NODE_CACHE_MAX_ENTRIES = 10_000
+_POLICY_VIEWS_MAX = 1024
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,8 @@ class ControlService:
         self.auth = auth or Auth()
         self._waiters = _Waiters()
         self._node_cache: dict[str, tuple[float, NodeRecord]] = {}
+        # queue -> (the policy it was read from, its view): `policy_for` per grant.
+        self._policy_views: dict[str, tuple[Policy | None, PolicyView]] = {}
         self.policy_in_force = PolicyInForce(store, self.config.policy_max_staleness_ms)
         self.replica_id = self.config.replica_id or default_replica_id()
 
@@ -329,14 +332,30 @@ class ControlService:
         return "queues " + (", ".join(spec.queues) or "none")
 
     def policy_for(self, queue: str) -> PolicyView:
-        """Tools, TTL and attempts the policy in force gives `queue`."""
-        if self._policy is None:
+        """Tools, TTL and attempts the policy in force gives `queue`.
+
+        Read on every grant (from the store's thread too), so the view is kept per
+        queue while the policy in force is the same object, and made again when it is not.
+        """
+        policy = self._policy
+        hit = self._policy_views.get(queue)
+        if hit is not None and hit[0] is policy:
+            return hit[1]
+        view = self._policy_view(policy, queue)
+        if len(self._policy_views) >= _POLICY_VIEWS_MAX:
+            self._policy_views.clear()  # bounded: queue names come from requests
+        self._policy_views[queue] = (policy, view)
+        return view
+
+    @staticmethod
+    def _policy_view(policy: Policy | None, queue: str) -> PolicyView:
+        if policy is None:
             return PolicyView()
-        spec = self._policy.queues.get(queue)
+        spec = policy.queues.get(queue)
         if spec is None:
-            return PolicyView(digest=self._policy.digest)
+            return PolicyView(digest=policy.digest)
         return PolicyView(
-            digest=self._policy.digest,
+            digest=policy.digest,
             tools=spec.tools,
             lease_ttl_ms=spec.lease_ttl_ms,
             max_attempts=spec.max_attempts,
@@ -511,29 +530,29 @@ class ControlService:
     def _signer(self, now: int, out: dict[bytes, Envelope]) -> Any:
         """A lease signer for the store; `out` maps each envelope's stored bytes to it."""
 
+        key = self.key
+
         def sign(task: TaskRecord) -> bytes:
             pol = self.policy_for(task.queue)
-            env = sign_lease(
-                Lease(
-                    lease_id=task.lease_id,
-                    task_id=task.task_id,
-                    attempt=task.attempt,
-                    node_id=task.node_id,
-                    agent_id=task.agent_id,
-                    fencing_token=task.fencing_token,
-                    issued_unix_ms=now,
-                    expires_unix_ms=task.lease_expires_unix_ms,
-                    policy_digest=pol.digest,
-                    queue=task.queue,
-                    tools=pol.tools,
-                    attempt_deadline_unix_ms=(
-                        task.attempt_started_unix_ms + task.attempt_timeout_ms
-                        if task.attempt_timeout_ms
-                        else 0
-                    ),
-                    task_deadline_unix_ms=task.deadline_unix_ms,
+            env = sign_lease_fields(  # = sign_lease(Lease(...)), without the record
+                key,
+                lease_id=task.lease_id,
+                task_id=task.task_id,
+                attempt=task.attempt,
+                node_id=task.node_id,
+                agent_id=task.agent_id,
+                fencing_token=task.fencing_token,
+                issued_unix_ms=now,
+                expires_unix_ms=task.lease_expires_unix_ms,
+                policy_digest=pol.digest,
+                queue=task.queue,
+                tools=pol.tools,
+                attempt_deadline_unix_ms=(
+                    task.attempt_started_unix_ms + task.attempt_timeout_ms
+                    if task.attempt_timeout_ms
+                    else 0
                 ),
-                self.key,
+                task_deadline_unix_ms=task.deadline_unix_ms,
             )
             raw = env.to_json_bytes()
             out[raw] = env
@@ -609,15 +628,17 @@ class ControlService:
         wait_ms: int = 0,
         start: bool = False,
         recheck: Callable[[], Awaitable[None]] | None = None,
+        brief: bool = False,
     ) -> tuple[list[TaskRecord], list[tuple[TaskRecord, Envelope]] | None, int]:
         """`transition_many`, then `acquire_many` for the same holder, sharing ONE store
         transaction (one durable commit) when tasks are ready at once.
 
         The claim is checked under the policy in force before anything is written;
         when none is ready and `wait_ms` > 0 the wait happens after the ends
-        committed, as `acquire_many` waits (with `recheck`). Returns the ended tasks,
-        the grants (None when the policy stopped the claim, or `recheck` refused the
-        caller, during that wait: the ends stand) and how long the wait took (ms).
+        committed, as `acquire_many` waits (with `recheck`). Returns the ended tasks
+        (none with `brief`: the store does not read them back), the grants (None when
+        the policy stopped the claim, or `recheck` refused the caller, during that
+        wait: the ends stand) and how long the wait took (ms).
 
         Raises:
             PolicyDenied: the agent may not claim from `queue` (nothing is ended).
@@ -641,8 +662,15 @@ class ControlService:
             backoff_base_ms=self.config.backoff_base_ms,
             backoff_cap_ms=self.config.backoff_cap_ms,
             sign_end=self.end_signer("control-plane"),
+            brief=brief,
         )
-        if any(t.state is State.QUEUED for t in tasks):
+        # A task queued again (a retried FAIL) may be what a waiting claim waits for;
+        # unread (`brief`), any end but SUCCEED may have queued one.
+        if (
+            any(item.event is not Event.SUCCEED for item in items)
+            if brief
+            else any(t.state is State.QUEUED for t in tasks)
+        ):
             await self._waiters.notify()
         grants = self._granted(node_id, got, signed)
         if grants or wait_ms <= 0:

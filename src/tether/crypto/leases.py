@@ -6,6 +6,8 @@ the signature over those exact bytes before decoding anything.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from google.protobuf.message import DecodeError
 
 from tether.core.errors import VerificationError
@@ -70,6 +72,52 @@ def decode_lease(payload: bytes) -> Lease:
 def sign_lease(lease: Lease, key: SigningKey) -> Envelope:
     """Signs a lease as a DSSE envelope with payload type LEASE_PAYLOAD_TYPE."""
     return key.sign_envelope(LEASE_PAYLOAD_TYPE, encode_lease(lease))
+
+
+def sign_lease_fields(
+    key: SigningKey,
+    *,
+    lease_id: str,
+    task_id: str,
+    attempt: int,
+    node_id: str,
+    agent_id: str,
+    fencing_token: int,
+    issued_unix_ms: int,
+    expires_unix_ms: int,
+    policy_digest: str,
+    queue: str,
+    tools: Sequence[str],
+    attempt_deadline_unix_ms: int,
+    task_deadline_unix_ms: int,
+) -> Envelope:
+    """`sign_lease(Lease(...), key)` from the lease's fields, with the same checks and the
+    same bytes, without building the `Lease` record first (the control plane signs one
+    per grant on the store's thread).
+
+    Raises:
+        ValueError: as `Lease` does (no positive fencing token, or no expiry after issue).
+    """
+    if fencing_token <= 0:
+        raise ValueError("a lease needs a positive fencing token")
+    if expires_unix_ms <= issued_unix_ms:
+        raise ValueError("a lease must expire after it is issued")
+    payload = receipt_pb2.Lease(
+        lease_id=lease_id,
+        task_id=task_id,
+        attempt=attempt,
+        node_id=node_id,
+        agent_id=agent_id,
+        fencing_token=fencing_token,
+        issued_unix_ms=issued_unix_ms,
+        expires_unix_ms=expires_unix_ms,
+        policy_digest=policy_digest,
+        queue=queue,
+        tools=tools,
+        attempt_deadline_unix_ms=attempt_deadline_unix_ms,
+        task_deadline_unix_ms=task_deadline_unix_ms,
+    ).SerializeToString(deterministic=True)
+    return key.sign_envelope(LEASE_PAYLOAD_TYPE, payload)
 
 
 def verify_lease(envelope: Envelope, trusted_keys: dict[str, VerifyKey]) -> Lease:

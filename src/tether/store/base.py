@@ -578,6 +578,7 @@ class Store(Protocol):
         backoff_base_ms: int = DEFAULT_INITIAL_INTERVAL_MS,
         backoff_cap_ms: int = DEFAULT_MAXIMUM_INTERVAL_MS,
         sign_end: EndSigner | None = None,
+        brief: bool = False,
     ) -> tuple[list[TaskRecord], list[tuple[TaskRecord, bytes]]]:
         """`transitions`, then `acquire_leases` for the same node, in ONE transaction.
 
@@ -585,6 +586,8 @@ class Store(Protocol):
         two. All or nothing as `transitions`: when an item is refused its error is
         raised (with `metadata["index"]`) and nothing is ended or granted. Returns
         the ended tasks in item order and the grants in queue order (possibly none).
+        `brief`: the same writes and refusals, but the ended tasks are not read back
+        (the first list is empty), for a caller that answers with the grants only.
 
         Raises:
             NotFound, StaleFencingToken, LeaseExpired, NotOwner, InvalidTransition.

@@ -335,6 +335,9 @@ WHERE tasks.task_id = v.task_id AND tasks.state IN {in_states(sources(Event.SUCC
 RETURNING {", ".join("tasks." + c.strip() for c in TASK_COLS.split(","))}
 """
 
+# The same writes without reading the rows back (a brief answer counts them instead).
+_SQL_SUCCEED_MANY_BRIEF = _SQL_SUCCEED_MANY[: _SQL_SUCCEED_MANY.index("RETURNING")]
+
 _SQL_HISTORY_CLOSE_MANY = """
 UPDATE lease_history SET outcome = %(outcome)s
 WHERE (task_id, fencing_token) IN (
@@ -345,11 +348,16 @@ _SUCCEEDED_OUTCOME = holder_outcome(target_state(Event.SUCCEED))
 
 
 async def _succeed_many(
-    conn: Conn, node_id: str, items: Sequence[HolderTransition], now_ms: int
+    conn: Conn,
+    node_id: str,
+    items: Sequence[HolderTransition],
+    now_ms: int,
+    *,
+    brief: bool = False,
 ) -> list[TaskRecord] | None:
     """All-SUCCEED batches in two statements (two round trips) instead of two per task;
     None (nothing written) when any item would be refused, so the caller goes item by
-    item and names it."""
+    item and names it. `brief`: the same writes, answered with [] (no row read back)."""
     ids = [item.task_id for item in items]
     tokens = [item.fencing_token for item in items]
     params = {
@@ -361,8 +369,13 @@ async def _succeed_many(
         "errors": [item.error for item in items],
     }
     await conn.execute("SAVEPOINT ends")
-    rows = await _all(conn, _SQL_SUCCEED_MANY, params)
-    if len(rows) != len(items):
+    rows: list[Any] = []
+    if brief:  # the tasks' ids are distinct (the callers check): one changed row each
+        ended = await _exec(conn, _SQL_SUCCEED_MANY_BRIEF, params)
+    else:
+        rows = await _all(conn, _SQL_SUCCEED_MANY, params)
+        ended = len(rows)
+    if ended != len(items):
         await conn.execute("ROLLBACK TO SAVEPOINT ends")
         await conn.execute("RELEASE SAVEPOINT ends")
         return None
@@ -370,6 +383,8 @@ async def _succeed_many(
         _SQL_HISTORY_CLOSE_MANY, {"outcome": _SUCCEEDED_OUTCOME, "task_ids": ids, "tokens": tokens}
     )
     await conn.execute("RELEASE SAVEPOINT ends")
+    if brief:
+        return []
     by_id = {t.task_id: t for t in map(row_to_task, rows)}
     return [by_id[item.task_id] for item in items]
 
@@ -588,17 +603,19 @@ def _transitions_body(
     backoff_base_ms: int,
     backoff_cap_ms: int,
     sign_end: EndSigner | None,
+    brief: bool = False,
 ) -> Callable[[Conn], Awaitable[list[TaskRecord]]]:
     """Several holder transitions as one transaction body, all or nothing (see
     `Store.transitions`): the first refused raises with `metadata["index"]`.
 
     An all-SUCCEED batch takes the batch path; the per-item bodies are made only when
-    it does not (or declines: then they name the refused item)."""
+    it does not (or declines: then they name the refused item). `brief`: the same
+    writes, answered with [] (see `Store.transitions_then_acquire`)."""
     all_succeed = len(items) > 1 and all(item.event is Event.SUCCEED for item in items)
 
     async def fn(conn: Conn) -> list[TaskRecord]:
         if all_succeed:
-            done = await _succeed_many(conn, node_id, items, now_ms)
+            done = await _succeed_many(conn, node_id, items, now_ms, brief=brief)
             if done is not None:
                 return done
         out: list[TaskRecord] = []
@@ -609,7 +626,7 @@ def _transitions_body(
             except TetherError as err:
                 err.metadata["index"] = str(index)
                 raise
-        return out
+        return [] if brief else out
 
     return fn
 
@@ -960,8 +977,11 @@ class PostgresStore:
         backoff_base_ms: int = 1_000,
         backoff_cap_ms: int = 60_000,
         sign_end: EndSigner | None = None,
+        brief: bool = False,
     ) -> tuple[list[TaskRecord], list[tuple[TaskRecord, bytes]]]:
-        ends = _transitions_body(node_id, items, now_ms, backoff_base_ms, backoff_cap_ms, sign_end)
+        ends = _transitions_body(
+            node_id, items, now_ms, backoff_base_ms, backoff_cap_ms, sign_end, brief
+        )
 
         async def fn(conn: Conn) -> tuple[list[TaskRecord], list[tuple[TaskRecord, bytes]]]:
             tasks = await ends(conn)  # raises (nothing granted, nothing ended) when one is refused

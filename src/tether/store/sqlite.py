@@ -265,11 +265,12 @@ _SQL_TRANSITION = {e: _transition_sql(e) for e in HOLDER_EVENTS}
 _SUCCEEDED_OUTCOME = holder_outcome(target_state(Event.SUCCEED))
 
 
-@functools.lru_cache(maxsize=64)
-def _succeed_many_sql(n: int) -> str:
+@functools.lru_cache(maxsize=128)
+def _succeed_many_sql(n: int, brief: bool = False) -> str:
     """SUCCEED for `n` held tasks in one UPDATE: per row the conditions and writes of
     `_transition_sql(Event.SUCCEED)`; parameters: now, then (task_id, token, result,
-    error) per task, then node_id, now."""
+    error) per task, then node_id, now. `brief`: without RETURNING (the caller counts
+    the changed rows instead of reading them)."""
     values = ",".join(["(?,?,?,?)"] * n)
     return (
         f"UPDATE tasks SET state = {int(target_state(Event.SUCCEED))}, updated_unix_ms = ?,"
@@ -278,23 +279,33 @@ def _succeed_many_sql(n: int) -> str:
         f" FROM (VALUES {values}) AS v"
         f" WHERE tasks.task_id = v.column1 AND tasks.state IN {in_states(sources(Event.SUCCEED))}"
         " AND tasks.fencing_token = v.column2 AND tasks.node_id = ?"
-        f" AND tasks.lease_expires_unix_ms > ? RETURNING {TASK_COLS}"
+        " AND tasks.lease_expires_unix_ms > ?" + ("" if brief else f" RETURNING {TASK_COLS}")
     )
 
 
 def _succeed_many(
-    conn: sqlite3.Connection, node_id: str, items: Sequence[HolderTransition], now_ms: int
+    conn: sqlite3.Connection,
+    node_id: str,
+    items: Sequence[HolderTransition],
+    now_ms: int,
+    *,
+    brief: bool = False,
 ) -> list[TaskRecord] | None:
     """All-SUCCEED batches in two statements instead of two per task; None (nothing
     written) when any item would be refused, so the caller goes item by item and
-    names it."""
+    names it. `brief`: the same writes, answered with [] (no row read back)."""
     params: list[Any] = [now_ms]
     for item in items:
         params += (item.task_id, item.fencing_token, item.result, item.error)
     params += (node_id, now_ms)
     conn.execute("SAVEPOINT ends")
-    rows = conn.execute(_succeed_many_sql(len(items)), params).fetchall()
-    if len(rows) != len(items):
+    rows: list[Any] = []
+    if brief:  # the tasks' ids are distinct (the callers check): one changed row each
+        ended = conn.execute(_succeed_many_sql(len(items), True), params).rowcount
+    else:
+        rows = conn.execute(_succeed_many_sql(len(items)), params).fetchall()
+        ended = len(rows)
+    if ended != len(items):
         conn.execute("ROLLBACK TO ends")
         conn.execute("RELEASE ends")
         return None
@@ -303,6 +314,8 @@ def _succeed_many(
         [(_SUCCEEDED_OUTCOME, item.task_id, item.fencing_token) for item in items],
     )
     conn.execute("RELEASE ends")
+    if brief:
+        return []
     by_id = {t.task_id: t for t in map(row_to_task, rows)}
     return [by_id[item.task_id] for item in items]
 
@@ -526,17 +539,19 @@ def _transitions_body(
     backoff_base_ms: int,
     backoff_cap_ms: int,
     sign_end: EndSigner | None,
+    brief: bool = False,
 ) -> Callable[[sqlite3.Connection], list[TaskRecord]]:
     """Several holder transitions as one transaction body, all or nothing (see
     `Store.transitions`): the first refused raises with `metadata["index"]`.
 
     An all-SUCCEED batch takes the batch path; the per-item bodies are made only when
-    it does not (or declines: then they name the refused item)."""
+    it does not (or declines: then they name the refused item). `brief`: the same
+    writes, answered with [] (see `Store.transitions_then_acquire`)."""
     all_succeed = len(items) > 1 and all(item.event is Event.SUCCEED for item in items)
 
     def fn(conn: sqlite3.Connection) -> list[TaskRecord]:
         if all_succeed:
-            done = _succeed_many(conn, node_id, items, now_ms)
+            done = _succeed_many(conn, node_id, items, now_ms, brief=brief)
             if done is not None:
                 return done
         out: list[TaskRecord] = []
@@ -547,7 +562,7 @@ def _transitions_body(
             except TetherError as err:
                 err.metadata["index"] = str(index)
                 raise
-        return out
+        return [] if brief else out
 
     return fn
 
@@ -926,8 +941,11 @@ class SqliteStore:
         backoff_base_ms: int = 1_000,
         backoff_cap_ms: int = 60_000,
         sign_end: EndSigner | None = None,
+        brief: bool = False,
     ) -> tuple[list[TaskRecord], list[tuple[TaskRecord, bytes]]]:
-        ends = _transitions_body(node_id, items, now_ms, backoff_base_ms, backoff_cap_ms, sign_end)
+        ends = _transitions_body(
+            node_id, items, now_ms, backoff_base_ms, backoff_cap_ms, sign_end, brief
+        )
 
         def fn(conn: sqlite3.Connection) -> tuple[list[TaskRecord], list[tuple[TaskRecord, bytes]]]:
             tasks = ends(conn)  # raises (nothing granted, nothing ended) when one is refused
