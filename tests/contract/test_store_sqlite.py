@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from tether.store import store_from_url
 from tether.store.sqlite import SqliteStore
@@ -78,3 +81,35 @@ async def test_group_commit_answers_each_caller_and_close_waits(tmp_path: Path) 
     assert 3 not in rows
     with pytest.raises(StorageError):
         await store._tx(insert(11))
+
+
+async def test_callers_coming_straight_back_share_one_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Callers answered by one COMMIT that send their next transaction at once go
+    together in the next one, not the first of them alone and the rest after it."""
+    import asyncio
+
+    import tether.store.sqlite as sqlite_store
+
+    groups: list[int] = []
+    run_group = sqlite_store._run_group
+
+    def counted(conn: sqlite3.Connection, fns: list[Any]) -> list[Any]:
+        groups.append(len(fns))
+        return run_group(conn, fns)
+
+    monkeypatch.setattr(sqlite_store, "_run_group", counted)
+    store = SqliteStore(tmp_path / "t.db")
+    await store.open()
+    await store._tx(lambda c: c.execute("CREATE TABLE IF NOT EXISTS g (v INTEGER)"))
+    groups.clear()
+
+    async def worker() -> None:
+        for _ in range(10):
+            await store._tx(lambda c: c.execute("INSERT INTO g VALUES (1)"))
+
+    await asyncio.gather(*(worker() for _ in range(8)))
+    await store.close()
+    assert sum(groups) == 80
+    assert len(groups) <= 12, groups  # about one COMMIT a round (the first goes alone)

@@ -357,6 +357,31 @@ async def test_writer_thread_batches_ends_when_idle_and_close_waits(
     await again.close()
 
 
+async def test_appenders_coming_straight_back_share_one_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Appenders answered by one commit that append again at once go together in the
+    next one, not the first of them alone and the rest after it."""
+    spool = ReceiptSpool(tmp_path / "spool.db", "n1", KEY)
+    commits: list[int] = []
+    store = spool._store
+
+    def counted(receipts: list[tuple[Receipt, bool, bytes | None]]) -> list[int | BaseException]:
+        commits.append(len(receipts))
+        return store(receipts)
+
+    monkeypatch.setattr(spool, "_store", counted)
+
+    async def appender(k: int) -> None:
+        for i in range(10):
+            await spool.append(_receipt(k * 100 + i))
+
+    await asyncio.gather(*(appender(k) for k in range(8)))
+    await spool.close()
+    assert sum(commits) == 80
+    assert len(commits) <= 12, commits  # about one commit a round (the first goes alone)
+
+
 async def test_carried_outcomes_are_stored_streamed_and_survive_a_restart(tmp_path: Path) -> None:
     """A tool call's outcome is committed with its receipt, streamed with it in batches
     bounded by bytes, listed while unacknowledged (also after a restart), and a spool file

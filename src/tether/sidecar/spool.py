@@ -295,6 +295,13 @@ class ReceiptSpool:
             else:
                 future.set_result(result)
         self._new.set()
+        # The next batch goes after the callers just answered have run (their
+        # wake-ups are queued before this): one of them appending straight away
+        # would otherwise be written alone, the rest in a batch after it.
+        asyncio.get_running_loop().call_soon(self._after_answers)
+
+    def _after_answers(self) -> None:
+        """Writes what was queued meanwhile, or goes idle (waking `close`)."""
         if self._queue:
             self._write_next()
             return

@@ -710,6 +710,14 @@ class SqliteStore:
                 future.set_exception(result)
             else:
                 future.set_result(result)
+        # The next group goes after the callers just answered have run: one of them
+        # coming straight back would otherwise go alone, the rest in the group
+        # after it (two COMMITs where one would do). The callers' wake-ups are
+        # already queued, so this runs after them, in the same loop pass.
+        asyncio.get_running_loop().call_soon(self._after_answers)
+
+    def _after_answers(self) -> None:
+        """Sends what the answered callers (or anyone) queued meanwhile, or goes idle."""
         if self._pending:
             self._commit_next()
         else:
