@@ -16,7 +16,16 @@ from tether.core.timeouts import EndReason
 from tether.crypto.note import CheckpointBody, sign_checkpoint
 from tether.crypto.receipts import parse_receipt, sign_receipt
 from tether.crypto.signing import INTOTO_PAYLOAD_TYPE, Envelope, SigningKey
-from tether.verify import Bundle, CheckpointInfo, Entry, decode_bundle, encode_bundle, verify_bundle
+from tether.verify import (
+    Bundle,
+    CheckpointInfo,
+    Entry,
+    Report,
+    decode_bundle,
+    encode_bundle,
+    verifier,
+    verify_bundle,
+)
 from tether.verify.builder import T0, BundleBuilder, seeded_key
 
 
@@ -283,6 +292,57 @@ def test_fork_duplicate_and_prev() -> None:
     entries[2] = dataclasses.replace(entries[2], envelope=relinked)
     assert {"chain.prev", "inclusion"} <= _verify(b, _with_entries(bundle, entries))
     assert lease.task_id == "t"
+
+
+def test_prev_link_is_checked_whichever_seq_comes_first() -> None:
+    """A bad prev fails chain.prev at the receipts whose links break, in either bundle order."""
+    b = BundleBuilder(seed="prev-order")
+    b.task("t", "n", "a", tool_calls=2)
+    bundle = b.build()
+    node_key = b.nodes["n"].key
+    _env, r = parse_receipt(bundle.entries[2].envelope)
+    entries = list(bundle.entries)
+    entries[2] = dataclasses.replace(
+        entries[2], envelope=sign_receipt(dataclasses.replace(r, prev="00" * 32), node_key)
+    )
+    swapped = list(entries)
+    swapped[1], swapped[2] = swapped[2], swapped[1]
+    for order in (entries, swapped):
+        report = verify_bundle(_with_entries(bundle, order), [b.control.public], threads=1)
+        prevs = sorted(f.ref for f in report.failures if f.check == "chain.prev")
+        # Its own prev is wrong, and re-signing changed its digest, the next one's prev.
+        assert prevs == [f"n#{r.seq}", f"n#{r.seq + 1}"], report.failures
+
+
+def test_a_task_told_early_is_told_again_when_more_of_it_comes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A receipt of a finished task in a later chunk still counts (its story is told again)."""
+    b = BundleBuilder(seed="late-story")
+    lease = b.task("t", "n", "a", tool_calls=2)
+    b.task("u", "n", "a", tool_calls=2)
+    # After t's end, a receipt under a later fencing token that no lease of t has.
+    b.receipt(ReceiptKind.TOOL_CALL, dataclasses.replace(lease, fencing_token=9), T0 + 50_000)
+    bundle = b.build()
+    whole = verify_bundle(bundle, [b.control.public], threads=1)
+    monkeypatch.setattr(verifier, "_LIST_CHUNK", 2)
+    chunked = verify_bundle(bundle, [b.control.public], threads=1)
+    assert ("task.final", "n#6") in {(f.check, f.ref) for f in chunked.failures}
+    assert chunked.failures == whole.failures
+
+
+def test_the_task_report_is_built_when_first_used(built: tuple[BundleBuilder, Bundle]) -> None:
+    """`Report.tasks` is built on first use; `task_count` counts the tasks without building it."""
+    b, bundle = built
+    report = verify_bundle(bundle, [b.control.public], threads=1)
+    assert report.task_count == 2
+    assert report._tasks is None
+    assert [t.task_id for t in report.tasks] == ["t1", "t2"]
+    assert report.task_count == len(report.tasks) == 2
+    report.tasks = []
+    assert report.task_count == 0
+    assert Report([]).task_count == 0
+    assert Report([]).tasks == []
 
 
 def test_certificate_validity() -> None:

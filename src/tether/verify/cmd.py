@@ -214,7 +214,7 @@ def _run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     else:
         sys.stdout.write(render(report, timeline=args.timeline and not args.quiet))
-        if not args.timeline and report.tasks and sys.stdout.isatty():
+        if not args.timeline and report.task_count and sys.stdout.isatty():
             print("(--timeline lists each task's receipts)")
     return 0 if report.ok else 1
 
@@ -259,7 +259,7 @@ def render(report: Report, timeline: bool = True) -> str:
     if report.consistent_with:
         cp += f" (consistent with the previous checkpoint at size {report.consistent_with})"
     summary = (
-        f"{report.entries} receipts, {report.nodes} nodes, {len(report.tasks)} tasks, {scope}"
+        f"{report.entries} receipts, {report.nodes} nodes, {report.task_count} tasks, {scope}"
         f"{cp}, {report.seconds:.2f}s"
     )
     lines: list[str] = []

@@ -52,7 +52,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -196,7 +196,6 @@ class Report:
     failures: list[Failure]
     entries: int = 0
     nodes: int = 0
-    tasks: list[TaskReport] = field(default_factory=list)
     origin: str = ""
     tree_size: int = 0
     seconds: float = 0.0
@@ -206,10 +205,41 @@ class Report:
     """A per-task export's tasks (from its verified manifest); empty for whole chains."""
     consistent_with: int = 0
     """The previous checkpoint's tree size, when its consistency with this one was proven."""
+    _tasks: list[TaskReport] | None = field(default=None, init=False, repr=False, compare=False)
+    _task_source: tuple[int, Callable[[], list[TaskReport]]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     @property
     def ok(self) -> bool:
         return not self.failures
+
+    @property
+    def tasks(self) -> list[TaskReport]:
+        """Each task's receipts in time order and its final state, sorted by task id.
+
+        Built on first use: a verdict or a summary does not need it, and for a
+        large bundle it is a tenth of a second of work after the checks.
+        """
+        if self._tasks is None:
+            source, self._task_source = self._task_source, None
+            self._tasks = source[1]() if source is not None else []
+        return self._tasks
+
+    @tasks.setter
+    def tasks(self, tasks: list[TaskReport]) -> None:
+        self._tasks, self._task_source = tasks, None
+
+    @property
+    def task_count(self) -> int:
+        """How many tasks `tasks` lists, without building it."""
+        if self._tasks is None and self._task_source is not None:
+            return self._task_source[0]
+        return len(self.tasks)
+
+    def tasks_from(self, count: int, build: Callable[[], list[TaskReport]]) -> None:
+        """Sets `tasks` to what `build` returns (`count` of them), built on first use."""
+        self._tasks, self._task_source = None, (count, build)
 
     def checks_failed(self) -> set[str]:
         """Names of the checks that failed."""
@@ -1157,6 +1187,16 @@ class _Verifier:
         # The items grouped as they arrive (in bundle order), while the workers still check.
         self.by_node: dict[str, list[_Item]] = defaultdict(list)
         self.by_task: dict[str, list[_Item]] = defaultdict(list)
+        # Per node, checked as the items arrive (see `_chained`): the first item of
+        # each seq, the highest seq, and the task ids of all its items.
+        self.seqs: dict[str, dict[int, _Item]] = defaultdict(dict)
+        self.tops: dict[str, int] = defaultdict(int)
+        self.node_tasks: dict[str, set[str]] = defaultdict(set)
+        # Task stories (see `_story`), told as each task's task_finished arrives; a later
+        # receipt of the task drops its story, to be told again at the end.
+        self.ctl_by_task: dict[str, list[tuple[int, ControlReceipt]]] = {}
+        self.tokens: dict[str, set[int]] = defaultdict(set)  # task -> its leases' tokens
+        self.stories: dict[str, list[tuple[int, Failure]]] = {}
         self.entries = 0
         self.checkpoint: CheckpointBody | None = None
         self.signers: set[str] = set()  # keyids of trusted keys that signed something here
@@ -1377,6 +1417,10 @@ class _Verifier:
                 return False
             self.b.leases = envelopes
         leases = self._leases()
+        # What does not depend on the entries, while the workers still check them.
+        self._load_manifest()
+        self.controls = self._controls()
+        self._story_setup(leases)
         bases: list[int] = []
         total = 0
         last_leaf = -1
@@ -1406,18 +1450,17 @@ class _Verifier:
             for check, node, off, ref in skews:
                 self.skew(check, node, off, ref)
         self.entries = total
-        self._load_manifest()
         m = self.manifest
         if not total and (m is None or not m.per_task or m.nodes):
             # Reject by default: "nothing to check" must never read as "valid".
             self.failures = [(-4, Failure("bundle.format", "bundle", "bundle holds no receipts"))]
+            self.controls = []
             return True
-        self._chains()
+        self._gaps()
         self._manifest()
         self._consistency()
-        self.controls = self._controls()
         self._scope()
-        self._tasks(leases)
+        self._tasks()
         self._control_keyids()
         if not total:
             self._unrun()
@@ -1443,8 +1486,38 @@ class _Verifier:
                     "control receipt records its end, so there is nothing signed to verify",
                 )
 
-    def _chains(self) -> None:
-        """Gaps, forks, duplicates, order and prev links per node.
+    def _chained(self, it: _Item) -> None:
+        """Forks, duplicates, order and prev links: one item, as it arrives in bundle order.
+
+        Together with `_gaps` this is the `chain.*` family, per node. Each seq
+        keeps its first item; a later one with the same seq is a duplicate (the
+        same bytes) or a fork. A prev link is checked once both seqs are here,
+        whichever came first, so an item's checks never wait for the last chunk.
+        """
+        node, seq = it.node_id, it.seq
+        seen = self.seqs[node]
+        old = seen.get(seq)
+        if old is not None:
+            if old.digest == it.digest:
+                self.fail(it.pos, "chain.duplicate", it.ref, "envelope appears twice")
+            else:
+                self.fail(it.pos, "chain.fork", it.ref, "two different envelopes for one seq")
+            return
+        top = self.tops[node]
+        if seq < top:
+            self.fail(it.pos, "chain.order", it.ref, f"seq {seq} comes after seq {top}")
+        else:
+            self.tops[node] = seq
+        seen[seq] = it
+        prev = seen.get(seq - 1)
+        if prev is not None and it.prev != prev.digest:
+            self.fail(it.pos, "chain.prev", it.ref, _BAD_PREV)
+        after = seen.get(seq + 1)
+        if after is not None and after.prev != it.digest:
+            self.fail(after.pos, "chain.prev", after.ref, _BAD_PREV)
+
+    def _gaps(self) -> None:
+        """Each node's seqs run from 1 to its last, without a hole (`chain.gap`).
 
         Work follows the entries: gaps come from the sorted seqs present,
         never from counting up to a seq a receipt claims. A per-task export
@@ -1452,40 +1525,19 @@ class _Verifier:
         manifest's exact list of seqs replaces the gap check (`_manifest`),
         and prev links are checked where two seqs are consecutive.
         """
-        per_task = self.manifest is not None and self.manifest.per_task
-        for node, items in self.by_node.items():
-            seen: dict[int, _Item] = {}
-            top = 0
-            for it in items:
-                seq = it.seq
-                old = seen.get(seq)
-                if old is not None:
-                    if old.digest == it.digest:
-                        self.fail(it.pos, "chain.duplicate", it.ref, "envelope appears twice")
-                    else:
-                        why = "two different envelopes for one seq"
-                        self.fail(it.pos, "chain.fork", it.ref, why)
-                    continue
-                if seq < top:
-                    self.fail(it.pos, "chain.order", it.ref, f"seq {seq} comes after seq {top}")
-                seen[seq] = it
-                top = max(top, seq)
+        if self.manifest is not None and self.manifest.per_task:
+            return
+        for node, seen in self.seqs.items():
+            # n distinct seqs, each from 1 to the highest, n: exactly 1..n, no hole.
+            if len(seen) == self.tops[node] and min(seen) >= 1:
+                continue
             before = 0
-            for seq in sorted(seen) if not per_task else ():
+            for seq in sorted(seen):
                 if seq > before + 1:
                     lo, hi = before + 1, seq - 1
                     where = f"{node}#{lo}" if lo == hi else f"{node}#{lo}-{hi}"
                     self.fail(seen[seq].pos, "chain.gap", where, "missing from the bundle")
                 before = seq
-            for seq, it in seen.items():
-                prev = seen.get(seq - 1)
-                if prev is not None and it.prev != prev.digest:
-                    self.fail(
-                        it.pos,
-                        "chain.prev",
-                        it.ref,
-                        "prev is not the digest of the previous envelope",
-                    )
 
     def _load_manifest(self) -> None:
         """Verifies the signed export manifest (compared with the entries in `_manifest`)."""
@@ -1541,8 +1593,8 @@ class _Verifier:
                     "manifest lists the node but the bundle holds none of its receipts",
                 )
                 continue
-            last = max(items, key=lambda it: it.seq)
-            top = last.seq
+            top = self.tops[node_id]
+            last = self.seqs[node_id][top]  # the first item of the highest seq
             if top < n.last_seq:
                 if not m.per_task:  # (a per-task export names each missing seq in _per_task)
                     where = (
@@ -1571,7 +1623,7 @@ class _Verifier:
                     last.ref,
                     "last envelope's digest differs from the manifest's",
                 )
-            tasks = {it.task_id for it in items}
+            tasks = self.node_tasks[node_id]
             if tasks != set(n.task_ids):
                 diff = sorted(tasks.symmetric_difference(n.task_ids))
                 self.fail(
@@ -1758,10 +1810,18 @@ class _Verifier:
         Nothing here depends on another entry, so the main process does it while
         the workers check the next chunks, instead of after the last one.
         """
-        by_node, by_task = self.by_node, self.by_task
+        by_node, by_task, node_tasks = self.by_node, self.by_task, self.node_tasks
+        chained, stories = self._chained, self.stories
+        finished: list[str] = []
         for it in items:
             by_node[it.node_id].append(it)
             by_task[it.task_id].append(it)
+            node_tasks[it.node_id].add(it.task_id)
+            chained(it)
+            if it.task_id in stories:  # told too early: tell it again at the end
+                del stories[it.task_id]
+            if it.kind == _TASK_FINISHED:
+                finished.append(it.task_id)
             facts = leases.get((it.task_id, it.fencing_token))
             if facts is None:
                 self.fail(
@@ -1809,10 +1869,18 @@ class _Verifier:
                 )
             elif off:
                 self.skew("lease.window", it.node_id, off, it.ref)
+        # A task's story, told as soon as its task_finished is here (while the workers
+        # still check later chunks), and again at the end if more of it comes.
+        story = self._story
+        for task in finished:
+            stories[task] = story(task)
 
-    def _tasks(self, leases: dict[tuple[str, int], _LeaseFacts]) -> None:
+    def _tasks(self) -> None:
         by_task = self.by_task
-        self._stories(leases, by_task)
+        stories = self.stories
+        for task in dict.fromkeys([*by_task, *self.ctl_by_task]):
+            told = stories.get(task)
+            self.failures += told if told is not None else self._story(task)
         if self.manifest is not None and not self.allow_open:
             ended = {c.task_id for _, c in self.controls}
             for task in self.manifest.task_ids:
@@ -1824,14 +1892,10 @@ class _Verifier:
                         "exported task has no receipts (so no final record)",
                     )
 
-    def _stories(
-        self, leases: dict[tuple[str, int], _LeaseFacts], by_task: dict[str, list[_Item]]
-    ) -> None:
-        """Each lease ends once and each task has one final record (see `lease.closed`).
+    def _story_setup(self, leases: dict[tuple[str, int], _LeaseFacts]) -> None:
+        """What each task's story needs besides its receipts: its control receipts and leases.
 
-        A node's task_finished ends its lease and the task; a control receipt
-        ends the lease it names (lapse, release, cancel) and, when it leaves
-        the task expired or canceled, the task.
+        Also checks that each control receipt ends a signed lease of its holder.
         """
         ctl_by_task: dict[str, list[tuple[int, ControlReceipt]]] = defaultdict(list)
         for i, c in self.controls:
@@ -1852,91 +1916,106 @@ class _Verifier:
                     f"ends lease {c.lease_id!r} of task {c.task_id!r} (token {c.fencing_token}, "
                     f"holder {c.node_id}/{c.agent_id}), which no signed lease matches",
                 )
-        tokens: dict[str, set[int]] = defaultdict(set)
+        self.ctl_by_task = ctl_by_task
         for task, token in leases:
-            tokens[task].add(token)
-        for task in dict.fromkeys([*by_task, *ctl_by_task]):
-            items = by_task.get(task, [])
-            ctls = ctl_by_task.get(task, [])
-            pos = items[-1].pos if items else _END
-            ref = f"task:{task}"
-            # A holder's task_finished ends its lease; it ends the task unless the
-            # retry policy retried the failure (final_state queued).
-            node_ends = [it for it in items if it.kind == _TASK_FINISHED]
-            node_finals = [it for it in node_ends if it.final_state in _FINAL_STATES]
-            leased = tokens.get(task, set())
-            last = max(
-                [*leased, *(it.fencing_token for it in items), *(c.fencing_token for _, c in ctls)],
-                default=0,
-            )
-            top = max(leased, default=0)  # the task's last signed lease: --allow-open's
-            ends: dict[int, list[str]] = defaultdict(list)
-            for it in node_ends:
-                ends[it.fencing_token].append(it.ref)
-            for i, c in ctls:
-                if c.lease_id:
-                    ends[c.fencing_token].append(f"control[{i}]")
-            for token in sorted(leased | set(ends)):
-                got = ends.get(token, [])
-                if len(got) > 1:
-                    self.fail(
-                        pos,
-                        "lease.closed",
-                        ref,
-                        f"lease token {token} ends {len(got)} times ({', '.join(got)})",
-                    )
-                elif not got and token in leased and not (self.allow_open and token == top):
-                    self.fail(
-                        pos,
-                        "lease.closed",
-                        ref,
-                        f"lease token {token} has no end on record: no task_finished receipt of "
-                        "its holder and no control receipt (lapse, release or cancel)",
-                    )
-            finals: list[tuple[int, str, int, int]] = [  # (pos, ref, token, state)
-                (it.pos, it.ref, it.fencing_token, it.final_state) for it in node_finals
-            ]
-            finals += [
-                (_END, f"control[{i}]", c.fencing_token, c.state)
-                for i, c in ctls
-                if c.state in _FINAL_STATES
-            ]
-            if len(finals) > 1:
-                for fpos, fref, _, _ in finals[1:]:
-                    self.fail(
-                        fpos,
-                        "task.final",
-                        fref,
-                        f"task {task!r} has {len(finals)} final records "
-                        f"({', '.join(f[1] for f in finals)})",
-                    )
-            elif not finals:
-                if not self.allow_open:
-                    self.fail(
-                        pos,
-                        "task.final",
-                        ref,
-                        "task has no final record: no task_finished receipt and no control "
-                        "receipt that ends it (expired, canceled)",
-                    )
-            else:
-                fpos, fref, ftoken, fstate = finals[0]
-                if ftoken < last:
-                    self.fail(
-                        fpos,
-                        "task.final",
-                        fref,
-                        f"task {task!r} ends under fencing token {ftoken}, but a lease or "
-                        f"receipt of it has the later token {last}",
-                    )
-                if node_finals and fstate not in _NODE_FINAL_STATES:
-                    self.fail(
-                        fpos,
-                        "task.final",
-                        fref,
-                        f"a node reports only succeeded or failed; "
-                        f"{state_name(fstate, str(fstate))} is the control plane's to record",
-                    )
+            self.tokens[task].add(token)
+
+    def _story(self, task: str) -> list[tuple[int, Failure]]:
+        """Each lease of the task ends once and it has one final record (see `lease.closed`).
+
+        A node's task_finished ends its lease and the task; a control receipt
+        ends the lease it names (lapse, release, cancel) and, when it leaves
+        the task expired or canceled, the task. Told from the receipts of the
+        task that have arrived: `run` tells it again at the end if another
+        receipt of the task came after.
+        """
+        out: list[tuple[int, Failure]] = []
+
+        def fail(pos: int, check: str, ref: str, why: str) -> None:
+            out.append((pos, Failure(check, ref, why)))
+
+        items = self.by_task.get(task, [])
+        ctls = self.ctl_by_task.get(task, [])
+        pos = items[-1].pos if items else _END
+        ref = f"task:{task}"
+        # A holder's task_finished ends its lease; it ends the task unless the
+        # retry policy retried the failure (final_state queued).
+        node_ends = [it for it in items if it.kind == _TASK_FINISHED]
+        node_finals = [it for it in node_ends if it.final_state in _FINAL_STATES]
+        leased = self.tokens.get(task, set())
+        last = max(
+            [*leased, *(it.fencing_token for it in items), *(c.fencing_token for _, c in ctls)],
+            default=0,
+        )
+        top = max(leased, default=0)  # the task's last signed lease: --allow-open's
+        ends: dict[int, list[str]] = defaultdict(list)
+        for it in node_ends:
+            ends[it.fencing_token].append(it.ref)
+        for i, c in ctls:
+            if c.lease_id:
+                ends[c.fencing_token].append(f"control[{i}]")
+        for token in sorted(leased | set(ends)):
+            got = ends.get(token, [])
+            if len(got) > 1:
+                fail(
+                    pos,
+                    "lease.closed",
+                    ref,
+                    f"lease token {token} ends {len(got)} times ({', '.join(got)})",
+                )
+            elif not got and token in leased and not (self.allow_open and token == top):
+                fail(
+                    pos,
+                    "lease.closed",
+                    ref,
+                    f"lease token {token} has no end on record: no task_finished receipt of "
+                    "its holder and no control receipt (lapse, release or cancel)",
+                )
+        finals: list[tuple[int, str, int, int]] = [  # (pos, ref, token, state)
+            (it.pos, it.ref, it.fencing_token, it.final_state) for it in node_finals
+        ]
+        finals += [
+            (_END, f"control[{i}]", c.fencing_token, c.state)
+            for i, c in ctls
+            if c.state in _FINAL_STATES
+        ]
+        if len(finals) > 1:
+            for fpos, fref, _, _ in finals[1:]:
+                fail(
+                    fpos,
+                    "task.final",
+                    fref,
+                    f"task {task!r} has {len(finals)} final records "
+                    f"({', '.join(f[1] for f in finals)})",
+                )
+        elif not finals:
+            if not self.allow_open:
+                fail(
+                    pos,
+                    "task.final",
+                    ref,
+                    "task has no final record: no task_finished receipt and no control "
+                    "receipt that ends it (expired, canceled)",
+                )
+        else:
+            fpos, fref, ftoken, fstate = finals[0]
+            if ftoken < last:
+                fail(
+                    fpos,
+                    "task.final",
+                    fref,
+                    f"task {task!r} ends under fencing token {ftoken}, but a lease or "
+                    f"receipt of it has the later token {last}",
+                )
+            if node_finals and fstate not in _NODE_FINAL_STATES:
+                fail(
+                    fpos,
+                    "task.final",
+                    fref,
+                    f"a node reports only succeeded or failed; "
+                    f"{state_name(fstate, str(fstate))} is the control plane's to record",
+                )
+        return out
 
     def report(self) -> Report:
         self.failures.sort(key=lambda pf: (pf[0], _RANK[pf[1].check]))
@@ -1951,42 +2030,53 @@ class _Verifier:
                     f"{what}: accepted as clock skew, within the {self.skew_ms} ms bound",
                 )
             )
-        tasks: dict[str, TaskReport] = {}
-        by_time = operator.itemgetter(6, 0)  # (time_unix_ms, pos) of an _Item
-        for task_id, items in self.by_task.items():
-            report = tasks[task_id] = TaskReport(task_id)
-            events = report.events
-            for it in sorted(items, key=by_time):
-                events.append(Event(it.time_unix_ms, it.ref, _KIND_NAMES[it.kind], it.detail))
-                if it.kind == _TASK_FINISHED:
-                    report.final_state = state_name(it.final_state, str(it.final_state))
-        controlled: set[str] = set()  # tasks whose events are no longer in time order
-        for i, c in self.controls:
-            tr = tasks.get(c.task_id)
-            if tr is None:
-                tr = tasks[c.task_id] = TaskReport(c.task_id)
-            tr.events.append(
-                Event(c.time_unix_ms, f"control[{i}]", c.end_reason.label, _control_detail(c))
-            )
-            controlled.add(c.task_id)
-            if c.state in _FINAL_STATES:
-                tr.final_state = state_name(c.state)
-        attempts = self.attempts
-        for tr in tasks.values():
-            if tr.task_id in controlled:
-                tr.events.sort(key=lambda e: e.time_unix_ms)  # stable: bundle order on ties
-            tr.limits = _limit_lines(attempts.get(tr.task_id, {}))
-        return Report(
+        report = Report(
             failures=[f for _, f in self.failures],
             entries=self.entries,
             nodes=len(self.by_node),
-            tasks=sorted(tasks.values(), key=lambda t: t.task_id),
             origin=self.checkpoint.origin if self.checkpoint else "",
             exported_tasks=list(self.manifest.task_ids) if self.manifest else [],
             consistent_with=self.consistent_with,
             tree_size=self.checkpoint.tree_size if self.checkpoint else 0,
             warnings=warnings,
         )
+        by_task, controls = self.by_task, self.controls
+        count = len(by_task) + len({c.task_id for _, c in controls} - by_task.keys())
+        report.tasks_from(count, functools.partial(_task_reports, by_task, controls, self.attempts))
+        return report
+
+
+def _task_reports(
+    by_task: dict[str, list[_Item]],
+    controls: list[tuple[int, ControlReceipt]],
+    attempts: dict[str, dict[int, tuple[int, int, int]]],
+) -> list[TaskReport]:
+    """Each task's receipts and control receipts in time order, its final state and limits."""
+    tasks: dict[str, TaskReport] = {}
+    by_time = operator.itemgetter(6, 0)  # (time_unix_ms, pos) of an _Item
+    for task_id, items in by_task.items():
+        report = tasks[task_id] = TaskReport(task_id)
+        events = report.events
+        for it in sorted(items, key=by_time):
+            events.append(Event(it.time_unix_ms, it.ref, _KIND_NAMES[it.kind], it.detail))
+            if it.kind == _TASK_FINISHED:
+                report.final_state = state_name(it.final_state, str(it.final_state))
+    controlled: set[str] = set()  # tasks whose events are no longer in time order
+    for i, c in controls:
+        tr = tasks.get(c.task_id)
+        if tr is None:
+            tr = tasks[c.task_id] = TaskReport(c.task_id)
+        tr.events.append(
+            Event(c.time_unix_ms, f"control[{i}]", c.end_reason.label, _control_detail(c))
+        )
+        controlled.add(c.task_id)
+        if c.state in _FINAL_STATES:
+            tr.final_state = state_name(c.state)
+    for tr in tasks.values():
+        if tr.task_id in controlled:
+            tr.events.sort(key=lambda e: e.time_unix_ms)  # stable: bundle order on ties
+        tr.limits = _limit_lines(attempts.get(tr.task_id, {}))
+    return sorted(tasks.values(), key=lambda t: t.task_id)
 
 
 def _seq_ranges(node: str, seqs: Sequence[int], most: int = 4) -> str:
@@ -2002,6 +2092,7 @@ def _seq_ranges(node: str, seqs: Sequence[int], most: int = 4) -> str:
     return f"{node}#{text}{more}"
 
 
+_BAD_PREV = "prev is not the digest of the previous envelope"
 _KIND_NAMES = {int(k): k.name.lower() for k in ReceiptKind}
 _TASK_FINISHED = int(ReceiptKind.TASK_FINISHED)
 _FINAL_STATES = frozenset(int(s) for s in TERMINAL)
