@@ -331,6 +331,26 @@ def test_a_task_told_early_is_told_again_when_more_of_it_comes(
     assert chunked.failures == whole.failures
 
 
+def test_details_false_leaves_only_the_timeline_lines_out(
+    built: tuple[BundleBuilder, Bundle],
+) -> None:
+    """details=False: the same verdict, failures and events, each receipt's without its line."""
+    b, bundle = built
+    entries = list(bundle.entries)
+    entries[3] = dataclasses.replace(entries[3], leaf_index=entries[3].leaf_index + 1)
+    for sample in (bundle, _with_entries(bundle, entries)):
+        full = verify_bundle(sample, [b.control.public], threads=1)
+        bare = verify_bundle(sample, [b.control.public], threads=1, details=False)
+        assert bare.failures == full.failures
+        assert bare.task_count == full.task_count
+        events = [e for t in full.tasks for e in t.events]
+        assert any(e.detail for e in events)
+        receipt_lines_out = [
+            e if e.ref.startswith("control[") else dataclasses.replace(e, detail="") for e in events
+        ]
+        assert [e for t in bare.tasks for e in t.events] == receipt_lines_out
+
+
 def test_the_task_report_is_built_when_first_used(built: tuple[BundleBuilder, Bundle]) -> None:
     """`Report.tasks` is built on first use; `task_count` counts the tasks without building it."""
     b, bundle = built

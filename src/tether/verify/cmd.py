@@ -201,6 +201,8 @@ def _run(args: argparse.Namespace) -> int:
                 max_clock_skew_ms=args.max_clock_skew,
                 limits=limits,
                 previous_checkpoint=previous,
+                # Receipt lines only where they are shown: --json and --timeline.
+                details=args.json or (args.timeline and not args.quiet),
             )
         except Exception as err:  # a verifier bug must still end in a clear, failing exit
             print(
