@@ -414,3 +414,15 @@ async def test_carried_outcomes_are_stored_streamed_and_survive_a_restart(tmp_pa
     assert [s for s, _, _ in spool.outcomes()] == [3]
     assert [s for s, _, _ in spool.outgoing()] == [3]
     await spool.close()
+
+
+async def test_page_cache_is_bounded(tmp_path: Path) -> None:
+    """Both spool connections hold at most CACHE_KIB of pages, not SQLite's 2,000 KiB default."""
+    spool = ReceiptSpool(tmp_path / "spool.db", "n1", KEY)
+    try:
+        await spool.append(_receipt(0))
+        for db in (spool._db, spool._rdb):
+            assert db.execute("PRAGMA cache_size").fetchone()[0] == -spool_module.CACHE_KIB
+        assert spool_module.CACHE_KIB < 2000
+    finally:
+        await spool.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import subprocess
 import sys
 
@@ -79,3 +81,38 @@ def test_policy_with_a_schema_still_checks_it() -> None:
 def test_command_word(argv: list[str], word: str | None) -> None:
     """The command word is found past the global options, and is None when unsure."""
     assert _command_word(argv) == word
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="malloc arenas are glibc's")
+@pytest.mark.parametrize("env", [None, "16"])
+def test_malloc_arenas_are_capped_unless_the_environment_says(env: str | None) -> None:
+    """The sidecar caps glibc's arenas at MALLOC_ARENA_MAX (2) before its threads start;
+    MALLOC_ARENA_MAX in the environment wins. Eight threads that malloc at once are counted
+    by their arenas (64 MiB-aligned heaps in /proc/self/maps)."""
+    code = (
+        "import re, threading\n"
+        "from tether.sidecar.cmd import limit_malloc_arenas\n"
+        "print('capped:', limit_malloc_arenas())\n"
+        "go = threading.Barrier(9)\n"
+        "def work():\n"
+        "    keep = [bytearray(4096) for _ in range(64)]\n"
+        "    go.wait()\n"
+        "    go.wait()\n"
+        "threads = [threading.Thread(target=work) for _ in range(8)]\n"
+        "[t.start() for t in threads]\n"
+        "go.wait()\n"
+        "heaps = 1 + sum(1 for line in open('/proc/self/maps') if line.split()[1] == 'rw-p'"
+        " and len(line.split()) == 5 and int(line.split('-')[0], 16) % (64 << 20) == 0)\n"
+        "go.wait()\n"
+        "[t.join() for t in threads]\n"
+        "print('arenas:', heaps)\n"
+    )
+    environ = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
+    if env is not None:
+        environ["MALLOC_ARENA_MAX"] = env
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, capture_output=True, text=True, env=environ
+    ).stdout.split()
+    assert out[1] == str(env is None)
+    arenas = int(out[3])
+    assert arenas <= 2 if env is None else arenas >= 4, out  # 8 threads, 8 arenas by default

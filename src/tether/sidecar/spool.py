@@ -44,6 +44,12 @@ T = TypeVar("T")
 DEFAULT_MAX_UNACKED = 100_000
 DEFAULT_BATCH = 256
 DEFAULT_RETAIN_ACKED = 10_000
+CACHE_KIB = 512
+"""SQLite's page cache per spool connection (its default: 2,000 KiB). The writer only
+appends at the end of the table and prunes its start, so its hot pages are a handful, and
+a reader's cache is dropped whenever it sees the file changed (WAL); the default filled up
+with cold pages over a few thousand receipts: 1.8 MB of the sidecar's RSS after the
+mediation benchmark (docs/performance.md)."""
 ACK_PERSIST_S = 0.2
 """An ack is written to the spool's file at most this long after it came (see `ack`)."""
 LINGER_S = 0.01
@@ -174,6 +180,7 @@ class ReceiptSpool:
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         self._db.execute(
             "CREATE TABLE IF NOT EXISTS spool ("
             " seq INTEGER PRIMARY KEY, envelope BLOB NOT NULL, task_id TEXT NOT NULL,"
@@ -210,6 +217,7 @@ class ReceiptSpool:
         # envelope whose commit then fails is never streamed (no fork of a seq).
         self._rdb = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._rdb.execute("PRAGMA query_only=ON")
+        self._rdb.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
         self._reserved = 0  # slots promised to calls about to act (receipt before effect)
         self._persisted_ack = self.acked_seq  # the acked seq the file holds
         self._ack_waiters = 0
