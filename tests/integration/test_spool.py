@@ -70,6 +70,23 @@ async def test_append_ack_and_restart(tmp_path: Path) -> None:
         ReceiptSpool(tmp_path / "spool.db", "n2", KEY)
 
 
+async def test_close_commits_the_appends_that_came_while_it_wrote_the_acks(
+    tmp_path: Path,
+) -> None:
+    """Appends that start while `close` writes the acked seq are committed before the
+    file closes: the first goes as a batch of its own and the rest queue behind it,
+    so close waits for both batches (it once closed the file in between, and the 199
+    queued callers got "Cannot operate on a closed database")."""
+    spool = ReceiptSpool(tmp_path / "spool.db", "n1", KEY)
+    appends = [asyncio.ensure_future(spool.append(_receipt(i))) for i in range(200)]
+    await spool.close()  # the appends first run during its await
+    assert all(a.done() for a in appends)
+    assert sorted(a.result() for a in appends) == list(range(1, 201))
+    again = ReceiptSpool(tmp_path / "spool.db", "n1", KEY)
+    assert [s for s, _ in again.unacked(limit=1000)] == list(range(1, 201))
+    await again.close()
+
+
 async def test_bounded_spool_refuses_instead_of_dropping(tmp_path: Path) -> None:
     """A full spool raises ResourceExhausted and keeps every stored envelope."""
     spool = ReceiptSpool(tmp_path / "spool.db", "n1", KEY, max_unacked=3)

@@ -535,13 +535,21 @@ class ReceiptSpool:
             async with asyncio.timeout(timeout_s):  # no task per wait, unlike wait_for
                 await self._new.wait()
 
-    async def close(self) -> None:
-        if self._writing:  # queued receipts are committed before the file closes
+    async def _written(self) -> None:
+        """Returns once no batch is on the worker thread and none is queued."""
+        while self._writing:
             drained: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._drained.append(drained)
             await drained
+
+    async def close(self) -> None:
+        await self._written()  # queued receipts are committed before the file closes
         with contextlib.suppress(sqlite3.Error):  # unwritten, the acked receipts resend
             await self.write_acks()
+        # Appends that came while the acks were written: the first went as a batch of
+        # its own, the rest queued behind it; the file closes after both (no await
+        # between this and the close job, which goes after any batch on the thread).
+        await self._written()
 
         def close() -> None:
             with self._tlock:
