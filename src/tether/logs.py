@@ -9,7 +9,9 @@ not values.
 The long-running servers (`tether control`, `tether sidecar`) hand their lines
 to one writer thread (`write_in_background`), which formats and writes them: a
 write to stderr can wait on the disk (a file beside an fsyncing database), and
-the event loop must not. Exit (normal or by an exception) writes every line
+the event loop must not. The thread writes every line queued since its last write
+in one `write`, then rests `WRITE_INTERVAL_S` (so a busy server costs one wake-up
+and one write per interval, not per line; a line may show that much later). Exit (normal or by an exception) writes every line
 already logged first, and so does the end of the server's run (before the CLI
 prints its one-line error); a SIGKILLed server may lose its last few milliseconds
 of lines. Other commands write as they log (and keep one thread, so `tether verify`
@@ -25,6 +27,7 @@ import logging.handlers
 import os
 import queue
 import sys
+import threading
 import time
 from typing import Any, TextIO
 
@@ -128,7 +131,89 @@ class _HandOff(logging.handlers.QueueHandler):
         return record
 
 
-_writer: logging.handlers.QueueListener | None = None
+# How long the writer thread waits after a write before it takes what was queued
+# meanwhile: records logged in that time go out in one write, and the loggers' puts find
+# no thread waiting on the queue (no wake-up per record). A line reaches stderr at most
+# this much later; stopping the writer still writes everything queued before it.
+WRITE_INTERVAL_S = 0.02
+
+_STOP = object()
+
+
+class _BatchWriter:
+    """The writer thread: takes every record queued since its last write, formats them
+    in order and writes each stream handler's lines in one `write` (and one flush);
+    other handlers get the records one by one, as a QueueListener would hand them."""
+
+    def __init__(self, records: queue.SimpleQueue[Any], *handlers: logging.Handler) -> None:
+        self.queue = records
+        self.handlers = handlers
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="tether-log-writer", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Writes everything queued before this call, then ends the thread."""
+        if self._thread is not None:
+            self.queue.put(_STOP)
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        get, take = self.queue.get, self.queue.get_nowait
+        while True:
+            batch = [get()]  # blocks while nothing is logged
+            try:
+                while True:
+                    batch.append(take())
+            except queue.Empty:
+                pass
+            stop = batch[-1] is _STOP
+            if stop:
+                batch.pop()
+            if batch:
+                self._write(batch)
+            if stop:
+                return
+            time.sleep(WRITE_INTERVAL_S)
+
+    def _write(self, records: list[logging.LogRecord]) -> None:
+        for handler in self.handlers:
+            if type(handler) is not logging.StreamHandler:
+                for record in records:
+                    handler.handle(record)
+                continue
+            lines = []
+            for record in records:
+                if not handler.filter(record):
+                    continue
+                try:
+                    lines.append(handler.format(record))
+                except Exception:  # as StreamHandler.emit: report it, keep writing
+                    handler.handleError(record)
+            if not lines:
+                continue
+            lines.append("")
+            with handler.lock:  # type: ignore[union-attr]  # made by Handler.__init__
+                try:
+                    handler.stream.write(handler.terminator.join(lines))
+                    handler.flush()
+                except Exception:
+                    handler.handleError(records[-1])
+
+
+_writer: _BatchWriter | None = None
+_SRCFILE = logging._srcfile
+
+
+def _collect_record_extras(on: bool) -> None:
+    """Whether a record notes its caller's file and line, thread and process: neither
+    format writes them, and a server skips collecting them on each call (the logging
+    HOWTO's "Optimization" settings; a few µs of each record on the event loop)."""
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = on
+    logging._srcfile = _SRCFILE if on else None
 
 
 def stop_background_writer() -> None:
@@ -141,6 +226,7 @@ def stop_background_writer() -> None:
         writer, _writer = _writer, None
         writer.stop()
         logging.getLogger().handlers[:] = list(writer.handlers)
+        _collect_record_extras(True)
 
 
 def setup_logging(level: str = "INFO", fmt: str | None = None) -> None:
@@ -167,9 +253,10 @@ def write_in_background() -> None:
     root = logging.getLogger()
     if _writer is not None or not root.handlers:
         return
-    records: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
-    _writer = logging.handlers.QueueListener(records, *root.handlers)
+    records: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    _writer = _BatchWriter(records, *root.handlers)
     _writer.start()
+    _collect_record_extras(False)
     atexit.unregister(stop_background_writer)
     atexit.register(stop_background_writer)
     root.handlers[:] = [_HandOff(records)]

@@ -34,8 +34,10 @@ def test_stopping_the_writer_drains_it_and_puts_its_handlers_back() -> None:
         assert root.handlers != [handler]  # records now go to the writer thread
         for i in range(3):
             logging.getLogger("t").info("queued %d", i)
+        assert logging._srcfile is None and not logging.logThreads  # not collected meanwhile
         stop_background_writer()
         assert root.handlers == [handler]
+        assert logging._srcfile is not None and logging.logThreads  # collected again
         logging.getLogger("t").info("after")
         stream.write("tether: the error line\n")
         assert stream.getvalue().splitlines() == [
@@ -45,6 +47,46 @@ def test_stopping_the_writer_drains_it_and_puts_its_handlers_back() -> None:
             "after",
             "tether: the error line",
         ]
+    finally:
+        stop_background_writer()
+        root.handlers[:] = saved
+        root.setLevel(level)
+
+
+class GatedStream(io.StringIO):
+    """A stderr whose first write waits for a gate, and that counts its writes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+        self.writes: list[str] = []
+
+    def write(self, s: str) -> int:
+        if not self.writes:
+            self.entered.set()
+            self.gate.wait(5)
+        self.writes.append(s)
+        return super().write(s)
+
+
+def test_lines_queued_while_the_writer_is_busy_go_out_in_one_write_in_order() -> None:
+    """Records logged while the writer thread is writing are written together, in one
+    write and in the order they were logged, not one write per record."""
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    stream = GatedStream()
+    root.handlers[:] = [logging.StreamHandler(stream)]
+    root.setLevel(logging.INFO)
+    try:
+        write_in_background()
+        logging.getLogger("t").info("first")
+        assert stream.entered.wait(5)  # the writer is inside its first write
+        for i in range(20):
+            logging.getLogger("t").info("line %d", i)
+        stream.gate.set()
+        stop_background_writer()
+        assert stream.writes == ["first\n", "".join(f"line {i}\n" for i in range(20))]
     finally:
         stop_background_writer()
         root.handlers[:] = saved
