@@ -402,8 +402,14 @@ def task_to_proto(t: TaskRecord) -> pb.Task:
 
 def task_fields(t: TaskRecord) -> dict[str, Any]:
     """The wire form's fields, for building it inside a larger message (a message given
-    to a constructor is copied; a dict of fields is built in place)."""
-    return {
+    to a constructor is copied; a dict of fields is built in place).
+
+    The fields that are mostly zero or empty (an unfinished task's result, error and end
+    reason, the options few tasks set) are given only when set: no `Task` field has
+    explicit presence, so a zero is not sent either way and the bytes are the same,
+    while upb sets each given field (10 of 26 fewer per grant of a batch answer).
+    """
+    fields = {
         "task_id": t.task_id,
         "queue": t.queue,
         "state": int(t.state),
@@ -415,17 +421,8 @@ def task_fields(t: TaskRecord) -> dict[str, Any]:
         "agent_id": t.agent_id,
         "lease_expires_unix_ms": t.lease_expires_unix_ms,
         "lease_ttl_ms": t.lease_ttl_ms,
-        "result": t.result,
-        "error": t.error,
         "created_unix_ms": t.created_unix_ms,
         "updated_unix_ms": t.updated_unix_ms,
-        "not_before_unix_ms": t.not_before_unix_ms,
-        "idempotency_key": t.idempotency_key,
-        "budget_limit_micros": t.budget_limit_micros,
-        "budget_spent_micros": t.budget_spent_micros,
-        "attempt_timeout_ms": t.attempt_timeout_ms,
-        "deadline_unix_ms": t.deadline_unix_ms,
-        "schedule_to_start_timeout_ms": t.schedule_to_start_ms,
         "retry_policy": _task_retry_proto(
             t.retry_initial_ms,
             t.retry_coefficient,
@@ -434,10 +431,30 @@ def task_fields(t: TaskRecord) -> dict[str, Any]:
             t.non_retryable,
             t.retry_failures,
         ),
-        "end_reason": t.end_reason,
         "attempt_started_unix_ms": t.attempt_started_unix_ms,
         "submitted_by": t.submitted_by,
     }
+    if t.result:
+        fields["result"] = t.result
+    if t.error:
+        fields["error"] = t.error
+    if t.end_reason:
+        fields["end_reason"] = t.end_reason
+    if t.not_before_unix_ms:
+        fields["not_before_unix_ms"] = t.not_before_unix_ms
+    if t.idempotency_key:
+        fields["idempotency_key"] = t.idempotency_key
+    if t.budget_limit_micros:
+        fields["budget_limit_micros"] = t.budget_limit_micros
+    if t.budget_spent_micros:
+        fields["budget_spent_micros"] = t.budget_spent_micros
+    if t.attempt_timeout_ms:
+        fields["attempt_timeout_ms"] = t.attempt_timeout_ms
+    if t.deadline_unix_ms:
+        fields["deadline_unix_ms"] = t.deadline_unix_ms
+    if t.schedule_to_start_ms:
+        fields["schedule_to_start_timeout_ms"] = t.schedule_to_start_ms
+    return fields
 
 
 @functools.lru_cache(maxsize=256)
