@@ -135,7 +135,7 @@ class _HandOff(logging.handlers.QueueHandler):
 # meanwhile: records logged in that time go out in one write, and the loggers' puts find
 # no thread waiting on the queue (no wake-up per record). A line reaches stderr at most
 # this much later; stopping the writer still writes everything queued before it.
-WRITE_INTERVAL_S = 0.02
+WRITE_INTERVAL_S = 0.05
 
 _STOP = object()
 
