@@ -11,11 +11,11 @@ to one writer thread (`write_in_background`), which formats and writes them: a
 write to stderr can wait on the disk (a file beside an fsyncing database), and
 the event loop must not. The thread writes every line queued since its last write
 in one `write`, then rests `WRITE_INTERVAL_S` (so a busy server costs one wake-up
-and one write per interval, not per line; a line may show that much later). Exit (normal or by an exception) writes every line
-already logged first, and so does the end of the server's run (before the CLI
-prints its one-line error); a SIGKILLed server may lose its last few milliseconds
-of lines. Other commands write as they log (and keep one thread, so `tether verify`
-may fork its workers).
+and one write per interval, not per line; a line may show that much later).
+Exit (normal or by an exception) writes every line already logged first, and so
+does the end of the server's run (before the CLI prints its one-line error); a
+SIGKILLed server may lose its last tens of milliseconds of lines. Other commands
+write as they log (and keep one thread, so `tether verify` may fork its workers).
 """
 
 from __future__ import annotations

@@ -34,10 +34,12 @@ def test_stopping_the_writer_drains_it_and_puts_its_handlers_back() -> None:
         assert root.handlers != [handler]  # records now go to the writer thread
         for i in range(3):
             logging.getLogger("t").info("queued %d", i)
-        assert logging._srcfile is None and not logging.logThreads  # not collected meanwhile
+        assert logging._srcfile is None  # callers not looked up meanwhile
+        assert not logging.logThreads
         stop_background_writer()
         assert root.handlers == [handler]
-        assert logging._srcfile is not None and logging.logThreads  # collected again
+        assert logging._srcfile is not None  # looked up again
+        assert logging.logThreads
         logging.getLogger("t").info("after")
         stream.write("tether: the error line\n")
         assert stream.getvalue().splitlines() == [

@@ -87,5 +87,7 @@ def test_task_fields_give_the_same_bytes_as_every_field_given() -> None:
     for t in (BARE, FULL):
         assert pb.Task(**task_fields(t)).SerializeToString() == every_field(t).SerializeToString()
     full = pb.Task(**task_fields(FULL))
-    assert full.result == b"r" and full.schedule_to_start_timeout_ms == 3_000
-    assert full.end_reason == 2 and full.budget_spent_micros == 4
+    assert full.result == b"r"
+    assert full.schedule_to_start_timeout_ms == 3_000
+    assert full.end_reason == 2
+    assert full.budget_spent_micros == 4
