@@ -113,6 +113,12 @@ async def test_acquire_leases_grants_several_in_queue_order_in_one_call(store: S
     ]
     assert [e for _, e in got] == [b"lease:t0:1", b"lease:t1:1"]
     assert [h.kind for h in await store.lease_history("t1")] == ["grant"]
+    for task_id, lease_id in (("t0", "l0"), ("t1", "l1")):  # each row its own grant's
+        (h,) = await store.lease_history(task_id)
+        assert (h.lease_id, h.fencing_token, h.kind, h.envelope, h.outcome) == (
+            lease_id, 1, "grant", f"lease:{task_id}:1".encode(), "active",
+        )  # fmt: skip
+        assert h.created_unix_ms == NOW + 5
     rest = await store.acquire_leases(
         queue="q", node_id="n1", agent_id="a", lease_ids=["l2", "l3", "l4"], now_ms=NOW + 6,
         sign=sign,

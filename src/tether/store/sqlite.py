@@ -178,6 +178,18 @@ INSERT INTO lease_history (task_id, lease_id, fencing_token, kind, envelope, out
     created_unix_ms) VALUES (?, ?, ?, ?, ?, 'active', ?)
 """
 
+
+@functools.lru_cache(maxsize=64)
+def _history_insert_many_sql(n: int) -> str:
+    """`_SQL_HISTORY_INSERT` for `n` rows in one statement (parameters: its six per row,
+    row after row): one statement step for a batch's grants, not one per row."""
+    values = ", ".join(["(?, ?, ?, ?, ?, 'active', ?)"] * n)
+    return (
+        "INSERT INTO lease_history (task_id, lease_id, fencing_token, kind, envelope, outcome,"
+        f" created_unix_ms) VALUES {values}"
+    )
+
+
 _SQL_HISTORY_CLOSE = """
 UPDATE lease_history SET outcome = ?1 WHERE task_id = ?2 AND fencing_token = ?3
   AND outcome = 'active'
@@ -506,7 +518,7 @@ def _acquire_body(
     One multi-row UPDATE claims the oldest ready tasks and gives the k-th of them (in
     queue order) the k-th lease id; each is still its own conditional write (state
     re-checked, token and attempt bumped on its row) with its own signed lease; the
-    history rows go in with one executemany.
+    history rows go in with one multi-row INSERT.
     """
     if not ask.lease_ids:
         return []
@@ -525,10 +537,11 @@ def _acquire_body(
         map(row_to_task, rows), key=lambda t: (t.not_before_unix_ms, t.created_unix_ms, t.seq)
     )
     out = [(task, ask.sign(task)) for task in tasks]
-    conn.executemany(
-        _SQL_HISTORY_INSERT,
-        [(t.task_id, t.lease_id, t.fencing_token, "grant", env, now_ms) for t, env in out],
-    )
+    if out:
+        params: list[Any] = []
+        for t, env in out:
+            params += (t.task_id, t.lease_id, t.fencing_token, "grant", env, now_ms)
+        conn.execute(_history_insert_many_sql(len(out)), params)
     return out
 
 
