@@ -62,6 +62,10 @@ CONTEXT_FIELDS = (
 )
 
 
+# json.dumps(doc, default=str) makes an encoder per call; one made once writes the same.
+_JSON = json.JSONEncoder(default=str)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line, with the context fields when present."""
 
@@ -73,13 +77,14 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        given = record.__dict__  # extra= fields are set there (a dict lookup, no raise)
         for field in CONTEXT_FIELDS:
-            value = getattr(record, field, None)
+            value = given.get(field)
             if value is not None:
                 doc[field] = value
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc, default=str)
+        return _JSON.encode(doc)
 
 
 class TextFormatter(logging.Formatter):

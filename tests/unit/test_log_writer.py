@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
+import pathlib
 import threading
 import time
 
-from tether.logs import stop_background_writer, write_in_background
+from tether.logs import JsonFormatter, stop_background_writer, write_in_background
 
 
 class SlowStream(io.StringIO):
@@ -93,3 +95,25 @@ def test_lines_queued_while_the_writer_is_busy_go_out_in_one_write_in_order() ->
         stop_background_writer()
         root.handlers[:] = saved
         root.setLevel(level)
+
+
+def test_a_json_line_carries_the_message_and_the_context_fields_given() -> None:
+    """A JSON line holds the level, logger, formatted message and each context field given
+    (values JSON cannot hold as their text), and no context field that was not given."""
+    logger = logging.getLogger("tether.control")
+    record = logger.makeRecord(
+        "tether.control", logging.INFO, "", 0, "leases granted to %s", ("n1",), None,
+        extra={"grants": ["t1:3", "t2:4"], "node_id": "n1", "fencing_token": 3,
+               "queue": pathlib.PurePosixPath("q/x"), "unrelated": "x"},
+    )  # fmt: skip
+    doc = json.loads(JsonFormatter().format(record))
+    assert doc.pop("ts").endswith("Z")
+    assert doc == {
+        "level": "info",
+        "logger": "tether.control",
+        "msg": "leases granted to n1",
+        "grants": ["t1:3", "t2:4"],
+        "node_id": "n1",
+        "fencing_token": 3,
+        "queue": "q/x",
+    }
