@@ -34,11 +34,20 @@ class Lease:
     """The task deadline's due time (control-plane clock); 0: none."""
 
     def __post_init__(self) -> None:
-        if self.fencing_token <= 0:
-            raise ValueError("a lease needs a positive fencing token")
-        if self.expires_unix_ms <= self.issued_unix_ms:
-            raise ValueError("a lease must expire after it is issued")
+        check_lease_times(self.fencing_token, self.issued_unix_ms, self.expires_unix_ms)
 
     def live_at(self, now_ms: int) -> bool:
         """True while the lease has not lapsed at `now_ms`."""
         return now_ms < self.expires_unix_ms
+
+
+def check_lease_times(fencing_token: int, issued_unix_ms: int, expires_unix_ms: int) -> None:
+    """What every lease must be (a `Lease`, or one signed from its fields).
+
+    Raises:
+        ValueError: no positive fencing token, or no expiry after issue.
+    """
+    if fencing_token <= 0:
+        raise ValueError("a lease needs a positive fencing token")
+    if expires_unix_ms <= issued_unix_ms:
+        raise ValueError("a lease must expire after it is issued")

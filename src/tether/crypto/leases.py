@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from google.protobuf.message import DecodeError
 
 from tether.core.errors import VerificationError
-from tether.core.leases import Lease
+from tether.core.leases import Lease, check_lease_times
 from tether.crypto.signing import (
     LEASE_PAYLOAD_TYPE,
     Envelope,
@@ -24,7 +24,7 @@ from tether.v1 import receipt_pb2
 
 def encode_lease(lease: Lease) -> bytes:
     """The `tether.v1.Lease` protobuf bytes of a lease (the signed payload)."""
-    return receipt_pb2.Lease(
+    return _encode(
         lease_id=lease.lease_id,
         task_id=lease.task_id,
         attempt=lease.attempt,
@@ -35,9 +35,43 @@ def encode_lease(lease: Lease) -> bytes:
         expires_unix_ms=lease.expires_unix_ms,
         policy_digest=lease.policy_digest,
         queue=lease.queue,
-        tools=list(lease.tools),
+        tools=lease.tools,
         attempt_deadline_unix_ms=lease.attempt_deadline_unix_ms,
         task_deadline_unix_ms=lease.task_deadline_unix_ms,
+    )
+
+
+def _encode(
+    *,
+    lease_id: str,
+    task_id: str,
+    attempt: int,
+    node_id: str,
+    agent_id: str,
+    fencing_token: int,
+    issued_unix_ms: int,
+    expires_unix_ms: int,
+    policy_digest: str,
+    queue: str,
+    tools: Sequence[str],
+    attempt_deadline_unix_ms: int,
+    task_deadline_unix_ms: int,
+) -> bytes:
+    """The one encoding of a lease's signed payload (deterministic protobuf)."""
+    return receipt_pb2.Lease(
+        lease_id=lease_id,
+        task_id=task_id,
+        attempt=attempt,
+        node_id=node_id,
+        agent_id=agent_id,
+        fencing_token=fencing_token,
+        issued_unix_ms=issued_unix_ms,
+        expires_unix_ms=expires_unix_ms,
+        policy_digest=policy_digest,
+        queue=queue,
+        tools=tools,
+        attempt_deadline_unix_ms=attempt_deadline_unix_ms,
+        task_deadline_unix_ms=task_deadline_unix_ms,
     ).SerializeToString(deterministic=True)
 
 
@@ -98,11 +132,8 @@ def sign_lease_fields(
     Raises:
         ValueError: as `Lease` does (no positive fencing token, or no expiry after issue).
     """
-    if fencing_token <= 0:
-        raise ValueError("a lease needs a positive fencing token")
-    if expires_unix_ms <= issued_unix_ms:
-        raise ValueError("a lease must expire after it is issued")
-    payload = receipt_pb2.Lease(
+    check_lease_times(fencing_token, issued_unix_ms, expires_unix_ms)
+    payload = _encode(
         lease_id=lease_id,
         task_id=task_id,
         attempt=attempt,
@@ -116,7 +147,7 @@ def sign_lease_fields(
         tools=tools,
         attempt_deadline_unix_ms=attempt_deadline_unix_ms,
         task_deadline_unix_ms=task_deadline_unix_ms,
-    ).SerializeToString(deterministic=True)
+    )
     return key.sign_envelope(LEASE_PAYLOAD_TYPE, payload)
 
 
