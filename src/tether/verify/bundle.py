@@ -21,7 +21,8 @@ import mmap
 import os
 import re
 import stat
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -303,14 +304,35 @@ def read_bundle(stream: IO[bytes], limits: Limits | None = None) -> bytes:
             "{", or holds a byte JSON never holds).
         BundleTooLarge: more than `limits.max_bytes` bytes.
     """
-    limits = limits or Limits()
-    parts: list[bytes] = []
+    return b"".join(_checked_blocks(stream, limits or Limits()))
+
+
+def spool_bundle(stream: IO[bytes], limits: Limits | None = None) -> Any:
+    """`read_bundle` for a pipe of any size: the blocks go to an unlinked temporary file
+    that is then mapped, so the process holds a block at a time, not the whole bundle
+    (twice, with the join), whatever `--max-bytes` allows. Same refusals.
+
+    Raises:
+        OSError: the temporary file cannot be written (no space in $TMPDIR).
+        BundleFormatError, BundleTooLarge: as `read_bundle`.
+    """
+    with tempfile.TemporaryFile(prefix="tether-verify-") as spool:
+        for block in _checked_blocks(stream, limits or Limits()):
+            spool.write(block)
+        spool.flush()
+        if spool.tell() == 0:
+            return b""
+        return mmap.mmap(spool.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def _checked_blocks(stream: IO[bytes], limits: Limits) -> Iterator[bytes]:
+    """The stream's blocks, each checked as it is read (see `read_bundle`)."""
     total = 0
     started = False  # the first byte after leading whitespace was seen
     while True:
         block = stream.read(min(1 << 20, limits.max_bytes + 1 - total))
         if not block:
-            break
+            return
         if not started:
             head = block.lstrip(b" \t\n\r")
             if head:
@@ -322,13 +344,12 @@ def read_bundle(stream: IO[bytes], limits: Limits | None = None) -> bytes:
             raise BundleFormatError(
                 f"not a bundle: control byte 0x{block[at]:02x} at offset {total + at}"
             )
-        parts.append(block)
         total += len(block)
         if total > limits.max_bytes:
             raise BundleTooLarge(
                 f"bundle is larger than {limits.max_bytes} bytes (the --max-bytes limit)"
             )
-    return b"".join(parts)
+        yield block
 
 
 _LEADING_WS = re.compile(rb"[ \t\n\r]*")

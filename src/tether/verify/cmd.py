@@ -26,7 +26,7 @@ from tether.verify.bundle import (
     BundleTooLarge,
     Limits,
     open_bundle,
-    read_bundle,
+    spool_bundle,
 )
 from tether.verify.verifier import (
     DEFAULT_MAX_CLOCK_SKEW_MS,
@@ -181,7 +181,7 @@ def _run(args: argparse.Namespace) -> int:
     name = "stdin" if args.bundle == "-" else args.bundle
     try:
         if args.bundle == "-":
-            data = read_bundle(sys.stdin.buffer, limits)
+            data = spool_bundle(sys.stdin.buffer, limits)
         else:
             data = open_bundle(args.bundle, limits)
     except OSError as err:
